@@ -1,0 +1,119 @@
+//! The desired state: what the kernel maps should say, as plain data. Produced by `translate`
+//! (a pure function of the cluster objects and this node's name) and consumed by the map writer.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+/// L4 protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// kube-proxy's identity of a service port: (namespace/name, port name, protocol).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's `name` ("" when unnamed).
+    pub port_name: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+/// What kind of address a frontend is; decides which traffic policy applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    /// `addr` is unspecified: the node port on every node address.
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub kind: FrontendKind,
+}
+
+/// One endpoint of a service port (after EndpointSlice merge, port-name matching and dedup).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// `nodeName` equals this node.
+    pub local: bool,
+}
+
+/// One programmed service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub frontends: Vec<Frontend>,
+    /// Every endpoint an established flow may be on (ready, or serving/terminating), sorted by
+    /// (addr, port), unique by (addr, port).
+    pub endpoints: Vec<Endpoint>,
+    /// Indices into `endpoints` that a new connection to a ClusterIP frontend may pick
+    /// (internalTrafficPolicy, topology, terminating fallback applied). Empty: no usable backend.
+    pub internal_pick: Vec<usize>,
+    /// Same for NodePort / ExternalIP / LoadBalancer frontends (externalTrafficPolicy).
+    pub external_pick: Vec<usize>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    pub internal_local: bool,
+    pub external_local: bool,
+}
+
+/// Everything vipx should program on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServicePortName, ServicePort>,
+}
