@@ -1,1 +1,5 @@
+//! vipx: the userspace side. Data flows one way: `source` (cluster objects) -> `translate`
+//! (desired state, kube-proxy semantics) -> `maps` (diff and ordered apply) -> kernel.
 pub mod desired;
+pub mod source;
+pub mod translate;

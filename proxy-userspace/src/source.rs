@@ -1,0 +1,1 @@
+//! Reads cluster objects from a manifests directory.

@@ -1,0 +1,1 @@
+//! Translation of cluster objects into the desired state (kube-proxy semantics).
