@@ -71,9 +71,14 @@ pub struct SvcKey4 {
 
 impl SvcKey4 {
     pub const fn new(addr: [u8; 4], port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        Self::from_wire(addr, port.to_be_bytes(), proto, scope, slot)
+    }
+
+    /// From fields as the packet carries them (port already in network byte order).
+    pub const fn from_wire(addr: [u8; 4], port: [u8; 2], proto: u8, scope: u8, slot: u16) -> Self {
         Self {
             addr,
-            port: port.to_be_bytes(),
+            port,
             slot,
             proto,
             scope,

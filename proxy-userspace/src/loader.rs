@@ -1,0 +1,248 @@
+//! Loads the embedded eBPF object with its maps pinned under one directory per vipx instance,
+//! sized from config, and attaches the pod program to interfaces.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use proxy_common::{STATS_LEN, Stat, defaults, map_names, prog_names};
+
+use crate::maps::ServiceMaps;
+
+/// The compiled eBPF object (empty when built with AYA_BUILD_SKIP=1).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipx"));
+
+/// Where bpffs lives; vipx mounts it there when it is missing.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Map sizes (entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub revnat: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: defaults::SVC4_ENTRIES,
+            backends: defaults::BACKEND4_ENTRIES,
+            revnat: defaults::REVNAT4_ENTRIES,
+            conntrack: defaults::CT4_ENTRIES,
+        }
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Mount bpffs at /sys/fs/bpf unless it already is there.
+pub fn ensure_bpffs() -> Result<()> {
+    let p = Path::new(BPFFS);
+    if is_bpffs(p) {
+        return Ok(());
+    }
+    tracing::info!("mounting bpffs at {BPFFS}");
+    let src = CString::new("bpf")?;
+    let dst = CString::new(BPFFS)?;
+    // SAFETY: plain mount(2) with NUL-terminated strings we own.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting bpffs at {BPFFS}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Load the object with maps pinned in `pin_dir` (reusing pins that exist).
+pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
+    if EBPF_OBJECT.is_empty() {
+        bail!("this vipx was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
+    }
+    ensure_bpffs()?;
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir) {
+        bail!("pin directory {} is not on bpffs", pin_dir.display());
+    }
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .map_max_entries(map_names::SVC4, sizes.services)
+        .map_max_entries(map_names::BACKEND4, sizes.backends)
+        .map_max_entries(map_names::REVNAT4, sizes.revnat)
+        .map_max_entries(map_names::CT4, sizes.conntrack)
+        .load(EBPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the eBPF object (pins in {}; a pin left by a build with other map \
+                 sizes or layouts must be removed first)",
+                pin_dir.display()
+            )
+        })
+}
+
+fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Take the service maps out of a loaded object (the programs keep using them).
+pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
+    Ok(ServiceMaps {
+        svc: take(ebpf, map_names::SVC4)?,
+        backend: take(ebpf, map_names::BACKEND4)?,
+        revnat: take(ebpf, map_names::REVNAT4)?,
+    })
+}
+
+fn from_pin<T: TryFrom<Map>>(pin_dir: &Path, name: &str) -> Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is vipx running with this --pin-dir?)",
+            path.display()
+        )
+    })?;
+    let map = Map::from_map_data(data)?;
+    T::try_from(map).with_context(|| format!("pinned map {name} has an unexpected type"))
+}
+
+/// Open the service maps pinned by a running (or stopped) vipx.
+pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
+    Ok(ServiceMaps {
+        svc: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::SVC4)?,
+        backend: from_pin::<Array<MapData, _>>(pin_dir, map_names::BACKEND4)?,
+        revnat: from_pin::<Array<MapData, _>>(pin_dir, map_names::REVNAT4)?,
+    })
+}
+
+/// Per-CPU counters summed over CPUs.
+pub fn read_stats(ebpf: &Ebpf) -> Result<Vec<(Stat, u64)>> {
+    let map = ebpf
+        .map(map_names::STATS)
+        .context("stats map missing from the object")?;
+    let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+    let mut out = Vec::new();
+    for s in Stat::ALL {
+        debug_assert!((s as u32) < STATS_LEN);
+        let v = stats.get(&(s as u32), 0)?;
+        out.push((s, v.iter().sum()));
+    }
+    Ok(out)
+}
+
+/// The pod program attached to a set of interfaces (tcx on kernels >= 6.6).
+pub struct Attachments {
+    links: BTreeMap<String, SchedClassifierLinkId>,
+}
+
+impl Attachments {
+    /// Load (verify) the pod program so it can be attached.
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
+        prog(ebpf)?.load().context("verifying the pod program")?;
+        Ok(Self {
+            links: BTreeMap::new(),
+        })
+    }
+
+    pub fn is_attached(&self, iface: &str) -> bool {
+        self.links.contains_key(iface)
+    }
+
+    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
+        self.links.keys().map(String::as_str)
+    }
+
+    pub fn attach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
+        let p = prog(ebpf)?;
+        // Kernels before tcx need the clsact qdisc; it is harmless when it already exists.
+        if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        }
+        let id = p
+            .attach(iface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching to {iface} ingress"))?;
+        self.links.insert(iface.to_owned(), id);
+        Ok(())
+    }
+
+    /// Forget an interface that disappeared (its links went with it) or detach from one.
+    pub fn detach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
+        if let Some(id) = self.links.remove(iface) {
+            prog(ebpf)?
+                .detach(id)
+                .with_context(|| format!("detaching from {iface}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) -> Vec<anyhow::Error> {
+        let names: Vec<String> = self.links.keys().cloned().collect();
+        names
+            .iter()
+            .filter_map(|n| self.detach(ebpf, n).err())
+            .collect()
+    }
+}
+
+fn prog(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let p = ebpf
+        .program_mut(prog_names::POD_INGRESS)
+        .context("pod program missing from the object")?;
+    Ok(p.try_into()?)
+}
+
+/// Default pin directory of a node.
+pub fn default_pin_dir(node_name: &str) -> PathBuf {
+    Path::new(BPFFS).join("vipx").join(node_name)
+}
+
+/// Take the conntrack map out of a loaded object.
+pub fn conntrack_map(ebpf: &mut Ebpf) -> Result<HashMap<MapData, proxy_common::CtKey4, proxy_common::CtValue>> {
+    take(ebpf, map_names::CT4)
+}
+
+/// Open the conntrack map pinned by a running (or stopped) vipx.
+pub fn open_pinned_conntrack(
+    pin_dir: &Path,
+) -> Result<HashMap<MapData, proxy_common::CtKey4, proxy_common::CtValue>> {
+    from_pin(pin_dir, map_names::CT4)
+}

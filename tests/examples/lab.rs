@@ -1,0 +1,41 @@
+//! Builds a lab and keeps it up until Enter is pressed, to poke at it by hand:
+//!
+//! ```text
+//! cargo build -p vipx-tests --bin lab-pod --example lab
+//! target/debug/examples/lab [BACKENDS]
+//! nsenter --net=/run/netns/vipx-manual-client curl http://198.18.64.11:5000/
+//! ```
+//!
+//! Uses the fixed tag `manual`, so leftovers of a run killed with Ctrl-C are removed by the next.
+
+use std::io::BufRead;
+
+use anyhow::{Context, Result};
+use vipx_lab::{Lab, LabConfig, cleanup_stale, locate_lab_pod};
+
+const TAG: &str = "manual";
+
+fn main() -> Result<()> {
+    let backends = match std::env::args().nth(1) {
+        Some(n) => n.parse().context("BACKENDS must be a number")?,
+        None => 3,
+    };
+    for ns in cleanup_stale(TAG)? {
+        eprintln!("removed stale namespace {ns}");
+    }
+    let mut lab = Lab::create(LabConfig {
+        tag: TAG.into(),
+        backends,
+        lab_pod_bin: locate_lab_pod()?,
+    })?;
+    println!("node:   {} (vipx attaches to lxc*)", lab.node_ns());
+    for pod in std::iter::once(lab.client()).chain(lab.backends()) {
+        println!(
+            "pod:    {:<10} {:<22} {:<15} host side {}",
+            pod.name, pod.netns, pod.ip, pod.host_if
+        );
+    }
+    println!("press Enter to tear down");
+    std::io::stdin().lock().read_line(&mut String::new())?;
+    lab.teardown()
+}

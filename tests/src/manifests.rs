@@ -1,0 +1,248 @@
+//! The manifests the lab feeds to vipx: the example Service and an EndpointSlice listing the lab's
+//! backend pods, written as `kubectl get -o yaml` would print them.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
+
+/// `examples/simpleapi/service.yaml`.
+pub const SERVICE_YAML: &str = include_str!("../../examples/simpleapi/service.yaml");
+pub const SERVICE_NAME: &str = "simpleapi-service";
+pub const SERVICE_NAMESPACE: &str = "default";
+/// The Service's cluster IP; nothing in the lab owns it, only vipx's translation makes it answer.
+pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// The Service port, for both TCP (`http`) and UDP (`udp`).
+pub const SERVICE_PORT: u16 = 80;
+/// The port the pods listen on, for both TCP and UDP (the Service's targetPort).
+pub const POD_PORT: u16 = 5000;
+
+pub const SERVICE_FILE: &str = "service.yaml";
+pub const ENDPOINT_SLICE_FILE: &str = "endpointslice.yaml";
+/// The slice name, with the random-looking suffix the EndpointSlice controller would give it.
+pub const ENDPOINT_SLICE_NAME: &str = "simpleapi-service-x7k2p";
+
+/// Writes the example Service to `dir/service.yaml`; returns the path.
+pub fn write_service(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(SERVICE_FILE);
+    write_atomically(&path, SERVICE_YAML)?;
+    Ok(path)
+}
+
+/// Writes `dir/endpointslice.yaml`: the Service's EndpointSlice with one ready endpoint per
+/// `(pod name, pod IP)` in `backends`, all on node `node_name`; returns the path.
+///
+/// The file is replaced atomically, so a watcher re-reading the directory never sees half of it.
+pub fn write_endpoint_slice<S: AsRef<str>>(
+    dir: &Path,
+    backends: &[(S, Ipv4Addr)],
+    node_name: &str,
+) -> Result<PathBuf> {
+    let path = dir.join(ENDPOINT_SLICE_FILE);
+    write_atomically(&path, &endpoint_slice_yaml(backends, node_name)?)?;
+    Ok(path)
+}
+
+/// The text [`write_endpoint_slice`] writes.
+pub fn endpoint_slice_yaml<S: AsRef<str>>(
+    backends: &[(S, Ipv4Addr)],
+    node_name: &str,
+) -> Result<String> {
+    ensure_plain_name(node_name)?;
+    let mut endpoints = String::new();
+    for (pod, ip) in backends {
+        let pod = pod.as_ref();
+        ensure_plain_name(pod)?;
+        write!(
+            endpoints,
+            "\
+- addresses:
+  - {ip}
+  conditions:
+    ready: true
+    serving: true
+    terminating: false
+  nodeName: {node_name}
+  targetRef:
+    kind: Pod
+    name: {pod}
+    namespace: {SERVICE_NAMESPACE}
+"
+        )?;
+    }
+    // Block style needs the list on the next line; an empty list has to be written inline.
+    let endpoints = if endpoints.is_empty() {
+        " []\n".to_owned()
+    } else {
+        format!("\n{endpoints}")
+    };
+    Ok(format!(
+        "\
+addressType: IPv4
+apiVersion: discovery.k8s.io/v1
+endpoints:{endpoints}kind: EndpointSlice
+metadata:
+  generateName: {SERVICE_NAME}-
+  labels:
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+    kubernetes.io/service-name: {SERVICE_NAME}
+  name: {ENDPOINT_SLICE_NAME}
+  namespace: {SERVICE_NAMESPACE}
+ports:
+- name: http
+  port: {POD_PORT}
+  protocol: TCP
+- name: udp
+  port: {POD_PORT}
+  protocol: UDP
+"
+    ))
+}
+
+/// Names are pasted into YAML unquoted, so only what Kubernetes allows in object names gets in.
+fn ensure_plain_name(name: &str) -> Result<()> {
+    ensure!(
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && name.as_bytes()[0].is_ascii_alphanumeric(),
+        "{name:?} is not a valid Kubernetes object name"
+    );
+    Ok(())
+}
+
+/// Writes a hidden temporary file next to `path` and renames it over `path`. The temporary name
+/// starts with a dot and does not end in `.yaml`, so a directory watcher ignores it.
+fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+    let dir = path.parent().context("manifest path without a directory")?;
+    let file_name = path
+        .file_name()
+        .context("manifest path without a file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("renaming {} to {}", tmp.display(), path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    #[test]
+    fn example_service_matches_the_constants() {
+        let svc: Service = serde_yaml_ng::from_str(SERVICE_YAML).unwrap();
+        assert_eq!(svc.metadata.name.as_deref(), Some(SERVICE_NAME));
+        assert_eq!(svc.metadata.namespace.as_deref(), Some(SERVICE_NAMESPACE));
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.cluster_ip, Some(SERVICE_VIP.to_string()));
+        assert_eq!(spec.cluster_ips, Some(vec![SERVICE_VIP.to_string()]));
+        let ports: Vec<_> = spec
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name.unwrap(), p.protocol.unwrap(), p.port, p.target_port))
+            .collect();
+        let target =
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(POD_PORT.into()));
+        assert_eq!(
+            ports,
+            [
+                (
+                    "http".into(),
+                    "TCP".into(),
+                    SERVICE_PORT.into(),
+                    target.clone()
+                ),
+                ("udp".into(), "UDP".into(), SERVICE_PORT.into(), target),
+            ]
+        );
+        assert_eq!(
+            spec.selector.unwrap().get("app").map(String::as_str),
+            Some("backend")
+        );
+    }
+
+    #[test]
+    fn endpoint_slice_parses_as_the_real_type() {
+        let backends = [
+            ("backend-1", Ipv4Addr::new(198, 18, 64, 11)),
+            ("backend-2", Ipv4Addr::new(198, 18, 64, 12)),
+        ];
+        let yaml = endpoint_slice_yaml(&backends, "vipx-demo-node").unwrap();
+        let slice: EndpointSlice = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(slice.address_type, "IPv4");
+        let labels = slice.metadata.labels.unwrap();
+        assert_eq!(
+            labels.get("kubernetes.io/service-name").map(String::as_str),
+            Some(SERVICE_NAME)
+        );
+        let ports: Vec<_> = slice
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name.unwrap(), p.protocol.unwrap(), p.port.unwrap()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("http".into(), "TCP".into(), POD_PORT.into()),
+                ("udp".into(), "UDP".into(), POD_PORT.into()),
+            ]
+        );
+        let endpoints = slice.endpoints.unwrap();
+        assert_eq!(endpoints.len(), 2);
+        for (endpoint, (pod, ip)) in endpoints.iter().zip(backends) {
+            assert_eq!(endpoint.addresses, [ip.to_string()]);
+            let conditions = endpoint.conditions.as_ref().unwrap();
+            assert_eq!(
+                (conditions.ready, conditions.serving, conditions.terminating),
+                (Some(true), Some(true), Some(false))
+            );
+            assert_eq!(endpoint.node_name.as_deref(), Some("vipx-demo-node"));
+            let target = endpoint.target_ref.as_ref().unwrap();
+            assert_eq!(target.kind.as_deref(), Some("Pod"));
+            assert_eq!(target.name.as_deref(), Some(pod));
+        }
+    }
+
+    #[test]
+    fn an_empty_slice_is_valid() {
+        let yaml = endpoint_slice_yaml::<&str>(&[], "node").unwrap();
+        let slice: EndpointSlice = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(slice.endpoints, Some(Vec::new()));
+    }
+
+    #[test]
+    fn names_that_would_break_the_yaml_are_refused() {
+        let bad = [("pod: x", Ipv4Addr::new(198, 18, 64, 11))];
+        assert!(endpoint_slice_yaml(&bad, "node").is_err());
+        assert!(endpoint_slice_yaml::<&str>(&[], "").is_err());
+    }
+
+    #[test]
+    fn writes_replace_the_files_and_leave_no_temporaries() {
+        let dir = std::env::temp_dir().join(format!("vipx-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_service(&dir).unwrap();
+        let one = [("backend-1", Ipv4Addr::new(198, 18, 64, 11))];
+        write_endpoint_slice(&dir, &one, "node").unwrap();
+        write_endpoint_slice::<&str>(&dir, &[], "node").unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [ENDPOINT_SLICE_FILE, SERVICE_FILE]);
+        let written = std::fs::read_to_string(dir.join(ENDPOINT_SLICE_FILE)).unwrap();
+        assert!(written.contains("endpoints: []"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
