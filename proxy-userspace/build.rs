@@ -17,7 +17,9 @@ fn main() -> anyhow::Result<()> {
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../proxy-ebpf");
     let root = root.canonicalize()?;
-    let root = root.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
     let toolchain = env::var("VIPX_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     println!("cargo:rerun-if-env-changed=VIPX_EBPF_TOOLCHAIN");
     aya_build::build_ebpf(

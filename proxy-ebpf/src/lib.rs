@@ -73,8 +73,16 @@ const JHASH_INITVAL: u32 = 0xdead_beef;
 /// Hash of a flow's 5-tuple (as on the wire). Deterministic, so a retransmitted SYN whose
 /// conntrack entry was lost still lands on the same backend while the backend set is unchanged.
 #[inline(always)]
-pub const fn flow_hash(saddr: [u8; 4], daddr: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> u32 {
-    let init = JHASH_INITVAL.wrapping_add(12 << 2).wrapping_add(proto as u32);
+pub const fn flow_hash(
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+    proto: u8,
+) -> u32 {
+    let init = JHASH_INITVAL
+        .wrapping_add(12 << 2)
+        .wrapping_add(proto as u32);
     let a = u32::from_ne_bytes(saddr).wrapping_add(init);
     let b = u32::from_ne_bytes(daddr).wrapping_add(init);
     let ports = (u16::from_ne_bytes(sport) as u32) << 16 | u16::from_ne_bytes(dport) as u32;

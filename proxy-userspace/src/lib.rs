@@ -3,5 +3,6 @@
 pub mod desired;
 pub mod loader;
 pub mod maps;
+pub mod run;
 pub mod source;
 pub mod translate;

@@ -1,1 +1,159 @@
-fn main() {}
+use std::{fs, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use vipx::{
+    loader::{self, MapSizes},
+    run::{self, RunOptions, StateFile},
+};
+
+/// vipx: an eBPF replacement for kube-proxy.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Program Services from a manifests directory and keep them in sync.
+    // Later flags win, so `cargo xtask run -- --manifests DIR` can replace the demo's own.
+    #[command(args_override_self = true)]
+    Run(RunArgs),
+    /// List what is programmed, read from the pinned maps.
+    Services(WhereArgs),
+}
+
+#[derive(Args)]
+struct WhereArgs {
+    /// This node's name (selects the default pin and state directories).
+    #[arg(long)]
+    node_name: String,
+    /// bpffs directory holding the maps [default: /sys/fs/bpf/vipx/<node-name>].
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Directory for vipx's state file [default: /run/vipx/<node-name>].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+impl WhereArgs {
+    fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| loader::default_pin_dir(&self.node_name))
+    }
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| run::default_state_dir(&self.node_name))
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Directory of Service / EndpointSlice / Node manifests (YAML or JSON, as kubectl prints).
+    #[arg(long)]
+    manifests: PathBuf,
+    #[command(flatten)]
+    place: WhereArgs,
+    /// Interfaces to attach the pod program to (host side of pod veths), comma-separated globs.
+    #[arg(long, value_delimiter = ',', default_value = "lxc*,veth*")]
+    pod_interfaces: Vec<String>,
+    /// Service map entries (one per frontend plus one per backend slot).
+    #[arg(long, default_value_t = MapSizes::default().services)]
+    max_service_entries: u32,
+    #[arg(long, default_value_t = MapSizes::default().backends)]
+    max_backends: u32,
+    #[arg(long, default_value_t = MapSizes::default().revnat)]
+    max_frontends: u32,
+    /// Conntrack entries (two per flow).
+    #[arg(long, default_value_t = MapSizes::default().conntrack)]
+    max_conntrack: u32,
+    /// Full resync period in seconds, on top of change events.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vipx: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(a) => {
+            let pod_interfaces = a
+                .pod_interfaces
+                .iter()
+                .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
+                .collect::<Result<_>>()?;
+            if !a.manifests.is_dir() {
+                anyhow::bail!("--manifests {} is not a directory", a.manifests.display());
+            }
+            let opts = RunOptions {
+                manifests: a.manifests,
+                node_name: a.place.node_name.clone(),
+                pod_interfaces,
+                pin_dir: a.place.pin_dir(),
+                state_dir: a.place.state_dir(),
+                sizes: MapSizes {
+                    services: a.max_service_entries,
+                    backends: a.max_backends,
+                    revnat: a.max_frontends,
+                    conntrack: a.max_conntrack,
+                },
+                resync: Duration::from_secs(a.resync_seconds.max(1)),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(run::run(opts))
+        }
+        Cmd::Services(w) => services(&w),
+    }
+}
+
+fn services(w: &WhereArgs) -> Result<()> {
+    let maps = loader::open_pinned(&w.pin_dir())?;
+    let p = maps.read()?;
+    let names: StateFile = fs::read(w.state_dir().join(run::STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    println!("{:<40} {:<24} BACKENDS", "SERVICE", "FRONTEND");
+    for (fe, entry) in &p.frontends {
+        let name = names
+            .frontends
+            .get(&fe.to_string())
+            .map_or("?", String::as_str);
+        let backends: Vec<String> = entry
+            .slots
+            .iter()
+            .map(|id| match p.backends.get(id) {
+                Some((a, _)) => format!("{}:{}", a.addr, a.port),
+                None => format!("<missing backend {id}>"),
+            })
+            .collect();
+        let backends = if backends.is_empty() {
+            "<none: new connections dropped>".to_owned()
+        } else {
+            backends.join(" ")
+        };
+        println!("{name:<40} {:<24} {backends}", fe.to_string());
+    }
+    Ok(())
+}

@@ -1,1 +1,719 @@
 //! Reads cluster objects from a manifests directory.
+//!
+//! The directory holds what `kubectl get -o yaml` / `-o json` prints: single objects,
+//! multi-document YAML, `kind: List` wrappers. Only the kinds the proxy needs are kept
+//! (Service, EndpointSlice, Node). Loading never fails as a whole: every file or object that
+//! cannot be used becomes a [`Problem`] and the rest still loads, because one bad manifest must not
+//! take every other Service down with it.
+
+use std::{
+    fmt, fs,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Deserialize as _;
+use serde_json::Value;
+
+/// The objects found in a manifests directory, plus what could not be used.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+    pub problems: Vec<Problem>,
+}
+
+impl ClusterObjects {
+    /// Appends `other`, keeping the order (files are read in name order, so the result is
+    /// deterministic).
+    pub fn extend(&mut self, other: ClusterObjects) {
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
+        self.nodes.extend(other.nodes);
+        self.problems.extend(other.problems);
+    }
+}
+
+/// A file or an object in it that was skipped, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.reason)
+    }
+}
+
+/// Whether `path` names a file [`load_dir`] reads: `*.yaml`, `*.yml` or `*.json`, not hidden.
+///
+/// Public so a directory watcher can ignore events for files that would not change the result
+/// (editor swap and lock files, atomic-write temporaries, ConfigMap-mount `..data` links).
+pub fn is_manifest_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    // Hidden files cover vim's `.x.yaml.swp`, emacs' `.#x.yaml` lock links and the `.x.tmp`
+    // files atomic writers rename into place; `~` backups and `#x#` autosaves fail the suffix test.
+    if name.starts_with('.') {
+        return false;
+    }
+    matches!(
+        Path::new(name).extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+/// Reads every manifest file directly in `dir` (see [`is_manifest_file`]), in file-name order.
+pub fn load_dir(dir: &Path) -> ClusterObjects {
+    let mut out = ClusterObjects::default();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) => {
+            out.problems.push(Problem {
+                file: dir.to_path_buf(),
+                reason: format!("cannot read directory: {err}"),
+            });
+            return out;
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => {
+                let path = entry.path();
+                if is_manifest_file(&path) {
+                    files.push(path);
+                }
+            }
+            Err(err) => out.problems.push(Problem {
+                file: dir.to_path_buf(),
+                reason: format!("cannot list directory: {err}"),
+            }),
+        }
+    }
+    files.sort();
+    for path in files {
+        // `fs::metadata` follows symlinks, so ConfigMap-style `x.yaml -> ..data/x.yaml` links load
+        // while a directory that happens to be called `x.yaml` is skipped.
+        match fs::metadata(&path) {
+            Ok(meta) if !meta.is_file() => {
+                tracing::debug!(path = %path.display(), "not a regular file, skipped");
+                continue;
+            }
+            // A file deleted between listing and reading is a normal race with whoever edits the
+            // directory, not a broken manifest; the next reload sees the directory without it.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            _ => {}
+        }
+        match fs::read(&path) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => out.extend(load_text(&path, &text)),
+                Err(err) => out.problems.push(Problem {
+                    file: path,
+                    reason: format!("not UTF-8 text: {}", err.utf8_error()),
+                }),
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => out.problems.push(Problem {
+                file: path,
+                reason: format!("cannot read: {err}"),
+            }),
+        }
+    }
+    out
+}
+
+/// Parses `text` as if it were the file `name`: JSON when `name` ends in `.json`, YAML otherwise.
+pub fn load_str(name: &str, text: &str) -> ClusterObjects {
+    load_text(Path::new(name), text)
+}
+
+fn load_text(file: &Path, text: &str) -> ClusterObjects {
+    // A byte-order mark is legal in YAML but serde_json rejects it; editors on Windows add one.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let is_json = file.extension().and_then(|e| e.to_str()) == Some("json");
+    let documents = if is_json {
+        parse_json(text)
+    } else {
+        parse_yaml(text)
+    };
+    let mut out = ClusterObjects::default();
+    for (index, document) in documents.into_iter().enumerate() {
+        let location = format!("document {}", index + 1);
+        match document {
+            Ok(value) => collect(value, &location, file, &mut out, 0),
+            Err(reason) => out.problems.push(Problem {
+                file: file.to_path_buf(),
+                reason: format!("{location}: {reason}"),
+            }),
+        }
+    }
+    out
+}
+
+/// One JSON value after another (`kubectl get -o json` prints one; concatenated output of
+/// several commands is also accepted). JSON cannot be resynchronised after a syntax error, so
+/// the values before it are kept and the rest of the file is one problem.
+fn parse_json(text: &str) -> Vec<Result<Value, String>> {
+    let mut documents = Vec::new();
+    for value in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+        match value {
+            Ok(value) => documents.push(Ok(value)),
+            Err(err) => {
+                documents.push(Err(format!("invalid JSON: {err}")));
+                break;
+            }
+        }
+    }
+    documents
+}
+
+/// Splits a YAML stream into documents. A syntax error in one document should cost only that
+/// document, but libyaml cannot resume after an error (serde_yaml_ng's iterator would keep
+/// returning it), so on any error the stream is re-parsed one document at a time, split at the
+/// `---` / `...` markers, which YAML only allows at column 0 outside of any scalar.
+fn parse_yaml(text: &str) -> Vec<Result<Value, String>> {
+    let mut documents = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        match Value::deserialize(document) {
+            Ok(value) => documents.push(Ok(value)),
+            Err(_) => return parse_yaml_per_document(text),
+        }
+    }
+    documents
+}
+
+fn parse_yaml_per_document(text: &str) -> Vec<Result<Value, String>> {
+    split_yaml_documents(text)
+        .into_iter()
+        .map(|(first_line, chunk)| {
+            parse_yaml_document(&chunk).map_err(|err| {
+                // Re-parse with the lines before the chunk blanked so the error names the line in
+                // the file, not in the chunk. Only failing documents pay for this.
+                let padded = format!("{}{chunk}", "\n".repeat(first_line));
+                let err = parse_yaml_document(&padded).err().unwrap_or(err);
+                format!("invalid YAML: {err}")
+            })
+        })
+        .collect()
+}
+
+/// Like `serde_yaml_ng::from_str`, but when libyaml ends the document early (bad indentation
+/// after a complete document) it reports the error that follows rather than "more than one
+/// document".
+fn parse_yaml_document(chunk: &str) -> Result<Value, serde_yaml_ng::Error> {
+    let mut documents = serde_yaml_ng::Deserializer::from_str(chunk);
+    let Some(first) = documents.next() else {
+        return Ok(Value::Null);
+    };
+    let value = Value::deserialize(first)?;
+    match documents.next() {
+        None => Ok(value),
+        Some(second) => Err(Value::deserialize(second).err().unwrap_or_else(|| {
+            serde::de::Error::custom("a second document without a `---` line before it")
+        })),
+    }
+}
+
+/// `(index of the chunk's first line, chunk text)` per document.
+fn split_yaml_documents(text: &str) -> Vec<(usize, String)> {
+    let mut chunks = Vec::new();
+    let mut current = String::new();
+    let mut first_line = 0;
+    // Only directives, comments and blank lines so far: a `---` here starts this same document
+    // (e.g. `%YAML 1.2` then `---`), so it must not be split off into an empty chunk.
+    let mut only_preamble = true;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end();
+        let is_marker = |m: &str| {
+            bare == m
+                || bare
+                    .strip_prefix(m)
+                    .is_some_and(|rest| rest.starts_with([' ', '\t']))
+        };
+        if is_marker("...") {
+            chunks.push((first_line, std::mem::take(&mut current)));
+            first_line = index + 1;
+            only_preamble = true;
+            continue;
+        }
+        if is_marker("---") && !only_preamble {
+            chunks.push((first_line, std::mem::take(&mut current)));
+            first_line = index;
+        }
+        let trimmed = bare.trim_start();
+        if !(trimmed.is_empty() || trimmed.starts_with('#') || bare.starts_with('%')) {
+            only_preamble = false;
+        }
+        current.push_str(line);
+    }
+    chunks.push((first_line, current));
+    chunks
+}
+
+/// Nested `List`s deeper than this are not what kubectl prints; stop rather than recurse forever.
+const MAX_LIST_DEPTH: usize = 8;
+
+fn collect(value: Value, location: &str, file: &Path, out: &mut ClusterObjects, depth: usize) {
+    let problem = |out: &mut ClusterObjects, reason: String| {
+        out.problems.push(Problem {
+            file: file.to_path_buf(),
+            reason: format!("{location}: {reason}"),
+        });
+    };
+    let mut object = match value {
+        // `---` at the end of a file, or a file of comments only.
+        Value::Null => return,
+        Value::Object(object) => object,
+        other => {
+            return problem(
+                out,
+                format!(
+                    "expected a Kubernetes object, found {}",
+                    json_type_name(&other)
+                ),
+            );
+        }
+    };
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if kind.is_empty() {
+        return problem(out, "object without a kind".to_owned());
+    }
+
+    // `kind: List` (kubectl's generic wrapper, items carry their own kind) and typed lists such as
+    // `ServiceList` (raw API output, items carry no kind of their own).
+    if let Some(item_kind) = kind.strip_suffix("List") {
+        let items = match object.remove("items") {
+            Some(Value::Array(items)) => items,
+            // The API serialises an empty list as `items: null` or leaves it out.
+            None | Some(Value::Null) => return,
+            Some(_) => return problem(out, format!("{kind} whose items is not a list")),
+        };
+        if depth >= MAX_LIST_DEPTH {
+            return problem(
+                out,
+                format!("{kind} nested more than {MAX_LIST_DEPTH} deep"),
+            );
+        }
+        for (index, mut item) in items.into_iter().enumerate() {
+            if let (Value::Object(fields), false) = (&mut item, item_kind.is_empty()) {
+                fields
+                    .entry("kind")
+                    .or_insert_with(|| Value::String(item_kind.to_owned()));
+                fields
+                    .entry("apiVersion")
+                    .or_insert_with(|| Value::String(api_version.clone()));
+            }
+            collect(
+                item,
+                &format!("{location} items[{index}]"),
+                file,
+                out,
+                depth + 1,
+            );
+        }
+        return;
+    }
+
+    let what = describe(&kind, &object);
+    let value = Value::Object(object);
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => match serde_json::from_value::<Service>(value) {
+            Ok(service) => out.services.push(service),
+            Err(err) => problem(out, format!("{what}: {err}")),
+        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match serde_json::from_value::<EndpointSlice>(value) {
+                Ok(slice) => out.slices.push(slice),
+                Err(err) => problem(out, format!("{what}: {err}")),
+            }
+        }
+        ("v1", "Node") => match serde_json::from_value::<Node>(value) {
+            Ok(node) => out.nodes.push(node),
+            Err(err) => problem(out, format!("{what}: {err}")),
+        },
+        // Deployments, ConfigMaps, a Knative `serving.knative.dev/v1 Service`, ...: manifests
+        // directories commonly hold whole applications.
+        _ => {
+            tracing::debug!(file = %file.display(), %location, %api_version, %kind, "kind ignored")
+        }
+    }
+}
+
+/// `Service default/web` for problem messages, from the raw object so it works even when the
+/// object does not deserialize.
+fn describe(kind: &str, object: &serde_json::Map<String, Value>) -> String {
+    let meta = object.get("metadata");
+    let field = |name: &str| meta.and_then(|m| m.get(name)).and_then(Value::as_str);
+    match (field("namespace"), field("name")) {
+        (Some(namespace), Some(name)) => format!("{kind} {namespace}/{name}"),
+        (None, Some(name)) => format!("{kind} {name}"),
+        _ => format!("{kind} without a name"),
+    }
+}
+
+fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: simpleapi-service
+  namespace: default
+spec:
+  clusterIP: 10.102.82.168
+  clusterIPs:
+  - 10.102.82.168
+  ports:
+  - port: 80
+    protocol: TCP
+    targetPort: 5000
+  selector:
+    app: backend
+  type: ClusterIP
+";
+
+    const SLICE: &str = "\
+addressType: IPv4
+apiVersion: discovery.k8s.io/v1
+endpoints:
+- addresses:
+  - 10.244.1.5
+  conditions:
+    ready: true
+  nodeName: worker-1
+kind: EndpointSlice
+metadata:
+  labels:
+    kubernetes.io/service-name: simpleapi-service
+  name: simpleapi-service-7xk2p
+  namespace: default
+ports:
+- name: \"\"
+  port: 5000
+  protocol: TCP
+";
+
+    const NODE: &str = "\
+apiVersion: v1
+kind: Node
+metadata:
+  labels:
+    topology.kubernetes.io/zone: zone-a
+  name: worker-1
+";
+
+    fn names(objs: &ClusterObjects) -> Vec<String> {
+        let services = objs
+            .services
+            .iter()
+            .map(|s| format!("svc/{}", s.metadata.name.as_deref().unwrap_or("?")));
+        let slices = objs
+            .slices
+            .iter()
+            .map(|s| format!("slice/{}", s.metadata.name.as_deref().unwrap_or("?")));
+        let nodes = objs
+            .nodes
+            .iter()
+            .map(|n| format!("node/{}", n.metadata.name.as_deref().unwrap_or("?")));
+        services.chain(slices).chain(nodes).collect()
+    }
+
+    /// A directory under the system temp dir, removed on drop (also when the test fails).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("vipx-source-{tag}-{}-{n}", std::process::id()));
+            // Leftover from a crashed run with the same pid: start clean.
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).expect("create temp dir");
+            Self(path)
+        }
+
+        fn write(&self, name: &str, contents: impl AsRef<[u8]>) {
+            fs::write(self.0.join(name), contents).expect("write fixture");
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn multi_document_yaml() {
+        let text = format!("---\n{SERVICE}---\n{SLICE}\n---\n{NODE}---\n");
+        let objs = load_str("all.yaml", &text);
+        assert_eq!(objs.problems, []);
+        assert_eq!(
+            names(&objs),
+            [
+                "svc/simpleapi-service",
+                "slice/simpleapi-service-7xk2p",
+                "node/worker-1"
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_and_comment_only_documents_are_ignored() {
+        let text = format!("# header comment\n---\n---\n# nothing\n---\n{SERVICE}...\n");
+        let objs = load_str("svc.yaml", &text);
+        assert_eq!(objs.problems, []);
+        assert_eq!(names(&objs), ["svc/simpleapi-service"]);
+        assert!(load_str("empty.yaml", "").problems.is_empty());
+        assert!(load_str("empty.json", "").problems.is_empty());
+    }
+
+    #[test]
+    fn kind_list_as_kubectl_prints_it() {
+        let indent = |s: &str| s.lines().map(|l| format!("  {l}\n")).collect::<String>();
+        let item = |s: &str| {
+            let body = indent(s);
+            format!("-{}", &body[1..])
+        };
+        let text = format!(
+            "apiVersion: v1\nitems:\n{}{}kind: List\nmetadata:\n  resourceVersion: \"\"\n",
+            item(SERVICE),
+            item(SLICE)
+        );
+        let objs = load_str("list.yaml", &text);
+        assert_eq!(objs.problems, []);
+        assert_eq!(
+            names(&objs),
+            ["svc/simpleapi-service", "slice/simpleapi-service-7xk2p"]
+        );
+    }
+
+    #[test]
+    fn typed_list_items_inherit_kind_and_nested_lists_recurse() {
+        let text = r#"{
+          "apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "NodeList", "items": [
+              {"metadata": {"name": "worker-1"}},
+              {"metadata": {"name": "worker-2"}}
+            ]},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"}}
+          ]
+        }"#;
+        let objs = load_str("nodes.json", text);
+        assert_eq!(objs.problems, []);
+        assert_eq!(names(&objs), ["node/worker-1", "node/worker-2"]);
+    }
+
+    #[test]
+    fn json_single_object_and_list() {
+        let svc: Value = serde_yaml_ng::from_str(SERVICE).expect("fixture");
+        let slice: Value = serde_yaml_ng::from_str(SLICE).expect("fixture");
+        let objs = load_str("svc.json", &svc.to_string());
+        assert_eq!(objs.problems, []);
+        assert_eq!(names(&objs), ["svc/simpleapi-service"]);
+
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [svc, slice]});
+        let objs = load_str(
+            "list.json",
+            &serde_json::to_string_pretty(&list).expect("json"),
+        );
+        assert_eq!(objs.problems, []);
+        assert_eq!(
+            names(&objs),
+            ["svc/simpleapi-service", "slice/simpleapi-service-7xk2p"]
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_are_ignored_silently() {
+        let text = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: backend\n---\n\
+             apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata:\n  name: knative\n---\n\
+             apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata:\n  name: old\n---\n\
+             {SERVICE}"
+        );
+        let objs = load_str("app.yaml", &text);
+        assert_eq!(objs.problems, []);
+        assert_eq!(names(&objs), ["svc/simpleapi-service"]);
+    }
+
+    #[test]
+    fn malformed_object_among_good_ones() {
+        let bad = "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n  namespace: default\n\
+                   spec:\n  ports:\n  - port: eighty\n";
+        let text = format!("{SERVICE}---\n{bad}---\n{SLICE}---\n42\n");
+        let objs = load_str("mixed.yaml", &text);
+        assert_eq!(
+            names(&objs),
+            ["svc/simpleapi-service", "slice/simpleapi-service-7xk2p"]
+        );
+        assert_eq!(objs.problems.len(), 2, "{:?}", objs.problems);
+        let first = objs.problems[0].to_string();
+        assert!(
+            first.starts_with("mixed.yaml: document 2: Service default/broken: "),
+            "{first}"
+        );
+        let second = objs.problems[1].to_string();
+        assert!(
+            second.starts_with("mixed.yaml: document 4: expected a Kubernetes object"),
+            "{second}"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_error_costs_only_its_document() {
+        let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n";
+        let text = format!("{SERVICE}---\n{bad}---\n{SLICE}");
+        let objs = load_str("broken.yaml", &text);
+        assert_eq!(
+            names(&objs),
+            ["svc/simpleapi-service", "slice/simpleapi-service-7xk2p"]
+        );
+        assert_eq!(objs.problems.len(), 1, "{:?}", objs.problems);
+        let reason = &objs.problems[0].reason;
+        assert!(reason.starts_with("document 2: invalid YAML: "), "{reason}");
+        // The error names the line in the file, not in the document.
+        let bad_line = SERVICE.lines().count() + 4;
+        assert!(reason.contains(&format!("line {bad_line}")), "{reason}");
+    }
+
+    #[test]
+    fn missing_kind_and_garbage_are_problems() {
+        let objs = load_str("nokind.yaml", "metadata:\n  name: x\n");
+        assert_eq!(objs.problems.len(), 1);
+        assert!(objs.problems[0].reason.contains("without a kind"));
+
+        let objs = load_str("garbage.json", "{\"kind\": \"Service\", ");
+        assert_eq!(objs.problems.len(), 1);
+        assert!(
+            objs.problems[0].reason.contains("invalid JSON"),
+            "{}",
+            objs.problems[0]
+        );
+
+        let objs = load_str("garbage.yaml", "\t: : :\n{[}\n");
+        assert_eq!(names(&objs), Vec::<String>::new());
+        assert_eq!(objs.problems.len(), 1, "{:?}", objs.problems);
+    }
+
+    #[test]
+    fn split_keeps_directives_with_their_document() {
+        let chunks = split_yaml_documents("%YAML 1.2\n---\na: 1\n--- # two\nb: 2\n...\n");
+        let texts: Vec<_> = chunks.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(texts, ["%YAML 1.2\n---\na: 1\n", "--- # two\nb: 2\n", ""]);
+        assert_eq!(
+            chunks.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            [0, 3, 6]
+        );
+    }
+
+    #[test]
+    fn load_dir_reads_manifests_in_name_order_and_reports_bad_files() {
+        let dir = TempDir::new("dir");
+        dir.write("20-slice.yml", SLICE);
+        dir.write("10-service.yaml", SERVICE);
+        let node: Value = serde_yaml_ng::from_str(NODE).expect("fixture");
+        dir.write("30-node.json", node.to_string());
+        dir.write("40-garbage.yaml", [0xff, 0xfe, 0x00, 0x81, b'\n']);
+        dir.write("50-bad.yaml", "kind: Service\napiVersion: v1\nspec: [\n");
+        // Not manifests: never read, so their broken contents cause no problem.
+        for ignored in [
+            ".#10-service.yaml",
+            ".10-service.yaml.swp",
+            "10-service.yaml~",
+            "README.md",
+        ] {
+            dir.write(ignored, "{{{ not yaml");
+        }
+        fs::create_dir(dir.0.join("subdir.yaml")).expect("mkdir");
+        dir.write("subdir.yaml/inner.yaml", SERVICE);
+
+        let objs = load_dir(&dir.0);
+        assert_eq!(
+            names(&objs),
+            [
+                "svc/simpleapi-service",
+                "slice/simpleapi-service-7xk2p",
+                "node/worker-1"
+            ]
+        );
+        let problems: Vec<_> = objs.problems.iter().map(|p| p.file.clone()).collect();
+        assert_eq!(
+            problems,
+            [dir.0.join("40-garbage.yaml"), dir.0.join("50-bad.yaml")]
+        );
+        assert!(
+            objs.problems[0].reason.contains("not UTF-8"),
+            "{}",
+            objs.problems[0]
+        );
+    }
+
+    #[test]
+    fn load_dir_on_a_missing_directory_is_a_problem() {
+        let dir = TempDir::new("missing");
+        let missing = dir.0.join("nope");
+        let objs = load_dir(&missing);
+        assert_eq!(objs.problems.len(), 1);
+        assert_eq!(objs.problems[0].file, missing);
+    }
+
+    #[test]
+    fn fixture_directory_loads_cleanly() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/manifests");
+        let objs = load_dir(&dir);
+        assert_eq!(objs.problems, []);
+        assert!(!objs.services.is_empty() && !objs.slices.is_empty() && !objs.nodes.is_empty());
+    }
+
+    #[test]
+    fn is_manifest_file_filter() {
+        for yes in ["a.yaml", "dir/b.yml", "c.json", "svc.v2.yaml"] {
+            assert!(is_manifest_file(Path::new(yes)), "{yes}");
+        }
+        for no in [
+            ".a.yaml",
+            ".#a.yaml",
+            "a.yaml~",
+            "#a.yaml#",
+            "a.yaml.swp",
+            "a.txt",
+            "yaml",
+            "..data",
+        ] {
+            assert!(!is_manifest_file(Path::new(no)), "{no}");
+        }
+    }
+}
