@@ -194,7 +194,9 @@ impl Attachments {
     pub fn attach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
         let p = prog(ebpf)?;
         // Kernels before tcx need the clsact qdisc; it is harmless when it already exists.
-        if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+        if !aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        {
             let _ = aya::programs::tc::qdisc_add_clsact(iface);
         }
         let id = p
@@ -236,7 +238,9 @@ pub fn default_pin_dir(node_name: &str) -> PathBuf {
 }
 
 /// Take the conntrack map out of a loaded object.
-pub fn conntrack_map(ebpf: &mut Ebpf) -> Result<HashMap<MapData, proxy_common::CtKey4, proxy_common::CtValue>> {
+pub fn conntrack_map(
+    ebpf: &mut Ebpf,
+) -> Result<HashMap<MapData, proxy_common::CtKey4, proxy_common::CtValue>> {
     take(ebpf, map_names::CT4)
 }
 

@@ -16,8 +16,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL,
-    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_LOCAL,
-    SvcKey4, SvcValue,
+    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SvcKey4,
+    SvcValue,
 };
 
 use crate::desired::{DesiredState, FrontendKind, Protocol, ServicePortName};
@@ -114,7 +114,9 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
             let IpAddr::V4(addr) = fe.addr else { continue };
             let (kind_flag, pick, local) = match fe.kind {
                 FrontendKind::ClusterIp => (SVC_F_CLUSTER_IP, &sp.internal_pick, sp.internal_local),
-                FrontendKind::ExternalIp => (SVC_F_EXTERNAL_IP, &sp.external_pick, sp.external_local),
+                FrontendKind::ExternalIp => {
+                    (SVC_F_EXTERNAL_IP, &sp.external_pick, sp.external_local)
+                }
                 FrontendKind::LoadBalancer => {
                     (SVC_F_LOAD_BALANCER, &sp.external_pick, sp.external_local)
                 }
@@ -134,7 +136,11 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
             }
             let slots: Vec<L4Addr> = pick.iter().filter_map(to_addr).collect();
             if slots.len() > usize::from(u16::MAX) {
-                problems.push(format!("{name}: {} backends exceed the limit of {}", slots.len(), u16::MAX));
+                problems.push(format!(
+                    "{name}: {} backends exceed the limit of {}",
+                    slots.len(),
+                    u16::MAX
+                ));
                 continue;
             }
             let entry = TargetFrontend {
@@ -368,7 +374,9 @@ impl MapWriter {
                         .context("reverse-NAT map is full")?
                 }
             };
-            if self.cur.revnat.get(&rev_nat_id).map(|a| (a.addr, a.port)) != Some((fe.addr, fe.port)) {
+            if self.cur.revnat.get(&rev_nat_id).map(|a| (a.addr, a.port))
+                != Some((fe.addr, fe.port))
+            {
                 let v = RevNat4 {
                     addr: fe.addr.octets(),
                     port: fe.port.to_be_bytes(),
@@ -379,7 +387,9 @@ impl MapWriter {
                     .set(rev_nat_id, v, 0)
                     .with_context(|| format!("writing reverse-NAT {rev_nat_id} ({fe})"))?;
                 st.map_writes += 1;
-                self.cur.revnat.insert(rev_nat_id, L4Addr { proto: 0, ..*fe });
+                self.cur
+                    .revnat
+                    .insert(rev_nat_id, L4Addr { proto: 0, ..*fe });
                 self.revnat_ids.insert(*fe, rev_nat_id);
             }
             let want: Vec<u32> = t
@@ -573,7 +583,10 @@ mod tests {
                         kind: FrontendKind::ClusterIp,
                     },
                 ],
-                endpoints: vec![ep([10, 0, 0, 1], 5000, false), ep([10, 0, 0, 2], 5000, true)],
+                endpoints: vec![
+                    ep([10, 0, 0, 1], 5000, false),
+                    ep([10, 0, 0, 2], 5000, true),
+                ],
                 internal_pick: vec![0],
                 external_pick: vec![0],
                 affinity_timeout_s: Some(60),
@@ -583,7 +596,11 @@ mod tests {
         );
         let (t, problems) = target(&d);
         assert!(problems.is_empty());
-        assert_eq!(t.frontends.len(), 1, "NodePort and IPv6 are not programmed yet");
+        assert_eq!(
+            t.frontends.len(),
+            1,
+            "NodePort and IPv6 are not programmed yet"
+        );
         let (k, f) = t.frontends.iter().next().unwrap();
         assert_eq!(k.to_string(), "10.96.0.10:80/TCP");
         assert_eq!(f.flags, SVC_F_CLUSTER_IP | SVC_F_AFFINITY);

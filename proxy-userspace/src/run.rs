@@ -153,7 +153,9 @@ impl Controller {
             tracing::info!(interface = %i, "interface gone");
         }
         for i in present {
-            if self.attachments.is_attached(&i) || !self.opts.pod_interfaces.iter().any(|g| g.matches(&i)) {
+            if self.attachments.is_attached(&i)
+                || !self.opts.pod_interfaces.iter().any(|g| g.matches(&i))
+            {
                 continue;
             }
             match self.attachments.attach(&mut self.ebpf, &i) {

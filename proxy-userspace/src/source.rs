@@ -55,6 +55,7 @@ impl fmt::Display for Problem {
 ///
 /// Public so a directory watcher can ignore events for files that would not change the result
 /// (editor swap and lock files, atomic-write temporaries, ConfigMap-mount `..data` links).
+#[must_use]
 pub fn is_manifest_file(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return false;
@@ -71,6 +72,7 @@ pub fn is_manifest_file(path: &Path) -> bool {
 }
 
 /// Reads every manifest file directly in `dir` (see [`is_manifest_file`]), in file-name order.
+#[must_use]
 pub fn load_dir(dir: &Path) -> ClusterObjects {
     let mut out = ClusterObjects::default();
     let entries = match fs::read_dir(dir) {
@@ -109,7 +111,16 @@ pub fn load_dir(dir: &Path) -> ClusterObjects {
             }
             // A file deleted between listing and reading is a normal race with whoever edits the
             // directory, not a broken manifest; the next reload sees the directory without it.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            // A symlink to nothing, though, is a mistake worth showing.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if fs::symlink_metadata(&path).is_ok() {
+                    out.problems.push(Problem {
+                        file: path,
+                        reason: "symlink to a missing file".to_owned(),
+                    });
+                }
+                continue;
+            }
             _ => {}
         }
         match fs::read(&path) {
@@ -131,6 +142,7 @@ pub fn load_dir(dir: &Path) -> ClusterObjects {
 }
 
 /// Parses `text` as if it were the file `name`: JSON when `name` ends in `.json`, YAML otherwise.
+#[must_use]
 pub fn load_str(name: &str, text: &str) -> ClusterObjects {
     load_text(Path::new(name), text)
 }
@@ -298,7 +310,11 @@ fn collect(value: Value, location: &str, file: &Path, out: &mut ClusterObjects, 
 
     // `kind: List` (kubectl's generic wrapper, items carry their own kind) and typed lists such as
     // `ServiceList` (raw API output, items carry no kind of their own).
-    if let Some(item_kind) = kind.strip_suffix("List") {
+    // A kind merely ending in "List" without items (some CRD) is left to the kind match below.
+    if let Some(item_kind) = kind
+        .strip_suffix("List")
+        .filter(|_| kind == "List" || object.contains_key("items"))
+    {
         let items = match object.remove("items") {
             Some(Value::Array(items)) => items,
             // The API serialises an empty list as `items: null` or leaves it out.
@@ -658,6 +674,8 @@ metadata:
             dir.write(ignored, "{{{ not yaml");
         }
         fs::create_dir(dir.0.join("subdir.yaml")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.0.join("gone.yaml"), dir.0.join("60-dangling.yaml"))
+            .expect("symlink");
         dir.write("subdir.yaml/inner.yaml", SERVICE);
 
         let objs = load_dir(&dir.0);
@@ -672,7 +690,11 @@ metadata:
         let problems: Vec<_> = objs.problems.iter().map(|p| p.file.clone()).collect();
         assert_eq!(
             problems,
-            [dir.0.join("40-garbage.yaml"), dir.0.join("50-bad.yaml")]
+            [
+                dir.0.join("40-garbage.yaml"),
+                dir.0.join("50-bad.yaml"),
+                dir.0.join("60-dangling.yaml")
+            ]
         );
         assert!(
             objs.problems[0].reason.contains("not UTF-8"),

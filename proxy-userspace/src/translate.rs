@@ -76,27 +76,31 @@ pub struct Translation {
 }
 
 /// Translates the cluster objects into what this node (`node_name`) should program.
+#[must_use]
 pub fn translate(input: &ClusterInput<'_>, node_name: &str) -> Translation {
     let mut problems = Problems::default();
-    let zone = node_zone(input.nodes, node_name);
+    let here = Here {
+        node_name,
+        zone: node_zone(input.nodes, node_name),
+    };
     let slices = index_slices(input.slices, node_name, &mut problems);
     let mut state = DesiredState::default();
     let mut seen = HashSet::new();
     for service in input.services {
-        translate_service(
-            service,
-            &slices,
-            node_name,
-            zone,
-            &mut seen,
-            &mut state,
-            &mut problems,
-        );
+        translate_service(service, &slices, here, &mut seen, &mut state, &mut problems);
     }
     Translation {
         state,
         problems: problems.0,
     }
+}
+
+/// Where the translation runs: what "local" and topology hints are relative to.
+#[derive(Clone, Copy)]
+struct Here<'a> {
+    node_name: &'a str,
+    /// This node's `topology.kubernetes.io/zone`, "" when unknown.
+    zone: &'a str,
 }
 
 #[derive(Default)]
@@ -169,7 +173,7 @@ struct SliceData<'a> {
 }
 
 /// An endpoint before it is bound to a port, with the topology hints `CategorizeEndpoints` reads.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Candidate<'a> {
     addr: IpAddr,
     ready: bool,
@@ -357,8 +361,7 @@ impl ServiceInfo {
 fn translate_service(
     service: &Service,
     slices: &SliceIndex<'_>,
-    node_name: &str,
-    zone: &str,
+    here: Here<'_>,
     seen: &mut HashSet<(String, String)>,
     state: &mut DesiredState,
     problems: &mut Problems,
@@ -404,8 +407,7 @@ fn translate_service(
             port,
             &info,
             service_slices,
-            node_name,
-            zone,
+            here,
             |reason| problems.push(namespace, name, format_args!("{what}: {reason}")),
         ) else {
             continue;
@@ -448,7 +450,7 @@ fn service_info(
     };
     match ip_texts.first() {
         // Upstream's ShouldSkipService: no IP allocated yet, or headless.
-        None | Some(&"") | Some(&"None") => return Ok(None),
+        None | Some(&("" | "None")) => return Ok(None),
         Some(_) => {}
     }
     let mut cluster_ips: Vec<IpAddr> = Vec::new();
@@ -549,18 +551,13 @@ fn service_info(
     }))
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the arguments are the independent inputs of a pure function"
-)]
 fn translate_port(
     namespace: &str,
     name: &str,
     port: &K8sServicePort,
     info: &ServiceInfo,
     slices: &[SliceData<'_>],
-    node_name: &str,
-    zone: &str,
+    here: Here<'_>,
     mut problem: impl FnMut(String),
 ) -> Option<(ServicePortName, ServicePort)> {
     let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -610,19 +607,19 @@ fn translate_port(
     frontends.sort_by_key(|f| (f.kind, f.addr, f.port));
     frontends.dedup();
 
-    let candidates = merge_endpoints(&spn, slices, info);
-    let endpoints: Vec<Endpoint> = candidates
+    let merged = merge_endpoints(&spn, slices, info);
+    let endpoints: Vec<Endpoint> = merged
         .iter()
-        .map(|c| Endpoint {
-            addr: c.0,
-            port: c.1,
-            ready: c.2.ready,
-            serving: c.2.serving,
-            terminating: c.2.terminating,
-            local: c.2.local,
+        .map(|&(port, c)| Endpoint {
+            addr: c.addr,
+            port,
+            ready: c.ready,
+            serving: c.serving,
+            terminating: c.terminating,
+            local: c.local,
         })
         .collect();
-    let picks = categorize(&candidates, node_name, zone);
+    let picks = categorize(&merged, here);
     let pick = |local: bool| {
         if local {
             picks.local.clone()
@@ -645,14 +642,15 @@ fn translate_port(
     ))
 }
 
-/// The endpoints of one service port across all its slices, sorted by (addr, port), without the
-/// ones that are neither ready nor serving (no connection can be on them).
-fn merge_endpoints<'a>(
+/// The endpoints of one service port across all its slices with their port numbers, sorted by
+/// (addr, port), without the ones that are neither ready nor serving (no connection can be on
+/// them).
+fn merge_endpoints<'s, 'a>(
     spn: &ServicePortName,
-    slices: &[SliceData<'a>],
+    slices: &'s [SliceData<'a>],
     info: &ServiceInfo,
-) -> Vec<(IpAddr, u16, Candidate<'a>)> {
-    let mut merged: BTreeMap<(IpAddr, u16), Candidate<'a>> = BTreeMap::new();
+) -> Vec<(u16, &'s Candidate<'a>)> {
+    let mut merged: BTreeMap<(IpAddr, u16), &'s Candidate<'a>> = BTreeMap::new();
     for slice in slices.iter().filter(|s| info.has_family(s.family)) {
         // Matched by port name and protocol only: the slice already carries the resolved target
         // port, which for a named targetPort can differ from pod to pod (one slice per number).
@@ -670,8 +668,7 @@ fn merge_endpoints<'a>(
                     .get(&key)
                     .is_none_or(|existing| existing.terminating && !candidate.terminating);
                 if replace {
-                    merged.insert(key, candidate.clone());
-                }
+                    merged.insert(key, candidate);
                 }
             }
         }
@@ -679,7 +676,7 @@ fn merge_endpoints<'a>(
     merged
         .into_iter()
         .filter(|(_, c)| c.ready || c.serving)
-        .map(|((addr, port), c)| (addr, port, c))
+        .map(|((_, port), c)| (port, c))
         .collect()
 }
 
@@ -701,15 +698,16 @@ enum TopologyMode {
     PreferSameZone,
 }
 
-/// Per family (see the module docs), then united; indices refer to `candidates`.
-fn categorize(candidates: &[(IpAddr, u16, Candidate<'_>)], node_name: &str, zone: &str) -> Picks {
+/// Per family (see the module docs), then united; indices refer to `endpoints`.
+fn categorize(endpoints: &[(u16, &Candidate<'_>)], here: Here<'_>) -> Picks {
+    let Here { node_name, zone } = here;
     let mut picks = Picks::default();
     for family in Family::ALL {
-        let of_family: Vec<(usize, &Candidate<'_>)> = candidates
+        let of_family: Vec<(usize, &Candidate<'_>)> = endpoints
             .iter()
             .enumerate()
-            .filter(|(_, c)| Family::of(c.0) == family)
-            .map(|(i, c)| (i, &c.2))
+            .filter(|(_, (_, c))| Family::of(c.addr) == family)
+            .map(|(i, &(_, c))| (i, c))
             .collect();
         let select = |pred: &dyn Fn(&Candidate<'_>) -> bool| -> Vec<usize> {
             of_family

@@ -12,7 +12,9 @@ use aya::{
     Ebpf, TestRunOptions,
     programs::{SchedClassifier, TestRun as _},
 };
-use etherparse::{Ethernet2Header, EtherType, IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader};
+use etherparse::{
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader,
+};
 use proxy_common::{BACKEND_F_ACTIVE, CtKey4, IPPROTO_TCP, IPPROTO_UDP, prog_names};
 use vipx::{
     desired::{Protocol, ServicePortName},
@@ -94,18 +96,27 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
     let maps = loader::service_maps(&mut ebpf).unwrap();
     let mut writer = MapWriter::new(maps).unwrap();
     let mut t = Target::default();
-    let tcp: Vec<L4Addr> = backends_tcp.iter().map(|b| addr(*b, 5000, IPPROTO_TCP)).collect();
+    let tcp: Vec<L4Addr> = backends_tcp
+        .iter()
+        .map(|b| addr(*b, 5000, IPPROTO_TCP))
+        .collect();
     for b in &tcp {
         t.backends.insert(*b, BACKEND_F_ACTIVE);
     }
     let udp = addr(BE1, 5353, IPPROTO_UDP);
     t.backends.insert(udp, BACKEND_F_ACTIVE);
-    t.frontends
-        .insert(addr(VIP, 80, IPPROTO_TCP), frontend("web", Protocol::Tcp, tcp));
-    t.frontends
-        .insert(addr(VIP, 53, IPPROTO_UDP), frontend("dns", Protocol::Udp, vec![udp]));
-    t.frontends
-        .insert(addr(VIP_EMPTY, 80, IPPROTO_TCP), frontend("empty", Protocol::Tcp, vec![]));
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, tcp),
+    );
+    t.frontends.insert(
+        addr(VIP, 53, IPPROTO_UDP),
+        frontend("dns", Protocol::Udp, vec![udp]),
+    );
+    t.frontends.insert(
+        addr(VIP_EMPTY, 80, IPPROTO_TCP),
+        frontend("empty", Protocol::Tcp, vec![]),
+    );
     writer.apply(&t).expect("apply");
     let prog: &mut SchedClassifier = ebpf
         .program_mut(prog_names::POD_INGRESS)
@@ -140,12 +151,26 @@ fn run(l: &mut Loaded, input: &[u8]) -> (i32, Vec<u8>) {
 }
 
 enum L4 {
-    Tcp { syn: bool, ack: bool, payload: &'static [u8] },
-    Udp { zero_csum: bool, payload: &'static [u8] },
+    Tcp {
+        syn: bool,
+        ack: bool,
+        payload: &'static [u8],
+    },
+    Udp {
+        zero_csum: bool,
+        payload: &'static [u8],
+    },
 }
 
 /// An Ethernet/IPv4/TCP-or-UDP frame with correct checksums.
-fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, l4: &L4, ip_options: &[u8]) -> Vec<u8> {
+fn frame(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    l4: &L4,
+    ip_options: &[u8],
+) -> Vec<u8> {
     let mut buf = Vec::new();
     Ethernet2Header {
         source: [2, 0, 0, 0, 0, 1],
@@ -168,7 +193,13 @@ fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, l4: &L4, ip_options
             (IpNumber::TCP, b)
         }
         L4::Udp { zero_csum, payload } => {
-            let mut u = UdpHeader::with_ipv4_checksum(sport, dport, &Ipv4Header::new(0, 64, IpNumber::UDP, src, dst).unwrap(), payload).unwrap();
+            let mut u = UdpHeader::with_ipv4_checksum(
+                sport,
+                dport,
+                &Ipv4Header::new(0, 64, IpNumber::UDP, src, dst).unwrap(),
+                payload,
+            )
+            .unwrap();
             if *zero_csum {
                 u.checksum = 0;
             }
@@ -295,19 +326,49 @@ fn translation_fixtures() {
         },
         Case {
             what: "UDP to the VIP is DNATed with a valid checksum",
-            input: frame(CLIENT, 41000, VIP, 53, &L4::Udp { zero_csum: false, payload: b"q" }, &[]),
+            input: frame(
+                CLIENT,
+                41000,
+                VIP,
+                53,
+                &L4::Udp {
+                    zero_csum: false,
+                    payload: b"q",
+                },
+                &[],
+            ),
             verdict: TC_ACT_OK,
             expect: rewritten(CLIENT, 41000, BE1, 5353, Some(true)),
         },
         Case {
             what: "UDP reply is reverse-NATed",
-            input: frame(BE1, 5353, CLIENT, 41000, &L4::Udp { zero_csum: false, payload: b"answer" }, &[]),
+            input: frame(
+                BE1,
+                5353,
+                CLIENT,
+                41000,
+                &L4::Udp {
+                    zero_csum: false,
+                    payload: b"answer",
+                },
+                &[],
+            ),
             verdict: TC_ACT_OK,
             expect: rewritten(VIP, 53, CLIENT, 41000, Some(true)),
         },
         Case {
             what: "UDP with checksum 0 keeps checksum 0",
-            input: frame(CLIENT, 41001, VIP, 53, &L4::Udp { zero_csum: true, payload: b"q" }, &[]),
+            input: frame(
+                CLIENT,
+                41001,
+                VIP,
+                53,
+                &L4::Udp {
+                    zero_csum: true,
+                    payload: b"q",
+                },
+                &[],
+            ),
             verdict: TC_ACT_OK,
             expect: rewritten(CLIENT, 41001, BE1, 5353, None),
         },
@@ -362,8 +423,12 @@ fn translation_fixtures() {
         proto: IPPROTO_TCP,
         _pad: [0; 3],
     };
-    let fwd = ct.get(&key(CLIENT, 40000, VIP, 80), 0).expect("forward entry");
-    let rep = ct.get(&key(BE1, 5000, CLIENT, 40000), 0).expect("reply entry");
+    let fwd = ct
+        .get(&key(CLIENT, 40000, VIP, 80), 0)
+        .expect("forward entry");
+    let rep = ct
+        .get(&key(BE1, 5000, CLIENT, 40000), 0)
+        .expect("reply entry");
     assert_eq!(fwd.backend_id, rep.backend_id);
     assert_eq!(fwd.rev_nat_id, rep.rev_nat_id);
 }
@@ -440,14 +505,18 @@ fn new_flows_spread_and_flows_survive_backend_changes() {
 
     // Find a flow on BE2 and one on BE1, then remove BE1: the BE2 flow keeps its backend, the
     // BE1 flow is re-selected (onto BE2, the only one left).
-    let on = |l: &mut Loaded, sport: u16| inspect(&run(l, &frame(CLIENT, sport, VIP, 80, &DATA, &[])).1).dst;
+    let on = |l: &mut Loaded, sport: u16| {
+        inspect(&run(l, &frame(CLIENT, sport, VIP, 80, &DATA, &[])).1).dst
+    };
     let be2_flow = (20000..21000u16).find(|&p| on(&mut l, p) == BE2).unwrap();
     let be1_flow = (20000..21000u16).find(|&p| on(&mut l, p) == BE1).unwrap();
     let mut t = Target::default();
     let be2 = addr(BE2, 5000, IPPROTO_TCP);
     t.backends.insert(be2, BACKEND_F_ACTIVE);
-    t.frontends
-        .insert(addr(VIP, 80, IPPROTO_TCP), frontend("web", Protocol::Tcp, vec![be2]));
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, vec![be2]),
+    );
     let st = l.writer.apply(&t).unwrap();
     assert_eq!(st.backends_removed, 2, "BE1 and the UDP backend are gone");
     assert_eq!(on(&mut l, be2_flow), BE2);
@@ -456,8 +525,10 @@ fn new_flows_spread_and_flows_survive_backend_changes() {
     // Adding a backend back does not move established flows.
     let be1 = addr(BE1, 5000, IPPROTO_TCP);
     t.backends.insert(be1, BACKEND_F_ACTIVE);
-    t.frontends
-        .insert(addr(VIP, 80, IPPROTO_TCP), frontend("web", Protocol::Tcp, vec![be1, be2]));
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, vec![be1, be2]),
+    );
     l.writer.apply(&t).unwrap();
     assert_eq!(on(&mut l, be2_flow), BE2);
     assert_eq!(on(&mut l, be1_flow), BE2);
@@ -473,16 +544,18 @@ fn restart_adopts_pinned_state() {
     let l = load(&[BE1, BE2]);
     let before = l.writer.programmed().clone();
     // A second load with the same pin directory (a restarted vipx) sees the same state.
-    let mut again = loader::load(&l.pin_dir, MapSizes {
-        services: 1024,
-        backends: 1024,
-        revnat: 256,
-        conntrack: 4096,
-    })
+    let mut again = loader::load(
+        &l.pin_dir,
+        MapSizes {
+            services: 1024,
+            backends: 1024,
+            revnat: 256,
+            conntrack: 4096,
+        },
+    )
     .unwrap();
     let w = MapWriter::new(loader::service_maps(&mut again).unwrap()).unwrap();
     assert_eq!(w.programmed(), &before);
     assert_eq!(before.frontends.len(), 3);
     assert_eq!(before.backends.len(), 3);
 }
-

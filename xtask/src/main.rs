@@ -118,13 +118,20 @@ fn ebpf_toolchain() -> &'static str {
 
 fn setup() -> Result<()> {
     // Debian packages: iproute2 (ip), util-linux (nsenter), curl (the demo's client).
-    let missing: Vec<&str> = [("ip", "iproute2"), ("nsenter", "util-linux"), ("curl", "curl")]
-        .into_iter()
-        .filter(|(bin, _)| !have(bin))
-        .map(|(_, pkg)| pkg)
-        .collect();
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("curl", "curl"),
+    ]
+    .into_iter()
+    .filter(|(bin, _)| !have(bin))
+    .map(|(_, pkg)| pkg)
+    .collect();
     if !missing.is_empty() {
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
         status(Command::new("apt-get").arg("update").arg("-q"))?;
         status(
             Command::new("apt-get")
@@ -135,10 +142,15 @@ fn setup() -> Result<()> {
     }
 
     let tc = ebpf_toolchain();
-    let installed = output("rustup", &["component", "list", "--installed", "--toolchain", tc])
-        .unwrap_or_default();
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", tc],
+    )
+    .unwrap_or_default();
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        step(&format!("adding rust-src to the {tc} toolchain (the eBPF build needs build-std)"));
+        step(&format!(
+            "adding rust-src to the {tc} toolchain (the eBPF build needs build-std)"
+        ));
         status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", tc]))?;
     }
 
@@ -149,8 +161,12 @@ fn setup() -> Result<()> {
              Rust toolchain; about 90 s)"
         ));
         let mut c = Command::new("cargo");
-        c.arg(format!("+{tc}"))
-            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]);
+        c.arg(format!("+{tc}")).args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ]);
         if tc == "stable" {
             c.env("RUSTC_BOOTSTRAP", "1");
         }
@@ -178,7 +194,14 @@ fn cargo() -> Command {
 
 fn build() -> Result<()> {
     step("building vipx (with its eBPF object) and lab-pod");
-    status(cargo().args(["build", "-p", "proxy-userspace", "-p", "vipx-tests", "--bins"]))
+    status(cargo().args([
+        "build",
+        "-p",
+        "proxy-userspace",
+        "-p",
+        "vipx-tests",
+        "--bins",
+    ]))
 }
 
 fn target_dir() -> PathBuf {
@@ -207,11 +230,17 @@ fn scale(replicas: usize) -> Result<()> {
     }
     let dir = demo_dir().join("manifests");
     if !dir.is_dir() {
-        bail!("no demo running (missing {}); start `cargo xtask run` first", dir.display());
+        bail!(
+            "no demo running (missing {}); start `cargo xtask run` first",
+            dir.display()
+        );
     }
     let node = format!("vipx-{DEMO_TAG}-node");
     let f = vipx_lab::write_endpoint_slice(&dir, &demo_endpoints(replicas), &node)?;
-    step(&format!("wrote {} with {replicas} endpoint(s); vipx applies it within a second", f.display()));
+    step(&format!(
+        "wrote {} with {replicas} endpoint(s); vipx applies it within a second",
+        f.display()
+    ));
     Ok(())
 }
 
@@ -238,7 +267,10 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
     let vipx = bin.join("vipx");
     let removed = vipx_lab::cleanup_stale(DEMO_TAG)?;
     if !removed.is_empty() {
-        step(&format!("removed a previous demo's namespaces: {}", removed.join(" ")));
+        step(&format!(
+            "removed a previous demo's namespaces: {}",
+            removed.join(" ")
+        ));
     }
     step("creating the lab: node, client and backend pod namespaces");
     let lab = Lab::create(LabConfig {
@@ -268,7 +300,12 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
         dir.join("state").display().to_string(),
     ];
     args.extend(vipx_args.iter().cloned());
-    step(&format!("starting vipx in {}: {} {}", lab.node_ns(), vipx.display(), args.join(" ")));
+    step(&format!(
+        "starting vipx in {}: {} {}",
+        lab.node_ns(),
+        vipx.display(),
+        args.join(" ")
+    ));
     let child = vipx_lab::ns_command(lab.node_ns(), &vipx, &args)
         .spawn()
         .context("starting vipx")?;
@@ -298,7 +335,10 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
     let nsenter = |ns: &str| format!("nsenter --net=/run/netns/{ns}");
     println!();
     println!("vipx is serving {SERVICE_VIP}:{SERVICE_PORT} (simpleapi-service) in the lab.");
-    println!("8 requests from the client pod were answered by: {}", seen.join(", "));
+    println!(
+        "8 requests from the client pod were answered by: {}",
+        seen.join(", ")
+    );
     println!();
     println!("Curl the VIP from the client pod:");
     println!("  {} curl -s http://{SERVICE_VIP}/", nsenter(&client));
@@ -347,7 +387,16 @@ fn test(cargo_args: &[String]) -> Result<()> {
     c.arg("--test-threads=1");
     status(&mut c)?;
     step("checking formatting");
-    status(cargo().args(["fmt", "--all", "--", "--check"]).stdout(Stdio::null()))
-        .or_else(|e| if env::var_os("CI").is_some() { Err(e) } else { Ok(()) })
+    status(
+        cargo()
+            .args(["fmt", "--all", "--", "--check"])
+            .stdout(Stdio::null()),
+    )
+    .or_else(|e| {
+        if env::var_os("CI").is_some() {
+            Err(e)
+        } else {
+            Ok(())
+        }
+    })
 }
-
