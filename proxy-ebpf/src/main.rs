@@ -267,9 +267,12 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         }
     };
 
-    // Established flows, either direction: one lookup.
+    // Established flows, either direction: one lookup. A SYN always selects afresh (as in
+    // Katran): the hash is deterministic, so a retransmitted SYN lands on the same backend, and a
+    // new connection reusing a port is balanced over the current backends.
     let ct_key = flow.ct_key();
-    if let Some(ct) = CT4.get_ptr(&ct_key) {
+    let syn = flow.proto == IPPROTO_TCP && is_tcp_syn(flow.tcp_flags);
+    if let Some(ct) = if syn { None } else { CT4.get_ptr(&ct_key) } {
         // SAFETY: value pointer from a successful lookup; copied out at once.
         let ct = unsafe { *ct };
         if ct.flags & CT_F_REPLY != 0 {
@@ -301,7 +304,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
     }
-    if flow.proto == IPPROTO_TCP && !is_tcp_syn(flow.tcp_flags) {
+    if flow.proto == IPPROTO_TCP && !syn {
         count(Stat::CtMissNonSyn);
     }
     let hash = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);

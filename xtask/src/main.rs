@@ -43,6 +43,12 @@ enum Cmd {
     },
     /// Scale the demo Service's endpoints (1..=3) by rewriting its EndpointSlice manifest.
     Scale { replicas: usize },
+    /// Per-packet cost of the real programs through BPF_PROG_TEST_RUN beside the XDP floor.
+    Bench {
+        /// A short run (fewer service counts and packets).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run every test layer: unit, packet fixtures (BPF_PROG_TEST_RUN), namespace lab.
     Test {
         /// Extra arguments for `cargo test`.
@@ -64,6 +70,10 @@ fn main() -> Result<()> {
             run_demo(&vipx_args)
         }
         Cmd::Scale { replicas } => scale(replicas),
+        Cmd::Bench { quick } => {
+            setup()?;
+            bench(quick)
+        }
         Cmd::Test { cargo_args } => {
             setup()?;
             test(&cargo_args)
@@ -399,4 +409,46 @@ fn test(cargo_args: &[String]) -> Result<()> {
             Ok(())
         }
     })
+}
+
+fn bench(quick: bool) -> Result<()> {
+    step("building vipx-bench (release)");
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-userspace",
+        "--bin",
+        "vipx-bench",
+    ]))?;
+    let results = root().join("results");
+    std::fs::create_dir_all(&results)?;
+    let json = results.join(if quick {
+        "packet-quick.json"
+    } else {
+        "packet.json"
+    });
+    let (services, repeat) = if quick {
+        ("1,1000,10000", "1000000")
+    } else {
+        ("1,1000,10000,100000", "1000000")
+    };
+    step(&format!(
+        "per-packet cost via BPF_PROG_TEST_RUN: {services} services x 10 backends, repeat {repeat}, median of 5"
+    ));
+    status(
+        Command::new(target_dir().join("release").join("vipx-bench"))
+            .args([
+                "--services",
+                services,
+                "--repeat",
+                repeat,
+                "--reps",
+                "5",
+                "--json",
+            ])
+            .arg(&json),
+    )?;
+    step(&format!("results written to {}", json.display()));
+    Ok(())
 }
