@@ -199,12 +199,12 @@ fn rewrite(
     )?;
     ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
     ctx.store(ETH_HLEN + addr_off, &new_addr, 0)?;
-    if old_port != new_port {
-        let old_p = u16::from_ne_bytes(old_port) as u64;
-        let new_p = u16::from_ne_bytes(new_port) as u64;
-        ctx.l4_csum_replace(flow.csum_off, old_p, new_p, mangled0 | 2)?;
-        ctx.store(flow.l4_off + port_off, &new_port, 0)?;
-    }
+    // Unconditional even when the port is unchanged: the cost must not depend on values (the
+    // bench relies on it), and services whose port equals targetPort are not the common case.
+    let old_p = u16::from_ne_bytes(old_port) as u64;
+    let new_p = u16::from_ne_bytes(new_port) as u64;
+    ctx.l4_csum_replace(flow.csum_off, old_p, new_p, mangled0 | 2)?;
+    ctx.store(flow.l4_off + port_off, &new_port, 0)?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use aya::{
 };
 use clap::Parser;
 use etherparse::PacketBuilder;
-use proxy_common::{BACKEND_F_ACTIVE, CtKey4, IPPROTO_TCP, SVC_F_CLUSTER_IP, prog_names};
+use proxy_common::{BACKEND_F_ACTIVE, IPPROTO_TCP, SVC_F_CLUSTER_IP, Stat, prog_names};
 use serde::Serialize;
 use vipx::{
     desired::{Protocol, ServicePortName},
@@ -96,6 +96,9 @@ fn run_tc(ebpf: &mut Ebpf, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
     if r.return_value != want {
         bail!("verdict {} (expected {want})", r.return_value);
     }
+    if out[..r.data_size_out as usize] != *pkt {
+        bail!("the packet changed across iterations; the figure would not be per-packet cost");
+    }
     Ok(r.duration.as_nanos() as f64)
 }
 
@@ -172,6 +175,19 @@ fn main() -> Result<()> {
                     },
                 );
             }
+            // BPF_PROG_TEST_RUN reruns the program on the same buffer, so a rewritten packet
+            // would be seen rewritten by the next iteration. The measured service's backends are
+            // therefore its own frontend: the program does the same lookups, checksum updates and
+            // stores, and every iteration sees the original packet.
+            let measured = L4Addr {
+                addr: vip(n / 2).0,
+                port: vip(n / 2).1,
+                proto: IPPROTO_TCP,
+            };
+            t.backends.insert(measured, BACKEND_F_ACTIVE);
+            if let Some(f) = t.frontends.get_mut(&measured) {
+                f.slots = vec![measured; a.backends as usize];
+            }
             let started = Instant::now();
             writer.apply(&t)?;
             eprintln!(
@@ -196,39 +212,47 @@ fn main() -> Result<()> {
             let est = tcp(CLIENT, 40000, target.0.octets(), target.1, false);
             // Opening the flow once creates both conntrack entries for `est` and `reply`.
             run_tc(&mut ebpf, &syn, 1, TC_ACT_OK)?;
-            let ct = loader::conntrack_map(&mut ebpf)?;
-            let fwd = ct.get(
-                &CtKey4 {
-                    saddr: CLIENT,
-                    daddr: target.0.octets(),
-                    sport: 40000u16.to_be_bytes(),
-                    dport: target.1.to_be_bytes(),
-                    proto: IPPROTO_TCP,
-                    _pad: [0; 3],
-                },
-                0,
-            )?;
-            let (chosen, _) = writer.programmed().backends[&fwd.backend_id];
-            let reply = tcp(chosen.addr.octets(), chosen.port, CLIENT, 40000, false);
+            // The flow's backend is the frontend itself (see above), so its reply comes from there.
+            let reply = tcp(target.0.octets(), target.1, CLIENT, 40000, false);
             let (pod, pod_port) = backend(0, 0, a.backends);
             let pass = tcp(CLIENT, 40001, pod.octets(), pod_port, false);
-            let cases: [(&'static str, &[u8]); 4] = [
-                ("passthrough", &pass),
-                ("new_flow_syn", &syn),
-                ("established", &est),
-                ("reply_revnat", &reply),
+            let cases: [(&'static str, &[u8], Option<Stat>); 4] = [
+                ("passthrough", &pass, None),
+                ("new_flow_syn", &syn, Some(Stat::NewFlows)),
+                ("established", &est, Some(Stat::CtForward)),
+                ("reply_revnat", &reply, Some(Stat::CtReply)),
             ];
+            // Each case must take the path it is named after on every iteration.
+            for (case, pkt, stat) in &cases {
+                let before = loader::read_stats(&ebpf)?;
+                run_tc(&mut ebpf, pkt, 1000, TC_ACT_OK)?;
+                let after = loader::read_stats(&ebpf)?;
+                for ((s, b), (_, a)) in before.iter().zip(&after) {
+                    let want = if Some(*s) == *stat || *s == Stat::Packets {
+                        1000
+                    } else {
+                        0
+                    };
+                    if a - b != want {
+                        bail!(
+                            "{case}: counter {} moved by {} (expected {want})",
+                            s.name(),
+                            a - b
+                        );
+                    }
+                }
+            }
             let mut floor = Vec::new();
             let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
             // Interleave floor and cases so machine noise hits all of them alike.
             for _ in 0..a.reps {
                 floor.push(run_floor(&mut ebpf, &pass, a.repeat)?);
-                for (i, (_, pkt)) in cases.iter().enumerate() {
+                for (i, (_, pkt, _)) in cases.iter().enumerate() {
                     samples[i].push(run_tc(&mut ebpf, pkt, a.repeat, TC_ACT_OK)?);
                 }
             }
             let floor_ns = median(&mut floor.clone());
-            for (i, (case, _)) in cases.iter().enumerate() {
+            for (i, (case, _, _)) in cases.iter().enumerate() {
                 let ns = median(&mut samples[i].clone());
                 rows.push(Row {
                     services: n,
