@@ -35,6 +35,8 @@ pub mod prog_names {
     pub const POD_INGRESS: &str = "vipx_pod_ingress";
     /// A trivial XDP program (one array lookup, XDP_PASS): the per-packet cost floor.
     pub const FLOOR: &str = "vipx_floor";
+    /// The same trivial program at the TC hook (bench only).
+    pub const FLOOR_TC: &str = "vipx_floor_tc";
 }
 
 /// Default map sizes; userspace overrides them from config before load.

@@ -97,6 +97,22 @@ pub const fn pick_slot(hash: u32, count: u16) -> u16 {
     (((hash as u64) * (count as u64)) >> 32) as u16 + 1
 }
 
+/// Incremental update of an Internet checksum (RFC 1624, eqn. 3) for a 4-byte field that
+/// changes from `old` to `new`. All values in network byte order, as in the packet. Used for the
+/// IPv4 header checksum, which is always complete (no CHECKSUM_PARTIAL), so the program can
+/// write it directly instead of calling a helper.
+#[inline(always)]
+pub const fn csum_replace4(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
+    let mut sum = (!u16::from_be_bytes(check)) as u32;
+    sum += (!u16::from_be_bytes([old[0], old[1]])) as u32;
+    sum += (!u16::from_be_bytes([old[2], old[3]])) as u32;
+    sum += u16::from_be_bytes([new[0], new[1]]) as u32;
+    sum += u16::from_be_bytes([new[2], new[3]]) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
 /// Ones' complement sum over 16-bit big-endian words, folded (RFC 1071). Used by host tests to
 /// check checksums independently of the kernel helpers.
 pub fn csum_fold(data: &[u8], initial: u32) -> u16 {
@@ -173,6 +189,26 @@ mod tests {
                 let dev = (h as f64 - expected as f64).abs() / expected as f64;
                 assert!(dev < 0.03, "count={count} hits={hits:?}");
             }
+        }
+    }
+
+    #[test]
+    fn incremental_ipv4_csum_matches_full_recompute() {
+        let mut hdr = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        for new in [
+            [198, 18, 64, 11],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [198, 19, 0, 10],
+        ] {
+            let old = [hdr[16], hdr[17], hdr[18], hdr[19]];
+            let check = csum_replace4([hdr[10], hdr[11]], old, new);
+            hdr[16..20].copy_from_slice(&new);
+            hdr[10..12].copy_from_slice(&check);
+            assert_eq!(csum_fold(&hdr, 0), 0, "after rewriting to {new:?}");
         }
     }
 

@@ -82,10 +82,11 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8>
 }
 
 fn run_tc(ebpf: &mut Ebpf, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
-    let p: &mut SchedClassifier = ebpf
-        .program_mut(prog_names::POD_INGRESS)
-        .context("pod program")?
-        .try_into()?;
+    run_classifier(ebpf, prog_names::POD_INGRESS, pkt, repeat, want)
+}
+
+fn run_classifier(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
+    let p: &mut SchedClassifier = ebpf.program_mut(prog).context("pod program")?.try_into()?;
     let mut out = vec![0u8; pkt.len() + 64];
     let r = p.test_run(TestRunOptions {
         data_in: Some(pkt),
@@ -205,6 +206,11 @@ fn main() -> Result<()> {
                 .context("floor program")?
                 .try_into()?;
             x.load().map_err(|e: ProgramError| anyhow::anyhow!(e))?;
+            let f: &mut SchedClassifier = ebpf
+                .program_mut(prog_names::FLOOR_TC)
+                .context("TC floor program")?
+                .try_into()?;
+            f.load()?;
 
             // The measured service sits in the middle of the table.
             let target = vip(n / 2);
@@ -243,10 +249,18 @@ fn main() -> Result<()> {
                 }
             }
             let mut floor = Vec::new();
+            let mut floor_tc = Vec::new();
             let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
             // Interleave floor and cases so machine noise hits all of them alike.
             for _ in 0..a.reps {
                 floor.push(run_floor(&mut ebpf, &pass, a.repeat)?);
+                floor_tc.push(run_classifier(
+                    &mut ebpf,
+                    prog_names::FLOOR_TC,
+                    &pass,
+                    a.repeat,
+                    TC_ACT_OK,
+                )?);
                 for (i, (_, pkt, _)) in cases.iter().enumerate() {
                     samples[i].push(run_tc(&mut ebpf, pkt, a.repeat, TC_ACT_OK)?);
                 }
@@ -264,6 +278,16 @@ fn main() -> Result<()> {
                     samples_ns: samples[i].clone(),
                 });
             }
+            let tc_ns = median(&mut floor_tc.clone());
+            rows.push(Row {
+                services: n,
+                backends_per_service: a.backends,
+                case: "floor_tc",
+                ns_per_packet: tc_ns,
+                floor_ns,
+                ratio_to_floor: tc_ns / floor_ns,
+                samples_ns: floor_tc,
+            });
             rows.push(Row {
                 services: n,
                 backends_per_service: a.backends,
