@@ -22,7 +22,9 @@
 //! ```
 
 pub mod client;
+pub mod kube_rules;
 pub mod lab;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod pod_server;

@@ -1,0 +1,1 @@
+//! kube-proxy iptables / nftables rule sets for side-by-side baselines.

@@ -1,0 +1,1 @@
+//! Load generation for the end-to-end bench.
