@@ -5,4 +5,5 @@ pub mod loader;
 pub mod maps;
 pub mod run;
 pub mod source;
+pub mod sync;
 pub mod translate;

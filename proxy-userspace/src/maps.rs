@@ -330,10 +330,36 @@ impl MapWriter {
     /// Make the maps say exactly `target`. On error (e.g. a full map) the maps stay consistent:
     /// every frontend points only at written slots and live backends; the caller retries later.
     pub fn apply(&mut self, target: &Target) -> Result<ApplyStats> {
+        let frontends: BTreeSet<L4Addr> = target
+            .frontends
+            .keys()
+            .chain(self.cur.frontends.keys())
+            .copied()
+            .collect();
+        let backends: BTreeSet<L4Addr> = target
+            .backends
+            .keys()
+            .chain(self.backend_ids.keys())
+            .copied()
+            .collect();
+        self.apply_keys(target, &frontends, &backends)
+    }
+
+    /// Like `apply`, but only for the given frontends and backends (the ones whose desired state
+    /// may have changed): work proportional to the change, not to the number of services.
+    pub fn apply_keys(
+        &mut self,
+        target: &Target,
+        frontends: &BTreeSet<L4Addr>,
+        backends: &BTreeSet<L4Addr>,
+    ) -> Result<ApplyStats> {
         let mut st = ApplyStats::default();
 
         // 1. Backends that are new or whose flags changed.
-        for (addr, &flags) in &target.backends {
+        for (addr, &flags) in backends
+            .iter()
+            .filter_map(|a| target.backends.get(a).map(|f| (a, f)))
+        {
             let id = match self.backend_ids.get(addr) {
                 Some(&id) => id,
                 None => {
@@ -364,7 +390,10 @@ impl MapWriter {
         }
 
         // 2. Frontends: reverse-NAT, slots, then slot 0.
-        for (fe, t) in &target.frontends {
+        for (fe, t) in frontends
+            .iter()
+            .filter_map(|k| target.frontends.get(k).map(|t| (k, t)))
+        {
             let rev_nat_id = match self.revnat_ids.get(fe) {
                 Some(&id) => id,
                 None => {
@@ -421,11 +450,9 @@ impl MapWriter {
         }
 
         // 3. Frontends that are gone: slot 0 first, then the slots, then reverse-NAT.
-        let gone: Vec<L4Addr> = self
-            .cur
-            .frontends
-            .keys()
-            .filter(|k| !target.frontends.contains_key(k))
+        let gone: Vec<L4Addr> = frontends
+            .iter()
+            .filter(|k| !target.frontends.contains_key(k) && self.cur.frontends.contains_key(k))
             .copied()
             .collect();
         for fe in gone {
@@ -454,12 +481,10 @@ impl MapWriter {
         }
 
         // 4. Backends no longer referenced by any endpoint.
-        let referenced: BTreeSet<&L4Addr> = target.backends.keys().collect();
-        let stale: Vec<(L4Addr, u32)> = self
-            .backend_ids
+        let stale: Vec<(L4Addr, u32)> = backends
             .iter()
-            .filter(|(a, _)| !referenced.contains(a))
-            .map(|(a, id)| (*a, *id))
+            .filter(|a| !target.backends.contains_key(a))
+            .filter_map(|a| self.backend_ids.get(a).map(|id| (*a, *id)))
             .collect();
         for (addr, id) in stale {
             self.maps

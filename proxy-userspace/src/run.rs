@@ -22,7 +22,7 @@ use crate::{
     loader::{self, Attachments, MapSizes},
     maps::{self, MapWriter},
     source,
-    translate::{self, ClusterInput},
+    sync::ChangeTracker,
 };
 
 pub struct RunOptions {
@@ -75,7 +75,10 @@ struct Controller {
     opts: RunOptions,
     ebpf: Ebpf,
     writer: MapWriter,
+    tracker: ChangeTracker,
     attachments: Attachments,
+    /// Reconcile every key next time: at start, on the periodic resync, after a failed apply.
+    full: bool,
     /// Problems already reported, so a bad file is logged once per change rather than every
     /// resync.
     last_problems: Vec<String>,
@@ -85,19 +88,12 @@ impl Controller {
     fn sync(&mut self) -> Result<()> {
         let started = Instant::now();
         let objs = source::load_dir(&self.opts.manifests);
-        let input = ClusterInput {
-            services: &objs.services,
-            slices: &objs.slices,
-            nodes: &objs.nodes,
-        };
-        let tr = translate::translate(&input, &self.opts.node_name);
-        let (target, target_problems) = maps::target(&tr.state);
-        let problems: Vec<String> = objs
-            .problems
-            .iter()
-            .map(ToString::to_string)
-            .chain(tr.problems)
-            .chain(target_problems)
+        let file_problems: Vec<String> = objs.problems.iter().map(ToString::to_string).collect();
+        self.tracker.replace_all(objs);
+        let changes = self.tracker.flush();
+        let problems: Vec<String> = file_problems
+            .into_iter()
+            .chain(self.tracker.problems())
             .collect();
         if problems != self.last_problems {
             for p in &problems {
@@ -105,11 +101,26 @@ impl Controller {
             }
             self.last_problems = problems;
         }
-        let st = self.writer.apply(&target)?;
+        let target = self.tracker.target();
+        let full = std::mem::take(&mut self.full);
+        let st = if full {
+            self.writer.apply(target)
+        } else {
+            self.writer
+                .apply_keys(target, &changes.frontends, &changes.backends)
+        };
+        let st = match st {
+            Ok(st) => st,
+            Err(e) => {
+                self.full = true;
+                return Err(e);
+            }
+        };
+        if changes.names_changed || full {
+            self.write_state(target)?;
+        }
         if !st.is_noop() {
-            self.write_state(&target)?;
             tracing::info!(
-                services = tr.state.services.len(),
                 frontends = target.frontends.len(),
                 backends = target.backends.len(),
                 added = st.frontends_added,
@@ -177,11 +188,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     );
     let manifests = opts.manifests.clone();
     let resync = opts.resync;
+    let tracker = ChangeTracker::new(&opts.node_name);
     let mut c = Controller {
         opts,
         ebpf,
         writer,
+        tracker,
         attachments,
+        full: true,
         last_problems: Vec::new(),
     };
 
@@ -219,7 +233,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 while rx.try_recv().is_ok() {}
                 dirty = true;
             }
-            _ = resync_tick.tick() => dirty = true,
+            _ = resync_tick.tick() => {
+                // Repairs anything that drifted (a map edited by hand, a failed write).
+                c.full = true;
+                dirty = true;
+            }
             _ = iface_tick.tick() => c.scan_interfaces(),
         }
     }

@@ -1,6 +1,9 @@
-//! Per-packet cost of the real pod program through BPF_PROG_TEST_RUN, beside a trivial XDP
-//! program (one array lookup, XDP_PASS) measured in the same run: the floor. Run by
-//! `cargo xtask bench`; each figure is the median of `--reps` runs of `--repeat` packets.
+//! vipx's side of `cargo xtask bench`:
+//! - `packet`: per-packet cost of the real pod program through BPF_PROG_TEST_RUN, beside a
+//!   trivial XDP program (one array lookup, XDP_PASS) measured in the same run: the floor. Each
+//!   figure is the median of `--reps` runs of `--repeat` packets.
+//! - `control-plane`: from a desired state of N services x E endpoints to maps fully written, and
+//!   one endpoint change at that scale, through the real translate -> target -> apply path.
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
@@ -11,15 +14,37 @@ use aya::{
 };
 use clap::Parser;
 use etherparse::PacketBuilder;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{BACKEND_F_ACTIVE, IPPROTO_TCP, SVC_F_CLUSTER_IP, Stat, prog_names};
 use serde::Serialize;
 use vipx::{
     desired::{Protocol, ServicePortName},
     loader::{self, MapSizes},
     maps::{L4Addr, MapWriter, Target, TargetFrontend},
+    source::ClusterObjects,
+    sync::ChangeTracker,
 };
 
 #[derive(Parser)]
+enum Cmd {
+    Packet(Args),
+    ControlPlane(CpArgs),
+}
+
+#[derive(clap::Args)]
+struct CpArgs {
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Runs (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct Args {
     /// Service counts to measure (each with `--backends` backends).
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
@@ -127,7 +152,13 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let a = Args::parse();
+    match Cmd::parse() {
+        Cmd::Packet(a) => packet(a),
+        Cmd::ControlPlane(a) => control_plane(a),
+    }
+}
+
+fn packet(a: Args) -> Result<()> {
     let mut rows = Vec::new();
     for &n in &a.services {
         let pin_dir =
@@ -312,6 +343,158 @@ fn main() -> Result<()> {
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_vec_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+/// Service i and its EndpointSlice, as a cluster would hold them. Endpoint addresses stay inside
+/// 198.18.0.0/16; the target port changes every 5,000 services so every endpoint is distinct.
+fn objects(i: usize, endpoints: usize, shift: usize) -> Result<(Service, EndpointSlice)> {
+    let (vip, port) = vip(i as u32);
+    let target_port = 8000 + i / 5000;
+    let endpoint = |b: usize| {
+        Ipv4Addr::from(
+            u32::from(Ipv4Addr::new(198, 18, 0, 1)) + ((i % 5000) * (endpoints + 1) + b) as u32,
+        )
+    };
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i:06}"), "namespace": "bench"},
+        "spec": {"type": "ClusterIP", "clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()],
+                 "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": target_port}]}
+    }))?;
+    let eps: Vec<serde_json::Value> = (0..endpoints)
+        .map(|b| {
+            // A shift replaces endpoint 0 with the spare address (index `endpoints`).
+            let addr = endpoint(if b == 0 && shift > 0 { endpoints } else { b });
+            serde_json::json!({"addresses": [addr.to_string()], "conditions": {"ready": true}, "nodeName": "bench-node"})
+        })
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i:06}-abcde"), "namespace": "bench",
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i:06}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": target_port, "protocol": "TCP"}],
+        "endpoints": eps
+    }))?;
+    Ok((svc, slice))
+}
+
+#[derive(Serialize)]
+struct CpResult {
+    services: usize,
+    endpoints_per_service: usize,
+    /// translate + target + apply from empty maps (median ms).
+    full_sync_ms: f64,
+    full_translate_ms: f64,
+    full_apply_ms: f64,
+    map_writes: usize,
+    /// One endpoint of one service replaced: translate + target + apply (median ms).
+    endpoint_change_ms: f64,
+    endpoint_change_apply_ms: f64,
+    endpoint_change_map_writes: usize,
+    /// Resident memory of this process holding the objects, the desired state and the writer.
+    rss_mib: f64,
+    samples_full_ms: Vec<f64>,
+    samples_change_ms: Vec<f64>,
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn control_plane(a: CpArgs) -> Result<()> {
+    let mut services = Vec::with_capacity(a.services);
+    let mut slices = Vec::with_capacity(a.services);
+    for i in 0..a.services {
+        let (s, e) = objects(i, a.endpoints, 0)?;
+        services.push(s);
+        slices.push(e);
+    }
+    let sizes = MapSizes {
+        services: (a.services * (a.endpoints + 1) + 1024) as u32,
+        backends: (a.services * (a.endpoints + 1) + 1024) as u32,
+        revnat: (a.services + 1024) as u32,
+        conntrack: 65_536,
+    };
+    let mut full = Vec::new();
+    let mut full_tr = Vec::new();
+    let mut full_apply = Vec::new();
+    let mut change = Vec::new();
+    let mut change_apply = Vec::new();
+    let (mut writes, mut change_writes, mut rss) = (0, 0, 0.0);
+    for rep in 0..a.reps {
+        let pin_dir =
+            PathBuf::from(loader::BPFFS).join(format!("vipx-bench-cp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let r = (|| -> Result<()> {
+            let mut ebpf = loader::load(&pin_dir, sizes)?;
+            let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
+            // Full: every object is new, as at start-up or after a relist.
+            let objs = ClusterObjects {
+                services: services.clone(),
+                slices: slices.clone(),
+                ..ClusterObjects::default()
+            };
+            let t0 = Instant::now();
+            let mut tracker = ChangeTracker::new("bench-node");
+            tracker.replace_all(objs);
+            let ch = tracker.flush();
+            if !tracker.problems().is_empty() {
+                bail!("unexpected problems: {:?}", tracker.problems().first());
+            }
+            let t1 = Instant::now();
+            let st = writer.apply_keys(tracker.target(), &ch.frontends, &ch.backends)?;
+            let t2 = Instant::now();
+            full.push((t2 - t0).as_secs_f64() * 1e3);
+            full_tr.push((t1 - t0).as_secs_f64() * 1e3);
+            full_apply.push((t2 - t1).as_secs_f64() * 1e3);
+            writes = st.map_writes;
+
+            // One endpoint of the middle service replaced (a watch event for its slice).
+            let mid = a.services / 2;
+            let slice = objects(mid, a.endpoints, 1)?.1;
+            let t0 = Instant::now();
+            tracker.upsert_slice(slice);
+            let ch = tracker.flush();
+            let t1 = Instant::now();
+            let st = writer.apply_keys(tracker.target(), &ch.frontends, &ch.backends)?;
+            let t2 = Instant::now();
+            change.push((t2 - t0).as_secs_f64() * 1e3);
+            change_apply.push((t2 - t1).as_secs_f64() * 1e3);
+            change_writes = st.map_writes;
+            rss = rss_mib();
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        r?;
+        eprintln!("vipx-bench: control plane rep {} of {}", rep + 1, a.reps);
+    }
+    let res = CpResult {
+        services: a.services,
+        endpoints_per_service: a.endpoints,
+        full_sync_ms: median(&mut full.clone()),
+        full_translate_ms: median(&mut full_tr),
+        full_apply_ms: median(&mut full_apply),
+        map_writes: writes,
+        endpoint_change_ms: median(&mut change.clone()),
+        endpoint_change_apply_ms: median(&mut change_apply),
+        endpoint_change_map_writes: change_writes,
+        rss_mib: rss,
+        samples_full_ms: full,
+        samples_change_ms: change,
+    };
+    println!("{}", serde_json::to_string_pretty(&res)?);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&res)?)?;
     }
     Ok(())
 }

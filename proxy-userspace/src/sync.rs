@@ -1,0 +1,417 @@
+//! Change tracking, as kube-proxy does it: the desired state is kept per Service, so a change to
+//! one Service or one of its EndpointSlices costs work proportional to that Service, not to the
+//! cluster. `flush` re-translates only dirty Services (with the same pure `translate`, fed just
+//! that Service and its slices), merges their map-level fragments into one `Target`, and returns
+//! the frontends and backends whose desired state may have changed, for `MapWriter::apply_keys`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING};
+
+use crate::{
+    maps::{self, L4Addr, Target, TargetFrontend},
+    source::ClusterObjects,
+    translate::{self, ClusterInput, LABEL_SERVICE_NAME, LABEL_ZONE},
+};
+
+/// (namespace, name) of an object.
+pub type ObjKey = (String, String);
+
+/// Keys whose desired state may have changed since the last flush.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub frontends: BTreeSet<L4Addr>,
+    pub backends: BTreeSet<L4Addr>,
+    /// A frontend appeared, disappeared or changed owner (names shown by `vipx services`).
+    pub names_changed: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.backends.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Fragment {
+    frontends: BTreeMap<L4Addr, TargetFrontend>,
+    backends: BTreeMap<L4Addr, u8>,
+    problems: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct ChangeTracker {
+    node_name: String,
+    zone: Option<String>,
+    nodes: Vec<Node>,
+    services: HashMap<ObjKey, Service>,
+    slices: HashMap<ObjKey, EndpointSlice>,
+    /// Service (namespace, `kubernetes.io/service-name`) -> its slices' names.
+    slices_of: HashMap<ObjKey, BTreeSet<String>>,
+    dirty: BTreeSet<ObjKey>,
+    fragments: HashMap<ObjKey, Fragment>,
+    target: Target,
+    frontend_owner: HashMap<L4Addr, ObjKey>,
+    /// Services that want a frontend another Service owns; retried when it is released.
+    frontend_waiters: HashMap<L4Addr, BTreeSet<ObjKey>>,
+    backend_users: HashMap<L4Addr, HashMap<ObjKey, u8>>,
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn owner_of(slice: &EndpointSlice) -> Option<ObjKey> {
+    let svc = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some((key_of(&slice.metadata).0, svc.clone()))
+}
+
+impl ChangeTracker {
+    pub fn new(node_name: &str) -> Self {
+        Self {
+            node_name: node_name.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Problems of the current desired state (skipped Services, ports, endpoints).
+    pub fn problems(&self) -> Vec<String> {
+        let mut keys: Vec<&ObjKey> = self.fragments.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .flat_map(|k| self.fragments[k].problems.iter().cloned())
+            .collect()
+    }
+
+    /// Replace every object (a relist, or a re-read manifests directory); only Services whose
+    /// own object or slices differ become dirty.
+    pub fn replace_all(&mut self, objs: ClusterObjects) {
+        let zone = objs
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        if zone != self.zone {
+            // Topology hints depend on this node's zone: everything may change.
+            self.zone = zone;
+            self.dirty.extend(self.services.keys().cloned());
+            self.dirty.extend(self.slices_of.keys().cloned());
+        }
+        self.nodes = objs.nodes;
+
+        let mut services: HashMap<ObjKey, Service> = HashMap::with_capacity(objs.services.len());
+        for s in objs.services {
+            // The first of duplicates wins, as in `translate`.
+            services.entry(key_of(&s.metadata)).or_insert(s);
+        }
+        for (k, s) in &services {
+            if self.services.get(k) != Some(s) {
+                self.dirty.insert(k.clone());
+            }
+        }
+        for k in self.services.keys() {
+            if !services.contains_key(k) {
+                self.dirty.insert(k.clone());
+            }
+        }
+        self.services = services;
+
+        let mut slices: HashMap<ObjKey, EndpointSlice> = HashMap::with_capacity(objs.slices.len());
+        for s in objs.slices {
+            slices.entry(key_of(&s.metadata)).or_insert(s);
+        }
+        for (k, s) in &slices {
+            if self.slices.get(k) != Some(s) {
+                self.dirty.extend(owner_of(s));
+                self.dirty.extend(self.slices.get(k).and_then(owner_of));
+            }
+        }
+        for (k, s) in &self.slices {
+            if !slices.contains_key(k) {
+                self.dirty.extend(owner_of(s));
+            }
+        }
+        self.slices_of.clear();
+        for (k, s) in &slices {
+            if let Some(o) = owner_of(s) {
+                self.slices_of.entry(o).or_default().insert(k.1.clone());
+            }
+        }
+        self.slices = slices;
+    }
+
+    /// One EndpointSlice added or changed (a watch event).
+    pub fn upsert_slice(&mut self, slice: EndpointSlice) {
+        let k = key_of(&slice.metadata);
+        if let Some(old) = self.slices.get(&k) {
+            if old == &slice {
+                return;
+            }
+            if let Some(o) = owner_of(old) {
+                self.dirty.insert(o.clone());
+                if let Some(set) = self.slices_of.get_mut(&o) {
+                    set.remove(&k.1);
+                }
+            }
+        }
+        if let Some(o) = owner_of(&slice) {
+            self.slices_of
+                .entry(o.clone())
+                .or_default()
+                .insert(k.1.clone());
+            self.dirty.insert(o);
+        }
+        self.slices.insert(k, slice);
+    }
+
+    /// Translate the dirty Services and merge them. Returns what changed.
+    pub fn flush(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        while let Some(key) = self.dirty.pop_first() {
+            let fragment = self.translate_one(&key);
+            self.merge(key, fragment, &mut changes);
+        }
+        changes
+    }
+
+    fn translate_one(&self, key: &ObjKey) -> Fragment {
+        let Some(svc) = self.services.get(key) else {
+            return Fragment::default();
+        };
+        let slices: Vec<EndpointSlice> = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())).cloned())
+            .collect();
+        let input = ClusterInput {
+            services: std::slice::from_ref(svc),
+            slices: &slices,
+            nodes: &self.nodes,
+        };
+        let tr = translate::translate(&input, &self.node_name);
+        let (t, target_problems) = maps::target(&tr.state);
+        Fragment {
+            frontends: t.frontends,
+            backends: t.backends,
+            problems: tr.problems.into_iter().chain(target_problems).collect(),
+        }
+    }
+
+    fn merge(&mut self, key: ObjKey, mut new: Fragment, changes: &mut Changes) {
+        let old = self.fragments.remove(&key).unwrap_or_default();
+        for fe in old.frontends.keys() {
+            if let Some(w) = self.frontend_waiters.get_mut(fe) {
+                w.remove(&key);
+            }
+            if self.frontend_owner.get(fe) == Some(&key) && !new.frontends.contains_key(fe) {
+                self.frontend_owner.remove(fe);
+                self.target.frontends.remove(fe);
+                changes.frontends.insert(*fe);
+                changes.names_changed = true;
+                // A Service refused this frontend earlier may take it now.
+                if let Some(w) = self.frontend_waiters.remove(fe) {
+                    self.dirty.extend(w);
+                }
+            }
+        }
+        for (fe, tf) in &new.frontends {
+            match self.frontend_owner.get(fe) {
+                Some(owner) if *owner != key => {
+                    new.problems.push(format!(
+                        "{}/{}: frontend {fe} already used by {}/{}; skipped",
+                        key.0, key.1, owner.0, owner.1
+                    ));
+                    self.frontend_waiters
+                        .entry(*fe)
+                        .or_default()
+                        .insert(key.clone());
+                }
+                owner => {
+                    if owner.is_none() {
+                        self.frontend_owner.insert(*fe, key.clone());
+                        changes.names_changed = true;
+                    }
+                    if self.target.frontends.get(fe) != Some(tf) {
+                        self.target.frontends.insert(*fe, tf.clone());
+                        changes.frontends.insert(*fe);
+                    }
+                }
+            }
+        }
+        for be in old.backends.keys() {
+            if !new.backends.contains_key(be) {
+                if let Some(users) = self.backend_users.get_mut(be) {
+                    users.remove(&key);
+                }
+                self.refresh_backend(be, changes);
+            }
+        }
+        for (be, flags) in &new.backends {
+            let users = self.backend_users.entry(*be).or_default();
+            if users.insert(key.clone(), *flags) != Some(*flags) {
+                self.refresh_backend(be, changes);
+            }
+        }
+        if !(new.frontends.is_empty() && new.backends.is_empty() && new.problems.is_empty()) {
+            self.fragments.insert(key, new);
+        }
+    }
+
+    /// A backend is terminating only if every Service using it says so.
+    fn refresh_backend(&mut self, be: &L4Addr, changes: &mut Changes) {
+        let want = match self.backend_users.get(be) {
+            Some(users) if !users.is_empty() => {
+                let terminating = users.values().all(|f| f & BACKEND_F_TERMINATING != 0);
+                Some(
+                    BACKEND_F_ACTIVE
+                        | if terminating {
+                            BACKEND_F_TERMINATING
+                        } else {
+                            0
+                        },
+                )
+            }
+            _ => None,
+        };
+        if want.is_none() {
+            self.backend_users.remove(be);
+        }
+        if self.target.backends.get(be).copied() != want {
+            match want {
+                Some(f) => self.target.backends.insert(*be, f),
+                None => self.target.backends.remove(be),
+            };
+            changes.backends.insert(*be);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::load_str;
+
+    const SVC: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+";
+
+    fn slice(name: &str, ips: &[&str]) -> String {
+        let eps: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("  - addresses: [{ip}]\n    conditions: {{ready: true}}\n"))
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+             namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+             ports: [{{name: http, port: 8080}}]\nendpoints:\n{}",
+            eps.concat()
+        )
+    }
+
+    fn objs(docs: &[String]) -> ClusterObjects {
+        let o = load_str("t.yaml", &docs.join("\n---\n"));
+        assert!(o.problems.is_empty(), "{:?}", o.problems);
+        o
+    }
+
+    /// The incremental target always equals the one a full translation gives.
+    fn assert_matches_full(t: &ChangeTracker, o: &ClusterObjects) {
+        let full = translate::translate(&ClusterInput::from(o), "node-a");
+        let (target, _) = maps::target(&full.state);
+        assert_eq!(t.target(), &target);
+    }
+
+    #[test]
+    fn only_changed_services_are_touched() {
+        let other = SVC
+            .replace("web", "other")
+            .replace("10.96.0.10", "10.96.0.11");
+        let v1 = objs(&[
+            SVC.into(),
+            other.clone(),
+            slice("web-a", &["10.0.0.1", "10.0.0.2"]),
+        ]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1.clone());
+        let c = t.flush();
+        assert_eq!(c.frontends.len(), 2);
+        assert_eq!(c.backends.len(), 2);
+        assert_matches_full(&t, &v1);
+
+        // Same objects again: nothing to do.
+        t.replace_all(v1.clone());
+        assert!(t.flush().is_empty());
+
+        // One endpoint replaced: one frontend, two backends.
+        let v2 = objs(&[SVC.into(), other, slice("web-a", &["10.0.0.1", "10.0.0.3"])]);
+        t.replace_all(v2.clone());
+        let c = t.flush();
+        assert_eq!(c.frontends.len(), 1);
+        assert_eq!(c.backends.len(), 2);
+        assert!(!c.names_changed);
+        assert_matches_full(&t, &v2);
+    }
+
+    #[test]
+    fn a_second_slice_and_slice_events_merge() {
+        let v1 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1);
+        t.flush();
+        let extra = objs(&[slice("web-b", &["10.0.0.9"])]).slices.remove(0);
+        t.upsert_slice(extra);
+        let c = t.flush();
+        assert_eq!(c.backends.len(), 1);
+        let fe = t.target().frontends.values().next().unwrap();
+        assert_eq!(fe.slots.len(), 2);
+    }
+
+    #[test]
+    fn frontend_conflict_resolves_when_the_owner_leaves() {
+        let twin = SVC.replace("name: web", "name: zz-twin");
+        let v1 = objs(&[SVC.into(), twin.clone()]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1);
+        t.flush();
+        assert_eq!(t.problems().len(), 1, "{:?}", t.problems());
+        // The owner goes away; the twin takes the frontend over.
+        let v2 = objs(&[twin]);
+        t.replace_all(v2.clone());
+        let c = t.flush();
+        assert!(c.names_changed);
+        assert!(t.problems().is_empty());
+        assert_eq!(t.target().frontends.len(), 1);
+        assert_eq!(
+            t.target().frontends.values().next().unwrap().service.name,
+            "zz-twin"
+        );
+        assert_matches_full(&t, &v2);
+    }
+
+    #[test]
+    fn deleting_everything_empties_the_target() {
+        let v1 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1);
+        t.flush();
+        t.replace_all(ClusterObjects::default());
+        let c = t.flush();
+        assert_eq!((c.frontends.len(), c.backends.len()), (1, 1));
+        assert_eq!(t.target(), &Target::default());
+    }
+}
