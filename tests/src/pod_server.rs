@@ -4,23 +4,177 @@
 //! - TCP: a minimal HTTP/1.1 server with keep-alive. Every request, whatever its method or path, is
 //!   answered `200 OK` with the body `NAME\n` (the trailing newline keeps `curl` output tidy).
 //! - UDP: every datagram is answered with `NAME`, without a newline.
+//! - Sink (TCP, for bulk throughput): everything received is read and discarded; nothing is ever
+//!   sent back, and the connection is closed once the client has shut down its side.
+//!
+//! # How TCP connections are served
+//!
+//! A fixed pool of workers all block in `accept()` on the shared listener (the kernel wakes one of
+//! them per connection) and answer the connection's first request inline, without spawning
+//! anything: a short connection (connect, one request, close, the pattern load tests hammer) costs
+//! no thread creation. A connection that is still open after its first response, or that has not
+//! sent anything within [`FIRST_REQUEST_WAIT`], is handed to a thread of its own, so that any number
+//! of keep-alive or idle connections can be open at once without starving the pool. (A client that
+//! sends half a request head and stalls does hold a worker until it finishes or hangs up; lab
+//! clients and load tools write each request in one go.)
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Cursor, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// A request head larger than this is refused; lab clients send a few dozen bytes.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// Serves HTTP on `listener`, one thread per connection, until accepting fails.
-pub fn serve_tcp(name: &str, listener: &TcpListener) -> io::Result<()> {
+/// Accepting workers `lab-pod` starts by default.
+pub const DEFAULT_WORKERS: usize = 4;
+
+/// The port `lab-pod` opens its discard (sink) listener on by default: 5000 + 9, the discard
+/// protocol's port. (Not 5001: tests start extra servers there.)
+pub const SINK_PORT: u16 = 5009;
+
+/// How long a worker waits for a new connection's first bytes before handing the connection to a
+/// thread of its own. Clients that write their request right after connecting (every load tool)
+/// are served inline; a client that connects and waits costs a worker this much once.
+pub const FIRST_REQUEST_WAIT: Duration = Duration::from_millis(20);
+
+/// Size of the sink's read buffer.
+const SINK_BUFFER: usize = 256 * 1024;
+
+/// The two possible answers of one pod, built once.
+struct Responses {
+    keep_alive: Vec<u8>,
+    close: Vec<u8>,
+}
+
+impl Responses {
+    fn new(name: &str) -> Self {
+        let body = format!("{name}\n");
+        let response = |connection: &str| {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        };
+        Self {
+            keep_alive: response("keep-alive"),
+            close: response("close"),
+        }
+    }
+
+    /// Reads one request from `reader` and answers it on `writer`; returns whether the connection
+    /// stays open for another request.
+    fn answer(&self, reader: &mut impl BufRead, writer: &mut impl Write) -> io::Result<bool> {
+        let Some(request) = read_request(reader)? else {
+            return Ok(false);
+        };
+        let response = if request.close {
+            &self.close
+        } else {
+            &self.keep_alive
+        };
+        writer.write_all(response)?;
+        writer.flush()?;
+        Ok(!request.close)
+    }
+}
+
+/// Serves HTTP on `listener` with `workers` accepting threads (at least one), until accepting
+/// fails in every one of them; returns the first such failure.
+pub fn serve_tcp(name: &str, listener: &TcpListener, workers: usize) -> io::Result<()> {
+    let responses = Arc::new(Responses::new(name));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers.max(1))
+            .map(|_| {
+                let responses = &responses;
+                scope.spawn(move || accept_loop(name, listener, responses))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("TCP worker panicked"))
+            .fold(Ok(()), io::Result::and)
+    })
+}
+
+fn accept_loop(name: &str, listener: &TcpListener, responses: &Arc<Responses>) -> io::Result<()> {
     loop {
-        let (stream, peer) = listener.accept()?;
-        let name = name.to_owned();
-        std::thread::spawn(move || {
-            if let Err(e) = serve_connection(&name, &stream) {
-                eprintln!("lab-pod {name}: connection from {peer}: {e}");
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            // The client gave up (reset) while the connection waited in the accept queue.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = serve_accepted(name, stream, responses)
+            && !client_went_away(&e)
+        {
+            eprintln!("lab-pod {name}: connection from {peer}: {e}");
+        }
+    }
+}
+
+/// Serves a new connection's first request inline and hands what remains of the connection, if
+/// anything, to a thread of its own.
+fn serve_accepted(name: &str, stream: TcpStream, responses: &Arc<Responses>) -> io::Result<()> {
+    // Responses go out in one write each; without this, a pipelining client would wait for the
+    // delayed ACK of the previous response.
+    stream.set_nodelay(true)?;
+    let leftover = if readable_within(&stream, FIRST_REQUEST_WAIT)? {
+        let mut reader = BufReader::new(&stream);
+        if !responses.answer(&mut reader, &mut &stream)? {
+            return Ok(());
+        }
+        // Whatever the client already pipelined behind its first request.
+        reader.buffer().to_vec()
+    } else {
+        Vec::new()
+    };
+    let name = name.to_owned();
+    let responses = Arc::clone(responses);
+    std::thread::spawn(move || {
+        let peer = stream.peer_addr();
+        let reader = BufReader::new(Cursor::new(leftover).chain(&stream));
+        if let Err(e) = serve_with(&responses, reader, &stream)
+            && !client_went_away(&e)
+        {
+            match peer {
+                Ok(peer) => eprintln!("lab-pod {name}: connection from {peer}: {e}"),
+                Err(_) => eprintln!("lab-pod {name}: connection: {e}"),
             }
-        });
+        }
+    });
+    Ok(())
+}
+
+/// Whether `e` only says that the client hung up abruptly, as load generators do to the
+/// connections still open when their run ends: not worth a line on stderr.
+fn client_went_away(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Whether `stream` has something to read (data, or the peer's FIN) within `timeout`.
+fn readable_within(stream: &TcpStream, timeout: Duration) -> io::Result<bool> {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: `fd` is one valid pollfd, and the descriptor stays open for the whole call.
+        let n = unsafe { libc::poll(&mut fd, 1, millis) };
+        if n >= 0 {
+            return Ok(n > 0);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
     }
 }
 
@@ -33,32 +187,53 @@ pub fn serve_udp(name: &str, socket: &UdpSocket) -> io::Result<()> {
     }
 }
 
-fn serve_connection(name: &str, stream: &TcpStream) -> io::Result<()> {
-    // Responses go out in one write each; without this, a pipelining client would wait for the
-    // delayed ACK of the previous response.
-    stream.set_nodelay(true)?;
-    serve_http(name, BufReader::new(stream), stream)
+/// Reads and discards everything sent to `listener`, one thread per connection, until accepting
+/// fails. A connection is closed once the client has shut down its side, so a client that shuts
+/// down writing and then waits for EOF knows every byte it sent has been read.
+pub fn serve_sink(name: &str, listener: &TcpListener) -> io::Result<()> {
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e),
+        };
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            if let Err(e) = discard(&stream)
+                && !client_went_away(&e)
+            {
+                eprintln!("lab-pod {name}: sink connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// Reads `reader` to its end, throwing everything away; returns how many bytes that was.
+fn discard(mut reader: impl Read) -> io::Result<u64> {
+    let mut buf = vec![0u8; SINK_BUFFER];
+    let mut total = 0u64;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Answers requests read from `reader` on `writer` until the client closes or asks to close.
-pub(crate) fn serve_http(
-    name: &str,
+#[cfg(test)]
+fn serve_http(name: &str, reader: impl BufRead, writer: impl Write) -> io::Result<()> {
+    serve_with(&Responses::new(name), reader, writer)
+}
+
+fn serve_with(
+    responses: &Responses,
     mut reader: impl BufRead,
     mut writer: impl Write,
 ) -> io::Result<()> {
-    let body = format!("{name}\n");
-    while let Some(request) = read_request(&mut reader)? {
-        let connection = if request.close { "close" } else { "keep-alive" };
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
-            body.len()
-        );
-        writer.write_all(response.as_bytes())?;
-        writer.flush()?;
-        if request.close {
-            break;
-        }
-    }
+    while responses.answer(&mut reader, &mut writer)? {}
     Ok(())
 }
 
@@ -123,6 +298,7 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
 mod tests {
     use super::*;
     use crate::client::read_response;
+    use std::net::{Ipv4Addr, Shutdown};
 
     fn serve(input: &str) -> String {
         let mut out = Vec::new();
@@ -162,5 +338,85 @@ mod tests {
         let mut out = Vec::new();
         let err = serve_http("b", "GET / HTTP/1.1\r\nHost".as_bytes(), &mut out).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn discard_counts_everything_it_reads() {
+        let data = vec![7u8; 3 * SINK_BUFFER + 5];
+        assert_eq!(discard(data.as_slice()).unwrap(), data.len() as u64);
+    }
+
+    /// A loopback server with a pool smaller than the number of connections held open.
+    fn start_server(workers: usize) -> std::net::SocketAddr {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || serve_tcp("pod", &listener, workers));
+        addr
+    }
+
+    fn connect(addr: std::net::SocketAddr) -> (BufReader<TcpStream>, TcpStream) {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (BufReader::new(stream.try_clone().unwrap()), stream)
+    }
+
+    #[test]
+    fn more_keep_alive_and_idle_connections_than_workers_are_all_served() {
+        let addr = start_server(2);
+        // Idle ones first: they must not pin the two workers.
+        let mut idle: Vec<_> = (0..4).map(|_| connect(addr)).collect();
+        let mut busy: Vec<_> = (0..6).map(|_| connect(addr)).collect();
+        for _ in 0..3 {
+            for (reader, writer) in busy.iter_mut().chain(idle.iter_mut()) {
+                writer
+                    .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                assert_eq!(read_response(reader).unwrap(), "pod\n");
+            }
+        }
+        // Pipelined requests behind the first one survive the hand-off to a thread.
+        let (mut reader, mut writer) = connect(addr);
+        writer
+            .write_all(b"GET / HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        for _ in 0..3 {
+            assert_eq!(read_response(&mut reader).unwrap(), "pod\n");
+        }
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed after Connection: close");
+    }
+
+    #[test]
+    fn short_connections_are_answered_and_closed() {
+        let addr = start_server(1);
+        for _ in 0..50 {
+            let (mut reader, mut writer) = connect(addr);
+            writer
+                .write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            assert_eq!(read_response(&mut reader).unwrap(), "pod\n");
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_sink_closes_after_reading_everything() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || serve_sink("pod", &listener));
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&vec![1u8; 1 << 20]).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "the sink never sends anything");
     }
 }

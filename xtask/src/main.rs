@@ -18,6 +18,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use vipx_lab::{Lab, LabConfig, SERVICE_PORT, SERVICE_VIP};
 
+mod bench;
+mod chart;
+
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const DEMO_TAG: &str = "demo";
 /// Pods the demo creates up front; `scale` chooses how many of them are endpoints.
@@ -43,7 +46,8 @@ enum Cmd {
     },
     /// Scale the demo Service's endpoints (1..=3) by rewriting its EndpointSlice manifest.
     Scale { replicas: usize },
-    /// Per-packet cost of the real programs through BPF_PROG_TEST_RUN beside the XDP floor.
+    /// vipx beside kube-proxy's iptables and nftables rules and the hardware floor: per-packet
+    /// cost, end to end in the lab, control plane. Results, table and chart under results/.
     Bench {
         /// A short run (fewer service counts and packets).
         #[arg(long)]
@@ -72,7 +76,7 @@ fn main() -> Result<()> {
         Cmd::Scale { replicas } => scale(replicas),
         Cmd::Bench { quick } => {
             setup()?;
-            bench(quick)
+            bench::bench(quick)
         }
         Cmd::Test { cargo_args } => {
             setup()?;
@@ -81,18 +85,18 @@ fn main() -> Result<()> {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
 }
 
-fn step(msg: &str) {
+pub(crate) fn step(msg: &str) {
     eprintln!("\x1b[1mxtask:\x1b[0m {msg}");
 }
 
-fn status(cmd: &mut Command) -> Result<()> {
+pub(crate) fn status(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let st = cmd.status().with_context(|| format!("starting {shown}"))?;
     if !st.success() {
@@ -109,6 +113,9 @@ fn output(program: &str, args: &[&str]) -> Option<String> {
 }
 
 fn have(program: &str) -> bool {
+    if program.starts_with('/') {
+        return Path::new(program).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .stdout(Stdio::null())
@@ -191,7 +198,7 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     let tc = ebpf_toolchain();
@@ -214,7 +221,7 @@ fn build() -> Result<()> {
     ]))
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
@@ -409,46 +416,4 @@ fn test(cargo_args: &[String]) -> Result<()> {
             Ok(())
         }
     })
-}
-
-fn bench(quick: bool) -> Result<()> {
-    step("building vipx-bench (release)");
-    status(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "proxy-userspace",
-        "--bin",
-        "vipx-bench",
-    ]))?;
-    let results = root().join("results");
-    std::fs::create_dir_all(&results)?;
-    let json = results.join(if quick {
-        "packet-quick.json"
-    } else {
-        "packet.json"
-    });
-    let (services, repeat) = if quick {
-        ("1,1000,10000", "1000000")
-    } else {
-        ("1,1000,10000,100000", "1000000")
-    };
-    step(&format!(
-        "per-packet cost via BPF_PROG_TEST_RUN: {services} services x 10 backends, repeat {repeat}, median of 5"
-    ));
-    status(
-        Command::new(target_dir().join("release").join("vipx-bench"))
-            .args([
-                "--services",
-                services,
-                "--repeat",
-                repeat,
-                "--reps",
-                "5",
-                "--json",
-            ])
-            .arg(&json),
-    )?;
-    step(&format!("results written to {}", json.display()));
-    Ok(())
 }

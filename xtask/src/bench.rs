@@ -1,0 +1,760 @@
+//! `cargo xtask bench`: vipx side by side with kube-proxy's iptables and nftables rules and the
+//! hardware floor, every comparison a ratio taken in the same run, each figure a median.
+//!
+//! 1. Per-packet cost (BPF_PROG_TEST_RUN) — `vipx-bench packet`.
+//! 2. End to end in the namespace lab: one lab per contender (direct to a pod, vipx, iptables
+//!    rules, nftables rules) so that netfilter conntrack, which kube-proxy's rules switch on in
+//!    their node namespace, taxes only them. Contenders are interleaved (A B C D, A B C D, ...)
+//!    and the client's conntrack and TIME_WAIT sockets settle before every run.
+//! 3. Control plane — `vipx-bench control-plane`, the real vipx on a manifests directory (time to
+//!    first sync, resident memory), and iptables-restore / nft -f of the same rule sets.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+use vipx_lab::{
+    Lab, LabConfig,
+    kube_rules::{self, RuleService},
+    load::{self, Measurement},
+    pod_server::SINK_PORT,
+};
+
+use crate::{cargo, root, status, step, target_dir};
+
+/// The measured Service: the seed's VIP in front of the lab's 10 backend pods.
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const BACKENDS: u32 = 10;
+const CLUSTER_CIDR: &str = "198.18.64.0/18";
+
+struct Plan {
+    packet_services: &'static str,
+    e2e_services: &'static [usize],
+    reps: usize,
+    crr: Duration,
+    rr: Duration,
+    bulk: Duration,
+    control_plane_services: usize,
+}
+
+const FULL: Plan = Plan {
+    packet_services: "1,1000,10000,100000",
+    e2e_services: &[100, 1000, 10_000],
+    reps: 5,
+    crr: Duration::from_secs(5),
+    rr: Duration::from_secs(5),
+    bulk: Duration::from_secs(3),
+    control_plane_services: 10_000,
+};
+
+const QUICK: Plan = Plan {
+    packet_services: "1,1000,10000",
+    e2e_services: &[100, 1000],
+    reps: 2,
+    crr: Duration::from_millis(1500),
+    rr: Duration::from_millis(1500),
+    bulk: Duration::from_secs(1),
+    control_plane_services: 10_000,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Contender {
+    Direct,
+    Vipx,
+    Iptables,
+    Nftables,
+}
+
+impl Contender {
+    const ALL: [Contender; 4] = [
+        Contender::Direct,
+        Contender::Vipx,
+        Contender::Iptables,
+        Contender::Nftables,
+    ];
+
+    fn tag(self) -> &'static str {
+        match self {
+            Contender::Direct => "bdirect",
+            Contender::Vipx => "bvipx",
+            Contender::Iptables => "bipt",
+            Contender::Nftables => "bnft",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct E2eRow {
+    services: usize,
+    contender: Contender,
+    metric: &'static str,
+    unit: &'static str,
+    median: f64,
+    ratio_to_direct: f64,
+    samples: Vec<f64>,
+    errors: u64,
+}
+
+#[derive(Serialize, Default)]
+struct ControlPlane {
+    services: usize,
+    endpoints_per_service: usize,
+    vipx: Value,
+    vipx_manifests_first_sync_ms: f64,
+    vipx_rss_mib: f64,
+    iptables_restore_ms: f64,
+    nft_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    command: String,
+    packet: Value,
+    e2e: Vec<E2eRow>,
+    control_plane: ControlPlane,
+}
+
+fn progress(msg: &str) {
+    eprintln!("\x1b[36mbench:\x1b[0m {msg}");
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, {cpu}, kernel {}", kernel.trim())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() { 0.0 } else { s[s.len() / 2] }
+}
+
+/// `n` services; the middle one is the measured VIP in front of the lab's pods, the others
+/// point at addresses no one answers (they only fill the tables).
+fn services(n: usize, pods: &[(String, Ipv4Addr)]) -> Vec<RuleService> {
+    let measured = n / 2;
+    (0..n)
+        .map(|i| {
+            if i == measured {
+                return RuleService {
+                    namespace: "bench".into(),
+                    name: "measured".into(),
+                    port_name: "http".into(),
+                    vip: VIP,
+                    port: 80,
+                    endpoints: pods.iter().map(|(_, ip)| (*ip, 5000)).collect(),
+                };
+            }
+            // VIPs from 198.19.1.0 on (198.19.0.10 is the measured one), 10 endpoints each
+            // inside 198.18.128.0/17.
+            let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 1, 0)) + i as u32);
+            let endpoints = (0..BACKENDS)
+                .map(|b| {
+                    let k = (i as u32 * BACKENDS + b) % 32_000;
+                    (
+                        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + k),
+                        8080,
+                    )
+                })
+                .collect();
+            RuleService {
+                namespace: "bench".into(),
+                name: format!("svc-{i:05}"),
+                port_name: "http".into(),
+                vip,
+                port: 80,
+                endpoints,
+            }
+        })
+        .collect()
+}
+
+/// The same services as manifests for vipx: one Service and one EndpointSlice per Service,
+/// with every port the rule sets carry for it.
+fn write_manifests(dir: &Path, svcs: &[RuleService], node: &str) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let mut groups: Vec<(&str, &str, Vec<&RuleService>)> = Vec::new();
+    for s in svcs {
+        match groups
+            .iter_mut()
+            .find(|g| g.0 == s.namespace && g.1 == s.name)
+        {
+            Some(g) => g.2.push(s),
+            None => groups.push((&s.namespace, &s.name, vec![s])),
+        }
+    }
+    let mut out = String::new();
+    for (ns, name, ports) in groups {
+        let first = ports[0];
+        let target = |p: &RuleService| p.endpoints.first().map_or(5000, |e| e.1);
+        let svc_ports: String = ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "  - {{name: {}, port: {}, protocol: TCP, targetPort: {}}}\n",
+                    p.port_name,
+                    p.port,
+                    target(p)
+                )
+            })
+            .collect();
+        let slice_ports: String = ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "- {{name: {}, port: {}, protocol: TCP}}\n",
+                    p.port_name,
+                    target(p)
+                )
+            })
+            .collect();
+        let eps: String = first
+            .endpoints
+            .iter()
+            .map(|(ip, _)| {
+                format!(
+                    "- addresses: [\"{ip}\"]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  nodeName: {node}\n"
+                )
+            })
+            .collect();
+        write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ports:\n{svc_ports}\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-bench\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv4\nports:\n{slice_ports}endpoints:\n{eps}",
+            vip = first.vip,
+        )?;
+    }
+    std::fs::write(dir.join("services.yaml"), out)?;
+    Ok(())
+}
+
+struct Vipx {
+    child: Child,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Vipx {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// Start vipx in `node_ns` on `manifests`; returns once the first sync is logged, with the time
+/// from spawn to that moment.
+fn start_vipx(
+    node_ns: &str,
+    node: &str,
+    manifests: &Path,
+    interfaces: &str,
+) -> Result<(Vipx, Duration)> {
+    let bin = target_dir().join("release").join("vipx");
+    let pin_dir = Path::new("/sys/fs/bpf/vipx").join(node);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let state = target_dir().join("vipx-bench-state").join(node);
+    let started = Instant::now();
+    let mut child = vipx_lab::ns_command(
+        node_ns,
+        &bin,
+        [
+            "run",
+            "--manifests",
+            &manifests.display().to_string(),
+            "--node-name",
+            node,
+            "--pod-interfaces",
+            interfaces,
+            "--state-dir",
+            &state.display().to_string(),
+            "--max-service-entries",
+            "262144",
+            "--max-backends",
+            "262144",
+        ],
+    )
+    .env("RUST_LOG", "info")
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .context("starting vipx")?;
+    let stderr = child.stderr.take().context("vipx stderr")?;
+    let vipx = Vipx { child, pin_dir };
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            bail!("vipx exited before its first sync");
+        };
+        let line = line?;
+        if line.contains("maps synced") {
+            break;
+        }
+        if line.contains("ERROR") {
+            bail!("vipx: {line}");
+        }
+    }
+    let elapsed = started.elapsed();
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((vipx, elapsed))
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    // nsenter execs vipx in place, so the child's pid is vipx's.
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn wait_for_vip(client_ns: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vip = SocketAddr::from((VIP, 80));
+    while vipx_lab::http_get(client_ns, vip, Duration::from_millis(500)).is_err() {
+        if Instant::now() > deadline {
+            bail!("the VIP does not answer");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+struct Labs {
+    labs: Vec<(Contender, Lab)>,
+}
+
+impl Labs {
+    fn create() -> Result<Self> {
+        let bin = target_dir().join("release").join("lab-pod");
+        let mut labs = Vec::new();
+        for c in Contender::ALL {
+            vipx_lab::cleanup_stale(c.tag())?;
+            let lab = Lab::create(LabConfig {
+                tag: c.tag().into(),
+                backends: BACKENDS,
+                lab_pod_bin: bin.clone(),
+            })?;
+            load::tune_client(&lab.client().netns)?;
+            labs.push((c, lab));
+        }
+        Ok(Self { labs })
+    }
+
+    fn get(&self, c: Contender) -> &Lab {
+        &self
+            .labs
+            .iter()
+            .find(|(k, _)| *k == c)
+            .expect("every contender has a lab")
+            .1
+    }
+}
+
+fn measure(lab: &Lab, c: Contender, plan: &Plan) -> Result<[Measurement; 3]> {
+    let client = lab.client().netns.clone();
+    let pod = lab.backends()[0].ip;
+    let (http, sink) = match c {
+        Contender::Direct => (
+            SocketAddr::from((pod, 5000)),
+            SocketAddr::from((pod, SINK_PORT)),
+        ),
+        _ => (
+            SocketAddr::from((VIP, 80)),
+            SocketAddr::from((VIP, SINK_PORT)),
+        ),
+    };
+    let nss = [client.as_str(), lab.node_ns()];
+    load::settle(&nss)?;
+    let crr = load::crr(&client, http, plan.crr, 32)?;
+    load::settle(&nss)?;
+    let rr = load::rr(&client, http, plan.rr, 32)?;
+    load::settle(&nss)?;
+    let bulk = load::bulk(&client, sink, plan.bulk)?;
+    Ok([crr, rr, bulk])
+}
+
+/// The measured service also carries a bulk port (the pods' discard port, same number).
+fn with_bulk_port(svcs: &mut Vec<RuleService>) {
+    let m = svcs.iter().find(|s| s.vip == VIP).cloned();
+    if let Some(mut m) = m {
+        m.port_name = "bulk".into();
+        m.port = SINK_PORT;
+        m.endpoints = m.endpoints.iter().map(|(ip, _)| (*ip, SINK_PORT)).collect();
+        svcs.push(m);
+    }
+}
+
+fn e2e(plan: &Plan) -> Result<Vec<E2eRow>> {
+    kube_rules::ensure_tools()?;
+    load::ensure_tools()?;
+    progress("creating four labs (direct, vipx, iptables, nftables), 10 backend pods each");
+    let labs = Labs::create()?;
+    let mut rows = Vec::new();
+    for &n in plan.e2e_services {
+        let pods = labs.get(Contender::Vipx).backend_endpoints();
+        let mut svcs = services(n, &pods);
+        with_bulk_port(&mut svcs);
+
+        let ipt = labs.get(Contender::Iptables);
+        kube_rules::flush_iptables(ipt.node_ns())?;
+        progress(&format!(
+            "{n} services: iptables-restore of kube-proxy's rules"
+        ));
+        let t = kube_rules::load_iptables(
+            ipt.node_ns(),
+            &kube_rules::iptables_restore_input(&svcs, CLUSTER_CIDR),
+        )?;
+        progress(&format!("  loaded in {:.1} s", t.as_secs_f64()));
+        let nft = labs.get(Contender::Nftables);
+        kube_rules::flush_nft(nft.node_ns())?;
+        progress(&format!("{n} services: nft -f of kube-proxy's rules"));
+        let t = kube_rules::load_nft(nft.node_ns(), &kube_rules::nft_input(&svcs, CLUSTER_CIDR))?;
+        progress(&format!("  loaded in {:.1} s", t.as_secs_f64()));
+
+        let vl = labs.get(Contender::Vipx);
+        let manifests = target_dir().join("vipx-bench-manifests");
+        write_manifests(&manifests, &svcs, vl.node_name())?;
+        let (vipx, _) = start_vipx(
+            vl.node_ns(),
+            vl.node_name(),
+            &manifests,
+            vipx_lab::HOST_IF_GLOB,
+        )?;
+        for c in Contender::ALL {
+            if c != Contender::Direct {
+                wait_for_vip(&labs.get(c).client().netns)?;
+            }
+        }
+
+        let mut samples: Vec<(Contender, [Vec<Measurement>; 3])> = Contender::ALL
+            .iter()
+            .map(|c| (*c, [vec![], vec![], vec![]]))
+            .collect();
+        for rep in 0..plan.reps {
+            for (c, s) in samples.iter_mut() {
+                progress(&format!(
+                    "{n} services, rep {}/{}: {c:?}",
+                    rep + 1,
+                    plan.reps
+                ));
+                let m = measure(labs.get(*c), *c, plan)?;
+                for (k, m) in m.into_iter().enumerate() {
+                    s[k].push(m);
+                }
+            }
+        }
+        drop(vipx);
+        let direct: Vec<f64> = samples[0]
+            .1
+            .iter()
+            .map(|v| median(&v.iter().map(|m| m.value).collect::<Vec<_>>()))
+            .collect();
+        for (c, s) in &samples {
+            for (k, metric) in ["short_connections", "keepalive_requests", "bulk"]
+                .iter()
+                .enumerate()
+            {
+                let vals: Vec<f64> = s[k].iter().map(|m| m.value).collect();
+                let med = median(&vals);
+                rows.push(E2eRow {
+                    services: n,
+                    contender: *c,
+                    metric,
+                    unit: s[k].first().map_or("", |m| m.unit),
+                    median: med,
+                    ratio_to_direct: if direct[k] > 0.0 {
+                        med / direct[k]
+                    } else {
+                        0.0
+                    },
+                    samples: vals,
+                    errors: s[k].iter().map(|m| m.errors).sum(),
+                });
+            }
+        }
+        kube_rules::flush_iptables(ipt.node_ns())?;
+        kube_rules::flush_nft(nft.node_ns())?;
+    }
+    Ok(rows)
+}
+
+fn control_plane(plan: &Plan, results: &Path) -> Result<ControlPlane> {
+    let n = plan.control_plane_services;
+    let json = results.join("control-plane.json");
+    progress(&format!(
+        "control plane: {n} services x {BACKENDS} endpoints through translate -> apply"
+    ));
+    status(
+        Command::new(target_dir().join("release").join("vipx-bench"))
+            .args([
+                "control-plane",
+                "--services",
+                &n.to_string(),
+                "--reps",
+                "5",
+                "--json",
+            ])
+            .arg(&json)
+            .stdout(Stdio::null()),
+    )?;
+    let vipx: Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+
+    // The real vipx on a manifests directory of the same size, in a scratch namespace.
+    vipx_lab::cleanup_stale("bcp")?;
+    let lab = Lab::create(LabConfig {
+        tag: "bcp".into(),
+        backends: 0,
+        lab_pod_bin: target_dir().join("release").join("lab-pod"),
+    })?;
+    let svcs = services(n, &[]);
+    let manifests = target_dir().join("vipx-bench-cp-manifests");
+    write_manifests(&manifests, &svcs, lab.node_name())?;
+    progress("control plane: the real vipx on a manifests directory (parse + translate + apply)");
+    let (v, first_sync) = start_vipx(lab.node_ns(), lab.node_name(), &manifests, "none-such*")?;
+    let rss = rss_mib(v.child.id());
+    drop(v);
+
+    progress(
+        "control plane: iptables-restore and nft -f of kube-proxy's rules for the same services",
+    );
+    let ipt = kube_rules::load_iptables(
+        lab.node_ns(),
+        &kube_rules::iptables_restore_input(&svcs, CLUSTER_CIDR),
+    )?;
+    kube_rules::flush_iptables(lab.node_ns())?;
+    let nft = kube_rules::load_nft(lab.node_ns(), &kube_rules::nft_input(&svcs, CLUSTER_CIDR))?;
+    kube_rules::flush_nft(lab.node_ns())?;
+    Ok(ControlPlane {
+        services: n,
+        endpoints_per_service: BACKENDS as usize,
+        vipx,
+        vipx_manifests_first_sync_ms: first_sync.as_secs_f64() * 1e3,
+        vipx_rss_mib: rss,
+        iptables_restore_ms: ipt.as_secs_f64() * 1e3,
+        nft_ms: nft.as_secs_f64() * 1e3,
+    })
+}
+
+fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "Machine: {}. Command: `{}`.\n", r.machine, r.command);
+    let _ = writeln!(
+        s,
+        "### Per-packet cost (BPF_PROG_TEST_RUN, ns/packet, median; x = ratio to the XDP floor)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| services x 10 | passthrough | new flow (SYN) | established | reply | TC floor | XDP floor |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+    let rows = r.packet.as_array().cloned().unwrap_or_default();
+    let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
+    counts.dedup();
+    for n in counts {
+        let get = |case: &str| {
+            rows.iter()
+                .find(|x| x["services"].as_u64() == Some(n) && x["case"] == case)
+                .map_or(String::from("-"), |x| {
+                    format!(
+                        "{:.0} ({:.1}x)",
+                        x["ns_per_packet"].as_f64().unwrap_or(0.0),
+                        x["ratio_to_floor"].as_f64().unwrap_or(0.0)
+                    )
+                })
+        };
+        let _ = writeln!(
+            s,
+            "| {n} | {} | {} | {} | {} | {} | {} |",
+            get("passthrough"),
+            get("new_flow_syn"),
+            get("established"),
+            get("reply_revnat"),
+            get("floor_tc"),
+            get("floor_xdp")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n### End to end in the lab (median; x = ratio to direct-to-pod in the same run)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| services | contender | short connections/s | keep-alive requests/s | bulk Gbit/s | errors |"
+    );
+    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|");
+    let mut seen = Vec::new();
+    for row in &r.e2e {
+        if seen.contains(&(row.services, row.contender)) {
+            continue;
+        }
+        seen.push((row.services, row.contender));
+        let cell = |metric: &str| {
+            r.e2e
+                .iter()
+                .find(|x| {
+                    x.services == row.services && x.contender == row.contender && x.metric == metric
+                })
+                .map_or(String::from("-"), |x| {
+                    format!("{:.0} ({:.2}x)", x.median, x.ratio_to_direct)
+                })
+        };
+        let bulk = r
+            .e2e
+            .iter()
+            .find(|x| {
+                x.services == row.services && x.contender == row.contender && x.metric == "bulk"
+            })
+            .map_or(String::from("-"), |x| {
+                format!("{:.2} ({:.2}x)", x.median, x.ratio_to_direct)
+            });
+        let errors: u64 = r
+            .e2e
+            .iter()
+            .filter(|x| x.services == row.services && x.contender == row.contender)
+            .map(|x| x.errors)
+            .sum();
+        let _ = writeln!(
+            s,
+            "| {} | {:?} | {} | {} | {} | {errors} |",
+            row.services,
+            row.contender,
+            cell("short_connections"),
+            cell("keepalive_requests"),
+            bulk
+        );
+    }
+    let cp = &r.control_plane;
+    let _ = writeln!(
+        s,
+        "\n### Control plane ({} services x {} endpoints)\n",
+        cp.services, cp.endpoints_per_service
+    );
+    let _ = writeln!(s, "| what | time |");
+    let _ = writeln!(s, "|---|---:|");
+    let f = |k: &str| cp.vipx[k].as_f64().unwrap_or(0.0);
+    let _ = writeln!(
+        s,
+        "| vipx: desired state -> maps written, from empty (translate + apply, median) | {:.0} ms |",
+        f("full_sync_ms")
+    );
+    let _ = writeln!(
+        s,
+        "| vipx: one endpoint change (translate + apply, median) | {:.2} ms |",
+        f("endpoint_change_ms")
+    );
+    let _ = writeln!(
+        s,
+        "| vipx: process start -> first sync on a manifests directory (YAML parse included) | {:.0} ms |",
+        cp.vipx_manifests_first_sync_ms
+    );
+    let _ = writeln!(
+        s,
+        "| kube-proxy iptables: iptables-restore of the same services | {:.0} ms ({:.0}x vipx) |",
+        cp.iptables_restore_ms,
+        cp.iptables_restore_ms / f("full_sync_ms").max(1e-9)
+    );
+    let _ = writeln!(
+        s,
+        "| kube-proxy nftables: nft -f of the same services | {:.0} ms ({:.0}x vipx) |",
+        cp.nft_ms,
+        cp.nft_ms / f("full_sync_ms").max(1e-9)
+    );
+    let _ = writeln!(
+        s,
+        "| vipx resident memory after the first sync | {:.0} MiB |",
+        cp.vipx_rss_mib
+    );
+    s
+}
+
+pub fn bench(quick: bool) -> Result<()> {
+    let plan = if quick { &QUICK } else { &FULL };
+    step("building vipx, vipx-bench and lab-pod (release)");
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-userspace",
+        "-p",
+        "vipx-tests",
+        "--bins",
+    ]))?;
+    let results = root()
+        .join("results")
+        .join(if quick { "quick" } else { "latest" });
+    std::fs::create_dir_all(&results)?;
+
+    progress(&format!(
+        "per-packet cost: {} services x 10 backends",
+        plan.packet_services
+    ));
+    let packet_json = results.join("packet.json");
+    status(
+        Command::new(target_dir().join("release").join("vipx-bench"))
+            .args([
+                "packet",
+                "--services",
+                plan.packet_services,
+                "--repeat",
+                "1000000",
+                "--reps",
+                "5",
+                "--json",
+            ])
+            .arg(&packet_json)
+            .stdout(Stdio::null()),
+    )?;
+    let packet: Value = serde_json::from_slice(&std::fs::read(&packet_json)?)?;
+    let e2e = e2e(plan)?;
+    let control_plane = control_plane(plan, &results)?;
+    let report = Report {
+        machine: machine(),
+        command: format!("cargo xtask bench{}", if quick { " --quick" } else { "" }),
+        packet,
+        e2e,
+        control_plane,
+    };
+    std::fs::write(
+        results.join("bench.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    let md = markdown(&report);
+    std::fs::write(results.join("bench.md"), &md)?;
+    crate::chart::draw(&report_json(&report)?, &results.join("bench.png"))?;
+    println!("{md}");
+    step(&format!("results in {}", results.display()));
+    Ok(())
+}
+
+fn report_json(r: &Report) -> Result<Value> {
+    Ok(serde_json::to_value(r)?)
+}
