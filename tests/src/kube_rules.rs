@@ -887,12 +887,38 @@ pub fn iptables_version() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// How [`load_iptables_with`] runs `iptables-restore`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// kube-proxy's flags, `-w 5 -W 100000 --noflush --counters`: only the chains the input
+    /// declares are replaced.
+    ///
+    /// With Debian 12's iptables-nft (1.8.9) this is super-quadratic in the input: with
+    /// `--noflush` every command records its chain in a sorted linked list
+    /// (`nft_cache_level_set` → `cache_chain_list_insert`, a linear walk per command), so 1,000
+    /// Services × 10 endpoints take ~6 s, 2,000 × 10 ~50 s and 10,000 × 10 hours.
+    KubeProxy,
+    /// `-w 5 -W 100000 --counters` without `--noflush`: the `filter` and `nat` tables are replaced
+    /// wholesale. In a namespace whose only rules are kube-proxy's (a lab node) the result is the
+    /// same rule set, without iptables-nft's `--noflush` cost.
+    Replace,
+}
+
 /// Loads `input` with `iptables-restore -w 5 -W 100000 --noflush --counters` (the flags kube-proxy
 /// restores with) inside network namespace `netns`; returns the wall time from spawning the tool
-/// until it exited, writing `input` to its stdin included.
+/// until it exited, writing `input` to its stdin included. See [`RestoreMode::KubeProxy`] for what
+/// that costs with iptables-nft at scale, and [`load_iptables_with`] for the alternative.
 pub fn load_iptables(netns: &str, input: &str) -> Result<Duration> {
-    let args = ["-w", "5", "-W", "100000", "--noflush", "--counters"];
-    run_with_input(netns, &tool("iptables-restore")?, &args, input)
+    load_iptables_with(netns, input, RestoreMode::KubeProxy)
+}
+
+/// [`load_iptables`] with a choice of flags.
+pub fn load_iptables_with(netns: &str, input: &str, mode: RestoreMode) -> Result<Duration> {
+    let args: &[&str] = match mode {
+        RestoreMode::KubeProxy => &["-w", "5", "-W", "100000", "--noflush", "--counters"],
+        RestoreMode::Replace => &["-w", "5", "-W", "100000", "--counters"],
+    };
+    run_with_input(netns, &tool("iptables-restore")?, args, input)
 }
 
 /// Loads `input` with `nft -f -` (as knftables runs it) inside network namespace `netns`; returns
@@ -903,8 +929,9 @@ pub fn load_nft(netns: &str, input: &str) -> Result<Duration> {
 
 /// Removes from `netns` what [`load_iptables`] added: every jump from a built-in chain into a
 /// `KUBE-*` chain, then every `KUBE-*` chain (flushed, then deleted), in the nat and filter
-/// tables; one `iptables-restore` per table. A table left with no rules and no chains of its own
-/// is deleted too, so that no empty base chain stays hooked.
+/// tables; one `iptables-restore` per table. A table left with no rules, no other chains and only
+/// ACCEPT policies (an iptables-nft table that only load_iptables put there) is deleted too, so
+/// that no empty base chain stays hooked.
 pub fn flush_iptables(netns: &str) -> Result<()> {
     for table in ["nat", "filter"] {
         let saved = capture(netns, &tool("iptables-save")?, &["-t", table])?;
@@ -912,15 +939,16 @@ pub fn flush_iptables(netns: &str) -> Result<()> {
         let mut deletes = String::new();
         let mut removals = String::new();
         let mut other_rules = 0usize;
-        let mut user_chains = 0usize;
+        let mut foreign_chains = 0usize;
         for line in saved.lines() {
             if let Some(decl) = line.strip_prefix(':') {
                 let name = decl.split_whitespace().next().unwrap_or_default();
                 if name.starts_with("KUBE-") {
                     chain_line(&mut chains, name);
                     let _ = writeln!(removals, "-X {name}");
-                } else if decl.split_whitespace().nth(1) == Some("-") {
-                    user_chains += 1;
+                } else if decl.split_whitespace().nth(1) != Some("ACCEPT") {
+                    // A chain of someone else's, or a built-in chain with a policy of its own.
+                    foreign_chains += 1;
                 }
             } else if let Some(rule) = line.strip_prefix("-A ") {
                 let chain = rule.split_whitespace().next().unwrap_or_default();
@@ -948,7 +976,7 @@ pub fn flush_iptables(netns: &str) -> Result<()> {
             .with_context(|| format!("removing kube-proxy's {table} chains from {netns}"))?;
         }
         let backend_is_nft = iptables_version().is_ok_and(|v| v.contains("nf_tables"));
-        if !saved.is_empty() && other_rules == 0 && user_chains == 0 && backend_is_nft {
+        if !saved.is_empty() && other_rules == 0 && foreign_chains == 0 && backend_is_nft {
             if let Ok(nft) = tool("nft") {
                 run_with_input(
                     netns,
@@ -1016,19 +1044,26 @@ fn run_with_input(netns: &str, program: &Path, args: &[&str], input: &str) -> Re
     }
 }
 
-/// The input line an iptables-restore (`line N failed`) or nft (`-:N:`) error points at.
+/// The input line an iptables-restore (`line 3 failed`, `Error occurred at line: 3`) or nft
+/// (`/dev/stdin:3:1-4: Error: ...`) error points at.
 fn failed_input_line<'a>(stderr: &str, input: &'a str) -> Option<&'a str> {
+    let leading_number = |rest: &str| -> Option<usize> {
+        let digits: String = rest
+            .trim_start_matches([':', ' '])
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
     let number = stderr
-        .split("line ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .split("line")
+        .skip(1)
+        .find_map(leading_number)
         .or_else(|| {
-            stderr
-                .split("-:")
-                .nth(1)
-                .and_then(|rest| rest.split(':').next())
-        })
-        .and_then(|n| n.parse::<usize>().ok())?;
+            ["/dev/stdin:", "-:"]
+                .iter()
+                .find_map(|tag| stderr.split(tag).nth(1).and_then(leading_number))
+        })?;
     input.lines().nth(number.checked_sub(1)?)
 }
 
@@ -1637,7 +1672,15 @@ add rule {t} endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp 
         );
         assert_eq!(
             failed_input_line(
-                "Error: Could not process rule: No such file\n-:2:1-3: add",
+                "iptables-restore v1.8.9 (nf_tables): Chain 'NOPE' does not exist\n\
+                 Error occurred at line: 4\nTry `iptables-restore -h' for more information.",
+                input
+            ),
+            Some("COMMIT")
+        );
+        assert_eq!(
+            failed_input_line(
+                "/dev/stdin:2:22-32: Error: Could not process rule: No such file or directory",
                 input
             ),
             Some(":A - [0:0]")

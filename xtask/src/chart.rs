@@ -62,6 +62,7 @@ fn panel(
         .iter()
         .flat_map(|(_, p)| p.iter().map(|x| x.1))
         .collect();
+    let x_min = xs.iter().copied().fold(f64::INFINITY, f64::min).min(1e9) / 2.0;
     let x_max = xs.iter().copied().fold(10.0, f64::max) * 2.0;
     let y_max = ys.iter().copied().fold(1.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(area)
@@ -69,7 +70,7 @@ fn panel(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d((0.5f64..x_max).log_scale(), 0f64..y_max)?;
+        .build_cartesian_2d((x_min.max(0.5)..x_max).log_scale(), 0f64..y_max)?;
     chart
         .configure_mesh()
         .x_desc("services (log scale)")
