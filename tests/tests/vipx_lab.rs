@@ -227,3 +227,54 @@ fn a_bad_manifest_is_reported_and_the_rest_keeps_working() {
     });
     l.assert_running();
 }
+
+#[test]
+fn a_pod_interface_created_later_is_attached_and_services_lists_it() {
+    if !require_privileges() {
+        return;
+    }
+    let _g = serial();
+    let mut l = VipxLab::start(1, 1);
+    // A pod created after vipx started: its host veth must get the program, or its replies
+    // would reach the client un-reverse-NATed and the connection would fail.
+    let late = l.lab.add_backend().expect("add a pod").name.clone();
+    l.set_endpoints(2);
+    l.wait_for("the late pod to answer through the VIP", || {
+        http_get(l.client(), VIP, TIMEOUT).is_ok_and(|b| b.trim() == late)
+    });
+
+    let out = ns_command(
+        l.lab.node_ns(),
+        sibling_bin("vipx"),
+        [
+            "services",
+            "--node-name",
+            l.lab.node_name(),
+            "--pin-dir",
+            l.pin_dir.to_str().unwrap(),
+            "--state-dir",
+            l.state_dir.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .expect("vipx services");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tcp = text
+        .lines()
+        .find(|l| l.contains("198.19.0.10:80/TCP"))
+        .unwrap_or_else(|| panic!("no TCP frontend in:\n{text}"));
+    assert!(tcp.contains("default/simpleapi-service:http/TCP"), "{tcp}");
+    for pod in l.lab.backends() {
+        assert!(
+            tcp.contains(&format!("{}:5000", pod.ip)),
+            "{} missing: {tcp}",
+            pod.ip
+        );
+    }
+    l.assert_running();
+}
