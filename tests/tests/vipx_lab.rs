@@ -56,7 +56,7 @@ impl VipxLab {
         lab.write_manifests(&manifests).unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf/vipx").join(lab.node_name());
         let state_dir = std::env::temp_dir().join(format!("vipx-{tag}-state"));
-        let mut me = Self {
+        let me = Self {
             vipx: ns_command(
                 lab.node_ns(),
                 sibling_bin("vipx"),
