@@ -116,6 +116,19 @@ fn iptables_mode_rules_serve_the_vip_from_both_pods() {
     let svcs = services(&lab);
     let input = iptables_restore_input(&svcs, CLUSTER_CIDR);
 
+    // A rule of someone else's in the nat table, which flush_iptables must leave alone.
+    let foreign = [
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "198.18.99.0/24",
+        "-j",
+        "RETURN",
+    ];
+    output_in(node, "iptables", &foreign);
+
     let took = load_iptables(node, &input).expect("iptables-restore");
     eprintln!(
         "iptables-restore of {} services: {took:?} ({})",
@@ -143,6 +156,16 @@ fn iptables_mode_rules_serve_the_vip_from_both_pods() {
             !saved.contains("KUBE-"),
             "{table} table after flush:\n{saved}"
         );
+    }
+    let nat = output_in(node, "iptables-save", &["-t", "nat"]);
+    assert!(
+        nat.contains("-A POSTROUTING -s 198.18.99.0/24 -j RETURN"),
+        "the foreign rule is gone:\n{nat}"
+    );
+    if iptables_version().unwrap().contains("nf_tables") {
+        // The filter table held only kube-proxy's rules, so it is gone as a whole.
+        let tables = output_in(node, "nft", &["list", "tables"]);
+        assert_eq!(tables.trim(), "table ip nat", "tables after flush");
     }
     assert_vip_silent(&lab);
 }

@@ -49,9 +49,9 @@ const FULL: Plan = Plan {
     packet_services: "1,1000,10000,100000",
     e2e_services: &[100, 1000, 10_000],
     reps: 5,
-    crr: Duration::from_secs(5),
-    rr: Duration::from_secs(5),
-    bulk: Duration::from_secs(3),
+    crr: Duration::from_secs(4),
+    rr: Duration::from_secs(4),
+    bulk: Duration::from_secs(2),
     control_plane_services: 10_000,
 };
 
@@ -414,7 +414,10 @@ fn with_bulk_port(svcs: &mut Vec<RuleService>) {
     }
 }
 
-fn e2e(plan: &Plan) -> Result<Vec<E2eRow>> {
+/// Time to load kube-proxy's rule sets for a service count: (services, iptables-restore, nft -f).
+type RuleLoads = Vec<(usize, Duration, Duration)>;
+
+fn e2e(plan: &Plan, loads: &mut RuleLoads) -> Result<Vec<E2eRow>> {
     kube_rules::ensure_tools()?;
     load::ensure_tools()?;
     progress("creating four labs (direct, vipx, iptables, nftables), 10 backend pods each");
@@ -430,16 +433,18 @@ fn e2e(plan: &Plan) -> Result<Vec<E2eRow>> {
         progress(&format!(
             "{n} services: iptables-restore of kube-proxy's rules"
         ));
-        let t = kube_rules::load_iptables(
+        let t_ipt = kube_rules::load_iptables(
             ipt.node_ns(),
             &kube_rules::iptables_restore_input(&svcs, CLUSTER_CIDR),
         )?;
-        progress(&format!("  loaded in {:.1} s", t.as_secs_f64()));
+        progress(&format!("  loaded in {:.1} s", t_ipt.as_secs_f64()));
         let nft = labs.get(Contender::Nftables);
         kube_rules::flush_nft(nft.node_ns())?;
         progress(&format!("{n} services: nft -f of kube-proxy's rules"));
-        let t = kube_rules::load_nft(nft.node_ns(), &kube_rules::nft_input(&svcs, CLUSTER_CIDR))?;
-        progress(&format!("  loaded in {:.1} s", t.as_secs_f64()));
+        let t_nft =
+            kube_rules::load_nft(nft.node_ns(), &kube_rules::nft_input(&svcs, CLUSTER_CIDR))?;
+        progress(&format!("  loaded in {:.1} s", t_nft.as_secs_f64()));
+        loads.push((n, t_ipt, t_nft));
 
         let vl = labs.get(Contender::Vipx);
         let manifests = target_dir().join("vipx-bench-manifests");
@@ -508,7 +513,7 @@ fn e2e(plan: &Plan) -> Result<Vec<E2eRow>> {
     Ok(rows)
 }
 
-fn control_plane(plan: &Plan, results: &Path) -> Result<ControlPlane> {
+fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<ControlPlane> {
     let n = plan.control_plane_services;
     let json = results.join("control-plane.json");
     progress(&format!(
@@ -544,16 +549,25 @@ fn control_plane(plan: &Plan, results: &Path) -> Result<ControlPlane> {
     let rss = rss_mib(v.child.id());
     drop(v);
 
-    progress(
-        "control plane: iptables-restore and nft -f of kube-proxy's rules for the same services",
-    );
-    let ipt = kube_rules::load_iptables(
-        lab.node_ns(),
-        &kube_rules::iptables_restore_input(&svcs, CLUSTER_CIDR),
-    )?;
-    kube_rules::flush_iptables(lab.node_ns())?;
-    let nft = kube_rules::load_nft(lab.node_ns(), &kube_rules::nft_input(&svcs, CLUSTER_CIDR))?;
-    kube_rules::flush_nft(lab.node_ns())?;
+    // The end-to-end part already loaded kube-proxy's rules for this many services (plus the
+    // bulk port); loading 10,000 services again would cost minutes for the same figure.
+    let (ipt, nft) = match loads.iter().find(|l| l.0 == n) {
+        Some(&(_, ipt, nft)) => (ipt, nft),
+        None => {
+            progress(
+                "control plane: iptables-restore and nft -f of kube-proxy's rules for the same services",
+            );
+            let ipt = kube_rules::load_iptables(
+                lab.node_ns(),
+                &kube_rules::iptables_restore_input(&svcs, CLUSTER_CIDR),
+            )?;
+            kube_rules::flush_iptables(lab.node_ns())?;
+            let nft =
+                kube_rules::load_nft(lab.node_ns(), &kube_rules::nft_input(&svcs, CLUSTER_CIDR))?;
+            kube_rules::flush_nft(lab.node_ns())?;
+            (ipt, nft)
+        }
+    };
     Ok(ControlPlane {
         services: n,
         endpoints_per_service: BACKENDS as usize,
@@ -735,8 +749,9 @@ pub fn bench(quick: bool) -> Result<()> {
             .stdout(Stdio::null()),
     )?;
     let packet: Value = serde_json::from_slice(&std::fs::read(&packet_json)?)?;
-    let e2e = e2e(plan)?;
-    let control_plane = control_plane(plan, &results)?;
+    let mut loads = RuleLoads::new();
+    let e2e = e2e(plan, &mut loads)?;
+    let control_plane = control_plane(plan, &results, &loads)?;
     let report = Report {
         machine: machine(),
         command: format!("cargo xtask bench{}", if quick { " --quick" } else { "" }),
