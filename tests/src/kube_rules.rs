@@ -30,10 +30,17 @@
 //! written, as for kube-proxy when no Service uses them); no `KUBE-PROXY-CANARY` chains (empty
 //! monitoring chains); in iptables mode the `nfacct` match on the INVALID-drop rule only when
 //! [`KubeProxyOptions::nfacct`] is set (kube-proxy omits it when it cannot create nfacct counters,
-//! which is the lab default). Upstream `master` (v1.36) has since restructured nftables mode
-//! (a single `dnat ip to numgen ... map` per Service and a `hairpin-connections` set, no
-//! per-endpoint chains); this module writes the per-endpoint-chain layout of v1.29–v1.35 that the
-//! brief describes and that `TestOverallNFTablesRules` of those releases expects.
+//! which is the lab default). Newer upstream releases restructure nftables mode (one
+//! `dnat ip to numgen ... map { ... }` per Service, a `hairpin-connections` set, no per-endpoint
+//! chains); this module writes the per-endpoint-chain layout the brief describes, with the base
+//! chains (`filter-prerouting-pre-dnat`, `filter-output-pre-dnat`, `filter-input/forward/output`
+//! at priority 0) of the latest `TestOverallNFTablesRules` that still expects that layout.
+//!
+//! Load times grow faster than linearly with both tools on this stack (Debian 12, kernel 6.18):
+//! `iptables-restore --noflush` of iptables-nft 1.8.9 is super-quadratic (see
+//! [`RestoreMode::KubeProxy`]; [`load_iptables_with`] can restore without `--noflush` instead),
+//! and `nft -f` of kube-proxy's one-transaction first sync is quadratic in the kernel (see
+//! [`load_nft`]).
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -896,7 +903,8 @@ pub enum RestoreMode {
     /// With Debian 12's iptables-nft (1.8.9) this is super-quadratic in the input: with
     /// `--noflush` every command records its chain in a sorted linked list
     /// (`nft_cache_level_set` → `cache_chain_list_insert`, a linear walk per command), so 1,000
-    /// Services × 10 endpoints take ~6 s, 2,000 × 10 ~50 s and 10,000 × 10 hours.
+    /// Services × 10 endpoints take ~6 s, 2,000 × 10 ~50 s, 3,000 × 10 ~3.5 min and 10,000 × 10
+    /// hours (it had read a fifth of the input after 20 minutes).
     KubeProxy,
     /// `-w 5 -W 100000 --counters` without `--noflush`: the `filter` and `nat` tables are replaced
     /// wholesale. In a namespace whose only rules are kube-proxy's (a lab node) the result is the
