@@ -10,7 +10,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, TestRunOptions,
-    programs::{ProgramError, SchedClassifier, TestRun as _, Xdp},
+    programs::{Program, ProgramError, SchedClassifier, TestRun as _, Xdp},
 };
 use clap::Parser;
 use etherparse::PacketBuilder;
@@ -107,41 +107,36 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8>
 }
 
 fn run_tc(ebpf: &mut Ebpf, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
-    run_classifier(ebpf, prog_names::POD_INGRESS, pkt, repeat, want)
-}
-
-fn run_classifier(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
-    let p: &mut SchedClassifier = ebpf.program_mut(prog).context("pod program")?.try_into()?;
-    let mut out = vec![0u8; pkt.len() + 64];
-    let r = p.test_run(TestRunOptions {
-        data_in: Some(pkt),
-        data_out: Some(&mut out),
-        repeat,
-        ..TestRunOptions::default()
-    })?;
-    if r.return_value != want {
-        bail!("verdict {} (expected {want})", r.return_value);
-    }
-    if out[..r.data_size_out as usize] != *pkt {
-        bail!("the packet changed across iterations; the figure would not be per-packet cost");
-    }
-    Ok(r.duration.as_nanos() as f64)
+    run(ebpf, prog_names::POD_INGRESS, pkt, repeat, want)
 }
 
 fn run_floor(ebpf: &mut Ebpf, pkt: &[u8], repeat: u32) -> Result<f64> {
-    let p: &mut Xdp = ebpf
-        .program_mut(prog_names::FLOOR)
-        .context("floor program")?
-        .try_into()?;
+    run(ebpf, prog_names::FLOOR, pkt, repeat, XDP_PASS)
+}
+
+/// ns per run of program `prog` over `repeat` runs of `pkt`, checking the verdict and that the
+/// packet left unchanged (otherwise later iterations would measure another packet).
+fn run(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
     let mut out = vec![0u8; pkt.len() + 64];
-    let r = p.test_run(TestRunOptions {
+    let opts = TestRunOptions {
         data_in: Some(pkt),
         data_out: Some(&mut out),
         repeat,
         ..TestRunOptions::default()
-    })?;
-    if r.return_value != XDP_PASS {
-        bail!("floor verdict {}", r.return_value);
+    };
+    let r = match ebpf
+        .program_mut(prog)
+        .with_context(|| format!("program {prog}"))?
+    {
+        Program::SchedClassifier(p) => p.test_run(opts)?,
+        Program::Xdp(p) => p.test_run(opts)?,
+        _ => bail!("{prog} is neither TC nor XDP"),
+    };
+    if r.return_value != want {
+        bail!("{prog}: verdict {} (expected {want})", r.return_value);
+    }
+    if out[..r.data_size_out as usize] != *pkt {
+        bail!("the packet changed across iterations; the figure would not be per-packet cost");
     }
     Ok(r.duration.as_nanos() as f64)
 }
@@ -285,7 +280,7 @@ fn packet(a: Args) -> Result<()> {
             // Interleave floor and cases so machine noise hits all of them alike.
             for _ in 0..a.reps {
                 floor.push(run_floor(&mut ebpf, &pass, a.repeat)?);
-                floor_tc.push(run_classifier(
+                floor_tc.push(run(
                     &mut ebpf,
                     prog_names::FLOOR_TC,
                     &pass,
