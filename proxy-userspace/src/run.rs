@@ -21,8 +21,8 @@ use tokio::{
 use crate::{
     loader::{self, Attachments, MapSizes},
     maps::{self, MapWriter},
-    source,
-    sync::ChangeTracker,
+    source::DirCache,
+    sync::{ChangeTracker, Changes},
 };
 
 pub struct RunOptions {
@@ -76,6 +76,7 @@ struct Controller {
     ebpf: Ebpf,
     writer: MapWriter,
     tracker: ChangeTracker,
+    dir: DirCache,
     attachments: Attachments,
     /// Reconcile every key next time: at start, on the periodic resync, after a failed apply.
     full: bool,
@@ -87,20 +88,28 @@ struct Controller {
 impl Controller {
     fn sync(&mut self) -> Result<()> {
         let started = Instant::now();
-        let objs = source::load_dir(&self.opts.manifests);
-        let file_problems: Vec<String> = objs.problems.iter().map(ToString::to_string).collect();
-        self.tracker.replace_all(objs);
-        let changes = self.tracker.flush();
-        let problems: Vec<String> = file_problems
-            .into_iter()
-            .chain(self.tracker.problems())
-            .collect();
-        if problems != self.last_problems {
-            for p in &problems {
-                tracing::warn!("skipped: {p}");
+        let changes = match self.dir.load(&self.opts.manifests) {
+            Some(objs) => {
+                let file_problems: Vec<String> =
+                    objs.problems.iter().map(ToString::to_string).collect();
+                self.tracker.replace_all(objs);
+                let changes = self.tracker.flush();
+                let problems: Vec<String> = file_problems
+                    .into_iter()
+                    .chain(self.tracker.problems())
+                    .collect();
+                if problems != self.last_problems {
+                    for p in &problems {
+                        tracing::warn!("skipped: {p}");
+                    }
+                    self.last_problems = problems;
+                }
+                changes
             }
-            self.last_problems = problems;
-        }
+            // Nothing changed on disk: only a due full reconcile has work to do.
+            None if self.full => Changes::default(),
+            None => return Ok(()),
+        };
         let target = self.tracker.target();
         let full = std::mem::take(&mut self.full);
         let st = if full {
@@ -194,6 +203,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         ebpf,
         writer,
         tracker,
+        dir: DirCache::default(),
         attachments,
         full: true,
         last_problems: Vec::new(),

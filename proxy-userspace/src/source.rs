@@ -7,6 +7,7 @@
 //! take every other Service down with it.
 
 use std::{
+    collections::BTreeMap,
     fmt, fs,
     path::{Path, PathBuf},
 };
@@ -74,69 +75,147 @@ pub fn is_manifest_file(path: &Path) -> bool {
 /// Reads every manifest file directly in `dir` (see [`is_manifest_file`]), in file-name order.
 #[must_use]
 pub fn load_dir(dir: &Path) -> ClusterObjects {
-    let mut out = ClusterObjects::default();
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) => {
-            out.problems.push(Problem {
-                file: dir.to_path_buf(),
-                reason: format!("cannot read directory: {err}"),
-            });
-            return out;
-        }
-    };
-    let mut files = Vec::new();
-    for entry in entries {
-        match entry {
-            Ok(entry) => {
-                let path = entry.path();
-                if is_manifest_file(&path) {
-                    files.push(path);
-                }
-            }
-            Err(err) => out.problems.push(Problem {
-                file: dir.to_path_buf(),
-                reason: format!("cannot list directory: {err}"),
-            }),
+    DirCache::default().load(dir).unwrap_or_default()
+}
+
+/// What tells a file changed without reading it. An atomic rename changes the inode; an edit in
+/// place changes the length or the modification/change times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    ctime: (i64, i64),
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            ino: meta.ino(),
         }
     }
-    files.sort();
-    for path in files {
-        // `fs::metadata` follows symlinks, so ConfigMap-style `x.yaml -> ..data/x.yaml` links load
-        // while a directory that happens to be called `x.yaml` is skipped.
-        match fs::metadata(&path) {
-            Ok(meta) if !meta.is_file() => {
-                tracing::debug!(path = %path.display(), "not a regular file, skipped");
-                continue;
+}
+
+/// A manifests directory read repeatedly (every change event and every resync): only files whose
+/// stamp changed are parsed again, and an unchanged directory costs a `stat` per file. Parsing
+/// 10,000 Services' YAML takes ~2 s of CPU here, too much to repeat every 30 s.
+#[derive(Default)]
+pub struct DirCache {
+    /// `None` stamp: the file could not be read; its objects hold just the problem.
+    files: BTreeMap<PathBuf, (Option<Stamp>, ClusterObjects)>,
+    primed: bool,
+}
+
+impl DirCache {
+    /// Every object in `dir`, or `None` when no manifest file was added, removed or changed since
+    /// the previous call.
+    pub fn load(&mut self, dir: &Path) -> Option<ClusterObjects> {
+        let mut listing = ClusterObjects::default();
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) => {
+                listing.problems.push(Problem {
+                    file: dir.to_path_buf(),
+                    reason: format!("cannot read directory: {err}"),
+                });
+                self.files.clear();
+                return Some(listing);
             }
-            // A file deleted between listing and reading is a normal race with whoever edits the
-            // directory, not a broken manifest; the next reload sees the directory without it.
-            // A symlink to nothing, though, is a mistake worth showing.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                if fs::symlink_metadata(&path).is_ok() {
-                    out.problems.push(Problem {
-                        file: path,
-                        reason: "symlink to a missing file".to_owned(),
-                    });
+        };
+        let mut files = Vec::new();
+        for entry in entries {
+            match entry {
+                Ok(entry) => {
+                    let path = entry.path();
+                    if is_manifest_file(&path) {
+                        files.push(path);
+                    }
                 }
-                continue;
-            }
-            _ => {}
-        }
-        match fs::read(&path) {
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => out.extend(load_text(&path, &text)),
-                Err(err) => out.problems.push(Problem {
-                    file: path,
-                    reason: format!("not UTF-8 text: {}", err.utf8_error()),
+                Err(err) => listing.problems.push(Problem {
+                    file: dir.to_path_buf(),
+                    reason: format!("cannot list directory: {err}"),
                 }),
-            },
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => out.problems.push(Problem {
-                file: path,
-                reason: format!("cannot read: {err}"),
-            }),
+            }
         }
+        files.sort();
+        let mut changed = !self.primed || !listing.problems.is_empty();
+        let mut next = BTreeMap::new();
+        for path in files {
+            // `fs::metadata` follows symlinks, so ConfigMap-style `x.yaml -> ..data/x.yaml` links
+            // load while a directory that happens to be called `x.yaml` is skipped.
+            let problem = |reason: String| ClusterObjects {
+                problems: vec![Problem {
+                    file: path.clone(),
+                    reason,
+                }],
+                ..ClusterObjects::default()
+            };
+            let (stamp, failed) = match fs::metadata(&path) {
+                Ok(meta) if !meta.is_file() => {
+                    tracing::debug!(path = %path.display(), "not a regular file, skipped");
+                    continue;
+                }
+                Ok(meta) => (Some(Stamp::of(&meta)), None),
+                // A file deleted between listing and reading is a normal race with whoever edits
+                // the directory, not a broken manifest; the next reload sees the directory
+                // without it. A symlink to nothing, though, is a mistake worth showing.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    if fs::symlink_metadata(&path).is_err() {
+                        continue;
+                    }
+                    (None, Some(problem("symlink to a missing file".to_owned())))
+                }
+                Err(err) => (None, Some(problem(format!("cannot read: {err}")))),
+            };
+            let prev = self.files.remove(&path);
+            let objs = match (failed, prev) {
+                (Some(f), Some((None, old))) if old.problems == f.problems => old,
+                (Some(f), _) => {
+                    changed = true;
+                    f
+                }
+                (None, Some((old_stamp, old))) if old_stamp == stamp => old,
+                (None, _) => {
+                    changed = true;
+                    load_file(&path)
+                }
+            };
+            next.insert(path, (stamp, objs));
+        }
+        // Files that disappeared.
+        changed |= !self.files.is_empty();
+        self.files = next;
+        self.primed = true;
+        if !changed {
+            return None;
+        }
+        let mut out = listing;
+        for (_, objs) in self.files.values() {
+            out.extend(objs.clone());
+        }
+        Some(out)
+    }
+}
+
+fn load_file(path: &Path) -> ClusterObjects {
+    let mut out = ClusterObjects::default();
+    match fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => out.extend(load_text(path, &text)),
+            Err(err) => out.problems.push(Problem {
+                file: path.to_path_buf(),
+                reason: format!("not UTF-8 text: {}", err.utf8_error()),
+            }),
+        },
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => out.problems.push(Problem {
+            file: path.to_path_buf(),
+            reason: format!("cannot read: {err}"),
+        }),
     }
     out
 }
@@ -701,6 +780,34 @@ metadata:
             "{}",
             objs.problems[0]
         );
+    }
+
+    #[test]
+    fn dir_cache_reparses_only_on_change() {
+        let dir = TempDir::new("cache");
+        dir.write("10-service.yaml", SERVICE);
+        let mut cache = DirCache::default();
+        let first = cache.load(&dir.0).expect("first read");
+        assert_eq!(first.services.len(), 1);
+        assert!(cache.load(&dir.0).is_none(), "nothing changed");
+
+        // An atomic replace (new inode) and an added file are both seen.
+        let tmp = dir.0.join(".10-service.yaml.tmp");
+        fs::write(
+            &tmp,
+            SERVICE.replace("name: simpleapi-service", "name: web2"),
+        )
+        .expect("write");
+        fs::rename(&tmp, dir.0.join("10-service.yaml")).expect("rename");
+        let second = cache.load(&dir.0).expect("changed");
+        assert_eq!(second.services[0].metadata.name.as_deref(), Some("web2"));
+        dir.write("20-other.yaml", SERVICE);
+        assert_eq!(cache.load(&dir.0).expect("added").services.len(), 2);
+
+        // A removed file is seen too.
+        fs::remove_file(dir.0.join("20-other.yaml")).expect("rm");
+        assert_eq!(cache.load(&dir.0).expect("removed").services.len(), 1);
+        assert!(cache.load(&dir.0).is_none());
     }
 
     #[test]
