@@ -6,11 +6,21 @@
 //! - `SVC4`: `{vip, port, proto, scope, slot}` -> `SvcValue`. Slot 0 is the frontend (backend
 //!   count, reverse-NAT id, flags); slots `1..=count` each name one backend id. A frontend's count
 //!   never exceeds the slots already written.
-//! - `BACKEND4`: array indexed by backend id -> `{addr, port, proto, flags}`. Id 0 means "none".
-//! - `REVNAT4`: array indexed by reverse-NAT id -> the frontend `{vip, port}` restored on replies.
+//! - `BACKEND4`: array indexed by backend id -> `{addr, port, proto, flags, generation}`. Id 0 means
+//!   "none". `generation` grows every time an id is handed to a different backend and survives the
+//!   backend's removal (a freed entry keeps its `generation` with `flags == 0`), so the pinned map itself
+//!   remembers which ids were used: a restarted vipx neither reuses them at once nor lets a
+//!   conntrack entry that names an old generation reach the new owner.
+//! - `REVNAT4`: array indexed by reverse-NAT id -> the frontend `{vip, port}` restored on replies,
+//!   with a `generation` kept the same way.
 //! - `CT4`: LRU `{saddr, daddr, sport, dport, proto}` as seen on the wire -> what to do with it.
-//!   A new flow writes two entries: the forward one (client -> VIP) naming the backend, and the
-//!   reply one (backend -> client) naming the reverse-NAT id. One lookup serves either direction.
+//!   A new flow writes two entries: the forward one (client -> frontend, looked up at the client's
+//!   veth ingress after the frontend itself was found) naming the backend and its generation, and
+//!   the reply one (backend -> client, looked up at the client's veth egress, after routing and
+//!   netfilter) naming the reverse-NAT id and its generation. An entry whose ids or generations no
+//!   longer match the maps is stale and never used.
+//! - `FRAG4`: LRU `{saddr, daddr, ip id, proto}` -> the ports of the datagram, filled from the
+//!   first fragment so later fragments of a translated datagram are translated too.
 //! - `STATS`: per-CPU counters indexed by `Stat`.
 //!
 //! IPv6 gets parallel `*6` maps with 16-byte addresses later; ids are shared between families.
@@ -24,6 +34,7 @@ pub mod map_names {
     pub const BACKEND4: &str = "VIPX_BACKEND4";
     pub const REVNAT4: &str = "VIPX_REVNAT4";
     pub const CT4: &str = "VIPX_CT4";
+    pub const FRAG4: &str = "VIPX_FRAG4";
     pub const STATS: &str = "VIPX_STATS";
     /// The floor program's single array (bench only).
     pub const FLOOR: &str = "VIPX_FLOOR";
@@ -31,8 +42,11 @@ pub mod map_names {
 
 /// Program names in the object file.
 pub mod prog_names {
-    /// TC ingress on the host side of a pod veth: DNAT to a backend, reverse-NAT replies.
+    /// TC ingress on the host side of a pod veth (packets leaving the pod): DNAT to a backend.
     pub const POD_INGRESS: &str = "vipx_pod_ingress";
+    /// TC egress on the host side of a pod veth (packets entering the pod, after routing and
+    /// netfilter): reverse-NAT replies, whatever backend sent them and whatever routed them.
+    pub const POD_EGRESS: &str = "vipx_pod_egress";
     /// A trivial XDP program (one array lookup, XDP_PASS): the per-packet cost floor.
     pub const FLOOR: &str = "vipx_floor";
     /// The same trivial program at the TC hook (bench only).
@@ -47,8 +61,11 @@ pub mod defaults {
     pub const REVNAT4_ENTRIES: u32 = 65_536;
     /// Two entries per flow.
     pub const CT4_ENTRIES: u32 = 524_288;
+    /// Datagrams in flight as fragments (Cilium's default is 8192).
+    pub const FRAG4_ENTRIES: u32 = 8_192;
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -121,7 +138,7 @@ pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
 
 /// Value of `BACKEND4` (an array indexed by backend id; an entry without `BACKEND_F_ACTIVE` does
-/// not exist).
+/// not exist, but keeps its `generation`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Backend4 {
@@ -129,6 +146,8 @@ pub struct Backend4 {
     pub port: [u8; 2],
     pub proto: u8,
     pub flags: u8,
+    /// Generation of this id: 0 = never used; incremented (skipping 0) on every reuse.
+    pub generation: u32,
 }
 
 impl Backend4 {
@@ -147,6 +166,8 @@ pub struct RevNat4 {
     pub addr: [u8; 4],
     pub port: [u8; 2],
     pub flags: u16,
+    /// Generation of this id, as `Backend4::generation`.
+    pub generation: u32,
 }
 
 /// Key of `CT4`: the 5-tuple exactly as the packet carries it when it reaches the program.
@@ -166,12 +187,36 @@ pub const CT_F_FORWARD: u32 = 1 << 0;
 /// Reply entry: backend -> client; SNAT back to `REVNAT4[rev_nat_id]`.
 pub const CT_F_REPLY: u32 = 1 << 1;
 
+/// Value of `CT4`. Both entries of a flow carry the same ids and generations; the forward entry
+/// is valid while the frontend's `rev_nat_id` and the backend's `generation` still match, the reply
+/// entry while the reverse-NAT entry is active with the same `generation`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtValue {
     pub backend_id: u32,
+    pub backend_gen: u32,
     pub rev_nat_id: u32,
+    pub rev_nat_gen: u32,
     pub flags: u32,
+}
+
+/// Key of `FRAG4`: what identifies the fragments of one datagram (RFC 791).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `FRAG4`: the L4 ports of the datagram as its first fragment carried them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragValue {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
 }
 
 /// Index into the per-CPU `STATS` array.
@@ -198,12 +243,25 @@ pub enum Stat {
     CtInsertFailed,
     /// Established flow whose backend disappeared: re-selected.
     BackendGone,
+    /// A conntrack entry that no longer matches its frontend or backend (ids reused, a frontend
+    /// re-created): ignored, the flow selects afresh.
+    CtStale,
+    /// A SYN that is not to a frontend removed a reply entry left on its tuple.
+    ReplyCleared,
+    /// Fragments of translated datagrams translated (both directions).
+    FragTranslated,
+    /// Non-first fragments whose first fragment was not seen: passed untouched.
+    FragMiss,
+    /// ICMP errors about a translated flow translated (outer and inner headers).
+    IcmpTranslated,
+    /// Packets the egress program (into a pod) saw.
+    EgressPackets,
 }
 
-pub const STATS_LEN: u32 = 16;
+pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 10] = [
+    pub const ALL: [Stat; 16] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -214,6 +272,12 @@ impl Stat {
         Stat::NoBackend,
         Stat::CtInsertFailed,
         Stat::BackendGone,
+        Stat::CtStale,
+        Stat::ReplyCleared,
+        Stat::FragTranslated,
+        Stat::FragMiss,
+        Stat::IcmpTranslated,
+        Stat::EgressPackets,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -228,6 +292,12 @@ impl Stat {
             Stat::NoBackend => "no_backend",
             Stat::CtInsertFailed => "ct_insert_failed",
             Stat::BackendGone => "backend_gone",
+            Stat::CtStale => "ct_stale",
+            Stat::ReplyCleared => "reply_cleared",
+            Stat::FragTranslated => "frag_translated",
+            Stat::FragMiss => "frag_miss",
+            Stat::IcmpTranslated => "icmp_translated",
+            Stat::EgressPackets => "egress_packets",
         }
     }
 }
@@ -235,10 +305,12 @@ impl Stat {
 const _: () = {
     assert!(core::mem::size_of::<SvcKey4>() == 12);
     assert!(core::mem::size_of::<SvcValue>() == 16);
-    assert!(core::mem::size_of::<Backend4>() == 8);
-    assert!(core::mem::size_of::<RevNat4>() == 8);
+    assert!(core::mem::size_of::<Backend4>() == 12);
+    assert!(core::mem::size_of::<RevNat4>() == 12);
     assert!(core::mem::size_of::<CtKey4>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 12);
+    assert!(core::mem::size_of::<CtValue>() == 20);
+    assert!(core::mem::size_of::<FragKey4>() == 12);
+    assert!(core::mem::size_of::<FragValue>() == 4);
     assert!((Stat::ALL.len() as u32) <= STATS_LEN);
 };
 
@@ -252,6 +324,8 @@ mod user {
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for CtKey4 {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey4 {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]

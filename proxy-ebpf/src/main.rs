@@ -344,7 +344,9 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
 
     let fwd = CtValue {
         backend_id,
+        backend_gen: b.generation,
         rev_nat_id: svc.rev_nat_id,
+        rev_nat_gen: 0,
         flags: CT_F_FORWARD,
     };
     let reply_key = CtKey4 {

@@ -378,6 +378,7 @@ impl MapWriter {
                     port: addr.port.to_be_bytes(),
                     proto: addr.proto,
                     flags,
+                    generation: 1,
                 };
                 self.maps
                     .backend
@@ -410,6 +411,7 @@ impl MapWriter {
                     addr: fe.addr.octets(),
                     port: fe.port.to_be_bytes(),
                     flags: REVNAT_F_ACTIVE,
+                    generation: 1,
                 };
                 self.maps
                     .revnat
