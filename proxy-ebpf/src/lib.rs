@@ -20,7 +20,24 @@ pub const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 
+/// Offsets inside the IPv4 header.
+pub const IP_ID_OFF: usize = 4;
+pub const IP_FRAG_OFF: usize = 6;
+pub const IP_PROTO_OFF: usize = 9;
+
+/// ICMP: header length, checksum offset, and the error types that quote the offending packet.
+pub const ICMP_HLEN: usize = 8;
+pub const ICMP_CSUM_OFF: usize = 2;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// An ICMP error quotes the offending IP header and at least the first 8 bytes of its payload
+/// (RFC 792): enough for the ports, not always for the TCP checksum.
+pub const ICMP_QUOTED_L4: usize = 8;
+
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// IPv4 header length in bytes from the version/IHL byte, or `None` when it is not a valid
@@ -34,11 +51,26 @@ pub const fn ipv4_header_len(version_ihl: u8) -> Option<usize> {
     if ihl < 5 { None } else { Some(ihl * 4) }
 }
 
-/// True for any fragment (MF set or non-zero offset). Only the first fragment carries ports, so
-/// the program leaves every fragment alone rather than translating some pieces of a datagram.
+/// True for any fragment (MF set or non-zero offset).
 #[inline(always)]
 pub const fn is_fragment(frag_off_be: [u8; 2]) -> bool {
     (u16::from_be_bytes(frag_off_be) & 0x3fff) != 0
+}
+
+/// True for a fragment other than the first (non-zero offset): it carries no L4 header, so its
+/// ports come from what the first fragment recorded.
+#[inline(always)]
+pub const fn is_later_fragment(frag_off_be: [u8; 2]) -> bool {
+    (u16::from_be_bytes(frag_off_be) & 0x1fff) != 0
+}
+
+/// ICMP types whose payload quotes the packet that caused them (and so name a flow).
+#[inline(always)]
+pub const fn is_icmp_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    )
 }
 
 /// A SYN without ACK: the only TCP packet that should open a flow.
@@ -108,6 +140,18 @@ pub const fn csum_replace4(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2
     sum += (!u16::from_be_bytes([old[2], old[3]])) as u32;
     sum += u16::from_be_bytes([new[0], new[1]]) as u32;
     sum += u16::from_be_bytes([new[2], new[3]]) as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// RFC 1624 incremental update for a 2-byte field (a port, or another checksum), as
+/// [`csum_replace4`]. The field must sit at an even offset from the start of the checksummed data.
+#[inline(always)]
+pub const fn csum_replace2(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
+    let mut sum = (!u16::from_be_bytes(check)) as u32;
+    sum += (!u16::from_be_bytes(old)) as u32;
+    sum += u16::from_be_bytes(new) as u32;
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
@@ -210,6 +254,44 @@ mod tests {
             hdr[10..12].copy_from_slice(&check);
             assert_eq!(csum_fold(&hdr, 0), 0, "after rewriting to {new:?}");
         }
+    }
+
+    #[test]
+    fn fragment_kinds() {
+        assert!(!is_later_fragment([0x20, 0x00])); // first: MF, offset 0
+        assert!(is_later_fragment([0x20, 0xb9])); // middle
+        assert!(is_later_fragment([0x00, 0xb9])); // last
+        assert!(!is_later_fragment([0x40, 0x00]));
+    }
+
+    #[test]
+    fn incremental_csum2_matches_full_recompute() {
+        // An ICMP message: rewriting a quoted port and a quoted checksum keeps it valid.
+        let mut msg = [
+            3u8, 3, 0, 0, 0, 0, 0, 0, 0x9c, 0x40, 0x13, 0x88, 0x01, 0x02, 0x03, 0x04,
+        ];
+        let c = csum_fold(&msg, 0).to_be_bytes();
+        msg[2..4].copy_from_slice(&c);
+        assert_eq!(csum_fold(&msg, 0), 0);
+        for (off, new) in [(10usize, [0, 80]), (12, [0xff, 0xff]), (14, [0, 0])] {
+            let old = [msg[off], msg[off + 1]];
+            let check = csum_replace2([msg[2], msg[3]], old, new);
+            msg[off..off + 2].copy_from_slice(&new);
+            msg[2..4].copy_from_slice(&check);
+            assert_eq!(
+                csum_fold(&msg, 0),
+                0,
+                "after rewriting offset {off} to {new:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn icmp_errors() {
+        assert!(is_icmp_error(ICMP_DEST_UNREACH));
+        assert!(is_icmp_error(ICMP_TIME_EXCEEDED));
+        assert!(!is_icmp_error(0)); // echo reply
+        assert!(!is_icmp_error(8)); // echo request
     }
 
     #[test]

@@ -1,22 +1,35 @@
-//! vipx kernel programs. The entry points stay thin; `pod_ingress` reads top to bottom:
-//! parse -> conntrack -> service lookup and backend choice -> rewrite -> verdict.
+//! vipx kernel programs. The entry points stay thin and each reads top to bottom:
+//! - `vipx_pod_ingress` (packets leaving a pod): parse -> frontend lookup -> conntrack (validated
+//!   against the frontend and the backend's generation) or backend choice -> DNAT -> next.
+//! - `vipx_pod_egress` (packets entering a pod, after routing and netfilter): parse -> reply
+//!   conntrack entry -> reverse NAT (also of fragments and of ICMP errors quoting the flow) -> next.
+//!
+//! Reverse NAT sits on the way into the client rather than where the reply enters the node, so it
+//! works whatever the backend is (a local pod, a pod on another node, the host network) and the
+//! host stack in between sees one consistent flow `client -> backend` and back: strict rp_filter
+//! passes the reply (its source is the backend it came from) and netfilter conntrack never sees a
+//! reply from the VIP, which kube-proxy's and Calico's `ct state invalid` rules would drop.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action,
+    },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
-    RevNat4, SCOPE_EXTERNAL, STATS_LEN, Stat, SvcKey4, SvcValue, defaults,
+    Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue, FragKey4, FragValue, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, Stat, SvcKey4,
+    SvcValue, defaults,
 };
 use vipx_ebpf::{
-    ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
-    L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace4,
-    flow_hash, ipv4_header_len, is_fragment, is_tcp_syn, pick_slot,
+    ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_HLEN, ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF,
+    IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF,
+    TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2, csum_replace4, flow_hash, ipv4_header_len,
+    is_fragment, is_icmp_error, is_later_fragment, is_tcp_syn, pick_slot,
 };
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
@@ -35,11 +48,21 @@ static REVNAT4: Array<RevNat4> = Array::pinned(defaults::REVNAT4_ENTRIES, 0);
 // (660 vs 460 ns/SYN), its smaller per-CPU free lists evicting more often.
 static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(defaults::CT4_ENTRIES, 0);
 
+// Not pinned: a datagram's fragments arrive within milliseconds, nothing to keep across restarts.
+#[map(name = "VIPX_FRAG4")]
+static FRAG4: LruHashMap<FragKey4, FragValue> =
+    LruHashMap::with_max_entries(defaults::FRAG4_ENTRIES, 0);
+
 #[map(name = "VIPX_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
 #[map(name = "VIPX_FLOOR")]
 static FLOOR: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The verdict for every packet vipx lets through, translated or not: "next", so that tcx
+/// programs after vipx and legacy clsact filters (a CNI's) still run. `TC_ACT_OK` would end the
+/// chain.
+const NEXT: i32 = TC_ACT_UNSPEC;
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -48,6 +71,11 @@ fn count(stat: Stat) {
         unsafe { *p += 1 };
     }
 }
+
+/// Not a fragment, the first fragment (has the L4 header), or a later one (ports from `FRAG4`).
+const FRAG_NONE: u8 = 0;
+const FRAG_FIRST: u8 = 1;
+const FRAG_LATER: u8 = 2;
 
 /// The headers the pipeline needs, copied out of the packet.
 struct Flow {
@@ -59,6 +87,8 @@ struct Flow {
     dport: [u8; 2],
     proto: u8,
     tcp_flags: u8,
+    ip_id: [u8; 2],
+    frag: u8,
 }
 
 impl Flow {
@@ -73,11 +103,83 @@ impl Flow {
             _pad: [0; 3],
         }
     }
+
+    /// The key of the other direction of this tuple.
+    #[inline(always)]
+    fn reverse_ct_key(&self) -> CtKey4 {
+        CtKey4 {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    fn frag_key(&self) -> FragKey4 {
+        FragKey4 {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            id: self.ip_id,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// A later fragment takes its ports from what the first fragment recorded; `false` when
+    /// nothing was recorded (not a translated datagram, or fragments out of order).
+    #[inline(always)]
+    fn resolve_ports(&mut self) -> bool {
+        if self.frag != FRAG_LATER {
+            return true;
+        }
+        match FRAG4.get_ptr(&self.frag_key()) {
+            Some(v) => {
+                // SAFETY: value pointer from a successful lookup; copied out at once.
+                let v = unsafe { *v };
+                self.sport = v.sport;
+                self.dport = v.dport;
+                true
+            }
+            None => {
+                count(Stat::FragMiss);
+                false
+            }
+        }
+    }
+
+    /// The first fragment of a datagram being translated leaves its ports for the rest. Keyed
+    /// by the addresses before translation, as the later fragments arrive.
+    #[inline(always)]
+    fn record_first_fragment(&self) {
+        if self.frag == FRAG_FIRST {
+            let v = FragValue {
+                sport: self.sport,
+                dport: self.dport,
+            };
+            let _ = FRAG4.insert(&self.frag_key(), &v, 0);
+        }
+    }
+}
+
+/// An ICMP error whose quoted packet is TCP or UDP, as it reaches the program.
+struct IcmpError {
+    l4_off: usize,
+    inner_off: usize,
+    outer_saddr: [u8; 4],
+    inner_saddr: [u8; 4],
+    inner_daddr: [u8; 4],
+    inner_sport: [u8; 2],
+    inner_dport: [u8; 2],
+    inner_proto: u8,
 }
 
 enum Parse {
     Flow(Flow),
-    /// Not something vipx translates (not IPv4 TCP/UDP, or a fragment).
+    Icmp(IcmpError),
+    /// Not something vipx translates (not IPv4 TCP/UDP, ICMP that is not an error).
     Other,
     /// Headers cut short or inconsistent.
     Malformed,
@@ -85,13 +187,13 @@ enum Parse {
 
 /// Bounds-checked pointer into the linear packet data.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + off) as *const T)
+    Some((start + off) as *mut T)
 }
 
 #[inline(always)]
@@ -115,19 +217,40 @@ fn parse(ctx: &TcContext) -> Parse {
     if total_len < ihl {
         return Parse::Malformed;
     }
-    if is_fragment([ip[6], ip[7]]) {
-        return Parse::Other;
-    }
     let proto = ip[9];
+    let l4_off = ETH_HLEN + ihl;
+    let mut flow = Flow {
+        l4_off,
+        csum_off: 0,
+        saddr: [ip[12], ip[13], ip[14], ip[15]],
+        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        sport: [0; 2],
+        dport: [0; 2],
+        proto,
+        tcp_flags: 0,
+        ip_id: [ip[4], ip[5]],
+        frag: FRAG_NONE,
+    };
+    let frag_off = [ip[6], ip[7]];
+    if is_fragment(frag_off) {
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Parse::Other;
+        }
+        if is_later_fragment(frag_off) {
+            flow.frag = FRAG_LATER;
+            return Parse::Flow(flow);
+        }
+        flow.frag = FRAG_FIRST;
+    }
     let (l4_len, csum) = match proto {
         IPPROTO_TCP => (TCP_MIN_HLEN, TCP_CSUM_OFF),
         IPPROTO_UDP => (UDP_HLEN, UDP_CSUM_OFF),
+        IPPROTO_ICMP => return parse_icmp(ctx, l4_off, flow.saddr),
         _ => return Parse::Other,
     };
     if total_len < ihl + l4_len {
         return Parse::Malformed;
     }
-    let l4_off = ETH_HLEN + ihl;
     // Checked against both the linear data and the IP total length: a packet whose IP header
     // claims less than a full L4 header is never rewritten.
     let Some(l4) = ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off) else {
@@ -135,24 +258,51 @@ fn parse(ctx: &TcContext) -> Parse {
     };
     // SAFETY: bounds checked by ptr_at.
     let (sport, dport) = unsafe { ([(*l4)[0], (*l4)[1]], [(*l4)[2], (*l4)[3]]) };
-    let tcp_flags = if proto == IPPROTO_TCP {
+    if proto == IPPROTO_TCP {
         let Some(tcp) = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l4_off) else {
             return Parse::Malformed;
         };
         // SAFETY: bounds checked by ptr_at.
-        unsafe { (*tcp)[TCP_FLAGS_OFF] }
-    } else {
-        0
+        flow.tcp_flags = unsafe { (*tcp)[TCP_FLAGS_OFF] };
+    }
+    flow.csum_off = l4_off + csum;
+    flow.sport = sport;
+    flow.dport = dport;
+    Parse::Flow(flow)
+}
+
+/// An ICMP error quoting a TCP or UDP packet (an IPv4 header without options and the first 8
+/// bytes of its L4 header: the ports). Anything else is not vipx's.
+#[inline(always)]
+fn parse_icmp(ctx: &TcContext, l4_off: usize, outer_saddr: [u8; 4]) -> Parse {
+    let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, l4_off) else {
+        return Parse::Other;
     };
-    Parse::Flow(Flow {
+    // SAFETY: bounds checked by ptr_at.
+    if !is_icmp_error(unsafe { (*icmp)[0] }) {
+        return Parse::Other;
+    }
+    let inner_off = l4_off + ICMP_HLEN;
+    let Some(inner) = ptr_at::<[u8; IPV4_MIN_HLEN + ICMP_QUOTED_L4]>(ctx, inner_off) else {
+        return Parse::Other;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    let proto = inner[9];
+    // Quoted headers with options are rare enough to leave alone.
+    if inner[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return Parse::Other;
+    }
+    let l4 = IPV4_MIN_HLEN;
+    Parse::Icmp(IcmpError {
         l4_off,
-        csum_off: l4_off + csum,
-        saddr: [ip[12], ip[13], ip[14], ip[15]],
-        daddr: [ip[16], ip[17], ip[18], ip[19]],
-        sport,
-        dport,
-        proto,
-        tcp_flags,
+        inner_off,
+        outer_saddr,
+        inner_saddr: [inner[12], inner[13], inner[14], inner[15]],
+        inner_daddr: [inner[16], inner[17], inner[18], inner[19]],
+        inner_sport: [inner[l4], inner[l4 + 1]],
+        inner_dport: [inner[l4 + 2], inner[l4 + 3]],
+        inner_proto: proto,
     })
 }
 
@@ -168,13 +318,30 @@ fn parse_pulling(ctx: &TcContext) -> Parse {
             }
             parse(ctx)
         }
+        Parse::Other if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN <= ctx.data_end() => {
+            // An ICMP error quotes a second header set; make sure it is linear too.
+            let want = (ETH_HLEN + 60 + ICMP_HLEN + IPV4_MIN_HLEN + TCP_MIN_HLEN)
+                .min(ctx.len() as usize) as u32;
+            let Some(proto) = ptr_at::<u8>(ctx, ETH_HLEN + 9) else {
+                return Parse::Other;
+            };
+            // SAFETY: bounds checked by ptr_at.
+            if unsafe { *proto } != IPPROTO_ICMP
+                || ctx.data() + want as usize <= ctx.data_end()
+                || ctx.pull_data(want).is_err()
+            {
+                return Parse::Other;
+            }
+            parse(ctx)
+        }
         p => p,
     }
 }
 
 /// The one place that owns checksum rules: rewrite an address and a port of a TCP/UDP packet,
 /// fixing the IPv4 header checksum and the L4 checksum (including the pseudo-header; a UDP
-/// checksum of 0 means "none" and stays 0).
+/// checksum of 0 means "none" and stays 0). A later fragment has no L4 header: only its address
+/// changes (the first fragment's L4 checksum already covers the whole datagram).
 ///
 /// The IPv4 header checksum is always complete, so the address, the port and that checksum are
 /// written directly. The L4 checksum goes through `bpf_l4_csum_replace`: only the kernel knows
@@ -191,10 +358,9 @@ fn rewrite(
     old_port: [u8; 2],
     new_port: [u8; 2],
 ) -> Result<(), i64> {
-    let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN).ok_or(-1i64)? as *mut [u8; IPV4_MIN_HLEN];
-    let ports = ptr_at::<[u8; 4]>(ctx, flow.l4_off).ok_or(-1i64)? as *mut [u8; 4];
-    // SAFETY: both pointers were bounds-checked just above, after the last helper call that
-    // could have moved packet data; TC programs may write packet data directly.
+    let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN).ok_or(-1i64)?;
+    // SAFETY: bounds-checked just above, after the last helper call that could have moved
+    // packet data; TC programs may write packet data directly.
     unsafe {
         let check = csum_replace4(
             [(*ip)[IP_CSUM_OFF], (*ip)[IP_CSUM_OFF + 1]],
@@ -207,6 +373,13 @@ fn rewrite(
         (*ip)[addr_off + 1] = new_addr[1];
         (*ip)[addr_off + 2] = new_addr[2];
         (*ip)[addr_off + 3] = new_addr[3];
+    }
+    if flow.frag == FRAG_LATER {
+        return Ok(());
+    }
+    let ports = ptr_at::<[u8; 4]>(ctx, flow.l4_off).ok_or(-1i64)?;
+    // SAFETY: as above.
+    unsafe {
         (*ports)[port_off] = new_port[0];
         (*ports)[port_off + 1] = new_port[1];
     }
@@ -232,6 +405,7 @@ fn rewrite(
 
 #[inline(always)]
 fn dnat(ctx: &mut TcContext, flow: &Flow, backend: &Backend4) -> i32 {
+    flow.record_first_fragment();
     match rewrite(
         ctx,
         flow,
@@ -242,7 +416,7 @@ fn dnat(ctx: &mut TcContext, flow: &Flow, backend: &Backend4) -> i32 {
         flow.dport,
         backend.port,
     ) {
-        Ok(()) => TC_ACT_OK,
+        Ok(()) => NEXT,
         // A half-rewritten packet must not leave: its checksums may no longer match.
         Err(_) => TC_ACT_SHOT,
     }
@@ -250,6 +424,7 @@ fn dnat(ctx: &mut TcContext, flow: &Flow, backend: &Backend4) -> i32 {
 
 #[inline(always)]
 fn snat_reply(ctx: &mut TcContext, flow: &Flow, rev: &RevNat4) -> i32 {
+    flow.record_first_fragment();
     match rewrite(
         ctx,
         flow,
@@ -260,11 +435,12 @@ fn snat_reply(ctx: &mut TcContext, flow: &Flow, rev: &RevNat4) -> i32 {
         flow.sport,
         rev.port,
     ) {
-        Ok(()) => TC_ACT_OK,
+        Ok(()) => NEXT,
         Err(_) => TC_ACT_SHOT,
     }
 }
 
+/// The backend a forward entry names, if it is still the same backend (same generation).
 #[inline(always)]
 fn backend(id: u32) -> Option<Backend4> {
     match BACKEND4.get(id) {
@@ -273,55 +449,89 @@ fn backend(id: u32) -> Option<Backend4> {
     }
 }
 
-/// TC ingress on the host side of a pod's veth.
+/// The frontend a reply entry restores, if its reverse-NAT id still means the same frontend.
+#[inline(always)]
+fn reply_revnat(ct: &CtValue) -> Option<RevNat4> {
+    if ct.flags & CT_F_REPLY == 0 {
+        return None;
+    }
+    match REVNAT4.get(ct.rev_nat_id) {
+        Some(r) if r.flags & REVNAT_F_ACTIVE != 0 && r.generation == ct.rev_nat_gen => Some(*r),
+        _ => None,
+    }
+}
+
+/// TC ingress on the host side of a pod's veth: packets the pod sends.
 #[classifier]
 pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     count(Stat::Packets);
-    let flow = match parse_pulling(&ctx) {
+    let mut flow = match parse_pulling(&ctx) {
         Parse::Flow(f) => f,
-        Parse::Other => {
+        Parse::Icmp(_) | Parse::Other => {
             count(Stat::NotHandled);
-            return TC_ACT_OK;
+            return NEXT;
         }
         Parse::Malformed => {
             count(Stat::Malformed);
-            return TC_ACT_OK;
+            return NEXT;
         }
     };
-
-    // Established flows, either direction: one lookup. A SYN always selects afresh (as in
-    // Katran): the hash is deterministic, so a retransmitted SYN lands on the same backend, and a
-    // new connection reusing a port is balanced over the current backends.
-    let ct_key = flow.ct_key();
-    let syn = flow.proto == IPPROTO_TCP && is_tcp_syn(flow.tcp_flags);
-    if let Some(ct) = if syn { None } else { CT4.get_ptr(&ct_key) } {
-        // SAFETY: value pointer from a successful lookup; copied out at once.
-        let ct = unsafe { *ct };
-        if ct.flags & CT_F_REPLY != 0 {
-            if let Some(rev) = REVNAT4.get(ct.rev_nat_id) {
-                if rev.flags & REVNAT_F_ACTIVE != 0 {
-                    count(Stat::CtReply);
-                    let rev = *rev;
-                    return snat_reply(&mut ctx, &flow, &rev);
-                }
-            }
-            return TC_ACT_OK;
-        }
-        if let Some(b) = backend(ct.backend_id) {
-            count(Stat::CtForward);
-            return dnat(&mut ctx, &flow, &b);
-        }
-        // The backend went away: fall through and pick a live one.
-        count(Stat::BackendGone);
+    if !flow.resolve_ports() {
+        return NEXT;
     }
+    let syn = flow.proto == IPPROTO_TCP && is_tcp_syn(flow.tcp_flags);
 
-    // A new flow, if it is addressed to a frontend.
+    // The frontend first (as Katran and Cilium do): a conntrack entry is only trusted for the
+    // frontend it was made for.
     let svc_key = SvcKey4::from_wire(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(&svc_key) else {
-        return TC_ACT_OK;
+        // A new connection straight to a pod may reuse the tuple of an earlier one through a
+        // frontend (bootstrap through the ClusterIP, then dial the pod): the reply entry left
+        // by that one would rewrite this connection's replies to the VIP.
+        if syn && CT4.remove(&flow.reverse_ct_key()).is_ok() {
+            count(Stat::ReplyCleared);
+        }
+        return NEXT;
     };
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let svc = unsafe { *svc };
+
+    // Established flows. A SYN always selects afresh (as in Katran): the hash is deterministic,
+    // so a retransmitted SYN lands on the same backend, and a new connection reusing a port is
+    // balanced over the current backends.
+    let ct_key = flow.ct_key();
+    if !syn {
+        if let Some(ct) = CT4.get_ptr(&ct_key) {
+            // SAFETY: value pointer from a successful lookup; copied out at once.
+            let ct = unsafe { *ct };
+            if ct.flags & CT_F_FORWARD != 0 && ct.rev_nat_id == svc.rev_nat_id {
+                match backend(ct.backend_id) {
+                    Some(b) if b.generation == ct.backend_gen => {
+                        count(if flow.frag == FRAG_LATER {
+                            Stat::FragTranslated
+                        } else {
+                            Stat::CtForward
+                        });
+                        return dnat(&mut ctx, &flow, &b);
+                    }
+                    // The id now names another backend: never follow it.
+                    Some(_) => count(Stat::CtStale),
+                    // The backend went away: pick a live one.
+                    None => count(Stat::BackendGone),
+                }
+            } else {
+                // Made for another frontend that had this address before.
+                count(Stat::CtStale);
+            }
+        }
+    }
+    if flow.frag == FRAG_LATER {
+        // Its first fragment would have made the entry; without it there is nothing to follow.
+        count(Stat::FragMiss);
+        return NEXT;
+    }
+
+    // A new flow.
     if svc.count == 0 {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
@@ -341,12 +551,16 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
     };
+    let rev_nat_gen = match REVNAT4.get(svc.rev_nat_id) {
+        Some(r) => r.generation,
+        None => 0,
+    };
 
     let fwd = CtValue {
         backend_id,
         backend_gen: b.generation,
         rev_nat_id: svc.rev_nat_id,
-        rev_nat_gen: 0,
+        rev_nat_gen,
         flags: CT_F_FORWARD,
     };
     let reply_key = CtKey4 {
@@ -361,12 +575,145 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         flags: CT_F_REPLY,
         ..fwd
     };
-    // Reply entry first: once the forward entry exists, the backend may answer at once.
-    if CT4.insert(&reply_key, &reply, 0).is_err() || CT4.insert(&ct_key, &fwd, 0).is_err() {
+    // Reply entry first: once the forward entry exists, the backend may answer at once. Without
+    // it the backend's answer would reach the client from the backend's own address: fail
+    // closed instead (the client retransmits).
+    if CT4.insert(&reply_key, &reply, 0).is_err() {
+        count(Stat::CtInsertFailed);
+        return TC_ACT_SHOT;
+    }
+    if CT4.insert(&ct_key, &fwd, 0).is_err() {
+        // Later packets select again with the same hash; the reply entry is in place.
         count(Stat::CtInsertFailed);
     }
     count(Stat::NewFlows);
     dnat(&mut ctx, &flow, &b)
+}
+
+/// TC egress on the host side of a pod's veth: packets about to enter the pod.
+#[classifier]
+pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
+    count(Stat::EgressPackets);
+    match parse_pulling(&ctx) {
+        Parse::Flow(mut flow) => {
+            if !flow.resolve_ports() {
+                return NEXT;
+            }
+            let key = flow.ct_key();
+            let Some(ct) = CT4.get_ptr(&key) else {
+                return NEXT;
+            };
+            // SAFETY: value pointer from a successful lookup; copied out at once.
+            let ct = unsafe { *ct };
+            if ct.flags & CT_F_REPLY == 0 {
+                return NEXT;
+            }
+            let Some(rev) = reply_revnat(&ct) else {
+                // Its frontend is gone or the id names another one now.
+                count(Stat::CtStale);
+                let _ = CT4.remove(&key);
+                return NEXT;
+            };
+            count(if flow.frag == FRAG_LATER {
+                Stat::FragTranslated
+            } else {
+                Stat::CtReply
+            });
+            snat_reply(&mut ctx, &flow, &rev)
+        }
+        Parse::Icmp(err) => icmp_reply(&mut ctx, &err),
+        Parse::Other | Parse::Malformed => NEXT,
+    }
+}
+
+/// An ICMP error about a translated flow, on its way to the client: the quoted packet is the
+/// client's, as the backend (or a router before it) saw it, `client -> backend`. Restore the
+/// frontend in the quote (address, port, the quote's IP and L4 checksums) and, when the backend
+/// itself sent the error, in the outer source; fix the ICMP checksum, which covers the quote.
+/// So PMTU discovery and ECONNREFUSED work through a Service.
+#[inline(always)]
+fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
+    let key = CtKey4 {
+        saddr: err.inner_daddr,
+        daddr: err.inner_saddr,
+        sport: err.inner_dport,
+        dport: err.inner_sport,
+        proto: err.inner_proto,
+        _pad: [0; 3],
+    };
+    let Some(ct) = CT4.get_ptr(&key) else {
+        return NEXT;
+    };
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let ct = unsafe { *ct };
+    let Some(rev) = reply_revnat(&ct) else {
+        return NEXT;
+    };
+    let Some(ip) = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN) else {
+        return NEXT;
+    };
+    let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, err.l4_off) else {
+        return NEXT;
+    };
+    let Some(inner) = ptr_at::<[u8; IPV4_MIN_HLEN + ICMP_QUOTED_L4]>(ctx, err.inner_off) else {
+        return NEXT;
+    };
+    let l4 = IPV4_MIN_HLEN;
+    let l4_csum = if err.inner_proto == IPPROTO_TCP {
+        TCP_CSUM_OFF
+    } else {
+        UDP_CSUM_OFF
+    };
+    // The quoted L4 checksum is only there when the quote is long enough (always for UDP).
+    let quoted_csum = ptr_at::<[u8; 2]>(ctx, err.inner_off + l4 + l4_csum);
+    // SAFETY: every pointer was bounds-checked just above and no helper has run since.
+    unsafe {
+        let mut icmp_check = [(*icmp)[ICMP_CSUM_OFF], (*icmp)[ICMP_CSUM_OFF + 1]];
+        if let Some(c) = quoted_csum {
+            let old = *c;
+            if !(err.inner_proto == IPPROTO_UDP && old == [0, 0]) {
+                let mut new = csum_replace4(old, err.inner_daddr, rev.addr);
+                new = csum_replace2(new, err.inner_dport, rev.port);
+                if err.inner_proto == IPPROTO_UDP && new == [0, 0] {
+                    new = [0xff, 0xff];
+                }
+                *c = new;
+                icmp_check = csum_replace2(icmp_check, old, new);
+            }
+        }
+        let old_inner_check = [(*inner)[IP_CSUM_OFF], (*inner)[IP_CSUM_OFF + 1]];
+        let new_inner_check = csum_replace4(old_inner_check, err.inner_daddr, rev.addr);
+        (*inner)[IP_CSUM_OFF] = new_inner_check[0];
+        (*inner)[IP_CSUM_OFF + 1] = new_inner_check[1];
+        (*inner)[IP_DADDR_OFF] = rev.addr[0];
+        (*inner)[IP_DADDR_OFF + 1] = rev.addr[1];
+        (*inner)[IP_DADDR_OFF + 2] = rev.addr[2];
+        (*inner)[IP_DADDR_OFF + 3] = rev.addr[3];
+        (*inner)[l4 + 2] = rev.port[0];
+        (*inner)[l4 + 3] = rev.port[1];
+        icmp_check = csum_replace2(icmp_check, old_inner_check, new_inner_check);
+        icmp_check = csum_replace4(icmp_check, err.inner_daddr, rev.addr);
+        icmp_check = csum_replace2(icmp_check, err.inner_dport, rev.port);
+        (*icmp)[ICMP_CSUM_OFF] = icmp_check[0];
+        (*icmp)[ICMP_CSUM_OFF + 1] = icmp_check[1];
+        // From the backend itself (port unreachable): it must look as if the frontend said it.
+        // From a router on the way (fragmentation needed): its own address stays.
+        if err.outer_saddr == err.inner_daddr {
+            let check = csum_replace4(
+                [(*ip)[IP_CSUM_OFF], (*ip)[IP_CSUM_OFF + 1]],
+                err.outer_saddr,
+                rev.addr,
+            );
+            (*ip)[IP_CSUM_OFF] = check[0];
+            (*ip)[IP_CSUM_OFF + 1] = check[1];
+            (*ip)[IP_SADDR_OFF] = rev.addr[0];
+            (*ip)[IP_SADDR_OFF + 1] = rev.addr[1];
+            (*ip)[IP_SADDR_OFF + 2] = rev.addr[2];
+            (*ip)[IP_SADDR_OFF + 3] = rev.addr[3];
+        }
+    }
+    count(Stat::IcmpTranslated);
+    NEXT
 }
 
 /// The floor: the cheapest program that still touches a map.

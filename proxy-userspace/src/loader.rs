@@ -12,7 +12,10 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    },
 };
 use proxy_common::{STATS_LEN, Stat, defaults, map_names, prog_names};
 
@@ -169,17 +172,31 @@ pub fn read_stats(ebpf: &Ebpf) -> Result<Vec<(Stat, u64)>> {
     Ok(out)
 }
 
-/// The pod program attached to a set of interfaces (tcx on kernels >= 6.6).
+/// The pod programs attached to a set of interfaces (tcx on kernels >= 6.6): ingress on the host
+/// side of a pod veth sees what the pod sends (DNAT), egress what it receives (reverse NAT).
 pub struct Attachments {
-    links: BTreeMap<String, SchedClassifierLinkId>,
+    links: BTreeMap<String, [SchedClassifierLinkId; 2]>,
+    tcx: bool,
 }
 
+/// Each program and the direction it is attached in.
+const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (prog_names::POD_INGRESS, TcAttachType::Ingress),
+    (prog_names::POD_EGRESS, TcAttachType::Egress),
+];
+
 impl Attachments {
-    /// Load (verify) the pod program so it can be attached.
+    /// Load (verify) the pod programs so they can be attached.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
-        prog(ebpf)?.load().context("verifying the pod program")?;
+        for (name, _) in POD_PROGRAMS {
+            prog(ebpf, name)?
+                .load()
+                .with_context(|| format!("verifying {name}"))?;
+        }
         Ok(Self {
             links: BTreeMap::new(),
+            tcx: aya::util::KernelVersion::current()
+                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)),
         })
     }
 
@@ -191,27 +208,48 @@ impl Attachments {
         self.links.keys().map(String::as_str)
     }
 
+    /// Attach both programs, first in their tcx chains so the programs a CNI attaches after vipx
+    /// see translated packets (as they would behind kube-proxy's DNAT). vipx passes every packet
+    /// it does not drop on to them ("next").
     pub fn attach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
-        let p = prog(ebpf)?;
-        // Kernels before tcx need the clsact qdisc; it is harmless when it already exists.
-        if !aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-        {
+        if !self.tcx {
+            // Kernels before tcx need the clsact qdisc; it is harmless when it already exists.
             let _ = aya::programs::tc::qdisc_add_clsact(iface);
         }
-        let id = p
-            .attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching to {iface} ingress"))?;
-        self.links.insert(iface.to_owned(), id);
+        let mut ids = Vec::with_capacity(2);
+        for (name, dir) in POD_PROGRAMS {
+            let options = if self.tcx {
+                TcAttachOptions::TcxOrder(LinkOrder::first())
+            } else {
+                TcAttachOptions::Netlink(NlOptions::default())
+            };
+            match prog(ebpf, name)?.attach_with_options(iface, dir, options) {
+                Ok(id) => ids.push((name, id)),
+                Err(e) => {
+                    // Never leave one direction without the other.
+                    for (name, id) in ids {
+                        let _ = prog(ebpf, name)?.detach(id);
+                    }
+                    return Err(e).with_context(|| format!("attaching {name} to {iface} {dir:?}"));
+                }
+            }
+        }
+        let mut ids = ids.into_iter().map(|(_, id)| id);
+        let (Some(ingress), Some(egress)) = (ids.next(), ids.next()) else {
+            bail!("attaching to {iface}: expected two links");
+        };
+        self.links.insert(iface.to_owned(), [ingress, egress]);
         Ok(())
     }
 
     /// Forget an interface that disappeared (its links went with it) or detach from one.
     pub fn detach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
-        if let Some(id) = self.links.remove(iface) {
-            prog(ebpf)?
-                .detach(id)
-                .with_context(|| format!("detaching from {iface}"))?;
+        if let Some(ids) = self.links.remove(iface) {
+            for ((name, _), id) in POD_PROGRAMS.into_iter().zip(ids) {
+                prog(ebpf, name)?
+                    .detach(id)
+                    .with_context(|| format!("detaching {name} from {iface}"))?;
+            }
         }
         Ok(())
     }
@@ -225,10 +263,10 @@ impl Attachments {
     }
 }
 
-fn prog(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
     let p = ebpf
-        .program_mut(prog_names::POD_INGRESS)
-        .context("pod program missing from the object")?;
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?;
     Ok(p.try_into()?)
 }
 

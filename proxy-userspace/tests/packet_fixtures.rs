@@ -1,6 +1,7 @@
-//! Packet fixtures through BPF_PROG_TEST_RUN on the real compiled pod program, with maps filled
-//! by the real map writer. Each fixture: {description, input packet, expected verdict, expected
-//! output}; rewritten fields are asserted and checksums recomputed independently (etherparse).
+//! Packet fixtures through BPF_PROG_TEST_RUN on the real compiled pod programs (ingress: what a
+//! pod sends; egress: what it receives), with maps filled by the real map writer. Each fixture:
+//! {description, program, input packet, expected verdict, expected output}; rewritten fields are
+//! asserted and checksums recomputed independently (etherparse, and a plain RFC 1071 sum here).
 
 use std::{
     net::Ipv4Addr,
@@ -8,6 +9,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use aya::maps::{Array, HashMap, MapData};
 use aya::{
     Ebpf, TestRunOptions,
     programs::{SchedClassifier, TestRun as _},
@@ -15,15 +17,22 @@ use aya::{
 use etherparse::{
     EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader,
 };
-use proxy_common::{BACKEND_F_ACTIVE, CtKey4, IPPROTO_TCP, IPPROTO_UDP, prog_names};
+use proxy_common::{
+    BACKEND_F_ACTIVE, Backend4, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, Stat, map_names,
+    prog_names,
+};
 use vipx::{
     desired::{Protocol, ServicePortName},
     loader::{self, MapSizes},
     maps::{L4Addr, MapWriter, Target, TargetFrontend},
 };
 
-const TC_ACT_OK: i32 = 0;
+/// TC_ACT_UNSPEC: vipx passes every packet it does not drop on to the next program.
+const NEXT: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
+
+const INGRESS: &str = prog_names::POD_INGRESS;
+const EGRESS: &str = prog_names::POD_EGRESS;
 
 const CLIENT: [u8; 4] = [198, 18, 64, 2];
 const VIP: [u8; 4] = [198, 19, 0, 10];
@@ -31,17 +40,22 @@ const VIP_EMPTY: [u8; 4] = [198, 19, 0, 11];
 const BE1: [u8; 4] = [198, 18, 64, 11];
 const BE2: [u8; 4] = [198, 18, 64, 12];
 
+/// A test that cannot load programs fails, unless skipping was asked for explicitly
+/// (`VIPX_SKIP_PRIVILEGED=1`), which CI refuses.
 fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set but this test cannot load BPF programs (not root)"
-        );
-        eprintln!("skipping: needs root (CAP_BPF, CAP_NET_ADMIN)");
+    if root {
+        return true;
     }
-    root
+    let skip = std::env::var_os("VIPX_SKIP_PRIVILEGED").is_some_and(|v| v == "1");
+    assert!(
+        skip && std::env::var_os("CI").is_none(),
+        "this test loads BPF programs and needs root (CAP_BPF, CAP_NET_ADMIN); \
+         set VIPX_SKIP_PRIVILEGED=1 to skip it outside CI"
+    );
+    eprintln!("skipping (VIPX_SKIP_PRIVILEGED=1): needs root (CAP_BPF, CAP_NET_ADMIN)");
+    false
 }
 
 /// Loaded object with maps pinned in a unique directory that is removed on drop.
@@ -118,12 +132,11 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
         frontend("empty", Protocol::Tcp, vec![]),
     );
     writer.apply(&t).expect("apply");
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(prog_names::POD_INGRESS)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    prog.load().expect("verifier accepts the pod program");
+    for name in [INGRESS, EGRESS] {
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        prog.load()
+            .unwrap_or_else(|e| panic!("verifier rejects {name}: {e:?}"));
+    }
     Loaded {
         ebpf,
         writer,
@@ -132,12 +145,11 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
 }
 
 fn run(l: &mut Loaded, input: &[u8]) -> (i32, Vec<u8>) {
-    let prog: &mut SchedClassifier = l
-        .ebpf
-        .program_mut(prog_names::POD_INGRESS)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    run_on(l, INGRESS, input)
+}
+
+fn run_on(l: &mut Loaded, prog: &str, input: &[u8]) -> (i32, Vec<u8>) {
+    let prog: &mut SchedClassifier = l.ebpf.program_mut(prog).unwrap().try_into().unwrap();
     let mut out = vec![0u8; input.len() + 256];
     let r = prog
         .test_run(TestRunOptions {
@@ -291,6 +303,7 @@ fn translation_fixtures() {
     let nop4 = [1u8, 1, 1, 1];
     struct Case {
         what: &'static str,
+        prog: &'static str,
         input: Vec<u8>,
         verdict: i32,
         /// None: the frame must leave byte for byte unchanged.
@@ -308,24 +321,28 @@ fn translation_fixtures() {
     let cases = [
         Case {
             what: "TCP SYN to the VIP is DNATed to the backend",
+            prog: INGRESS,
             input: frame(CLIENT, 40000, VIP, 80, &SYN, &[]),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: rewritten(CLIENT, 40000, BE1, 5000, Some(true)),
         },
         Case {
             what: "TCP data of the established flow follows it",
+            prog: INGRESS,
             input: frame(CLIENT, 40000, VIP, 80, &DATA, &[]),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: rewritten(CLIENT, 40000, BE1, 5000, Some(true)),
         },
         Case {
             what: "the backend's reply is reverse-NATed to the VIP",
+            prog: EGRESS,
             input: frame(BE1, 5000, CLIENT, 40000, &SYNACK, &[]),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: rewritten(VIP, 80, CLIENT, 40000, Some(true)),
         },
         Case {
             what: "UDP to the VIP is DNATed with a valid checksum",
+            prog: INGRESS,
             input: frame(
                 CLIENT,
                 41000,
@@ -337,11 +354,12 @@ fn translation_fixtures() {
                 },
                 &[],
             ),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: rewritten(CLIENT, 41000, BE1, 5353, Some(true)),
         },
         Case {
             what: "UDP reply is reverse-NATed",
+            prog: EGRESS,
             input: frame(
                 BE1,
                 5353,
@@ -353,11 +371,12 @@ fn translation_fixtures() {
                 },
                 &[],
             ),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: rewritten(VIP, 53, CLIENT, 41000, Some(true)),
         },
         Case {
             what: "UDP with checksum 0 keeps checksum 0",
+            prog: INGRESS,
             input: frame(
                 CLIENT,
                 41001,
@@ -369,40 +388,44 @@ fn translation_fixtures() {
                 },
                 &[],
             ),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: rewritten(CLIENT, 41001, BE1, 5353, None),
         },
         Case {
             what: "IPv4 options shift the L4 header; still DNATed",
+            prog: INGRESS,
             input: frame(CLIENT, 40001, VIP, 80, &SYN, &nop4),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: rewritten(CLIENT, 40001, BE1, 5000, Some(true)),
         },
         Case {
             what: "traffic to a pod IP passes untouched",
+            prog: INGRESS,
             input: frame(CLIENT, 40002, BE1, 5000, &SYN, &[]),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: None,
         },
         Case {
             what: "the VIP on a port that is not a service passes untouched",
+            prog: INGRESS,
             input: frame(CLIENT, 40003, VIP, 81, &SYN, &[]),
-            verdict: TC_ACT_OK,
+            verdict: NEXT,
             expect: None,
         },
         Case {
             what: "a service without backends drops new flows",
+            prog: INGRESS,
             input: frame(CLIENT, 40004, VIP_EMPTY, 80, &SYN, &[]),
             verdict: TC_ACT_SHOT,
             expect: None,
         },
     ];
     for c in cases {
-        let (verdict, out) = run(&mut l, &c.input);
+        let (verdict, out) = run_on(&mut l, c.prog, &c.input);
         assert_eq!(verdict, c.verdict, "{}: verdict", c.what);
         match c.expect {
             None => {
-                if verdict == TC_ACT_OK {
+                if verdict == NEXT {
                     assert_eq!(out, c.input, "{}: must be unchanged", c.what)
                 }
             }
@@ -458,10 +481,10 @@ fn malformed_and_foreign_frames_pass_untouched() {
     let mut short_total = good.clone();
     short_total[16..18].copy_from_slice(&30u16.to_be_bytes());
     cases.push(("IP total length shorter than the headers", short_total));
-    // A fragment (MF set): never translated piecewise.
-    let mut frag = good.clone();
+    // A fragment of a flow vipx does not translate.
+    let mut frag = frame(CLIENT, 40000, BE1, 5000, &DATA, &[]);
     frag[20] |= 0x20;
-    cases.push(("first fragment", frag));
+    cases.push(("first fragment to a pod", frag));
     // Not IPv4 at all.
     let mut arp = good.clone();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
@@ -474,9 +497,11 @@ fn malformed_and_foreign_frames_pass_untouched() {
     icmp[14 + 9] = 1;
     cases.push(("ICMP to the VIP", icmp));
     for (what, input) in cases {
-        let (verdict, out) = run(&mut l, &input);
-        assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
-        assert_eq!(out, input, "{what}: must be unchanged");
+        for prog in [INGRESS, EGRESS] {
+            let (verdict, out) = run_on(&mut l, prog, &input);
+            assert_eq!(verdict, NEXT, "{what} ({prog}): verdict");
+            assert_eq!(out, input, "{what} ({prog}): must be unchanged");
+        }
     }
 }
 
@@ -489,7 +514,7 @@ fn new_flows_spread_and_flows_survive_backend_changes() {
     let mut hits = [0u32; 2];
     for sport in 20000..21000u16 {
         let (v, out) = run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
-        assert_eq!(v, TC_ACT_OK);
+        assert_eq!(v, NEXT);
         let s = inspect(&out);
         assert_eq!(s.l4_csum_ok, Some(true));
         match s.dst {
@@ -558,4 +583,362 @@ fn restart_adopts_pinned_state() {
     assert_eq!(w.programmed(), &before);
     assert_eq!(before.frontends.len(), 3);
     assert_eq!(before.backends.len(), 3);
+}
+
+fn stat(l: &Loaded, which: Stat) -> u64 {
+    loader::read_stats(&l.ebpf)
+        .unwrap()
+        .into_iter()
+        .find(|(s, _)| *s == which)
+        .map_or(0, |(_, v)| v)
+}
+
+fn ct_key(s: [u8; 4], sp: u16, d: [u8; 4], dp: u16, proto: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: s,
+        daddr: d,
+        sport: sp.to_be_bytes(),
+        dport: dp.to_be_bytes(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The Kafka pattern: bootstrap through the ClusterIP, then dial the pod from the same source
+/// port. The reply entry of the first connection must not rewrite the second one's replies.
+#[test]
+fn direct_connection_after_a_vip_flow_is_not_rewritten() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let (v, out) = run(&mut l, &frame(CLIENT, 40100, VIP, 80, &SYN, &[]));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+    let direct = frame(CLIENT, 40100, BE1, 5000, &SYN, &[]);
+    let (v, out) = run(&mut l, &direct);
+    assert_eq!(
+        (v, &out),
+        (NEXT, &direct),
+        "the direct SYN passes untouched"
+    );
+    assert_eq!(stat(&l, Stat::ReplyCleared), 1);
+    let synack = frame(BE1, 5000, CLIENT, 40100, &SYNACK, &[]);
+    let (v, out) = run_on(&mut l, EGRESS, &synack);
+    assert_eq!(
+        (v, &out),
+        (NEXT, &synack),
+        "the pod's SYN-ACK reaches the client from the pod, not from the VIP"
+    );
+}
+
+/// A backend id freed by one Service and handed to another pod (a new generation) must not
+/// carry an idle flow to that pod; a frontend re-created with a new reverse-NAT id does not
+/// trust entries made for the old one.
+#[test]
+fn stale_conntrack_entries_are_never_followed() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1, BE2]);
+    let on_be1 = (20000..21000u16)
+        .find(|&p| inspect(&run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[])).1).dst == BE1)
+        .unwrap();
+    let be1_id = *l
+        .writer
+        .programmed()
+        .backends
+        .iter()
+        .find(|(_, (a, _))| a.addr == Ipv4Addr::from(BE1) && a.proto == IPPROTO_TCP)
+        .unwrap()
+        .0;
+    // BE1 leaves the Service...
+    let mut t = Target::default();
+    let be2 = addr(BE2, 5000, IPPROTO_TCP);
+    t.backends.insert(be2, BACKEND_F_ACTIVE);
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, vec![be2]),
+    );
+    l.writer.apply(&t).unwrap();
+    // ...and its id is reused for a pod of another Service (what a restarted vipx without
+    // persisted ids did): same id, next generation.
+    let other = [198, 18, 64, 99];
+    let mut backends: Array<MapData, Backend4> = Array::try_from(
+        aya::maps::Map::from_map_data(
+            MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let entry = ct
+        .get(&ct_key(CLIENT, on_be1, VIP, 80, IPPROTO_TCP), 0)
+        .unwrap();
+    assert_eq!(entry.backend_id, be1_id);
+    backends
+        .set(
+            be1_id,
+            Backend4 {
+                addr: other,
+                port: 5000u16.to_be_bytes(),
+                proto: IPPROTO_TCP,
+                flags: BACKEND_F_ACTIVE,
+                generation: entry.backend_gen.wrapping_add(1).max(1),
+            },
+            0,
+        )
+        .unwrap();
+    let before = stat(&l, Stat::CtStale);
+    let (v, out) = run(&mut l, &frame(CLIENT, on_be1, VIP, 80, &DATA, &[]));
+    assert_eq!(v, NEXT);
+    assert_eq!(
+        inspect(&out).dst,
+        BE2,
+        "the idle flow is re-balanced, never sent to the id's new owner"
+    );
+    assert_eq!(stat(&l, Stat::CtStale), before + 1);
+
+    // The frontend is deleted and re-created: a new reverse-NAT id.
+    let flow = (21000..22000u16)
+        .find(|&p| run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[])).0 == NEXT)
+        .unwrap();
+    let removed = Target {
+        backends: t.backends.clone(),
+        ..Target::default()
+    };
+    l.writer.apply(&removed).unwrap();
+    l.writer.apply(&t).unwrap();
+    let before = stat(&l, Stat::CtStale);
+    let (v, out) = run(&mut l, &frame(CLIENT, flow, VIP, 80, &DATA, &[]));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE2));
+    assert_eq!(
+        stat(&l, Stat::CtStale),
+        before + 1,
+        "an entry made for the old frontend is not trusted"
+    );
+}
+
+/// RFC 1071 sum, written here so the programs' own checksum code is not what checks them.
+fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A UDP datagram of `payload_len` bytes split into IPv4 fragments of at most 1480 payload bytes.
+fn udp_fragments(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    id: u16,
+    payload_len: usize,
+) -> Vec<Vec<u8>> {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
+    let udp = UdpHeader::with_ipv4_checksum(
+        sport,
+        dport,
+        &Ipv4Header::new(0, 64, IpNumber::UDP, src, dst).unwrap(),
+        &payload,
+    )
+    .unwrap();
+    let mut datagram = udp.to_bytes().to_vec();
+    datagram.extend_from_slice(&payload);
+    let chunks: Vec<&[u8]> = datagram.chunks(1480).collect();
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut buf = Vec::new();
+            Ethernet2Header {
+                source: [2, 0, 0, 0, 0, 1],
+                destination: [2, 0, 0, 0, 0, 2],
+                ether_type: EtherType::IPV4,
+            }
+            .write(&mut buf)
+            .unwrap();
+            let mut ip = Ipv4Header::new(chunk.len() as u16, 64, IpNumber::UDP, src, dst).unwrap();
+            ip.identification = id;
+            ip.more_fragments = i + 1 < n;
+            ip.fragment_offset = etherparse::IpFragOffset::try_new((i * 1480 / 8) as u16).unwrap();
+            ip.header_checksum = ip.calc_header_checksum();
+            ip.write(&mut buf).unwrap();
+            buf.extend_from_slice(chunk);
+            buf
+        })
+        .collect()
+}
+
+/// (source, destination) of one fragment.
+type Addrs = ([u8; 4], [u8; 4]);
+
+/// Addresses of each fragment and the reassembled datagram's ports and UDP checksum validity.
+fn reassemble(frames: &[Vec<u8>]) -> (Vec<Addrs>, u16, u16, bool) {
+    let mut addrs = Vec::new();
+    let mut datagram = Vec::new();
+    for f in frames {
+        let (ip, rest) = Ipv4Header::from_slice(&f[14..]).unwrap();
+        assert_eq!(
+            ip.header_checksum,
+            ip.calc_header_checksum(),
+            "IPv4 checksum"
+        );
+        addrs.push((ip.source, ip.destination));
+        datagram.extend_from_slice(&rest[..ip.payload_len().unwrap() as usize]);
+    }
+    let (src, dst) = addrs[0];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(datagram.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&datagram);
+    let sport = u16::from_be_bytes([datagram[0], datagram[1]]);
+    let dport = u16::from_be_bytes([datagram[2], datagram[3]]);
+    (addrs, sport, dport, inet_csum(&pseudo) == 0)
+}
+
+/// A UDP answer above the MTU (DNS with EDNS0) arrives as fragments; only the first carries
+/// the ports. Every fragment of a translated datagram is translated, in both directions.
+#[test]
+fn fragments_of_translated_datagrams_are_translated() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    // Client -> VIP, 3000 bytes: DNAT every fragment.
+    let out: Vec<Vec<u8>> = udp_fragments(CLIENT, 42000, VIP, 53, 0x1234, 3000)
+        .iter()
+        .map(|f| {
+            let (v, out) = run(&mut l, f);
+            assert_eq!(v, NEXT);
+            out
+        })
+        .collect();
+    assert_eq!(out.len(), 3);
+    let (addrs, sport, dport, ok) = reassemble(&out);
+    assert!(addrs.iter().all(|a| *a == (CLIENT, BE1)), "{addrs:?}");
+    assert_eq!((sport, dport, ok), (42000, 5353, true));
+
+    // Backend -> client, 3000 bytes: reverse-NAT every fragment on the way into the client.
+    let out: Vec<Vec<u8>> = udp_fragments(BE1, 5353, CLIENT, 42000, 0x4321, 3000)
+        .iter()
+        .map(|f| {
+            let (v, out) = run_on(&mut l, EGRESS, f);
+            assert_eq!(v, NEXT);
+            out
+        })
+        .collect();
+    let (addrs, sport, dport, ok) = reassemble(&out);
+    assert!(addrs.iter().all(|a| *a == (VIP, CLIENT)), "{addrs:?}");
+    assert_eq!((sport, dport, ok), (53, 42000, true));
+    assert_eq!(stat(&l, Stat::FragTranslated), 4);
+
+    // Later fragments whose first fragment was never seen pass untouched.
+    let orphan = &udp_fragments(BE1, 5353, CLIENT, 42000, 0x5555, 3000)[1];
+    let (v, out) = run_on(&mut l, EGRESS, orphan);
+    assert_eq!((v, &out), (NEXT, orphan));
+}
+
+/// An ICMP error frame: `outer_src -> dst`, quoting `quote` (an IPv4 header and its payload).
+fn icmp_error(outer_src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0x78];
+    icmp.extend_from_slice(quote);
+    let c = inet_csum(&icmp).to_be_bytes();
+    icmp[2..4].copy_from_slice(&c);
+    let mut buf = Vec::new();
+    Ethernet2Header {
+        source: [2, 0, 0, 0, 0, 1],
+        destination: [2, 0, 0, 0, 0, 2],
+        ether_type: EtherType::IPV4,
+    }
+    .write(&mut buf)
+    .unwrap();
+    let mut ip = Ipv4Header::new(icmp.len() as u16, 64, IpNumber::ICMP, outer_src, dst).unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    ip.write(&mut buf).unwrap();
+    buf.extend_from_slice(&icmp);
+    buf
+}
+
+/// ICMP errors about a translated flow reach the client as if about its packet to the VIP:
+/// port unreachable from the backend (ECONNREFUSED on a connected UDP socket) and
+/// fragmentation needed from a router on the way (PMTU discovery).
+#[test]
+fn icmp_errors_about_translated_flows_are_translated() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let udp = L4::Udp {
+        zero_csum: false,
+        payload: b"query",
+    };
+    // The client's datagram, as the backend received it (after DNAT).
+    run(&mut l, &frame(CLIENT, 43000, VIP, 53, &udp, &[]));
+    let quoted = frame(CLIENT, 43000, BE1, 5353, &udp, &[])[14..].to_vec();
+    let err = icmp_error(BE1, CLIENT, 3, 3, &quoted);
+    let (v, out) = run_on(&mut l, EGRESS, &err);
+    assert_eq!(v, NEXT);
+    let (ip, icmp) = Ipv4Header::from_slice(&out[14..]).unwrap();
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    assert_eq!(
+        (ip.source, ip.destination),
+        (VIP, CLIENT),
+        "outer: from the VIP"
+    );
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let quote = &icmp[8..];
+    let (inner, inner_l4) = Ipv4Header::from_slice(quote).unwrap();
+    assert_eq!(
+        inner.header_checksum,
+        inner.calc_header_checksum(),
+        "quoted IPv4 checksum"
+    );
+    assert_eq!((inner.source, inner.destination), (CLIENT, VIP));
+    let (u, payload) = UdpHeader::from_slice(inner_l4).unwrap();
+    assert_eq!((u.source_port, u.destination_port), (43000, 53));
+    assert_eq!(
+        u.checksum,
+        u.calc_checksum_ipv4(&inner, payload).unwrap(),
+        "quoted UDP checksum"
+    );
+
+    // Fragmentation needed from a router (the node), quoting only 8 bytes of the TCP header.
+    run(&mut l, &frame(CLIENT, 44000, VIP, 80, &SYN, &[]));
+    let tcp = frame(CLIENT, 44000, BE1, 5000, &DATA, &[]);
+    let quoted = &tcp[14..14 + 28];
+    let router = [198, 18, 0, 1];
+    let err = icmp_error(router, CLIENT, 3, 4, quoted);
+    let (v, out) = run_on(&mut l, EGRESS, &err);
+    assert_eq!(v, NEXT);
+    let (ip, icmp) = Ipv4Header::from_slice(&out[14..]).unwrap();
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    assert_eq!(ip.source, router, "a router's own address stays");
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let (inner, inner_l4) = Ipv4Header::from_slice(&icmp[8..]).unwrap();
+    assert_eq!(inner.header_checksum, inner.calc_header_checksum());
+    assert_eq!((inner.source, inner.destination), (CLIENT, VIP));
+    assert_eq!(
+        &inner_l4[..4],
+        &[0xab, 0xe0, 0, 80][..],
+        "ports 44000 -> 80"
+    );
+    assert_eq!(stat(&l, Stat::IcmpTranslated), 2);
+
+    // An ICMP error about a flow vipx did not translate passes untouched.
+    let quoted = frame(CLIENT, 45000, BE2, 5000, &udp, &[])[14..].to_vec();
+    let err = icmp_error(BE2, CLIENT, 3, 3, &quoted);
+    let (v, out) = run_on(&mut l, EGRESS, &err);
+    assert_eq!((v, &out), (NEXT, &err));
 }

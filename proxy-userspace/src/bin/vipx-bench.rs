@@ -63,6 +63,8 @@ struct Args {
 }
 
 const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC ("next"), vipx's verdict for every packet it passes on.
+const TC_NEXT: u32 = -1i32 as u32;
 const XDP_PASS: u32 = 2;
 const CLIENT: [u8; 4] = [198, 18, 200, 2];
 
@@ -106,8 +108,8 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8>
     out
 }
 
-fn run_tc(ebpf: &mut Ebpf, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
-    run(ebpf, prog_names::POD_INGRESS, pkt, repeat, want)
+fn run_tc(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32) -> Result<f64> {
+    run(ebpf, prog, pkt, repeat, TC_NEXT)
 }
 
 fn run_floor(ebpf: &mut Ebpf, pkt: &[u8], repeat: u32) -> Result<f64> {
@@ -222,11 +224,13 @@ fn packet(a: Args) -> Result<()> {
                 a.backends,
                 started.elapsed().as_secs_f64() * 1e3
             );
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(prog_names::POD_INGRESS)
-                .context("pod program")?
-                .try_into()?;
-            p.load()?;
+            for name in [prog_names::POD_INGRESS, prog_names::POD_EGRESS] {
+                let p: &mut SchedClassifier = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name}"))?
+                    .try_into()?;
+                p.load()?;
+            }
             let x: &mut Xdp = ebpf
                 .program_mut(prog_names::FLOOR)
                 .context("floor program")?
@@ -243,24 +247,34 @@ fn packet(a: Args) -> Result<()> {
             let syn = tcp(CLIENT, 40000, target.0.octets(), target.1, true);
             let est = tcp(CLIENT, 40000, target.0.octets(), target.1, false);
             // Opening the flow once creates both conntrack entries for `est` and `reply`.
-            run_tc(&mut ebpf, &syn, 1, TC_ACT_OK)?;
+            run_tc(&mut ebpf, prog_names::POD_INGRESS, &syn, 1)?;
             // The flow's backend is the frontend itself (see above), so its reply comes from there.
             let reply = tcp(target.0.octets(), target.1, CLIENT, 40000, false);
             let (pod, pod_port) = backend(0, 0, a.backends);
             let pass = tcp(CLIENT, 40001, pod.octets(), pod_port, false);
-            let cases: [(&'static str, &[u8], Option<Stat>); 4] = [
-                ("passthrough", &pass, None),
-                ("new_flow_syn", &syn, Some(Stat::NewFlows)),
-                ("established", &est, Some(Stat::CtForward)),
-                ("reply_revnat", &reply, Some(Stat::CtReply)),
+            // A packet into the pod that is no reply of a translated flow (egress's miss path).
+            let pass_in = tcp(pod.octets(), pod_port, CLIENT, 40001, false);
+            let ingress = prog_names::POD_INGRESS;
+            let egress = prog_names::POD_EGRESS;
+            let cases: [(&'static str, &str, &[u8], Option<Stat>); 5] = [
+                ("passthrough", ingress, &pass, None),
+                ("passthrough_egress", egress, &pass_in, None),
+                ("new_flow_syn", ingress, &syn, Some(Stat::NewFlows)),
+                ("established", ingress, &est, Some(Stat::CtForward)),
+                ("reply_revnat", egress, &reply, Some(Stat::CtReply)),
             ];
             // Each case must take the path it is named after on every iteration.
-            for (case, pkt, stat) in &cases {
+            for (case, prog, pkt, stat) in &cases {
                 let before = loader::read_stats(&ebpf)?;
-                run_tc(&mut ebpf, pkt, 1000, TC_ACT_OK)?;
+                run_tc(&mut ebpf, prog, pkt, 1000)?;
                 let after = loader::read_stats(&ebpf)?;
+                let seen = if *prog == egress {
+                    Stat::EgressPackets
+                } else {
+                    Stat::Packets
+                };
                 for ((s, b), (_, a)) in before.iter().zip(&after) {
-                    let want = if Some(*s) == *stat || *s == Stat::Packets {
+                    let want = if Some(*s) == *stat || *s == seen {
                         1000
                     } else {
                         0
@@ -287,12 +301,12 @@ fn packet(a: Args) -> Result<()> {
                     a.repeat,
                     TC_ACT_OK,
                 )?);
-                for (i, (_, pkt, _)) in cases.iter().enumerate() {
-                    samples[i].push(run_tc(&mut ebpf, pkt, a.repeat, TC_ACT_OK)?);
+                for (i, (_, prog, pkt, _)) in cases.iter().enumerate() {
+                    samples[i].push(run_tc(&mut ebpf, prog, pkt, a.repeat)?);
                 }
             }
             let floor_ns = median(&mut floor.clone());
-            for (i, (case, _, _)) in cases.iter().enumerate() {
+            for (i, (case, _, _, _)) in cases.iter().enumerate() {
                 let ns = median(&mut samples[i].clone());
                 rows.push(Row {
                     services: n,
