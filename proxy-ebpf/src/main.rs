@@ -168,7 +168,6 @@ impl Flow {
 struct IcmpError {
     l4_off: usize,
     inner_off: usize,
-    outer_saddr: [u8; 4],
     inner_saddr: [u8; 4],
     inner_daddr: [u8; 4],
     inner_sport: [u8; 2],
@@ -245,7 +244,7 @@ fn parse(ctx: &TcContext) -> Parse {
     let (l4_len, csum) = match proto {
         IPPROTO_TCP => (TCP_MIN_HLEN, TCP_CSUM_OFF),
         IPPROTO_UDP => (UDP_HLEN, UDP_CSUM_OFF),
-        IPPROTO_ICMP => return parse_icmp(ctx, l4_off, flow.saddr),
+        IPPROTO_ICMP => return parse_icmp(ctx, l4_off),
         _ => return Parse::Other,
     };
     if total_len < ihl + l4_len {
@@ -274,7 +273,7 @@ fn parse(ctx: &TcContext) -> Parse {
 /// An ICMP error quoting a TCP or UDP packet (an IPv4 header without options and the first 8
 /// bytes of its L4 header: the ports). Anything else is not vipx's.
 #[inline(always)]
-fn parse_icmp(ctx: &TcContext, l4_off: usize, outer_saddr: [u8; 4]) -> Parse {
+fn parse_icmp(ctx: &TcContext, l4_off: usize) -> Parse {
     let Some(icmp) = ptr_at::<[u8; ICMP_HLEN]>(ctx, l4_off) else {
         return Parse::Other;
     };
@@ -297,7 +296,6 @@ fn parse_icmp(ctx: &TcContext, l4_off: usize, outer_saddr: [u8; 4]) -> Parse {
     Parse::Icmp(IcmpError {
         l4_off,
         inner_off,
-        outer_saddr,
         inner_saddr: [inner[12], inner[13], inner[14], inner[15]],
         inner_daddr: [inner[16], inner[17], inner[18], inner[19]],
         inner_sport: [inner[l4], inner[l4 + 1]],
@@ -467,7 +465,8 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     count(Stat::Packets);
     let mut flow = match parse_pulling(&ctx) {
         Parse::Flow(f) => f,
-        Parse::Icmp(_) | Parse::Other => {
+        Parse::Icmp(err) => return icmp_forward(&mut ctx, &err),
+        Parse::Other => {
             count(Stat::NotHandled);
             return NEXT;
         }
@@ -628,8 +627,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
 
 /// An ICMP error about a translated flow, on its way to the client: the quoted packet is the
 /// client's, as the backend (or a router before it) saw it, `client -> backend`. Restore the
-/// frontend in the quote (address, port, the quote's IP and L4 checksums) and, when the backend
-/// itself sent the error, in the outer source; fix the ICMP checksum, which covers the quote.
+/// frontend in the quote and, when the backend itself sent the error, in the outer source.
 /// So PMTU discovery and ECONNREFUSED work through a Service.
 #[inline(always)]
 fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
@@ -649,6 +647,69 @@ fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
     let Some(rev) = reply_revnat(&ct) else {
         return NEXT;
     };
+    let quoted = Quoted {
+        addr_off: IP_DADDR_OFF,
+        port_off: L4_DPORT_OFF,
+        old_addr: err.inner_daddr,
+        old_port: err.inner_dport,
+    };
+    icmp_translate(ctx, err, &quoted, rev.addr, rev.port, IP_SADDR_OFF)
+}
+
+/// An ICMP error from a client about a reply it got from a frontend (say, its socket closed
+/// before the answer came): the quote is `frontend -> client`. It goes to the backend, quoting
+/// the packet the backend really sent.
+#[inline(always)]
+fn icmp_forward(ctx: &mut TcContext, err: &IcmpError) -> i32 {
+    let key = CtKey4 {
+        saddr: err.inner_daddr,
+        daddr: err.inner_saddr,
+        sport: err.inner_dport,
+        dport: err.inner_sport,
+        proto: err.inner_proto,
+        _pad: [0; 3],
+    };
+    let Some(ct) = CT4.get_ptr(&key) else {
+        return NEXT;
+    };
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let ct = unsafe { *ct };
+    if ct.flags & CT_F_FORWARD == 0 {
+        return NEXT;
+    }
+    let b = match backend(ct.backend_id) {
+        Some(b) if b.generation == ct.backend_gen => b,
+        _ => return NEXT,
+    };
+    let quoted = Quoted {
+        addr_off: IP_SADDR_OFF,
+        port_off: L4_SPORT_OFF,
+        old_addr: err.inner_saddr,
+        old_port: err.inner_sport,
+    };
+    icmp_translate(ctx, err, &quoted, b.addr, b.port, IP_DADDR_OFF)
+}
+
+/// Which end of the quoted packet an ICMP translation rewrites.
+struct Quoted {
+    addr_off: usize,
+    port_off: usize,
+    old_addr: [u8; 4],
+    old_port: [u8; 2],
+}
+
+/// Rewrite one end of the packet an ICMP error quotes (address, port, the quote's IP and L4
+/// checksums) and the outer address at `outer_off` when it is that same end, fixing the ICMP
+/// checksum, which covers the quote (ICMP is never CHECKSUM_PARTIAL, so it is written directly).
+#[inline(always)]
+fn icmp_translate(
+    ctx: &mut TcContext,
+    err: &IcmpError,
+    q: &Quoted,
+    new_addr: [u8; 4],
+    new_port: [u8; 2],
+    outer_off: usize,
+) -> i32 {
     let Some(ip) = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN) else {
         return NEXT;
     };
@@ -672,8 +733,8 @@ fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
         if let Some(c) = quoted_csum {
             let old = *c;
             if !(err.inner_proto == IPPROTO_UDP && old == [0, 0]) {
-                let mut new = csum_replace4(old, err.inner_daddr, rev.addr);
-                new = csum_replace2(new, err.inner_dport, rev.port);
+                let mut new = csum_replace4(old, q.old_addr, new_addr);
+                new = csum_replace2(new, q.old_port, new_port);
                 if err.inner_proto == IPPROTO_UDP && new == [0, 0] {
                     new = [0xff, 0xff];
                 }
@@ -682,34 +743,41 @@ fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
             }
         }
         let old_inner_check = [(*inner)[IP_CSUM_OFF], (*inner)[IP_CSUM_OFF + 1]];
-        let new_inner_check = csum_replace4(old_inner_check, err.inner_daddr, rev.addr);
+        let new_inner_check = csum_replace4(old_inner_check, q.old_addr, new_addr);
         (*inner)[IP_CSUM_OFF] = new_inner_check[0];
         (*inner)[IP_CSUM_OFF + 1] = new_inner_check[1];
-        (*inner)[IP_DADDR_OFF] = rev.addr[0];
-        (*inner)[IP_DADDR_OFF + 1] = rev.addr[1];
-        (*inner)[IP_DADDR_OFF + 2] = rev.addr[2];
-        (*inner)[IP_DADDR_OFF + 3] = rev.addr[3];
-        (*inner)[l4 + 2] = rev.port[0];
-        (*inner)[l4 + 3] = rev.port[1];
+        (*inner)[q.addr_off] = new_addr[0];
+        (*inner)[q.addr_off + 1] = new_addr[1];
+        (*inner)[q.addr_off + 2] = new_addr[2];
+        (*inner)[q.addr_off + 3] = new_addr[3];
+        (*inner)[l4 + q.port_off] = new_port[0];
+        (*inner)[l4 + q.port_off + 1] = new_port[1];
         icmp_check = csum_replace2(icmp_check, old_inner_check, new_inner_check);
-        icmp_check = csum_replace4(icmp_check, err.inner_daddr, rev.addr);
-        icmp_check = csum_replace2(icmp_check, err.inner_dport, rev.port);
+        icmp_check = csum_replace4(icmp_check, q.old_addr, new_addr);
+        icmp_check = csum_replace2(icmp_check, q.old_port, new_port);
         (*icmp)[ICMP_CSUM_OFF] = icmp_check[0];
         (*icmp)[ICMP_CSUM_OFF + 1] = icmp_check[1];
-        // From the backend itself (port unreachable): it must look as if the frontend said it.
-        // From a router on the way (fragmentation needed): its own address stays.
-        if err.outer_saddr == err.inner_daddr {
+        // The outer address is the quoted end's only when that end itself is involved (the
+        // backend sent the error, or the client addressed it to the frontend); a router's
+        // own address on the way stays.
+        let outer = [
+            (*ip)[outer_off],
+            (*ip)[outer_off + 1],
+            (*ip)[outer_off + 2],
+            (*ip)[outer_off + 3],
+        ];
+        if outer == q.old_addr {
             let check = csum_replace4(
                 [(*ip)[IP_CSUM_OFF], (*ip)[IP_CSUM_OFF + 1]],
-                err.outer_saddr,
-                rev.addr,
+                q.old_addr,
+                new_addr,
             );
             (*ip)[IP_CSUM_OFF] = check[0];
             (*ip)[IP_CSUM_OFF + 1] = check[1];
-            (*ip)[IP_SADDR_OFF] = rev.addr[0];
-            (*ip)[IP_SADDR_OFF + 1] = rev.addr[1];
-            (*ip)[IP_SADDR_OFF + 2] = rev.addr[2];
-            (*ip)[IP_SADDR_OFF + 3] = rev.addr[3];
+            (*ip)[outer_off] = new_addr[0];
+            (*ip)[outer_off + 1] = new_addr[1];
+            (*ip)[outer_off + 2] = new_addr[2];
+            (*ip)[outer_off + 3] = new_addr[3];
         }
     }
     count(Stat::IcmpTranslated);

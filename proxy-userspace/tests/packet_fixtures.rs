@@ -936,6 +936,32 @@ fn icmp_errors_about_translated_flows_are_translated() {
     );
     assert_eq!(stat(&l, Stat::IcmpTranslated), 2);
 
+    // The client's own error about an answer it got from the VIP (its socket closed): it
+    // reaches the backend, quoting the packet the backend sent.
+    let answer = L4::Udp {
+        zero_csum: false,
+        payload: b"late answer",
+    };
+    let quoted = frame(VIP, 53, CLIENT, 43000, &answer, &[])[14..].to_vec();
+    let err = icmp_error(CLIENT, VIP, 3, 3, &quoted);
+    let (v, out) = run(&mut l, &err);
+    assert_eq!(v, NEXT);
+    let (ip, icmp) = Ipv4Header::from_slice(&out[14..]).unwrap();
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    assert_eq!(
+        (ip.source, ip.destination),
+        (CLIENT, BE1),
+        "outer: to the backend"
+    );
+    assert_eq!(inet_csum(icmp), 0, "ICMP checksum");
+    let (inner, inner_l4) = Ipv4Header::from_slice(&icmp[8..]).unwrap();
+    assert_eq!(inner.header_checksum, inner.calc_header_checksum());
+    assert_eq!((inner.source, inner.destination), (BE1, CLIENT));
+    let (u, payload) = UdpHeader::from_slice(inner_l4).unwrap();
+    assert_eq!((u.source_port, u.destination_port), (5353, 43000));
+    assert_eq!(u.checksum, u.calc_checksum_ipv4(&inner, payload).unwrap());
+    assert_eq!(stat(&l, Stat::IcmpTranslated), 3);
+
     // An ICMP error about a flow vipx did not translate passes untouched.
     let quoted = frame(CLIENT, 45000, BE2, 5000, &udp, &[])[14..].to_vec();
     let err = icmp_error(BE2, CLIENT, 3, 3, &quoted);
