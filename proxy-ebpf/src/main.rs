@@ -27,9 +27,9 @@ use proxy_common::{
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_HLEN, ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF,
-    IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF,
-    TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2, csum_replace4, flow_hash, ipv4_header_len,
-    is_fragment, is_icmp_error, is_later_fragment, is_tcp_syn, pick_slot,
+    IP_PROTO_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF,
+    TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2, csum_replace4, flow_hash,
+    ipv4_header_len, is_fragment, is_icmp_error, is_later_fragment, is_tcp_syn, pick_slot,
 };
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
@@ -135,7 +135,7 @@ impl Flow {
         if self.frag != FRAG_LATER {
             return true;
         }
-        match FRAG4.get_ptr(&self.frag_key()) {
+        match FRAG4.get_ptr(self.frag_key()) {
             Some(v) => {
                 // SAFETY: value pointer from a successful lookup; copied out at once.
                 let v = unsafe { *v };
@@ -159,7 +159,7 @@ impl Flow {
                 sport: self.sport,
                 dport: self.dport,
             };
-            let _ = FRAG4.insert(&self.frag_key(), &v, 0);
+            let _ = FRAG4.insert(self.frag_key(), v, 0);
         }
     }
 }
@@ -320,11 +320,15 @@ fn parse_pulling(ctx: &TcContext) -> Parse {
             // An ICMP error quotes a second header set; make sure it is linear too.
             let want = (ETH_HLEN + 60 + ICMP_HLEN + IPV4_MIN_HLEN + TCP_MIN_HLEN)
                 .min(ctx.len() as usize) as u32;
-            let Some(proto) = ptr_at::<u8>(ctx, ETH_HLEN + 9) else {
+            let (Some(ethertype), Some(proto)) = (
+                ptr_at::<[u8; 2]>(ctx, 12),
+                ptr_at::<u8>(ctx, ETH_HLEN + IP_PROTO_OFF),
+            ) else {
                 return Parse::Other;
             };
             // SAFETY: bounds checked by ptr_at.
-            if unsafe { *proto } != IPPROTO_ICMP
+            if unsafe { u16::from_be_bytes(*ethertype) } != ETH_P_IP
+                || unsafe { *proto } != IPPROTO_ICMP
                 || ctx.data() + want as usize <= ctx.data_end()
                 || ctx.pull_data(want).is_err()
             {
@@ -334,6 +338,17 @@ fn parse_pulling(ctx: &TcContext) -> Parse {
         }
         p => p,
     }
+}
+
+/// One end of a flow to rewrite: an address in the IPv4 header and a port in the L4 header.
+#[derive(Clone, Copy)]
+struct Nat {
+    addr_off: usize,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    port_off: usize,
+    old_port: [u8; 2],
+    new_port: [u8; 2],
 }
 
 /// The one place that owns checksum rules: rewrite an address and a port of a TCP/UDP packet,
@@ -346,16 +361,15 @@ fn parse_pulling(ctx: &TcContext) -> Parse {
 /// whether the skb is CHECKSUM_PARTIAL (local senders on veth), where the field holds just the
 /// pseudo-header sum and a port change must not touch it.
 #[inline(always)]
-fn rewrite(
-    ctx: &mut TcContext,
-    flow: &Flow,
-    addr_off: usize,
-    old_addr: [u8; 4],
-    new_addr: [u8; 4],
-    port_off: usize,
-    old_port: [u8; 2],
-    new_port: [u8; 2],
-) -> Result<(), i64> {
+fn rewrite(ctx: &mut TcContext, flow: &Flow, nat: &Nat) -> Result<(), i64> {
+    let Nat {
+        addr_off,
+        old_addr,
+        new_addr,
+        port_off,
+        old_port,
+        new_port,
+    } = *nat;
     let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN).ok_or(-1i64)?;
     // SAFETY: bounds-checked just above, after the last helper call that could have moved
     // packet data; TC programs may write packet data directly.
@@ -404,16 +418,15 @@ fn rewrite(
 #[inline(always)]
 fn dnat(ctx: &mut TcContext, flow: &Flow, backend: &Backend4) -> i32 {
     flow.record_first_fragment();
-    match rewrite(
-        ctx,
-        flow,
-        IP_DADDR_OFF,
-        flow.daddr,
-        backend.addr,
-        L4_DPORT_OFF,
-        flow.dport,
-        backend.port,
-    ) {
+    let nat = Nat {
+        addr_off: IP_DADDR_OFF,
+        old_addr: flow.daddr,
+        new_addr: backend.addr,
+        port_off: L4_DPORT_OFF,
+        old_port: flow.dport,
+        new_port: backend.port,
+    };
+    match rewrite(ctx, flow, &nat) {
         Ok(()) => NEXT,
         // A half-rewritten packet must not leave: its checksums may no longer match.
         Err(_) => TC_ACT_SHOT,
@@ -423,16 +436,15 @@ fn dnat(ctx: &mut TcContext, flow: &Flow, backend: &Backend4) -> i32 {
 #[inline(always)]
 fn snat_reply(ctx: &mut TcContext, flow: &Flow, rev: &RevNat4) -> i32 {
     flow.record_first_fragment();
-    match rewrite(
-        ctx,
-        flow,
-        IP_SADDR_OFF,
-        flow.saddr,
-        rev.addr,
-        L4_SPORT_OFF,
-        flow.sport,
-        rev.port,
-    ) {
+    let nat = Nat {
+        addr_off: IP_SADDR_OFF,
+        old_addr: flow.saddr,
+        new_addr: rev.addr,
+        port_off: L4_SPORT_OFF,
+        old_port: flow.sport,
+        new_port: rev.port,
+    };
+    match rewrite(ctx, flow, &nat) {
         Ok(()) => NEXT,
         Err(_) => TC_ACT_SHOT,
     }
@@ -483,11 +495,11 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // The frontend first (as Katran and Cilium do): a conntrack entry is only trusted for the
     // frontend it was made for.
     let svc_key = SvcKey4::from_wire(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
-    let Some(svc) = SVC4.get_ptr(&svc_key) else {
+    let Some(svc) = SVC4.get_ptr(svc_key) else {
         // A new connection straight to a pod may reuse the tuple of an earlier one through a
         // frontend (bootstrap through the ClusterIP, then dial the pod): the reply entry left
         // by that one would rewrite this connection's replies to the VIP.
-        if syn && CT4.remove(&flow.reverse_ct_key()).is_ok() {
+        if syn && CT4.remove(flow.reverse_ct_key()).is_ok() {
             count(Stat::ReplyCleared);
         }
         return NEXT;
@@ -499,29 +511,27 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // so a retransmitted SYN lands on the same backend, and a new connection reusing a port is
     // balanced over the current backends.
     let ct_key = flow.ct_key();
-    if !syn {
-        if let Some(ct) = CT4.get_ptr(&ct_key) {
-            // SAFETY: value pointer from a successful lookup; copied out at once.
-            let ct = unsafe { *ct };
-            if ct.flags & CT_F_FORWARD != 0 && ct.rev_nat_id == svc.rev_nat_id {
-                match backend(ct.backend_id) {
-                    Some(b) if b.generation == ct.backend_gen => {
-                        count(if flow.frag == FRAG_LATER {
-                            Stat::FragTranslated
-                        } else {
-                            Stat::CtForward
-                        });
-                        return dnat(&mut ctx, &flow, &b);
-                    }
-                    // The id now names another backend: never follow it.
-                    Some(_) => count(Stat::CtStale),
-                    // The backend went away: pick a live one.
-                    None => count(Stat::BackendGone),
+    if !syn && let Some(ct) = CT4.get_ptr(ct_key) {
+        // SAFETY: value pointer from a successful lookup; copied out at once.
+        let ct = unsafe { *ct };
+        if ct.flags & CT_F_FORWARD != 0 && ct.rev_nat_id == svc.rev_nat_id {
+            match backend(ct.backend_id) {
+                Some(b) if b.generation == ct.backend_gen => {
+                    count(if flow.frag == FRAG_LATER {
+                        Stat::FragTranslated
+                    } else {
+                        Stat::CtForward
+                    });
+                    return dnat(&mut ctx, &flow, &b);
                 }
-            } else {
-                // Made for another frontend that had this address before.
-                count(Stat::CtStale);
+                // The id now names another backend: never follow it.
+                Some(_) => count(Stat::CtStale),
+                // The backend went away: pick a live one.
+                None => count(Stat::BackendGone),
             }
+        } else {
+            // Made for another frontend that had this address before.
+            count(Stat::CtStale);
         }
     }
     if flow.frag == FRAG_LATER {
@@ -540,7 +550,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     let hash = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let slot = svc_key.with_slot(pick_slot(hash, svc.count));
-    let Some(slot) = SVC4.get_ptr(&slot) else {
+    let Some(slot) = SVC4.get_ptr(slot) else {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
     };
@@ -577,11 +587,11 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // Reply entry first: once the forward entry exists, the backend may answer at once. Without
     // it the backend's answer would reach the client from the backend's own address: fail
     // closed instead (the client retransmits).
-    if CT4.insert(&reply_key, &reply, 0).is_err() {
+    if CT4.insert(reply_key, reply, 0).is_err() {
         count(Stat::CtInsertFailed);
         return TC_ACT_SHOT;
     }
-    if CT4.insert(&ct_key, &fwd, 0).is_err() {
+    if CT4.insert(ct_key, fwd, 0).is_err() {
         // Later packets select again with the same hash; the reply entry is in place.
         count(Stat::CtInsertFailed);
     }
@@ -599,7 +609,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
                 return NEXT;
             }
             let key = flow.ct_key();
-            let Some(ct) = CT4.get_ptr(&key) else {
+            let Some(ct) = CT4.get_ptr(key) else {
                 return NEXT;
             };
             // SAFETY: value pointer from a successful lookup; copied out at once.
@@ -610,7 +620,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
             let Some(rev) = reply_revnat(&ct) else {
                 // Its frontend is gone or the id names another one now.
                 count(Stat::CtStale);
-                let _ = CT4.remove(&key);
+                let _ = CT4.remove(key);
                 return NEXT;
             };
             count(if flow.frag == FRAG_LATER {
@@ -639,7 +649,7 @@ fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
         proto: err.inner_proto,
         _pad: [0; 3],
     };
-    let Some(ct) = CT4.get_ptr(&key) else {
+    let Some(ct) = CT4.get_ptr(key) else {
         return NEXT;
     };
     // SAFETY: value pointer from a successful lookup; copied out at once.
@@ -669,7 +679,7 @@ fn icmp_forward(ctx: &mut TcContext, err: &IcmpError) -> i32 {
         proto: err.inner_proto,
         _pad: [0; 3],
     };
-    let Some(ct) = CT4.get_ptr(&key) else {
+    let Some(ct) = CT4.get_ptr(key) else {
         return NEXT;
     };
     // SAFETY: value pointer from a successful lookup; copied out at once.
