@@ -1179,6 +1179,67 @@ mod tests {
         assert_eq!(t.backends[&term], BACKEND_F_ACTIVE | BACKEND_F_TERMINATING);
     }
 
+    #[test]
+    fn unsupported_parts_are_reported_once_per_service() {
+        let v6 = |a: &str, port| Frontend {
+            addr: a.parse().unwrap(),
+            port,
+            kind: FrontendKind::ClusterIp,
+        };
+        let port = |frontends: Vec<Frontend>, endpoints: Vec<Endpoint>| ServicePort {
+            internal_pick: (0..endpoints.len()).collect(),
+            external_pick: (0..endpoints.len()).collect(),
+            pod_external_pick: (0..endpoints.len()).collect(),
+            frontends,
+            endpoints,
+            affinity_timeout_s: None,
+            internal_local: false,
+            external_local: false,
+        };
+        let v6_ep = |a: &str| Endpoint {
+            addr: a.parse().unwrap(),
+            ..ep([0; 4], 8080, false)
+        };
+        let mut d = DesiredState::default();
+        // An IPv6-only Service with two ports: one line for the Service.
+        for (port_name, p) in [("http", 80), ("https", 443)] {
+            let mut name = spn("six", Protocol::Tcp);
+            name.port_name = port_name.into();
+            d.services.insert(
+                name,
+                port(vec![v6("fd00::10", p)], vec![v6_ep("fd00:10:244::5")]),
+            );
+        }
+        // SCTP is reported and not written; its TCP sibling is.
+        let mut sctp = spn("mixed", Protocol::Sctp);
+        sctp.port_name = "sig".into();
+        let cip = Frontend {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)),
+            port: 3868,
+            kind: FrontendKind::ClusterIp,
+        };
+        d.services.insert(
+            sctp,
+            port(vec![cip.clone()], vec![ep([10, 0, 0, 9], 3868, false)]),
+        );
+        d.services.insert(
+            spn("mixed", Protocol::Tcp),
+            port(vec![cip], vec![ep([10, 0, 0, 9], 3868, false)]),
+        );
+        let (t, problems) = target(&d);
+        assert_eq!(
+            problems,
+            [
+                "default/mixed: port sig/SCTP not programmed (SCTP is not supported)",
+                "default/six: IPv6 Service not programmed (IPv6 is not supported yet): frontends \
+                 [fd00::10]:443/TCP, [fd00::10]:80/TCP; 1 endpoints",
+            ]
+        );
+        assert_eq!(t.frontends.len(), 1);
+        assert!(t.frontends.keys().all(|k| k.proto == 6));
+        assert_eq!(t.backends.len(), 1);
+    }
+
     /// The kernel maps' behaviour as far as the writer can tell: a hash map that refuses new keys
     /// when full, arrays of a fixed size.
     #[derive(Debug)]
