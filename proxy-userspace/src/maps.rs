@@ -565,8 +565,10 @@ impl<M: MapStore> MapWriter<M> {
             *backend_refs.entry(*id).or_default() += 1;
         }
         let backend_space = IdSpace::new(backend_gens, |id| cur.backends.contains_key(&id));
+        let named: std::collections::HashSet<u32> =
+            cur.frontends.values().map(|f| f.rev_nat_id).collect();
         let revnat_space = IdSpace::new(revnat_gens, |id| {
-            cur.revnat.contains_key(&id) || cur.frontends.values().any(|f| f.rev_nat_id == id)
+            cur.revnat.contains_key(&id) || named.contains(&id)
         });
         Ok(Self {
             maps,

@@ -179,7 +179,7 @@ impl Controller {
         let first = self.health.syncs == 0;
         let changes = match self.dir.load(&self.opts.manifests) {
             Some(objs) => {
-                self.check_node_name(&objs);
+                self.warn_if_node_unknown(&objs);
                 let file_problems: Vec<String> =
                     objs.problems.iter().map(ToString::to_string).collect();
                 self.tracker.replace_all(objs);
@@ -255,7 +255,7 @@ impl Controller {
 
     /// Warn once when nothing in the manifests names this node: every endpoint would be remote,
     /// which is legitimate for a node without pods but usually means a wrong --node-name.
-    fn check_node_name(&mut self, objs: &ClusterObjects) {
+    fn warn_if_node_unknown(&mut self, objs: &ClusterObjects) {
         if self.node_checked
             || (objs.services.is_empty() && objs.slices.is_empty() && objs.nodes.is_empty())
         {
