@@ -106,6 +106,11 @@ pub struct ServicePort {
     pub internal_pick: Vec<usize>,
     /// Same for NodePort / ExternalIP / LoadBalancer frontends (externalTrafficPolicy).
     pub external_pick: Vec<usize>,
+    /// What a pod's new connection to an ExternalIP / LoadBalancer frontend may pick. kube-proxy
+    /// sends pod traffic to an external destination to the cluster-policy endpoints even with
+    /// externalTrafficPolicy Local (as if it had gone out to the load balancer and come back in on
+    /// any node), unless there are none; so this is `external_pick` except under that policy.
+    pub pod_external_pick: Vec<usize>,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
     pub internal_local: bool,

@@ -27,8 +27,9 @@ enum Cmd {
 
 #[derive(Args)]
 struct WhereArgs {
-    /// This node's name (selects the default pin and state directories).
-    #[arg(long)]
+    /// This node's name, as its Node object is named (decides which endpoints are local, and
+    /// selects the default pin and state directories).
+    #[arg(long, env = "NODE_NAME", value_parser = node_name_arg)]
     node_name: String,
     /// bpffs directory holding the maps [default: /sys/fs/bpf/vipx/<node-name>].
     #[arg(long)]
@@ -36,6 +37,10 @@ struct WhereArgs {
     /// Directory for vipx's state file [default: /run/vipx/<node-name>].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+}
+
+fn node_name_arg(name: &str) -> Result<String, String> {
+    run::check_node_name(name).map(|()| name.to_owned())
 }
 
 impl WhereArgs {
@@ -156,4 +161,30 @@ fn services(w: &WhereArgs) -> Result<()> {
         println!("{name:<40} {:<24} {backends}", fe.to_string());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn node_name_is_validated_and_falls_back_to_the_environment() {
+        let parse = |name: &str| Cli::try_parse_from(["vipx", "services", "--node-name", name]);
+        assert!(parse("worker-1").is_ok());
+        for bad in ["../etc", "Worker", "a/b", ""] {
+            let err = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(err.to_string().contains("node name"), "{err}");
+        }
+        let cmd = Cli::command();
+        let services = cmd.find_subcommand("services").expect("subcommand");
+        let arg = services
+            .get_arguments()
+            .find(|a| a.get_id() == "node_name")
+            .expect("--node-name");
+        assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("NODE_NAME")));
+    }
 }

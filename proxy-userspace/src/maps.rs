@@ -3,13 +3,20 @@
 //! backends and reverse-NAT entries first, then backend slots, then the frontend entry (slot 0)
 //! whose count makes the slots reachable; removal in reverse.
 //!
+//! Each frontend is applied on its own: one that does not fit (ids exhausted, a full map) is left
+//! as it was and reported, the others are applied, and removals go first so that deleting
+//! Services makes room. A backend is written when a slot first names it (before that no flow can
+//! be on it) and freed when it has left the target and no programmed slot names it any more.
+//!
 //! The programmed state is read back from the maps at start, so a restarted vipx keeps every
-//! backend and reverse-NAT id, and with them the conntrack entries of established flows.
+//! backend and reverse-NAT id, and with them the conntrack entries of established flows. Freed
+//! entries keep their generation, so the restarted vipx also knows which ids were used and does
+//! not hand them out again at once.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -73,12 +80,107 @@ pub struct TargetFrontend {
     pub slots: Vec<L4Addr>,
 }
 
-/// Map-level view of the desired state. IPv4 only for now; NodePort frontends (no address of
-/// their own) are not programmed by this version. Problems are returned, not fatal.
+/// What a Service uses that this version does not program, gathered over its ports so that it
+/// is reported once per Service.
+#[derive(Default)]
+struct Unsupported {
+    v4_frontends: usize,
+    v6_frontends: BTreeSet<String>,
+    v6_endpoints: BTreeSet<(IpAddr, u16)>,
+    node_ports: BTreeSet<String>,
+    sctp_ports: BTreeSet<String>,
+}
+
+impl Unsupported {
+    fn report(&self, service: &str, problems: &mut Vec<String>) {
+        if !self.v6_frontends.is_empty() || !self.v6_endpoints.is_empty() {
+            let what = if self.v4_frontends == 0 {
+                "IPv6 Service not programmed (IPv6 is not supported yet)"
+            } else {
+                "IPv6 part not programmed (IPv6 is not supported yet; IPv4 is)"
+            };
+            let mut parts = Vec::new();
+            if !self.v6_frontends.is_empty() {
+                parts.push(format!(
+                    "frontends {}",
+                    self.v6_frontends
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if !self.v6_endpoints.is_empty() {
+                parts.push(format!("{} endpoints", self.v6_endpoints.len()));
+            }
+            problems.push(format!("{service}: {what}: {}", parts.join("; ")));
+        }
+        if !self.node_ports.is_empty() {
+            problems.push(format!(
+                "{service}: nodePort {} not served yet (NodePort is not implemented; the cluster \
+                 IP and external IPs work)",
+                self.node_ports
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !self.sctp_ports.is_empty() {
+            problems.push(format!(
+                "{service}: port {} not programmed (SCTP is not supported)",
+                self.sctp_ports
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+}
+
+/// Map-level view of the desired state. IPv4 TCP/UDP only for now, and only the frontends pods
+/// reach through the pod program (NodePort has no address of its own and is not served yet).
+/// What is left out is reported, once per Service; problems are returned, not fatal.
 pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
     let mut t = Target::default();
     let mut problems = Vec::new();
+    let mut unsupported: BTreeMap<(&str, &str), Unsupported> = BTreeMap::new();
     for (name, sp) in &desired.services {
+        let un = unsupported
+            .entry((name.namespace.as_str(), name.name.as_str()))
+            .or_default();
+        for ep in &sp.endpoints {
+            if ep.addr.is_ipv6() {
+                un.v6_endpoints.insert((ep.addr, ep.port));
+            }
+        }
+        for fe in &sp.frontends {
+            let at = match fe.kind {
+                FrontendKind::NodePort => format!("{}/{}", fe.port, name.protocol),
+                _ => format!("{}/{}", SocketAddr::new(fe.addr, fe.port), name.protocol),
+            };
+            match (fe.kind, fe.addr) {
+                (FrontendKind::NodePort, _) => {
+                    un.node_ports.insert(at);
+                }
+                (_, IpAddr::V6(_)) => {
+                    un.v6_frontends.insert(at);
+                }
+                (_, IpAddr::V4(_)) => un.v4_frontends += 1,
+            }
+        }
+        if name.protocol == Protocol::Sctp {
+            let port = if name.port_name.is_empty() {
+                sp.frontends
+                    .first()
+                    .map_or(String::new(), |f| f.port.to_string())
+            } else {
+                name.port_name.clone()
+            };
+            un.sctp_ports.insert(format!("{port}/SCTP"));
+            continue;
+        }
         let proto = name.protocol.number();
         let to_addr = |i: &usize| -> Option<L4Addr> {
             let ep = sp.endpoints.get(*i)?;
@@ -112,14 +214,12 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
         }
         for fe in &sp.frontends {
             let IpAddr::V4(addr) = fe.addr else { continue };
+            // The pod program is the only data path so far, so external frontends serve pods:
+            // they get what kube-proxy gives pod traffic to an external destination.
             let (kind_flag, pick, local) = match fe.kind {
                 FrontendKind::ClusterIp => (SVC_F_CLUSTER_IP, &sp.internal_pick, sp.internal_local),
-                FrontendKind::ExternalIp => {
-                    (SVC_F_EXTERNAL_IP, &sp.external_pick, sp.external_local)
-                }
-                FrontendKind::LoadBalancer => {
-                    (SVC_F_LOAD_BALANCER, &sp.external_pick, sp.external_local)
-                }
+                FrontendKind::ExternalIp => (SVC_F_EXTERNAL_IP, &sp.pod_external_pick, false),
+                FrontendKind::LoadBalancer => (SVC_F_LOAD_BALANCER, &sp.pod_external_pick, false),
                 FrontendKind::NodePort => continue,
             };
             let key = L4Addr {
@@ -159,41 +259,106 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
             t.frontends.insert(key, entry);
         }
     }
+    for ((namespace, name), un) in &unsupported {
+        un.report(&format!("{namespace}/{name}"), &mut problems);
+    }
     (t, problems)
 }
 
-/// Hands out ids without reusing a freed one soon: a conntrack entry that still names a freed id
-/// must not silently lead to a different backend.
-#[derive(Debug)]
-struct IdAlloc {
-    max: u32,
-    next: u32,
+/// The next generation of an id: any value the id never had recently, never 0 (0 means "never
+/// used", which a conntrack entry must not be able to match after a reuse).
+const fn next_generation(g: u32) -> u32 {
+    match g.wrapping_add(1) {
+        0 => 1,
+        n => n,
+    }
 }
 
-impl IdAlloc {
-    fn new(max: u32, used: impl IntoIterator<Item = u32>) -> Self {
-        let next = used.into_iter().max().map_or(1, |m| m + 1);
-        Self { max, next }
+/// One id space (backend ids or reverse-NAT ids). A freed id must not be handed out again soon:
+/// conntrack entries still name it, and although a bumped generation makes them stale rather
+/// than wrong, a flow that still uses it loses its backend. So ids never used are handed out
+/// first, from a cursor, and only when the cursor has reached the end are freed ids reused, least
+/// recently freed first.
+///
+/// Invariant: every id in `1..len` is exactly one of: held by a programmed entry, in `free`, or
+/// at or after `next`.
+#[derive(Debug)]
+struct IdSpace {
+    /// Generation of each id (index = id; index 0 is "none" and never handed out), as the map
+    /// holds it: it survives frees, so the pinned map remembers which ids were used.
+    gens: Vec<u32>,
+    /// Ids from here on were never used.
+    next: u32,
+    /// Freed ids, least recently freed first.
+    free: VecDeque<u32>,
+}
+
+impl IdSpace {
+    /// Resume from the generations a (possibly pinned) map holds; `in_use(id)` says which ids
+    /// programmed entries hold.
+    fn new(gens: Vec<u32>, in_use: impl Fn(u32) -> bool) -> Self {
+        let len = u32::try_from(gens.len()).unwrap_or(u32::MAX);
+        let used = |id: u32| in_use(id) || gens.get(id as usize).is_some_and(|g| *g != 0);
+        // After a restart the cursor resumes after the last id ever used, so ids freed before
+        // the restart are not handed out at once.
+        let next = (1..len).rev().find(|&id| used(id)).map_or(1, |id| id + 1);
+        // The map does not say when an id was freed; id order is the order a first pass of the
+        // cursor allocated them in, the best guess left. Ids below the cursor never used at all
+        // (nothing can name them) go first.
+        let (never, freed): (Vec<u32>, Vec<u32>) = (1..next)
+            .filter(|&id| !in_use(id))
+            .partition(|&id| gens.get(id as usize).is_none_or(|g| *g == 0));
+        Self {
+            gens,
+            next,
+            free: never.into_iter().chain(freed).collect(),
+        }
     }
 
-    fn alloc(&mut self, in_use: impl Fn(u32) -> bool) -> Option<u32> {
-        for _ in 0..self.max {
-            let id = if self.next == 0 || self.next >= self.max {
-                1
-            } else {
-                self.next
-            };
-            self.next = id + 1;
-            if !in_use(id) {
-                return Some(id);
-            }
+    /// A free id with its new generation, or `None` when every id is held.
+    fn alloc(&mut self) -> Option<(u32, u32)> {
+        let id = if (self.next as usize) < self.gens.len() {
+            self.next += 1;
+            self.next - 1
+        } else {
+            self.free.pop_front()?
+        };
+        let g = self.gens.get_mut(id as usize)?;
+        *g = next_generation(*g);
+        Some((id, *g))
+    }
+
+    /// `id` is no longer held; it keeps its generation.
+    fn release(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+
+    fn generation(&self, id: u32) -> u32 {
+        self.gens.get(id as usize).copied().unwrap_or(0)
+    }
+}
+
+/// A frontend the last apply could not write. It was left as it was (absent if new), the maps
+/// stay consistent, and the next apply retries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedFrontend {
+    pub frontend: L4Addr,
+    /// `None` for a frontend that could not be removed (its Service is gone from the target).
+    pub service: Option<ServicePortName>,
+    pub reason: String,
+}
+
+impl fmt::Display for FailedFrontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.service {
+            Some(s) => write!(f, "{s} (frontend {}): {}", self.frontend, self.reason),
+            None => write!(f, "removed frontend {}: {}", self.frontend, self.reason),
         }
-        None
     }
 }
 
 /// Counts of what one apply changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
     pub frontends_added: usize,
     pub frontends_changed: usize,
@@ -201,6 +366,8 @@ pub struct ApplyStats {
     pub backends_added: usize,
     pub backends_removed: usize,
     pub map_writes: usize,
+    /// Frontends left as they were because they did not fit (retried by the next apply).
+    pub failed: Vec<FailedFrontend>,
 }
 
 impl ApplyStats {
@@ -216,94 +383,176 @@ pub struct ServiceMaps {
     pub revnat: Array<MapData, RevNat4>,
 }
 
-impl ServiceMaps {
-    /// Decode the maps into the programmed state.
-    pub fn read(&self) -> Result<Programmed> {
-        let mut p = Programmed::default();
-        let mut slots: BTreeMap<L4Addr, BTreeMap<u16, u32>> = BTreeMap::new();
-        for item in self.svc.iter() {
-            let (k, v) = item.context("reading the service map")?;
-            let fe = L4Addr {
-                addr: Ipv4Addr::from(k.addr),
-                port: u16::from_be_bytes(k.port),
-                proto: k.proto,
-            };
-            if k.scope != SCOPE_EXTERNAL {
-                continue;
-            }
-            if k.slot == 0 {
-                p.frontends.insert(
-                    fe,
-                    FrontendEntry {
-                        rev_nat_id: v.rev_nat_id,
-                        flags: v.flags,
-                        affinity_timeout_s: v.affinity_timeout_s,
-                        slots: Vec::new(),
-                    },
-                );
-            } else {
-                slots.entry(fe).or_default().insert(k.slot, v.backend_id);
-            }
+/// Everything the writer resumes from: the decoded state and every id's generation.
+#[derive(Clone, Debug, Default)]
+pub struct ReadBack {
+    pub programmed: Programmed,
+    /// Index = backend id; length = the map's size.
+    pub backend_gens: Vec<u32>,
+    /// Index = reverse-NAT id; length = the map's size.
+    pub revnat_gens: Vec<u32>,
+}
+
+/// The map operations the writer needs: the kernel maps in production, an in-memory model with
+/// the same capacity rules in unit tests (loading BPF maps needs privileges).
+pub trait MapStore {
+    /// Insert or overwrite. A new key fails when the map is full.
+    fn svc_insert(&mut self, key: SvcKey4, value: SvcValue) -> Result<()>;
+    /// Remove; an absent key is not an error.
+    fn svc_remove(&mut self, key: &SvcKey4) -> Result<()>;
+    fn backend_set(&mut self, id: u32, value: Backend4) -> Result<()>;
+    fn revnat_set(&mut self, id: u32, value: RevNat4) -> Result<()>;
+    fn read_back(&self) -> Result<ReadBack>;
+}
+
+impl MapStore for ServiceMaps {
+    fn svc_insert(&mut self, key: SvcKey4, value: SvcValue) -> Result<()> {
+        Ok(self.svc.insert(key, value, 0)?)
+    }
+
+    fn svc_remove(&mut self, key: &SvcKey4) -> Result<()> {
+        match self.svc.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        for (fe, s) in slots {
-            // Orphan slots (a crash between writes) are kept so the next apply deletes them.
-            let entry = p.frontends.entry(fe).or_insert(FrontendEntry {
-                rev_nat_id: 0,
-                flags: 0,
-                affinity_timeout_s: 0,
-                slots: Vec::new(),
-            });
-            let n = s.keys().copied().max().unwrap_or(0);
-            entry.slots = (1..=n).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
-        }
-        for (id, b) in self.backend.iter().enumerate() {
-            let b = b.context("reading the backend map")?;
-            if b.is_active() {
-                let id = u32::try_from(id)?;
-                p.backends.insert(
-                    id,
-                    (
-                        L4Addr {
-                            addr: Ipv4Addr::from(b.addr),
-                            port: u16::from_be_bytes(b.port),
-                            proto: b.proto,
-                        },
-                        b.flags,
-                    ),
-                );
-            }
-        }
-        for (id, r) in self.revnat.iter().enumerate() {
-            let r = r.context("reading the reverse-NAT map")?;
-            if r.flags & REVNAT_F_ACTIVE != 0 {
-                p.revnat.insert(
-                    u32::try_from(id)?,
-                    L4Addr {
-                        addr: Ipv4Addr::from(r.addr),
-                        port: u16::from_be_bytes(r.port),
-                        proto: 0,
-                    },
-                );
-            }
-        }
-        Ok(p)
+    }
+
+    fn backend_set(&mut self, id: u32, value: Backend4) -> Result<()> {
+        Ok(self.backend.set(id, value, 0)?)
+    }
+
+    fn revnat_set(&mut self, id: u32, value: RevNat4) -> Result<()> {
+        Ok(self.revnat.set(id, value, 0)?)
+    }
+
+    fn read_back(&self) -> Result<ReadBack> {
+        let svc: Vec<(SvcKey4, SvcValue)> = self
+            .svc
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the service map")?;
+        let backends: Vec<Backend4> = self
+            .backend
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the backend map")?;
+        let revnat: Vec<RevNat4> = self
+            .revnat
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the reverse-NAT map")?;
+        decode(&svc, &backends, &revnat)
     }
 }
 
-/// Keeps the maps equal to the desired state.
-pub struct MapWriter {
-    maps: ServiceMaps,
+impl ServiceMaps {
+    /// Decode the maps into the programmed state.
+    pub fn read(&self) -> Result<Programmed> {
+        Ok(self.read_back()?.programmed)
+    }
+}
+
+/// Decode raw map contents. Entries without the active flag are not backends / reverse-NAT
+/// entries; only their generations matter.
+fn decode(
+    svc: &[(SvcKey4, SvcValue)],
+    backends: &[Backend4],
+    revnat: &[RevNat4],
+) -> Result<ReadBack> {
+    let mut p = Programmed::default();
+    let mut slots: BTreeMap<L4Addr, BTreeMap<u16, u32>> = BTreeMap::new();
+    for (k, v) in svc {
+        if k.scope != SCOPE_EXTERNAL {
+            continue;
+        }
+        let fe = L4Addr {
+            addr: Ipv4Addr::from(k.addr),
+            port: u16::from_be_bytes(k.port),
+            proto: k.proto,
+        };
+        if k.slot == 0 {
+            p.frontends.insert(
+                fe,
+                FrontendEntry {
+                    rev_nat_id: v.rev_nat_id,
+                    flags: v.flags,
+                    affinity_timeout_s: v.affinity_timeout_s,
+                    slots: Vec::new(),
+                },
+            );
+        } else {
+            slots.entry(fe).or_default().insert(k.slot, v.backend_id);
+        }
+    }
+    for (fe, s) in slots {
+        // Orphan slots (a crash between writes) are kept so the next apply deletes them.
+        let entry = p.frontends.entry(fe).or_insert(FrontendEntry {
+            rev_nat_id: 0,
+            flags: 0,
+            affinity_timeout_s: 0,
+            slots: Vec::new(),
+        });
+        let n = s.keys().copied().max().unwrap_or(0);
+        entry.slots = (1..=n).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
+    }
+    for (id, b) in backends.iter().enumerate() {
+        if b.is_active() {
+            p.backends.insert(
+                u32::try_from(id)?,
+                (
+                    L4Addr {
+                        addr: Ipv4Addr::from(b.addr),
+                        port: u16::from_be_bytes(b.port),
+                        proto: b.proto,
+                    },
+                    b.flags,
+                ),
+            );
+        }
+    }
+    for (id, r) in revnat.iter().enumerate() {
+        if r.flags & REVNAT_F_ACTIVE != 0 {
+            p.revnat.insert(
+                u32::try_from(id)?,
+                L4Addr {
+                    addr: Ipv4Addr::from(r.addr),
+                    port: u16::from_be_bytes(r.port),
+                    proto: 0,
+                },
+            );
+        }
+    }
+    Ok(ReadBack {
+        programmed: p,
+        backend_gens: backends.iter().map(|b| b.generation).collect(),
+        revnat_gens: revnat.iter().map(|r| r.generation).collect(),
+    })
+}
+
+/// Keeps the maps equal to the desired state, one frontend at a time: a frontend that does not
+/// fit (ids exhausted, a full map) fails alone and is retried later, every other one is applied.
+pub struct MapWriter<M: MapStore = ServiceMaps> {
+    maps: M,
     cur: Programmed,
     backend_ids: BTreeMap<L4Addr, u32>,
     revnat_ids: BTreeMap<L4Addr, u32>,
-    backend_alloc: IdAlloc,
-    revnat_alloc: IdAlloc,
+    backend_space: IdSpace,
+    revnat_space: IdSpace,
+    /// How many programmed slots name each backend id: a backend that left the target stays
+    /// while a frontend that could not be updated still names it.
+    backend_refs: StdHashMap<u32, u32>,
+    /// Frontends that failed; every apply retries them.
+    pending: BTreeSet<L4Addr>,
 }
 
-impl MapWriter {
+impl<M: MapStore> MapWriter<M> {
     /// Adopt whatever the (possibly pinned, pre-existing) maps already hold.
-    pub fn new(maps: ServiceMaps) -> Result<Self> {
-        let cur = maps.read()?;
+    pub fn new(maps: M) -> Result<Self> {
+        let ReadBack {
+            programmed: cur,
+            backend_gens,
+            revnat_gens,
+        } = maps.read_back()?;
         let backend_ids = cur.backends.iter().map(|(id, (a, _))| (*a, *id)).collect();
         let revnat_ids = cur
             .frontends
@@ -311,15 +560,25 @@ impl MapWriter {
             .filter(|(_, f)| f.rev_nat_id != 0)
             .map(|(a, f)| (*a, f.rev_nat_id))
             .collect();
-        let backend_alloc = IdAlloc::new(maps.backend.len(), cur.backends.keys().copied());
-        let revnat_alloc = IdAlloc::new(maps.revnat.len(), cur.revnat.keys().copied());
+        let mut backend_refs: StdHashMap<u32, u32> = StdHashMap::new();
+        for id in cur.frontends.values().flat_map(|f| &f.slots) {
+            *backend_refs.entry(*id).or_default() += 1;
+        }
+        let backend_space = IdSpace::new(backend_gens, |id| cur.backends.contains_key(&id));
+        let named: std::collections::HashSet<u32> =
+            cur.frontends.values().map(|f| f.rev_nat_id).collect();
+        let revnat_space = IdSpace::new(revnat_gens, |id| {
+            cur.revnat.contains_key(&id) || named.contains(&id)
+        });
         Ok(Self {
             maps,
             cur,
             backend_ids,
             revnat_ids,
-            backend_alloc,
-            revnat_alloc,
+            backend_space,
+            revnat_space,
+            backend_refs,
+            pending: BTreeSet::new(),
         })
     }
 
@@ -327,8 +586,42 @@ impl MapWriter {
         &self.cur
     }
 
-    /// Make the maps say exactly `target`. On error (e.g. a full map) the maps stay consistent:
-    /// every frontend points only at written slots and live backends; the caller retries later.
+    /// Generation of a backend id (0: never used).
+    pub fn backend_generation(&self, id: u32) -> u32 {
+        self.backend_space.generation(id)
+    }
+
+    /// Generation of a reverse-NAT id (0: never used).
+    pub fn revnat_generation(&self, id: u32) -> u32 {
+        self.revnat_space.generation(id)
+    }
+
+    /// Frontends that failed to apply and wait for a retry.
+    pub fn pending(&self) -> &BTreeSet<L4Addr> {
+        &self.pending
+    }
+
+    #[cfg(test)]
+    fn read_back_for_test(&self) -> Programmed {
+        self.maps
+            .read_back()
+            .map(|r| r.programmed)
+            .unwrap_or_default()
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Give the maps back (a test simulating a restart hands them to a new writer).
+    pub fn into_maps(self) -> M {
+        self.maps
+    }
+
+    /// Make the maps say `target`, except for frontends that do not fit (listed in
+    /// `ApplyStats::failed`, retried by the next apply). An `Err` is a failure of the maps
+    /// themselves; the maps stay consistent (every frontend points only at written slots and live
+    /// backends) and a later full apply repairs the rest.
     pub fn apply(&mut self, target: &Target) -> Result<ApplyStats> {
         let frontends: BTreeSet<L4Addr> = target
             .frontends
@@ -346,7 +639,8 @@ impl MapWriter {
     }
 
     /// Like `apply`, but only for the given frontends and backends (the ones whose desired state
-    /// may have changed): work proportional to the change, not to the number of services.
+    /// may have changed) plus the frontends that failed before: work proportional to the change,
+    /// not to the number of services.
     pub fn apply_keys(
         &mut self,
         target: &Target,
@@ -354,193 +648,435 @@ impl MapWriter {
         backends: &BTreeSet<L4Addr>,
     ) -> Result<ApplyStats> {
         let mut st = ApplyStats::default();
-
-        // 1. Backends that are new or whose flags changed.
-        for (addr, &flags) in backends
+        let retry: Vec<L4Addr> = self
+            .pending
             .iter()
-            .filter_map(|a| target.backends.get(a).map(|f| (a, f)))
-        {
-            let id = match self.backend_ids.get(addr) {
-                Some(&id) => id,
-                None => {
-                    let cur = &self.cur.backends;
-                    let id = self
-                        .backend_alloc
-                        .alloc(|id| cur.contains_key(&id))
-                        .context("backend map is full")?;
-                    st.backends_added += 1;
-                    id
-                }
-            };
-            if self.cur.backends.get(&id) != Some(&(*addr, flags)) {
-                let v = Backend4 {
-                    addr: addr.addr.octets(),
-                    port: addr.port.to_be_bytes(),
-                    proto: addr.proto,
-                    flags,
-                    generation: 1,
-                };
-                self.maps
-                    .backend
-                    .set(id, v, 0)
-                    .with_context(|| format!("writing backend {id} ({addr})"))?;
-                st.map_writes += 1;
-                self.cur.backends.insert(id, (*addr, flags));
-                self.backend_ids.insert(*addr, id);
-            }
+            .filter(|k| !frontends.contains(k))
+            .copied()
+            .collect();
+        let keys = || frontends.iter().chain(&retry);
+        for k in &retry {
+            self.pending.remove(k);
+        }
+        for k in frontends {
+            self.pending.remove(k);
         }
 
-        // 2. Frontends: reverse-NAT, slots, then slot 0.
-        for (fe, t) in frontends
-            .iter()
-            .filter_map(|k| target.frontends.get(k).map(|t| (k, t)))
-        {
-            let rev_nat_id = match self.revnat_ids.get(fe) {
-                Some(&id) => id,
-                None => {
-                    let cur = &self.cur.revnat;
-                    self.revnat_alloc
-                        .alloc(|id| cur.contains_key(&id))
-                        .context("reverse-NAT map is full")?
-                }
-            };
-            if self.cur.revnat.get(&rev_nat_id).map(|a| (a.addr, a.port))
-                != Some((fe.addr, fe.port))
-            {
-                let v = RevNat4 {
-                    addr: fe.addr.octets(),
-                    port: fe.port.to_be_bytes(),
-                    flags: REVNAT_F_ACTIVE,
-                    generation: 1,
-                };
-                self.maps
-                    .revnat
-                    .set(rev_nat_id, v, 0)
-                    .with_context(|| format!("writing reverse-NAT {rev_nat_id} ({fe})"))?;
-                st.map_writes += 1;
-                self.cur
-                    .revnat
-                    .insert(rev_nat_id, L4Addr { proto: 0, ..*fe });
-                self.revnat_ids.insert(*fe, rev_nat_id);
-            }
-            let want: Vec<u32> = t
-                .slots
-                .iter()
-                .map(|a| {
-                    self.backend_ids
-                        .get(a)
-                        .copied()
-                        .with_context(|| format!("slot backend {a} has no id"))
-                })
-                .collect::<Result<_>>()?;
-            let want_entry = FrontendEntry {
-                rev_nat_id,
-                flags: t.flags,
-                affinity_timeout_s: t.affinity_timeout_s,
-                slots: want,
-            };
-            let old = self.cur.frontends.get(fe).cloned();
-            if old.as_ref() == Some(&want_entry) {
-                continue;
-            }
-            match &old {
-                None => st.frontends_added += 1,
-                Some(_) => st.frontends_changed += 1,
-            }
-            st.map_writes += self.write_frontend(fe, old.as_ref(), &want_entry)?;
-            self.cur.frontends.insert(*fe, want_entry);
-        }
-
-        // 3. Frontends that are gone: slot 0 first, then the slots, then reverse-NAT.
-        let gone: Vec<L4Addr> = frontends
-            .iter()
+        // 1. Removals first, so that deleting Services makes room for the ones waiting.
+        let mut released = Vec::new();
+        let gone: Vec<L4Addr> = keys()
             .filter(|k| !target.frontends.contains_key(k) && self.cur.frontends.contains_key(k))
             .copied()
             .collect();
         for fe in gone {
-            let Some(old) = self.cur.frontends.get(&fe).cloned() else {
+            if let Err(e) = self.remove_frontend(&fe, &mut st, &mut released) {
+                self.fail(&mut st, fe, None, &e);
+            }
+        }
+        let candidates: Vec<L4Addr> = backends
+            .iter()
+            .copied()
+            .chain(self.addrs_of(&released))
+            .collect();
+        self.sweep_backends(target, &candidates, &mut st)?;
+
+        // 2. Flags of backends that stay (terminating or not): in place, an array write.
+        for (addr, &flags) in backends
+            .iter()
+            .filter_map(|a| target.backends.get(a).map(|f| (a, f)))
+        {
+            let Some(&id) = self.backend_ids.get(addr) else {
+                // Not written until a slot names it: no flow can be on it before that.
                 continue;
             };
-            let key = svc_key(&fe, 0);
-            remove_if_present(&mut self.maps.svc, &key)?;
-            st.map_writes += 1;
-            for slot in 1..=old.slots.len() {
-                remove_if_present(&mut self.maps.svc, &svc_key(&fe, slot_u16(slot)?))?;
-                st.map_writes += 1;
-            }
-            self.cur.frontends.remove(&fe);
-            st.frontends_removed += 1;
-            if let Some(id) = self.revnat_ids.remove(&fe) {
-                // Replies of flows still in conntrack keep being restored until the entry ages
-                // out, unless the id is reused; keep the entry but mark it inactive.
+            if self.cur.backends.get(&id) != Some(&(*addr, flags)) {
+                let generation = self.backend_space.generation(id);
                 self.maps
-                    .revnat
-                    .set(id, RevNat4::default(), 0)
-                    .with_context(|| format!("clearing reverse-NAT {id}"))?;
+                    .backend_set(id, backend_value(addr, flags, generation))
+                    .with_context(|| format!("writing backend {id} ({addr})"))?;
                 st.map_writes += 1;
-                self.cur.revnat.remove(&id);
+                self.cur.backends.insert(id, (*addr, flags));
             }
         }
 
-        // 4. Backends no longer referenced by any endpoint.
-        let stale: Vec<(L4Addr, u32)> = backends
-            .iter()
-            .filter(|a| !target.backends.contains_key(a))
-            .filter_map(|a| self.backend_ids.get(a).map(|id| (*a, *id)))
+        // 3. Each frontend on its own.
+        let mut released = Vec::new();
+        let wanted: Vec<(L4Addr, &TargetFrontend)> = keys()
+            .filter_map(|k| target.frontends.get(k).map(|t| (*k, t)))
             .collect();
-        for (addr, id) in stale {
-            self.maps
-                .backend
-                .set(id, Backend4::default(), 0)
-                .with_context(|| format!("clearing backend {id} ({addr})"))?;
-            st.map_writes += 1;
-            st.backends_removed += 1;
-            self.backend_ids.remove(&addr);
-            self.cur.backends.remove(&id);
+        for (fe, t) in wanted {
+            if let Err(e) = self.apply_frontend(&fe, t, target, &mut st, &mut released) {
+                self.fail(&mut st, fe, Some(t.service.clone()), &e);
+            }
         }
+
+        // 4. Backends that changed frontends stopped naming.
+        let candidates: Vec<L4Addr> = self.addrs_of(&released).collect();
+        self.sweep_backends(target, &candidates, &mut st)?;
         Ok(st)
     }
 
-    /// Write one frontend so that at every moment slot 0's count only covers written slots.
+    fn fail(
+        &mut self,
+        st: &mut ApplyStats,
+        fe: L4Addr,
+        service: Option<ServicePortName>,
+        e: &anyhow::Error,
+    ) {
+        self.pending.insert(fe);
+        st.failed.push(FailedFrontend {
+            frontend: fe,
+            service,
+            reason: format!("{e:#}"),
+        });
+    }
+
+    fn addrs_of<'a>(&'a self, ids: &'a [u32]) -> impl Iterator<Item = L4Addr> + 'a {
+        ids.iter()
+            .filter_map(|id| self.cur.backends.get(id).map(|(a, _)| *a))
+    }
+
+    /// Slot 0 first (the frontend disappears at once), then the slots, then reverse-NAT.
+    fn remove_frontend(
+        &mut self,
+        fe: &L4Addr,
+        st: &mut ApplyStats,
+        released: &mut Vec<u32>,
+    ) -> Result<()> {
+        let Some(old) = self.cur.frontends.get(fe).cloned() else {
+            return Ok(());
+        };
+        self.maps
+            .svc_remove(&svc_key(fe, 0))
+            .with_context(|| format!("removing frontend {fe}"))?;
+        st.map_writes += 1;
+        self.cur.frontends.remove(fe);
+        st.frontends_removed += 1;
+        self.unref(&old.slots, released);
+        for slot in 1..=old.slots.len() {
+            // Invisible already (slot 0 is gone): a failure leaves garbage, not a wrong answer.
+            if let Err(e) = self.maps.svc_remove(&svc_key(fe, slot_u16(slot)?)) {
+                tracing::warn!("removing slot {slot} of {fe}: {e:#}");
+            }
+            st.map_writes += 1;
+        }
+        if let Some(id) = self.revnat_ids.remove(fe) {
+            self.free_revnat(id)?;
+            st.map_writes += 1;
+        }
+        Ok(())
+    }
+
+    fn unref(&mut self, slots: &[u32], released: &mut Vec<u32>) {
+        for id in slots {
+            if let Some(n) = self.backend_refs.get_mut(id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.backend_refs.remove(id);
+                    released.push(*id);
+                }
+            }
+        }
+    }
+
+    /// Free the backends among `addrs` that left the target and that no slot names any more.
+    fn sweep_backends(
+        &mut self,
+        target: &Target,
+        addrs: &[L4Addr],
+        st: &mut ApplyStats,
+    ) -> Result<()> {
+        for addr in addrs {
+            if target.backends.contains_key(addr) {
+                continue;
+            }
+            let Some(&id) = self.backend_ids.get(addr) else {
+                continue;
+            };
+            if self.backend_refs.contains_key(&id) {
+                continue;
+            }
+            self.free_backend(addr, id)?;
+            st.map_writes += 1;
+            st.backends_removed += 1;
+        }
+        Ok(())
+    }
+
+    /// The entry stays with its generation and without the active flag: conntrack entries that
+    /// name it are stale from now on, and the pinned map remembers the id was used.
+    fn free_backend(&mut self, addr: &L4Addr, id: u32) -> Result<()> {
+        let generation = self.backend_space.generation(id);
+        self.maps
+            .backend_set(
+                id,
+                Backend4 {
+                    generation,
+                    ..Backend4::default()
+                },
+            )
+            .with_context(|| format!("clearing backend {id} ({addr})"))?;
+        self.backend_ids.remove(addr);
+        self.cur.backends.remove(&id);
+        self.backend_space.release(id);
+        Ok(())
+    }
+
+    fn free_revnat(&mut self, id: u32) -> Result<()> {
+        let generation = self.revnat_space.generation(id);
+        self.maps
+            .revnat_set(
+                id,
+                RevNat4 {
+                    generation,
+                    ..RevNat4::default()
+                },
+            )
+            .with_context(|| format!("clearing reverse-NAT {id}"))?;
+        self.cur.revnat.remove(&id);
+        self.revnat_space.release(id);
+        Ok(())
+    }
+
+    fn alloc_backend(&mut self, addr: &L4Addr, flags: u8) -> Result<u32> {
+        let Some((id, generation)) = self.backend_space.alloc() else {
+            bail!(
+                "no free backend id for {addr} (the backend map holds {} entries; \
+                 raise --max-backends)",
+                self.backend_space.gens.len()
+            );
+        };
+        if let Err(e) = self
+            .maps
+            .backend_set(id, backend_value(addr, flags, generation))
+        {
+            self.backend_space.release(id);
+            return Err(e).with_context(|| format!("writing backend {id} ({addr})"));
+        }
+        self.cur.backends.insert(id, (*addr, flags));
+        self.backend_ids.insert(*addr, id);
+        Ok(id)
+    }
+
+    /// Undo the backends and reverse-NAT entry a failed frontend allocated: nothing names them.
+    fn roll_back(
+        &mut self,
+        backends: &[(L4Addr, u32)],
+        revnat: Option<(L4Addr, u32)>,
+        st: &mut ApplyStats,
+    ) {
+        for (addr, id) in backends {
+            if self.backend_refs.contains_key(id) {
+                continue;
+            }
+            match self.free_backend(addr, *id) {
+                Ok(()) => {
+                    st.map_writes += 1;
+                    st.backends_added = st.backends_added.saturating_sub(1);
+                }
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+        if let Some((fe, id)) = revnat {
+            self.revnat_ids.remove(&fe);
+            match self.free_revnat(id) {
+                Ok(()) => st.map_writes += 1,
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+    }
+
+    /// Backends, reverse-NAT, slots, slot 0; on failure what this call allocated is freed again
+    /// and the frontend is left as it was.
+    fn apply_frontend(
+        &mut self,
+        fe: &L4Addr,
+        t: &TargetFrontend,
+        target: &Target,
+        st: &mut ApplyStats,
+        released: &mut Vec<u32>,
+    ) -> Result<()> {
+        let mut new_backends: Vec<(L4Addr, u32)> = Vec::new();
+        let mut slots = Vec::with_capacity(t.slots.len());
+        for a in &t.slots {
+            let id = match self.backend_ids.get(a) {
+                Some(&id) => id,
+                None => {
+                    let allocated = match target.backends.get(a) {
+                        Some(&flags) => self.alloc_backend(a, flags),
+                        None => Err(anyhow::anyhow!(
+                            "backend {a} of a slot is missing from the target's backends"
+                        )),
+                    };
+                    match allocated {
+                        Ok(id) => {
+                            st.map_writes += 1;
+                            st.backends_added += 1;
+                            new_backends.push((*a, id));
+                            id
+                        }
+                        Err(e) => {
+                            self.roll_back(&new_backends, None, st);
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            slots.push(id);
+        }
+
+        let mut new_revnat = None;
+        let rev_nat_id = match self.revnat_ids.get(fe) {
+            Some(&id) => id,
+            None => {
+                let Some((id, _)) = self.revnat_space.alloc() else {
+                    self.roll_back(&new_backends, None, st);
+                    bail!(
+                        "no free reverse-NAT id (the reverse-NAT map holds {} entries; raise \
+                         --max-frontends)",
+                        self.revnat_space.gens.len()
+                    );
+                };
+                self.revnat_ids.insert(*fe, id);
+                new_revnat = Some((*fe, id));
+                id
+            }
+        };
+        if self.cur.revnat.get(&rev_nat_id).map(|a| (a.addr, a.port)) != Some((fe.addr, fe.port)) {
+            let v = RevNat4 {
+                addr: fe.addr.octets(),
+                port: fe.port.to_be_bytes(),
+                flags: REVNAT_F_ACTIVE,
+                generation: self.revnat_space.generation(rev_nat_id),
+            };
+            if let Err(e) = self.maps.revnat_set(rev_nat_id, v) {
+                if let Some((_, id)) = new_revnat {
+                    self.revnat_ids.remove(fe);
+                    self.revnat_space.release(id);
+                }
+                self.roll_back(&new_backends, None, st);
+                return Err(e).with_context(|| format!("writing reverse-NAT {rev_nat_id} ({fe})"));
+            }
+            st.map_writes += 1;
+            self.cur
+                .revnat
+                .insert(rev_nat_id, L4Addr { proto: 0, ..*fe });
+        }
+
+        let want = FrontendEntry {
+            rev_nat_id,
+            flags: t.flags,
+            affinity_timeout_s: t.affinity_timeout_s,
+            slots,
+        };
+        let old = self.cur.frontends.get(fe);
+        if old == Some(&want) {
+            return Ok(());
+        }
+        let old = old.cloned();
+        match self.write_frontend(fe, old.as_ref(), &want) {
+            Ok(writes) => st.map_writes += writes,
+            Err(e) => {
+                self.roll_back(&new_backends, new_revnat, st);
+                return Err(e);
+            }
+        }
+        match &old {
+            None => st.frontends_added += 1,
+            Some(_) => st.frontends_changed += 1,
+        }
+        for id in &want.slots {
+            *self.backend_refs.entry(*id).or_default() += 1;
+        }
+        if let Some(old) = &old {
+            self.unref(&old.slots, released);
+        }
+        self.cur.frontends.insert(*fe, want);
+        Ok(())
+    }
+
+    /// Write one frontend so that at every moment slot 0's count only covers written slots, and
+    /// so that a full map leaves it as it was: the new keys (slots beyond the old count, slot 0 of
+    /// a new frontend) are the only writes that can find the map full, and the slots are written
+    /// while slot 0 does not reach them yet.
     fn write_frontend(
         &mut self,
         fe: &L4Addr,
         old: Option<&FrontendEntry>,
         new: &FrontendEntry,
     ) -> Result<usize> {
-        let mut writes = 0;
         let old_slots: &[u32] = old.map_or(&[], |o| &o.slots);
-        for (i, &backend_id) in new.slots.iter().enumerate() {
-            if old_slots.get(i) == Some(&backend_id) {
-                continue;
+        let slot_value = |backend_id| SvcValue {
+            backend_id,
+            ..SvcValue::default()
+        };
+        let common = old_slots.len().min(new.slots.len());
+
+        let mut grown = Vec::new();
+        let mut rewritten = Vec::new();
+        let result = (|| -> Result<()> {
+            for (i, &id) in new.slots.iter().enumerate().skip(common) {
+                let key = svc_key(fe, slot_u16(i + 1)?);
+                self.maps
+                    .svc_insert(key, slot_value(id))
+                    .with_context(|| format!("writing slot {} of {fe}", i + 1))?;
+                grown.push(key);
             }
-            let v = SvcValue {
-                backend_id,
-                ..SvcValue::default()
+            for (i, (&id, &was)) in new.slots.iter().zip(old_slots).enumerate() {
+                if id == was {
+                    continue;
+                }
+                let key = svc_key(fe, slot_u16(i + 1)?);
+                self.maps
+                    .svc_insert(key, slot_value(id))
+                    .with_context(|| format!("writing slot {} of {fe}", i + 1))?;
+                rewritten.push((key, was));
+            }
+            let head = SvcValue {
+                backend_id: 0,
+                rev_nat_id: new.rev_nat_id,
+                count: slot_u16(new.slots.len())?,
+                flags: new.flags,
+                affinity_timeout_s: new.affinity_timeout_s,
             };
             self.maps
-                .svc
-                .insert(svc_key(fe, slot_u16(i + 1)?), v, 0)
-                .with_context(|| format!("writing slot {} of {fe}", i + 1))?;
-            writes += 1;
+                .svc_insert(svc_key(fe, 0), head)
+                .with_context(|| format!("writing frontend {fe}"))
+        })();
+        if let Err(e) = result {
+            // Back to the old state: slot 0 still has the old count, so the slots it reaches get
+            // their old backends back and the ones beyond it go.
+            for (key, was) in rewritten {
+                if let Err(e) = self.maps.svc_insert(key, slot_value(was)) {
+                    tracing::warn!("restoring slot {} of {fe}: {e:#}", key.slot);
+                }
+            }
+            for key in grown {
+                if let Err(e) = self.maps.svc_remove(&key) {
+                    tracing::warn!("removing slot {} of {fe}: {e:#}", key.slot);
+                }
+            }
+            return Err(e);
         }
-        let head = SvcValue {
-            backend_id: 0,
-            rev_nat_id: new.rev_nat_id,
-            count: slot_u16(new.slots.len())?,
-            flags: new.flags,
-            affinity_timeout_s: new.affinity_timeout_s,
-        };
-        self.maps
-            .svc
-            .insert(svc_key(fe, 0), head, 0)
-            .with_context(|| format!("writing frontend {fe}"))?;
-        writes += 1;
+        let mut writes = grown.len() + rewritten.len() + 1;
         for slot in new.slots.len() + 1..=old_slots.len() {
-            remove_if_present(&mut self.maps.svc, &svc_key(fe, slot_u16(slot)?))?;
+            // Beyond the count already: a failure leaves garbage a later write overwrites.
+            if let Err(e) = self.maps.svc_remove(&svc_key(fe, slot_u16(slot)?)) {
+                tracing::warn!("removing slot {slot} of {fe}: {e:#}");
+            }
             writes += 1;
         }
         Ok(writes)
+    }
+}
+
+fn backend_value(addr: &L4Addr, flags: u8, generation: u32) -> Backend4 {
+    Backend4 {
+        addr: addr.addr.octets(),
+        port: addr.port.to_be_bytes(),
+        proto: addr.proto,
+        flags,
+        generation,
     }
 }
 
@@ -553,13 +1089,6 @@ fn slot_u16(n: usize) -> Result<u16> {
 
 pub fn svc_key(fe: &L4Addr, slot: u16) -> SvcKey4 {
     SvcKey4::new(fe.addr.octets(), fe.port, fe.proto, SCOPE_EXTERNAL, slot)
-}
-
-fn remove_if_present(map: &mut HashMap<MapData, SvcKey4, SvcValue>, key: &SvcKey4) -> Result<()> {
-    match map.remove(key) {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e).context("removing a service map entry"),
-    }
 }
 
 #[cfg(test)]
@@ -616,13 +1145,22 @@ mod tests {
                 ],
                 internal_pick: vec![0],
                 external_pick: vec![0],
+                pod_external_pick: vec![0],
                 affinity_timeout_s: Some(60),
                 internal_local: false,
                 external_local: false,
             },
         );
         let (t, problems) = target(&d);
-        assert!(problems.is_empty());
+        assert_eq!(
+            problems,
+            [
+                "default/a: IPv6 part not programmed (IPv6 is not supported yet; IPv4 is): \
+                 frontends [2001:db8::10]:80/TCP",
+                "default/a: nodePort 30080/TCP not served yet (NodePort is not implemented; the \
+                 cluster IP and external IPs work)"
+            ]
+        );
         assert_eq!(
             t.frontends.len(),
             1,
@@ -644,12 +1182,391 @@ mod tests {
     }
 
     #[test]
-    fn id_alloc_does_not_reuse_at_once() {
-        let mut a = IdAlloc::new(4, [1]);
-        assert_eq!(a.alloc(|id| id == 1), Some(2));
-        // 2 was freed again, but the cursor moves on.
-        assert_eq!(a.alloc(|id| id == 1), Some(3));
-        assert_eq!(a.alloc(|id| id == 1), Some(2));
-        assert_eq!(a.alloc(|id| id <= 3), None);
+    fn unsupported_parts_are_reported_once_per_service() {
+        let v6 = |a: &str, port| Frontend {
+            addr: a.parse().unwrap(),
+            port,
+            kind: FrontendKind::ClusterIp,
+        };
+        let port = |frontends: Vec<Frontend>, endpoints: Vec<Endpoint>| ServicePort {
+            internal_pick: (0..endpoints.len()).collect(),
+            external_pick: (0..endpoints.len()).collect(),
+            pod_external_pick: (0..endpoints.len()).collect(),
+            frontends,
+            endpoints,
+            affinity_timeout_s: None,
+            internal_local: false,
+            external_local: false,
+        };
+        let v6_ep = |a: &str| Endpoint {
+            addr: a.parse().unwrap(),
+            ..ep([0; 4], 8080, false)
+        };
+        let mut d = DesiredState::default();
+        // An IPv6-only Service with two ports: one line for the Service.
+        for (port_name, p) in [("http", 80), ("https", 443)] {
+            let mut name = spn("six", Protocol::Tcp);
+            name.port_name = port_name.into();
+            d.services.insert(
+                name,
+                port(vec![v6("fd00::10", p)], vec![v6_ep("fd00:10:244::5")]),
+            );
+        }
+        // SCTP is reported and not written; its TCP sibling is.
+        let mut sctp = spn("mixed", Protocol::Sctp);
+        sctp.port_name = "sig".into();
+        let cip = Frontend {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)),
+            port: 3868,
+            kind: FrontendKind::ClusterIp,
+        };
+        d.services.insert(
+            sctp,
+            port(vec![cip.clone()], vec![ep([10, 0, 0, 9], 3868, false)]),
+        );
+        d.services.insert(
+            spn("mixed", Protocol::Tcp),
+            port(vec![cip], vec![ep([10, 0, 0, 9], 3868, false)]),
+        );
+        let (t, problems) = target(&d);
+        assert_eq!(
+            problems,
+            [
+                "default/mixed: port sig/SCTP not programmed (SCTP is not supported)",
+                "default/six: IPv6 Service not programmed (IPv6 is not supported yet): frontends \
+                 [fd00::10]:443/TCP, [fd00::10]:80/TCP; 1 endpoints",
+            ]
+        );
+        assert_eq!(t.frontends.len(), 1);
+        assert!(t.frontends.keys().all(|k| k.proto == 6));
+        assert_eq!(t.backends.len(), 1);
+    }
+
+    /// The kernel maps' behaviour as far as the writer can tell: a hash map that refuses new keys
+    /// when full, arrays of a fixed size.
+    #[derive(Debug)]
+    struct FakeMaps {
+        svc: BTreeMap<SvcKey4, SvcValue>,
+        svc_max: usize,
+        backends: Vec<Backend4>,
+        revnat: Vec<RevNat4>,
+    }
+
+    impl FakeMaps {
+        fn new(svc_max: usize, backends: usize, revnat: usize) -> Self {
+            Self {
+                svc: BTreeMap::new(),
+                svc_max,
+                backends: vec![Backend4::default(); backends],
+                revnat: vec![RevNat4::default(); revnat],
+            }
+        }
+
+        /// What the data path relies on: a frontend's count covers written slots, each naming an
+        /// active backend, and its reverse-NAT entry is active.
+        fn assert_consistent(&self) {
+            for (k, v) in self.svc.iter().filter(|(k, _)| k.slot == 0) {
+                assert!(
+                    self.revnat
+                        .get(v.rev_nat_id as usize)
+                        .is_some_and(|r| r.flags & REVNAT_F_ACTIVE != 0),
+                    "{k:?}: reverse-NAT {} inactive",
+                    v.rev_nat_id
+                );
+                for slot in 1..=v.count {
+                    let s = self.svc.get(&k.with_slot(slot));
+                    let s = s.unwrap_or_else(|| panic!("{k:?}: slot {slot} missing"));
+                    assert!(
+                        self.backends
+                            .get(s.backend_id as usize)
+                            .is_some_and(Backend4::is_active),
+                        "{k:?}: slot {slot} names inactive backend {}",
+                        s.backend_id
+                    );
+                }
+            }
+        }
+
+        fn active_backends(&self) -> usize {
+            self.backends.iter().filter(|b| b.is_active()).count()
+        }
+    }
+
+    impl MapStore for FakeMaps {
+        fn svc_insert(&mut self, key: SvcKey4, value: SvcValue) -> Result<()> {
+            if !self.svc.contains_key(&key) && self.svc.len() >= self.svc_max {
+                bail!("map full (E2BIG)");
+            }
+            self.svc.insert(key, value);
+            Ok(())
+        }
+
+        fn svc_remove(&mut self, key: &SvcKey4) -> Result<()> {
+            self.svc.remove(key);
+            Ok(())
+        }
+
+        fn backend_set(&mut self, id: u32, value: Backend4) -> Result<()> {
+            *self
+                .backends
+                .get_mut(id as usize)
+                .context("backend id out of range")? = value;
+            Ok(())
+        }
+
+        fn revnat_set(&mut self, id: u32, value: RevNat4) -> Result<()> {
+            *self
+                .revnat
+                .get_mut(id as usize)
+                .context("reverse-NAT id out of range")? = value;
+            Ok(())
+        }
+
+        fn read_back(&self) -> Result<ReadBack> {
+            let svc: Vec<_> = self.svc.iter().map(|(k, v)| (*k, *v)).collect();
+            decode(&svc, &self.backends, &self.revnat)
+        }
+    }
+
+    fn be(n: u8) -> L4Addr {
+        L4Addr {
+            addr: Ipv4Addr::new(10, 0, 0, n),
+            port: 5000,
+            proto: 6,
+        }
+    }
+
+    fn vip(n: u8) -> L4Addr {
+        L4Addr {
+            addr: Ipv4Addr::new(10, 96, 0, n),
+            port: 80,
+            proto: 6,
+        }
+    }
+
+    /// Services `vip(n)` -> backends, every backend active.
+    fn target_of(services: &[(u8, &[u8])]) -> Target {
+        let mut t = Target::default();
+        for (n, backends) in services {
+            for b in *backends {
+                t.backends.insert(be(*b), BACKEND_F_ACTIVE);
+            }
+            t.frontends.insert(
+                vip(*n),
+                TargetFrontend {
+                    service: spn(&format!("svc{n}"), Protocol::Tcp),
+                    flags: SVC_F_CLUSTER_IP,
+                    affinity_timeout_s: 0,
+                    slots: backends.iter().map(|b| be(*b)).collect(),
+                },
+            );
+        }
+        t
+    }
+
+    fn failed_names(st: &ApplyStats) -> Vec<String> {
+        st.failed
+            .iter()
+            .map(|f| f.service.as_ref().map_or("?".into(), |s| s.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn id_space_resumes_after_the_last_used_id_then_reuses_least_recently_freed() {
+        // Ids 1 (held), 3 (freed, generation 2); 2, 4 and 5 never used.
+        let mut ids = IdSpace::new(vec![0, 1, 0, 2, 0, 0], |id| id == 1);
+        assert_eq!(ids.alloc(), Some((4, 1)), "the cursor resumes after id 3");
+        assert_eq!(ids.alloc(), Some((5, 1)));
+        // The cursor reached the end: never-used 2 first, then freed 3 with a bumped generation.
+        assert_eq!(ids.alloc(), Some((2, 1)));
+        assert_eq!(ids.alloc(), Some((3, 3)));
+        assert_eq!(ids.alloc(), None);
+        ids.release(5);
+        ids.release(2);
+        assert_eq!(ids.alloc(), Some((5, 2)), "least recently freed first");
+        assert_eq!(ids.alloc(), Some((2, 2)));
+        assert_eq!(ids.alloc(), None);
+    }
+
+    #[test]
+    fn generation_skips_zero() {
+        assert_eq!(next_generation(0), 1);
+        assert_eq!(next_generation(7), 8);
+        assert_eq!(next_generation(u32::MAX), 1);
+        let mut ids = IdSpace::new(vec![0, u32::MAX], |_| false);
+        assert_eq!(ids.alloc(), Some((1, 1)));
+    }
+
+    #[test]
+    fn freed_entries_keep_their_generation_and_a_restart_does_not_reuse_them_at_once() {
+        // Backend ids 1..=3.
+        let mut w = MapWriter::new(FakeMaps::new(64, 4, 16)).unwrap();
+        w.apply(&target_of(&[(1, &[1, 2])])).unwrap();
+        assert_eq!(w.programmed().backends.len(), 2);
+        let id_of = |w: &MapWriter<FakeMaps>, b: u8| {
+            w.programmed()
+                .backends
+                .iter()
+                .find(|(_, (a, _))| *a == be(b))
+                .map(|(id, _)| *id)
+        };
+        let freed = id_of(&w, 1).unwrap();
+        assert_eq!(w.backend_generation(freed), 1);
+        let st = w.apply(&target_of(&[(1, &[2])])).unwrap();
+        assert_eq!(st.backends_removed, 1);
+        let entry = w.maps().backends[freed as usize];
+        assert!(!entry.is_active());
+        assert_eq!(entry.generation, 1, "a freed entry keeps its generation");
+
+        // Restart: a new writer on the same maps.
+        let mut w = MapWriter::new(w.into_maps()).unwrap();
+        w.apply(&target_of(&[(1, &[2, 3])])).unwrap();
+        let fresh = id_of(&w, 3).unwrap();
+        assert_ne!(
+            fresh, freed,
+            "an id freed before the restart is not reused at once"
+        );
+        assert_eq!(w.backend_generation(fresh), 1);
+        // The id space is used up: now the freed id is reused, with a new generation.
+        w.apply(&target_of(&[(1, &[2, 3, 4])])).unwrap();
+        assert_eq!(id_of(&w, 4), Some(freed));
+        assert_eq!(w.maps().backends[freed as usize].generation, 2);
+        assert_eq!(w.backend_generation(freed), 2);
+        w.maps().assert_consistent();
+
+        // Reverse-NAT ids behave the same way.
+        let rn = w.programmed().frontends[&vip(1)].rev_nat_id;
+        w.apply(&Target::default()).unwrap();
+        assert_eq!(
+            w.maps().revnat[rn as usize],
+            RevNat4 {
+                generation: 1,
+                ..RevNat4::default()
+            }
+        );
+        let mut w = MapWriter::new(w.into_maps()).unwrap();
+        w.apply(&target_of(&[(1, &[2])])).unwrap();
+        let again = w.programmed().frontends[&vip(1)].rev_nat_id;
+        assert_ne!(again, rn);
+        assert_eq!(w.revnat_generation(again), 1);
+    }
+
+    #[test]
+    fn a_service_that_does_not_fit_fails_alone_and_gets_in_when_room_is_made() {
+        // Backend ids 1..=4: two services of two backends fit, the third does not.
+        let mut w = MapWriter::new(FakeMaps::new(64, 5, 16)).unwrap();
+        let all = target_of(&[(1, &[1, 2]), (2, &[3, 4]), (3, &[5, 6])]);
+        let st = w.apply(&all).unwrap();
+        assert_eq!(failed_names(&st), ["svc3"]);
+        assert!(
+            st.failed[0].reason.contains("no free backend id"),
+            "{}",
+            st.failed[0]
+        );
+        assert_eq!(st.frontends_added, 2);
+        assert_eq!(w.programmed().frontends.len(), 2);
+        assert!(!w.programmed().frontends.contains_key(&vip(3)));
+        assert_eq!(w.maps().active_backends(), 4);
+        w.maps().assert_consistent();
+        assert_eq!(w.pending().iter().collect::<Vec<_>>(), [&vip(3)]);
+
+        // Still no room: reported again, nothing written.
+        let st = w.apply(&all).unwrap();
+        assert_eq!(failed_names(&st), ["svc3"]);
+        assert!(st.is_noop(), "{st:?}");
+
+        // Deleting svc1 (only its keys are passed) lets svc3 in at the same apply: removals go
+        // first, and failed frontends are retried.
+        let without_1 = target_of(&[(2, &[3, 4]), (3, &[5, 6])]);
+        let st = w
+            .apply_keys(
+                &without_1,
+                &BTreeSet::from([vip(1)]),
+                &BTreeSet::from([be(1), be(2)]),
+            )
+            .unwrap();
+        assert!(st.failed.is_empty(), "{:?}", st.failed);
+        assert_eq!((st.frontends_removed, st.frontends_added), (1, 1));
+        assert_eq!(st.backends_removed, 2);
+        assert!(w.programmed().frontends.contains_key(&vip(3)));
+        assert!(w.pending().is_empty());
+        w.maps().assert_consistent();
+        assert!(w.apply(&without_1).unwrap().is_noop());
+    }
+
+    #[test]
+    fn a_full_service_map_leaves_the_new_frontend_absent_and_frees_what_it_took() {
+        // Each service takes three entries (slot 0 and two slots); the third finds one left.
+        let mut w = MapWriter::new(FakeMaps::new(7, 64, 16)).unwrap();
+        let st = w
+            .apply(&target_of(&[(1, &[1, 2]), (2, &[3, 4]), (3, &[5, 6])]))
+            .unwrap();
+        assert_eq!(failed_names(&st), ["svc3"]);
+        assert!(st.failed[0].reason.contains("E2BIG"), "{}", st.failed[0]);
+        assert_eq!(
+            w.maps().svc.len(),
+            6,
+            "the slot written for svc3 was removed"
+        );
+        assert_eq!(w.maps().active_backends(), 4, "svc3's backends were freed");
+        let active_revnat = w
+            .maps()
+            .revnat
+            .iter()
+            .filter(|r| r.flags & REVNAT_F_ACTIVE != 0)
+            .count();
+        assert_eq!(active_revnat, 2);
+        assert_eq!(st.backends_added, 4);
+        w.maps().assert_consistent();
+    }
+
+    #[test]
+    fn a_changed_frontend_that_does_not_fit_keeps_its_old_backends() {
+        // svc1 has one backend; svc2 fills the map; svc1 then wants two new backends instead.
+        let mut w = MapWriter::new(FakeMaps::new(5, 64, 16)).unwrap();
+        w.apply(&target_of(&[(1, &[1]), (2, &[3, 4])])).unwrap();
+        assert_eq!(w.maps().svc.len(), 5);
+        let before = w.programmed().frontends[&vip(1)].clone();
+        let grown = target_of(&[(1, &[5, 6]), (2, &[3, 4])]);
+        let st = w.apply(&grown).unwrap();
+        assert_eq!(failed_names(&st), ["svc1"]);
+        assert_eq!(w.programmed().frontends[&vip(1)], before);
+        assert_eq!(
+            w.programmed().backends.get(&before.slots[0]),
+            Some(&(be(1), BACKEND_F_ACTIVE)),
+            "a backend that left the target stays while a slot names it"
+        );
+        assert_eq!(w.maps().active_backends(), 3);
+        w.maps().assert_consistent();
+        assert_eq!(w.read_back_for_test(), *w.programmed());
+
+        // svc2 goes: svc1 is retried, and its old backend is freed once nothing names it.
+        let st = w.apply(&target_of(&[(1, &[5, 6])])).unwrap();
+        assert!(st.failed.is_empty(), "{:?}", st.failed);
+        assert_eq!(w.programmed().frontends[&vip(1)].slots.len(), 2);
+        assert_eq!(w.maps().active_backends(), 2);
+        w.maps().assert_consistent();
+        assert_eq!(w.read_back_for_test(), *w.programmed());
+    }
+
+    #[test]
+    fn terminating_flag_changes_in_place_and_unslotted_backends_wait_for_a_slot() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 8, 8)).unwrap();
+        let mut t = target_of(&[(1, &[1])]);
+        // A terminating endpoint that no slot names: no flow can be on it yet.
+        t.backends
+            .insert(be(2), BACKEND_F_ACTIVE | BACKEND_F_TERMINATING);
+        w.apply(&t).unwrap();
+        assert_eq!(w.maps().active_backends(), 1);
+        let id = w.programmed().frontends[&vip(1)].slots[0];
+        t.backends
+            .insert(be(1), BACKEND_F_ACTIVE | BACKEND_F_TERMINATING);
+        let st = w.apply(&t).unwrap();
+        assert_eq!(st.map_writes, 1);
+        assert_eq!(
+            w.maps().backends[id as usize].flags,
+            BACKEND_F_ACTIVE | BACKEND_F_TERMINATING
+        );
+        assert_eq!(w.backend_generation(id), 1, "a flag change is not a reuse");
     }
 }

@@ -2,11 +2,11 @@
 //! attached to every matching interface, until SIGINT/SIGTERM.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     fs,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -20,8 +20,8 @@ use tokio::{
 
 use crate::{
     loader::{self, Attachments, MapSizes},
-    maps::{self, MapWriter},
-    source::DirCache,
+    maps::{self, FailedFrontend, MapWriter},
+    source::{ClusterObjects, DirCache},
     sync::{ChangeTracker, Changes},
 };
 
@@ -45,6 +45,75 @@ pub struct StateFile {
 }
 
 pub const STATE_FILE: &str = "services.json";
+
+/// Checks that `name` is a DNS-1123 subdomain, as a Node name must be: lowercase letters, digits,
+/// '-' and '.', labels starting and ending with a letter or digit, at most 253 characters. It
+/// also names directories (pins, state), so nothing like '/' or ".." may pass.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    const MAX: usize = 253;
+    if name.is_empty() {
+        return Err("a node name must not be empty".to_owned());
+    }
+    if name.len() > MAX {
+        return Err(format!(
+            "a node name has at most {MAX} characters, this one {}",
+            name.len()
+        ));
+    }
+    let label_ok = |l: &str| {
+        let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let b = l.as_bytes();
+        b.first().is_some_and(|c| alnum(*c))
+            && b.last().is_some_and(|c| alnum(*c))
+            && b.iter().all(|c| alnum(*c) || *c == b'-')
+    };
+    if name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid node name (a DNS-1123 subdomain: lowercase letters, digits, \
+             '-' and '.', each dot-separated part starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// Whether the objects mention `node_name` at all: a Node of that name, or an endpoint on it.
+pub fn mentions_node(objs: &ClusterObjects, node_name: &str) -> bool {
+    objs.nodes
+        .iter()
+        .any(|n| n.metadata.name.as_deref() == Some(node_name))
+        || objs
+            .slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .any(|e| e.node_name.as_deref() == Some(node_name))
+}
+
+/// What a health endpoint will report: when the maps last matched the desired state.
+#[derive(Clone, Debug, Default)]
+pub struct SyncHealth {
+    /// The last sync that completed (the maps say what the manifests say, except for
+    /// `failed_frontends`).
+    pub last_sync_ok: Option<SystemTime>,
+    /// The error of the last sync, if it failed.
+    pub last_error: Option<String>,
+    /// Completed syncs since start.
+    pub syncs: u64,
+    /// Frontends that did not fit at the last sync (retried at every sync).
+    pub failed_frontends: Vec<FailedFrontend>,
+}
+
+/// Items of `now` not in `before`, and items of `before` not in `now`: what to report when a
+/// list of problems is recomputed at every sync but should be logged once per change.
+fn diff<'a>(
+    before: &'a BTreeSet<String>,
+    now: &'a BTreeSet<String>,
+) -> (Vec<&'a String>, Vec<&'a String>) {
+    (
+        now.difference(before).collect(),
+        before.difference(now).collect(),
+    )
+}
 
 /// Default state directory of a node.
 pub fn default_state_dir(node_name: &str) -> PathBuf {
@@ -80,34 +149,57 @@ struct Controller {
     attachments: Attachments,
     /// Reconcile every key next time: at start, on the periodic resync, after a failed apply.
     full: bool,
-    /// Problems already reported, so a bad file is logged once per change rather than every
-    /// resync.
-    last_problems: Vec<String>,
+    /// Problems already reported, so a bad file or an unsupported part of a Service is logged
+    /// once when it appears, not at every resync.
+    last_problems: BTreeSet<String>,
+    /// Failed frontends already reported, likewise.
+    last_failed: BTreeSet<String>,
+    /// Whether the manifests were checked for this node's name (once, at the first load with
+    /// objects in it).
+    node_checked: bool,
+    health: SyncHealth,
 }
 
 impl Controller {
     fn sync(&mut self) -> Result<()> {
+        let r = self.try_sync();
+        match &r {
+            Ok(()) => {
+                self.health.last_sync_ok = Some(SystemTime::now());
+                self.health.last_error = None;
+                self.health.syncs += 1;
+            }
+            Err(e) => self.health.last_error = Some(format!("{e:#}")),
+        }
+        r
+    }
+
+    fn try_sync(&mut self) -> Result<()> {
         let started = Instant::now();
+        let first = self.health.syncs == 0;
         let changes = match self.dir.load(&self.opts.manifests) {
             Some(objs) => {
+                self.warn_if_node_unknown(&objs);
                 let file_problems: Vec<String> =
                     objs.problems.iter().map(ToString::to_string).collect();
                 self.tracker.replace_all(objs);
                 let changes = self.tracker.flush();
-                let problems: Vec<String> = file_problems
+                let problems: BTreeSet<String> = file_problems
                     .into_iter()
                     .chain(self.tracker.problems())
                     .collect();
-                if problems != self.last_problems {
-                    for p in &problems {
-                        tracing::warn!("skipped: {p}");
-                    }
-                    self.last_problems = problems;
+                let (new, gone) = diff(&self.last_problems, &problems);
+                for p in new {
+                    tracing::warn!("skipped: {p}");
                 }
+                for p in gone {
+                    tracing::info!("resolved: {p}");
+                }
+                self.last_problems = problems;
                 changes
             }
-            // Nothing changed on disk: only a due full reconcile has work to do.
-            None if self.full => Changes::default(),
+            // Nothing changed on disk: only a due full reconcile or a retry has work to do.
+            None if self.full || !self.writer.pending().is_empty() => Changes::default(),
             None => return Ok(()),
         };
         let target = self.tracker.target();
@@ -128,19 +220,57 @@ impl Controller {
         if changes.names_changed || full {
             self.write_state(target)?;
         }
-        if !st.is_noop() {
+        let failed: BTreeSet<String> = st.failed.iter().map(ToString::to_string).collect();
+        let (new, gone) = diff(&self.last_failed, &failed);
+        let failures_changed = !new.is_empty() || !gone.is_empty();
+        for f in new {
+            tracing::warn!("not programmed, retried at every sync: {f}");
+        }
+        for f in gone {
+            tracing::info!("no longer failing: {f}");
+        }
+        self.last_failed = failed;
+        self.health.failed_frontends = st.failed.clone();
+        let noop = st.is_noop();
+        // A no-op resync every 30 s would drown the log; the first sync says that vipx is in sync
+        // even when it adopted identical pinned state or found nothing to program.
+        if first || !noop || failures_changed {
             tracing::info!(
+                noop,
                 frontends = target.frontends.len(),
                 backends = target.backends.len(),
                 added = st.frontends_added,
                 changed = st.frontends_changed,
                 removed = st.frontends_removed,
+                failed = st.failed.len(),
                 map_writes = st.map_writes,
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                 "maps synced"
             );
+        } else {
+            tracing::debug!(frontends = target.frontends.len(), "maps synced (no-op)");
         }
         Ok(())
+    }
+
+    /// Warn once when nothing in the manifests names this node: every endpoint would be remote,
+    /// which is legitimate for a node without pods but usually means a wrong --node-name.
+    fn warn_if_node_unknown(&mut self, objs: &ClusterObjects) {
+        if self.node_checked
+            || (objs.services.is_empty() && objs.slices.is_empty() && objs.nodes.is_empty())
+        {
+            return;
+        }
+        self.node_checked = true;
+        if !mentions_node(objs, &self.opts.node_name) {
+            tracing::warn!(
+                node = %self.opts.node_name,
+                manifests = %self.opts.manifests.display(),
+                "no Node object and no endpoint (nodeName) in the manifests names this node: \
+                 every endpoint counts as remote (traffic policy Local selects none); check \
+                 --node-name / NODE_NAME"
+            );
+        }
     }
 
     fn write_state(&self, target: &maps::Target) -> Result<()> {
@@ -206,7 +336,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         dir: DirCache::default(),
         attachments,
         full: true,
-        last_problems: Vec::new(),
+        last_problems: BTreeSet::new(),
+        last_failed: BTreeSet::new(),
+        node_checked: false,
+        health: SyncHealth::default(),
     };
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -256,4 +389,73 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tracing::warn!("{e:#}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::load_str;
+
+    #[test]
+    fn node_names_are_dns_1123_subdomains() {
+        for ok in [
+            "worker-1",
+            "node1.example.com",
+            "a",
+            "0",
+            "ip-10-0-0-1.ec2.internal",
+            &"a".repeat(253),
+        ] {
+            assert_eq!(check_node_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "Worker-1",
+            "worker_1",
+            "-worker",
+            "worker-",
+            "a..b",
+            ".a",
+            "a.",
+            "..",
+            ".",
+            "../../etc",
+            "a/b",
+            "node 1",
+            "nöde",
+            &"a".repeat(254),
+        ] {
+            let err = check_node_name(bad).expect_err(bad);
+            assert!(!err.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_node_is_mentioned_by_a_node_object_or_an_endpoint() {
+        let node = load_str(
+            "n.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: worker-1}\n",
+        );
+        assert!(mentions_node(&node, "worker-1"));
+        assert!(!mentions_node(&node, "worker-2"));
+        let slice = load_str(
+            "s.yaml",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\n\
+             addressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n  nodeName: worker-2\n",
+        );
+        assert!(slice.problems.is_empty(), "{:?}", slice.problems);
+        assert!(mentions_node(&slice, "worker-2"));
+        assert!(!mentions_node(&slice, "worker-1"));
+    }
+
+    #[test]
+    fn problems_are_reported_once_per_change() {
+        let set = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+        let before = set(&["a", "b"]);
+        let same = set(&["a", "b"]);
+        assert_eq!(diff(&before, &same), (vec![], vec![]));
+        let now = set(&["b", "c"]);
+        let (new, gone) = diff(&before, &now);
+        assert_eq!((new, gone), (vec![&"c".to_owned()], vec![&"a".to_owned()]));
+    }
 }

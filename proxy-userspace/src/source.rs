@@ -103,130 +103,211 @@ impl Stamp {
 /// A manifests directory read repeatedly (every change event and every resync): only files whose
 /// stamp changed are parsed again, and an unchanged directory costs a `stat` per file. Parsing
 /// 10,000 Services' YAML takes ~2 s of CPU here, too much to repeat every 30 s.
+///
+/// A read that fails never deletes anything: an unreadable directory keeps every file's objects,
+/// and an unreadable file, or one caught half-written (a syntax error, or empty, where the
+/// previous read was fine), keeps the objects of its last good read, with the error reported.
+/// Deleting Services takes deleting their objects or their file.
 #[derive(Default)]
 pub struct DirCache {
-    /// `None` stamp: the file could not be read; its objects hold just the problem.
-    files: BTreeMap<PathBuf, (Option<Stamp>, ClusterObjects)>,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Problems of the directory itself at the previous load.
+    dir_problems: Vec<Problem>,
     primed: bool,
 }
 
+#[derive(Clone, Debug)]
+struct FileState {
+    /// `None`: the file could not be examined.
+    stamp: Option<Stamp>,
+    /// The objects of the last good read, with the object-level problems found in it.
+    good: ClusterObjects,
+    /// Why the file's current contents are not what `good` says, if they are not.
+    error: Vec<Problem>,
+}
+
 impl DirCache {
-    /// Every object in `dir`, or `None` when no manifest file was added, removed or changed since
-    /// the previous call.
+    /// Every object in `dir`, or `None` when nothing changed since the previous call (no manifest
+    /// file added, removed or changed, and the same problems).
     pub fn load(&mut self, dir: &Path) -> Option<ClusterObjects> {
-        let mut listing = ClusterObjects::default();
-        let entries = match fs::read_dir(dir) {
-            Ok(entries) => entries,
+        let mut dir_problems = Vec::new();
+        let mut files = Vec::new();
+        let listed = match fs::read_dir(dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    match entry {
+                        Ok(entry) => {
+                            let path = entry.path();
+                            if is_manifest_file(&path) {
+                                files.push(path);
+                            }
+                        }
+                        Err(err) => dir_problems.push(Problem {
+                            file: dir.to_path_buf(),
+                            reason: format!(
+                                "cannot list directory: {err}; files not listed keep their objects"
+                            ),
+                        }),
+                    }
+                }
+                true
+            }
             Err(err) => {
-                listing.problems.push(Problem {
+                dir_problems.push(Problem {
                     file: dir.to_path_buf(),
-                    reason: format!("cannot read directory: {err}"),
+                    reason: format!("cannot read directory: {err}; every file keeps its objects"),
                 });
-                self.files.clear();
-                return Some(listing);
+                false
             }
         };
-        let mut files = Vec::new();
-        for entry in entries {
-            match entry {
-                Ok(entry) => {
-                    let path = entry.path();
-                    if is_manifest_file(&path) {
-                        files.push(path);
-                    }
-                }
-                Err(err) => listing.problems.push(Problem {
-                    file: dir.to_path_buf(),
-                    reason: format!("cannot list directory: {err}"),
-                }),
-            }
-        }
         files.sort();
-        let mut changed = !self.primed || !listing.problems.is_empty();
+        // A partial listing cannot tell a deleted file from one it missed.
+        let complete = listed && dir_problems.is_empty();
+        let mut changed = !self.primed || dir_problems != self.dir_problems;
         let mut next = BTreeMap::new();
-        for path in files {
-            // `fs::metadata` follows symlinks, so ConfigMap-style `x.yaml -> ..data/x.yaml` links
-            // load while a directory that happens to be called `x.yaml` is skipped.
-            let problem = |reason: String| ClusterObjects {
-                problems: vec![Problem {
-                    file: path.clone(),
-                    reason,
-                }],
-                ..ClusterObjects::default()
-            };
-            let (stamp, failed) = match fs::metadata(&path) {
-                Ok(meta) if !meta.is_file() => {
-                    tracing::debug!(path = %path.display(), "not a regular file, skipped");
-                    continue;
-                }
-                Ok(meta) => (Some(Stamp::of(&meta)), None),
-                // A file deleted between listing and reading is a normal race with whoever edits
-                // the directory, not a broken manifest; the next reload sees the directory
-                // without it. A symlink to nothing, though, is a mistake worth showing.
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                    if fs::symlink_metadata(&path).is_err() {
-                        continue;
-                    }
-                    (None, Some(problem("symlink to a missing file".to_owned())))
-                }
-                Err(err) => (None, Some(problem(format!("cannot read: {err}")))),
-            };
+        for path in files.into_iter().filter(|_| listed) {
             let prev = self.files.remove(&path);
-            let objs = match (failed, prev) {
-                (Some(f), Some((None, old))) if old.problems == f.problems => old,
-                (Some(f), _) => {
-                    changed = true;
-                    f
-                }
-                (None, Some((old_stamp, old))) if old_stamp == stamp => old,
-                (None, _) => {
-                    changed = true;
-                    load_file(&path)
-                }
+            let existed = prev.is_some();
+            let Some((state, reread)) = read_file_state(&path, prev) else {
+                changed |= existed;
+                continue;
             };
-            next.insert(path, (stamp, objs));
+            changed |= reread;
+            next.insert(path, state);
         }
-        // Files that disappeared.
-        changed |= !self.files.is_empty();
+        if complete {
+            // Files that disappeared.
+            changed |= !self.files.is_empty();
+        } else {
+            next.append(&mut self.files);
+        }
         self.files = next;
+        self.dir_problems = dir_problems;
         self.primed = true;
         if !changed {
             return None;
         }
-        let mut out = listing;
-        for (_, objs) in self.files.values() {
-            out.extend(objs.clone());
+        let mut out = ClusterObjects {
+            problems: self.dir_problems.clone(),
+            ..ClusterObjects::default()
+        };
+        for state in self.files.values() {
+            out.extend(state.good.clone());
+            out.problems.extend(state.error.iter().cloned());
         }
         Some(out)
     }
 }
 
-fn load_file(path: &Path) -> ClusterObjects {
-    let mut out = ClusterObjects::default();
-    match fs::read(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(text) => out.extend(load_text(path, &text)),
-            Err(err) => out.problems.push(Problem {
-                file: path.to_path_buf(),
-                reason: format!("not UTF-8 text: {}", err.utf8_error()),
-            }),
-        },
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => out.problems.push(Problem {
+/// The state of one listed file after this load and whether it was read again, or `None` when
+/// it is gone (deleted between listing and reading, or no longer a regular file).
+fn read_file_state(path: &Path, prev: Option<FileState>) -> Option<(FileState, bool)> {
+    let problem = |reason: String| {
+        vec![Problem {
             file: path.to_path_buf(),
-            reason: format!("cannot read: {err}"),
-        }),
+            reason,
+        }]
+    };
+    // The file's contents are not used: keep what its last good read held. Returns whether the
+    // result differs from `prev`.
+    let keep = |prev: Option<FileState>, error: Vec<Problem>, stamp: Option<Stamp>| {
+        let (good, old_error) = prev.map_or_else(Default::default, |p| (p.good, p.error));
+        let kept = has_objects(&good);
+        let error: Vec<Problem> = error
+            .into_iter()
+            .map(|p| Problem {
+                reason: if kept {
+                    format!("{}; keeping the objects of its last good read", p.reason)
+                } else {
+                    p.reason
+                },
+                ..p
+            })
+            .collect();
+        let changed = error != old_error;
+        (FileState { stamp, good, error }, changed)
+    };
+    // `fs::metadata` follows symlinks, so ConfigMap-style `x.yaml -> ..data/x.yaml` links load
+    // while a directory that happens to be called `x.yaml` is skipped.
+    let stamp = match fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            tracing::debug!(path = %path.display(), "not a regular file, skipped");
+            return None;
+        }
+        Ok(meta) => Stamp::of(&meta),
+        // A file deleted between listing and reading is a normal race with whoever edits the
+        // directory, not a broken manifest; the next reload sees the directory without it. A
+        // symlink to nothing, though, is a mistake worth showing.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            fs::symlink_metadata(path).ok()?;
+            return Some(keep(
+                prev,
+                problem("symlink to a missing file".to_owned()),
+                None,
+            ));
+        }
+        Err(err) => return Some(keep(prev, problem(format!("cannot read: {err}")), None)),
+    };
+    if prev.as_ref().is_some_and(|p| p.stamp == Some(stamp)) {
+        return prev.map(|p| (p, false));
     }
-    out
+    let (objs, suspect) = load_file(path);
+    if suspect && prev.as_ref().is_some_and(|p| has_objects(&p.good)) {
+        let mut error = objs.problems;
+        if error.is_empty() {
+            error = problem("empty file (delete the file to delete its objects)".to_owned());
+        }
+        let (state, _) = keep(prev, error, Some(stamp));
+        return Some((state, true));
+    }
+    let state = FileState {
+        stamp: Some(stamp),
+        good: objs,
+        error: Vec::new(),
+    };
+    Some((state, true))
+}
+
+fn has_objects(objs: &ClusterObjects) -> bool {
+    !(objs.services.is_empty() && objs.slices.is_empty() && objs.nodes.is_empty())
+}
+
+/// The file's objects, and whether its contents as a whole look like a failed or interrupted
+/// write (unreadable, not text, a syntax error, or empty), so that an earlier good read is
+/// worth more than this one.
+fn load_file(path: &Path) -> (ClusterObjects, bool) {
+    let mut out = ClusterObjects::default();
+    let mut problem = |reason: String| {
+        out.problems.push(Problem {
+            file: path.to_path_buf(),
+            reason,
+        });
+        true
+    };
+    let suspect = match fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) if text.trim().is_empty() => true,
+            Ok(text) => {
+                let (objs, syntax_errors) = load_text(path, &text);
+                out.extend(objs);
+                syntax_errors
+            }
+            Err(err) => problem(format!("not UTF-8 text: {}", err.utf8_error())),
+        },
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
+        Err(err) => problem(format!("cannot read: {err}")),
+    };
+    (out, suspect)
 }
 
 /// Parses `text` as if it were the file `name`: JSON when `name` ends in `.json`, YAML otherwise.
 #[must_use]
 pub fn load_str(name: &str, text: &str) -> ClusterObjects {
-    load_text(Path::new(name), text)
+    load_text(Path::new(name), text).0
 }
 
-fn load_text(file: &Path, text: &str) -> ClusterObjects {
+/// The objects, and whether some document did not parse at all.
+fn load_text(file: &Path, text: &str) -> (ClusterObjects, bool) {
     // A byte-order mark is legal in YAML but serde_json rejects it; editors on Windows add one.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let is_json = file.extension().and_then(|e| e.to_str()) == Some("json");
@@ -236,17 +317,21 @@ fn load_text(file: &Path, text: &str) -> ClusterObjects {
         parse_yaml(text)
     };
     let mut out = ClusterObjects::default();
+    let mut syntax_error = false;
     for (index, document) in documents.into_iter().enumerate() {
         let location = format!("document {}", index + 1);
         match document {
             Ok(value) => collect(value, &location, file, &mut out, 0),
-            Err(reason) => out.problems.push(Problem {
-                file: file.to_path_buf(),
-                reason: format!("{location}: {reason}"),
-            }),
+            Err(reason) => {
+                syntax_error = true;
+                out.problems.push(Problem {
+                    file: file.to_path_buf(),
+                    reason: format!("{location}: {reason}"),
+                });
+            }
         }
     }
-    out
+    (out, syntax_error)
 }
 
 /// One JSON value after another (`kubectl get -o json` prints one; concatenated output of
@@ -807,6 +892,115 @@ metadata:
         // A removed file is seen too.
         fs::remove_file(dir.0.join("20-other.yaml")).expect("rm");
         assert_eq!(cache.load(&dir.0).expect("removed").services.len(), 1);
+        assert!(cache.load(&dir.0).is_none());
+    }
+
+    fn service_names(objs: &ClusterObjects) -> Vec<&str> {
+        objs.services
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect()
+    }
+
+    #[test]
+    fn a_half_written_file_keeps_its_last_good_objects() {
+        let dir = TempDir::new("half");
+        dir.write("10-service.yaml", SERVICE);
+        dir.write(
+            "20-other.yaml",
+            SERVICE.replace("simpleapi-service", "other"),
+        );
+        let mut cache = DirCache::default();
+        let first = cache.load(&dir.0).expect("first read");
+        assert_eq!(service_names(&first), ["simpleapi-service", "other"]);
+
+        // Cut mid-document: a syntax error where the previous read was fine.
+        let cut = &SERVICE[..SERVICE.find("  ports:").unwrap() + 12];
+        dir.write("10-service.yaml", format!("{cut}\n  - [port: 80\n"));
+        let objs = cache.load(&dir.0).expect("changed");
+        assert_eq!(service_names(&objs), ["simpleapi-service", "other"]);
+        assert_eq!(objs.problems.len(), 1, "{:?}", objs.problems);
+        let reason = &objs.problems[0].reason;
+        assert!(reason.contains("invalid YAML"), "{reason}");
+        assert!(
+            reason.contains("keeping the objects of its last good read"),
+            "{reason}"
+        );
+        assert!(cache.load(&dir.0).is_none(), "the same error is no change");
+
+        // Truncated to nothing (an editor's truncate-then-write caught in between).
+        dir.write("10-service.yaml", "");
+        let objs = cache.load(&dir.0).expect("changed");
+        assert_eq!(service_names(&objs), ["simpleapi-service", "other"]);
+        assert!(
+            objs.problems[0].reason.starts_with("empty file"),
+            "{:?}",
+            objs.problems
+        );
+
+        // Written in full: the new contents count.
+        dir.write(
+            "10-service.yaml",
+            SERVICE.replace("simpleapi-service", "renamed"),
+        );
+        let objs = cache.load(&dir.0).expect("changed");
+        assert_eq!(service_names(&objs), ["renamed", "other"]);
+        assert_eq!(objs.problems, []);
+
+        // A file whose objects are invalid but whose syntax is fine: only that object goes.
+        dir.write(
+            "10-service.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: eighty}]}\n",
+        );
+        let objs = cache.load(&dir.0).expect("changed");
+        assert_eq!(service_names(&objs), ["other"]);
+        assert_eq!(objs.problems.len(), 1);
+        assert!(!objs.problems[0].reason.contains("keeping"));
+
+        // A deleted file is deleted.
+        fs::remove_file(dir.0.join("20-other.yaml")).expect("rm");
+        assert_eq!(
+            service_names(&cache.load(&dir.0).expect("removed")),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn an_unreadable_file_or_directory_deletes_nothing() {
+        let dir = TempDir::new("unreadable");
+        dir.write("10-service.yaml", SERVICE);
+        let mut cache = DirCache::default();
+        assert_eq!(cache.load(&dir.0).expect("first").services.len(), 1);
+
+        // The file becomes unreadable (a symlink to nothing: permissions do not stop root).
+        let file = dir.0.join("10-service.yaml");
+        fs::remove_file(&file).expect("rm");
+        std::os::unix::fs::symlink(dir.0.join("gone.yaml"), &file).expect("symlink");
+        let objs = cache.load(&dir.0).expect("changed");
+        assert_eq!(service_names(&objs), ["simpleapi-service"]);
+        assert_eq!(objs.problems.len(), 1);
+        assert!(
+            objs.problems[0].reason.contains("keeping"),
+            "{}",
+            objs.problems[0]
+        );
+        assert!(cache.load(&dir.0).is_none());
+        fs::remove_file(&file).expect("rm");
+        dir.write("10-service.yaml", SERVICE);
+        let objs = cache.load(&dir.0).expect("readable again");
+        assert_eq!((objs.services.len(), objs.problems.len()), (1, 0));
+
+        // The whole directory becomes unreadable.
+        let moved = dir.0.with_extension("moved");
+        fs::rename(&dir.0, &moved).expect("rename");
+        let objs = cache.load(&dir.0);
+        fs::rename(&moved, &dir.0).expect("rename back");
+        let objs = objs.expect("a new problem is a change");
+        assert_eq!(service_names(&objs), ["simpleapi-service"]);
+        assert_eq!(objs.problems.len(), 1);
+        assert!(objs.problems[0].reason.contains("cannot read directory"));
+        let objs = cache.load(&dir.0).expect("the problem went away");
+        assert_eq!((objs.services.len(), objs.problems.len()), (1, 0));
         assert!(cache.load(&dir.0).is_none());
     }
 

@@ -277,7 +277,13 @@ fn slice_data<'a>(
         // A slice port without a number means "all ports" in the API, which no proxy implements
         // (upstream has a TODO for it); zero is the same.
         let number = match port.port {
-            None | Some(0) => continue,
+            None | Some(0) => {
+                problem(format!(
+                    "ports[{i}] ({port_name:?}): no port number (\"all ports\" is not supported), \
+                     skipped"
+                ));
+                continue;
+            }
             Some(n) => match u16::try_from(n) {
                 Ok(n) => n,
                 Err(_) => {
@@ -293,6 +299,7 @@ fn slice_data<'a>(
     for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
         // Only the first address counts (the API says consumers may assume they are fungible).
         let Some(text) = endpoint.addresses.first() else {
+            problem(format!("endpoints[{i}]: no addresses, skipped"));
             continue;
         };
         let Some(addr) = parse_ip(text) else {
@@ -627,6 +634,13 @@ fn translate_port(
             picks.cluster.clone()
         }
     };
+    // Upstream proxier: "pod traffic for <svc> external destinations" jumps to the cluster policy
+    // chain when that chain has endpoints.
+    let pod_external_pick = if info.external_local && !picks.cluster.is_empty() {
+        picks.cluster.clone()
+    } else {
+        pick(info.external_local)
+    };
 
     Some((
         spn,
@@ -634,6 +648,7 @@ fn translate_port(
             frontends,
             internal_pick: pick(info.internal_local),
             external_pick: pick(info.external_local),
+            pod_external_pick,
             endpoints,
             affinity_timeout_s: info.affinity_timeout_s,
             internal_local: info.internal_local,
@@ -858,6 +873,9 @@ mod tests {
                     sp.internal_pick,
                     sp.external_pick
                 );
+                if sp.pod_external_pick != sp.external_pick {
+                    let _ = write!(line, " podext{:?}", sp.pod_external_pick);
+                }
                 if sp.internal_local {
                     line.push_str(" itp=Local");
                 }
@@ -1067,6 +1085,69 @@ mod tests {
                 problems: &[],
             },
             Case {
+                name: "endpoint without addresses is a slice problem",
+                node: "worker-1",
+                manifests: format!(
+                    "{WEB}---{}",
+                    dedent(WEB_SLICE).replace("- addresses:\n  - 10.244.2.7\n", "- addresses: []\n")
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80] ep[10.244.1.5:8080 RSL] int[0] ext[0]"],
+                problems: &["shop/web-abcde: EndpointSlice endpoints[1]: no addresses, skipped"],
+            },
+            Case {
+                name: "externalTrafficPolicy Local: pods reaching an external IP use the cluster endpoints",
+                node: "worker-2",
+                manifests: web_with("externalTrafficPolicy: Local\nexternalIPs:\n- 192.0.2.10"),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] \
+                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RSL] int[0, 1] ext[1] podext[0, 1] etp=Local"],
+                problems: &[],
+            },
+            Case {
+                name: "externalTrafficPolicy Local, no local endpoint: pods still reach the LB IP",
+                node: "worker-3",
+                manifests: format!(
+                    "{}---{WEB_SLICE}",
+                    WEB.replace(
+                        "type: ClusterIP",
+                        "type: LoadBalancer\n          externalTrafficPolicy: Local\n        status:\n          \
+                         loadBalancer:\n            ingress:\n            - ip: 203.0.113.7"
+                    )
+                    .replace("targetPort: http", "targetPort: http\n            nodePort: 31000")
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, np 0.0.0.0:31000, lb 203.0.113.7:80] \
+                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RS] int[0, 1] ext[] podext[0, 1] etp=Local"],
+                problems: &[],
+            },
+            Case {
+                name: "externalTrafficPolicy Local, only a local terminating endpoint: cluster fallback for pods",
+                node: "worker-1",
+                manifests: format!(
+                    "{}---{}",
+                    WEB.replace("type: ClusterIP", "type: ClusterIP\n          externalTrafficPolicy: Local\n          externalIPs:\n          - 192.0.2.10"),
+                    slice(
+                        "web",
+                        "web-abcde",
+                        "http",
+                        8080,
+                        &[("10.244.1.5", "worker-1", TERMINATING_SERVING), ("10.244.2.7", "worker-2", READY)]
+                    ),
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] \
+                         ep[10.244.1.5:8080 STL, 10.244.2.7:8080 RS] int[1] ext[0] podext[1] etp=Local"],
+                problems: &[],
+            },
+            Case {
+                name: "externalTrafficPolicy Local without any endpoint: nothing to pick either way",
+                node: "worker-1",
+                manifests: format!(
+                    "{}---{}",
+                    WEB.replace("type: ClusterIP", "type: ClusterIP\n          externalTrafficPolicy: Local\n          externalIPs:\n          - 192.0.2.10"),
+                    slice("web", "web-abcde", "http", 8080, &[("10.244.1.5", "worker-1", NOT_READY)]),
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] ep[] int[] ext[] etp=Local"],
+                problems: &[],
+            },
+            Case {
                 name: "unnamed ports, slice port without name or protocol (API defaults)",
                 node: "worker-1",
                 manifests: format!(
@@ -1179,7 +1260,7 @@ mod tests {
                         .replace("targetPort: http", "targetPort: http\n            nodePort: 30080")
                 ),
                 want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, np 0.0.0.0:30080] \
-                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RSL] int[0, 1] ext[1] etp=Local"],
+                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RSL] int[0, 1] ext[1] podext[0, 1] etp=Local"],
                 problems: &[],
             },
             Case {
@@ -1411,6 +1492,69 @@ mod tests {
                 node: "worker-1",
                 manifests: format!("{WEB}---{}", WEB_SLICE.replace("          port: 8080\n", "")),
                 want: &["shop/web:http/TCP fe[cip 10.96.10.20:80] ep[] int[] ext[]"],
+                problems: &["shop/web-abcde: EndpointSlice ports[0] (\"http\"): no port number"],
+            },
+            Case {
+                name: "endpoint without addresses is a slice problem",
+                node: "worker-1",
+                manifests: format!(
+                    "{WEB}---{}",
+                    dedent(WEB_SLICE).replace("- addresses:\n  - 10.244.2.7\n", "- addresses: []\n")
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80] ep[10.244.1.5:8080 RSL] int[0] ext[0]"],
+                problems: &["shop/web-abcde: EndpointSlice endpoints[1]: no addresses, skipped"],
+            },
+            Case {
+                name: "externalTrafficPolicy Local: pods reaching an external IP use the cluster endpoints",
+                node: "worker-2",
+                manifests: web_with("externalTrafficPolicy: Local\nexternalIPs:\n- 192.0.2.10"),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] \
+                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RSL] int[0, 1] ext[1] podext[0, 1] etp=Local"],
+                problems: &[],
+            },
+            Case {
+                name: "externalTrafficPolicy Local, no local endpoint: pods still reach the LB IP",
+                node: "worker-3",
+                manifests: format!(
+                    "{}---{WEB_SLICE}",
+                    WEB.replace(
+                        "type: ClusterIP",
+                        "type: LoadBalancer\n          externalTrafficPolicy: Local\n        status:\n          \
+                         loadBalancer:\n            ingress:\n            - ip: 203.0.113.7"
+                    )
+                    .replace("targetPort: http", "targetPort: http\n            nodePort: 31000")
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, np 0.0.0.0:31000, lb 203.0.113.7:80] \
+                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RS] int[0, 1] ext[] podext[0, 1] etp=Local"],
+                problems: &[],
+            },
+            Case {
+                name: "externalTrafficPolicy Local, only a local terminating endpoint: cluster fallback for pods",
+                node: "worker-1",
+                manifests: format!(
+                    "{}---{}",
+                    WEB.replace("type: ClusterIP", "type: ClusterIP\n          externalTrafficPolicy: Local\n          externalIPs:\n          - 192.0.2.10"),
+                    slice(
+                        "web",
+                        "web-abcde",
+                        "http",
+                        8080,
+                        &[("10.244.1.5", "worker-1", TERMINATING_SERVING), ("10.244.2.7", "worker-2", READY)]
+                    ),
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] \
+                         ep[10.244.1.5:8080 STL, 10.244.2.7:8080 RS] int[1] ext[0] podext[1] etp=Local"],
+                problems: &[],
+            },
+            Case {
+                name: "externalTrafficPolicy Local without any endpoint: nothing to pick either way",
+                node: "worker-1",
+                manifests: format!(
+                    "{}---{}",
+                    WEB.replace("type: ClusterIP", "type: ClusterIP\n          externalTrafficPolicy: Local\n          externalIPs:\n          - 192.0.2.10"),
+                    slice("web", "web-abcde", "http", 8080, &[("10.244.1.5", "worker-1", NOT_READY)]),
+                ),
+                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] ep[] int[] ext[] etp=Local"],
                 problems: &[],
             },
             Case {
