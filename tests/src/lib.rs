@@ -7,12 +7,15 @@
 //! ```no_run
 //! use std::net::SocketAddr;
 //! use std::time::Duration;
-//! use vipx_lab::{Lab, LabConfig, SERVICE_PORT, SERVICE_VIP, http_get, locate_lab_pod, unique_tag};
+//! use vipx_lab::{
+//!     Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP, http_get, locate_lab_pod, unique_tag,
+//! };
 //!
 //! let lab = Lab::create(LabConfig {
 //!     tag: unique_tag(),
 //!     backends: 2,
 //!     lab_pod_bin: locate_lab_pod()?,
+//!     realism: Realism::Node,
 //! })?;
 //! // ... start vipx in lab.node_ns() with ns_command, feed it lab.write_manifests(dir) ...
 //! let vip = SocketAddr::from((SERVICE_VIP, SERVICE_PORT));
@@ -22,6 +25,7 @@
 //! ```
 
 pub mod client;
+pub mod cluster;
 pub mod kube_rules;
 pub mod lab;
 pub mod load;
@@ -29,8 +33,10 @@ pub mod manifests;
 pub mod netns;
 pub mod pod_server;
 pub mod privileges;
+pub mod realism;
+pub mod vipx;
 
-pub use client::{DEFAULT_TIMEOUT, KeepAlive, http_get, udp_request};
+pub use client::{DEFAULT_TIMEOUT, KeepAlive, http_get, udp_count, udp_exchange, udp_request};
 pub use lab::{
     CLIENT_IP, GATEWAY_IP, HOST_IF_GLOB, Lab, LabConfig, NODE_IP, Pod, cleanup_stale,
     locate_lab_pod, unique_tag,
@@ -40,3 +46,4 @@ pub use manifests::{
 };
 pub use netns::{in_netns, netns_exists, ns_command};
 pub use privileges::{require_privileges, serial};
+pub use realism::Realism;

@@ -12,8 +12,8 @@ use vipx_lab::kube_rules::{
     synthetic_endpoints, synthetic_services,
 };
 use vipx_lab::{
-    Lab, LabConfig, POD_PORT, SERVICE_PORT, SERVICE_VIP, http_get, ns_command, require_privileges,
-    serial, unique_tag,
+    Lab, LabConfig, POD_PORT, Realism, SERVICE_PORT, SERVICE_VIP, http_get, ns_command,
+    require_privileges, serial, unique_tag,
 };
 
 const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(SERVICE_VIP), SERVICE_PORT);
@@ -27,6 +27,7 @@ fn lab() -> Lab {
         tag: unique_tag(),
         backends: 2,
         lab_pod_bin: env!("CARGO_BIN_EXE_lab-pod").into(),
+        realism: Realism::Node,
     })
     .expect("building the lab")
 }

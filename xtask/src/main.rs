@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use vipx_lab::{Lab, LabConfig, SERVICE_PORT, SERVICE_VIP};
+use vipx_lab::{Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP};
 
 mod bench;
 mod chart;
@@ -294,6 +294,8 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
         tag: DEMO_TAG.into(),
         backends: DEMO_PODS,
         lab_pod_bin: bin.join("lab-pod"),
+        // A demo of a real node: rp_filter=1 and conntrack dropping INVALID packets.
+        realism: Realism::Node,
     })?;
     let dir = demo_dir();
     let manifests = dir.join("manifests");
