@@ -229,6 +229,19 @@ impl Cluster {
         &self.hosts
     }
 
+    /// What rp_filter and the INVALID-drop rules dropped on each node so far, one line per node:
+    /// for failure messages.
+    pub fn drops(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| match realism::drops(&node.name) {
+                Ok(drops) => format!("node {}: {drops}", node.index),
+                Err(e) => format!("node {}: counters unreadable: {e:#}", node.index),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The namespaces this lab currently owns.
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces

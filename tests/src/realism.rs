@@ -24,11 +24,11 @@ pub const NODE_RULESET: &str = "\
 table inet vipx_lab {
     chain forward {
         type filter hook forward priority filter; policy accept;
-        ct state invalid drop
+        ct state invalid counter drop
     }
     chain input {
         type filter hook input priority filter; policy accept;
-        ct state invalid drop
+        ct state invalid counter drop
     }
 }
 ";
@@ -92,6 +92,76 @@ pub(crate) fn prepare_interface(ns: &str, ifname: &str, realism: Realism) -> Res
             realism.rp_filter(),
         )],
     )
+}
+
+/// What a realistic node namespace dropped, to tell in a failure message whether rp_filter or
+/// the INVALID-drop rules ate the packets that never arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// `IPReversePathFilter` (TcpExt in /proc/net/netstat): packets rp_filter dropped.
+    pub rp_filter: u64,
+    /// Packets [`NODE_RULESET`] dropped as conntrack INVALID, forwarded and delivered locally.
+    pub invalid_forward: u64,
+    pub invalid_input: u64,
+}
+
+impl std::fmt::Display for Drops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rp_filter dropped {}, conntrack INVALID dropped {} forwarded and {} local",
+            self.rp_filter, self.invalid_forward, self.invalid_input
+        )
+    }
+}
+
+/// The drop counters of node namespace `ns` (zeros for what it does not have).
+pub fn drops(ns: &str) -> Result<Drops> {
+    let netstat = crate::netns::in_netns(ns, || {
+        // thread-self: /proc/self/net would show the namespace of the process's main thread.
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+    })??;
+    let mut drops = Drops {
+        rp_filter: netstat_field(&netstat, "TcpExt", "IPReversePathFilter").unwrap_or(0),
+        ..Drops::default()
+    };
+    let nft = crate::kube_rules::find_tool("nft").context("`nft` is not installed")?;
+    let out = ns_command(ns, &nft, ["list", "table", "inet", NFT_TABLE])
+        .stderr(Stdio::null())
+        .output()?;
+    if out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut chain = "";
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix("chain ") {
+                chain = name.trim_end_matches(" {");
+            } else if let Some(rest) = line.split("counter packets ").nth(1) {
+                let packets = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                match chain {
+                    "forward" => drops.invalid_forward += packets,
+                    "input" => drops.invalid_input += packets,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(drops)
+}
+
+/// Field `field` of section `section` in /proc/net/netstat's header-line/value-line pairs.
+fn netstat_field(netstat: &str, section: &str, field: &str) -> Option<u64> {
+    let prefix = format!("{section}:");
+    let mut lines = netstat.lines().filter(|line| line.starts_with(&prefix));
+    let names = lines.next()?.split_whitespace().skip(1);
+    let values = lines.next()?.split_whitespace().skip(1);
+    names
+        .zip(values)
+        .find(|(name, _)| *name == field)
+        .and_then(|(_, value)| value.parse().ok())
 }
 
 /// Runs `nft -f -` with `ruleset` inside `ns`.

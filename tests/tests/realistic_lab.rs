@@ -8,11 +8,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, MapData};
-use aya::programs::tc::TcAttachOptions;
+use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{map_names, prog_names};
@@ -128,13 +127,19 @@ impl Lab {
     fn assert_answers(&self, vip: SocketAddr, expected: &str, what: &str) {
         for i in 0..REQUESTS {
             let body = http_get(self.client(), vip, TIMEOUT).unwrap_or_else(|e| {
-                panic!("{what}: HTTP request {i} to {vip} from the client pod failed: {e:#}")
+                panic!(
+                    "{what}: HTTP request {i} to {vip} from the client pod failed: {e:#} [{}]",
+                    self.cluster.drops()
+                )
             });
             assert_eq!(body.trim(), expected, "{what}: HTTP answer {i} from {vip}");
         }
         for i in 0..REQUESTS {
             let reply = udp_request(self.client(), vip, TIMEOUT).unwrap_or_else(|e| {
-                panic!("{what}: UDP request {i} to {vip} from the client pod failed: {e:#}")
+                panic!(
+                    "{what}: UDP request {i} to {vip} from the client pod failed: {e:#} [{}]",
+                    self.cluster.drops()
+                )
             });
             assert_eq!(reply, expected, "{what}: UDP answer {i} from {vip}");
         }
@@ -228,21 +233,33 @@ fn client_reaches_a_host_network_backend_on_its_own_node() {
     host_backend_test(1);
 }
 
+/// Where [`Floor`] attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    /// tcx, after every program already attached (`LinkOrder::last()`): another eBPF CNI or agent.
+    TcxLast,
+    /// A legacy clsact `cls_bpf` filter in direct-action mode, as older CNIs install (`tc filter
+    /// add dev IF ingress bpf da ...`). tcx programs run before the legacy filters.
+    LegacyClsact,
+}
+
 /// vipx's eBPF object loaded a second time, for its `vipx_floor_tc` program (returns TC_ACT_OK,
 /// counts packets in `VIPX_FLOOR[0]`). The object pins its Service maps by name, so they go to a
 /// bpffs directory of this test's own, removed on drop, never /sys/fs/bpf itself or vipx's.
+/// Dropping it detaches the program; a clsact qdisc it added goes with the lab's namespace.
 struct Floor {
     ebpf: Ebpf,
     pin_dir: PathBuf,
 }
 
 impl Floor {
-    /// Attaches the floor to `iface`'s ingress in namespace `ns`, after every program already there.
-    fn attach_last(ns: &str, iface: &str, tag: &str) -> Self {
+    /// Attaches the floor to `iface`'s ingress in namespace `ns` at `hook`.
+    fn attach(ns: &str, iface: &str, tag: &str, hook: Hook) -> Self {
         let pin_dir = Path::new("/sys/fs/bpf").join(format!("vipx-{tag}-floor"));
         std::fs::create_dir(&pin_dir).expect("floor pin directory");
+        // From here on, dropping `floor` removes the directory, whatever fails next.
         let mut floor = Self {
-            ebpf: EbpfLoader::new()
+            ebpf: match EbpfLoader::new()
                 .default_map_pin_directory(&pin_dir)
                 // The floor never touches these; a copy at full size would only cost memory.
                 .map_max_entries(map_names::SVC4, 64)
@@ -251,7 +268,13 @@ impl Floor {
                 .map_max_entries(map_names::CT4, 64)
                 .map_max_entries(map_names::FRAG4, 64)
                 .load(vipx::loader::EBPF_OBJECT)
-                .expect("loading vipx's eBPF object for its floor program"),
+            {
+                Ok(ebpf) => ebpf,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&pin_dir);
+                    panic!("loading vipx's eBPF object for its floor program: {e}");
+                }
+            },
             pin_dir,
         };
         let program: &mut SchedClassifier = floor
@@ -262,15 +285,19 @@ impl Floor {
             .expect("vipx_floor_tc is a classifier");
         program.load().expect("verifying vipx_floor_tc");
         // The link stays in `program` (and so in `floor.ebpf`): dropping the object detaches it.
-        in_netns(ns, || {
-            program.attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::last()),
-            )
+        in_netns(ns, || -> anyhow::Result<()> {
+            let options = match hook {
+                Hook::TcxLast => TcAttachOptions::TcxOrder(LinkOrder::last()),
+                Hook::LegacyClsact => {
+                    aya::programs::tc::qdisc_add_clsact(iface)?;
+                    TcAttachOptions::Netlink(NlOptions::default())
+                }
+            };
+            program.attach_with_options(iface, TcAttachType::Ingress, options)?;
+            Ok(())
         })
         .expect("entering the node namespace")
-        .expect("attaching vipx_floor_tc with tcx after vipx");
+        .unwrap_or_else(|e| panic!("attaching vipx_floor_tc to {iface} ({hook:?}): {e}"));
         floor
     }
 
@@ -289,16 +316,9 @@ impl Drop for Floor {
     }
 }
 
-/// (c) Another tcx program after vipx on the client's veth (a CNI's, a security agent's) still
-/// sees the client's packets: vipx must hand packets on (TC_ACT_UNSPEC), not end the chain with
-/// TC_ACT_OK. Checked for packets vipx does not translate (straight to a pod) and for packets to
-/// the VIP.
-#[test]
-fn a_second_tcx_program_after_vipx_still_sees_the_clients_packets() {
-    if !require_privileges() {
-        return;
-    }
-    let _serial = serial();
+/// Another program on the client's veth, at `hook`, keeps seeing the client's packets, both
+/// those vipx does not translate (straight to a pod) and those to the VIP; the VIP still works.
+fn second_program_test(hook: Hook) {
     let mut lab = Lab::new();
     let pod = lab.cluster.add_pod(1).expect("pod on node 1");
     lab.service("svc-a", VIP_A, pod_endpoints(&[&pod]));
@@ -306,14 +326,16 @@ fn a_second_tcx_program_after_vipx_still_sees_the_clients_packets() {
     lab.wait_ready(VIP_A, &[pod.ip]);
     let node1 = lab.cluster.node(1).name.clone();
     let client_if = lab.cluster.client().host_if.clone();
-    let floor = Floor::attach_last(&node1, &client_if, lab.cluster.tag());
-    let chain = tcx_programs(&node1, &client_if);
-    assert!(
-        chain.len() == 2
-            && prog_names::POD_INGRESS.starts_with(chain[0].as_str())
-            && prog_names::FLOOR_TC.starts_with(chain[1].as_str()),
-        "tcx chain on {client_if}: {chain:?} (want vipx first, then the floor)"
-    );
+    let floor = Floor::attach(&node1, &client_if, lab.cluster.tag(), hook);
+    if hook == Hook::TcxLast {
+        let chain = tcx_programs(&node1, &client_if);
+        assert!(
+            chain.len() == 2
+                && prog_names::POD_INGRESS.starts_with(chain[0].as_str())
+                && prog_names::FLOOR_TC.starts_with(chain[1].as_str()),
+            "tcx chain on {client_if}: {chain:?} (want vipx first, then the floor)"
+        );
+    }
 
     let direct = SocketAddr::from((pod.ip, POD_PORT));
     let before = floor.count();
@@ -325,8 +347,8 @@ fn a_second_tcx_program_after_vipx_still_sees_the_clients_packets() {
     // Every connection sends at least SYN, request and ACK/FIN from the client.
     assert!(
         after_direct - before >= REQUESTS as u64,
-        "the tcx program after vipx counted {} packets during {REQUESTS} direct HTTP requests \
-         to {direct}: vipx ended the tcx chain (TC_ACT_OK) for packets it does not translate",
+        "the program after vipx ({hook:?}) counted {} packets during {REQUESTS} direct HTTP \
+         requests to {direct}: vipx ended the chain (TC_ACT_OK) for packets it does not translate",
         after_direct - before
     );
 
@@ -336,7 +358,8 @@ fn a_second_tcx_program_after_vipx_still_sees_the_clients_packets() {
     let after_vip = floor.count();
     assert!(
         after_vip - after_direct >= REQUESTS as u64,
-        "the tcx program after vipx counted {} packets during {REQUESTS} HTTP requests to the VIP",
+        "the program after vipx ({hook:?}) counted {} packets during {REQUESTS} HTTP requests to \
+         the VIP",
         after_vip - after_direct
     );
     for (i, result) in vip_results.into_iter().enumerate() {
@@ -345,75 +368,28 @@ fn a_second_tcx_program_after_vipx_still_sees_the_clients_packets() {
     }
 }
 
-/// `tc -s filter show dev IFACE ingress` in `ns`: the packets the legacy matchall filter's
-/// action has seen.
-fn legacy_filter_packets(ns: &str, iface: &str) -> u64 {
-    let out = Command::new("tc")
-        .args(["-n", ns, "-s", "filter", "show", "dev", iface, "ingress"])
-        .output()
-        .expect("running tc");
-    assert!(out.status.success(), "tc filter show: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "Sent 1234 bytes 17 pkt (dropped 0, overlimits 0 requeues 0)"
-    text.lines()
-        .find_map(|line| {
-            let rest = line.trim().strip_prefix("Sent ")?;
-            let words: Vec<&str> = rest.split_whitespace().collect();
-            (words.get(1) == Some(&"bytes") && words.get(3) == Some(&"pkt"))
-                .then(|| words[2].parse().ok())
-                .flatten()
-        })
-        .unwrap_or_else(|| panic!("no packet counter in:\n{text}"))
-}
-
-fn tc(ns: &str, args: &[&str]) {
-    let out = Command::new("tc")
-        .args(["-n", ns])
-        .args(args)
-        .output()
-        .expect("running tc");
-    assert!(
-        out.status.success(),
-        "tc {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// (c) A legacy clsact filter on the client's veth (older CNIs still use them) keeps seeing the
-/// client's packets with vipx attached through tcx, which runs first and must not end the chain.
-/// The qdisc and filter go with the node namespace.
+/// (c) Another tcx program after vipx on the client's veth (a CNI's, a security agent's) still
+/// sees the client's packets: vipx must hand packets on (TC_ACT_UNSPEC), not end the tcx chain
+/// with TC_ACT_OK.
 #[test]
-fn a_legacy_tc_filter_on_the_clients_veth_still_sees_its_packets() {
+fn a_second_tcx_program_after_vipx_still_sees_the_clients_packets() {
     if !require_privileges() {
         return;
     }
     let _serial = serial();
-    let mut lab = Lab::new();
-    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
-    lab.service("svc-a", VIP_A, pod_endpoints(&[&pod]));
-    lab.start_vipx(&[1]);
-    lab.wait_ready(VIP_A, &[pod.ip]);
-    let node1 = lab.cluster.node(1).name.clone();
-    let client_if = lab.cluster.client().host_if.clone();
-    tc(&node1, &["qdisc", "add", "dev", &client_if, "clsact"]);
-    tc(
-        &node1,
-        &[
-            "filter", "add", "dev", &client_if, "ingress", "matchall", "action", "pass",
-        ],
-    );
-    let direct = SocketAddr::from((pod.ip, POD_PORT));
-    let before = legacy_filter_packets(&node1, &client_if);
-    for i in 0..REQUESTS {
-        http_get(lab.client(), direct, TIMEOUT)
-            .unwrap_or_else(|e| panic!("direct HTTP request {i} to {direct}: {e:#}"));
+    second_program_test(Hook::TcxLast);
+}
+
+/// (c) A legacy clsact filter on the client's veth (older CNIs still install them) keeps seeing
+/// the client's packets with vipx attached through tcx, which runs first and must not end the
+/// chain.
+#[test]
+fn a_legacy_clsact_filter_on_the_clients_veth_still_sees_its_packets() {
+    if !require_privileges() {
+        return;
     }
-    let seen = legacy_filter_packets(&node1, &client_if) - before;
-    assert!(
-        seen >= REQUESTS as u64,
-        "the legacy matchall filter saw {seen} packets during {REQUESTS} direct HTTP requests to \
-         {direct}: vipx's tcx program ended the chain (TC_ACT_OK)"
-    );
+    let _serial = serial();
+    second_program_test(Hook::LegacyClsact);
 }
 
 /// A TCP socket in namespace `ns` bound to `local` with SO_REUSEADDR (so it can take the port
@@ -457,8 +433,13 @@ fn a_direct_connection_after_a_vip_flow_from_the_same_port_reaches_the_pod() {
     lab.wait_ready(VIP_A, &[pod.ip]);
     let local = SocketAddrV4::new(lab.cluster.client().ip, FIXED_PORT);
 
-    let via_vip = http_get_from(lab.client(), local, vip(VIP_A))
-        .unwrap_or_else(|e| panic!("HTTP from {local} to the VIP {}: {e:#}", vip(VIP_A)));
+    let via_vip = http_get_from(lab.client(), local, vip(VIP_A)).unwrap_or_else(|e| {
+        panic!(
+            "HTTP from {local} to the VIP {}: {e:#} [{}]",
+            vip(VIP_A),
+            lab.cluster.drops()
+        )
+    });
     assert_eq!(via_vip.trim(), pod.name, "answer through the VIP");
 
     let direct = SocketAddr::from((pod.ip, POD_PORT));
@@ -496,9 +477,11 @@ fn big_udp_reply_test(node: u8) {
             );
             panic!(
                 "a {SIZE}-byte UDP reply from {} on node {node} through the VIP {} never reached \
-                 the client's connected socket: {e:#}; a small UDP reply through the VIP {small}",
+                 the client's connected socket: {e:#}; a small UDP reply through the VIP {small} \
+                 [{}]",
                 pod.name,
-                vip(VIP_A)
+                vip(VIP_A),
+                lab.cluster.drops()
             );
         }
     }
@@ -572,8 +555,12 @@ fn a_flow_pinned_to_a_freed_backend_id_does_not_reach_its_new_owner() {
     let socket = in_netns(lab.client(), || UdpSocket::bind(local))
         .expect("entering the client namespace")
         .expect("binding the client's UDP socket");
-    let (reply, from) = udp_ask(&socket, vip(VIP_A), Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("the first datagram from {local} to VIP A: {e:#}"));
+    let (reply, from) = udp_ask(&socket, vip(VIP_A), Duration::from_secs(5)).unwrap_or_else(|e| {
+        panic!(
+            "the first datagram from {local} to VIP A: {e:#} [{}]",
+            lab.cluster.drops()
+        )
+    });
     assert_eq!(
         (reply.as_str(), from),
         (pod1.name.as_str(), vip(VIP_A)),
