@@ -287,14 +287,13 @@ impl Lab {
 
     fn start_server(&mut self, pod: &Pod) -> Result<()> {
         let port = POD_PORT.to_string();
-        let server = spawn_lab_pod(
+        spawn_lab_pod(
             &self.lab_pod_bin,
             &pod.netns,
             &pod.name,
             &["--port", &port],
             &mut self.servers,
-        );
-        server
+        )
     }
 
     fn destroy_pod(&mut self, pod: &Pod) -> Result<()> {

@@ -134,14 +134,16 @@ fn ebpf_toolchain() -> &'static str {
 }
 
 fn setup() -> Result<()> {
-    // Debian packages: iproute2 (ip), util-linux (nsenter), curl (the demo's client).
+    // Debian packages: iproute2 (ip), util-linux (nsenter), curl (the demo's client), nftables
+    // (every lab node loads kube-proxy's conntrack INVALID-drop rule with nft).
     let missing: Vec<&str> = [
         ("ip", "iproute2"),
         ("nsenter", "util-linux"),
         ("curl", "curl"),
+        ("nft", "nftables"),
     ]
     .into_iter()
-    .filter(|(bin, _)| !have(bin))
+    .filter(|(bin, _)| !have(bin) && vipx_lab::kube_rules::find_tool(bin).is_none())
     .map(|(_, pkg)| pkg)
     .collect();
     if !missing.is_empty() {
@@ -341,7 +343,10 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
             bail!("vipx exited early: {st}");
         }
         if Instant::now() > deadline || stop.load(Ordering::SeqCst) {
-            bail!("the VIP did not answer within 30 s");
+            bail!(
+                "the VIP did not answer within 30 s (the lab node runs rp_filter=1 and drops \
+                 conntrack INVALID packets, as a real node does)"
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -394,6 +399,12 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
 }
 
 fn test(cargo_args: &[String]) -> Result<()> {
+    check_privileges()?;
+    // The cheap gates first: a formatting or lint failure fails the run before minutes of tests.
+    step("checking formatting (cargo fmt --check)");
+    status(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("formatting differs; run `cargo fmt --all`")?;
+    clippy()?;
     // The lab tests start the vipx and lab-pod binaries, so build them first.
     build()?;
     step("running every test layer (unit, BPF_PROG_TEST_RUN fixtures, namespace lab)");
@@ -404,18 +415,75 @@ fn test(cargo_args: &[String]) -> Result<()> {
     }
     // Lab tests share kernel state (bpffs, interfaces by glob); they also serialise themselves.
     c.arg("--test-threads=1");
-    status(&mut c)?;
-    step("checking formatting");
-    status(
-        cargo()
-            .args(["fmt", "--all", "--", "--check"])
-            .stdout(Stdio::null()),
+    status(&mut c)
+}
+
+/// Privileged tests fail rather than skip when they cannot run; say up front what is missing,
+/// unless the run opted out of them explicitly (refused under CI, as the tests refuse it too).
+fn check_privileges() -> Result<()> {
+    let missing = vipx_lab::privileges::missing_privileges();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let skip = env::var_os(vipx_lab::privileges::SKIP_VAR).is_some_and(|v| v == "1");
+    if skip && env::var_os("CI").is_none() {
+        step(&format!(
+            "privileged tests will be SKIPPED ({}=1): {}",
+            vipx_lab::privileges::SKIP_VAR,
+            missing.join("; ")
+        ));
+        return Ok(());
+    }
+    bail!(
+        "the privileged tests (namespace labs, eBPF) cannot run here: {}.\n\
+         Run as root with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN and with ip, nsenter and nft \
+         installed (`cargo xtask setup` installs the tools), or skip those tests explicitly with \
+         {}=1 (refused when CI is set)",
+        missing.join("; "),
+        vipx_lab::privileges::SKIP_VAR
     )
-    .or_else(|e| {
-        if env::var_os("CI").is_some() {
-            Err(e)
-        } else {
-            Ok(())
-        }
-    })
+}
+
+/// Clippy in two passes (toolchain.md): the userspace crates on the host toolchain, then the
+/// eBPF crate for its own target with `panic=abort`; in one pass the eBPF crate's panic handler
+/// would be compiled for the host next to std's.
+fn clippy() -> Result<()> {
+    step("clippy, userspace crates (-D warnings)");
+    status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found warnings in the userspace crates")?;
+
+    let tc = ebpf_toolchain();
+    step(&format!(
+        "clippy, eBPF crate (+{tc}, bpfel-unknown-none, -C panic=abort, -D warnings)"
+    ));
+    // As aya-build builds it (`rustup run`, so `RUSTC` from this cargo cannot pick the wrong
+    // toolchain), with the same cfg, in a target directory of its own so that neither build
+    // invalidates the other's artifacts.
+    let mut c = Command::new("rustup");
+    c.current_dir(root())
+        .args(["run", tc, "cargo", "clippy", "-p", "proxy-ebpf", "--bins"])
+        .args(["--features", "build-ebpf", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(target_dir().join("clippy-ebpf"))
+        .args(["--", "-D", "warnings"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!(
+                "--cfg=bpf_target_arch=\"{}\"\x1f-Cpanic=abort",
+                std::env::consts::ARCH
+            ),
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    if tc == "stable" {
+        c.env("RUSTC_BOOTSTRAP", "1");
+    }
+    status(&mut c).context("clippy found warnings in the eBPF crate")
 }
