@@ -167,15 +167,11 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         )?;
         if let Some(pod) = &endpoint.pod {
             ensure_plain_name(pod)?;
-            write!(
-                items,
-                "\
-  targetRef:
-    kind: Pod
-    name: {pod}
-    namespace: {SERVICE_NAMESPACE}
-"
-            )?;
+            // Spelled out line by line: a `\` line continuation would eat the indentation.
+            writeln!(items, "  targetRef:")?;
+            writeln!(items, "    kind: Pod")?;
+            writeln!(items, "    name: {pod}")?;
+            writeln!(items, "    namespace: {SERVICE_NAMESPACE}")?;
         }
     }
     // Block style needs the list on the next line; an empty list has to be written inline.

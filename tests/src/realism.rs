@@ -190,3 +190,20 @@ pub fn load_nft(ns: &str, ruleset: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netstat_fields_are_found_by_name_in_their_section() {
+        let netstat = "TcpExt: SyncookiesSent IPReversePathFilter\nTcpExt: 0 17\n\
+                       IpExt: InNoRoutes IPReversePathFilter\nIpExt: 3 99\n";
+        assert_eq!(
+            netstat_field(netstat, "TcpExt", "IPReversePathFilter"),
+            Some(17)
+        );
+        assert_eq!(netstat_field(netstat, "IpExt", "InNoRoutes"), Some(3));
+        assert_eq!(netstat_field(netstat, "TcpExt", "Missing"), None);
+    }
+}
