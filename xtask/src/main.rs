@@ -400,11 +400,14 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
 
 fn test(cargo_args: &[String]) -> Result<()> {
     check_privileges()?;
-    // The cheap gates first: a formatting or lint failure fails the run before minutes of tests.
+    // Every gate runs even after another failed, so one run reports all of them; any failure
+    // fails the command.
+    let mut failed: Vec<String> = Vec::new();
     step("checking formatting (cargo fmt --check)");
-    status(cargo().args(["fmt", "--all", "--", "--check"]))
-        .context("formatting differs; run `cargo fmt --all`")?;
-    clippy()?;
+    if let Err(e) = status(cargo().args(["fmt", "--all", "--", "--check"])) {
+        failed.push(format!("formatting ({e:#}); run `cargo fmt --all`"));
+    }
+    failed.extend(clippy().err().map(|e| format!("{e:#}")));
     // The lab tests start the vipx and lab-pod binaries, so build them first.
     build()?;
     step("running every test layer (unit, BPF_PROG_TEST_RUN fixtures, namespace lab)");
@@ -415,7 +418,13 @@ fn test(cargo_args: &[String]) -> Result<()> {
     }
     // Lab tests share kernel state (bpffs, interfaces by glob); they also serialise themselves.
     c.arg("--test-threads=1");
-    status(&mut c)
+    if let Err(e) = status(&mut c) {
+        failed.push(format!("tests ({e:#})"));
+    }
+    if !failed.is_empty() {
+        bail!("cargo xtask test failed:\n- {}", failed.join("\n- "));
+    }
+    Ok(())
 }
 
 /// Privileged tests fail rather than skip when they cannot run; say up front what is missing,
