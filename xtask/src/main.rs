@@ -458,7 +458,7 @@ fn check_privileges() -> Result<()> {
 /// would be compiled for the host next to std's.
 fn clippy() -> Result<()> {
     step("clippy, userspace crates (-D warnings)");
-    status(cargo().args([
+    let userspace = status(cargo().args([
         "clippy",
         "--workspace",
         "--all-targets",
@@ -466,7 +466,7 @@ fn clippy() -> Result<()> {
         "-D",
         "warnings",
     ]))
-    .context("clippy found warnings in the userspace crates")?;
+    .context("clippy found warnings in the userspace crates");
 
     let tc = ebpf_toolchain();
     step(&format!(
@@ -494,5 +494,10 @@ fn clippy() -> Result<()> {
     if tc == "stable" {
         c.env("RUSTC_BOOTSTRAP", "1");
     }
-    status(&mut c).context("clippy found warnings in the eBPF crate")
+    let ebpf = status(&mut c).context("clippy found warnings in the eBPF crate");
+    match (userspace, ebpf) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(u), Err(e)) => Err(anyhow::anyhow!("{u:#}; {e:#}")),
+    }
 }
