@@ -2,11 +2,11 @@
 //! the host network, and replies reach the client's node over a wire.
 //!
 //! ```text
-//!   vipx-<tag>-client        vipx-<tag>-node1                     vipx-<tag>-node2
-//!   eth0 198.18.64.2/32 ─── lxc0 198.18.64.1/32
-//!   vipx-<tag>-p1           lxc1 198.18.64.1/32                  lxc2 198.18.65.1/32 ─── vipx-<tag>-p2
-//!   eth0 198.18.64.11/32 ──┘ eth0 198.18.0.1/24 ════ uplink ════ eth0 198.18.0.2/24   eth0 198.18.65.12/32
-//!                            198.18.65.0/24 via 198.18.0.2        198.18.64.0/24 via 198.18.0.1
+//!  vipx-<tag>-node1                                      vipx-<tag>-node2
+//!  lxc0 198.18.64.1 ── client  198.18.64.2                lxc2 198.18.65.1 ── backend-2 198.18.65.12
+//!  lxc1 198.18.64.1 ── backend-1 198.18.64.11             (lab-pod on 198.18.0.2: host backend)
+//!  eth0 198.18.0.1/24 ═════════════ uplink ══════════════ eth0 198.18.0.2/24
+//!  198.18.65.0/24 via 198.18.0.2                          198.18.64.0/24 via 198.18.0.1
 //! ```
 //!
 //! - Node `k` (1 or 2) owns pod CIDR 198.18.(63+k).0/24, gateway 198.18.(63+k).1 on every host-side

@@ -1,5 +1,6 @@
 //! Deciding whether a privileged test can run, and keeping such tests from overlapping.
 
+use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
@@ -29,7 +30,12 @@ pub fn require_privileges() -> bool {
         .unwrap_or("this test")
         .to_owned();
     if skip {
-        eprintln!("SKIPPED privileged test {test}: {SKIP_VAR}=1 is set");
+        // Straight to the stream, not eprintln!: libtest captures that and hides it for a test
+        // that passes, and a skip must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED privileged test {test}: {SKIP_VAR}=1 is set"
+        );
         return false;
     }
     let missing = missing_privileges();

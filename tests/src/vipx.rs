@@ -137,7 +137,7 @@ impl Vipx {
     }
 
     /// SIGTERM to the pid this started, then waits for it to exit (SIGKILL after
-    /// [`STOP_TIMEOUT`]). Pins and state stay, so [`Vipx::restart`] adopts them as a real restart
+    /// 10 s). Pins and state stay, so [`Vipx::restart`] adopts them as a real restart
     /// would. Does nothing when already stopped.
     pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
         let Some(mut child) = self.child.take() else {
