@@ -152,7 +152,7 @@ impl Connection {
 
 /// Reads one HTTP response with a Content-Length body (what lab pods send) and returns the body;
 /// a status other than 200 is an error.
-pub(crate) fn read_response(reader: &mut impl BufRead) -> Result<String> {
+pub fn read_response(reader: &mut impl BufRead) -> Result<String> {
     let mut status = String::new();
     if reader.read_line(&mut status)? == 0 {
         bail!("connection closed before a response");

@@ -36,7 +36,9 @@ pub mod privileges;
 pub mod realism;
 pub mod vipx;
 
-pub use client::{DEFAULT_TIMEOUT, KeepAlive, http_get, udp_count, udp_exchange, udp_request};
+pub use client::{
+    DEFAULT_TIMEOUT, KeepAlive, http_get, read_response, udp_count, udp_exchange, udp_request,
+};
 pub use lab::{
     CLIENT_IP, GATEWAY_IP, HOST_IF_GLOB, Lab, LabConfig, NODE_IP, Pod, cleanup_stale,
     locate_lab_pod, unique_tag,

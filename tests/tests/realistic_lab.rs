@@ -19,8 +19,8 @@ use vipx_lab::cluster::{Cluster, ClusterConfig, HostBackend};
 use vipx_lab::manifests::{Endpoint, ServiceSpec, write_service_spec};
 use vipx_lab::vipx::{ScratchDir, Vipx, locate_bin};
 use vipx_lab::{
-    POD_PORT, Pod, Realism, http_get, in_netns, require_privileges, serial, udp_count,
-    udp_exchange, udp_request, unique_tag,
+    POD_PORT, Pod, Realism, http_get, in_netns, read_response, require_privileges, serial,
+    udp_count, udp_exchange, udp_request, unique_tag,
 };
 
 const VIP_A: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
@@ -394,9 +394,11 @@ fn a_legacy_clsact_filter_on_the_clients_veth_still_sees_its_packets() {
 
 /// A TCP socket in namespace `ns` bound to `local` with SO_REUSEADDR (so it can take the port
 /// while an earlier connection from it lingers in TIME_WAIT), connected to `remote`; one HTTP
-/// GET, the body.
+/// GET, the body. The client closes first (keep-alive request, then close), so the TIME_WAIT
+/// stays on the client, with the VIP in its tuple: a TIME_WAIT in the pod would hold the very
+/// tuple the direct connection needs and could answer its SYN with a stale ACK.
 fn http_get_from(ns: &str, local: SocketAddrV4, remote: SocketAddr) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let socket = in_netns(ns, || -> std::io::Result<socket2::Socket> {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
@@ -406,14 +408,24 @@ fn http_get_from(ns: &str, local: SocketAddrV4, remote: SocketAddr) -> anyhow::R
     socket.connect_timeout(&remote.into(), TIMEOUT)?;
     let mut stream: std::net::TcpStream = socket.into();
     stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .ok_or_else(|| anyhow::anyhow!("no HTTP response from {remote}: {response:?}"))?;
-    Ok(body)
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: keep-alive\r\n\r\n")?;
+    read_response(&mut std::io::BufReader::new(&stream))
+}
+
+/// Whether namespace `ns` has a TCP socket (any state but LISTEN) whose peer uses port `port`.
+fn tcp_socket_with_peer_port(ns: &str, port: u16) -> bool {
+    let table = in_netns(ns, || {
+        // thread-self: /proc/self/net would show the namespace of the process's main thread.
+        std::fs::read_to_string("/proc/thread-self/net/tcp")
+    })
+    .expect("entering the namespace")
+    .expect("reading /proc/net/tcp");
+    let peer = format!(":{port:04X}");
+    // "sl local_address rem_address st ...", addresses as hex "0B4012C6:1388", state 0A = LISTEN.
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 3 && fields[2].ends_with(&peer) && fields[3] != "0A"
+    })
 }
 
 /// (d) The Kafka pattern: a client asks a Service from source port P, learns a backend's own
@@ -441,6 +453,13 @@ fn a_direct_connection_after_a_vip_flow_from_the_same_port_reaches_the_pod() {
         )
     });
     assert_eq!(via_vip.trim(), pod.name, "answer through the VIP");
+    // The pod closes its side once it sees the client's FIN; the direct SYN must find no socket
+    // of the old flow there, or the pod's TCP (not vipx) would be tested.
+    poll(
+        Duration::from_secs(5),
+        "the pod to close its side of the VIP flow",
+        || !tcp_socket_with_peer_port(&pod.netns, FIXED_PORT),
+    );
 
     let direct = SocketAddr::from((pod.ip, POD_PORT));
     let body = http_get_from(lab.client(), local, direct).unwrap_or_else(|e| {
