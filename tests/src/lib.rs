@@ -4,6 +4,12 @@
 //! Every address the lab uses is in 198.18.0.0/15 (pods 198.18.64.0/24, the node 198.18.0.1,
 //! the Service VIP 198.19.0.10): traffic never goes anywhere the lab did not create.
 //!
+//! Labs behave like real nodes by default ([`Realism::Node`]: rp_filter=1, conntrack dropping
+//! INVALID). [`Lab`] is one node; [`cluster::Cluster`] is two nodes joined by an uplink (pods
+//! 198.18.64.0/24 and 198.18.65.0/24, node IPs 198.18.0.1 and .2) with host-network backends;
+//! [`vipx::Vipx`] runs the real vipx in a node with its own pins and state;
+//! [`manifests::write_service_spec`] writes any number of Services with per-endpoint nodeName.
+//!
 //! ```no_run
 //! use std::net::SocketAddr;
 //! use std::time::Duration;
