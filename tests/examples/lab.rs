@@ -11,7 +11,7 @@
 use std::io::BufRead;
 
 use anyhow::{Context, Result};
-use vipx_lab::{Lab, LabConfig, cleanup_stale, locate_lab_pod};
+use vipx_lab::{Lab, LabConfig, Realism, cleanup_stale, locate_lab_pod};
 
 const TAG: &str = "manual";
 
@@ -27,6 +27,7 @@ fn main() -> Result<()> {
         tag: TAG.into(),
         backends,
         lab_pod_bin: locate_lab_pod()?,
+        realism: Realism::Node,
     })?;
     println!("node:   {} (vipx attaches to lxc*)", lab.node_ns());
     for pod in std::iter::once(lab.client()).chain(lab.backends()) {

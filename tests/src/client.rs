@@ -44,6 +44,39 @@ pub fn udp_request(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<Stri
     exchange().with_context(|| format!("UDP request to {addr} from namespace {ns}"))
 }
 
+/// Sends `payload` in one datagram from namespace `ns` to `addr` over a connected socket and
+/// returns the reply, up to 64 KiB (a `size N` request to a lab pod asks for an N-byte reply).
+/// As with [`udp_request`], only a reply whose source is `addr` itself is accepted.
+pub fn udp_exchange(
+    ns: &str,
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    let socket = in_netns(ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+        .with_context(|| format!("binding a UDP socket in namespace {ns}"))?;
+    let exchange = || -> io::Result<Vec<u8>> {
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(addr)?;
+        socket.send(payload)?;
+        let mut buf = vec![0u8; 65_536];
+        let n = socket.recv(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    };
+    exchange().with_context(|| format!("UDP exchange with {addr} from namespace {ns}"))
+}
+
+/// How many datagrams the lab pod server at `addr` has answered (its `count` request), asked
+/// from namespace `ns`.
+pub fn udp_count(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<u64> {
+    let reply = udp_exchange(ns, addr, b"count", timeout)?;
+    let text = String::from_utf8_lossy(&reply);
+    text.trim()
+        .parse()
+        .with_context(|| format!("{addr} answered `count` with {text:?}"))
+}
+
 /// An HTTP/1.1 connection opened inside a namespace and kept open for several requests, to check
 /// that an established flow keeps its backend.
 pub struct KeepAlive {
@@ -119,7 +152,7 @@ impl Connection {
 
 /// Reads one HTTP response with a Content-Length body (what lab pods send) and returns the body;
 /// a status other than 200 is an error.
-pub(crate) fn read_response(reader: &mut impl BufRead) -> Result<String> {
+pub fn read_response(reader: &mut impl BufRead) -> Result<String> {
     let mut status = String::new();
     if reader.read_line(&mut status)? == 0 {
         bail!("connection closed before a response");

@@ -12,6 +12,10 @@
 //! `lxc*` interface and forwards between them. The Service VIP is owned by nothing: a connection to
 //! it only succeeds when vipx, attached to the `lxc*` interfaces in the node namespace, translates
 //! it. Every pod (the client too) runs `lab-pod`, which answers with the pod's name.
+//!
+//! The node namespace behaves like a real node by default ([`Realism::Node`]): rp_filter=1 and
+//! netfilter conntrack dropping INVALID packets. For two nodes joined by an uplink, host-network
+//! backends and several Services, see [`crate::cluster`].
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -25,6 +29,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::manifests::{self, POD_PORT};
 use crate::netns::{NETNS_DIR, ip, ip_in, netns_exists, ns_command, sysctls};
+use crate::realism::{self, Realism};
 
 /// The glob vipx is given to find the host side of pod veths.
 pub const HOST_IF_GLOB: &str = "lxc*";
@@ -48,6 +53,8 @@ pub struct LabConfig {
     pub backends: u32,
     /// The `lab-pod` binary (see [`locate_lab_pod`]).
     pub lab_pod_bin: PathBuf,
+    /// [`Realism::Node`] unless the lab's purpose needs otherwise (and says why).
+    pub realism: Realism,
 }
 
 /// A pod namespace.
@@ -61,6 +68,8 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The host side of its veth, in the node namespace.
     pub host_if: String,
+    /// The name of the node (and node namespace) it runs on, as EndpointSlices name it.
+    pub node: String,
 }
 
 impl Pod {
@@ -70,15 +79,22 @@ impl Pod {
     }
 }
 
-struct Server {
-    pod: String,
+pub(crate) struct Server {
+    pub(crate) pod: String,
     child: Child,
+}
+
+impl Server {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 /// A built lab. Dropping it tears it down; [`Lab::teardown`] does the same and reports failures.
 pub struct Lab {
     tag: String,
     lab_pod_bin: PathBuf,
+    realism: Realism,
     node_ns: String,
     client: Pod,
     backends: Vec<Pod>,
@@ -101,16 +117,19 @@ impl Lab {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
             "lab tag {tag:?} must be non-empty lowercase letters and digits"
         );
+        let node_ns = ns_name(&tag, "node");
         let mut lab = Self {
-            node_ns: ns_name(&tag, "node"),
             client: Pod {
                 name: "client".into(),
                 netns: ns_name(&tag, "client"),
                 ip: CLIENT_IP,
                 host_if: "lxc0".into(),
+                node: node_ns.clone(),
             },
+            node_ns,
             tag,
             lab_pod_bin: config.lab_pod_bin,
+            realism: config.realism,
             backends: Vec::new(),
             next_backend: 1,
             namespaces: Vec::new(),
@@ -160,7 +179,7 @@ impl Lab {
         self.servers
             .iter()
             .find(|server| server.pod == name)
-            .map(|server| server.child.id())
+            .map(Server::pid)
     }
 
     /// `(pod name, pod IP)` of every backend, as [`manifests::write_endpoint_slice`] takes them.
@@ -193,6 +212,7 @@ impl Lab {
             netns: ns_name(&self.tag, &format!("be{k}")),
             ip: Ipv4Addr::new(198, 18, 64, last_octet),
             host_if: format!("lxc{k}"),
+            node: self.node_ns.clone(),
         };
         if let Err(e) = self.build_pod(&pod) {
             if let Err(cleanup) = self.destroy_pod(&pod) {
@@ -240,80 +260,15 @@ impl Lab {
     fn build_node(&mut self) -> Result<()> {
         let ns = self.node_ns.clone();
         self.add_namespace(&ns)?;
-        // rp_filter on an interface is max(all, that interface): every level has to be 0 for
-        // replies that vipx rewrote to be accepted. `default` is set before any veth exists so
-        // the veths start with it.
-        sysctls(
-            &ns,
-            &[
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-                ("net.ipv6.conf.all.disable_ipv6", "1"),
-                ("net.ipv6.conf.default.disable_ipv6", "1"),
-            ],
-        )?;
+        realism::prepare_node(&ns, self.realism)?;
         ip_in(&ns, &["link", "set", "lo", "up"])?;
         ip_in(&ns, &["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
         Ok(())
     }
 
     fn build_pod(&mut self, pod: &Pod) -> Result<()> {
-        let node = self.node_ns.clone();
         self.add_namespace(&pod.netns)?;
-        // The lab is IPv4 only; IPv6 router solicitations, MLD reports and DAD probes would
-        // otherwise cross the programs under test and show up in their counters.
-        sysctls(
-            &pod.netns,
-            &[
-                ("net.ipv6.conf.all.disable_ipv6", "1"),
-                ("net.ipv6.conf.default.disable_ipv6", "1"),
-            ],
-        )?;
-        // Created from inside the node namespace with the peer sent straight to the pod, so no
-        // name ever appears in (or can clash in) the namespace this process runs in.
-        ip_in(
-            &node,
-            &[
-                "link",
-                "add",
-                &pod.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &pod.netns,
-            ],
-        )?;
-
-        let pod_ip = format!("{}/32", pod.ip);
-        let gateway = GATEWAY_IP.to_string();
-        ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
-        ip_in(&pod.netns, &["addr", "add", &pod_ip, "dev", "eth0"])?;
-        ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
-        ip_in(
-            &pod.netns,
-            &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
-        )?;
-        ip_in(
-            &pod.netns,
-            &["route", "add", "default", "via", &gateway, "dev", "eth0"],
-        )?;
-
-        sysctls(
-            &node,
-            &[(&format!("net.ipv4.conf.{}.rp_filter", pod.host_if), "0")],
-        )?;
-        let host_if = pod.host_if.as_str();
-        ip_in(
-            &node,
-            &["addr", "add", &format!("{GATEWAY_IP}/32"), "dev", host_if],
-        )?;
-        ip_in(&node, &["link", "set", host_if, "up"])?;
-        ip_in(&node, &["route", "add", &pod_ip, "dev", host_if])?;
-
+        wire_pod(&self.node_ns, pod, GATEWAY_IP, self.realism)?;
         self.start_server(pod)
     }
 
@@ -332,33 +287,13 @@ impl Lab {
 
     fn start_server(&mut self, pod: &Pod) -> Result<()> {
         let port = POD_PORT.to_string();
-        let args = ["--name", &pod.name, "--port", &port, "--exit-on-stdin-eof"];
-        let mut child = ns_command(&pod.netns, &self.lab_pod_bin, args)
-            // The server exits when this pipe closes, so it cannot outlive this process even if
-            // teardown never runs (a crash, a SIGKILL).
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} in namespace {} via nsenter",
-                    self.lab_pod_bin.display(),
-                    pod.netns
-                )
-            })?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let pid = child.id();
-        self.servers.push(Server {
-            pod: pod.name.clone(),
-            child,
-        });
-        wait_ready(stdout).with_context(|| {
-            format!(
-                "lab-pod {} (pid {pid}) in namespace {} did not become ready",
-                pod.name, pod.netns
-            )
-        })
+        spawn_lab_pod(
+            &self.lab_pod_bin,
+            &pod.netns,
+            &pod.name,
+            &["--port", &port],
+            &mut self.servers,
+        )
     }
 
     fn destroy_pod(&mut self, pod: &Pod) -> Result<()> {
@@ -444,13 +379,110 @@ pub fn locate_lab_pod() -> Result<PathBuf> {
         })
 }
 
-fn ns_name(tag: &str, suffix: &str) -> String {
+/// Creates pod `pod`'s veth pair from node namespace `node_ns` into the pod's (already created)
+/// namespace and wires it the way Cilium and Calico do: the pod has its address as a /32 and a
+/// default route via `gateway`, which the host side carries (as a /32) without any bridge; the
+/// node routes the pod's address to the host side.
+pub(crate) fn wire_pod(
+    node_ns: &str,
+    pod: &Pod,
+    gateway: Ipv4Addr,
+    realism: Realism,
+) -> Result<()> {
+    // The lab is IPv4 only; IPv6 router solicitations, MLD reports and DAD probes would
+    // otherwise cross the programs under test and show up in their counters.
+    sysctls(
+        &pod.netns,
+        &[
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+        ],
+    )?;
+    // Created from inside the node namespace with the peer sent straight to the pod, so no
+    // name ever appears in (or can clash in) the namespace this process runs in.
+    ip_in(
+        node_ns,
+        &[
+            "link",
+            "add",
+            &pod.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pod.netns,
+        ],
+    )?;
+
+    let pod_ip = format!("{}/32", pod.ip);
+    let gateway = gateway.to_string();
+    ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
+    ip_in(&pod.netns, &["addr", "add", &pod_ip, "dev", "eth0"])?;
+    ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
+    ip_in(
+        &pod.netns,
+        &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
+    )?;
+    ip_in(
+        &pod.netns,
+        &["route", "add", "default", "via", &gateway, "dev", "eth0"],
+    )?;
+
+    let host_if = pod.host_if.as_str();
+    realism::prepare_interface(node_ns, host_if, realism)?;
+    ip_in(
+        node_ns,
+        &["addr", "add", &format!("{gateway}/32"), "dev", host_if],
+    )?;
+    ip_in(node_ns, &["link", "set", host_if, "up"])?;
+    ip_in(node_ns, &["route", "add", &pod_ip, "dev", host_if])?;
+    Ok(())
+}
+
+/// Starts `lab-pod --name NAME ARGS --exit-on-stdin-eof` in namespace `ns`, records it in
+/// `servers` (so teardown stops it even if it never becomes ready) and waits for its "ready".
+pub(crate) fn spawn_lab_pod(
+    bin: &Path,
+    ns: &str,
+    name: &str,
+    args: &[&str],
+    servers: &mut Vec<Server>,
+) -> Result<()> {
+    let mut child = ns_command(
+        ns,
+        bin,
+        ["--name", name]
+            .iter()
+            .chain(args)
+            .chain(&["--exit-on-stdin-eof"]),
+    )
+    // The server exits when this pipe closes, so it cannot outlive this process even if
+    // teardown never runs (a crash, a SIGKILL).
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .with_context(|| format!("starting {} in namespace {ns} via nsenter", bin.display()))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let pid = child.id();
+    servers.push(Server {
+        pod: name.to_owned(),
+        child,
+    });
+    wait_ready(stdout).with_context(|| {
+        format!("lab-pod {name} (pid {pid}) in namespace {ns} did not become ready")
+    })
+}
+
+pub(crate) fn ns_name(tag: &str, suffix: &str) -> String {
     format!("vipx-{tag}-{suffix}")
 }
 
 /// Waits for the server's "ready" line, then keeps draining its stdout on a detached thread so
 /// that anything it prints later cannot block it on a full pipe.
-fn wait_ready(stdout: ChildStdout) -> Result<()> {
+pub(crate) fn wait_ready(stdout: ChildStdout) -> Result<()> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
@@ -466,7 +498,7 @@ fn wait_ready(stdout: ChildStdout) -> Result<()> {
     }
 }
 
-fn stop_server(mut server: Server) -> Result<()> {
+pub(crate) fn stop_server(mut server: Server) -> Result<()> {
     let pid = server.child.id();
     // kill fails only for a child that already exited; wait then reaps it either way.
     let _ = server.child.kill();
@@ -477,7 +509,7 @@ fn stop_server(mut server: Server) -> Result<()> {
     Ok(())
 }
 
-fn delete_netns(ns: &str) -> Result<()> {
+pub(crate) fn delete_netns(ns: &str) -> Result<()> {
     if netns_exists(ns) {
         ip(&["netns", "del", ns])?;
     }

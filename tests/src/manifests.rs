@@ -100,6 +100,133 @@ ports:
     ))
 }
 
+/// One endpoint of a [`ServiceSpec`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    /// The node it runs on (`nodeName`), as the EndpointSlice controller fills it in.
+    pub node_name: String,
+    /// The Pod behind it (`targetRef`); `None` for a host-network backend listed by hand, like
+    /// the API server's endpoints behind `default/kubernetes`.
+    pub pod: Option<String>,
+}
+
+/// A ClusterIP Service with one TCP port (`http`) and one UDP port (`udp`), both `port` ->
+/// `target_port`, and its one EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Service name (in namespace `default`); also names its file, `<name>.yaml`.
+    pub name: String,
+    /// The cluster IP, in 198.19.0.0/16.
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServiceSpec {
+    /// The file [`write_service_spec`] writes it to in `dir`.
+    pub fn path(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("{}.yaml", self.name))
+    }
+}
+
+/// Writes `dir/<name>.yaml`: the Service and its EndpointSlice as one two-document YAML file,
+/// replaced atomically. Returns the path.
+pub fn write_service_spec(dir: &Path, spec: &ServiceSpec) -> Result<PathBuf> {
+    let path = spec.path(dir);
+    write_atomically(&path, &service_spec_yaml(spec)?)?;
+    Ok(path)
+}
+
+/// The text [`write_service_spec`] writes.
+pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
+    let ServiceSpec {
+        name,
+        vip,
+        port,
+        target_port,
+        endpoints,
+    } = spec;
+    ensure_plain_name(name)?;
+    let mut items = String::new();
+    for endpoint in endpoints {
+        ensure_plain_name(&endpoint.node_name)?;
+        write!(
+            items,
+            "\
+- addresses:
+  - {}
+  conditions:
+    ready: true
+    serving: true
+    terminating: false
+  nodeName: {}
+",
+            endpoint.ip, endpoint.node_name
+        )?;
+        if let Some(pod) = &endpoint.pod {
+            ensure_plain_name(pod)?;
+            // Spelled out line by line: a `\` line continuation would eat the indentation.
+            writeln!(items, "  targetRef:")?;
+            writeln!(items, "    kind: Pod")?;
+            writeln!(items, "    name: {pod}")?;
+            writeln!(items, "    namespace: {SERVICE_NAMESPACE}")?;
+        }
+    }
+    // Block style needs the list on the next line; an empty list has to be written inline.
+    let items = if items.is_empty() {
+        " []\n".to_owned()
+    } else {
+        format!("\n{items}")
+    };
+    Ok(format!(
+        "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {SERVICE_NAMESPACE}
+spec:
+  clusterIP: {vip}
+  clusterIPs:
+  - {vip}
+  internalTrafficPolicy: Cluster
+  ipFamilies:
+  - IPv4
+  ipFamilyPolicy: SingleStack
+  ports:
+  - name: http
+    port: {port}
+    protocol: TCP
+    targetPort: {target_port}
+  - name: udp
+    port: {port}
+    protocol: UDP
+    targetPort: {target_port}
+  sessionAffinity: None
+  type: ClusterIP
+---
+addressType: IPv4
+apiVersion: discovery.k8s.io/v1
+endpoints:{items}kind: EndpointSlice
+metadata:
+  labels:
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+    kubernetes.io/service-name: {name}
+  name: {name}-x7k2p
+  namespace: {SERVICE_NAMESPACE}
+ports:
+- name: http
+  port: {target_port}
+  protocol: TCP
+- name: udp
+  port: {target_port}
+  protocol: UDP
+"
+    ))
+}
+
 /// Names are pasted into YAML unquoted, so only what Kubernetes allows in object names gets in.
 fn ensure_plain_name(name: &str) -> Result<()> {
     ensure!(
@@ -134,6 +261,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use serde::Deserialize as _;
 
     #[test]
     fn example_service_matches_the_constants() {
@@ -211,6 +339,65 @@ mod tests {
             assert_eq!(target.kind.as_deref(), Some("Pod"));
             assert_eq!(target.name.as_deref(), Some(pod));
         }
+    }
+
+    #[test]
+    fn service_specs_parse_as_the_real_types() {
+        let spec = ServiceSpec {
+            name: "svc-a".into(),
+            vip: Ipv4Addr::new(198, 19, 0, 20),
+            port: 80,
+            target_port: 5000,
+            endpoints: vec![
+                Endpoint {
+                    ip: Ipv4Addr::new(198, 18, 65, 11),
+                    node_name: "node-2".into(),
+                    pod: Some("backend-1".into()),
+                },
+                Endpoint {
+                    ip: Ipv4Addr::new(198, 18, 0, 2),
+                    node_name: "node-2".into(),
+                    pod: None,
+                },
+            ],
+        };
+        let yaml = service_spec_yaml(&spec).unwrap();
+        let mut docs = serde_yaml_ng::Deserializer::from_str(&yaml);
+        let svc = Service::deserialize(docs.next().unwrap()).unwrap();
+        let slice = EndpointSlice::deserialize(docs.next().unwrap()).unwrap();
+        assert!(docs.next().is_none());
+        let svc_spec = svc.spec.unwrap();
+        assert_eq!(svc_spec.cluster_ip.as_deref(), Some("198.19.0.20"));
+        assert_eq!(svc_spec.ports.unwrap().len(), 2);
+        assert_eq!(
+            slice
+                .metadata
+                .labels
+                .unwrap()
+                .get("kubernetes.io/service-name")
+                .map(String::as_str),
+            Some("svc-a")
+        );
+        let endpoints = slice.endpoints.unwrap();
+        assert_eq!(endpoints[0].addresses, ["198.18.65.11"]);
+        assert_eq!(endpoints[0].node_name.as_deref(), Some("node-2"));
+        assert_eq!(
+            endpoints[0].target_ref.as_ref().unwrap().name.as_deref(),
+            Some("backend-1")
+        );
+        assert_eq!(endpoints[1].addresses, ["198.18.0.2"]);
+        assert!(endpoints[1].target_ref.is_none());
+
+        let empty = ServiceSpec {
+            endpoints: Vec::new(),
+            ..spec
+        };
+        let yaml = service_spec_yaml(&empty).unwrap();
+        let slice = EndpointSlice::deserialize(
+            serde_yaml_ng::Deserializer::from_str(&yaml).nth(1).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(slice.endpoints, Some(Vec::new()));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! - TCP: a minimal HTTP/1.1 server with keep-alive. Every request, whatever its method or path, is
 //!   answered `200 OK` with the body `NAME\n` (the trailing newline keeps `curl` output tidy).
-//! - UDP: every datagram is answered with `NAME`, without a newline.
+//! - UDP: every datagram is answered with `NAME`, without a newline; `size N` asks for the name
+//!   padded to N bytes (for replies larger than the MTU), `count` for how many datagrams the pod
+//!   has answered (see [`udp_reply`]).
 //! - Sink (TCP, for bulk throughput): everything received is read and discarded; nothing is ever
 //!   sent back, and the connection is closed once the client has shut down its side.
 //!
@@ -178,13 +180,44 @@ fn readable_within(stream: &TcpStream, timeout: Duration) -> io::Result<bool> {
     }
 }
 
-/// Answers every datagram on `socket` with `name`, until receiving fails.
+/// The largest UDP payload an IPv4 datagram can carry.
+pub const MAX_UDP_REPLY: usize = 65_507;
+
+/// Answers every datagram on `socket` (see [`udp_reply`]), until receiving fails.
 pub fn serve_udp(name: &str, socket: &UdpSocket) -> io::Result<()> {
     let mut buf = [0u8; 2048];
+    // Only this loop touches it: one UDP socket, served by one thread.
+    let mut served = 0u64;
     loop {
-        let (_, peer) = socket.recv_from(&mut buf)?;
-        socket.send_to(name.as_bytes(), peer)?;
+        let (n, peer) = socket.recv_from(&mut buf)?;
+        let reply = udp_reply(name, &buf[..n], &mut served);
+        socket.send_to(&reply, peer)?;
     }
+}
+
+/// The answer to UDP request `request`; `served` counts the requests answered with the name.
+///
+/// - `count`: how many requests this server has answered with its name so far, in decimal. Not
+///   counted itself, so a test can ask whether a datagram reached this pod without changing the
+///   answer.
+/// - `size N`: the name, padded with `.` to N bytes (at most [`MAX_UDP_REPLY`]; N smaller than
+///   the name gives the name), so a reply larger than the MTU still says who sent it.
+/// - anything else: the name.
+pub fn udp_reply(name: &str, request: &[u8], served: &mut u64) -> Vec<u8> {
+    let request = String::from_utf8_lossy(request);
+    let request = request.trim();
+    if request == "count" {
+        return served.to_string().into_bytes();
+    }
+    *served += 1;
+    let mut reply = name.as_bytes().to_vec();
+    if let Some(size) = request
+        .strip_prefix("size ")
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    {
+        reply.resize(size.clamp(name.len(), MAX_UDP_REPLY), b'.');
+    }
+    reply
 }
 
 /// Reads and discards everything sent to `listener`, one thread per connection, until accepting
@@ -338,6 +371,23 @@ mod tests {
         let mut out = Vec::new();
         let err = serve_http("b", "GET / HTTP/1.1\r\nHost".as_bytes(), &mut out).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn udp_requests_get_the_name_a_padded_name_or_the_count() {
+        let mut served = 0;
+        assert_eq!(udp_reply("pod-a", b"count", &mut served), b"0");
+        assert_eq!(udp_reply("pod-a", b"ping", &mut served), b"pod-a");
+        let big = udp_reply("pod-a", b"size 3000", &mut served);
+        assert_eq!(big.len(), 3000);
+        assert!(big.starts_with(b"pod-a."));
+        assert!(big[5..].iter().all(|&b| b == b'.'));
+        assert_eq!(udp_reply("pod-a", b"size 2", &mut served), b"pod-a");
+        assert_eq!(
+            udp_reply("pod-a", b"size 99999999", &mut served).len(),
+            MAX_UDP_REPLY
+        );
+        assert_eq!(udp_reply("pod-a", b"count\n", &mut served), b"4");
     }
 
     #[test]

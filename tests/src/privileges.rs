@@ -1,5 +1,6 @@
 //! Deciding whether a privileged test can run, and keeping such tests from overlapping.
 
+use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
@@ -7,27 +8,50 @@ const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
-/// Whether this process can build labs and load eBPF programs: `false` means the caller should
-/// skip its test (after this has printed why).
+/// The environment variable that lets privileged tests be skipped, outside CI only.
+pub const SKIP_VAR: &str = "VIPX_SKIP_PRIVILEGED";
+
+/// Whether a privileged test should run: `true` when this process can build labs and load eBPF
+/// programs. A test that cannot run fails rather than passing silently: this returns `false` only
+/// when the run opted out with `VIPX_SKIP_PRIVILEGED=1`, after printing what is skipped and why.
 ///
 /// # Panics
-/// When the environment variable `CI` is set and something is missing: CI runs as root, so a
-/// privileged test that cannot run there is a failure, never a skip.
+/// When something is missing and the run did not opt out, and whenever the opt-out is set while
+/// `CI` is: CI runs as root, so a privileged test that does not run there is a failure.
 pub fn require_privileges() -> bool {
-    let missing = missing_privileges();
-    if missing.is_empty() {
-        return true;
-    }
-    let why = missing.join("; ");
+    let skip = std::env::var_os(SKIP_VAR).is_some_and(|v| v == "1");
+    let ci = std::env::var_os("CI").is_some();
     assert!(
-        std::env::var_os("CI").is_none(),
-        "CI is set but this privileged test cannot run: {why}"
+        !(skip && ci),
+        "{SKIP_VAR}=1 is refused when CI is set: privileged tests must run in CI"
     );
-    eprintln!("skipping privileged test: {why}");
-    false
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_owned();
+    if skip {
+        // Straight to the stream, not eprintln!: libtest captures that and hides it for a test
+        // that passes, and a skip must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED privileged test {test}: {SKIP_VAR}=1 is set"
+        );
+        return false;
+    }
+    let missing = missing_privileges();
+    assert!(
+        missing.is_empty(),
+        "privileged test {test} cannot run: {}. Run as root (CAP_BPF, CAP_NET_ADMIN, \
+         CAP_SYS_ADMIN) with iproute2, util-linux and nftables installed (`cargo xtask setup`), \
+         or skip privileged tests explicitly with {SKIP_VAR}=1 (refused under CI)",
+        missing.join("; ")
+    );
+    true
 }
 
-fn missing_privileges() -> Vec<String> {
+/// What keeps this process from running privileged tests (capabilities, tools), one line each;
+/// empty when nothing does.
+pub fn missing_privileges() -> Vec<String> {
     let mut missing = Vec::new();
     match effective_capabilities() {
         Ok(caps) => {
@@ -43,15 +67,21 @@ fn missing_privileges() -> Vec<String> {
         }
         Err(e) => missing.push(format!("cannot read capabilities: {e}")),
     }
-    for (tool, arg) in [("ip", "-V"), ("nsenter", "--version")] {
-        let works = Command::new(tool)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+    for (tool, arg, package) in [
+        ("ip", "-V", "iproute2"),
+        ("nsenter", "--version", "util-linux"),
+        ("nft", "--version", "nftables"),
+    ] {
+        let works = crate::kube_rules::find_tool(tool).is_some_and(|path| {
+            Command::new(path)
+                .arg(arg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
         if !works {
-            missing.push(format!("`{tool}` is not runnable"));
+            missing.push(format!("`{tool}` is not runnable (package {package})"));
         }
     }
     missing

@@ -12,8 +12,8 @@ use vipx_lab::kube_rules::{
     synthetic_endpoints, synthetic_services,
 };
 use vipx_lab::{
-    Lab, LabConfig, POD_PORT, SERVICE_PORT, SERVICE_VIP, http_get, ns_command, require_privileges,
-    serial, unique_tag,
+    Lab, LabConfig, POD_PORT, Realism, SERVICE_PORT, SERVICE_VIP, http_get, ns_command,
+    require_privileges, serial, unique_tag,
 };
 
 const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(SERVICE_VIP), SERVICE_PORT);
@@ -27,6 +27,7 @@ fn lab() -> Lab {
         tag: unique_tag(),
         backends: 2,
         lab_pod_bin: env!("CARGO_BIN_EXE_lab-pod").into(),
+        realism: Realism::Node,
     })
     .expect("building the lab")
 }
@@ -163,9 +164,17 @@ fn iptables_mode_rules_serve_the_vip_from_both_pods() {
         "the foreign rule is gone:\n{nat}"
     );
     if iptables_version().unwrap().contains("nf_tables") {
-        // The filter table held only kube-proxy's rules, so it is gone as a whole.
+        // The filter table held only kube-proxy's rules, so it is gone as a whole; the lab
+        // node's own INVALID-drop table is not kube-proxy's and stays.
         let tables = output_in(node, "nft", &["list", "tables"]);
-        assert_eq!(tables.trim(), "table ip nat", "tables after flush");
+        let mut tables: Vec<&str> = tables.lines().map(str::trim).collect();
+        tables.sort_unstable();
+        let lab_table = format!("table inet {}", vipx_lab::realism::NFT_TABLE);
+        assert_eq!(
+            tables,
+            [lab_table.as_str(), "table ip nat"],
+            "tables after flush"
+        );
     }
     assert_vip_silent(&lab);
 }

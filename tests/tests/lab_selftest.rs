@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vipx_lab::{
-    KeepAlive, Lab, LabConfig, SERVICE_PORT, SERVICE_VIP, cleanup_stale, http_get, netns_exists,
-    ns_command, require_privileges, serial, udp_request, unique_tag,
+    KeepAlive, Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP, cleanup_stale, http_get,
+    netns_exists, ns_command, require_privileges, serial, udp_request, unique_tag,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,6 +18,7 @@ fn config(backends: u32) -> LabConfig {
         tag: unique_tag(),
         backends,
         lab_pod_bin: env!("CARGO_BIN_EXE_lab-pod").into(),
+        realism: Realism::Node,
     }
 }
 

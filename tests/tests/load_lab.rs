@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vipx_lab::load::{self, TcpCounters};
 use vipx_lab::pod_server::SINK_PORT;
-use vipx_lab::{Lab, LabConfig, require_privileges, serial, unique_tag};
+use vipx_lab::{Lab, LabConfig, Realism, require_privileges, serial, unique_tag};
 
 const RUN: Duration = Duration::from_secs(1);
 const CONNECTIONS: u32 = 32;
@@ -23,6 +23,7 @@ fn crr_rr_and_bulk_run_against_a_pod() {
         tag: unique_tag(),
         backends: 2,
         lab_pod_bin: env!("CARGO_BIN_EXE_lab-pod").into(),
+        realism: Realism::Node,
     })
     .expect("building the lab");
     let client = lab.client().netns.as_str();

@@ -10,8 +10,8 @@ use std::{
 };
 
 use vipx_lab::{
-    KeepAlive, Lab, LabConfig, SERVICE_PORT, SERVICE_VIP, http_get, ns_command, require_privileges,
-    serial, udp_request, unique_tag, write_endpoint_slice,
+    KeepAlive, Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP, http_get, ns_command,
+    require_privileges, serial, udp_request, unique_tag, write_endpoint_slice,
 };
 
 const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(SERVICE_VIP), SERVICE_PORT);
@@ -49,6 +49,7 @@ impl VipxLab {
             tag: tag.clone(),
             backends: pods,
             lab_pod_bin: sibling_bin("lab-pod"),
+            realism: Realism::Node,
         })
         .expect("lab");
         let manifests = std::env::temp_dir().join(format!("vipx-{tag}-manifests"));

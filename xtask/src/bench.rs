@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 use vipx_lab::{
-    Lab, LabConfig,
+    Lab, LabConfig, Realism,
     kube_rules::{self, RestoreMode, RuleService},
     load::{self, Measurement},
     pod_server::SINK_PORT,
@@ -34,6 +34,13 @@ use crate::{cargo, root, status, step, target_dir};
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const BACKENDS: u32 = 10;
 const CLUSTER_CIDR: &str = "198.18.64.0/18";
+/// The bench compares the proxies' own per-packet and per-connection costs: netfilter conntrack
+/// is charged only to the contenders that switch it on themselves (kube-proxy's rules load their
+/// own INVALID-drop), so the node namespaces start without it, and without rp_filter, whose FIB
+/// lookup per packet would tax every contender alike and blur the ratios.
+const BENCH_REALISM: Realism = Realism::Off {
+    reason: "bench: each contender pays only for the netfilter state it switches on itself",
+};
 
 struct Plan {
     packet_services: &'static str,
@@ -363,6 +370,7 @@ impl Labs {
                 tag: c.tag().into(),
                 backends: BACKENDS,
                 lab_pod_bin: bin.clone(),
+                realism: BENCH_REALISM,
             })?;
             load::tune_client(&lab.client().netns)?;
             labs.push((c, lab));
@@ -543,6 +551,7 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
         tag: "bcp".into(),
         backends: 0,
         lab_pod_bin: target_dir().join("release").join("lab-pod"),
+        realism: BENCH_REALISM,
     })?;
     let svcs = services(n, &[]);
     let manifests = target_dir().join("vipx-bench-cp-manifests");

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use vipx_lab::{Lab, LabConfig, SERVICE_PORT, SERVICE_VIP};
+use vipx_lab::{Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP};
 
 mod bench;
 mod chart;
@@ -134,14 +134,16 @@ fn ebpf_toolchain() -> &'static str {
 }
 
 fn setup() -> Result<()> {
-    // Debian packages: iproute2 (ip), util-linux (nsenter), curl (the demo's client).
+    // Debian packages: iproute2 (ip), util-linux (nsenter), curl (the demo's client), nftables
+    // (every lab node loads kube-proxy's conntrack INVALID-drop rule with nft).
     let missing: Vec<&str> = [
         ("ip", "iproute2"),
         ("nsenter", "util-linux"),
         ("curl", "curl"),
+        ("nft", "nftables"),
     ]
     .into_iter()
-    .filter(|(bin, _)| !have(bin))
+    .filter(|(bin, _)| !have(bin) && vipx_lab::kube_rules::find_tool(bin).is_none())
     .map(|(_, pkg)| pkg)
     .collect();
     if !missing.is_empty() {
@@ -294,6 +296,8 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
         tag: DEMO_TAG.into(),
         backends: DEMO_PODS,
         lab_pod_bin: bin.join("lab-pod"),
+        // A demo of a real node: rp_filter=1 and conntrack dropping INVALID packets.
+        realism: Realism::Node,
     })?;
     let dir = demo_dir();
     let manifests = dir.join("manifests");
@@ -339,7 +343,10 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
             bail!("vipx exited early: {st}");
         }
         if Instant::now() > deadline || stop.load(Ordering::SeqCst) {
-            bail!("the VIP did not answer within 30 s");
+            bail!(
+                "the VIP did not answer within 30 s (the lab node runs rp_filter=1 and drops \
+                 conntrack INVALID packets, as a real node does)"
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -392,6 +399,15 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
 }
 
 fn test(cargo_args: &[String]) -> Result<()> {
+    check_privileges()?;
+    // Every gate runs even after another failed, so one run reports all of them; any failure
+    // fails the command.
+    let mut failed: Vec<String> = Vec::new();
+    step("checking formatting (cargo fmt --check)");
+    if let Err(e) = status(cargo().args(["fmt", "--all", "--", "--check"])) {
+        failed.push(format!("formatting ({e:#}); run `cargo fmt --all`"));
+    }
+    failed.extend(clippy().err().map(|e| format!("{e:#}")));
     // The lab tests start the vipx and lab-pod binaries, so build them first.
     build()?;
     step("running every test layer (unit, BPF_PROG_TEST_RUN fixtures, namespace lab)");
@@ -402,18 +418,86 @@ fn test(cargo_args: &[String]) -> Result<()> {
     }
     // Lab tests share kernel state (bpffs, interfaces by glob); they also serialise themselves.
     c.arg("--test-threads=1");
-    status(&mut c)?;
-    step("checking formatting");
-    status(
-        cargo()
-            .args(["fmt", "--all", "--", "--check"])
-            .stdout(Stdio::null()),
+    if let Err(e) = status(&mut c) {
+        failed.push(format!("tests ({e:#})"));
+    }
+    if !failed.is_empty() {
+        bail!("cargo xtask test failed:\n- {}", failed.join("\n- "));
+    }
+    Ok(())
+}
+
+/// Privileged tests fail rather than skip when they cannot run; say up front what is missing,
+/// unless the run opted out of them explicitly (refused under CI, as the tests refuse it too).
+fn check_privileges() -> Result<()> {
+    let missing = vipx_lab::privileges::missing_privileges();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let skip = env::var_os(vipx_lab::privileges::SKIP_VAR).is_some_and(|v| v == "1");
+    if skip && env::var_os("CI").is_none() {
+        step(&format!(
+            "privileged tests will be SKIPPED ({}=1): {}",
+            vipx_lab::privileges::SKIP_VAR,
+            missing.join("; ")
+        ));
+        return Ok(());
+    }
+    bail!(
+        "the privileged tests (namespace labs, eBPF) cannot run here: {}.\n\
+         Run as root with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN and with ip, nsenter and nft \
+         installed (`cargo xtask setup` installs the tools), or skip those tests explicitly with \
+         {}=1 (refused when CI is set)",
+        missing.join("; "),
+        vipx_lab::privileges::SKIP_VAR
     )
-    .or_else(|e| {
-        if env::var_os("CI").is_some() {
-            Err(e)
-        } else {
-            Ok(())
-        }
-    })
+}
+
+/// Clippy in two passes (toolchain.md): the userspace crates on the host toolchain, then the
+/// eBPF crate for its own target with `panic=abort`; in one pass the eBPF crate's panic handler
+/// would be compiled for the host next to std's.
+fn clippy() -> Result<()> {
+    step("clippy, userspace crates (-D warnings)");
+    let userspace = status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found warnings in the userspace crates");
+
+    let tc = ebpf_toolchain();
+    step(&format!(
+        "clippy, eBPF crate (+{tc}, bpfel-unknown-none, -C panic=abort, -D warnings)"
+    ));
+    // As aya-build builds it (`rustup run`, so `RUSTC` from this cargo cannot pick the wrong
+    // toolchain), with the same cfg, in a target directory of its own so that neither build
+    // invalidates the other's artifacts.
+    let mut c = Command::new("rustup");
+    c.current_dir(root())
+        .args(["run", tc, "cargo", "clippy", "-p", "proxy-ebpf", "--bins"])
+        .args(["--features", "build-ebpf", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(target_dir().join("clippy-ebpf"))
+        .args(["--", "-D", "warnings"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!(
+                "--cfg=bpf_target_arch=\"{}\"\x1f-Cpanic=abort",
+                std::env::consts::ARCH
+            ),
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    if tc == "stable" {
+        c.env("RUSTC_BOOTSTRAP", "1");
+    }
+    let ebpf = status(&mut c).context("clippy found warnings in the eBPF crate");
+    match (userspace, ebpf) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(u), Err(e)) => Err(anyhow::anyhow!("{u:#}; {e:#}")),
+    }
 }

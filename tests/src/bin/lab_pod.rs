@@ -1,8 +1,10 @@
-//! `lab-pod --name NAME [--port PORT] [--workers N] [--sink-port PORT | --no-sink]
-//! [--exit-on-stdin-eof]`: the server every lab pod runs.
+//! `lab-pod --name NAME [--address ADDR] [--port PORT] [--workers N] [--sink-port PORT | --no-sink]
+//! [--exit-on-stdin-eof]`: the server every lab pod runs (and host-network backends, with
+//! `--address` set to their node's IP).
 //!
-//! Listens on 0.0.0.0:PORT (default 5000) for TCP and UDP. HTTP requests get `200 OK` with the
-//! body `NAME\n` (keep-alive supported); UDP datagrams get `NAME` back, without a newline. N
+//! Listens on ADDR:PORT (default 0.0.0.0:5000) for TCP and UDP. HTTP requests get `200 OK` with the
+//! body `NAME\n` (keep-alive supported); UDP datagrams get `NAME` back, without a newline (`size N` and `count` requests:
+//! see `vipx_lab::pod_server::udp_reply`). N
 //! workers (default 4) accept HTTP connections and answer first requests inline; connections that
 //! stay open move to threads of their own (see `vipx_lab::pod_server`). Unless `--no-sink` is
 //! given, 0.0.0.0:SINK (TCP) reads and discards everything sent to it, for bulk throughput tests.
@@ -17,7 +19,7 @@ use std::process::ExitCode;
 
 use vipx_lab::pod_server::{DEFAULT_WORKERS, SINK_PORT, serve_sink, serve_tcp, serve_udp};
 
-const USAGE: &str = "usage: lab-pod --name NAME [--port PORT] [--workers N] \
+const USAGE: &str = "usage: lab-pod --name NAME [--address ADDR] [--port PORT] [--workers N] \
                      [--sink-port PORT | --no-sink] [--exit-on-stdin-eof]";
 
 /// Where the discard listener goes.
@@ -31,6 +33,7 @@ enum Sink {
 
 struct Args {
     name: String,
+    address: Ipv4Addr,
     port: u16,
     workers: usize,
     sink: Sink,
@@ -39,6 +42,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut name = None;
+    let mut address = Ipv4Addr::UNSPECIFIED;
     let mut port = 5000;
     let mut workers = DEFAULT_WORKERS;
     let mut sink = Sink::Default;
@@ -47,6 +51,12 @@ fn parse_args() -> Result<Args, String> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--name" => name = Some(args.next().ok_or("--name needs a value")?),
+            "--address" => {
+                let value = args.next().ok_or("--address needs a value")?;
+                address = value
+                    .parse()
+                    .map_err(|_| format!("bad IPv4 address {value:?}"))?;
+            }
             "--port" => {
                 let value = args.next().ok_or("--port needs a value")?;
                 port = value.parse().map_err(|_| format!("bad port {value:?}"))?;
@@ -80,6 +90,7 @@ fn parse_args() -> Result<Args, String> {
     }
     Ok(Args {
         name: name.ok_or("--name is required")?,
+        address,
         port,
         workers,
         sink,
@@ -105,13 +116,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> std::io::Result<()> {
-    let addr = (Ipv4Addr::UNSPECIFIED, args.port);
+    let addr = (args.address, args.port);
     let tcp = TcpListener::bind(addr)?;
     let udp = UdpSocket::bind(addr)?;
     let sink = match args.sink {
         Sink::Off => None,
-        Sink::Port(port) => Some(TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?),
-        Sink::Default => match TcpListener::bind((Ipv4Addr::UNSPECIFIED, SINK_PORT)) {
+        Sink::Port(port) => Some(TcpListener::bind((args.address, port))?),
+        Sink::Default => match TcpListener::bind((args.address, SINK_PORT)) {
             Ok(listener) => Some(listener),
             // Another lab-pod in this namespace (a test's extra server) has it already.
             Err(e) if e.kind() == ErrorKind::AddrInUse => {

@@ -1,0 +1,468 @@
+//! A two-node lab: what a Service sees in a real cluster, where backends run on other nodes and in
+//! the host network, and replies reach the client's node over a wire.
+//!
+//! ```text
+//!  vipx-<tag>-node1                                      vipx-<tag>-node2
+//!  lxc0 198.18.64.1 ── client  198.18.64.2                lxc2 198.18.65.1 ── backend-2 198.18.65.12
+//!  lxc1 198.18.64.1 ── backend-1 198.18.64.11             (lab-pod on 198.18.0.2: host backend)
+//!  eth0 198.18.0.1/24 ═════════════ uplink ══════════════ eth0 198.18.0.2/24
+//!  198.18.65.0/24 via 198.18.0.2                          198.18.64.0/24 via 198.18.0.1
+//! ```
+//!
+//! - Node `k` (1 or 2) owns pod CIDR 198.18.(63+k).0/24, gateway 198.18.(63+k).1 on every host-side
+//!   veth, and node IP 198.18.0.k on its uplink `eth0`. The uplink stands for a wire between two
+//!   machines, so it has TX checksum offload off, as a real NIC hands the wire finished checksums
+//!   (design-notes: a veth otherwise carries CHECKSUM_PARTIAL packets).
+//! - Pods are wired as in [`crate::lab`]: `backend-<n>` in namespace `vipx-<tag>-p<n>`, address
+//!   198.18.(63+k).(10+n), host side `lxc<n>` on its node. The client pod (`lxc0`) is on node 1.
+//! - A host-network backend is `lab-pod` running in a node namespace itself, listening on the node
+//!   IP (as the API server behind `default/kubernetes` does).
+//! - Both nodes are realistic by default ([`Realism::Node`]): rp_filter=1 on every level and
+//!   conntrack with the INVALID-drop rule.
+//! - Nothing routes 198.19.0.0/16 (the Service CIDR): as on a real node, only the proxy makes a
+//!   VIP answer, and an untranslated packet to one fails fast instead of bouncing between nodes.
+//!
+//! The node name in manifests is the node's namespace name (`vipx-<tag>-node1`), so vipx started
+//! with `--node-name` of that namespace sees which endpoints are local.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::lab::{Pod, Server, delete_netns, ns_name, spawn_lab_pod, stop_server, wire_pod};
+use crate::manifests::{Endpoint, POD_PORT};
+use crate::netns::{in_netns, ip, ip_in, netns_exists};
+use crate::realism::{self, Realism};
+
+/// Nodes in a [`Cluster`].
+pub const NODES: u8 = 2;
+/// The client pod's address (on node 1).
+pub const CLUSTER_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 64, 2);
+/// The name of every node's uplink interface.
+pub const UPLINK_IF: &str = "eth0";
+/// Pod `backend-<n>` gets host `.(POD_IP_BASE + n)` of its node's pod /24.
+const POD_IP_BASE: u8 = 10;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// As [`crate::LabConfig::tag`]: lowercase letters and digits, unique among running labs.
+    pub tag: String,
+    /// The `lab-pod` binary (see [`crate::locate_lab_pod`]).
+    pub lab_pod_bin: PathBuf,
+    /// [`Realism::Node`] unless the lab's purpose needs otherwise (and says why).
+    pub realism: Realism,
+}
+
+/// A node namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// 1 or 2.
+    pub index: u8,
+    /// Its network namespace, and its name in manifests (`nodeName`, vipx's `--node-name`).
+    pub name: String,
+    /// The node IP, on its uplink.
+    pub ip: Ipv4Addr,
+    /// The pods' gateway, on every host-side veth of this node.
+    pub gateway: Ipv4Addr,
+    /// Its pod CIDR, `198.18.(63+k).0/24`.
+    pub pod_cidr: String,
+}
+
+impl Node {
+    fn new(tag: &str, index: u8) -> Self {
+        let third = 63 + index;
+        Self {
+            index,
+            name: ns_name(tag, &format!("node{index}")),
+            ip: Ipv4Addr::new(198, 18, 0, index),
+            gateway: Ipv4Addr::new(198, 18, third, 1),
+            pod_cidr: format!("198.18.{third}.0/24"),
+        }
+    }
+
+    /// Its network namespace (the same as its name).
+    pub fn netns(&self) -> &str {
+        &self.name
+    }
+
+    fn pod_ip(&self, host: u8) -> Ipv4Addr {
+        let [a, b, c, _] = self.gateway.octets();
+        Ipv4Addr::new(a, b, c, host)
+    }
+}
+
+/// A `lab-pod` server in a node's own network namespace, bound to the node IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBackend {
+    /// Its server's name (what it answers with): `host-node<k>`.
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    /// The node IP it listens on.
+    pub ip: Ipv4Addr,
+}
+
+impl HostBackend {
+    pub fn server_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, POD_PORT))
+    }
+
+    /// Its entry in an EndpointSlice: no `targetRef`, like the API server's.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            ip: self.ip,
+            node_name: self.node.clone(),
+            pod: None,
+        }
+    }
+}
+
+impl Pod {
+    /// Its entry in an EndpointSlice, with its node and a `targetRef` to it.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            ip: self.ip,
+            node_name: self.node.clone(),
+            pod: Some(self.name.clone()),
+        }
+    }
+}
+
+/// A built two-node lab. Dropping it tears it down; [`Cluster::teardown`] does the same and
+/// reports failures.
+pub struct Cluster {
+    tag: String,
+    lab_pod_bin: PathBuf,
+    realism: Realism,
+    nodes: Vec<Node>,
+    client: Pod,
+    pods: Vec<Pod>,
+    hosts: Vec<HostBackend>,
+    next_pod: u32,
+    /// Every namespace created and not deleted yet, in creation order.
+    namespaces: Vec<String>,
+    servers: Vec<Server>,
+}
+
+impl Cluster {
+    /// Builds both nodes, the uplink and the client pod on node 1, and waits for the client's
+    /// server. On failure, everything created so far is removed again.
+    pub fn create(config: ClusterConfig) -> Result<Self> {
+        let tag = config.tag;
+        ensure!(
+            !tag.is_empty()
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "lab tag {tag:?} must be non-empty lowercase letters and digits"
+        );
+        let nodes: Vec<Node> = (1..=NODES).map(|k| Node::new(&tag, k)).collect();
+        let mut cluster = Self {
+            client: Pod {
+                name: "client".into(),
+                netns: ns_name(&tag, "client"),
+                ip: CLUSTER_CLIENT_IP,
+                host_if: "lxc0".into(),
+                node: nodes[0].name.clone(),
+            },
+            nodes,
+            tag,
+            lab_pod_bin: config.lab_pod_bin,
+            realism: config.realism,
+            pods: Vec::new(),
+            hosts: Vec::new(),
+            next_pod: 1,
+            namespaces: Vec::new(),
+            servers: Vec::new(),
+        };
+        // Dropping `cluster` on an early return removes what was built so far.
+        for node in cluster.nodes.clone() {
+            cluster
+                .build_node(&node)
+                .with_context(|| format!("building node namespace {}", node.name))?;
+        }
+        cluster.build_uplink().context("building the uplink")?;
+        let client = cluster.client.clone();
+        cluster.add_namespace(&client.netns)?;
+        wire_pod(
+            &cluster.nodes[0].name,
+            &client,
+            cluster.nodes[0].gateway,
+            cluster.realism,
+        )
+        .context("wiring the client pod")?;
+        cluster.start_server(&client.netns, &client.name, None)?;
+        Ok(cluster)
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Node `index` (1 or 2).
+    ///
+    /// # Panics
+    /// For any other index.
+    pub fn node(&self, index: u8) -> &Node {
+        assert!((1..=NODES).contains(&index), "nodes are 1..={NODES}");
+        &self.nodes[usize::from(index - 1)]
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The client pod, on node 1.
+    pub fn client(&self) -> &Pod {
+        &self.client
+    }
+
+    /// The backend pods, in creation order.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    pub fn host_backends(&self) -> &[HostBackend] {
+        &self.hosts
+    }
+
+    /// What rp_filter and the INVALID-drop rules dropped on each node so far, one line per node:
+    /// for failure messages.
+    pub fn drops(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| match realism::drops(&node.name) {
+                Ok(drops) => format!("node {}: {drops}", node.index),
+                Err(e) => format!("node {}: counters unreadable: {e:#}", node.index),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The namespaces this lab currently owns.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// The process id of server `name` (a pod's or a host backend's), while it runs.
+    pub fn server_pid(&self, name: &str) -> Option<u32> {
+        self.servers
+            .iter()
+            .find(|server| server.pod == name)
+            .map(Server::pid)
+    }
+
+    /// Creates backend pod `backend-<n>` on node `node` (1 or 2) with its server listening on
+    /// [`POD_PORT`]; returns it. Numbers are never reused within a lab.
+    pub fn add_pod(&mut self, node: u8) -> Result<Pod> {
+        let n = self.next_pod;
+        let host = u8::try_from(n)
+            .ok()
+            .and_then(|n| POD_IP_BASE.checked_add(n))
+            .filter(|&host| host < 255)
+            .context("out of pod addresses")?;
+        self.next_pod += 1;
+        let node = self.node(node).clone();
+        let pod = Pod {
+            name: format!("backend-{n}"),
+            netns: ns_name(&self.tag, &format!("p{n}")),
+            ip: node.pod_ip(host),
+            host_if: format!("lxc{n}"),
+            node: node.name.clone(),
+        };
+        let built = self.add_namespace(&pod.netns).and_then(|()| {
+            wire_pod(&node.name, &pod, node.gateway, self.realism)?;
+            self.start_server(&pod.netns, &pod.name, None)
+        });
+        if let Err(e) = built {
+            if let Err(cleanup) = self.destroy(&pod.name, Some(&pod.netns)) {
+                eprintln!("vipx lab {}: {cleanup:#}", self.tag);
+            }
+            return Err(e.context(format!("building pod {} on {}", pod.name, node.name)));
+        }
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Starts a host-network backend on node `node`: `lab-pod` named `host-node<k>` in the node's
+    /// own namespace, on the node IP and [`POD_PORT`]. One per node.
+    pub fn add_host_backend(&mut self, node: u8) -> Result<HostBackend> {
+        let node = self.node(node).clone();
+        let backend = HostBackend {
+            name: format!("host-node{}", node.index),
+            node: node.name.clone(),
+            ip: node.ip,
+        };
+        ensure!(
+            !self.hosts.contains(&backend),
+            "{} already has a host-network backend",
+            node.name
+        );
+        self.start_server(&node.name, &backend.name, Some(node.ip))
+            .with_context(|| format!("starting {} in {}", backend.name, node.name))?;
+        self.hosts.push(backend.clone());
+        Ok(backend)
+    }
+
+    /// Stops every server and deletes every namespace this lab created (which removes every veth
+    /// and route with them). Keeps going past failures and reports them all at the end; calling
+    /// it again does nothing.
+    pub fn teardown(&mut self) -> Result<()> {
+        let mut errors: Vec<String> = Vec::new();
+        for server in std::mem::take(&mut self.servers) {
+            if let Err(e) = stop_server(server) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        for ns in std::mem::take(&mut self.namespaces).into_iter().rev() {
+            if let Err(e) = delete_netns(&ns) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        self.pods.clear();
+        self.hosts.clear();
+        if !errors.is_empty() {
+            bail!("tearing down lab {}: {}", self.tag, errors.join("; "));
+        }
+        Ok(())
+    }
+
+    fn build_node(&mut self, node: &Node) -> Result<()> {
+        self.add_namespace(&node.name)?;
+        realism::prepare_node(&node.name, self.realism)?;
+        ip_in(&node.name, &["link", "set", "lo", "up"])
+    }
+
+    fn build_uplink(&mut self) -> Result<()> {
+        let [one, two] = [&self.nodes[0], &self.nodes[1]];
+        // Made inside node 1 with the peer sent straight to node 2: the name never exists in the
+        // namespace this process runs in.
+        ip_in(
+            &one.name,
+            &[
+                "link", "add", UPLINK_IF, "type", "veth", "peer", "name", UPLINK_IF, "netns",
+                &two.name,
+            ],
+        )?;
+        for (node, peer) in [(one, two), (two, one)] {
+            realism::prepare_interface(&node.name, UPLINK_IF, self.realism)?;
+            disable_tx_checksum(&node.name, UPLINK_IF)?;
+            ip_in(
+                &node.name,
+                &["addr", "add", &format!("{}/24", node.ip), "dev", UPLINK_IF],
+            )?;
+            ip_in(&node.name, &["link", "set", UPLINK_IF, "up"])?;
+            ip_in(
+                &node.name,
+                &[
+                    "route",
+                    "add",
+                    &peer.pod_cidr,
+                    "via",
+                    &peer.ip.to_string(),
+                    "dev",
+                    UPLINK_IF,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn add_namespace(&mut self, ns: &str) -> Result<()> {
+        if netns_exists(ns) {
+            bail!(
+                "network namespace {ns} already exists; if a previous run crashed, \
+                 remove its leftovers with cleanup_stale({:?})",
+                self.tag
+            );
+        }
+        ip(&["netns", "add", ns])?;
+        self.namespaces.push(ns.to_owned());
+        Ok(())
+    }
+
+    fn start_server(&mut self, ns: &str, name: &str, address: Option<Ipv4Addr>) -> Result<()> {
+        let port = POD_PORT.to_string();
+        let address = address.map(|a| a.to_string());
+        let mut args = vec!["--port", &port];
+        if let Some(address) = &address {
+            // A node has no business opening the pods' discard port on its own address.
+            args.extend(["--address", address, "--no-sink"]);
+        }
+        spawn_lab_pod(&self.lab_pod_bin, ns, name, &args, &mut self.servers)
+    }
+
+    fn destroy(&mut self, server: &str, ns: Option<&str>) -> Result<()> {
+        let mut result = Ok(());
+        if let Some(index) = self.servers.iter().position(|s| s.pod == server) {
+            result = stop_server(self.servers.remove(index));
+        }
+        if let Some(ns) = ns
+            && let Some(index) = self.namespaces.iter().position(|n| n == ns)
+        {
+            let ns = self.namespaces.remove(index);
+            result = result.and(delete_netns(&ns));
+        }
+        result
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("{e:#}");
+        }
+    }
+}
+
+/// `ethtool -K IF tx off`, through the ethtool ioctl so the lab needs no extra tool: the kernel
+/// then finishes every checksum before the packet enters the veth, as for a NIC without offload.
+fn disable_tx_checksum(ns: &str, ifname: &str) -> Result<()> {
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    /// `struct ethtool_value`.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let ethtool = |fd: &OwnedFd, cmd: u32, data: u32| -> std::io::Result<u32> {
+        let mut value = EthtoolValue { cmd, data };
+        // SAFETY: all-zero is a valid ifreq (a name of NULs and a null union).
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+        // SAFETY: `ifr` names the interface and points at `value`, both alive for the call.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCETHTOOL, &mut ifr) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(value.data)
+    };
+    ensure!(
+        ifname.len() < libc::IFNAMSIZ,
+        "interface name {ifname:?} too long"
+    );
+    let tx = in_netns(ns, || -> std::io::Result<u32> {
+        // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd at once.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        ethtool(&fd, ETHTOOL_STXCSUM, 0)?;
+        ethtool(&fd, ETHTOOL_GTXCSUM, 0)
+    })?
+    .with_context(|| format!("turning TX checksum offload off on {ifname} in {ns}"))?;
+    ensure!(
+        tx == 0,
+        "TX checksum offload on {ifname} in {ns} is still on after turning it off"
+    );
+    Ok(())
+}

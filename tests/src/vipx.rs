@@ -1,0 +1,269 @@
+//! Running the real `vipx` in a lab node namespace, the way a test needs it: its own pin and state
+//! directories, stopped by its pid (never by name) and cleaned up even when the test fails.
+//!
+//! ```no_run
+//! use vipx_lab::cluster::{Cluster, ClusterConfig};
+//! use vipx_lab::vipx::{ScratchDir, Vipx, locate_bin};
+//! use vipx_lab::{Realism, unique_tag};
+//!
+//! let tag = unique_tag();
+//! let mut cluster = Cluster::create(ClusterConfig {
+//!     tag: tag.clone(),
+//!     lab_pod_bin: locate_bin("lab-pod")?,
+//!     realism: Realism::Node,
+//! })?;
+//! let manifests = ScratchDir::create(&format!("vipx-{tag}-manifests"))?;
+//! // ... write_service_spec(manifests.path(), ...) ...
+//! let node1 = cluster.node(1).clone();
+//! let vipx = Vipx::start(&locate_bin("vipx")?, &node1.name, manifests.path())?;
+//! # anyhow::Ok(())
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::lab::HOST_IF_GLOB;
+use crate::netns::ns_command;
+
+/// Where vipx's per-node pin directories live (`/sys/fs/bpf/vipx/<node name>`).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/vipx";
+/// How long vipx may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finds binary `name` of this workspace: next to the running executable or one directory up
+/// (test binaries live in `target/<profile>/deps`, the binaries they start in `target/<profile>`).
+pub fn locate_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the running executable")?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .collect();
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .with_context(|| {
+            format!("{name} not found at {candidates:?}; build it first (`cargo xtask test` does)")
+        })
+}
+
+/// A directory under the system temp dir, removed with everything in it on drop.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates `$TMPDIR/<name>`; `name` must be unique (put the lab tag in it).
+    pub fn create(name: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("removing {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// `vipx run` in a node namespace, attached to [`HOST_IF_GLOB`], with pin directory
+/// `/sys/fs/bpf/vipx/<node>` and a state directory of its own. Dropping it stops vipx and removes
+/// both directories.
+pub struct Vipx {
+    bin: PathBuf,
+    node: String,
+    manifests: PathBuf,
+    pin_dir: PathBuf,
+    state_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Vipx {
+    /// Starts vipx in namespace `node` (which is also its `--node-name`), reading `manifests`.
+    /// Refuses to start over a pin directory it did not create: that would adopt somebody
+    /// else's maps.
+    pub fn start(bin: &Path, node: &str, manifests: &Path) -> Result<Self> {
+        let pin_dir = Path::new(PIN_ROOT).join(node);
+        if pin_dir.exists() {
+            bail!(
+                "pin directory {} already exists (left by a crashed run?); remove it first",
+                pin_dir.display()
+            );
+        }
+        let mut vipx = Self {
+            bin: bin.to_owned(),
+            node: node.to_owned(),
+            manifests: manifests.to_owned(),
+            state_dir: std::env::temp_dir().join(format!("{node}-vipx-state")),
+            pin_dir,
+            child: None,
+        };
+        vipx.spawn()?;
+        Ok(vipx)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Its pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Fails if vipx is not running (never started again after [`Vipx::stop`], or exited).
+    pub fn ensure_running(&mut self) -> Result<()> {
+        let child = self.child.as_mut().context("vipx is stopped")?;
+        if let Some(status) = child.try_wait()? {
+            bail!("vipx in {} exited: {status}", self.node);
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to the pid this started, then waits for it to exit (SIGKILL after
+    /// 10 s). Pins and state stay, so [`Vipx::restart`] adopts them as a real restart
+    /// would. Does nothing when already stopped.
+    pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        if child.try_wait()?.is_none() {
+            let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+            // SAFETY: kill(2) on the pid of a child this process spawned and has not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    eprintln!("vipx (pid {pid}) ignored SIGTERM for {STOP_TIMEOUT:?}; killing it");
+                    child.kill()?;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(Some(child.wait()?))
+    }
+
+    /// Stops vipx (if running) and starts it again on the same pins, state and manifests.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// `vipx services` for this instance: what is programmed, one frontend per line.
+    pub fn services(&self) -> Result<String> {
+        let out = ns_command(
+            &self.node,
+            &self.bin,
+            [
+                "services".as_ref(),
+                "--node-name".as_ref(),
+                self.node.as_ref(),
+                "--pin-dir".as_ref(),
+                self.pin_dir.as_os_str(),
+                "--state-dir".as_ref(),
+                self.state_dir.as_os_str(),
+            ],
+        )
+        .output()
+        .context("running vipx services")?;
+        if !out.status.success() {
+            bail!(
+                "vipx services failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits until `vipx services` shows a frontend line containing `frontend` (e.g.
+    /// `198.19.0.10:80/TCP`) that satisfies `programmed` (e.g. lists every backend).
+    pub fn wait_programmed(
+        &mut self,
+        frontend: &str,
+        timeout: Duration,
+        programmed: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.ensure_running()?;
+            let last = match self.services() {
+                Ok(text) => {
+                    if text
+                        .lines()
+                        .any(|line| line.contains(frontend) && programmed(line))
+                    {
+                        return Ok(());
+                    }
+                    text
+                }
+                // The pins do not exist until vipx has loaded its object.
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() > deadline {
+                bail!(
+                    "vipx in {} did not program {frontend} within {timeout:?}; last `vipx services`:\n{last}",
+                    self.node
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let child = ns_command(
+            &self.node,
+            &self.bin,
+            [
+                "run".as_ref(),
+                "--manifests".as_ref(),
+                self.manifests.as_os_str(),
+                "--node-name".as_ref(),
+                self.node.as_ref(),
+                "--pod-interfaces".as_ref(),
+                HOST_IF_GLOB.as_ref(),
+                "--pin-dir".as_ref(),
+                self.pin_dir.as_os_str(),
+                "--state-dir".as_ref(),
+                self.state_dir.as_os_str(),
+            ] as [&std::ffi::OsStr; 11],
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} in {}", self.bin.display(), self.node))?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
+impl Drop for Vipx {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("stopping vipx in {}: {e:#}", self.node);
+        }
+        for dir in [&self.pin_dir, &self.state_dir] {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("removing {}: {e}", dir.display()),
+            }
+        }
+    }
+}
