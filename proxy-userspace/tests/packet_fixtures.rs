@@ -58,17 +58,22 @@ fn privileged() -> bool {
     false
 }
 
+/// A pin directory removed on drop: made before the object is loaded, so a load or verifier
+/// failure (a panic) leaves no pins behind either.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Loaded object with maps pinned in a unique directory that is removed on drop.
 struct Loaded {
     ebpf: Ebpf,
     writer: MapWriter,
     pin_dir: PathBuf,
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
+    _pins: PinDir,
 }
 
 fn addr(a: [u8; 4], port: u16, proto: u8) -> L4Addr {
@@ -100,6 +105,7 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
+    let pins = PinDir(pin_dir.clone());
     let sizes = MapSizes {
         services: 1024,
         backends: 1024,
@@ -141,6 +147,7 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
         ebpf,
         writer,
         pin_dir,
+        _pins: pins,
     }
 }
 
