@@ -601,9 +601,9 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| services x 10 | passthrough | new flow (SYN) | established | reply | TC floor | XDP floor |"
+        "| services x 10 | passthrough (ingress) | passthrough (egress) | new flow (SYN) | established | reply (egress) | TC floor | XDP floor |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     let rows = r.packet.as_array().cloned().unwrap_or_default();
     let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
     counts.dedup();
@@ -621,8 +621,9 @@ fn markdown(r: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "| {n} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
             get("passthrough"),
+            get("passthrough_egress"),
             get("new_flow_syn"),
             get("established"),
             get("reply_revnat"),

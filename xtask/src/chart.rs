@@ -14,7 +14,8 @@ type Series = Vec<(String, Vec<(f64, f64)>)>;
 fn packet_series(report: &Value) -> Series {
     let rows = report["packet"].as_array().cloned().unwrap_or_default();
     [
-        ("passthrough", "passthrough"),
+        ("passthrough", "passthrough (ingress)"),
+        ("passthrough_egress", "passthrough (egress)"),
         ("new_flow_syn", "new flow (SYN)"),
         ("established", "established"),
         ("reply_revnat", "reply reverse-NAT"),
