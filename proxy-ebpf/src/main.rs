@@ -89,6 +89,8 @@ struct Flow {
     tcp_flags: u8,
     ip_id: [u8; 2],
     frag: u8,
+    /// A fragment with MF clear: the end of its datagram.
+    last_frag: bool,
 }
 
 impl Flow {
@@ -128,38 +130,38 @@ impl Flow {
         }
     }
 
-    /// A later fragment takes its ports from what the first fragment recorded; `false` when
-    /// nothing was recorded (not a translated datagram, or fragments out of order).
+    /// Fragments: the first records its ports for the rest of its datagram (every first
+    /// fragment, translated or not, so a later fragment always finds the ports of its own
+    /// datagram, even after the IP id wrapped); a later one takes them, and the last one
+    /// (MF clear) removes the record. `false`: a later fragment whose first was not seen
+    /// (lost, or out of order): passed untouched.
     #[inline(always)]
     fn resolve_ports(&mut self) -> bool {
-        if self.frag != FRAG_LATER {
-            return true;
-        }
-        match FRAG4.get_ptr(self.frag_key()) {
-            Some(v) => {
+        match self.frag {
+            FRAG_FIRST => {
+                let v = FragValue {
+                    sport: self.sport,
+                    dport: self.dport,
+                };
+                let _ = FRAG4.insert(self.frag_key(), v, 0);
+                true
+            }
+            FRAG_LATER => {
+                let key = self.frag_key();
+                let Some(v) = FRAG4.get_ptr(key) else {
+                    count(Stat::FragMiss);
+                    return false;
+                };
                 // SAFETY: value pointer from a successful lookup; copied out at once.
                 let v = unsafe { *v };
                 self.sport = v.sport;
                 self.dport = v.dport;
+                if self.last_frag {
+                    let _ = FRAG4.remove(key);
+                }
                 true
             }
-            None => {
-                count(Stat::FragMiss);
-                false
-            }
-        }
-    }
-
-    /// The first fragment of a datagram being translated leaves its ports for the rest. Keyed
-    /// by the addresses before translation, as the later fragments arrive.
-    #[inline(always)]
-    fn record_first_fragment(&self) {
-        if self.frag == FRAG_FIRST {
-            let v = FragValue {
-                sport: self.sport,
-                dport: self.dport,
-            };
-            let _ = FRAG4.insert(self.frag_key(), v, 0);
+            _ => true,
         }
     }
 }
@@ -229,6 +231,7 @@ fn parse(ctx: &TcContext) -> Parse {
         tcp_flags: 0,
         ip_id: [ip[4], ip[5]],
         frag: FRAG_NONE,
+        last_frag: ip[6] & 0x20 == 0,
     };
     let frag_off = [ip[6], ip[7]];
     if is_fragment(frag_off) {
@@ -288,8 +291,12 @@ fn parse_icmp(ctx: &TcContext, l4_off: usize) -> Parse {
     // SAFETY: bounds checked by ptr_at.
     let inner = unsafe { &*inner };
     let proto = inner[9];
-    // Quoted headers with options are rare enough to leave alone.
-    if inner[0] != 0x45 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+    // Quoted headers with options are rare enough to leave alone; a quoted later fragment has
+    // payload where the ports would be.
+    if inner[0] != 0x45
+        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        || is_later_fragment([inner[6], inner[7]])
+    {
         return Parse::Other;
     }
     let l4 = IPV4_MIN_HLEN;
@@ -417,7 +424,6 @@ fn rewrite(ctx: &mut TcContext, flow: &Flow, nat: &Nat) -> Result<(), i64> {
 
 #[inline(always)]
 fn dnat(ctx: &mut TcContext, flow: &Flow, backend: &Backend4) -> i32 {
-    flow.record_first_fragment();
     let nat = Nat {
         addr_off: IP_DADDR_OFF,
         old_addr: flow.daddr,
@@ -435,7 +441,6 @@ fn dnat(ctx: &mut TcContext, flow: &Flow, backend: &Backend4) -> i32 {
 
 #[inline(always)]
 fn snat_reply(ctx: &mut TcContext, flow: &Flow, rev: &RevNat4) -> i32 {
-    flow.record_first_fragment();
     let nat = Nat {
         addr_off: IP_SADDR_OFF,
         old_addr: flow.saddr,
@@ -459,11 +464,17 @@ fn backend(id: u32) -> Option<Backend4> {
     }
 }
 
-/// The frontend a reply entry restores, if its reverse-NAT id still means the same frontend.
+/// The frontend a reply entry restores, if its reverse-NAT id still means the same frontend and
+/// its backend id was not handed to another backend since (a removed backend keeps its
+/// generation, so the tail of its flows is still restored).
 #[inline(always)]
 fn reply_revnat(ct: &CtValue) -> Option<RevNat4> {
     if ct.flags & CT_F_REPLY == 0 {
         return None;
+    }
+    match BACKEND4.get(ct.backend_id) {
+        Some(b) if b.generation == ct.backend_gen => {}
+        _ => return None,
     }
     match REVNAT4.get(ct.rev_nat_id) {
         Some(r) if r.flags & REVNAT_F_ACTIVE != 0 && r.generation == ct.rev_nat_gen => Some(*r),
@@ -536,7 +547,6 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     if flow.frag == FRAG_LATER {
         // Its first fragment would have made the entry; without it there is nothing to follow.
-        count(Stat::FragMiss);
         return NEXT;
     }
 

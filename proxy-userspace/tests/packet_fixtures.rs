@@ -699,6 +699,15 @@ fn stale_conntrack_entries_are_never_followed() {
             0,
         )
         .unwrap();
+    // A reply entry naming the old generation restores nothing either (a direct flow to the
+    // id's new owner must not be rewritten to the VIP).
+    let reply = frame(BE1, 5000, CLIENT, on_be1, &DATA, &[]);
+    let (v, out) = run_on(&mut l, EGRESS, &reply);
+    assert_eq!(
+        (v, &out),
+        (NEXT, &reply),
+        "a reply entry of an old generation"
+    );
     let before = stat(&l, Stat::CtStale);
     let (v, out) = run(&mut l, &frame(CLIENT, on_be1, VIP, 80, &DATA, &[]));
     assert_eq!(v, NEXT);
@@ -855,6 +864,20 @@ fn fragments_of_translated_datagrams_are_translated() {
     let orphan = &udp_fragments(BE1, 5353, CLIENT, 42000, 0x5555, 3000)[1];
     let (v, out) = run_on(&mut l, EGRESS, orphan);
     assert_eq!((v, &out), (NEXT, orphan));
+
+    // The IP id wraps: a datagram of another flow between the same addresses reuses the id of
+    // a translated one whose record is still there (its last fragment was lost). Its later
+    // fragments must take their own datagram's ports, not the translated flow's.
+    let translated = udp_fragments(BE1, 5353, CLIENT, 42000, 0x7777, 3000);
+    run_on(&mut l, EGRESS, &translated[0]);
+    for f in udp_fragments(BE1, 6000, CLIENT, 42001, 0x7777, 3000) {
+        let (v, out) = run_on(&mut l, EGRESS, &f);
+        assert_eq!(
+            (v, &out),
+            (NEXT, &f),
+            "a fragment of an untranslated datagram"
+        );
+    }
 }
 
 /// An ICMP error frame: `outer_src -> dst`, quoting `quote` (an IPv4 header and its payload).
@@ -968,6 +991,13 @@ fn icmp_errors_about_translated_flows_are_translated() {
     assert_eq!((u.source_port, u.destination_port), (5353, 43000));
     assert_eq!(u.checksum, u.calc_checksum_ipv4(&inner, payload).unwrap());
     assert_eq!(stat(&l, Stat::IcmpTranslated), 3);
+
+    // A quote of a later fragment has payload where the ports would be: untouched.
+    let mut quoted = frame(CLIENT, 43000, BE1, 5353, &udp, &[])[14..].to_vec();
+    quoted[7] = 0xb9;
+    let err = icmp_error(BE1, CLIENT, 3, 3, &quoted);
+    let (v, out) = run_on(&mut l, EGRESS, &err);
+    assert_eq!((v, &out), (NEXT, &err), "a quoted later fragment");
 
     // An ICMP error about a flow vipx did not translate passes untouched.
     let quoted = frame(CLIENT, 45000, BE2, 5000, &udp, &[])[14..].to_vec();
