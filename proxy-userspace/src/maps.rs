@@ -846,10 +846,17 @@ impl<M: MapStore> MapWriter<M> {
                 self.backend_space.gens.len()
             );
         };
-        if let Err(e) = self
-            .maps
-            .backend_set(id, backend_value(addr, flags, generation))
-        {
+        // Array updates are an in-place copy a packet may read half-way. Publishing the new
+        // generation on an inactive entry first means no mix of old and new bytes can pair the
+        // new address with the old generation (which a stale conntrack entry would match).
+        let retire = Backend4 {
+            generation,
+            ..Backend4::default()
+        };
+        if let Err(e) = self.maps.backend_set(id, retire).and_then(|()| {
+            self.maps
+                .backend_set(id, backend_value(addr, flags, generation))
+        }) {
             self.backend_space.release(id);
             return Err(e).with_context(|| format!("writing backend {id} ({addr})"));
         }
@@ -943,13 +950,24 @@ impl<M: MapStore> MapWriter<M> {
             }
         };
         if self.cur.revnat.get(&rev_nat_id).map(|a| (a.addr, a.port)) != Some((fe.addr, fe.port)) {
+            let generation = self.revnat_space.generation(rev_nat_id);
             let v = RevNat4 {
                 addr: fe.addr.octets(),
                 port: fe.port.to_be_bytes(),
                 flags: REVNAT_F_ACTIVE,
-                generation: self.revnat_space.generation(rev_nat_id),
+                generation,
             };
-            if let Err(e) = self.maps.revnat_set(rev_nat_id, v) {
+            // A reused id: the new generation first, inactive (see `alloc_backend`).
+            let retire = RevNat4 {
+                generation,
+                ..RevNat4::default()
+            };
+            let write = if new_revnat.is_some() {
+                self.maps.revnat_set(rev_nat_id, retire)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = write.and_then(|()| self.maps.revnat_set(rev_nat_id, v)) {
                 if let Some((_, id)) = new_revnat {
                     self.revnat_ids.remove(fe);
                     self.revnat_space.release(id);
@@ -1307,18 +1325,34 @@ mod tests {
         }
 
         fn backend_set(&mut self, id: u32, value: Backend4) -> Result<()> {
-            *self
+            let entry = self
                 .backends
                 .get_mut(id as usize)
-                .context("backend id out of range")? = value;
+                .context("backend id out of range")?;
+            // A packet may read an array entry half-written: an active entry must never get a
+            // new generation in the same write as its new address.
+            assert!(
+                !value.is_active() || entry.generation == value.generation,
+                "backend {id}: generation {} -> {} in one write with an active entry",
+                entry.generation,
+                value.generation
+            );
+            *entry = value;
             Ok(())
         }
 
         fn revnat_set(&mut self, id: u32, value: RevNat4) -> Result<()> {
-            *self
+            let entry = self
                 .revnat
                 .get_mut(id as usize)
-                .context("reverse-NAT id out of range")? = value;
+                .context("reverse-NAT id out of range")?;
+            assert!(
+                value.flags & REVNAT_F_ACTIVE == 0 || entry.generation == value.generation,
+                "reverse-NAT {id}: generation {} -> {} in one write with an active entry",
+                entry.generation,
+                value.generation
+            );
+            *entry = value;
             Ok(())
         }
 
