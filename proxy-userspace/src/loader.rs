@@ -98,6 +98,7 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
     if !is_bpffs(pin_dir) {
         bail!("pin directory {} is not on bpffs", pin_dir.display());
     }
+    check_pins(pin_dir, sizes)?;
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(map_names::SVC4, sizes.services)
@@ -112,6 +113,72 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
                 pin_dir.display()
             )
         })
+}
+
+/// Refuse pins this build cannot use, with a message that says what to do. aya reopens a pin by
+/// name whatever its layout: a pin left by a build with another map layout would otherwise fail
+/// later, at the verifier, with no hint, and a changed `--max-*` would be silently ignored.
+fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
+    use proxy_common::{Backend4, CtKey4, CtValue, RevNat4, SvcKey4, SvcValue};
+    let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let expected = [
+        (
+            map_names::SVC4,
+            size(size_of::<SvcKey4>()),
+            size(size_of::<SvcValue>()),
+            sizes.services,
+            "--max-service-entries",
+        ),
+        (
+            map_names::BACKEND4,
+            4,
+            size(size_of::<Backend4>()),
+            sizes.backends,
+            "--max-backends",
+        ),
+        (
+            map_names::REVNAT4,
+            4,
+            size(size_of::<RevNat4>()),
+            sizes.revnat,
+            "--max-frontends",
+        ),
+        (
+            map_names::CT4,
+            size(size_of::<CtKey4>()),
+            size(size_of::<CtValue>()),
+            sizes.conntrack,
+            "--max-conntrack",
+        ),
+    ];
+    for (name, key, value, entries, flag) in expected {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if (info.key_size(), info.value_size()) != (key, value) {
+            bail!(
+                "pinned map {} has key/value sizes {}/{} but this vipx uses {key}/{value}: it was                  left by a build with another map layout. Remove {} to start afresh (the                  connections it tracks are lost), or run the build that made it",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                pin_dir.display()
+            );
+        }
+        if info.max_entries() != entries {
+            bail!(
+                "pinned map {} holds {} entries but {flag} asks for {entries}: a pinned map                  cannot be resized. Run with {flag} {} or remove {} to start afresh (the                  connections it tracks are lost)",
+                path.display(),
+                info.max_entries(),
+                info.max_entries(),
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>

@@ -590,6 +590,25 @@ fn restart_adopts_pinned_state() {
     assert_eq!(w.programmed(), &before);
     assert_eq!(before.frontends.len(), 3);
     assert_eq!(before.backends.len(), 3);
+
+    // Pins cannot be resized: another size is refused with a message that says so, instead of
+    // being silently ignored.
+    let err = loader::load(
+        &l.pin_dir,
+        MapSizes {
+            services: 1024,
+            backends: 1024,
+            revnat: 256,
+            conntrack: 8192,
+        },
+    )
+    .err()
+    .expect("a different conntrack size is refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("--max-conntrack") && msg.contains("4096"),
+        "unhelpful error: {msg}"
+    );
 }
 
 fn stat(l: &Loaded, which: Stat) -> u64 {
