@@ -115,6 +115,22 @@ fn diff<'a>(
     )
 }
 
+/// Whether a change to the manifests directory is complete enough to read. A file being written
+/// (created, then modified in pieces, as `kubectl get -o yaml > dir/x.yaml` does) is read once it
+/// is closed, not half-way: YAML cut at a line boundary often still parses, and reading it would
+/// remove the Services after the cut until the next change. Renames (atomic replacement, a
+/// ConfigMap volume's `..data` swap), removals and closes after writing are complete.
+fn settles(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Create(CreateKind::File) => false,
+        EventKind::Modify(ModifyKind::Data(_)) => false,
+        _ => true,
+    }
+}
+
 /// Default state directory of a node.
 pub fn default_state_dir(node_name: &str) -> PathBuf {
     Path::new("/run/vipx").join(node_name)
@@ -344,7 +360,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        if ev.is_ok_and(|ev| settles(&ev.kind)) {
             // A full channel already means "sync pending".
             let _ = tx.try_send(());
         }
@@ -393,6 +409,32 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_is_read_once_written_not_half_way() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RemoveKind,
+            RenameMode,
+        };
+        let waits = [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+        ];
+        let reads = [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Create(CreateKind::Folder),
+        ];
+        for k in waits {
+            assert!(!super::settles(&k), "{k:?}");
+        }
+        for k in reads {
+            assert!(super::settles(&k), "{k:?}");
+        }
+    }
+
     use super::*;
     use crate::source::load_str;
 
