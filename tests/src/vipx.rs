@@ -87,6 +87,8 @@ pub struct Vipx {
     manifests: PathBuf,
     pin_dir: PathBuf,
     state_dir: PathBuf,
+    /// More `vipx run` arguments (map sizes, say), given at every start.
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -95,6 +97,11 @@ impl Vipx {
     /// Refuses to start over a pin directory it did not create: that would adopt somebody
     /// else's maps.
     pub fn start(bin: &Path, node: &str, manifests: &Path) -> Result<Self> {
+        Self::start_with(bin, node, manifests, &[])
+    }
+
+    /// [`Vipx::start`] with more `vipx run` arguments, kept for every restart.
+    pub fn start_with(bin: &Path, node: &str, manifests: &Path, extra: &[&str]) -> Result<Self> {
         let pin_dir = Path::new(PIN_ROOT).join(node);
         if pin_dir.exists() {
             bail!(
@@ -108,6 +115,7 @@ impl Vipx {
             manifests: manifests.to_owned(),
             state_dir: std::env::temp_dir().join(format!("{node}-vipx-state")),
             pin_dir,
+            extra_args: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         vipx.spawn()?;
@@ -245,6 +253,7 @@ impl Vipx {
                 self.state_dir.as_os_str(),
             ] as [&std::ffi::OsStr; 11],
         )
+        .args(&self.extra_args)
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {} in {}", self.bin.display(), self.node))?;

@@ -88,11 +88,15 @@ impl Lab {
     /// Starts vipx on each node in `nodes` (1 and/or 2), as every node of a cluster runs its
     /// proxy.
     fn start_vipx(&mut self, nodes: &[u8]) {
+        self.start_vipx_with(nodes, &[]);
+    }
+
+    fn start_vipx_with(&mut self, nodes: &[u8], extra: &[&str]) {
         let bin = locate_bin("vipx").expect("vipx binary");
         for &node in nodes {
             let name = self.cluster.node(node).name.clone();
             self.vipx.push(
-                Vipx::start(&bin, &name, self.manifests.path())
+                Vipx::start_with(&bin, &name, self.manifests.path(), extra)
                     .unwrap_or_else(|e| panic!("starting vipx on {name}: {e:#}")),
             );
         }
@@ -566,7 +570,9 @@ fn a_flow_pinned_to_a_freed_backend_id_does_not_reach_its_new_owner() {
     let pod1 = lab.cluster.add_pod(1).expect("pod 1");
     let pod2 = lab.cluster.add_pod(1).expect("pod 2");
     lab.service("svc-a", VIP_A, pod_endpoints(&[&pod1]));
-    lab.start_vipx(&[1]);
+    // Room for two backend ids (id 0 means none): pod 1's TCP and UDP. Pod 2 can only get ids
+    // pod 1 held, so the restarted vipx must reuse them, with a new generation.
+    lab.start_vipx_with(&[1], &["--max-backends", "3"]);
     lab.wait_ready(VIP_A, &[pod1.ip]);
 
     // One socket, one source port, for the whole test: the flow conntrack pins.
