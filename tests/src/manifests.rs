@@ -122,6 +122,10 @@ pub struct ServiceSpec {
     pub port: u16,
     pub target_port: u16,
     pub endpoints: Vec<Endpoint>,
+    /// `spec.externalIPs`, in 198.19.250.0/24.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local` (else Cluster); written only with external IPs.
+    pub external_local: bool,
 }
 
 impl ServiceSpec {
@@ -147,7 +151,18 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         port,
         target_port,
         endpoints,
+        external_ips,
+        external_local,
     } = spec;
+    let mut external = String::new();
+    if !external_ips.is_empty() {
+        writeln!(external, "  externalIPs:")?;
+        for ip in external_ips {
+            writeln!(external, "  - {ip}")?;
+        }
+        let policy = if *external_local { "Local" } else { "Cluster" };
+        writeln!(external, "  externalTrafficPolicy: {policy}")?;
+    }
     ensure_plain_name(name)?;
     let mut items = String::new();
     for endpoint in endpoints {
@@ -191,7 +206,7 @@ spec:
   clusterIP: {vip}
   clusterIPs:
   - {vip}
-  internalTrafficPolicy: Cluster
+{external}  internalTrafficPolicy: Cluster
   ipFamilies:
   - IPv4
   ipFamilyPolicy: SingleStack
@@ -360,6 +375,8 @@ mod tests {
                     pod: None,
                 },
             ],
+            external_ips: vec![Ipv4Addr::new(198, 19, 250, 10)],
+            external_local: true,
         };
         let yaml = service_spec_yaml(&spec).unwrap();
         let mut docs = serde_yaml_ng::Deserializer::from_str(&yaml);
@@ -368,6 +385,11 @@ mod tests {
         assert!(docs.next().is_none());
         let svc_spec = svc.spec.unwrap();
         assert_eq!(svc_spec.cluster_ip.as_deref(), Some("198.19.0.20"));
+        assert_eq!(
+            svc_spec.external_ips.as_deref(),
+            Some(&["198.19.250.10".to_owned()][..])
+        );
+        assert_eq!(svc_spec.external_traffic_policy.as_deref(), Some("Local"));
         assert_eq!(svc_spec.ports.unwrap().len(), 2);
         assert_eq!(
             slice

@@ -35,6 +35,10 @@ const REQUESTS: usize = 5;
 /// The client's fixed source port for the tests that need one (the client pod is the only user of
 /// its namespace, so no other socket holds it).
 const FIXED_PORT: u16 = 41_000;
+/// A backend port nothing listens on.
+const CLOSED_PORT: u16 = 5999;
+/// An external IP (198.19.250.0/24 is the lab's LoadBalancer/external range).
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 10);
 
 fn vip(addr: Ipv4Addr) -> SocketAddr {
     SocketAddr::from((addr, SERVICE_PORT))
@@ -72,17 +76,19 @@ impl Lab {
 
     /// Writes (or rewrites) Service `name` at `vip` with `endpoints`.
     fn service(&self, name: &str, vip: Ipv4Addr, endpoints: Vec<Endpoint>) {
-        write_service_spec(
-            self.manifests.path(),
-            &ServiceSpec {
-                name: name.into(),
-                vip,
-                port: SERVICE_PORT,
-                target_port: POD_PORT,
-                endpoints,
-            },
-        )
-        .expect("writing manifests");
+        self.service_spec(ServiceSpec {
+            name: name.into(),
+            vip,
+            port: SERVICE_PORT,
+            target_port: POD_PORT,
+            endpoints,
+            external_ips: Vec::new(),
+            external_local: false,
+        });
+    }
+
+    fn service_spec(&self, spec: ServiceSpec) {
+        write_service_spec(self.manifests.path(), &spec).expect("writing manifests");
     }
 
     /// Starts vipx on each node in `nodes` (1 and/or 2), as every node of a cluster runs its
@@ -656,4 +662,99 @@ fn a_flow_pinned_to_a_freed_backend_id_does_not_reach_its_new_owner() {
             "pod 2 answered the idle flow to VIP A (from {from})"
         );
     }
+}
+
+/// A UDP datagram through the VIP to a backend port where nothing listens: the backend answers
+/// with ICMP port unreachable about `client -> backend`, which must reach the client as being
+/// about `client -> VIP`, so its connected socket reports ECONNREFUSED instead of waiting out a
+/// timeout. Backends on both nodes.
+#[test]
+fn an_icmp_port_unreachable_through_the_vip_reaches_the_clients_socket() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    for (node, vip_addr) in [(1u8, VIP_A), (2, VIP_B)] {
+        let pod = lab.cluster.add_pod(node).expect("backend pod");
+        lab.service_spec(ServiceSpec {
+            name: format!("closed-{node}"),
+            vip: vip_addr,
+            port: SERVICE_PORT,
+            target_port: CLOSED_PORT,
+            endpoints: pod_endpoints(&[&pod]),
+            external_ips: Vec::new(),
+            external_local: false,
+        });
+    }
+    lab.start_vipx(&[1]);
+    for vip_addr in [VIP_A, VIP_B] {
+        for vipx in &mut lab.vipx {
+            vipx.wait_programmed(&format!("{vip_addr}:{SERVICE_PORT}/UDP"), READY, |line| {
+                line.contains(&format!(":{CLOSED_PORT}"))
+            })
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        }
+    }
+    let node1 = lab.cluster.node(1).name.clone();
+    let client_if = lab.cluster.client().host_if.clone();
+    poll(READY, "vipx to attach to the client's veth", || {
+        !tcx_programs(&node1, &client_if).is_empty()
+    });
+    for (vip_addr, node) in [(VIP_A, 1), (VIP_B, 2)] {
+        let result = in_netns(lab.client(), || -> std::io::Result<usize> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(vip(vip_addr))?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            socket.send(b"hello")?;
+            socket.recv(&mut [0u8; 64])
+        })
+        .expect("entering the client namespace");
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => panic!(
+                "UDP to {} (backend on node {node}, port {CLOSED_PORT} closed): expected \
+                 ECONNREFUSED from the translated ICMP error, got {other:?} [{}]",
+                vip(vip_addr),
+                lab.cluster.drops()
+            ),
+        }
+    }
+}
+
+/// kube-proxy sends traffic from pods to an external IP of a Service with
+/// externalTrafficPolicy Local to the cluster's endpoints: a pod on a node without a local
+/// endpoint still reaches the Service.
+#[test]
+fn a_pod_reaches_an_external_ip_of_a_local_policy_service_with_remote_endpoints_only() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(2).expect("backend pod on node 2");
+    lab.service_spec(ServiceSpec {
+        name: "ext-local".into(),
+        vip: VIP_A,
+        port: SERVICE_PORT,
+        target_port: POD_PORT,
+        endpoints: pod_endpoints(&[&pod]),
+        external_ips: vec![EXTERNAL_IP],
+        external_local: true,
+    });
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    for vipx in &mut lab.vipx {
+        vipx.wait_programmed(
+            &format!("{EXTERNAL_IP}:{SERVICE_PORT}/TCP"),
+            READY,
+            |line| line.contains(&format!("{}:{POD_PORT}", pod.ip)),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    lab.assert_answers(
+        vip(EXTERNAL_IP),
+        &pod.name,
+        "external IP of an externalTrafficPolicy Local Service, from a pod",
+    );
 }
