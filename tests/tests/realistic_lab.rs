@@ -171,8 +171,13 @@ fn poll(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 /// Names of the tcx programs on `iface`'s ingress in namespace `ns`, in chain order (the kernel
 /// keeps the first 15 bytes of a program name).
 fn tcx_programs(ns: &str, iface: &str) -> Vec<String> {
+    tcx_programs_at(ns, iface, TcAttachType::Ingress)
+}
+
+/// The same in direction `dir`.
+fn tcx_programs_at(ns: &str, iface: &str, dir: TcAttachType) -> Vec<String> {
     in_netns(ns, || {
-        SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+        SchedClassifier::query_tcx(iface, dir)
             .map(|(_, programs)| {
                 programs
                     .iter()
@@ -263,8 +268,8 @@ struct Floor {
 }
 
 impl Floor {
-    /// Attaches the floor to `iface`'s ingress in namespace `ns` at `hook`.
-    fn attach(ns: &str, iface: &str, tag: &str, hook: Hook) -> Self {
+    /// Attaches the floor to `iface` in namespace `ns` at `hook`, in direction `dir`.
+    fn attach(ns: &str, iface: &str, tag: &str, hook: Hook, dir: TcAttachType) -> Self {
         let pin_dir = Path::new("/sys/fs/bpf").join(format!("vipx-{tag}-floor"));
         std::fs::create_dir(&pin_dir).expect("floor pin directory");
         // From here on, dropping `floor` removes the directory, whatever fails next.
@@ -303,7 +308,7 @@ impl Floor {
                     TcAttachOptions::Netlink(NlOptions::default())
                 }
             };
-            program.attach_with_options(iface, TcAttachType::Ingress, options)?;
+            program.attach_with_options(iface, dir, options)?;
             Ok(())
         })
         .expect("entering the node namespace")
@@ -326,9 +331,10 @@ impl Drop for Floor {
     }
 }
 
-/// Another program on the client's veth, at `hook`, keeps seeing the client's packets, both
-/// those vipx does not translate (straight to a pod) and those to the VIP; the VIP still works.
-fn second_program_test(hook: Hook) {
+/// Another program on the client's veth, at `hook` in direction `dir`, keeps seeing the client's
+/// packets (ingress: what the client sends; egress: what it receives), both those vipx does not
+/// translate (straight to a pod) and those of the VIP; the VIP still works.
+fn second_program_test(hook: Hook, dir: TcAttachType) {
     let mut lab = Lab::new();
     let pod = lab.cluster.add_pod(1).expect("pod on node 1");
     lab.service("svc-a", VIP_A, pod_endpoints(&[&pod]));
@@ -336,12 +342,16 @@ fn second_program_test(hook: Hook) {
     lab.wait_ready(VIP_A, &[pod.ip]);
     let node1 = lab.cluster.node(1).name.clone();
     let client_if = lab.cluster.client().host_if.clone();
-    let floor = Floor::attach(&node1, &client_if, lab.cluster.tag(), hook);
+    let floor = Floor::attach(&node1, &client_if, lab.cluster.tag(), hook, dir);
     if hook == Hook::TcxLast {
-        let chain = tcx_programs(&node1, &client_if);
+        let chain = tcx_programs_at(&node1, &client_if, dir);
+        let vipx_prog = match dir {
+            TcAttachType::Egress => prog_names::POD_EGRESS,
+            _ => prog_names::POD_INGRESS,
+        };
         assert!(
             chain.len() == 2
-                && prog_names::POD_INGRESS.starts_with(chain[0].as_str())
+                && vipx_prog.starts_with(chain[0].as_str())
                 && prog_names::FLOOR_TC.starts_with(chain[1].as_str()),
             "tcx chain on {client_if}: {chain:?} (want vipx first, then the floor)"
         );
@@ -387,7 +397,18 @@ fn a_second_tcx_program_after_vipx_still_sees_the_clients_packets() {
         return;
     }
     let _serial = serial();
-    second_program_test(Hook::TcxLast);
+    second_program_test(Hook::TcxLast, TcAttachType::Ingress);
+}
+
+/// (c) The same on the way into the client: a tcx program after vipx's egress program sees the
+/// replies, reverse-NATed or not.
+#[test]
+fn a_second_tcx_program_after_vipx_sees_what_enters_the_client() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    second_program_test(Hook::TcxLast, TcAttachType::Egress);
 }
 
 /// (c) A legacy clsact filter on the client's veth (older CNIs still install them) keeps seeing
@@ -399,7 +420,7 @@ fn a_legacy_clsact_filter_on_the_clients_veth_still_sees_its_packets() {
         return;
     }
     let _serial = serial();
-    second_program_test(Hook::LegacyClsact);
+    second_program_test(Hook::LegacyClsact, TcAttachType::Ingress);
 }
 
 /// A TCP socket in namespace `ns` bound to `local` with SO_REUSEADDR (so it can take the port
