@@ -242,7 +242,8 @@ pub fn read_stats(ebpf: &Ebpf) -> Result<Vec<(Stat, u64)>> {
 /// The pod programs attached to a set of interfaces (tcx on kernels >= 6.6): ingress on the host
 /// side of a pod veth sees what the pod sends (DNAT), egress what it receives (reverse NAT).
 pub struct Attachments {
-    links: BTreeMap<String, [SchedClassifierLinkId; 2]>,
+    /// Interface name -> (its index when attached, the ingress and egress links).
+    links: BTreeMap<String, (u32, [SchedClassifierLinkId; 2])>,
     tcx: bool,
 }
 
@@ -271,15 +272,35 @@ impl Attachments {
         self.links.contains_key(iface)
     }
 
-    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
-        self.links.keys().map(String::as_str)
+    /// Attached interfaces with the index each had when attached.
+    pub fn interfaces(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.links
+            .iter()
+            .map(|(name, (index, _))| (name.as_str(), *index))
     }
 
     /// Attach both programs, first in their tcx chains so the programs a CNI attaches after vipx
     /// see translated packets (as they would behind kube-proxy's DNAT). vipx passes every packet
     /// it does not drop on to them ("next").
-    pub fn attach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
-        if !self.tcx {
+    pub fn attach(&mut self, ebpf: &mut Ebpf, iface: &str, ifindex: u32) -> Result<()> {
+        if self.tcx {
+            // Two vipx processes on one veth (a surge rollout, a second instance by mistake)
+            // would each see the other's DNATed SYN as a direct connection and clear the
+            // reply entry it just made; the second waits until the first is gone.
+            for (name, dir) in POD_PROGRAMS {
+                let (_, progs) = SchedClassifier::query_tcx(iface, dir)
+                    .with_context(|| format!("listing the tcx programs on {iface}"))?;
+                if progs
+                    .iter()
+                    .any(|p| p.name_as_str().is_some_and(|n| same_program(n, name)))
+                {
+                    bail!(
+                        "{iface} already runs {name} (another vipx process?); retried until \
+                         it is gone"
+                    );
+                }
+            }
+        } else {
             // Kernels before tcx need the clsact qdisc; it is harmless when it already exists.
             let _ = aya::programs::tc::qdisc_add_clsact(iface);
         }
@@ -305,13 +326,14 @@ impl Attachments {
         let (Some(ingress), Some(egress)) = (ids.next(), ids.next()) else {
             bail!("attaching to {iface}: expected two links");
         };
-        self.links.insert(iface.to_owned(), [ingress, egress]);
+        self.links
+            .insert(iface.to_owned(), (ifindex, [ingress, egress]));
         Ok(())
     }
 
     /// Forget an interface that disappeared (its links went with it) or detach from one.
     pub fn detach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
-        if let Some(ids) = self.links.remove(iface) {
+        if let Some((_, ids)) = self.links.remove(iface) {
             for ((name, _), id) in POD_PROGRAMS.into_iter().zip(ids) {
                 prog(ebpf, name)?
                     .detach(id)
@@ -328,6 +350,11 @@ impl Attachments {
             .filter_map(|n| self.detach(ebpf, n).err())
             .collect()
     }
+}
+
+/// Whether a program name the kernel reports (the first 15 bytes of it) is `name`.
+fn same_program(reported: &str, name: &str) -> bool {
+    !reported.is_empty() && name.starts_with(reported)
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {

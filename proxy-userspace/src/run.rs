@@ -136,9 +136,10 @@ pub fn default_state_dir(node_name: &str) -> PathBuf {
     Path::new("/run/vipx").join(node_name)
 }
 
-/// Every interface of this network namespace (if_nameindex asks the kernel through netlink, so
-/// unlike /sys/class/net it reflects the namespace we run in even under `nsenter --net`).
-pub fn interfaces() -> Vec<String> {
+/// Every interface of this network namespace with its index (if_nameindex asks the kernel
+/// through netlink, so unlike /sys/class/net it reflects the namespace we run in even under
+/// `nsenter --net`).
+pub fn interfaces() -> Vec<(String, u32)> {
     let mut out = Vec::new();
     // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
     unsafe {
@@ -148,7 +149,10 @@ pub fn interfaces() -> Vec<String> {
         }
         let mut p = head;
         while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            out.push(CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            out.push((
+                CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(),
+                (*p).if_index,
+            ));
             p = p.add(1);
         }
         libc::if_freenameindex(head);
@@ -174,6 +178,8 @@ struct Controller {
     /// objects in it).
     node_checked: bool,
     health: SyncHealth,
+    /// Interfaces an attach failed on, so the failure is logged once, not at every scan.
+    refused: BTreeSet<String>,
 }
 
 impl Controller {
@@ -307,26 +313,38 @@ impl Controller {
     /// Attach to new matching interfaces; forget ones that disappeared.
     fn scan_interfaces(&mut self) {
         let present = interfaces();
+        // Gone, or deleted and created again under the same name (a pod sandbox restarting
+        // within one scan): its links went with the old interface.
         let gone: Vec<String> = self
             .attachments
             .interfaces()
-            .filter(|i| !present.iter().any(|p| p == i))
-            .map(str::to_owned)
+            .filter(|(name, index)| !present.iter().any(|(n, i)| n == name && i == index))
+            .map(|(name, _)| name.to_owned())
             .collect();
         for i in gone {
-            // The kernel dropped the link with the interface; detach only updates our books.
+            // The kernel dropped the links with the interface; detach only updates our books.
             let _ = self.attachments.detach(&mut self.ebpf, &i);
             tracing::info!(interface = %i, "interface gone");
         }
-        for i in present {
-            if self.attachments.is_attached(&i)
-                || !self.opts.pod_interfaces.iter().any(|g| g.matches(&i))
+        self.refused
+            .retain(|name| present.iter().any(|(n, _)| n == name));
+        for (name, index) in present {
+            if self.attachments.is_attached(&name)
+                || !self.opts.pod_interfaces.iter().any(|g| g.matches(&name))
             {
                 continue;
             }
-            match self.attachments.attach(&mut self.ebpf, &i) {
-                Ok(()) => tracing::info!(interface = %i, "attached"),
-                Err(e) => tracing::warn!(interface = %i, "attach failed: {e:#}"),
+            match self.attachments.attach(&mut self.ebpf, &name, index) {
+                Ok(()) => {
+                    self.refused.remove(&name);
+                    tracing::info!(interface = %name, "attached");
+                }
+                // Retried at every scan; said once per interface.
+                Err(e) => {
+                    if self.refused.insert(name.clone()) {
+                        tracing::warn!(interface = %name, "not attached: {e:#}");
+                    }
+                }
             }
         }
     }
@@ -356,6 +374,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         last_failed: BTreeSet::new(),
         node_checked: false,
         health: SyncHealth::default(),
+        refused: BTreeSet::new(),
     };
 
     let (tx, mut rx) = mpsc::channel::<()>(1);

@@ -83,7 +83,10 @@ impl Drop for ScratchDir {
 /// both directories.
 pub struct Vipx {
     bin: PathBuf,
+    /// The network namespace it runs in.
     node: String,
+    /// Its `--node-name` (the namespace's name unless started with [`Vipx::start_as`]).
+    name: String,
     manifests: PathBuf,
     pin_dir: PathBuf,
     state_dir: PathBuf,
@@ -102,7 +105,19 @@ impl Vipx {
 
     /// [`Vipx::start`] with more `vipx run` arguments, kept for every restart.
     pub fn start_with(bin: &Path, node: &str, manifests: &Path, extra: &[&str]) -> Result<Self> {
-        let pin_dir = Path::new(PIN_ROOT).join(node);
+        Self::start_as(bin, node, node, manifests, extra)
+    }
+
+    /// [`Vipx::start_with`] in namespace `node` under another `--node-name` (its own pins and
+    /// state): a second vipx process on the same node.
+    pub fn start_as(
+        bin: &Path,
+        node: &str,
+        name: &str,
+        manifests: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let pin_dir = Path::new(PIN_ROOT).join(name);
         if pin_dir.exists() {
             bail!(
                 "pin directory {} already exists (left by a crashed run?); remove it first",
@@ -112,8 +127,9 @@ impl Vipx {
         let mut vipx = Self {
             bin: bin.to_owned(),
             node: node.to_owned(),
+            name: name.to_owned(),
             manifests: manifests.to_owned(),
-            state_dir: std::env::temp_dir().join(format!("{node}-vipx-state")),
+            state_dir: std::env::temp_dir().join(format!("{name}-vipx-state")),
             pin_dir,
             extra_args: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
@@ -182,7 +198,7 @@ impl Vipx {
             [
                 "services".as_ref(),
                 "--node-name".as_ref(),
-                self.node.as_ref(),
+                self.name.as_ref(),
                 "--pin-dir".as_ref(),
                 self.pin_dir.as_os_str(),
                 "--state-dir".as_ref(),
@@ -244,7 +260,7 @@ impl Vipx {
                 "--manifests".as_ref(),
                 self.manifests.as_os_str(),
                 "--node-name".as_ref(),
-                self.node.as_ref(),
+                self.name.as_ref(),
                 "--pod-interfaces".as_ref(),
                 HOST_IF_GLOB.as_ref(),
                 "--pin-dir".as_ref(),

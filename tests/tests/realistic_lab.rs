@@ -779,3 +779,51 @@ fn a_pod_reaches_an_external_ip_of_a_local_policy_service_with_remote_endpoints_
         "external IP of an externalTrafficPolicy Local Service, from a pod",
     );
 }
+
+/// Two vipx processes on one node (a surge rollout, a second instance started by mistake): the
+/// second must not stack its programs on the veths the first serves (each would take the
+/// other's DNATed SYN for a direct connection and clear its reply entry); it takes over when the
+/// first is gone.
+#[test]
+fn a_second_vipx_on_the_same_node_waits_for_the_first() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&pod]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    let node1 = lab.cluster.node(1).name.clone();
+    let client_if = lab.cluster.client().host_if.clone();
+    let mut second = Vipx::start_as(
+        &locate_bin("vipx").expect("vipx binary"),
+        &node1,
+        &format!("{node1}-second"),
+        lab.manifests.path(),
+        &[],
+    )
+    .expect("starting a second vipx on node 1");
+    second
+        .wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
+            line.contains(&pod.ip.to_string())
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // Programmed and scanning interfaces (every 0.5 s) for a while now: still one program.
+    for _ in 0..3 {
+        lab.assert_answers(vip(VIP_A), &pod.name, "with a second vipx running");
+        for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let chain = tcx_programs_at(&node1, &client_if, dir);
+            assert_eq!(chain.len(), 1, "{dir:?} chain on {client_if}: {chain:?}");
+        }
+    }
+    lab.vipx[0].stop().expect("stopping the first vipx");
+    poll(
+        READY,
+        "the second vipx to take over the client's veth",
+        || tcx_programs(&node1, &client_if).len() == 1,
+    );
+    second.ensure_running().expect("the second vipx runs");
+    lab.assert_answers(vip(VIP_A), &pod.name, "after the second vipx took over");
+}
