@@ -593,7 +593,7 @@ fn restart_adopts_pinned_state() {
 
     // Pins cannot be resized: another size is refused with a message that says so, instead of
     // being silently ignored.
-    let err = loader::load(
+    let refused = loader::load(
         &l.pin_dir,
         MapSizes {
             services: 1024,
@@ -601,9 +601,10 @@ fn restart_adopts_pinned_state() {
             revnat: 256,
             conntrack: 8192,
         },
-    )
-    .err()
-    .expect("a different conntrack size is refused");
+    );
+    let Err(err) = refused else {
+        panic!("a different conntrack size must be refused");
+    };
     let msg = format!("{err:#}");
     assert!(
         msg.contains("--max-conntrack") && msg.contains("4096"),
