@@ -1495,69 +1495,6 @@ mod tests {
                 problems: &["shop/web-abcde: EndpointSlice ports[0] (\"http\"): no port number"],
             },
             Case {
-                name: "endpoint without addresses is a slice problem",
-                node: "worker-1",
-                manifests: format!(
-                    "{WEB}---{}",
-                    dedent(WEB_SLICE).replace("- addresses:\n  - 10.244.2.7\n", "- addresses: []\n")
-                ),
-                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80] ep[10.244.1.5:8080 RSL] int[0] ext[0]"],
-                problems: &["shop/web-abcde: EndpointSlice endpoints[1]: no addresses, skipped"],
-            },
-            Case {
-                name: "externalTrafficPolicy Local: pods reaching an external IP use the cluster endpoints",
-                node: "worker-2",
-                manifests: web_with("externalTrafficPolicy: Local\nexternalIPs:\n- 192.0.2.10"),
-                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] \
-                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RSL] int[0, 1] ext[1] podext[0, 1] etp=Local"],
-                problems: &[],
-            },
-            Case {
-                name: "externalTrafficPolicy Local, no local endpoint: pods still reach the LB IP",
-                node: "worker-3",
-                manifests: format!(
-                    "{}---{WEB_SLICE}",
-                    WEB.replace(
-                        "type: ClusterIP",
-                        "type: LoadBalancer\n          externalTrafficPolicy: Local\n        status:\n          \
-                         loadBalancer:\n            ingress:\n            - ip: 203.0.113.7"
-                    )
-                    .replace("targetPort: http", "targetPort: http\n            nodePort: 31000")
-                ),
-                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, np 0.0.0.0:31000, lb 203.0.113.7:80] \
-                         ep[10.244.1.5:8080 RS, 10.244.2.7:8080 RS] int[0, 1] ext[] podext[0, 1] etp=Local"],
-                problems: &[],
-            },
-            Case {
-                name: "externalTrafficPolicy Local, only a local terminating endpoint: cluster fallback for pods",
-                node: "worker-1",
-                manifests: format!(
-                    "{}---{}",
-                    WEB.replace("type: ClusterIP", "type: ClusterIP\n          externalTrafficPolicy: Local\n          externalIPs:\n          - 192.0.2.10"),
-                    slice(
-                        "web",
-                        "web-abcde",
-                        "http",
-                        8080,
-                        &[("10.244.1.5", "worker-1", TERMINATING_SERVING), ("10.244.2.7", "worker-2", READY)]
-                    ),
-                ),
-                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] \
-                         ep[10.244.1.5:8080 STL, 10.244.2.7:8080 RS] int[1] ext[0] podext[1] etp=Local"],
-                problems: &[],
-            },
-            Case {
-                name: "externalTrafficPolicy Local without any endpoint: nothing to pick either way",
-                node: "worker-1",
-                manifests: format!(
-                    "{}---{}",
-                    WEB.replace("type: ClusterIP", "type: ClusterIP\n          externalTrafficPolicy: Local\n          externalIPs:\n          - 192.0.2.10"),
-                    slice("web", "web-abcde", "http", 8080, &[("10.244.1.5", "worker-1", NOT_READY)]),
-                ),
-                want: &["shop/web:http/TCP fe[cip 10.96.10.20:80, eip 192.0.2.10:80] ep[] int[] ext[] etp=Local"],
-                problems: &[],
-            },
-            Case {
                 name: "out-of-range numbers are problems, never panics",
                 node: "worker-1",
                 manifests: format!(
