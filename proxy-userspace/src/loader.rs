@@ -279,9 +279,12 @@ impl Attachments {
             .map(|(name, (index, _))| (name.as_str(), *index))
     }
 
-    /// Attach both programs, first in their tcx chains so the programs a CNI attaches after vipx
-    /// see translated packets (as they would behind kube-proxy's DNAT). vipx passes every packet
-    /// it does not drop on to them ("next").
+    /// Attach both programs first in their tcx chains: a program that ends the chain
+    /// (`TC_ACT_OK`, what most CNI programs return) would otherwise keep vipx from ever running.
+    /// vipx passes every packet it does not drop on ("next"), so programs after it still run;
+    /// they see `client -> backend` leaving the pod and `frontend -> client` entering it (behind
+    /// kube-proxy a tc program sees `client -> frontend` both ways, since netfilter translates
+    /// after tc ingress and before tc egress).
     pub fn attach(&mut self, ebpf: &mut Ebpf, iface: &str, ifindex: u32) -> Result<()> {
         if self.tcx {
             // Two vipx processes on one veth (a surge rollout, a second instance by mistake)
