@@ -14,7 +14,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        links::{FdLink, PinnedLink},
+        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
 };
 use proxy_common::{STATS_LEN, Stat, defaults, map_names, prog_names};
@@ -239,44 +240,72 @@ pub fn read_stats(ebpf: &Ebpf) -> Result<Vec<(Stat, u64)>> {
     Ok(out)
 }
 
-/// The pod programs attached to a set of interfaces (tcx on kernels >= 6.6): ingress on the host
-/// side of a pod veth sees what the pod sends (DNAT), egress what it receives (reverse NAT).
+/// The pod programs attached to a set of interfaces: ingress on the host side of a pod veth sees
+/// what the pod sends (DNAT), egress what it receives (reverse NAT).
+///
+/// On tcx (kernels >= 6.6) every link is pinned under `<pin dir>/links`, named
+/// `<interface>@<ifindex>-<direction>`, so the data path outlives the process: a stop, a crash
+/// or an upgrade leaves the programs attached and the maps in place, and the next vipx swaps its
+/// programs into the same links atomically (`bpf_link_update`), with no moment without
+/// translation. Only `vipx cleanup` (or the interface going away) detaches them. Older kernels
+/// get netlink filters, detached at stop.
 pub struct Attachments {
-    /// Interface name -> (its index when attached, the ingress and egress links).
-    links: BTreeMap<String, (u32, [SchedClassifierLinkId; 2])>,
+    /// Interface name -> its index when attached.
+    attached: BTreeMap<String, u32>,
+    /// Netlink filters (kernels without tcx), by interface.
+    netlink: BTreeMap<String, [SchedClassifierLinkId; 2]>,
     tcx: bool,
+    link_dir: PathBuf,
 }
 
 /// Each program and the direction it is attached in.
-const POD_PROGRAMS: [(&str, TcAttachType); 2] = [
-    (prog_names::POD_INGRESS, TcAttachType::Ingress),
-    (prog_names::POD_EGRESS, TcAttachType::Egress),
+const POD_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (prog_names::POD_INGRESS, TcAttachType::Ingress, "ingress"),
+    (prog_names::POD_EGRESS, TcAttachType::Egress, "egress"),
 ];
 
+/// The directory holding a node's pinned links.
+pub fn link_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
 impl Attachments {
-    /// Load (verify) the pod programs so they can be attached.
-    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
-        for (name, _) in POD_PROGRAMS {
+    /// Load (verify) the pod programs so they can be attached; links are pinned in
+    /// [`link_dir`]`(pin_dir)`.
+    pub fn new(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self> {
+        for (name, _, _) in POD_PROGRAMS {
             prog(ebpf, name)?
                 .load()
                 .with_context(|| format!("verifying {name}"))?;
         }
+        let tcx = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        let link_dir = link_dir(pin_dir);
+        if tcx {
+            fs::create_dir_all(&link_dir)
+                .with_context(|| format!("creating {}", link_dir.display()))?;
+        }
         Ok(Self {
-            links: BTreeMap::new(),
-            tcx: aya::util::KernelVersion::current()
-                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)),
+            attached: BTreeMap::new(),
+            netlink: BTreeMap::new(),
+            tcx,
+            link_dir,
         })
     }
 
     pub fn is_attached(&self, iface: &str) -> bool {
-        self.links.contains_key(iface)
+        self.attached.contains_key(iface)
     }
 
     /// Attached interfaces with the index each had when attached.
     pub fn interfaces(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.links
+        self.attached
             .iter()
-            .map(|(name, (index, _))| (name.as_str(), *index))
+            .map(|(name, index)| (name.as_str(), *index))
+    }
+
+    fn pin_path(&self, iface: &str, ifindex: u32, dir: &str) -> PathBuf {
+        self.link_dir.join(link_pin_name(iface, ifindex, dir))
     }
 
     /// Attach both programs first in their tcx chains: a program that ends the chain
@@ -285,43 +314,91 @@ impl Attachments {
     /// they see `client -> backend` leaving the pod and `frontend -> client` entering it (behind
     /// kube-proxy a tc program sees `client -> frontend` both ways, since netfilter translates
     /// after tc ingress and before tc egress).
+    ///
+    /// Links pinned by an earlier vipx for this interface (same name and index) are adopted:
+    /// this build's programs replace the old ones atomically, in place in the chain.
     pub fn attach(&mut self, ebpf: &mut Ebpf, iface: &str, ifindex: u32) -> Result<()> {
-        if self.tcx {
-            // Two vipx processes on one veth (a surge rollout, a second instance by mistake)
-            // would each see the other's DNATed SYN as a direct connection and clear the
-            // reply entry it just made; the second waits until the first is gone.
-            for (name, dir) in POD_PROGRAMS {
-                let (_, progs) = SchedClassifier::query_tcx(iface, dir)
-                    .with_context(|| format!("listing the tcx programs on {iface}"))?;
-                if progs
-                    .iter()
-                    .any(|p| p.name_as_str().is_some_and(|n| same_program(n, name)))
-                {
-                    bail!(
-                        "{iface} already runs {name} (another vipx process?); retried until \
-                         it is gone"
-                    );
+        if !self.tcx {
+            return self.attach_netlink(ebpf, iface, ifindex);
+        }
+        let mut adopted = 0;
+        for (name, _, dir) in POD_PROGRAMS {
+            let path = self.pin_path(iface, ifindex, dir);
+            if !path.exists() {
+                continue;
+            }
+            match replace_program(ebpf, name, &path) {
+                Ok(()) => adopted += 1,
+                Err(e) => {
+                    // A link whose interface was re-created is defunct: start afresh.
+                    tracing::info!(interface = %iface, "pinned {dir} link not reusable: {e:#}");
+                    fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
                 }
             }
-        } else {
-            // Kernels before tcx need the clsact qdisc; it is harmless when it already exists.
-            let _ = aya::programs::tc::qdisc_add_clsact(iface);
         }
+        if adopted == POD_PROGRAMS.len() {
+            self.attached.insert(iface.to_owned(), ifindex);
+            return Ok(());
+        }
+        // Two vipx processes on one veth (a surge rollout, a second instance by mistake)
+        // would each see the other's DNATed SYN as a direct connection and clear the reply
+        // entry it just made; the second waits until the first is gone. Links of our own pins
+        // were adopted above and are not counted.
+        for (name, attach_type, dir) in POD_PROGRAMS {
+            if self.pin_path(iface, ifindex, dir).exists() {
+                continue;
+            }
+            let (_, progs) = SchedClassifier::query_tcx(iface, attach_type)
+                .with_context(|| format!("listing the tcx programs on {iface}"))?;
+            if progs
+                .iter()
+                .any(|p| p.name_as_str().is_some_and(|n| same_program(n, name)))
+            {
+                bail!(
+                    "{iface} already runs {name} (another vipx process?); retried until it is \
+                     gone"
+                );
+            }
+        }
+        for (name, attach_type, dir) in POD_PROGRAMS {
+            let path = self.pin_path(iface, ifindex, dir);
+            if path.exists() {
+                continue;
+            }
+            let p = prog(ebpf, name)?;
+            let id = p
+                .attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| format!("attaching {name} to {iface} {dir}"))?;
+            let link = FdLink::try_from(p.take_link(id)?)
+                .with_context(|| format!("the {dir} link of {iface} is not a tcx link"))?;
+            // Pinned, the link outlives this process; the handle here can go.
+            link.pin(&path).with_context(|| {
+                format!("pinning the {dir} link of {iface} at {}", path.display())
+            })?;
+        }
+        self.attached.insert(iface.to_owned(), ifindex);
+        Ok(())
+    }
+
+    fn attach_netlink(&mut self, ebpf: &mut Ebpf, iface: &str, ifindex: u32) -> Result<()> {
+        // Kernels before tcx need the clsact qdisc; it is harmless when it already exists.
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
         let mut ids = Vec::with_capacity(2);
-        for (name, dir) in POD_PROGRAMS {
-            let options = if self.tcx {
-                TcAttachOptions::TcxOrder(LinkOrder::first())
-            } else {
-                TcAttachOptions::Netlink(NlOptions::default())
-            };
-            match prog(ebpf, name)?.attach_with_options(iface, dir, options) {
+        for (name, attach_type, _) in POD_PROGRAMS {
+            let options = TcAttachOptions::Netlink(NlOptions::default());
+            match prog(ebpf, name)?.attach_with_options(iface, attach_type, options) {
                 Ok(id) => ids.push((name, id)),
                 Err(e) => {
                     // Never leave one direction without the other.
                     for (name, id) in ids {
                         let _ = prog(ebpf, name)?.detach(id);
                     }
-                    return Err(e).with_context(|| format!("attaching {name} to {iface} {dir:?}"));
+                    return Err(e).with_context(|| format!("attaching {name} to {iface}"));
                 }
             }
         }
@@ -329,30 +406,100 @@ impl Attachments {
         let (Some(ingress), Some(egress)) = (ids.next(), ids.next()) else {
             bail!("attaching to {iface}: expected two links");
         };
-        self.links
-            .insert(iface.to_owned(), (ifindex, [ingress, egress]));
+        self.netlink.insert(iface.to_owned(), [ingress, egress]);
+        self.attached.insert(iface.to_owned(), ifindex);
         Ok(())
     }
 
-    /// Forget an interface that disappeared (its links went with it) or detach from one.
-    pub fn detach(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
-        if let Some((_, ids)) = self.links.remove(iface) {
-            for ((name, _), id) in POD_PROGRAMS.into_iter().zip(ids) {
-                prog(ebpf, name)?
-                    .detach(id)
-                    .with_context(|| format!("detaching {name} from {iface}"))?;
+    /// Forget an interface that disappeared (its links went with it): its pins go too.
+    pub fn forget(&mut self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
+        if let Some(ifindex) = self.attached.remove(iface) {
+            for (_, _, dir) in POD_PROGRAMS {
+                let path = self.pin_path(iface, ifindex, dir);
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("removing {}", path.display()));
+                    }
+                }
+            }
+        }
+        if let Some(ids) = self.netlink.remove(iface) {
+            for ((name, _, _), id) in POD_PROGRAMS.into_iter().zip(ids) {
+                let _ = prog(ebpf, name)?.detach(id);
             }
         }
         Ok(())
     }
 
-    pub fn detach_all(&mut self, ebpf: &mut Ebpf) -> Vec<anyhow::Error> {
-        let names: Vec<String> = self.links.keys().cloned().collect();
+    /// Remove pinned links of interfaces that are not in `keep` (gone while vipx was down, or no
+    /// longer matching `--pod-interfaces`): unpinned, such a link is detached.
+    pub fn prune(&self, keep: &[(String, u32)]) -> Vec<anyhow::Error> {
+        let Ok(entries) = fs::read_dir(&self.link_dir) else {
+            return Vec::new();
+        };
+        let mut errors = Vec::new();
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let wanted = keep.iter().any(|(name, index)| {
+                POD_PROGRAMS
+                    .iter()
+                    .any(|(_, _, dir)| file == link_pin_name(name, *index, dir))
+            });
+            if !wanted {
+                if let Err(e) = fs::remove_file(entry.path()) {
+                    errors.push(anyhow::Error::new(e).context(format!("removing {file}")));
+                } else {
+                    tracing::info!(link = %file, "removed a pinned link of an interface not served");
+                }
+            }
+        }
+        errors
+    }
+
+    /// At stop: netlink filters are detached (they cannot be handed over); pinned tcx links stay.
+    pub fn detach_netlink(&mut self, ebpf: &mut Ebpf) -> Vec<anyhow::Error> {
+        let names: Vec<String> = self.netlink.keys().cloned().collect();
         names
             .iter()
-            .filter_map(|n| self.detach(ebpf, n).err())
+            .filter_map(|n| self.forget(ebpf, n).err())
             .collect()
     }
+}
+
+/// The pin name of an interface's link: `<interface>@<ifindex>-<direction>`. bpffs refuses names
+/// with a dot (reserved), which interface names may have (VLANs: `eth0.100`); a colon, which
+/// interface names may not have, stands in for it.
+fn link_pin_name(iface: &str, ifindex: u32, dir: &str) -> String {
+    format!("{}@{ifindex}-{dir}", iface.replace('.', ":"))
+}
+
+/// Swap `name` into the tcx link pinned at `path`.
+fn replace_program(ebpf: &mut Ebpf, name: &str, path: &Path) -> Result<()> {
+    let link = PinnedLink::from_pin(path).context("opening the pinned link")?;
+    let link = SchedClassifierLink::try_from(FdLink::from(link))
+        .context("the pinned link is not a tcx link")?;
+    let p = prog(ebpf, name)?;
+    let id = p
+        .attach_to_link(link)
+        .context("replacing the program of the pinned link")?;
+    // The pin keeps the link; this handle can go without detaching anything.
+    drop(p.take_link(id)?);
+    Ok(())
+}
+
+/// Uninstall a node's vipx: unpin its links (which detaches the programs, once no process holds
+/// them), its maps and its state. Stop the vipx process first.
+pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
+    for dir in [pin_dir, state_dir] {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a program name the kernel reports (the first 15 bytes of it) is `name`.

@@ -23,6 +23,9 @@ enum Cmd {
     Run(RunArgs),
     /// List what is programmed, read from the pinned maps.
     Services(WhereArgs),
+    /// Uninstall vipx from this node: unpin its links (detaching the programs), its maps and
+    /// its state. Stop `vipx run` first: a stopped vipx leaves its programs attached on purpose.
+    Cleanup(WhereArgs),
 }
 
 #[derive(Args)]
@@ -129,6 +132,7 @@ fn real_main() -> Result<()> {
                 .block_on(run::run(opts))
         }
         Cmd::Services(w) => services(&w),
+        Cmd::Cleanup(w) => loader::cleanup(&w.pin_dir(), &w.state_dir()),
     }
 }
 

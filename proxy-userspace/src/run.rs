@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use notify::{RecursiveMode, Watcher as _};
 use serde::{Deserialize, Serialize};
@@ -131,6 +131,12 @@ fn settles(kind: &notify::EventKind) -> bool {
     }
 }
 
+/// Whether a load saw the manifests directory itself (listed it completely): `None` (nothing
+/// new) or a directory-level problem means it did not.
+fn directory_read(loaded: Option<&ClusterObjects>, dir: &Path) -> bool {
+    loaded.is_some_and(|objs| !objs.problems.iter().any(|p| p.file.as_path() == dir))
+}
+
 /// Default state directory of a node.
 pub fn default_state_dir(node_name: &str) -> PathBuf {
     Path::new("/run/vipx").join(node_name)
@@ -180,6 +186,8 @@ struct Controller {
     health: SyncHealth,
     /// Interfaces an attach failed on, so the failure is logged once, not at every scan.
     refused: BTreeSet<String>,
+    /// Whether the manifests directory was read once (see `try_sync`).
+    source_seen: bool,
 }
 
 impl Controller {
@@ -199,7 +207,18 @@ impl Controller {
     fn try_sync(&mut self) -> Result<()> {
         let started = Instant::now();
         let first = self.health.syncs == 0;
-        let changes = match self.dir.load(&self.opts.manifests) {
+        let loaded = self.dir.load(&self.opts.manifests);
+        // Until the directory has been read once, an empty read means "unknown", not "no
+        // Services": applying it would delete every frontend a previous vipx left pinned (and
+        // the flows through them). Keep what is programmed and retry.
+        if !self.source_seen && !directory_read(loaded.as_ref(), &self.opts.manifests) {
+            bail!(
+                "the manifests directory {} could not be read yet; the programmed state is kept",
+                self.opts.manifests.display()
+            );
+        }
+        self.source_seen = true;
+        let changes = match loaded {
             Some(objs) => {
                 self.warn_if_node_unknown(&objs);
                 let file_problems: Vec<String> =
@@ -322,9 +341,19 @@ impl Controller {
             .map(|(name, _)| name.to_owned())
             .collect();
         for i in gone {
-            // The kernel dropped the links with the interface; detach only updates our books.
-            let _ = self.attachments.detach(&mut self.ebpf, &i);
+            // The kernel dropped the links with the interface; their pins go too.
+            if let Err(e) = self.attachments.forget(&mut self.ebpf, &i) {
+                tracing::warn!(interface = %i, "{e:#}");
+            }
             tracing::info!(interface = %i, "interface gone");
+        }
+        let served: Vec<(String, u32)> = present
+            .iter()
+            .filter(|(name, _)| self.opts.pod_interfaces.iter().any(|g| g.matches(name)))
+            .cloned()
+            .collect();
+        for e in self.attachments.prune(&served) {
+            tracing::warn!("{e:#}");
         }
         self.refused
             .retain(|name| present.iter().any(|(n, _)| n == name));
@@ -353,7 +382,7 @@ impl Controller {
 pub async fn run(opts: RunOptions) -> Result<()> {
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
     let writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
-    let attachments = Attachments::new(&mut ebpf)?;
+    let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
         adopted_frontends = writer.programmed().frontends.len(),
@@ -375,6 +404,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         node_checked: false,
         health: SyncHealth::default(),
         refused: BTreeSet::new(),
+        source_seen: false,
     };
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -419,8 +449,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = iface_tick.tick() => c.scan_interfaces(),
         }
     }
-    tracing::info!("stopping: detaching programs (maps stay pinned)");
-    for e in c.attachments.detach_all(&mut c.ebpf) {
+    // The data path outlives the process: pinned links keep the programs attached and the pinned
+    // maps keep every Service and flow; the next vipx adopts both. `vipx cleanup` uninstalls.
+    tracing::info!(
+        "stopping: programs stay attached, maps stay pinned (`vipx cleanup` removes them)"
+    );
+    for e in c.attachments.detach_netlink(&mut c.ebpf) {
         tracing::warn!("{e:#}");
     }
     Ok(())
@@ -428,6 +462,26 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_directory_never_read_keeps_the_programmed_state() {
+        use crate::source::DirCache;
+        let missing = std::env::temp_dir().join(format!("vipx-missing-{}", std::process::id()));
+        let mut cache = DirCache::default();
+        let first = cache.load(&missing);
+        assert!(!super::directory_read(first.as_ref(), &missing));
+        // Still unreadable: nothing new, still not read.
+        let again = cache.load(&missing);
+        assert!(!super::directory_read(again.as_ref(), &missing));
+        let dir = std::env::temp_dir().join(format!("vipx-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let read = DirCache::default().load(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            super::directory_read(read.as_ref(), &dir),
+            "an empty directory is read: no Services"
+        );
+    }
+
     #[test]
     fn a_file_is_read_once_written_not_half_way() {
         use notify::event::{

@@ -184,6 +184,26 @@ impl Vipx {
         Ok(Some(child.wait()?))
     }
 
+    /// SIGKILL to the pid this started (a crash, an OOM kill), then reaps it. Nothing of vipx's
+    /// own shutdown runs. Does nothing when already stopped.
+    pub fn kill(&mut self) -> Result<Option<ExitStatus>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        if child.try_wait()?.is_none() {
+            child.kill()?;
+        }
+        Ok(Some(child.wait()?))
+    }
+
+    /// Stops vipx (SIGTERM) and starts `bin` in its place on the same pins, state and manifests:
+    /// an upgrade to another build.
+    pub fn replace_with(&mut self, bin: &Path) -> Result<()> {
+        self.stop()?;
+        self.bin = bin.to_owned();
+        self.spawn()
+    }
+
     /// Stops vipx (if running) and starts it again on the same pins, state and manifests.
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
@@ -278,11 +298,43 @@ impl Vipx {
     }
 }
 
+impl Vipx {
+    /// `vipx cleanup` for this instance (stopped first): its pinned links, maps and state go, so
+    /// its programs are detached. A stopped vipx leaves them attached on purpose.
+    pub fn cleanup(&mut self) -> Result<()> {
+        self.stop()?;
+        let out = ns_command(
+            &self.node,
+            &self.bin,
+            [
+                "cleanup".as_ref(),
+                "--node-name".as_ref(),
+                self.name.as_ref(),
+                "--pin-dir".as_ref(),
+                self.pin_dir.as_os_str(),
+                "--state-dir".as_ref(),
+                self.state_dir.as_os_str(),
+            ] as [&std::ffi::OsStr; 7],
+        )
+        .output()
+        .context("running vipx cleanup")?;
+        if !out.status.success() {
+            bail!(
+                "vipx cleanup for {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Vipx {
     fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("stopping vipx in {}: {e:#}", self.node);
+        if let Err(e) = self.cleanup() {
+            eprintln!("{e:#}");
         }
+        // Whatever cleanup could not remove.
         for dir in [&self.pin_dir, &self.state_dir] {
             match std::fs::remove_dir_all(dir) {
                 Ok(()) => {}

@@ -8,6 +8,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, MapData};
@@ -818,7 +820,11 @@ fn a_second_vipx_on_the_same_node_waits_for_the_first() {
             assert_eq!(chain.len(), 1, "{dir:?} chain on {client_if}: {chain:?}");
         }
     }
-    lab.vipx[0].stop().expect("stopping the first vipx");
+    // A stopped vipx leaves its programs attached (the data path outlives it); uninstalling it
+    // hands the veths over.
+    lab.vipx[0]
+        .cleanup()
+        .expect("stopping and uninstalling the first vipx");
     poll(
         READY,
         "the second vipx to take over the client's veth",
@@ -826,4 +832,175 @@ fn a_second_vipx_on_the_same_node_waits_for_the_first() {
     );
     second.ensure_running().expect("the second vipx runs");
     lab.assert_answers(vip(VIP_A), &pod.name, "after the second vipx took over");
+}
+
+/// What the traffic of [`the_data_path_outlives_vipx`] saw.
+#[derive(Default)]
+struct Traffic {
+    fresh_ok: AtomicU64,
+    fresh_failed: AtomicU64,
+    kept_ok: AtomicU64,
+    kept_failed: AtomicU64,
+    udp_ok: AtomicU64,
+    udp_failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Traffic {
+    fn record(&self, ok: &AtomicU64, failed: &AtomicU64, what: &str, r: anyhow::Result<String>) {
+        match r {
+            Ok(_) => {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                failed.fetch_add(1, Ordering::Relaxed);
+                self.errors
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(format!("{what}: {e:#}"));
+            }
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.fresh_ok.load(Ordering::Relaxed)
+            + self.kept_ok.load(Ordering::Relaxed)
+            + self.udp_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// The data path outlives vipx: with new connections, keep-alive connections and UDP running
+/// all the time, vipx is stopped (SIGTERM, a rollout), started again, killed (SIGKILL, a crash),
+/// started again, and replaced by another binary (an upgrade). No request fails and no
+/// connection is reset, also while no vipx process runs at all.
+#[test]
+fn the_data_path_outlives_vipx() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let local = lab.cluster.add_pod(1).expect("pod on node 1");
+    let remote = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&local, &remote]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[local.ip, remote.ip]);
+
+    let traffic = Traffic::default();
+    let stop = AtomicBool::new(false);
+    let client = lab.client().to_owned();
+    let upgraded = ScratchDir::create(&format!("vipx-{}-upgrade", lab.cluster.tag()))
+        .expect("scratch directory");
+    let new_build = upgraded.path().join("vipx");
+    std::fs::copy(locate_bin("vipx").expect("vipx binary"), &new_build).expect("copying vipx");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let r = http_get(&client, vip(VIP_A), TIMEOUT);
+                traffic.record(
+                    &traffic.fresh_ok,
+                    &traffic.fresh_failed,
+                    "new connection",
+                    r,
+                );
+            }
+        });
+        for k in 0..2 {
+            let (client, traffic, stop) = (&client, &traffic, &stop);
+            scope.spawn(move || {
+                let mut conn = match vipx_lab::KeepAlive::connect(client, vip(VIP_A)) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        let what = format!("keep-alive {k}");
+                        traffic.record(&traffic.kept_ok, &traffic.kept_failed, &what, Err(e));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let r = conn.request();
+                    let failed = r.is_err();
+                    let what = format!("keep-alive {k}");
+                    traffic.record(&traffic.kept_ok, &traffic.kept_failed, &what, r);
+                    if failed {
+                        return;
+                    }
+                }
+            });
+        }
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let r = udp_request(&client, vip(VIP_A), TIMEOUT);
+                traffic.record(&traffic.udp_ok, &traffic.udp_failed, "UDP", r);
+            }
+        });
+
+        // Each phase lasts until the traffic made progress through it, not for a fixed time.
+        // A failure ends the phase at once, naming it.
+        let progress = |what: &str| -> Result<(), String> {
+            let from = traffic.total();
+            let failed = || {
+                let errors = traffic
+                    .errors
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                (!errors.is_empty()).then(|| errors[..errors.len().min(3)].join("; "))
+            };
+            poll(READY, what, || {
+                traffic.total() >= from + 200 || failed().is_some()
+            });
+            match failed() {
+                Some(errors) => Err(format!("{what}: {errors}")),
+                None => Ok(()),
+            }
+        };
+        let run = || -> Result<(), String> {
+            progress("traffic with vipx running")?;
+            lab.vipx[0].stop().map_err(|e| format!("{e:#}"))?;
+            progress("traffic while vipx is stopped (SIGTERM)")?;
+            lab.vipx[0].restart().map_err(|e| format!("{e:#}"))?;
+            progress("traffic after the restart")?;
+            lab.vipx[0].kill().map_err(|e| format!("{e:#}"))?;
+            progress("traffic while vipx is killed (SIGKILL)")?;
+            lab.vipx[0].restart().map_err(|e| format!("{e:#}"))?;
+            progress("traffic after the second restart")?;
+            lab.vipx[0]
+                .replace_with(&new_build)
+                .map_err(|e| format!("{e:#}"))?;
+            progress("traffic after the upgrade")?;
+            lab.vipx[0].ensure_running().map_err(|e| format!("{e:#}"))
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run));
+        stop.store(true, Ordering::Relaxed);
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    });
+    let errors = traffic
+        .errors
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let summary = format!(
+        "new connections {} ok / {} failed, keep-alive requests {} ok / {} failed, UDP {} ok / {} \
+         failed",
+        traffic.fresh_ok.load(Ordering::Relaxed),
+        traffic.fresh_failed.load(Ordering::Relaxed),
+        traffic.kept_ok.load(Ordering::Relaxed),
+        traffic.kept_failed.load(Ordering::Relaxed),
+        traffic.udp_ok.load(Ordering::Relaxed),
+        traffic.udp_failed.load(Ordering::Relaxed),
+    );
+    eprintln!("restart figures: {summary}");
+    assert!(
+        errors.is_empty(),
+        "{summary}; first errors: {:?} [{}]",
+        &errors[..errors.len().min(5)],
+        lab.cluster.drops()
+    );
+    assert!(
+        traffic.kept_ok.load(Ordering::Relaxed) > 0 && traffic.fresh_ok.load(Ordering::Relaxed) > 0,
+        "{summary}"
+    );
 }

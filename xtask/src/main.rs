@@ -391,11 +391,18 @@ fn run_demo(vipx_args: &[String]) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    step("stopping vipx and removing the lab");
+    step("stopping vipx, uninstalling it (vipx cleanup) and removing the lab");
     drop(child);
+    // A stopped vipx leaves its programs attached and its maps pinned on purpose.
+    let cleanup = status(
+        Command::new(bin.join("vipx"))
+            .args(["cleanup", "--node-name", lab.node_name(), "--pin-dir"])
+            .arg(&pin_dir)
+            .arg("--state-dir")
+            .arg(dir.join("state")),
+    );
     drop(lab);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    Ok(())
+    cleanup
 }
 
 fn test(cargo_args: &[String]) -> Result<()> {
