@@ -256,12 +256,14 @@ pub enum Stat {
     IcmpTranslated,
     /// Packets the egress program (into a pod) saw.
     EgressPackets,
+    /// New flows whose hash chose the client itself (hairpin) and took the next backend.
+    HairpinAvoided,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 16] = [
+    pub const ALL: [Stat; 17] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -278,6 +280,7 @@ impl Stat {
         Stat::FragMiss,
         Stat::IcmpTranslated,
         Stat::EgressPackets,
+        Stat::HairpinAvoided,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -298,6 +301,7 @@ impl Stat {
             Stat::FragMiss => "frag_miss",
             Stat::IcmpTranslated => "icmp_translated",
             Stat::EgressPackets => "egress_packets",
+            Stat::HairpinAvoided => "hairpin_avoided",
         }
     }
 }

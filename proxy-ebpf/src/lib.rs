@@ -129,6 +129,12 @@ pub const fn pick_slot(hash: u32, count: u16) -> u16 {
     (((hash as u64) * (count as u64)) >> 32) as u16 + 1
 }
 
+/// The slot after `slot` (1..=count, wrapping to 1). `count` must be non-zero.
+#[inline(always)]
+pub const fn next_slot(slot: u16, count: u16) -> u16 {
+    if slot >= count { 1 } else { slot + 1 }
+}
+
 /// Incremental update of an Internet checksum (RFC 1624, eqn. 3) for a 4-byte field that
 /// changes from `old` to `new`. All values in network byte order, as in the packet. Used for the
 /// IPv4 header checksum, which is always complete (no CHECKSUM_PARTIAL), so the program can
@@ -254,6 +260,13 @@ mod tests {
             hdr[10..12].copy_from_slice(&check);
             assert_eq!(csum_fold(&hdr, 0), 0, "after rewriting to {new:?}");
         }
+    }
+
+    #[test]
+    fn next_slot_wraps() {
+        assert_eq!(next_slot(1, 3), 2);
+        assert_eq!(next_slot(3, 3), 1);
+        assert_eq!(next_slot(1, 1), 1);
     }
 
     #[test]

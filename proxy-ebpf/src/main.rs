@@ -29,7 +29,8 @@ use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_HLEN, ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF,
     IP_PROTO_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF,
     TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2, csum_replace4, flow_hash,
-    ipv4_header_len, is_fragment, is_icmp_error, is_later_fragment, is_tcp_syn, pick_slot,
+    ipv4_header_len, is_fragment, is_icmp_error, is_later_fragment, is_tcp_syn, next_slot,
+    pick_slot,
 };
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
@@ -482,6 +483,15 @@ fn reply_revnat(ct: &CtValue) -> Option<RevNat4> {
     }
 }
 
+/// The backend in slot `slot` of a frontend, with its id.
+#[inline(always)]
+fn slot_backend(svc_key: SvcKey4, slot: u16) -> Option<(u32, Backend4)> {
+    let v = SVC4.get_ptr(svc_key.with_slot(slot))?;
+    // SAFETY: value pointer from a successful lookup.
+    let id = unsafe { (*v).backend_id };
+    Some((id, backend(id)?))
+}
+
 /// TC ingress on the host side of a pod's veth: packets the pod sends.
 #[classifier]
 pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
@@ -559,17 +569,22 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         count(Stat::CtMissNonSyn);
     }
     let hash = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    let slot = svc_key.with_slot(pick_slot(hash, svc.count));
-    let Some(slot) = SVC4.get_ptr(slot) else {
+    let slot = pick_slot(hash, svc.count);
+    let Some((mut backend_id, mut b)) = slot_backend(svc_key, slot) else {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
     };
-    // SAFETY: value pointer from a successful lookup.
-    let backend_id = unsafe { (*slot).backend_id };
-    let Some(b) = backend(backend_id) else {
-        count(Stat::NoBackend);
-        return TC_ACT_SHOT;
-    };
+    // A pod sent to itself through its own Service (hairpin) would get its answer from its own
+    // address and drop it: take the next slot while another backend exists. Deterministic, so
+    // a retransmitted SYN makes the same choice.
+    if b.addr == flow.saddr && svc.count > 1 {
+        count(Stat::HairpinAvoided);
+        let Some(next) = slot_backend(svc_key, next_slot(slot, svc.count)) else {
+            count(Stat::NoBackend);
+            return TC_ACT_SHOT;
+        };
+        (backend_id, b) = next;
+    }
     let rev_nat_gen = match REVNAT4.get(svc.rev_nat_id) {
         Some(r) => r.generation,
         None => 0,

@@ -1025,3 +1025,19 @@ fn icmp_errors_about_translated_flows_are_translated() {
     let (v, out) = run_on(&mut l, EGRESS, &err);
     assert_eq!((v, &out), (NEXT, &err));
 }
+
+/// A pod reaching its own Service is never sent to itself while another backend exists: it would
+/// get the answer from its own address (no hairpin SNAT yet) and drop it.
+#[test]
+fn a_pod_is_not_sent_to_itself_through_its_own_service() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1, BE2]);
+    for sport in 30000..30200u16 {
+        let (v, out) = run(&mut l, &frame(BE1, sport, VIP, 80, &SYN, &[]));
+        assert_eq!(v, NEXT);
+        assert_eq!(inspect(&out).dst, BE2, "source port {sport}");
+    }
+    assert!(stat(&l, Stat::HairpinAvoided) > 50);
+}

@@ -1004,3 +1004,26 @@ fn the_data_path_outlives_vipx() {
         "{summary}"
     );
 }
+
+/// A pod that backs a Service and calls it is answered by another backend, never sent to itself
+/// (which, without hairpin SNAT, would answer from its own address and be dropped).
+#[test]
+fn a_pod_calling_its_own_service_is_answered() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let other = lab.cluster.add_pod(2).expect("pod on node 2");
+    let client = lab.cluster.client().clone();
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&client, &other]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[client.ip, other.ip]);
+    for _ in 0..4 {
+        lab.assert_answers(
+            vip(VIP_A),
+            &other.name,
+            "the client calling its own Service",
+        );
+    }
+}
