@@ -258,12 +258,14 @@ pub enum Stat {
     EgressPackets,
     /// New flows whose hash chose the client itself (hairpin) and took the next backend.
     HairpinAvoided,
+    /// New flows to a frontend without usable endpoints answered with ICMP port unreachable.
+    Rejected,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 17] = [
+    pub const ALL: [Stat; 18] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -281,6 +283,7 @@ impl Stat {
         Stat::IcmpTranslated,
         Stat::EgressPackets,
         Stat::HairpinAvoided,
+        Stat::Rejected,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -302,6 +305,7 @@ impl Stat {
             Stat::IcmpTranslated => "icmp_translated",
             Stat::EgressPackets => "egress_packets",
             Stat::HairpinAvoided => "hairpin_avoided",
+            Stat::Rejected => "rejected",
         }
     }
 }

@@ -29,6 +29,8 @@ pub const IP_PROTO_OFF: usize = 9;
 pub const ICMP_HLEN: usize = 8;
 pub const ICMP_CSUM_OFF: usize = 2;
 pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Destination unreachable, code 3: what a client's socket turns into ECONNREFUSED.
+pub const ICMP_PORT_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 /// An ICMP error quotes the offending IP header and at least the first 8 bytes of its payload

@@ -14,7 +14,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -26,11 +27,11 @@ use proxy_common::{
     SvcValue, defaults,
 };
 use vipx_ebpf::{
-    ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_HLEN, ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF,
-    IP_PROTO_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF,
-    TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2, csum_replace4, flow_hash,
-    ipv4_header_len, is_fragment, is_icmp_error, is_later_fragment, is_tcp_syn, next_slot,
-    pick_slot,
+    ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
+    ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF, IP_PROTO_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN,
+    L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN,
+    csum_replace2, csum_replace4, flow_hash, ipv4_header_len, is_fragment, is_icmp_error,
+    is_later_fragment, is_tcp_syn, next_slot, pick_slot,
 };
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
@@ -563,7 +564,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // A new flow.
     if svc.count == 0 {
         count(Stat::NoBackend);
-        return TC_ACT_SHOT;
+        return reject(&mut ctx, &flow, syn);
     }
     if flow.proto == IPPROTO_TCP && !syn {
         count(Stat::CtMissNonSyn);
@@ -622,6 +623,150 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     count(Stat::NewFlows);
     dnat(&mut ctx, &flow, &b)
+}
+
+/// A new connection (TCP SYN) or datagram (UDP) to a frontend without usable endpoints gets ICMP
+/// port unreachable from the frontend, as kube-proxy's REJECT rules answer, so the client sees
+/// ECONNREFUSED at once instead of retrying into a void. Anything else (other TCP packets, later
+/// fragments, headers with options) is dropped.
+#[inline(always)]
+fn reject(ctx: &mut TcContext, flow: &Flow, syn: bool) -> i32 {
+    if flow.l4_off != ETH_HLEN + IPV4_MIN_HLEN {
+        return TC_ACT_SHOT;
+    }
+    // The quote covers the L4 checksum field: a packet from a local socket is CHECKSUM_PARTIAL,
+    // and the kernel refuses to cut it before that field. The whole TCP header is quoted (RFC
+    // 1812 allows more than 8 bytes), the UDP header is 8 bytes anyway.
+    match flow.proto {
+        IPPROTO_TCP if syn => answer_unreachable::<TCP_MIN_HLEN>(ctx, flow),
+        IPPROTO_UDP if flow.frag != FRAG_LATER => answer_unreachable::<UDP_HLEN>(ctx, flow),
+        _ => TC_ACT_SHOT,
+    }
+}
+
+/// Turn the packet into the ICMP port unreachable answering it and send it back out the veth it
+/// came from, into the pod: room for the new IPv4 and ICMP headers made after Ethernet, cut
+/// after the quoted IPv4 header and `L4` bytes of its L4 header, addresses swapped.
+#[inline(always)]
+fn answer_unreachable<const L4: usize>(ctx: &mut TcContext, flow: &Flow) -> i32 {
+    let quote = IPV4_MIN_HLEN + L4;
+    let icmp = ETH_HLEN + IPV4_MIN_HLEN;
+    let len = icmp + ICMP_HLEN + quote;
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let macs = unsafe { *eth };
+    let skb = ctx.skb.skb;
+    // SAFETY: helpers on this program's own skb; lengths are constants.
+    let resized = unsafe {
+        aya_ebpf::helpers::bpf_skb_adjust_room(
+            skb,
+            (IPV4_MIN_HLEN + ICMP_HLEN) as i32,
+            BPF_ADJ_ROOM_MAC,
+            0,
+        ) == 0
+            && aya_ebpf::helpers::bpf_skb_change_tail(skb, len as u32, 0) == 0
+    };
+    if !resized {
+        return TC_ACT_SHOT;
+    }
+    // Headers first (fixed size), then the ICMP message with its quote.
+    let Some(hdr) = ptr_at::<[u8; ETH_HLEN + IPV4_MIN_HLEN]>(ctx, 0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: bounds checked just above; no helper call since.
+    let hdr = unsafe { &mut *hdr };
+    let mut i = 0;
+    while i < 6 {
+        hdr[i] = macs[6 + i];
+        hdr[6 + i] = macs[i];
+        i += 1;
+    }
+    let total = ((IPV4_MIN_HLEN + ICMP_HLEN + quote) as u16).to_be_bytes();
+    let ip = [
+        0x45,
+        0,
+        total[0],
+        total[1],
+        0,
+        0,
+        0,
+        0,
+        64,
+        IPPROTO_ICMP,
+        0,
+        0,
+        flow.daddr[0],
+        flow.daddr[1],
+        flow.daddr[2],
+        flow.daddr[3],
+        flow.saddr[0],
+        flow.saddr[1],
+        flow.saddr[2],
+        flow.saddr[3],
+    ];
+    let check = csum(&ip);
+    let mut i = 0;
+    while i < IPV4_MIN_HLEN {
+        hdr[ETH_HLEN + i] = ip[i];
+        i += 1;
+    }
+    hdr[ETH_HLEN + IP_CSUM_OFF] = check[0];
+    hdr[ETH_HLEN + IP_CSUM_OFF + 1] = check[1];
+    let Some(msg) = ptr_at::<IcmpMessage<L4>>(ctx, icmp) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: bounds checked just above; no helper call since.
+    let msg = unsafe { &mut *msg };
+    msg.header = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    let check = csum_pair(&msg.header, &msg.quote_ip, &msg.quote_l4);
+    msg.header[ICMP_CSUM_OFF] = check[0];
+    msg.header[ICMP_CSUM_OFF + 1] = check[1];
+    count(Stat::Rejected);
+    // SAFETY: reading this program's own skb context.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: plain helper call; out this same veth, into the pod.
+    unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// An ICMP error message as [`answer_unreachable`] lays it out.
+#[repr(C)]
+struct IcmpMessage<const L4: usize> {
+    header: [u8; ICMP_HLEN],
+    quote_ip: [u8; IPV4_MIN_HLEN],
+    quote_l4: [u8; L4],
+}
+
+/// The Internet checksum over three even-length pieces, as it goes in the packet.
+#[inline(always)]
+fn csum_pair(a: &[u8], b: &[u8], c: &[u8]) -> [u8; 2] {
+    let sum = sum16(a) + sum16(b) + sum16(c);
+    fold(sum)
+}
+
+#[inline(always)]
+fn sum16(bytes: &[u8]) -> u32 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> [u8; 2] {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be_bytes()
+}
+
+/// The Internet checksum (RFC 1071) of a short, even-length header, as it goes in the packet.
+#[inline(always)]
+fn csum(bytes: &[u8]) -> [u8; 2] {
+    fold(sum16(bytes))
 }
 
 /// TC egress on the host side of a pod's veth: packets about to enter the pod.

@@ -30,6 +30,7 @@ use vipx::{
 /// TC_ACT_UNSPEC: vipx passes every packet it does not drop on to the next program.
 const NEXT: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
 
 const INGRESS: &str = prog_names::POD_INGRESS;
 const EGRESS: &str = prog_names::POD_EGRESS;
@@ -420,10 +421,10 @@ fn translation_fixtures() {
             expect: None,
         },
         Case {
-            what: "a service without backends drops new flows",
+            what: "a service without backends answers new flows (ICMP, see below)",
             prog: INGRESS,
             input: frame(CLIENT, 40004, VIP_EMPTY, 80, &SYN, &[]),
-            verdict: TC_ACT_SHOT,
+            verdict: TC_ACT_REDIRECT,
             expect: None,
         },
     ];
@@ -1040,4 +1041,67 @@ fn a_pod_is_not_sent_to_itself_through_its_own_service() {
         assert_eq!(inspect(&out).dst, BE2, "source port {sport}");
     }
     assert!(stat(&l, Stat::HairpinAvoided) > 50);
+}
+
+/// A new connection or datagram to a frontend without endpoints gets ICMP port unreachable from
+/// the frontend (kube-proxy's REJECT), sent back where it came from; other packets are dropped.
+#[test]
+fn no_endpoints_rejects_new_flows_with_icmp_port_unreachable() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let mut t = Target::default();
+    t.frontends.insert(
+        addr(VIP_EMPTY, 80, IPPROTO_TCP),
+        frontend("empty", Protocol::Tcp, vec![]),
+    );
+    t.frontends.insert(
+        addr(VIP_EMPTY, 53, IPPROTO_UDP),
+        frontend("empty-dns", Protocol::Udp, vec![]),
+    );
+    l.writer.apply(&t).unwrap();
+    let udp = L4::Udp {
+        zero_csum: false,
+        payload: b"query",
+    };
+    // The quote: the IPv4 header and the whole TCP header (it must cover the L4 checksum field:
+    // the kernel will not cut a CHECKSUM_PARTIAL packet before it), or the UDP header.
+    for (what, input, quoted) in [
+        (
+            "TCP SYN",
+            frame(CLIENT, 40500, VIP_EMPTY, 80, &SYN, &[]),
+            40,
+        ),
+        ("UDP", frame(CLIENT, 40501, VIP_EMPTY, 53, &udp, &[]), 28),
+    ] {
+        let (v, out) = run(&mut l, &input);
+        assert_eq!(v, TC_ACT_REDIRECT, "{what}: sent back");
+        let (eth, rest) = Ethernet2Header::from_slice(&out).unwrap();
+        let (in_eth, _) = Ethernet2Header::from_slice(&input).unwrap();
+        assert_eq!(
+            (eth.source, eth.destination),
+            (in_eth.destination, in_eth.source),
+            "{what}: MACs swapped"
+        );
+        let (ip, icmp) = Ipv4Header::from_slice(rest).unwrap();
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{what}");
+        assert_eq!(
+            (ip.source, ip.destination, ip.protocol),
+            (VIP_EMPTY, CLIENT, IpNumber::ICMP),
+            "{what}"
+        );
+        assert_eq!(usize::from(ip.total_len), 20 + icmp.len(), "{what}: length");
+        assert_eq!(&icmp[..2], &[3, 3], "{what}: port unreachable");
+        assert_eq!(inet_csum(icmp), 0, "{what}: ICMP checksum");
+        assert_eq!(
+            &icmp[8..],
+            &input[14..14 + quoted],
+            "{what}: the quote is the original"
+        );
+    }
+    // A TCP packet that is not a SYN (a flow that lost its backends) is dropped, not answered.
+    let (v, _) = run(&mut l, &frame(CLIENT, 40502, VIP_EMPTY, 80, &DATA, &[]));
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_eq!(stat(&l, Stat::Rejected), 2);
 }

@@ -1027,3 +1027,45 @@ fn a_pod_calling_its_own_service_is_answered() {
         );
     }
 }
+
+/// A Service without endpoints refuses at once, as kube-proxy's REJECT rules do: `connect()`
+/// fails with ECONNREFUSED and a connected UDP socket reports it, instead of a timeout.
+#[test]
+fn a_service_without_endpoints_refuses_at_once() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    lab.service("empty", VIP_A, Vec::new());
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[]);
+    let tcp = in_netns(lab.client(), || {
+        std::net::TcpStream::connect_timeout(&vip(VIP_A), TIMEOUT)
+    })
+    .expect("entering the client namespace");
+    match tcp {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!(
+            "TCP connect to a Service without endpoints: expected ECONNREFUSED, got {other:?} \
+             [{}]\nprogrammed:\n{}",
+            lab.cluster.drops(),
+            lab.vipx[0].services().unwrap_or_default()
+        ),
+    }
+    let udp = in_netns(lab.client(), || -> std::io::Result<usize> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(vip(VIP_A))?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.send(b"hello")?;
+        socket.recv(&mut [0u8; 64])
+    })
+    .expect("entering the client namespace");
+    match udp {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!(
+            "UDP to a Service without endpoints: expected ECONNREFUSED, got {other:?} [{}]",
+            lab.cluster.drops()
+        ),
+    }
+}
