@@ -208,8 +208,16 @@ pub struct FragKey4 {
     pub daddr: [u8; 4],
     pub id: [u8; 2],
     pub proto: u8,
-    pub _pad: u8,
+    /// Which hook recorded it (`FRAG_DIR_*`): a datagram between two pods of one node passes the
+    /// sender's ingress and then the receiver's egress, fragment by fragment; each keeps its own
+    /// record, so one removing it at the last fragment cannot starve the other.
+    pub dir: u8,
 }
+
+/// `FragKey4::dir` of the ingress program (what a pod sends).
+pub const FRAG_DIR_INGRESS: u8 = 0;
+/// `FragKey4::dir` of the egress program (what a pod receives).
+pub const FRAG_DIR_EGRESS: u8 = 1;
 
 /// Value of `FRAG4`: the L4 ports of the datagram as its first fragment carried them.
 #[repr(C)]

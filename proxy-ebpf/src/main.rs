@@ -22,9 +22,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue, FragKey4, FragValue, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, Stat, SvcKey4,
-    SvcValue, defaults,
+    Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
+    FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4,
+    SCOPE_EXTERNAL, STATS_LEN, Stat, SvcKey4, SvcValue, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -122,13 +122,13 @@ impl Flow {
     }
 
     #[inline(always)]
-    fn frag_key(&self) -> FragKey4 {
+    fn frag_key(&self, dir: u8) -> FragKey4 {
         FragKey4 {
             saddr: self.saddr,
             daddr: self.daddr,
             id: self.ip_id,
             proto: self.proto,
-            _pad: 0,
+            dir,
         }
     }
 
@@ -138,18 +138,18 @@ impl Flow {
     /// (MF clear) removes the record. `false`: a later fragment whose first was not seen
     /// (lost, or out of order): passed untouched.
     #[inline(always)]
-    fn resolve_ports(&mut self) -> bool {
+    fn resolve_ports(&mut self, dir: u8) -> bool {
         match self.frag {
             FRAG_FIRST => {
                 let v = FragValue {
                     sport: self.sport,
                     dport: self.dport,
                 };
-                let _ = FRAG4.insert(self.frag_key(), v, 0);
+                let _ = FRAG4.insert(self.frag_key(dir), v, 0);
                 true
             }
             FRAG_LATER => {
-                let key = self.frag_key();
+                let key = self.frag_key(dir);
                 let Some(v) = FRAG4.get_ptr(key) else {
                     count(Stat::FragMiss);
                     return false;
@@ -509,7 +509,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
             return NEXT;
         }
     };
-    if !flow.resolve_ports() {
+    if !flow.resolve_ports(FRAG_DIR_INGRESS) {
         return NEXT;
     }
     let syn = flow.proto == IPPROTO_TCP && is_tcp_syn(flow.tcp_flags);
@@ -775,7 +775,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
     count(Stat::EgressPackets);
     match parse_pulling(&ctx) {
         Parse::Flow(mut flow) => {
-            if !flow.resolve_ports() {
+            if !flow.resolve_ports(FRAG_DIR_EGRESS) {
                 return NEXT;
             }
             let key = flow.ct_key();

@@ -66,7 +66,13 @@ pub fn ensure_bpffs() -> Result<()> {
     if is_bpffs(p) {
         return Ok(());
     }
-    tracing::info!("mounting bpffs at {BPFFS}");
+    // A bpffs mounted here lives as long as this mount namespace: in a container without the
+    // host's /sys/fs/bpf (a hostPath with mount propagation), pins die with the container and
+    // nothing survives a restart.
+    tracing::warn!(
+        "no bpffs at {BPFFS}: mounting one; pins (maps, links) outlive vipx only if this mount is \
+         the host's"
+    );
     let src = CString::new("bpf")?;
     let dst = CString::new(BPFFS)?;
     // SAFETY: plain mount(2) with NUL-terminated strings we own.
@@ -162,7 +168,9 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             .with_context(|| format!("reading pinned map {}", path.display()))?;
         if (info.key_size(), info.value_size()) != (key, value) {
             bail!(
-                "pinned map {} has key/value sizes {}/{} but this vipx uses {key}/{value}: it was                  left by a build with another map layout. Remove {} to start afresh (the                  connections it tracks are lost), or run the build that made it",
+                "pinned map {} has key/value sizes {}/{} but this vipx uses {key}/{value}: it was \
+                 left by a build with another map layout. Remove {} to start afresh (the \
+                 connections it tracks are lost), or run the build that made it",
                 path.display(),
                 info.key_size(),
                 info.value_size(),
@@ -171,7 +179,9 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
         }
         if info.max_entries() != entries {
             bail!(
-                "pinned map {} holds {} entries but {flag} asks for {entries}: a pinned map                  cannot be resized. Run with {flag} {} or remove {} to start afresh (the                  connections it tracks are lost)",
+                "pinned map {} holds {} entries but {flag} asks for {entries}: a pinned map \
+                 cannot be resized. Run with {flag} {} or remove {} to start afresh (the \
+                 connections it tracks are lost)",
                 path.display(),
                 info.max_entries(),
                 info.max_entries(),
@@ -329,57 +339,36 @@ impl Attachments {
             }
             match replace_program(ebpf, name, &path) {
                 Ok(()) => adopted += 1,
-                Err(e) => {
-                    // A link whose interface was re-created is defunct: start afresh.
-                    tracing::info!(interface = %iface, "pinned {dir} link not reusable: {e:#}");
+                // The link's interface is gone (deleted, or re-created under this name): the
+                // link is defunct, start afresh.
+                Err(e) if has_errno(&e, libc::ENOLINK) => {
+                    tracing::info!(interface = %iface, "pinned {dir} link is defunct: {e:#}");
                     fs::remove_file(&path)
                         .with_context(|| format!("removing {}", path.display()))?;
                 }
+                // Anything else: the old program keeps serving through its pin; retried.
+                Err(e) => return Err(e.context(format!("adopting the pinned {dir} link"))),
             }
         }
         if adopted == POD_PROGRAMS.len() {
             self.attached.insert(iface.to_owned(), ifindex);
             return Ok(());
         }
-        // Two vipx processes on one veth (a surge rollout, a second instance by mistake)
-        // would each see the other's DNATed SYN as a direct connection and clear the reply
-        // entry it just made; the second waits until the first is gone. Links of our own pins
-        // were adopted above and are not counted.
-        for (name, attach_type, dir) in POD_PROGRAMS {
-            if self.pin_path(iface, ifindex, dir).exists() {
-                continue;
-            }
-            let (_, progs) = SchedClassifier::query_tcx(iface, attach_type)
-                .with_context(|| format!("listing the tcx programs on {iface}"))?;
-            if progs
-                .iter()
-                .any(|p| p.name_as_str().is_some_and(|n| same_program(n, name)))
-            {
-                bail!(
-                    "{iface} already runs {name} (another vipx process?); retried until it is \
-                     gone"
-                );
-            }
-        }
+        let mut created = Vec::new();
         for (name, attach_type, dir) in POD_PROGRAMS {
             let path = self.pin_path(iface, ifindex, dir);
             if path.exists() {
                 continue;
             }
-            let p = prog(ebpf, name)?;
-            let id = p
-                .attach_with_options(
-                    iface,
-                    attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .with_context(|| format!("attaching {name} to {iface} {dir}"))?;
-            let link = FdLink::try_from(p.take_link(id)?)
-                .with_context(|| format!("the {dir} link of {iface} is not a tcx link"))?;
-            // Pinned, the link outlives this process; the handle here can go.
-            link.pin(&path).with_context(|| {
-                format!("pinning the {dir} link of {iface} at {}", path.display())
-            })?;
+            if let Err(e) = attach_pinned(ebpf, name, iface, attach_type, &path) {
+                // Never leave one direction without the other: DNAT without reverse NAT resets
+                // every connection.
+                for path in created {
+                    let _ = fs::remove_file(path);
+                }
+                return Err(e).with_context(|| format!("attaching {name} to {iface} {dir}"));
+            }
+            created.push(path);
         }
         self.attached.insert(iface.to_owned(), ifindex);
         Ok(())
@@ -434,20 +423,37 @@ impl Attachments {
     }
 
     /// Remove pinned links of interfaces that are not in `keep` (gone while vipx was down, or no
-    /// longer matching `--pod-interfaces`): unpinned, such a link is detached.
-    pub fn prune(&self, keep: &[(String, u32)]) -> Vec<anyhow::Error> {
+    /// longer matching `--pod-interfaces`): unpinned, such a link is detached. `listed` is every
+    /// interface the scan saw: a pin of an interface it did not see is removed only once the
+    /// kernel confirms the interface is gone, so an incomplete listing detaches nothing.
+    pub fn prune(
+        &self,
+        keep: &[(String, u32)],
+        listed: &[(String, u32)],
+        index_of: impl Fn(&str) -> u32,
+    ) -> Vec<anyhow::Error> {
         let Ok(entries) = fs::read_dir(&self.link_dir) else {
             return Vec::new();
         };
+        let wanted: std::collections::HashSet<String> = keep
+            .iter()
+            .flat_map(|(name, index)| {
+                POD_PROGRAMS
+                    .iter()
+                    .map(move |(_, _, dir)| link_pin_name(name, *index, dir))
+            })
+            .collect();
         let mut errors = Vec::new();
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
-            let wanted = keep.iter().any(|(name, index)| {
+            let seen = listed.iter().any(|(name, index)| {
                 POD_PROGRAMS
                     .iter()
                     .any(|(_, _, dir)| file == link_pin_name(name, *index, dir))
             });
-            if !wanted {
+            let gone =
+                parse_link_pin_name(&file).is_none_or(|(name, index)| index_of(&name) != index);
+            if !wanted.contains(&file) && (seen || gone) {
                 if let Err(e) = fs::remove_file(entry.path()) {
                     errors.push(anyhow::Error::new(e).context(format!("removing {file}")));
                 } else {
@@ -475,6 +481,43 @@ fn link_pin_name(iface: &str, ifindex: u32, dir: &str) -> String {
     format!("{}@{ifindex}-{dir}", iface.replace('.', ":"))
 }
 
+/// The interface and index a pin name names (see [`link_pin_name`]).
+fn parse_link_pin_name(file: &str) -> Option<(String, u32)> {
+    let (name, rest) = file.rsplit_once('@')?;
+    let (index, _dir) = rest.split_once('-')?;
+    Some((name.replace(':', "."), index.parse().ok()?))
+}
+
+/// Attach `name` in tcx, first in the chain, and pin the link at `path`.
+fn attach_pinned(
+    ebpf: &mut Ebpf,
+    name: &str,
+    iface: &str,
+    attach_type: TcAttachType,
+    path: &Path,
+) -> Result<()> {
+    let p = prog(ebpf, name)?;
+    let id = p.attach_with_options(
+        iface,
+        attach_type,
+        TcAttachOptions::TcxOrder(LinkOrder::first()),
+    )?;
+    let link = FdLink::try_from(p.take_link(id)?).context("not a tcx link")?;
+    // Pinned, the link outlives this process; the handle here can go.
+    link.pin(path)
+        .with_context(|| format!("pinning the link at {}", path.display()))?;
+    Ok(())
+}
+
+/// Whether an error, or any error it wraps, is the OS error `errno`.
+fn has_errno(e: &anyhow::Error, errno: i32) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(errno))
+    })
+}
+
 /// Swap `name` into the tcx link pinned at `path`.
 fn replace_program(ebpf: &mut Ebpf, name: &str, path: &Path) -> Result<()> {
     let link = PinnedLink::from_pin(path).context("opening the pinned link")?;
@@ -490,21 +533,64 @@ fn replace_program(ebpf: &mut Ebpf, name: &str, path: &Path) -> Result<()> {
 }
 
 /// Uninstall a node's vipx: unpin its links (which detaches the programs, once no process holds
-/// them), its maps and its state. Stop the vipx process first.
+/// them), its maps and its state. Refused while a vipx process holds the pin directory; only
+/// what vipx itself pins or writes is removed, so a wrong `--pin-dir` cannot wipe other pins.
 pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
-    for dir in [pin_dir, state_dir] {
-        match fs::remove_dir_all(dir) {
-            Ok(()) => tracing::info!(dir = %dir.display(), "removed"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+    if pin_dir.exists() {
+        let dir =
+            fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+        if !flock(&dir, true).context("locking the pin directory")? {
+            bail!(
+                "a vipx process runs on {}: stop it first (a stopped vipx leaves its programs \
+                 attached on purpose)",
+                pin_dir.display()
+            );
         }
+        let links = link_dir(pin_dir);
+        if let Ok(entries) = fs::read_dir(&links) {
+            for entry in entries.flatten() {
+                remove_known(&entry.path())?;
+            }
+            remove_known_dir(&links)?;
+        }
+        for name in [
+            map_names::SVC4,
+            map_names::BACKEND4,
+            map_names::REVNAT4,
+            map_names::CT4,
+        ] {
+            remove_known(&pin_dir.join(name))?;
+        }
+        remove_known_dir(pin_dir)?;
     }
+    remove_known(&state_dir.join(crate::run::STATE_FILE))?;
+    remove_known_dir(state_dir)?;
     Ok(())
 }
 
-/// Whether a program name the kernel reports (the first 15 bytes of it) is `name`.
-fn same_program(reported: &str, name: &str) -> bool {
-    !reported.is_empty() && name.starts_with(reported)
+fn remove_known(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// Remove a directory vipx made, if nothing else is left in it (say so otherwise).
+fn remove_known_dir(path: &Path) -> Result<()> {
+    match fs::remove_dir(path) {
+        Ok(()) => {
+            tracing::info!(dir = %path.display(), "removed");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "removing {} (files vipx does not know are left in it)",
+                path.display()
+            )
+        }),
+    }
 }
 
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
@@ -514,9 +600,60 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
     Ok(p.try_into()?)
 }
 
-/// Default pin directory of a node.
+/// Default pin directory of a node. bpffs refuses names with a dot, which node names often have
+/// (`ip-10-0-0-1.ec2.internal`); a colon, which node names cannot have, stands in for it.
 pub fn default_pin_dir(node_name: &str) -> PathBuf {
-    Path::new(BPFFS).join("vipx").join(node_name)
+    Path::new(BPFFS)
+        .join("vipx")
+        .join(node_name.replace('.', ":"))
+}
+
+/// One vipx process per pin directory: held for the process's life (`flock` on the directory),
+/// so a second one (a surge rollout, a mistake) waits instead of writing the same maps with an
+/// id allocator of its own, and `vipx cleanup` refuses while it is held.
+pub struct PinLock {
+    _dir: fs::File,
+}
+
+fn open_pin_dir(pin_dir: &Path) -> Result<fs::File> {
+    ensure_bpffs()?;
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir) {
+        bail!("pin directory {} is not on bpffs", pin_dir.display());
+    }
+    fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))
+}
+
+fn flock(dir: &fs::File, nonblocking: bool) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Take the pin directory, waiting (and saying so) while another vipx holds it.
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinLock> {
+    let dir = open_pin_dir(pin_dir)?;
+    if !flock(&dir, true).context("locking the pin directory")? {
+        tracing::warn!(
+            pin_dir = %pin_dir.display(),
+            "another vipx process holds this pin directory; waiting for it to exit (its \
+             programs keep serving meanwhile)"
+        );
+        flock(&dir, false).context("locking the pin directory")?;
+    }
+    Ok(PinLock { _dir: dir })
 }
 
 /// Take the conntrack map out of a loaded object.
@@ -531,4 +668,22 @@ pub fn open_pinned_conntrack(
     pin_dir: &Path,
 ) -> Result<HashMap<MapData, proxy_common::CtKey4, proxy_common::CtValue>> {
     from_pin(pin_dir, map_names::CT4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_survive_bpffs_and_read_back() {
+        let name = link_pin_name("eth0.100", 42, "ingress");
+        assert!(!name.contains('.'), "bpffs refuses dots: {name}");
+        assert_eq!(
+            parse_link_pin_name(&name),
+            Some(("eth0.100".to_owned(), 42))
+        );
+        assert_eq!(parse_link_pin_name("junk"), None);
+        let dir = default_pin_dir("ip-10-0-0-1.ec2.internal");
+        assert!(!dir.file_name().unwrap().to_string_lossy().contains('.'));
+    }
 }

@@ -145,13 +145,15 @@ pub fn default_state_dir(node_name: &str) -> PathBuf {
 /// Every interface of this network namespace with its index (if_nameindex asks the kernel
 /// through netlink, so unlike /sys/class/net it reflects the namespace we run in even under
 /// `nsenter --net`).
-pub fn interfaces() -> Vec<(String, u32)> {
+/// `None` when the kernel could not be asked: an empty list would read as "every interface
+/// gone" and unpin the links of live ones.
+pub fn interfaces() -> Option<Vec<(String, u32)>> {
     let mut out = Vec::new();
     // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
     unsafe {
         let head = libc::if_nameindex();
         if head.is_null() {
-            return out;
+            return None;
         }
         let mut p = head;
         while (*p).if_index != 0 && !(*p).if_name.is_null() {
@@ -163,7 +165,16 @@ pub fn interfaces() -> Vec<(String, u32)> {
         }
         libc::if_freenameindex(head);
     }
-    out
+    Some(out)
+}
+
+/// The index of interface `name` now, asked on its own (0: no such interface).
+fn index_of(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: NUL-terminated string we own.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 struct Controller {
@@ -331,13 +342,18 @@ impl Controller {
 
     /// Attach to new matching interfaces; forget ones that disappeared.
     fn scan_interfaces(&mut self) {
-        let present = interfaces();
+        let Some(present) = interfaces() else {
+            tracing::warn!("listing interfaces failed; retried at the next scan");
+            return;
+        };
         // Gone, or deleted and created again under the same name (a pod sandbox restarting
-        // within one scan): its links went with the old interface.
+        // within one scan): its links went with the old interface. Asked again one by one
+        // before the pins go: unpinning a live interface's links would detach them.
         let gone: Vec<String> = self
             .attachments
             .interfaces()
             .filter(|(name, index)| !present.iter().any(|(n, i)| n == name && i == index))
+            .filter(|(name, index)| index_of(name) != *index)
             .map(|(name, _)| name.to_owned())
             .collect();
         for i in gone {
@@ -352,7 +368,7 @@ impl Controller {
             .filter(|(name, _)| self.opts.pod_interfaces.iter().any(|g| g.matches(name)))
             .cloned()
             .collect();
-        for e in self.attachments.prune(&served) {
+        for e in self.attachments.prune(&served, &present, index_of) {
             tracing::warn!("{e:#}");
         }
         self.refused
@@ -380,6 +396,8 @@ impl Controller {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    // Held until the process exits: a second vipx on this pin directory waits here.
+    let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
     let writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;

@@ -881,6 +881,24 @@ fn fragments_of_translated_datagrams_are_translated() {
     assert_eq!((sport, dport, ok), (53, 42000, true));
     assert_eq!(stat(&l, Stat::FragTranslated), 4);
 
+    // Backend and client on one node without netfilter defragmenting in between: each fragment
+    // of the answer passes the backend's veth ingress, then the client's veth egress, in turn.
+    let mut out = Vec::new();
+    for f in udp_fragments(BE1, 5353, CLIENT, 42000, 0x4444, 3000) {
+        let (v, through_ingress) = run(&mut l, &f);
+        assert_eq!(
+            (v, &through_ingress),
+            (NEXT, &f),
+            "not a flow to a frontend"
+        );
+        let (v, into_client) = run_on(&mut l, EGRESS, &through_ingress);
+        assert_eq!(v, NEXT);
+        out.push(into_client);
+    }
+    let (addrs, sport, dport, ok) = reassemble(&out);
+    assert!(addrs.iter().all(|a| *a == (VIP, CLIENT)), "{addrs:?}");
+    assert_eq!((sport, dport, ok), (53, 42000, true));
+
     // Later fragments whose first fragment was never seen pass untouched.
     let orphan = &udp_fragments(BE1, 5353, CLIENT, 42000, 0x5555, 3000)[1];
     let (v, out) = run_on(&mut l, EGRESS, orphan);

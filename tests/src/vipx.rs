@@ -93,6 +93,8 @@ pub struct Vipx {
     /// More `vipx run` arguments (map sizes, say), given at every start.
     extra_args: Vec<String>,
     child: Option<Child>,
+    /// Where the running process's log (stderr) goes, so tests can wait for what it says.
+    log: Option<PathBuf>,
 }
 
 impl Vipx {
@@ -133,6 +135,25 @@ impl Vipx {
             pin_dir,
             extra_args: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
+            log: None,
+        };
+        vipx.spawn()?;
+        Ok(vipx)
+    }
+
+    /// A second `vipx run` on this one's node, pin directory, state and manifests: what a
+    /// DaemonSet surge rollout starts beside the running pod.
+    pub fn second(&self) -> Result<Self> {
+        let mut vipx = Self {
+            bin: self.bin.clone(),
+            node: self.node.clone(),
+            name: self.name.clone(),
+            manifests: self.manifests.clone(),
+            pin_dir: self.pin_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            extra_args: self.extra_args.clone(),
+            child: None,
+            log: None,
         };
         vipx.spawn()?;
         Ok(vipx)
@@ -272,6 +293,19 @@ impl Vipx {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        // One log per process (a restart starts a new one), removed with this handle.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "{}-vipx-{}-{}.log",
+            self.name,
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        if let Some(old) = self.log.replace(path.clone()) {
+            let _ = std::fs::remove_file(old);
+        }
+        let log =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let child = ns_command(
             &self.node,
             &self.bin,
@@ -291,9 +325,34 @@ impl Vipx {
         )
         .args(&self.extra_args)
         .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
         .spawn()
         .with_context(|| format!("starting {} in {}", self.bin.display(), self.node))?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// What the current (or last) process logged so far.
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the process logged a line containing `text`.
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(text) {
+            if Instant::now() > deadline {
+                bail!(
+                    "vipx in {} did not log {text:?} within {timeout:?}; its log:\n{}",
+                    self.node,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(())
     }
 }
@@ -333,6 +392,9 @@ impl Drop for Vipx {
     fn drop(&mut self) {
         if let Err(e) = self.cleanup() {
             eprintln!("{e:#}");
+        }
+        if let Some(log) = self.log.take() {
+            let _ = std::fs::remove_file(log);
         }
         // Whatever cleanup could not remove.
         for dir in [&self.pin_dir, &self.state_dir] {

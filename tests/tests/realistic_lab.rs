@@ -638,9 +638,12 @@ fn a_flow_pinned_to_a_freed_backend_id_does_not_reach_its_new_owner() {
     lab.service("svc-b", VIP_B, pod_endpoints(&[&pod2]));
     lab.vipx[0].restart().expect("restarting vipx");
     lab.wait_ready(VIP_B, &[pod2.ip]);
-    eprintln!(
-        "programmed after the restart:\n{}",
-        lab.vipx[0].services().unwrap_or_default()
+    // The test is about the conntrack entry, which is only consulted once the frontend is found:
+    // VIP A must still be programmed (without backends), or nothing here could reach pod 2.
+    let programmed = lab.vipx[0].services().unwrap_or_default();
+    assert!(
+        programmed.contains(&format!("{VIP_A}:{SERVICE_PORT}/UDP")),
+        "VIP A is no longer programmed after the restart:\n{programmed}"
     );
 
     // Asked from inside pod 2 over loopback, so no vipx and no VIP is involved in counting.
@@ -782,10 +785,9 @@ fn a_pod_reaches_an_external_ip_of_a_local_policy_service_with_remote_endpoints_
     );
 }
 
-/// Two vipx processes on one node (a surge rollout, a second instance started by mistake): the
-/// second must not stack its programs on the veths the first serves (each would take the
-/// other's DNATed SYN for a direct connection and clear its reply entry); it takes over when the
-/// first is gone.
+/// Two vipx processes on one node with the same pin directory (a DaemonSet surge rollout): the
+/// second waits for the first instead of writing the same maps beside it, and takes over when it
+/// exits, swapping its programs into the pinned links; the Service answers all along.
 #[test]
 fn a_second_vipx_on_the_same_node_waits_for_the_first() {
     if !require_privileges() {
@@ -799,39 +801,51 @@ fn a_second_vipx_on_the_same_node_waits_for_the_first() {
     lab.wait_ready(VIP_A, &[pod.ip]);
     let node1 = lab.cluster.node(1).name.clone();
     let client_if = lab.cluster.client().host_if.clone();
-    let mut second = Vipx::start_as(
-        &locate_bin("vipx").expect("vipx binary"),
-        &node1,
-        &format!("{node1}-second"),
-        lab.manifests.path(),
-        &[],
-    )
-    .expect("starting a second vipx on node 1");
+    let first_programs = tcx_ids(&node1, &client_if);
+    let mut second = lab.vipx[0].second().expect("starting a second vipx");
     second
-        .wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
-            line.contains(&pod.ip.to_string())
-        })
+        .wait_log("another vipx process holds this pin directory", READY)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    // Programmed and scanning interfaces (every 0.5 s) for a while now: still one program.
+    // Waiting on the pin directory's lock: it never touches the links meanwhile.
     for _ in 0..3 {
-        lab.assert_answers(vip(VIP_A), &pod.name, "with a second vipx running");
-        for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let chain = tcx_programs_at(&node1, &client_if, dir);
-            assert_eq!(chain.len(), 1, "{dir:?} chain on {client_if}: {chain:?}");
-        }
+        lab.assert_answers(vip(VIP_A), &pod.name, "with a second vipx waiting");
+        second
+            .ensure_running()
+            .expect("the second vipx waits, it does not exit");
+        assert_eq!(
+            tcx_ids(&node1, &client_if),
+            first_programs,
+            "the second vipx changed the programs on {client_if} while the first runs"
+        );
     }
-    // A stopped vipx leaves its programs attached (the data path outlives it); uninstalling it
-    // hands the veths over.
-    lab.vipx[0]
-        .cleanup()
-        .expect("stopping and uninstalling the first vipx");
+    lab.vipx[0].stop().expect("stopping the first vipx");
     poll(
         READY,
-        "the second vipx to take over the client's veth",
-        || tcx_programs(&node1, &client_if).len() == 1,
+        "the second vipx to swap its programs into the pinned links",
+        || {
+            let now = tcx_ids(&node1, &client_if);
+            now.len() == 2 && now.iter().all(|id| !first_programs.contains(id))
+        },
     );
     second.ensure_running().expect("the second vipx runs");
     lab.assert_answers(vip(VIP_A), &pod.name, "after the second vipx took over");
+    // The first is stopped; the second holds the pins now and uninstalls on drop.
+    drop(second);
+}
+
+/// The ids of the tcx programs on `iface` (ingress then egress) in namespace `ns`.
+fn tcx_ids(ns: &str, iface: &str) -> Vec<u32> {
+    in_netns(ns, || {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .flat_map(|dir| {
+                SchedClassifier::query_tcx(iface, dir)
+                    .map(|(_, programs)| programs.iter().map(|p| p.id()).collect::<Vec<_>>())
+                    .unwrap_or_default()
+            })
+            .collect()
+    })
+    .expect("entering the node namespace")
 }
 
 /// What the traffic of [`the_data_path_outlives_vipx`] saw.
@@ -879,6 +893,12 @@ fn the_data_path_outlives_vipx() {
         return;
     }
     let _serial = serial();
+    // Another binary to upgrade to (a copy of this build: the same programs, loaded anew).
+    // Made before the lab, so it outlives the vipx that runs from it.
+    let upgraded =
+        ScratchDir::create(&format!("vipx-{}-upgrade", unique_tag())).expect("scratch directory");
+    let new_build = upgraded.path().join("vipx");
+    std::fs::copy(locate_bin("vipx").expect("vipx binary"), &new_build).expect("copying vipx");
     let mut lab = Lab::new();
     let local = lab.cluster.add_pod(1).expect("pod on node 1");
     let remote = lab.cluster.add_pod(2).expect("pod on node 2");
@@ -889,10 +909,8 @@ fn the_data_path_outlives_vipx() {
     let traffic = Traffic::default();
     let stop = AtomicBool::new(false);
     let client = lab.client().to_owned();
-    let upgraded = ScratchDir::create(&format!("vipx-{}-upgrade", lab.cluster.tag()))
-        .expect("scratch directory");
-    let new_build = upgraded.path().join("vipx");
-    std::fs::copy(locate_bin("vipx").expect("vipx binary"), &new_build).expect("copying vipx");
+    let node1 = lab.cluster.node(1).name.clone();
+    let client_if = lab.cluster.client().host_if.clone();
     std::thread::scope(|scope| {
         scope.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
@@ -953,19 +971,32 @@ fn the_data_path_outlives_vipx() {
                 None => Ok(()),
             }
         };
+        // A started vipx has taken over once its programs replaced the previous ones in the
+        // pinned links (new ids, still one program per direction).
+        let swapped = |before: &[u32], what: &str| {
+            poll(READY, what, || {
+                let now = tcx_ids(&node1, &client_if);
+                now.len() == 2 && now.iter().all(|id| !before.contains(id))
+            });
+            tcx_ids(&node1, &client_if)
+        };
         let run = || -> Result<(), String> {
+            let ids = tcx_ids(&node1, &client_if);
             progress("traffic with vipx running")?;
             lab.vipx[0].stop().map_err(|e| format!("{e:#}"))?;
             progress("traffic while vipx is stopped (SIGTERM)")?;
             lab.vipx[0].restart().map_err(|e| format!("{e:#}"))?;
+            let ids = swapped(&ids, "the restarted vipx to swap its programs in");
             progress("traffic after the restart")?;
             lab.vipx[0].kill().map_err(|e| format!("{e:#}"))?;
             progress("traffic while vipx is killed (SIGKILL)")?;
             lab.vipx[0].restart().map_err(|e| format!("{e:#}"))?;
+            let ids = swapped(&ids, "vipx restarted after SIGKILL to swap its programs in");
             progress("traffic after the second restart")?;
             lab.vipx[0]
                 .replace_with(&new_build)
                 .map_err(|e| format!("{e:#}"))?;
+            swapped(&ids, "the other binary to swap its programs in");
             progress("traffic after the upgrade")?;
             lab.vipx[0].ensure_running().map_err(|e| format!("{e:#}"))
         };
