@@ -199,7 +199,13 @@ struct Controller {
     refused: BTreeSet<String>,
     /// Whether the manifests directory was read once (see `try_sync`).
     source_seen: bool,
+    /// Whether a sync applied a read of every file (see `try_sync`).
+    first_clean_read: bool,
+    born: Instant,
 }
+
+/// How long a restarted vipx keeps the adopted state while a manifest file cannot be read.
+const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
 impl Controller {
     fn sync(&mut self) -> Result<()> {
@@ -254,6 +260,23 @@ impl Controller {
             None if self.full || !self.writer.pending().is_empty() => Changes::default(),
             None => return Ok(()),
         };
+        // Just after a restart a file caught unreadable or half-written has no last good read to
+        // stand in for it: applying now would delete its Services from the adopted maps (and
+        // break their flows) until the file is whole again. Wait for a clean read a little
+        // while; after that, files that stay broken lose their Services (reported above).
+        if !self.first_clean_read
+            && self.dir.unread_files() > 0
+            && !self.writer.programmed().frontends.is_empty()
+            && self.born.elapsed() < STARTUP_GRACE
+        {
+            self.full = true;
+            bail!(
+                "{} manifest file(s) could not be read cleanly yet; the adopted state is kept \
+                 (for up to {STARTUP_GRACE:?} after start)",
+                self.dir.unread_files()
+            );
+        }
+        self.first_clean_read = true;
         let target = self.tracker.target();
         let full = std::mem::take(&mut self.full);
         let st = if full {
@@ -423,6 +446,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         health: SyncHealth::default(),
         refused: BTreeSet::new(),
         source_seen: false,
+        first_clean_read: false,
+        born: Instant::now(),
     };
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -442,12 +467,26 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
     c.scan_interfaces();
     let mut dirty = true;
+    // A failed sync is retried after a second (maps stay consistent meanwhile), not only at the
+    // next resync.
+    let mut retry = false;
+    let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+    // The same failure is said once, not at every retry.
+    let mut last_error: Option<String> = None;
     loop {
         if dirty {
             dirty = false;
-            if let Err(e) = c.sync() {
-                // Maps stay consistent on a failed apply; retry on the next tick.
-                tracing::error!("sync failed: {e:#}");
+            retry = false;
+            match c.sync() {
+                Ok(()) => last_error = None,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if last_error.as_ref() != Some(&msg) {
+                        tracing::error!("sync failed (retried every second): {msg}");
+                    }
+                    last_error = Some(msg);
+                    retry = true;
+                }
             }
         }
         tokio::select! {
@@ -465,6 +504,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 dirty = true;
             }
             _ = iface_tick.tick() => c.scan_interfaces(),
+            _ = retry_tick.tick(), if retry => dirty = true,
         }
     }
     // The data path outlives the process: pinned links keep the programs attached and the pinned

@@ -127,6 +127,12 @@ struct FileState {
 }
 
 impl DirCache {
+    /// Manifest files whose current contents could not be read or parsed (their last good
+    /// objects stand in for them, if they ever had any).
+    pub fn unread_files(&self) -> usize {
+        self.files.values().filter(|f| !f.error.is_empty()).count()
+    }
+
     /// Every object in `dir`, or `None` when nothing changed since the previous call (no manifest
     /// file added, removed or changed, and the same problems).
     pub fn load(&mut self, dir: &Path) -> Option<ClusterObjects> {
@@ -260,10 +266,20 @@ fn read_file_state(path: &Path, prev: Option<FileState>) -> Option<(FileState, b
         let (state, _) = keep(prev, error, Some(stamp));
         return Some((state, true));
     }
+    // A suspect file with nothing better to fall back on (new, or the first read after a
+    // restart): its objects are used, and its problems mark it as not read cleanly, which a
+    // restarted vipx waits on a little before deleting what the file held (`unread_files`).
+    let (good, error) = if suspect {
+        let mut good = objs;
+        let error = std::mem::take(&mut good.problems);
+        (good, error)
+    } else {
+        (objs, Vec::new())
+    };
     let state = FileState {
         stamp: Some(stamp),
-        good: objs,
-        error: Vec::new(),
+        good,
+        error,
     };
     Some((state, true))
 }

@@ -1100,3 +1100,57 @@ fn a_service_without_endpoints_refuses_at_once() {
         ),
     }
 }
+
+/// A restarted vipx that finds a manifest file half-written (an editor, `kubectl get -o yaml >`
+/// caught mid-way) keeps the Services it adopted from the pinned maps instead of deleting them,
+/// and applies the file once it is whole.
+#[test]
+fn a_restart_over_a_half_written_file_keeps_the_adopted_services() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(2).expect("pod on node 2");
+    let spec = ServiceSpec {
+        name: "svc-a".into(),
+        vip: VIP_A,
+        port: SERVICE_PORT,
+        target_port: POD_PORT,
+        endpoints: pod_endpoints(&[&pod]),
+        external_ips: Vec::new(),
+        external_local: false,
+    };
+    lab.service_spec(spec.clone());
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    lab.vipx[0].stop().expect("stopping vipx");
+    // Cut inside a flow sequence of the Service document: YAML that does not parse. (A cut at a
+    // line boundary of block YAML often parses: that is an invalid object, reported and
+    // skipped like any other.)
+    let whole = vipx_lab::manifests::service_spec_yaml(&spec).expect("manifest text");
+    let path = spec.path(lab.manifests.path());
+    let cut = whole.find("ports:").expect("a ports line");
+    std::fs::write(
+        &path,
+        format!("{}ports: [{{name: http, port: 8", &whole[..cut]),
+    )
+    .expect("writing half a file");
+    lab.vipx[0].restart().expect("restarting vipx");
+    // Its first sync either applied the manifests (deleting svc-a) or kept the adopted state.
+    poll(READY, "the restarted vipx's first sync", || {
+        let log = lab.vipx[0].log();
+        log.contains("could not be read cleanly yet") || log.contains("maps synced")
+    });
+    lab.assert_answers(
+        vip(VIP_A),
+        &pod.name,
+        "after a restart over a half-written file",
+    );
+    // Whole again: applied (the same Service, so nothing changes but the warning goes).
+    write_service_spec(lab.manifests.path(), &spec).expect("writing the whole file");
+    lab.vipx[0]
+        .wait_log("maps synced", READY)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    lab.assert_answers(vip(VIP_A), &pod.name, "once the file is whole");
+}
