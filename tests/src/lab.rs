@@ -327,9 +327,9 @@ pub fn unique_tag() -> String {
     )
 }
 
-/// Deletes every namespace `vipx-<tag>-*` left by an earlier run that could not tear down (the
-/// demo uses a fixed tag); returns their names. Its pod servers are already gone: they exit when
-/// the process that started them dies.
+/// Deletes every namespace `vipx-<tag>-*`, and every vipx pin directory of such a node, left by
+/// an earlier run that could not tear down (the demo uses a fixed tag); returns their names. Its
+/// pod servers are already gone: they exit when the process that started them dies.
 pub fn cleanup_stale(tag: &str) -> Result<Vec<String>> {
     let prefix = ns_name(tag, "");
     let entries = match std::fs::read_dir(NETNS_DIR) {
@@ -349,8 +349,23 @@ pub fn cleanup_stale(tag: &str) -> Result<Vec<String>> {
             deleted.push(name);
         }
     }
+    // A vipx that was killed with its lab leaves its pins (maps, and links that keep defunct
+    // programs loaded) under its node's name.
+    if let Ok(pins) = std::fs::read_dir(PIN_ROOT) {
+        for entry in pins.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+                deleted.push(entry.path().display().to_string());
+            }
+        }
+    }
     Ok(deleted)
 }
+
+/// Where vipx pins each node's maps and links (`/sys/fs/bpf/vipx/<node>`).
+const PIN_ROOT: &str = "/sys/fs/bpf/vipx";
 
 /// Finds the `lab-pod` binary: `$VIPX_LAB_POD` if set, else next to the running executable or one
 /// directory up (test binaries live in `target/<profile>/deps`).
