@@ -82,6 +82,10 @@ struct RunArgs {
     /// Full resync period in seconds, on top of change events.
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
+    /// How long a TCP endpoint removed from every Service keeps serving the connections it has
+    /// (new ones avoid it at once), in seconds; 0 ends them at once.
+    #[arg(long, default_value_t = vipx::maps::DEFAULT_ENDPOINT_GRACE.as_secs())]
+    endpoint_grace_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +129,7 @@ fn real_main() -> Result<()> {
                     conntrack: a.max_conntrack,
                 },
                 resync: Duration::from_secs(a.resync_seconds.max(1)),
+                endpoint_grace: Duration::from_secs(a.endpoint_grace_seconds),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

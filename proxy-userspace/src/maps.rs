@@ -17,14 +17,15 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL,
-    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SvcKey4,
-    SvcValue,
+    BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, REVNAT_F_ACTIVE, RevNat4,
+    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
+    SVC_F_LOCAL, SvcKey4, SvcValue,
 };
 
 use crate::desired::{DesiredState, FrontendKind, Protocol, ServicePortName};
@@ -336,6 +337,11 @@ impl IdSpace {
     fn generation(&self, id: u32) -> u32 {
         self.gens.get(id as usize).copied().unwrap_or(0)
     }
+
+    /// Ids `alloc` can still hand out.
+    fn free_count(&self) -> usize {
+        (self.gens.len().saturating_sub(self.next as usize)) + self.free.len()
+    }
 }
 
 /// A frontend the last apply could not write. It was left as it was (absent if new), the maps
@@ -365,6 +371,8 @@ pub struct ApplyStats {
     pub frontends_removed: usize,
     pub backends_added: usize,
     pub backends_removed: usize,
+    /// TCP backends that left every Service and keep serving their connections for a while.
+    pub backends_retiring: usize,
     pub map_writes: usize,
     /// Frontends left as they were because they did not fit (retried by the next apply).
     pub failed: Vec<FailedFrontend>,
@@ -373,6 +381,18 @@ pub struct ApplyStats {
 impl ApplyStats {
     pub fn is_noop(&self) -> bool {
         self.map_writes == 0
+    }
+
+    fn merged(mut self, other: ApplyStats) -> Self {
+        self.frontends_added += other.frontends_added;
+        self.frontends_changed += other.frontends_changed;
+        self.frontends_removed += other.frontends_removed;
+        self.backends_added += other.backends_added;
+        self.backends_removed += other.backends_removed;
+        self.backends_retiring += other.backends_retiring;
+        self.map_writes += other.map_writes;
+        self.failed.extend(other.failed);
+        self
     }
 }
 
@@ -543,7 +563,16 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     backend_refs: StdHashMap<u32, u32>,
     /// Frontends that failed; every apply retries them.
     pending: BTreeSet<L4Addr>,
+    /// TCP backends that left every Service, by id: kept active (in no slot, so no new
+    /// connection picks them) until their deadline, so the connections already on them end on
+    /// their own, as netfilter conntrack keeps them behind kube-proxy. UDP backends go at once:
+    /// a UDP flow moves to a live backend on its next datagram (the DNS case).
+    retiring: BTreeMap<u32, (L4Addr, Instant)>,
+    endpoint_grace: Duration,
 }
+
+/// How long a TCP backend that left every Service keeps serving the connections it has.
+pub const DEFAULT_ENDPOINT_GRACE: Duration = Duration::from_secs(15 * 60);
 
 impl<M: MapStore> MapWriter<M> {
     /// Adopt whatever the (possibly pinned, pre-existing) maps already hold.
@@ -579,6 +608,8 @@ impl<M: MapStore> MapWriter<M> {
             revnat_space,
             backend_refs,
             pending: BTreeSet::new(),
+            retiring: BTreeMap::new(),
+            endpoint_grace: DEFAULT_ENDPOINT_GRACE,
         })
     }
 
@@ -648,6 +679,7 @@ impl<M: MapStore> MapWriter<M> {
         backends: &BTreeSet<L4Addr>,
     ) -> Result<ApplyStats> {
         let mut st = ApplyStats::default();
+        self.expire_retiring(target, Instant::now(), &mut st)?;
         let retry: Vec<L4Addr> = self
             .pending
             .iter()
@@ -793,7 +825,13 @@ impl<M: MapStore> MapWriter<M> {
             let Some(&id) = self.backend_ids.get(addr) else {
                 continue;
             };
-            if self.backend_refs.contains_key(&id) {
+            if self.backend_refs.contains_key(&id) || self.retiring.contains_key(&id) {
+                continue;
+            }
+            if addr.proto == IPPROTO_TCP && !self.endpoint_grace.is_zero() {
+                self.retiring
+                    .insert(id, (*addr, Instant::now() + self.endpoint_grace));
+                st.backends_retiring += 1;
                 continue;
             }
             self.free_backend(addr, id)?;
@@ -801,6 +839,50 @@ impl<M: MapStore> MapWriter<M> {
             st.backends_removed += 1;
         }
         Ok(())
+    }
+
+    /// How long TCP backends that left every Service keep their connections (0: none).
+    pub fn set_endpoint_grace(&mut self, grace: Duration) {
+        self.endpoint_grace = grace;
+    }
+
+    /// Backends kept for their established connections, by id.
+    pub fn retiring(&self) -> impl Iterator<Item = (u32, L4Addr)> + '_ {
+        self.retiring.iter().map(|(id, (addr, _))| (*id, *addr))
+    }
+
+    /// Let retiring backends go: those back in the target stay (as ordinary backends), those
+    /// past their deadline are freed.
+    fn expire_retiring(
+        &mut self,
+        target: &Target,
+        now: Instant,
+        st: &mut ApplyStats,
+    ) -> Result<()> {
+        let ids: Vec<(u32, L4Addr, Instant)> = self
+            .retiring
+            .iter()
+            .map(|(id, (addr, deadline))| (*id, *addr, *deadline))
+            .collect();
+        for (id, addr, deadline) in ids {
+            if target.backends.contains_key(&addr) {
+                self.retiring.remove(&id);
+            } else if now >= deadline && !self.backend_refs.contains_key(&id) {
+                self.retiring.remove(&id);
+                self.free_backend(&addr, id)?;
+                st.map_writes += 1;
+                st.backends_removed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::apply`] as it would run at `now` (tests: past every grace period).
+    pub fn apply_at(&mut self, target: &Target, now: Instant) -> Result<ApplyStats> {
+        let mut st = ApplyStats::default();
+        self.expire_retiring(target, now, &mut st)?;
+        let more = self.apply(target)?;
+        Ok(more.merged(st))
     }
 
     /// The entry stays with its generation and without the active flag: conntrack entries that
@@ -839,6 +921,18 @@ impl<M: MapStore> MapWriter<M> {
     }
 
     fn alloc_backend(&mut self, addr: &L4Addr, flags: u8) -> Result<u32> {
+        if self.backend_space.free_count() == 0 && !self.retiring.is_empty() {
+            // New Services before old connections: retiring backends give their ids up early.
+            let ids: Vec<u32> = self.retiring.keys().copied().collect();
+            for id in ids {
+                if let Some((a, _)) = self.retiring.get(&id).copied()
+                    && !self.backend_refs.contains_key(&id)
+                {
+                    self.retiring.remove(&id);
+                    self.free_backend(&a, id)?;
+                }
+            }
+        }
         let Some((id, generation)) = self.backend_space.alloc() else {
             bail!(
                 "no free backend id for {addr} (the backend map holds {} entries; \
@@ -1435,6 +1529,8 @@ mod tests {
     fn freed_entries_keep_their_generation_and_a_restart_does_not_reuse_them_at_once() {
         // Backend ids 1..=3.
         let mut w = MapWriter::new(FakeMaps::new(64, 4, 16)).unwrap();
+        // These tests are about fitting and ids: freed backends go at once.
+        w.set_endpoint_grace(Duration::ZERO);
         w.apply(&target_of(&[(1, &[1, 2])])).unwrap();
         assert_eq!(w.programmed().backends.len(), 2);
         let id_of = |w: &MapWriter<FakeMaps>, b: u8| {
@@ -1454,6 +1550,8 @@ mod tests {
 
         // Restart: a new writer on the same maps.
         let mut w = MapWriter::new(w.into_maps()).unwrap();
+        // These tests are about fitting and ids: freed backends go at once.
+        w.set_endpoint_grace(Duration::ZERO);
         w.apply(&target_of(&[(1, &[2, 3])])).unwrap();
         let fresh = id_of(&w, 3).unwrap();
         assert_ne!(
@@ -1479,6 +1577,8 @@ mod tests {
             }
         );
         let mut w = MapWriter::new(w.into_maps()).unwrap();
+        // These tests are about fitting and ids: freed backends go at once.
+        w.set_endpoint_grace(Duration::ZERO);
         w.apply(&target_of(&[(1, &[2])])).unwrap();
         let again = w.programmed().frontends[&vip(1)].rev_nat_id;
         assert_ne!(again, rn);
@@ -1486,9 +1586,33 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_tcp_backend_retires_and_gives_way_to_new_services_when_ids_run_out() {
+        // Backend ids 1..=4.
+        let mut w = MapWriter::new(FakeMaps::new(64, 5, 16)).unwrap();
+        w.apply(&target_of(&[(1, &[1, 2]), (2, &[3, 4])])).unwrap();
+        // Backend 2 leaves svc1: it retires, active in no slot, its id still held.
+        let st = w.apply(&target_of(&[(1, &[1]), (2, &[3, 4])])).unwrap();
+        assert_eq!((st.backends_retiring, st.backends_removed), (1, 0));
+        assert_eq!(w.retiring().map(|(_, a)| a).collect::<Vec<_>>(), [be(2)]);
+        assert_eq!(w.maps().active_backends(), 4);
+        w.maps().assert_consistent();
+        // A new Service needs an id: the retiring backend gives its up rather than the Service
+        // failing.
+        let st = w
+            .apply(&target_of(&[(1, &[1]), (2, &[3, 4]), (3, &[5])]))
+            .unwrap();
+        assert!(st.failed.is_empty(), "{:?}", st.failed);
+        assert_eq!(w.retiring().count(), 0);
+        assert!(w.programmed().frontends.contains_key(&vip(3)));
+        w.maps().assert_consistent();
+    }
+
+    #[test]
     fn a_service_that_does_not_fit_fails_alone_and_gets_in_when_room_is_made() {
         // Backend ids 1..=4: two services of two backends fit, the third does not.
         let mut w = MapWriter::new(FakeMaps::new(64, 5, 16)).unwrap();
+        // These tests are about fitting and ids: freed backends go at once.
+        w.set_endpoint_grace(Duration::ZERO);
         let all = target_of(&[(1, &[1, 2]), (2, &[3, 4]), (3, &[5, 6])]);
         let st = w.apply(&all).unwrap();
         assert_eq!(failed_names(&st), ["svc3"]);
@@ -1532,6 +1656,8 @@ mod tests {
     fn a_full_service_map_leaves_the_new_frontend_absent_and_frees_what_it_took() {
         // Each service takes three entries (slot 0 and two slots); the third finds one left.
         let mut w = MapWriter::new(FakeMaps::new(7, 64, 16)).unwrap();
+        // These tests are about fitting and ids: freed backends go at once.
+        w.set_endpoint_grace(Duration::ZERO);
         let st = w
             .apply(&target_of(&[(1, &[1, 2]), (2, &[3, 4]), (3, &[5, 6])]))
             .unwrap();
@@ -1558,6 +1684,8 @@ mod tests {
     fn a_changed_frontend_that_does_not_fit_keeps_its_old_backends() {
         // svc1 has one backend; svc2 fills the map; svc1 then wants two new backends instead.
         let mut w = MapWriter::new(FakeMaps::new(5, 64, 16)).unwrap();
+        // These tests are about fitting and ids: freed backends go at once.
+        w.set_endpoint_grace(Duration::ZERO);
         w.apply(&target_of(&[(1, &[1]), (2, &[3, 4])])).unwrap();
         assert_eq!(w.maps().svc.len(), 5);
         let before = w.programmed().frontends[&vip(1)].clone();
@@ -1586,6 +1714,8 @@ mod tests {
     #[test]
     fn terminating_flag_changes_in_place_and_unslotted_backends_wait_for_a_slot() {
         let mut w = MapWriter::new(FakeMaps::new(64, 8, 8)).unwrap();
+        // These tests are about fitting and ids: freed backends go at once.
+        w.set_endpoint_grace(Duration::ZERO);
         let mut t = target_of(&[(1, &[1])]);
         // A terminating endpoint that no slot names: no flow can be on it yet.
         t.backends

@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub sizes: MapSizes,
     /// Full resync even without a change event (kube-proxy: 30 s).
     pub resync: Duration,
+    /// How long a TCP endpoint removed from every Service keeps its connections.
+    pub endpoint_grace: Duration,
 }
 
 /// Names of what is programmed, by reverse-NAT id, so `vipx services` can label what it reads
@@ -422,7 +424,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Held until the process exits: a second vipx on this pin directory waits here.
     let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
-    let writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
+    let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
+    writer.set_endpoint_grace(opts.endpoint_grace);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),

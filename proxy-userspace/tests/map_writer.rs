@@ -58,7 +58,10 @@ impl Drop for PinDir {
 fn load(pins: &PinDir, sizes: MapSizes) -> (Ebpf, MapWriter) {
     let mut ebpf = loader::load(&pins.0, sizes).expect("load eBPF object");
     let maps = loader::service_maps(&mut ebpf).expect("service maps");
-    (ebpf, MapWriter::new(maps).expect("map writer"))
+    let mut writer = MapWriter::new(maps).expect("map writer");
+    // About fitting: freed backends go at once.
+    writer.set_endpoint_grace(std::time::Duration::ZERO);
+    (ebpf, writer)
 }
 
 fn sizes(services: u32, backends: u32) -> MapSizes {

@@ -536,8 +536,9 @@ fn new_flows_spread_and_flows_survive_backend_changes() {
         "uneven spread {hits:?}"
     );
 
-    // Find a flow on BE2 and one on BE1, then remove BE1: the BE2 flow keeps its backend, the
-    // BE1 flow is re-selected (onto BE2, the only one left).
+    // Find a flow on BE2 and one on BE1, then remove BE1 outright (not via terminating): the BE2
+    // flow keeps its backend, and so does the BE1 flow, as netfilter conntrack keeps it behind
+    // kube-proxy, while new connections avoid BE1. The UDP backend goes at once.
     let on = |l: &mut Loaded, sport: u16| {
         inspect(&run(l, &frame(CLIENT, sport, VIP, 80, &DATA, &[])).1).dst
     };
@@ -551,11 +552,27 @@ fn new_flows_spread_and_flows_survive_backend_changes() {
         frontend("web", Protocol::Tcp, vec![be2]),
     );
     let st = l.writer.apply(&t).unwrap();
-    assert_eq!(st.backends_removed, 2, "BE1 and the UDP backend are gone");
+    assert_eq!(
+        (st.backends_removed, st.backends_retiring),
+        (1, 1),
+        "the UDP backend is gone, BE1 retires"
+    );
     assert_eq!(on(&mut l, be2_flow), BE2);
-    assert_eq!(on(&mut l, be1_flow), BE2);
+    assert_eq!(
+        on(&mut l, be1_flow),
+        BE1,
+        "an established flow keeps its removed backend"
+    );
+    for sport in 21000..21100u16 {
+        let (_, out) = run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+        assert_eq!(
+            inspect(&out).dst,
+            BE2,
+            "a new connection never picks a removed backend"
+        );
+    }
 
-    // Adding a backend back does not move established flows.
+    // Adding it back makes it an ordinary backend again; established flows do not move.
     let be1 = addr(BE1, 5000, IPPROTO_TCP);
     t.backends.insert(be1, BACKEND_F_ACTIVE);
     t.frontends.insert(
@@ -563,10 +580,24 @@ fn new_flows_spread_and_flows_survive_backend_changes() {
         frontend("web", Protocol::Tcp, vec![be1, be2]),
     );
     l.writer.apply(&t).unwrap();
+    assert_eq!(l.writer.retiring().count(), 0);
     assert_eq!(on(&mut l, be2_flow), BE2);
-    assert_eq!(on(&mut l, be1_flow), BE2);
+    assert_eq!(on(&mut l, be1_flow), BE1);
     // Re-applying the same target writes nothing.
     assert!(l.writer.apply(&t).unwrap().is_noop());
+
+    // Removed again and its grace period over: freed, and its flows re-balanced.
+    t.backends.remove(&be1);
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, vec![be2]),
+    );
+    l.writer.apply(&t).unwrap();
+    assert_eq!(on(&mut l, be1_flow), BE1);
+    let later = std::time::Instant::now() + vipx::maps::DEFAULT_ENDPOINT_GRACE;
+    let st = l.writer.apply_at(&t, later).unwrap();
+    assert_eq!(st.backends_removed, 1, "BE1 freed after its grace period");
+    assert_eq!(on(&mut l, be1_flow), BE2);
 }
 
 #[test]

@@ -1154,3 +1154,45 @@ fn a_restart_over_a_half_written_file_keeps_the_adopted_services() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     lab.assert_answers(vip(VIP_A), &pod.name, "once the file is whole");
 }
+
+/// An endpoint removed from its Service outright (readiness lost, a slice rewritten; not via
+/// terminating) keeps the TCP connections it has, as netfilter conntrack keeps them behind
+/// kube-proxy, while new connections go to the endpoints left.
+#[test]
+fn a_removed_endpoint_keeps_its_established_connections() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let leaving = lab.cluster.add_pod(1).expect("pod on node 1");
+    let staying = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&leaving, &staying]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[leaving.ip, staying.ip]);
+    // A keep-alive connection that landed on the pod about to leave.
+    let mut conn = (0..50)
+        .find_map(|_| {
+            let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A)).ok()?;
+            (conn.request().ok()?.trim() == leaving.name).then_some(conn)
+        })
+        .expect("a keep-alive connection on the leaving pod within 50 tries");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&staying]));
+    let gone = format!("{}:{POD_PORT}", leaving.ip);
+    for vipx in &mut lab.vipx {
+        vipx.wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
+            !line.contains(&gone)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    for i in 0..REQUESTS {
+        let body = conn.request().unwrap_or_else(|e| {
+            panic!(
+                "request {i} on a connection to a removed endpoint: {e:#} [{}]",
+                lab.cluster.drops()
+            )
+        });
+        assert_eq!(body.trim(), leaving.name, "the connection stays on its pod");
+    }
+    lab.assert_answers(vip(VIP_A), &staying.name, "new requests after the removal");
+}
