@@ -35,6 +35,7 @@ pub mod map_names {
     pub const REVNAT4: &str = "VIPX_REVNAT4";
     pub const CT4: &str = "VIPX_CT4";
     pub const FRAG4: &str = "VIPX_FRAG4";
+    pub const AFFINITY4: &str = "VIPX_AFFINITY4";
     pub const STATS: &str = "VIPX_STATS";
     /// The floor program's single array (bench only).
     pub const FLOOR: &str = "VIPX_FLOOR";
@@ -63,6 +64,8 @@ pub mod defaults {
     pub const CT4_ENTRIES: u32 = 524_288;
     /// Datagrams in flight as fragments (Cilium's default is 8192).
     pub const FRAG4_ENTRIES: u32 = 8_192;
+    /// Client addresses remembered per Service port with `sessionAffinity: ClientIP`.
+    pub const AFFINITY4_ENTRIES: u32 = 65_536;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -214,6 +217,25 @@ pub struct FragKey4 {
     pub dir: u8,
 }
 
+/// Key of `AFFINITY4`: a client address and the frontend (by reverse-NAT id) it has affinity to,
+/// as kube-proxy's `recent` match keeps one list per service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey4 {
+    pub client: [u8; 4],
+    pub rev_nat_id: u32,
+}
+
+/// Value of `AFFINITY4`: the backend the client's last new flow went to, and when (monotonic
+/// nanoseconds). Refreshed by every new flow that follows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub backend_gen: u32,
+    pub last_ns: u64,
+}
+
 /// `FragKey4::dir` of the ingress program (what a pod sends).
 pub const FRAG_DIR_INGRESS: u8 = 0;
 /// `FragKey4::dir` of the egress program (what a pod receives).
@@ -268,12 +290,14 @@ pub enum Stat {
     HairpinAvoided,
     /// New flows to a frontend without usable endpoints answered with ICMP port unreachable.
     Rejected,
+    /// New flows sent to the backend their client has affinity to (`sessionAffinity: ClientIP`).
+    AffinityHit,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 18] = [
+    pub const ALL: [Stat; 19] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -292,6 +316,7 @@ impl Stat {
         Stat::EgressPackets,
         Stat::HairpinAvoided,
         Stat::Rejected,
+        Stat::AffinityHit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -314,6 +339,7 @@ impl Stat {
             Stat::EgressPackets => "egress_packets",
             Stat::HairpinAvoided => "hairpin_avoided",
             Stat::Rejected => "rejected",
+            Stat::AffinityHit => "affinity_hit",
         }
     }
 }
@@ -327,6 +353,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 20);
     assert!(core::mem::size_of::<FragKey4>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<AffinityKey4>() == 8);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!((Stat::ALL.len() as u32) <= STATS_LEN);
 };
 
@@ -342,6 +370,8 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey4 {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for AffinityKey4 {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]

@@ -22,9 +22,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
-    FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4,
-    SCOPE_EXTERNAL, STATS_LEN, Stat, SvcKey4, SvcValue, defaults,
+    AffinityKey4, AffinityValue, BACKEND_F_TERMINATING, Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4,
+    CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, Stat,
+    SvcKey4, SvcValue, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -49,6 +50,11 @@ static REVNAT4: Array<RevNat4> = Array::pinned(defaults::REVNAT4_ENTRIES, 0);
 // A common LRU: BPF_F_NO_COMMON_LRU (per-CPU lists) measured slower for new flows here
 // (660 vs 460 ns/SYN), its smaller per-CPU free lists evicting more often.
 static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(defaults::CT4_ENTRIES, 0);
+
+// Pinned: a client's affinity outlives a vipx restart, as the Service does.
+#[map(name = "VIPX_AFFINITY4")]
+static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> =
+    LruHashMap::pinned(defaults::AFFINITY4_ENTRIES, 0);
 
 // Not pinned: a datagram's fragments arrive within milliseconds, nothing to keep across restarts.
 #[map(name = "VIPX_FRAG4")]
@@ -575,6 +581,29 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
     };
+    // sessionAffinity ClientIP: a client's new flows follow its last one while that is fresher
+    // than the timeout and its backend still the same one taking new connections.
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    // SAFETY: plain helper call.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let affinity_key = AffinityKey4 {
+        client: flow.saddr,
+        rev_nat_id: svc.rev_nat_id,
+    };
+    if affinity && let Some(a) = AFFINITY4.get_ptr(affinity_key) {
+        // SAFETY: value pointer from a successful lookup; copied out at once.
+        let a = unsafe { *a };
+        let fresh = now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+        if fresh
+            && let Some(kept) = backend(a.backend_id)
+            && kept.generation == a.backend_gen
+            && kept.flags & BACKEND_F_TERMINATING == 0
+        {
+            count(Stat::AffinityHit);
+            backend_id = a.backend_id;
+            b = kept;
+        }
+    }
     // A pod sent to itself through its own Service (hairpin) would get its answer from its own
     // address and drop it: take the next slot while another backend exists. Deterministic, so
     // a retransmitted SYN makes the same choice.
@@ -613,6 +642,14 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // Reply entry first: once the forward entry exists, the backend may answer at once. Without
     // it the backend's answer would reach the client from the backend's own address: fail
     // closed instead (the client retransmits).
+    if affinity {
+        let v = AffinityValue {
+            backend_id,
+            backend_gen: b.generation,
+            last_ns: now,
+        };
+        let _ = AFFINITY4.insert(affinity_key, v, 0);
+    }
     if CT4.insert(reply_key, reply, 0).is_err() {
         count(Stat::CtInsertFailed);
         return TC_ACT_SHOT;

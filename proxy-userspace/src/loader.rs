@@ -126,7 +126,9 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
 /// name whatever its layout: a pin left by a build with another map layout would otherwise fail
 /// later, at the verifier, with no hint, and a changed `--max-*` would be silently ignored.
 fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
-    use proxy_common::{Backend4, CtKey4, CtValue, RevNat4, SvcKey4, SvcValue};
+    use proxy_common::{
+        AffinityKey4, AffinityValue, Backend4, CtKey4, CtValue, RevNat4, SvcKey4, SvcValue,
+    };
     let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     let expected = [
         (
@@ -156,6 +158,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             size(size_of::<CtValue>()),
             sizes.conntrack,
             "--max-conntrack",
+        ),
+        (
+            map_names::AFFINITY4,
+            size(size_of::<AffinityKey4>()),
+            size(size_of::<AffinityValue>()),
+            defaults::AFFINITY4_ENTRIES,
+            "(a fixed size)",
         ),
     ];
     for (name, key, value, entries, flag) in expected {
@@ -558,6 +567,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::BACKEND4,
             map_names::REVNAT4,
             map_names::CT4,
+            map_names::AFFINITY4,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

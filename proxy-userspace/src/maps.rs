@@ -829,6 +829,20 @@ impl<M: MapStore> MapWriter<M> {
                 continue;
             }
             if addr.proto == IPPROTO_TCP && !self.endpoint_grace.is_zero() {
+                // Marked terminating: what the data path reads as "no new connections" (session
+                // affinity skips it too).
+                let flags = self
+                    .cur
+                    .backends
+                    .get(&id)
+                    .map_or(BACKEND_F_ACTIVE, |(_, f)| *f)
+                    | BACKEND_F_TERMINATING;
+                let generation = self.backend_space.generation(id);
+                self.maps
+                    .backend_set(id, backend_value(addr, flags, generation))
+                    .with_context(|| format!("retiring backend {id} ({addr})"))?;
+                st.map_writes += 1;
+                self.cur.backends.insert(id, (*addr, flags));
                 self.retiring
                     .insert(id, (*addr, Instant::now() + self.endpoint_grace));
                 st.backends_retiring += 1;

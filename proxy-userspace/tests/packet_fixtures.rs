@@ -1154,3 +1154,49 @@ fn no_endpoints_rejects_new_flows_with_icmp_port_unreachable() {
     assert_eq!(v, TC_ACT_SHOT);
     assert_eq!(stat(&l, Stat::Rejected), 2);
 }
+
+/// sessionAffinity ClientIP: every new connection of a client follows its first one; another
+/// client is balanced on its own; without affinity the same client spreads.
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1, BE2]);
+    let tcp: Vec<L4Addr> = [BE1, BE2]
+        .iter()
+        .map(|b| addr(*b, 5000, IPPROTO_TCP))
+        .collect();
+    let mut t = Target::default();
+    for b in &tcp {
+        t.backends.insert(*b, BACKEND_F_ACTIVE);
+    }
+    let mut web = frontend("web", Protocol::Tcp, tcp.clone());
+    web.flags |= proxy_common::SVC_F_AFFINITY;
+    web.affinity_timeout_s = 10800;
+    t.frontends.insert(addr(VIP, 80, IPPROTO_TCP), web);
+    l.writer.apply(&t).unwrap();
+    let picks = |l: &mut Loaded, client: [u8; 4], ports: std::ops::Range<u16>| {
+        ports
+            .map(|p| inspect(&run(l, &frame(client, p, VIP, 80, &SYN, &[])).1).dst)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(
+        picks(&mut l, CLIENT, 30000..30050).len(),
+        1,
+        "one client, one backend"
+    );
+    assert!(stat(&l, Stat::AffinityHit) >= 49);
+    let other_clients: std::collections::BTreeSet<_> = (20..60u8)
+        .flat_map(|c| picks(&mut l, [198, 18, 64, c], 31000..31001))
+        .collect();
+    assert_eq!(other_clients.len(), 2, "clients are still balanced");
+
+    // Affinity switched off: the same client spreads again.
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, tcp),
+    );
+    l.writer.apply(&t).unwrap();
+    assert_eq!(picks(&mut l, CLIENT, 32000..32100).len(), 2);
+}

@@ -126,6 +126,8 @@ pub struct ServiceSpec {
     pub external_ips: Vec<Ipv4Addr>,
     /// `externalTrafficPolicy: Local` (else Cluster); written only with external IPs.
     pub external_local: bool,
+    /// `sessionAffinity: ClientIP` with this `timeoutSeconds` (else None).
+    pub affinity_timeout: Option<u32>,
 }
 
 impl ServiceSpec {
@@ -153,7 +155,14 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         endpoints,
         external_ips,
         external_local,
+        affinity_timeout,
     } = spec;
+    let affinity = match affinity_timeout {
+        Some(t) => format!(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n"
+        ),
+        None => "  sessionAffinity: None\n".to_owned(),
+    };
     let mut external = String::new();
     if !external_ips.is_empty() {
         writeln!(external, "  externalIPs:")?;
@@ -219,8 +228,7 @@ spec:
     port: {port}
     protocol: UDP
     targetPort: {target_port}
-  sessionAffinity: None
-  type: ClusterIP
+{affinity}  type: ClusterIP
 ---
 addressType: IPv4
 apiVersion: discovery.k8s.io/v1
@@ -377,6 +385,7 @@ mod tests {
             ],
             external_ips: vec![Ipv4Addr::new(198, 19, 250, 10)],
             external_local: true,
+            affinity_timeout: Some(600),
         };
         let yaml = service_spec_yaml(&spec).unwrap();
         let mut docs = serde_yaml_ng::Deserializer::from_str(&yaml);
@@ -390,6 +399,14 @@ mod tests {
             Some(&["198.19.250.10".to_owned()][..])
         );
         assert_eq!(svc_spec.external_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(svc_spec.session_affinity.as_deref(), Some("ClientIP"));
+        assert_eq!(
+            svc_spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds),
+            Some(600)
+        );
         assert_eq!(svc_spec.ports.unwrap().len(), 2);
         assert_eq!(
             slice

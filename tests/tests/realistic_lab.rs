@@ -86,6 +86,7 @@ impl Lab {
             endpoints,
             external_ips: Vec::new(),
             external_local: false,
+            affinity_timeout: None,
         });
     }
 
@@ -711,6 +712,7 @@ fn an_icmp_port_unreachable_through_the_vip_reaches_the_clients_socket() {
             endpoints: pod_endpoints(&[&pod]),
             external_ips: Vec::new(),
             external_local: false,
+            affinity_timeout: None,
         });
     }
     lab.start_vipx(&[1]);
@@ -767,6 +769,7 @@ fn a_pod_reaches_an_external_ip_of_a_local_policy_service_with_remote_endpoints_
         endpoints: pod_endpoints(&[&pod]),
         external_ips: vec![EXTERNAL_IP],
         external_local: true,
+        affinity_timeout: None,
     });
     lab.start_vipx(&[1]);
     lab.wait_ready(VIP_A, &[pod.ip]);
@@ -1120,6 +1123,7 @@ fn a_restart_over_a_half_written_file_keeps_the_adopted_services() {
         endpoints: pod_endpoints(&[&pod]),
         external_ips: Vec::new(),
         external_local: false,
+        affinity_timeout: None,
     };
     lab.service_spec(spec.clone());
     lab.start_vipx(&[1]);
@@ -1195,4 +1199,53 @@ fn a_removed_endpoint_keeps_its_established_connections() {
         assert_eq!(body.trim(), leaving.name, "the connection stays on its pod");
     }
     lab.assert_answers(vip(VIP_A), &staying.name, "new requests after the removal");
+}
+
+/// sessionAffinity ClientIP: every request of one client reaches one pod; switched off, the same
+/// client spreads again.
+#[test]
+fn client_ip_affinity_keeps_one_client_on_one_pod() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let a = lab.cluster.add_pod(1).expect("pod on node 1");
+    let b = lab.cluster.add_pod(2).expect("pod on node 2");
+    let spec = ServiceSpec {
+        name: "sticky".into(),
+        vip: VIP_A,
+        port: SERVICE_PORT,
+        target_port: POD_PORT,
+        endpoints: pod_endpoints(&[&a, &b]),
+        external_ips: Vec::new(),
+        external_local: false,
+        affinity_timeout: Some(600),
+    };
+    lab.service_spec(spec.clone());
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[a.ip, b.ip]);
+    let answers = |lab: &Lab, n: usize| {
+        (0..n)
+            .map(|i| {
+                http_get(lab.client(), vip(VIP_A), TIMEOUT)
+                    .unwrap_or_else(|e| panic!("request {i}: {e:#}"))
+                    .trim()
+                    .to_owned()
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let sticky = answers(&lab, 15);
+    assert_eq!(
+        sticky.len(),
+        1,
+        "15 requests with ClientIP affinity: {sticky:?}"
+    );
+    lab.service_spec(ServiceSpec {
+        affinity_timeout: None,
+        ..spec
+    });
+    poll(READY, "requests to spread once affinity is off", || {
+        answers(&lab, 20).len() == 2
+    });
 }
