@@ -584,8 +584,12 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // sessionAffinity ClientIP: a client's new flows follow its last one while that is fresher
     // than the timeout and its backend still the same one taking new connections.
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
-    // SAFETY: plain helper call.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let now = if affinity {
+        // SAFETY: plain helper call.
+        unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     let affinity_key = AffinityKey4 {
         client: flow.saddr,
         rev_nat_id: svc.rev_nat_id,
