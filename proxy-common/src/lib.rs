@@ -122,6 +122,10 @@ pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
 pub const SVC_F_LOCAL: u16 = 1 << 4;
 /// sessionAffinity: ClientIP (timeout in `affinity_timeout_s`).
 pub const SVC_F_AFFINITY: u16 = 1 << 5;
+/// The Service port has no endpoints at all: new flows are rejected (ICMP port unreachable), as
+/// kube-proxy does. Without it, a frontend with no usable backend (say, none local under a Local
+/// traffic policy) drops them.
+pub const SVC_F_REJECT: u16 = 1 << 6;
 
 /// Value of `SVC4`. In slot 0: `count`, `rev_nat_id`, `flags`, `affinity_timeout_s`;
 /// in slot n: `backend_id`.
@@ -217,8 +221,8 @@ pub struct FragKey4 {
     pub dir: u8,
 }
 
-/// Key of `AFFINITY4`: a client address and the frontend (by reverse-NAT id) it has affinity to,
-/// as kube-proxy's `recent` match keeps one list per service port.
+/// Key of `AFFINITY4`: a client address and the frontend (by reverse-NAT id) it has affinity to.
+/// Per frontend: the ClusterIP and an external IP of one Service port keep separate affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityKey4 {
@@ -226,14 +230,19 @@ pub struct AffinityKey4 {
     pub rev_nat_id: u32,
 }
 
-/// Value of `AFFINITY4`: the backend the client's last new flow went to, and when (monotonic
-/// nanoseconds). Refreshed by every new flow that follows it.
+/// Value of `AFFINITY4`: the backend the client's last new flow went to, the slot it was in, the
+/// frontend's reverse-NAT generation, and when (monotonic nanoseconds). Followed only while the
+/// frontend is the same one and that slot still names that backend (kube-proxy's `recent` lists
+/// belong to endpoint chains and go with them). Refreshed by every new flow that follows it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityValue {
     pub backend_id: u32,
     pub backend_gen: u32,
     pub last_ns: u64,
+    pub rev_nat_gen: u32,
+    pub slot: u16,
+    pub _pad: u16,
 }
 
 /// `FragKey4::dir` of the ingress program (what a pod sends).
@@ -354,7 +363,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey4>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<AffinityKey4>() == 8);
-    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<AffinityValue>() == 24);
     assert!((Stat::ALL.len() as u32) <= STATS_LEN);
 };
 

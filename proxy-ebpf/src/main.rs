@@ -22,9 +22,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    AffinityKey4, AffinityValue, BACKEND_F_TERMINATING, Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4,
-    CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, Stat,
+    AffinityKey4, AffinityValue, Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue,
+    FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_REJECT, Stat,
     SvcKey4, SvcValue, defaults,
 };
 use vipx_ebpf::{
@@ -570,19 +570,26 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // A new flow.
     if svc.count == 0 {
         count(Stat::NoBackend);
+        if svc.flags & SVC_F_REJECT == 0 {
+            return TC_ACT_SHOT;
+        }
         return reject(&mut ctx, &flow, syn);
     }
     if flow.proto == IPPROTO_TCP && !syn {
         count(Stat::CtMissNonSyn);
     }
     let hash = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    let slot = pick_slot(hash, svc.count);
+    let mut slot = pick_slot(hash, svc.count);
     let Some((mut backend_id, mut b)) = slot_backend(svc_key, slot) else {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
     };
+    let rev_nat_gen = match REVNAT4.get(svc.rev_nat_id) {
+        Some(r) => r.generation,
+        None => 0,
+    };
     // sessionAffinity ClientIP: a client's new flows follow its last one while that is fresher
-    // than the timeout and its backend still the same one taking new connections.
+    // than the timeout, for the same frontend, and its slot still names its backend.
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
     let now = if affinity {
         // SAFETY: plain helper call.
@@ -599,13 +606,15 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         let a = unsafe { *a };
         let fresh = now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000;
         if fresh
-            && let Some(kept) = backend(a.backend_id)
+            && a.rev_nat_gen == rev_nat_gen
+            && a.slot >= 1
+            && a.slot <= svc.count
+            && let Some((id, kept)) = slot_backend(svc_key, a.slot)
+            && id == a.backend_id
             && kept.generation == a.backend_gen
-            && kept.flags & BACKEND_F_TERMINATING == 0
         {
             count(Stat::AffinityHit);
-            backend_id = a.backend_id;
-            b = kept;
+            (slot, backend_id, b) = (a.slot, id, kept);
         }
     }
     // A pod sent to itself through its own Service (hairpin) would get its answer from its own
@@ -613,16 +622,13 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // a retransmitted SYN makes the same choice.
     if b.addr == flow.saddr && svc.count > 1 {
         count(Stat::HairpinAvoided);
-        let Some(next) = slot_backend(svc_key, next_slot(slot, svc.count)) else {
+        slot = next_slot(slot, svc.count);
+        let Some(next) = slot_backend(svc_key, slot) else {
             count(Stat::NoBackend);
             return TC_ACT_SHOT;
         };
         (backend_id, b) = next;
     }
-    let rev_nat_gen = match REVNAT4.get(svc.rev_nat_id) {
-        Some(r) => r.generation,
-        None => 0,
-    };
 
     let fwd = CtValue {
         backend_id,
@@ -651,6 +657,9 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
             backend_id,
             backend_gen: b.generation,
             last_ns: now,
+            rev_nat_gen,
+            slot,
+            _pad: 0,
         };
         let _ = AFFINITY4.insert(affinity_key, v, 0);
     }
@@ -692,7 +701,6 @@ fn reject(ctx: &mut TcContext, flow: &Flow, syn: bool) -> i32 {
 fn answer_unreachable<const L4: usize>(ctx: &mut TcContext, flow: &Flow) -> i32 {
     let quote = IPV4_MIN_HLEN + L4;
     let icmp = ETH_HLEN + IPV4_MIN_HLEN;
-    let len = icmp + ICMP_HLEN + quote;
     let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
         return TC_ACT_SHOT;
     };
@@ -700,14 +708,15 @@ fn answer_unreachable<const L4: usize>(ctx: &mut TcContext, flow: &Flow) -> i32 
     let macs = unsafe { *eth };
     let skb = ctx.skb.skb;
     // SAFETY: helpers on this program's own skb; lengths are constants.
+    // Cut first: that also ends GSO (a UDP_SEGMENT datagram), which adjust_room refuses.
     let resized = unsafe {
-        aya_ebpf::helpers::bpf_skb_adjust_room(
-            skb,
-            (IPV4_MIN_HLEN + ICMP_HLEN) as i32,
-            BPF_ADJ_ROOM_MAC,
-            0,
-        ) == 0
-            && aya_ebpf::helpers::bpf_skb_change_tail(skb, len as u32, 0) == 0
+        aya_ebpf::helpers::bpf_skb_change_tail(skb, (ETH_HLEN + quote) as u32, 0) == 0
+            && aya_ebpf::helpers::bpf_skb_adjust_room(
+                skb,
+                (IPV4_MIN_HLEN + ICMP_HLEN) as i32,
+                BPF_ADJ_ROOM_MAC,
+                0,
+            ) == 0
     };
     if !resized {
         return TC_ACT_SHOT;

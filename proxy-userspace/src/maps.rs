@@ -25,7 +25,7 @@ use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, REVNAT_F_ACTIVE, RevNat4,
     SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
-    SVC_F_LOCAL, SvcKey4, SvcValue,
+    SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue,
 };
 
 use crate::desired::{DesiredState, FrontendKind, Protocol, ServicePortName};
@@ -234,6 +234,11 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
             }
             if sp.affinity_timeout_s.is_some() {
                 flags |= SVC_F_AFFINITY;
+            }
+            // kube-proxy rejects only when the Service has no endpoints anywhere; with
+            // endpoints that this frontend's policy excludes (none local under Local), it drops.
+            if sp.endpoints.is_empty() {
+                flags |= SVC_F_REJECT;
             }
             let slots: Vec<L4Addr> = pick.iter().filter_map(to_addr).collect();
             if slots.len() > usize::from(u16::MAX) {
@@ -935,16 +940,18 @@ impl<M: MapStore> MapWriter<M> {
     }
 
     fn alloc_backend(&mut self, addr: &L4Addr, flags: u8) -> Result<u32> {
-        if self.backend_space.free_count() == 0 && !self.retiring.is_empty() {
-            // New Services before old connections: retiring backends give their ids up early.
-            let ids: Vec<u32> = self.retiring.keys().copied().collect();
-            for id in ids {
-                if let Some((a, _)) = self.retiring.get(&id).copied()
-                    && !self.backend_refs.contains_key(&id)
-                {
-                    self.retiring.remove(&id);
-                    self.free_backend(&a, id)?;
-                }
+        if self.backend_space.free_count() == 0 {
+            // New Services before old connections: the retiring backend closest to its deadline
+            // gives its id up early (one, only when an id is needed).
+            let oldest = self
+                .retiring
+                .iter()
+                .filter(|(id, _)| !self.backend_refs.contains_key(id))
+                .min_by_key(|(_, (_, deadline))| *deadline)
+                .map(|(id, (a, _))| (*id, *a));
+            if let Some((id, a)) = oldest {
+                self.retiring.remove(&id);
+                self.free_backend(&a, id)?;
             }
         }
         let Some((id, generation)) = self.backend_space.alloc() else {

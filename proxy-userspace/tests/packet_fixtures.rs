@@ -86,6 +86,12 @@ fn addr(a: [u8; 4], port: u16, proto: u8) -> L4Addr {
 }
 
 fn frontend(name: &str, proto: Protocol, slots: Vec<L4Addr>) -> TargetFrontend {
+    // As `maps::target` marks a Service port without any endpoint.
+    let reject = if slots.is_empty() {
+        proxy_common::SVC_F_REJECT
+    } else {
+        0
+    };
     TargetFrontend {
         service: ServicePortName {
             namespace: "default".into(),
@@ -93,7 +99,7 @@ fn frontend(name: &str, proto: Protocol, slots: Vec<L4Addr>) -> TargetFrontend {
             port_name: String::new(),
             protocol: proto,
         },
-        flags: proxy_common::SVC_F_CLUSTER_IP,
+        flags: proxy_common::SVC_F_CLUSTER_IP | reject,
         affinity_timeout_s: 0,
         slots,
     }
@@ -1153,6 +1159,17 @@ fn no_endpoints_rejects_new_flows_with_icmp_port_unreachable() {
     let (v, _) = run(&mut l, &frame(CLIENT, 40502, VIP_EMPTY, 80, &DATA, &[]));
     assert_eq!(v, TC_ACT_SHOT);
     assert_eq!(stat(&l, Stat::Rejected), 2);
+
+    // Endpoints exist, but none this frontend may use (none local under a Local policy): drop,
+    // as kube-proxy does, not reject.
+    let mut local_only = frontend("empty", Protocol::Tcp, vec![]);
+    local_only.flags &= !proxy_common::SVC_F_REJECT;
+    t.frontends
+        .insert(addr(VIP_EMPTY, 80, IPPROTO_TCP), local_only);
+    l.writer.apply(&t).unwrap();
+    let (v, _) = run(&mut l, &frame(CLIENT, 40503, VIP_EMPTY, 80, &SYN, &[]));
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_eq!(stat(&l, Stat::Rejected), 2);
 }
 
 /// sessionAffinity ClientIP: every new connection of a client follows its first one; another
@@ -1191,6 +1208,28 @@ fn client_ip_affinity_keeps_a_client_on_one_backend() {
         .flat_map(|c| picks(&mut l, [198, 18, 64, c], 31000..31001))
         .collect();
     assert_eq!(other_clients.len(), 2, "clients are still balanced");
+
+    // The client's backend leaves this Service but still backs another one (blue/green): the
+    // client's next connection must not follow it there.
+    let kept = *picks(&mut l, CLIENT, 30100..30101).iter().next().unwrap();
+    let (gone, stays): (Vec<L4Addr>, Vec<L4Addr>) =
+        tcp.iter().partition(|b| b.addr == Ipv4Addr::from(kept));
+    let mut moved = t.clone();
+    let mut web = frontend("web", Protocol::Tcp, stays.clone());
+    web.flags |= proxy_common::SVC_F_AFFINITY;
+    web.affinity_timeout_s = 10800;
+    moved.frontends.insert(addr(VIP, 80, IPPROTO_TCP), web);
+    moved.frontends.insert(
+        addr(VIP_EMPTY, 8080, IPPROTO_TCP),
+        frontend("preview", Protocol::Tcp, gone),
+    );
+    l.writer.apply(&moved).unwrap();
+    assert_eq!(
+        picks(&mut l, CLIENT, 30200..30210),
+        [stays[0].addr.octets()].into_iter().collect(),
+        "affinity never follows a backend out of its Service"
+    );
+    l.writer.apply(&t).unwrap();
 
     // Affinity switched off: the same client spreads again.
     t.frontends.insert(
