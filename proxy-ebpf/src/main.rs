@@ -861,19 +861,9 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
 /// So PMTU discovery and ECONNREFUSED work through a Service.
 #[inline(always)]
 fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
-    let key = CtKey4 {
-        saddr: err.inner_daddr,
-        daddr: err.inner_saddr,
-        sport: err.inner_dport,
-        dport: err.inner_sport,
-        proto: err.inner_proto,
-        _pad: [0; 3],
-    };
-    let Some(ct) = CT4.get_ptr(key) else {
+    let Some(ct) = quoted_flow_entry(err) else {
         return NEXT;
     };
-    // SAFETY: value pointer from a successful lookup; copied out at once.
-    let ct = unsafe { *ct };
     let Some(rev) = reply_revnat(&ct) else {
         return NEXT;
     };
@@ -886,11 +876,10 @@ fn icmp_reply(ctx: &mut TcContext, err: &IcmpError) -> i32 {
     icmp_translate(ctx, err, &quoted, rev.addr, rev.port, IP_SADDR_OFF)
 }
 
-/// An ICMP error from a client about a reply it got from a frontend (say, its socket closed
-/// before the answer came): the quote is `frontend -> client`. It goes to the backend, quoting
-/// the packet the backend really sent.
+/// The conntrack entry of the packet an ICMP error quotes, seen from the other direction: the
+/// quote is what its receiver saw, so the entry the program holds is keyed the other way round.
 #[inline(always)]
-fn icmp_forward(ctx: &mut TcContext, err: &IcmpError) -> i32 {
+fn quoted_flow_entry(err: &IcmpError) -> Option<CtValue> {
     let key = CtKey4 {
         saddr: err.inner_daddr,
         daddr: err.inner_saddr,
@@ -899,11 +888,18 @@ fn icmp_forward(ctx: &mut TcContext, err: &IcmpError) -> i32 {
         proto: err.inner_proto,
         _pad: [0; 3],
     };
-    let Some(ct) = CT4.get_ptr(key) else {
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    CT4.get_ptr(key).map(|ct| unsafe { *ct })
+}
+
+/// An ICMP error from a client about a reply it got from a frontend (say, its socket closed
+/// before the answer came): the quote is `frontend -> client`. It goes to the backend, quoting
+/// the packet the backend really sent.
+#[inline(always)]
+fn icmp_forward(ctx: &mut TcContext, err: &IcmpError) -> i32 {
+    let Some(ct) = quoted_flow_entry(err) else {
         return NEXT;
     };
-    // SAFETY: value pointer from a successful lookup; copied out at once.
-    let ct = unsafe { *ct };
     if ct.flags & CT_F_FORWARD == 0 {
         return NEXT;
     }

@@ -99,12 +99,7 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
     if EBPF_OBJECT.is_empty() {
         bail!("this vipx was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
     }
-    ensure_bpffs()?;
-    fs::create_dir_all(pin_dir)
-        .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-    if !is_bpffs(pin_dir) {
-        bail!("pin directory {} is not on bpffs", pin_dir.display());
-    }
+    prepare_pin_dir(pin_dir)?;
     check_pins(pin_dir, sizes)?;
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
@@ -625,13 +620,19 @@ pub struct PinLock {
     _dir: fs::File,
 }
 
-fn open_pin_dir(pin_dir: &Path) -> Result<fs::File> {
+/// The pin directory exists, on bpffs (mounted first when missing).
+fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     ensure_bpffs()?;
     fs::create_dir_all(pin_dir)
         .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
     if !is_bpffs(pin_dir) {
         bail!("pin directory {} is not on bpffs", pin_dir.display());
     }
+    Ok(())
+}
+
+fn open_pin_dir(pin_dir: &Path) -> Result<fs::File> {
+    prepare_pin_dir(pin_dir)?;
     fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))
 }
 

@@ -188,6 +188,17 @@ enum L4 {
     },
 }
 
+/// The Ethernet header every fixture frame starts with (IPv4).
+fn write_ethernet(buf: &mut Vec<u8>) {
+    Ethernet2Header {
+        source: [2, 0, 0, 0, 0, 1],
+        destination: [2, 0, 0, 0, 0, 2],
+        ether_type: EtherType::IPV4,
+    }
+    .write(buf)
+    .unwrap();
+}
+
 /// An Ethernet/IPv4/TCP-or-UDP frame with correct checksums.
 fn frame(
     src: [u8; 4],
@@ -198,13 +209,7 @@ fn frame(
     ip_options: &[u8],
 ) -> Vec<u8> {
     let mut buf = Vec::new();
-    Ethernet2Header {
-        source: [2, 0, 0, 0, 0, 1],
-        destination: [2, 0, 0, 0, 0, 2],
-        ether_type: EtherType::IPV4,
-    }
-    .write(&mut buf)
-    .unwrap();
+    write_ethernet(&mut buf);
     let (proto, l4_bytes) = match l4 {
         L4::Tcp { syn, ack, payload } => {
             let mut t = TcpHeader::new(sport, dport, 1000, 64240);
@@ -834,13 +839,7 @@ fn udp_fragments(
         .enumerate()
         .map(|(i, chunk)| {
             let mut buf = Vec::new();
-            Ethernet2Header {
-                source: [2, 0, 0, 0, 0, 1],
-                destination: [2, 0, 0, 0, 0, 2],
-                ether_type: EtherType::IPV4,
-            }
-            .write(&mut buf)
-            .unwrap();
+            write_ethernet(&mut buf);
             let mut ip = Ipv4Header::new(chunk.len() as u16, 64, IpNumber::UDP, src, dst).unwrap();
             ip.identification = id;
             ip.more_fragments = i + 1 < n;
@@ -963,13 +962,7 @@ fn icmp_error(outer_src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, quote: 
     let c = inet_csum(&icmp).to_be_bytes();
     icmp[2..4].copy_from_slice(&c);
     let mut buf = Vec::new();
-    Ethernet2Header {
-        source: [2, 0, 0, 0, 0, 1],
-        destination: [2, 0, 0, 0, 0, 2],
-        ether_type: EtherType::IPV4,
-    }
-    .write(&mut buf)
-    .unwrap();
+    write_ethernet(&mut buf);
     let mut ip = Ipv4Header::new(icmp.len() as u16, 64, IpNumber::ICMP, outer_src, dst).unwrap();
     ip.header_checksum = ip.calc_header_checksum();
     ip.write(&mut buf).unwrap();

@@ -31,9 +31,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::lab::{Pod, Server, delete_netns, ns_name, spawn_lab_pod, stop_server, wire_pod};
+use crate::lab::{
+    Pod, Server, add_namespace, delete_netns, ns_name, spawn_lab_pod, stop_and_delete, stop_server,
+    wire_pod,
+};
 use crate::manifests::{Endpoint, POD_PORT};
-use crate::netns::{in_netns, ip, ip_in, netns_exists};
+use crate::netns::{in_netns, ip_in};
 use crate::realism::{self, Realism};
 
 /// Nodes in a [`Cluster`].
@@ -311,17 +314,10 @@ impl Cluster {
     /// and route with them). Keeps going past failures and reports them all at the end; calling
     /// it again does nothing.
     pub fn teardown(&mut self) -> Result<()> {
-        let mut errors: Vec<String> = Vec::new();
-        for server in std::mem::take(&mut self.servers) {
-            if let Err(e) = stop_server(server) {
-                errors.push(format!("{e:#}"));
-            }
-        }
-        for ns in std::mem::take(&mut self.namespaces).into_iter().rev() {
-            if let Err(e) = delete_netns(&ns) {
-                errors.push(format!("{e:#}"));
-            }
-        }
+        let errors = stop_and_delete(
+            std::mem::take(&mut self.servers),
+            std::mem::take(&mut self.namespaces),
+        );
         self.pods.clear();
         self.hosts.clear();
         if !errors.is_empty() {
@@ -372,16 +368,7 @@ impl Cluster {
     }
 
     fn add_namespace(&mut self, ns: &str) -> Result<()> {
-        if netns_exists(ns) {
-            bail!(
-                "network namespace {ns} already exists; if a previous run crashed, \
-                 remove its leftovers with cleanup_stale({:?})",
-                self.tag
-            );
-        }
-        ip(&["netns", "add", ns])?;
-        self.namespaces.push(ns.to_owned());
-        Ok(())
+        add_namespace(&self.tag, ns, &mut self.namespaces)
     }
 
     fn start_server(&mut self, ns: &str, name: &str, address: Option<Ipv4Addr>) -> Result<()> {

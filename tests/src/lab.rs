@@ -239,17 +239,10 @@ impl Lab {
     /// Stops every pod server and deletes every namespace this lab created. Keeps going past
     /// failures and reports them all at the end; calling it again does nothing.
     pub fn teardown(&mut self) -> Result<()> {
-        let mut errors: Vec<String> = Vec::new();
-        for server in std::mem::take(&mut self.servers) {
-            if let Err(e) = stop_server(server) {
-                errors.push(format!("{e:#}"));
-            }
-        }
-        for ns in std::mem::take(&mut self.namespaces).into_iter().rev() {
-            if let Err(e) = delete_netns(&ns) {
-                errors.push(format!("{e:#}"));
-            }
-        }
+        let errors = stop_and_delete(
+            std::mem::take(&mut self.servers),
+            std::mem::take(&mut self.namespaces),
+        );
         self.backends.clear();
         if !errors.is_empty() {
             bail!("tearing down lab {}: {}", self.tag, errors.join("; "));
@@ -273,16 +266,7 @@ impl Lab {
     }
 
     fn add_namespace(&mut self, ns: &str) -> Result<()> {
-        if netns_exists(ns) {
-            bail!(
-                "network namespace {ns} already exists; if a previous run crashed, \
-                 remove its leftovers with cleanup_stale({:?})",
-                self.tag
-            );
-        }
-        ip(&["netns", "add", ns])?;
-        self.namespaces.push(ns.to_owned());
-        Ok(())
+        add_namespace(&self.tag, ns, &mut self.namespaces)
     }
 
     fn start_server(&mut self, pod: &Pod) -> Result<()> {
@@ -375,23 +359,7 @@ pub fn locate_lab_pod() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("VIPX_LAB_POD") {
         return Ok(path.into());
     }
-    let exe = std::env::current_exe().context("finding the running executable")?;
-    let candidates: Vec<PathBuf> = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("lab-pod"))
-        .collect();
-    candidates
-        .iter()
-        .find(|path| path.is_file())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "lab-pod not found at {candidates:?}; build it with \
-                 `cargo build -p vipx-tests --bin lab-pod` or set VIPX_LAB_POD"
-            )
-        })
+    crate::vipx::locate_bin("lab-pod").context("or set VIPX_LAB_POD")
 }
 
 /// Creates pod `pod`'s veth pair from node namespace `node_ns` into the pod's (already created)
@@ -522,6 +490,37 @@ pub(crate) fn stop_server(mut server: Server) -> Result<()> {
         .wait()
         .with_context(|| format!("waiting for lab-pod {} (pid {pid})", server.pod))?;
     Ok(())
+}
+
+/// Creates network namespace `ns` for the lab tagged `tag` and records it in `namespaces`, so that
+/// teardown removes it; one that already exists (a crashed run's) is refused, never adopted.
+pub(crate) fn add_namespace(tag: &str, ns: &str, namespaces: &mut Vec<String>) -> Result<()> {
+    if netns_exists(ns) {
+        bail!(
+            "network namespace {ns} already exists; if a previous run crashed, \
+             remove its leftovers with cleanup_stale({tag:?})"
+        );
+    }
+    ip(&["netns", "add", ns])?;
+    namespaces.push(ns.to_owned());
+    Ok(())
+}
+
+/// Stops `servers`, then deletes `namespaces` newest first; keeps going past failures and
+/// returns them all.
+pub(crate) fn stop_and_delete(servers: Vec<Server>, namespaces: Vec<String>) -> Vec<String> {
+    let mut errors = Vec::new();
+    for server in servers {
+        if let Err(e) = stop_server(server) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    for ns in namespaces.into_iter().rev() {
+        if let Err(e) = delete_netns(&ns) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    errors
 }
 
 pub(crate) fn delete_netns(ns: &str) -> Result<()> {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::netns::{in_netns, ns_command, sysctls};
+use crate::netns::{in_netns, ns_command, proc_net_field, sysctls};
 
 /// wrk threads: one per core of the 2-core machines the bench runs on (fewer when there are fewer
 /// connections, as wrk requires).
@@ -281,7 +281,7 @@ pub fn tcp_counters(ns: &str) -> Result<TcpCounters> {
     })?
     .with_context(|| format!("reading TCP counters in namespace {ns}"))?;
     let snmp_field = |name: &str| {
-        snmp_value(&snmp, "Tcp", name)
+        proc_net_field(&snmp, "Tcp", name)
             .with_context(|| format!("no Tcp {name} in /proc/net/snmp of namespace {ns}"))
     };
     Ok(TcpCounters {
@@ -442,19 +442,6 @@ fn parse_wrk_time(text: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(seconds).with_context(|| format!("bad time {text:?}"))
 }
 
-/// `Tcp: ActiveOpens` style lookups: /proc/net/snmp has a header line and a value line per
-/// protocol.
-fn snmp_value(snmp: &str, protocol: &str, field: &str) -> Option<u64> {
-    let prefix = format!("{protocol}:");
-    let mut lines = snmp.lines().filter(|line| line.starts_with(&prefix));
-    let names = lines.next()?.split_whitespace().skip(1);
-    let values = lines.next()?.split_whitespace().skip(1);
-    names
-        .zip(values)
-        .find(|(name, _)| *name == field)
-        .and_then(|(_, value)| value.parse().ok())
-}
-
 /// `TCP: inuse 5 orphan 0 tw 3 ...` style lookups in /proc/net/sockstat.
 fn sockstat_value(sockstat: &str, protocol: &str, field: &str) -> Option<u64> {
     let prefix = format!("{protocol}:");
@@ -566,9 +553,9 @@ Transfer/sec:      1.00MB
     fn reads_proc_counters() {
         let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
                     Tcp: RtoAlgorithm RtoMin ActiveOpens PassiveOpens\nTcp: 1 200 7 42\n";
-        assert_eq!(snmp_value(snmp, "Tcp", "ActiveOpens"), Some(7));
-        assert_eq!(snmp_value(snmp, "Tcp", "PassiveOpens"), Some(42));
-        assert_eq!(snmp_value(snmp, "Tcp", "Nope"), None);
+        assert_eq!(proc_net_field(snmp, "Tcp", "ActiveOpens"), Some(7));
+        assert_eq!(proc_net_field(snmp, "Tcp", "PassiveOpens"), Some(42));
+        assert_eq!(proc_net_field(snmp, "Tcp", "Nope"), None);
         let sockstat =
             "sockets: used 10\nTCP: inuse 5 orphan 0 tw 31 alloc 7 mem 1\nUDP: inuse 1 mem 0\n";
         assert_eq!(sockstat_value(sockstat, "TCP", "tw"), Some(31));

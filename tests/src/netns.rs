@@ -112,3 +112,16 @@ fn command_line(cmd: &Command) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Field `field` of section `section` in a /proc/net/snmp or /proc/net/netstat text: each section
+/// is a header line of names and a line of values, both starting with `<section>:`.
+pub(crate) fn proc_net_field(text: &str, section: &str, field: &str) -> Option<u64> {
+    let prefix = format!("{section}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
+    let names = lines.next()?.split_whitespace().skip(1);
+    let values = lines.next()?.split_whitespace().skip(1);
+    names
+        .zip(values)
+        .find(|(name, _)| *name == field)
+        .and_then(|(_, value)| value.parse().ok())
+}

@@ -11,7 +11,7 @@ use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::{ns_command, sysctls};
+use crate::netns::{ns_command, proc_net_field, sysctls};
 
 /// The nftables table every realistic node namespace gets.
 pub const NFT_TABLE: &str = "vipx_lab";
@@ -122,7 +122,7 @@ pub fn drops(ns: &str) -> Result<Drops> {
         std::fs::read_to_string("/proc/thread-self/net/netstat")
     })??;
     let mut drops = Drops {
-        rp_filter: netstat_field(&netstat, "TcpExt", "IPReversePathFilter").unwrap_or(0),
+        rp_filter: proc_net_field(&netstat, "TcpExt", "IPReversePathFilter").unwrap_or(0),
         ..Drops::default()
     };
     let nft = crate::kube_rules::find_tool("nft").context("`nft` is not installed")?;
@@ -150,18 +150,6 @@ pub fn drops(ns: &str) -> Result<Drops> {
         }
     }
     Ok(drops)
-}
-
-/// Field `field` of section `section` in /proc/net/netstat's header-line/value-line pairs.
-fn netstat_field(netstat: &str, section: &str, field: &str) -> Option<u64> {
-    let prefix = format!("{section}:");
-    let mut lines = netstat.lines().filter(|line| line.starts_with(&prefix));
-    let names = lines.next()?.split_whitespace().skip(1);
-    let values = lines.next()?.split_whitespace().skip(1);
-    names
-        .zip(values)
-        .find(|(name, _)| *name == field)
-        .and_then(|(_, value)| value.parse().ok())
 }
 
 /// Runs `nft -f -` with `ruleset` inside `ns`.
@@ -200,10 +188,10 @@ mod tests {
         let netstat = "TcpExt: SyncookiesSent IPReversePathFilter\nTcpExt: 0 17\n\
                        IpExt: InNoRoutes IPReversePathFilter\nIpExt: 3 99\n";
         assert_eq!(
-            netstat_field(netstat, "TcpExt", "IPReversePathFilter"),
+            proc_net_field(netstat, "TcpExt", "IPReversePathFilter"),
             Some(17)
         );
-        assert_eq!(netstat_field(netstat, "IpExt", "InNoRoutes"), Some(3));
-        assert_eq!(netstat_field(netstat, "TcpExt", "Missing"), None);
+        assert_eq!(proc_net_field(netstat, "IpExt", "InNoRoutes"), Some(3));
+        assert_eq!(proc_net_field(netstat, "TcpExt", "Missing"), None);
     }
 }

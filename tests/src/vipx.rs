@@ -233,29 +233,49 @@ impl Vipx {
 
     /// `vipx services` for this instance: what is programmed, one frontend per line.
     pub fn services(&self) -> Result<String> {
-        let out = ns_command(
+        let out = self.complete("services")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `vipx <subcommand>` for this instance's node name, pins and state, in its namespace.
+    fn command(&self, subcommand: &str) -> std::process::Command {
+        ns_command(
             &self.node,
             &self.bin,
             [
-                "services".as_ref(),
+                subcommand.as_ref(),
                 "--node-name".as_ref(),
                 self.name.as_ref(),
                 "--pin-dir".as_ref(),
                 self.pin_dir.as_os_str(),
                 "--state-dir".as_ref(),
                 self.state_dir.as_os_str(),
-            ],
+            ] as [&std::ffi::OsStr; 7],
         )
-        .output()
-        .context("running vipx services")?;
+    }
+
+    /// Runs `vipx <subcommand>` to completion; a failure carries its stderr.
+    fn complete(&self, subcommand: &str) -> Result<std::process::Output> {
+        let out = self
+            .command(subcommand)
+            .output()
+            .with_context(|| format!("running vipx {subcommand}"))?;
         if !out.status.success() {
             bail!(
-                "vipx services failed ({}): {}",
+                "vipx {subcommand} for {} failed ({}): {}",
+                self.name,
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(out)
+    }
+
+    /// `vipx cleanup` for this instance (stopped first): its pinned links, maps and state go, so
+    /// its programs are detached. A stopped vipx leaves them attached on purpose.
+    pub fn cleanup(&mut self) -> Result<()> {
+        self.stop()?;
+        self.complete("cleanup").map(drop)
     }
 
     /// Waits until `vipx services` shows a frontend line containing `frontend` (e.g.
@@ -306,28 +326,16 @@ impl Vipx {
         }
         let log =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let child = ns_command(
-            &self.node,
-            &self.bin,
-            [
-                "run".as_ref(),
-                "--manifests".as_ref(),
-                self.manifests.as_os_str(),
-                "--node-name".as_ref(),
-                self.name.as_ref(),
-                "--pod-interfaces".as_ref(),
-                HOST_IF_GLOB.as_ref(),
-                "--pin-dir".as_ref(),
-                self.pin_dir.as_os_str(),
-                "--state-dir".as_ref(),
-                self.state_dir.as_os_str(),
-            ] as [&std::ffi::OsStr; 11],
-        )
-        .args(&self.extra_args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .with_context(|| format!("starting {} in {}", self.bin.display(), self.node))?;
+        let child = self
+            .command("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--pod-interfaces", HOST_IF_GLOB])
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {} in {}", self.bin.display(), self.node))?;
         self.child = Some(child);
         Ok(())
     }
@@ -352,37 +360,6 @@ impl Vipx {
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-}
-
-impl Vipx {
-    /// `vipx cleanup` for this instance (stopped first): its pinned links, maps and state go, so
-    /// its programs are detached. A stopped vipx leaves them attached on purpose.
-    pub fn cleanup(&mut self) -> Result<()> {
-        self.stop()?;
-        let out = ns_command(
-            &self.node,
-            &self.bin,
-            [
-                "cleanup".as_ref(),
-                "--node-name".as_ref(),
-                self.name.as_ref(),
-                "--pin-dir".as_ref(),
-                self.pin_dir.as_os_str(),
-                "--state-dir".as_ref(),
-                self.state_dir.as_os_str(),
-            ] as [&std::ffi::OsStr; 7],
-        )
-        .output()
-        .context("running vipx cleanup")?;
-        if !out.status.success() {
-            bail!(
-                "vipx cleanup for {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
         }
         Ok(())
     }

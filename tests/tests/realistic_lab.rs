@@ -78,16 +78,7 @@ impl Lab {
 
     /// Writes (or rewrites) Service `name` at `vip` with `endpoints`.
     fn service(&self, name: &str, vip: Ipv4Addr, endpoints: Vec<Endpoint>) {
-        self.service_spec(ServiceSpec {
-            name: name.into(),
-            vip,
-            port: SERVICE_PORT,
-            target_port: POD_PORT,
-            endpoints,
-            external_ips: Vec::new(),
-            external_local: false,
-            affinity_timeout: None,
-        });
+        self.service_spec(spec(name, vip, endpoints));
     }
 
     fn service_spec(&self, spec: ServiceSpec) {
@@ -157,6 +148,34 @@ impl Lab {
             assert_eq!(reply, expected, "{what}: UDP answer {i} from {vip}");
         }
     }
+}
+
+/// A ClusterIP Service `name` at `vip` (port 80 -> the pods' port, TCP and UDP) with
+/// `endpoints`, no external IPs, no affinity: what most tests adjust.
+fn spec(name: &str, vip: Ipv4Addr, endpoints: Vec<Endpoint>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        vip,
+        port: SERVICE_PORT,
+        target_port: POD_PORT,
+        endpoints,
+        external_ips: Vec::new(),
+        external_local: false,
+        affinity_timeout: None,
+    }
+}
+
+/// One datagram from the client pod over a socket connected to `to`, then a wait for the answer:
+/// what the socket reports.
+fn udp_connected_exchange(lab: &Lab, to: SocketAddr) -> std::io::Result<usize> {
+    in_netns(lab.client(), || {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(to)?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.send(b"hello")?;
+        socket.recv(&mut [0u8; 64])
+    })
+    .expect("entering the client namespace")
 }
 
 /// Polls `cond` every 50 ms until it holds; panics naming `what` after `timeout`.
@@ -705,14 +724,8 @@ fn an_icmp_port_unreachable_through_the_vip_reaches_the_clients_socket() {
     for (node, vip_addr) in [(1u8, VIP_A), (2, VIP_B)] {
         let pod = lab.cluster.add_pod(node).expect("backend pod");
         lab.service_spec(ServiceSpec {
-            name: format!("closed-{node}"),
-            vip: vip_addr,
-            port: SERVICE_PORT,
             target_port: CLOSED_PORT,
-            endpoints: pod_endpoints(&[&pod]),
-            external_ips: Vec::new(),
-            external_local: false,
-            affinity_timeout: None,
+            ..spec(&format!("closed-{node}"), vip_addr, pod_endpoints(&[&pod]))
         });
     }
     lab.start_vipx(&[1]);
@@ -730,15 +743,7 @@ fn an_icmp_port_unreachable_through_the_vip_reaches_the_clients_socket() {
         !tcx_programs(&node1, &client_if).is_empty()
     });
     for (vip_addr, node) in [(VIP_A, 1), (VIP_B, 2)] {
-        let result = in_netns(lab.client(), || -> std::io::Result<usize> {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.connect(vip(vip_addr))?;
-            socket.set_read_timeout(Some(TIMEOUT))?;
-            socket.send(b"hello")?;
-            socket.recv(&mut [0u8; 64])
-        })
-        .expect("entering the client namespace");
-        match result {
+        match udp_connected_exchange(&lab, vip(vip_addr)) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             other => panic!(
                 "UDP to {} (backend on node {node}, port {CLOSED_PORT} closed): expected \
@@ -762,14 +767,9 @@ fn a_pod_reaches_an_external_ip_of_a_local_policy_service_with_remote_endpoints_
     let mut lab = Lab::new();
     let pod = lab.cluster.add_pod(2).expect("backend pod on node 2");
     lab.service_spec(ServiceSpec {
-        name: "ext-local".into(),
-        vip: VIP_A,
-        port: SERVICE_PORT,
-        target_port: POD_PORT,
-        endpoints: pod_endpoints(&[&pod]),
         external_ips: vec![EXTERNAL_IP],
         external_local: true,
-        affinity_timeout: None,
+        ..spec("ext-local", VIP_A, pod_endpoints(&[&pod]))
     });
     lab.start_vipx(&[1]);
     lab.wait_ready(VIP_A, &[pod.ip]);
@@ -1087,15 +1087,7 @@ fn a_service_without_endpoints_refuses_at_once() {
             lab.vipx[0].services().unwrap_or_default()
         ),
     }
-    let udp = in_netns(lab.client(), || -> std::io::Result<usize> {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect(vip(VIP_A))?;
-        socket.set_read_timeout(Some(TIMEOUT))?;
-        socket.send(b"hello")?;
-        socket.recv(&mut [0u8; 64])
-    })
-    .expect("entering the client namespace");
-    match udp {
+    match udp_connected_exchange(&lab, vip(VIP_A)) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
         other => panic!(
             "UDP to a Service without endpoints: expected ECONNREFUSED, got {other:?} [{}]",
@@ -1115,16 +1107,7 @@ fn a_restart_over_a_half_written_file_keeps_the_adopted_services() {
     let _serial = serial();
     let mut lab = Lab::new();
     let pod = lab.cluster.add_pod(2).expect("pod on node 2");
-    let spec = ServiceSpec {
-        name: "svc-a".into(),
-        vip: VIP_A,
-        port: SERVICE_PORT,
-        target_port: POD_PORT,
-        endpoints: pod_endpoints(&[&pod]),
-        external_ips: Vec::new(),
-        external_local: false,
-        affinity_timeout: None,
-    };
+    let spec = spec("svc-a", VIP_A, pod_endpoints(&[&pod]));
     lab.service_spec(spec.clone());
     lab.start_vipx(&[1]);
     lab.wait_ready(VIP_A, &[pod.ip]);
@@ -1213,14 +1196,8 @@ fn client_ip_affinity_keeps_one_client_on_one_pod() {
     let a = lab.cluster.add_pod(1).expect("pod on node 1");
     let b = lab.cluster.add_pod(2).expect("pod on node 2");
     let spec = ServiceSpec {
-        name: "sticky".into(),
-        vip: VIP_A,
-        port: SERVICE_PORT,
-        target_port: POD_PORT,
-        endpoints: pod_endpoints(&[&a, &b]),
-        external_ips: Vec::new(),
-        external_local: false,
         affinity_timeout: Some(600),
+        ..spec("sticky", VIP_A, pod_endpoints(&[&a, &b]))
     };
     lab.service_spec(spec.clone());
     lab.start_vipx(&[1]);
