@@ -6,6 +6,10 @@
 //! - `SVC4`: `{vip, port, proto, scope, slot}` -> `SvcValue`. Slot 0 is the frontend (backend
 //!   count, reverse-NAT id, flags); slots `1..=count` each name one backend id. A frontend's count
 //!   never exceeds the slots already written.
+//! - `VIP4`: `{addr}` -> `Vip4`: every address that has a frontend. The pod program looks it up
+//!   first, so a packet to no frontend address costs one 4-byte-key lookup, and a packet to a
+//!   ClusterIP on a port the Service does not serve can be rejected (kube-proxy's nftables mode
+//!   does). Written before the first frontend on its address and removed after the last one.
 //! - `BACKEND4`: array indexed by backend id -> `{addr, port, proto, flags, generation}`. Id 0 means
 //!   "none". `generation` grows every time an id is handed to a different backend and survives the
 //!   backend's removal (a freed entry keeps its `generation` with `flags == 0`), so the pinned map itself
@@ -31,6 +35,7 @@ use bytemuck::{Pod, Zeroable};
 /// Map names as they appear in the object file and under the pin directory.
 pub mod map_names {
     pub const SVC4: &str = "VIPX_SVC4";
+    pub const VIP4: &str = "VIPX_VIP4";
     pub const BACKEND4: &str = "VIPX_BACKEND4";
     pub const REVNAT4: &str = "VIPX_REVNAT4";
     pub const CT4: &str = "VIPX_CT4";
@@ -111,6 +116,24 @@ impl SvcKey4 {
     pub const fn with_slot(self, slot: u16) -> Self {
         Self { slot, ..self }
     }
+}
+
+/// Key of `VIP4`: a frontend address, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct VipKey4 {
+    pub addr: [u8; 4],
+}
+
+/// Some frontend on this address is a ClusterIP: packets to its ports that no Service port
+/// serves are rejected (ICMP port unreachable), as kube-proxy's nftables mode does.
+pub const VIP_F_CLUSTER_IP: u32 = 1 << 0;
+
+/// Value of `VIP4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Vip4 {
+    pub flags: u32,
 }
 
 /// The frontend's service uses ClusterIP semantics.
@@ -301,12 +324,15 @@ pub enum Stat {
     Rejected,
     /// New flows sent to the backend their client has affinity to (`sessionAffinity: ClientIP`).
     AffinityHit,
+    /// Packets to a ClusterIP on a port no Service port serves: rejected (TCP SYN, UDP) or
+    /// dropped.
+    UnservedPort,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 19] = [
+    pub const ALL: [Stat; 20] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -326,6 +352,7 @@ impl Stat {
         Stat::HairpinAvoided,
         Stat::Rejected,
         Stat::AffinityHit,
+        Stat::UnservedPort,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -349,6 +376,7 @@ impl Stat {
             Stat::HairpinAvoided => "hairpin_avoided",
             Stat::Rejected => "rejected",
             Stat::AffinityHit => "affinity_hit",
+            Stat::UnservedPort => "unserved_port",
         }
     }
 }
@@ -356,6 +384,8 @@ impl Stat {
 const _: () = {
     assert!(core::mem::size_of::<SvcKey4>() == 12);
     assert!(core::mem::size_of::<SvcValue>() == 16);
+    assert!(core::mem::size_of::<VipKey4>() == 4);
+    assert!(core::mem::size_of::<Vip4>() == 4);
     assert!(core::mem::size_of::<Backend4>() == 12);
     assert!(core::mem::size_of::<RevNat4>() == 12);
     assert!(core::mem::size_of::<CtKey4>() == 16);
@@ -373,6 +403,8 @@ mod user {
     // SAFETY: every type is `Pod` (checked by bytemuck's derive: no padding, any bit pattern valid).
     unsafe impl aya::Pod for SvcKey4 {}
     unsafe impl aya::Pod for SvcValue {}
+    unsafe impl aya::Pod for VipKey4 {}
+    unsafe impl aya::Pod for Vip4 {}
     unsafe impl aya::Pod for Backend4 {}
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for CtKey4 {}

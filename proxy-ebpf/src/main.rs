@@ -25,7 +25,7 @@ use proxy_common::{
     AffinityKey4, AffinityValue, Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue,
     FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_REJECT, Stat,
-    SvcKey4, SvcValue, defaults,
+    SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4, VipKey4, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -39,6 +39,10 @@ use vipx_ebpf::{
 // Pinned by name so a restarted vipx finds its services and, above all, its flows.
 #[map(name = "VIPX_SVC4")]
 static SVC4: HashMap<SvcKey4, SvcValue> = HashMap::pinned(defaults::SVC4_ENTRIES, 0);
+
+// Sized like REVNAT4 by userspace: there are never more frontend addresses than frontends.
+#[map(name = "VIPX_VIP4")]
+static VIP4: HashMap<VipKey4, Vip4> = HashMap::pinned(defaults::REVNAT4_ENTRIES, 0);
 
 #[map(name = "VIPX_BACKEND4")]
 static BACKEND4: Array<Backend4> = Array::pinned(defaults::BACKEND4_ENTRIES, 0);
@@ -521,16 +525,20 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     let syn = flow.proto == IPPROTO_TCP && is_tcp_syn(flow.tcp_flags);
 
     // The frontend first (as Katran and Cilium do): a conntrack entry is only trusted for the
-    // frontend it was made for.
+    // frontend it was made for. Its address first: most packets go to no frontend address.
+    let Some(vip) = VIP4.get_ptr(VipKey4 { addr: flow.daddr }) else {
+        return not_to_a_frontend(&flow, syn);
+    };
     let svc_key = SvcKey4::from_wire(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
-        // A new connection straight to a pod may reuse the tuple of an earlier one through a
-        // frontend (bootstrap through the ClusterIP, then dial the pod): the reply entry left
-        // by that one would rewrite this connection's replies to the VIP.
-        if syn && CT4.remove(flow.reverse_ct_key()).is_ok() {
-            count(Stat::ReplyCleared);
+        // SAFETY: value pointer from a successful lookup; read at once.
+        if unsafe { (*vip).flags } & VIP_F_CLUSTER_IP != 0 {
+            // A ClusterIP on a port no Service port serves: refused, as kube-proxy's nftables
+            // mode does, rather than sent to a host that has no such address.
+            count(Stat::UnservedPort);
+            return reject(&mut ctx, &flow, syn);
         }
-        return NEXT;
+        return not_to_a_frontend(&flow, syn);
     };
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let svc = unsafe { *svc };
@@ -673,6 +681,17 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     count(Stat::NewFlows);
     dnat(&mut ctx, &flow, &b)
+}
+
+/// A packet to no frontend passes untouched. A new connection straight to a pod may reuse the
+/// tuple of an earlier one through a frontend (bootstrap through the ClusterIP, then dial the
+/// pod): the reply entry left by that one would rewrite this connection's replies to the VIP.
+#[inline(always)]
+fn not_to_a_frontend(flow: &Flow, syn: bool) -> i32 {
+    if syn && CT4.remove(flow.reverse_ct_key()).is_ok() {
+        count(Stat::ReplyCleared);
+    }
+    NEXT
 }
 
 /// A new connection (TCP SYN) or datagram (UDP) to a frontend without usable endpoints gets ICMP

@@ -106,6 +106,7 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
         .map_max_entries(map_names::SVC4, sizes.services)
         .map_max_entries(map_names::BACKEND4, sizes.backends)
         .map_max_entries(map_names::REVNAT4, sizes.revnat)
+        .map_max_entries(map_names::VIP4, sizes.revnat)
         .map_max_entries(map_names::CT4, sizes.conntrack)
         .load(EBPF_OBJECT)
         .with_context(|| {
@@ -122,7 +123,8 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
 /// later, at the verifier, with no hint, and a changed `--max-*` would be silently ignored.
 fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
     use proxy_common::{
-        AffinityKey4, AffinityValue, Backend4, CtKey4, CtValue, RevNat4, SvcKey4, SvcValue,
+        AffinityKey4, AffinityValue, Backend4, CtKey4, CtValue, RevNat4, SvcKey4, SvcValue, Vip4,
+        VipKey4,
     };
     let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     let expected = [
@@ -144,6 +146,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             map_names::REVNAT4,
             4,
             size(size_of::<RevNat4>()),
+            sizes.revnat,
+            "--max-frontends",
+        ),
+        (
+            map_names::VIP4,
+            size(size_of::<VipKey4>()),
+            size(size_of::<Vip4>()),
             sizes.revnat,
             "--max-frontends",
         ),
@@ -210,6 +219,7 @@ where
 pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
     Ok(ServiceMaps {
         svc: take(ebpf, map_names::SVC4)?,
+        vip: take(ebpf, map_names::VIP4)?,
         backend: take(ebpf, map_names::BACKEND4)?,
         revnat: take(ebpf, map_names::REVNAT4)?,
     })
@@ -234,6 +244,7 @@ where
 pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
     Ok(ServiceMaps {
         svc: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::SVC4)?,
+        vip: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::VIP4)?,
         backend: from_pin::<Array<MapData, _>>(pin_dir, map_names::BACKEND4)?,
         revnat: from_pin::<Array<MapData, _>>(pin_dir, map_names::REVNAT4)?,
     })
@@ -559,6 +570,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
         }
         for name in [
             map_names::SVC4,
+            map_names::VIP4,
             map_names::BACKEND4,
             map_names::REVNAT4,
             map_names::CT4,

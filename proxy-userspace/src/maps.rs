@@ -25,7 +25,7 @@ use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, REVNAT_F_ACTIVE, RevNat4,
     SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
-    SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue,
+    SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4, VipKey4,
 };
 
 use crate::desired::{DesiredState, FrontendKind, Protocol, ServicePortName};
@@ -404,6 +404,7 @@ impl ApplyStats {
 /// Handles on the service maps.
 pub struct ServiceMaps {
     pub svc: HashMap<MapData, SvcKey4, SvcValue>,
+    pub vip: HashMap<MapData, VipKey4, Vip4>,
     pub backend: Array<MapData, Backend4>,
     pub revnat: Array<MapData, RevNat4>,
 }
@@ -416,6 +417,8 @@ pub struct ReadBack {
     pub backend_gens: Vec<u32>,
     /// Index = reverse-NAT id; length = the map's size.
     pub revnat_gens: Vec<u32>,
+    /// Frontend addresses -> `VIP_F_*` flags.
+    pub vips: BTreeMap<Ipv4Addr, u32>,
 }
 
 /// The map operations the writer needs: the kernel maps in production, an in-memory model with
@@ -427,6 +430,10 @@ pub trait MapStore {
     fn svc_remove(&mut self, key: &SvcKey4) -> Result<()>;
     fn backend_set(&mut self, id: u32, value: Backend4) -> Result<()>;
     fn revnat_set(&mut self, id: u32, value: RevNat4) -> Result<()>;
+    /// Insert or overwrite a frontend address. A new one fails when the map is full.
+    fn vip_set(&mut self, addr: Ipv4Addr, flags: u32) -> Result<()>;
+    /// Remove; an absent address is not an error.
+    fn vip_remove(&mut self, addr: Ipv4Addr) -> Result<()>;
     fn read_back(&self) -> Result<ReadBack>;
 }
 
@@ -450,6 +457,23 @@ impl MapStore for ServiceMaps {
         Ok(self.revnat.set(id, value, 0)?)
     }
 
+    fn vip_set(&mut self, addr: Ipv4Addr, flags: u32) -> Result<()> {
+        let key = VipKey4 {
+            addr: addr.octets(),
+        };
+        Ok(self.vip.insert(key, Vip4 { flags }, 0)?)
+    }
+
+    fn vip_remove(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let key = VipKey4 {
+            addr: addr.octets(),
+        };
+        match self.vip.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn read_back(&self) -> Result<ReadBack> {
         let svc: Vec<(SvcKey4, SvcValue)> = self
             .svc
@@ -466,7 +490,17 @@ impl MapStore for ServiceMaps {
             .iter()
             .collect::<Result<_, _>>()
             .context("reading the reverse-NAT map")?;
-        decode(&svc, &backends, &revnat)
+        let vips: Vec<(VipKey4, Vip4)> = self
+            .vip
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the frontend address map")?;
+        let mut r = decode(&svc, &backends, &revnat)?;
+        r.vips = vips
+            .into_iter()
+            .map(|(k, v)| (Ipv4Addr::from(k.addr), v.flags))
+            .collect();
+        Ok(r)
     }
 }
 
@@ -551,6 +585,7 @@ fn decode(
         programmed: p,
         backend_gens: backends.iter().map(|b| b.generation).collect(),
         revnat_gens: revnat.iter().map(|r| r.generation).collect(),
+        vips: BTreeMap::new(),
     })
 }
 
@@ -574,6 +609,9 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     /// a UDP flow moves to a live backend on its next datagram (the DNS case).
     retiring: BTreeMap<u32, (L4Addr, Instant)>,
     endpoint_grace: Duration,
+    /// What the frontend address map holds: written before the first frontend on an address,
+    /// removed after the last.
+    vips: BTreeMap<Ipv4Addr, u32>,
 }
 
 /// How long a TCP backend that left every Service keeps serving the connections it has.
@@ -586,6 +624,7 @@ impl<M: MapStore> MapWriter<M> {
             programmed: cur,
             backend_gens,
             revnat_gens,
+            vips,
         } = maps.read_back()?;
         let backend_ids = cur.backends.iter().map(|(id, (a, _))| (*a, *id)).collect();
         let revnat_ids = cur
@@ -604,7 +643,7 @@ impl<M: MapStore> MapWriter<M> {
         let revnat_space = IdSpace::new(revnat_gens, |id| {
             cur.revnat.contains_key(&id) || named.contains(&id)
         });
-        Ok(Self {
+        let mut w = Self {
             maps,
             cur,
             backend_ids,
@@ -615,7 +654,86 @@ impl<M: MapStore> MapWriter<M> {
             pending: BTreeSet::new(),
             retiring: BTreeMap::new(),
             endpoint_grace: DEFAULT_ENDPOINT_GRACE,
-        })
+            vips,
+        };
+        // Before any program is attached: maps pinned by a build without the address map (or a
+        // crash between writes) leave it behind the frontends, and a frontend whose address is
+        // missing is unreachable.
+        let addrs: BTreeSet<Ipv4Addr> = w
+            .cur
+            .frontends
+            .keys()
+            .map(|f| f.addr)
+            .chain(w.vips.keys().copied())
+            .collect();
+        for addr in addrs {
+            if let Err(e) = w.settle_vip(addr) {
+                tracing::warn!("{e:#}");
+            }
+        }
+        Ok(w)
+    }
+
+    /// The `VIP4` flags the programmed frontends on `addr` call for (`None`: there are none).
+    fn vip_flags(&self, addr: Ipv4Addr) -> Option<u32> {
+        let lo = L4Addr {
+            addr,
+            port: 0,
+            proto: 0,
+        };
+        let hi = L4Addr {
+            addr,
+            port: u16::MAX,
+            proto: u8::MAX,
+        };
+        let mut found = None;
+        for f in self.cur.frontends.range(lo..=hi).map(|(_, f)| f) {
+            *found.get_or_insert(0) |= vip_flags_of(f.flags);
+        }
+        found
+    }
+
+    /// Make the address entry of `addr` say what its programmed frontends call for.
+    fn settle_vip(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let want = self.vip_flags(addr);
+        if want == self.vips.get(&addr).copied() {
+            return Ok(());
+        }
+        match want {
+            Some(flags) => {
+                self.maps
+                    .vip_set(addr, flags)
+                    .with_context(|| format!("writing frontend address {addr}"))?;
+                self.vips.insert(addr, flags);
+            }
+            None => {
+                self.maps
+                    .vip_remove(addr)
+                    .with_context(|| format!("removing frontend address {addr}"))?;
+                self.vips.remove(&addr);
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a frontend is written: its address is in the address map with at least the flags
+    /// it calls for (a full map fails the frontend while nothing of it is written).
+    fn ensure_vip(&mut self, addr: Ipv4Addr, frontend_flags: u16) -> Result<usize> {
+        let have = self.vips.get(&addr).copied();
+        let want = have.unwrap_or(0) | vip_flags_of(frontend_flags);
+        if have == Some(want) {
+            return Ok(0);
+        }
+        self.maps
+            .vip_set(addr, want)
+            .with_context(|| format!("writing frontend address {addr}"))?;
+        self.vips.insert(addr, want);
+        Ok(1)
+    }
+
+    /// Frontend addresses as the writer last wrote them (tests).
+    pub fn vips(&self) -> &BTreeMap<Ipv4Addr, u32> {
+        &self.vips
     }
 
     pub fn programmed(&self) -> &Programmed {
@@ -750,6 +868,15 @@ impl<M: MapStore> MapWriter<M> {
         // 4. Backends that changed frontends stopped naming.
         let candidates: Vec<L4Addr> = self.addrs_of(&released).collect();
         self.sweep_backends(target, &candidates, &mut st)?;
+
+        // 5. Addresses whose last frontend went, or whose flags narrowed: after the frontends.
+        let addrs: BTreeSet<Ipv4Addr> = keys().map(|k| k.addr).collect();
+        for addr in addrs {
+            if self.vips.get(&addr).copied() != self.vip_flags(addr) {
+                self.settle_vip(addr)?;
+                st.map_writes += 1;
+            }
+        }
         Ok(st)
     }
 
@@ -1107,7 +1234,10 @@ impl<M: MapStore> MapWriter<M> {
             return Ok(());
         }
         let old = old.cloned();
-        match self.write_frontend(fe, old.as_ref(), &want) {
+        match self
+            .ensure_vip(fe.addr, want.flags)
+            .and_then(|vip_writes| Ok(vip_writes + self.write_frontend(fe, old.as_ref(), &want)?))
+        {
             Ok(writes) => st.map_writes += writes,
             Err(e) => {
                 self.roll_back(&new_backends, new_revnat, st);
@@ -1200,6 +1330,14 @@ impl<M: MapStore> MapWriter<M> {
             writes += 1;
         }
         Ok(writes)
+    }
+}
+
+const fn vip_flags_of(frontend_flags: u16) -> u32 {
+    if frontend_flags & SVC_F_CLUSTER_IP != 0 {
+        VIP_F_CLUSTER_IP
+    } else {
+        0
     }
 }
 
@@ -1381,6 +1519,7 @@ mod tests {
     struct FakeMaps {
         svc: BTreeMap<SvcKey4, SvcValue>,
         svc_max: usize,
+        vips: BTreeMap<Ipv4Addr, u32>,
         backends: Vec<Backend4>,
         revnat: Vec<RevNat4>,
     }
@@ -1390,6 +1529,7 @@ mod tests {
             Self {
                 svc: BTreeMap::new(),
                 svc_max,
+                vips: BTreeMap::new(),
                 backends: vec![Backend4::default(); backends],
                 revnat: vec![RevNat4::default(); revnat],
             }
@@ -1399,6 +1539,12 @@ mod tests {
         /// active backend, and its reverse-NAT entry is active.
         fn assert_consistent(&self) {
             for (k, v) in self.svc.iter().filter(|(k, _)| k.slot == 0) {
+                let flags = self.vips.get(&Ipv4Addr::from(k.addr));
+                let flags = flags.unwrap_or_else(|| panic!("{k:?}: address missing"));
+                assert!(
+                    v.flags & SVC_F_CLUSTER_IP == 0 || flags & VIP_F_CLUSTER_IP != 0,
+                    "{k:?}: address not flagged ClusterIP"
+                );
                 assert!(
                     self.revnat
                         .get(v.rev_nat_id as usize)
@@ -1471,9 +1617,21 @@ mod tests {
             Ok(())
         }
 
+        fn vip_set(&mut self, addr: Ipv4Addr, flags: u32) -> Result<()> {
+            self.vips.insert(addr, flags);
+            Ok(())
+        }
+
+        fn vip_remove(&mut self, addr: Ipv4Addr) -> Result<()> {
+            self.vips.remove(&addr);
+            Ok(())
+        }
+
         fn read_back(&self) -> Result<ReadBack> {
             let svc: Vec<_> = self.svc.iter().map(|(k, v)| (*k, *v)).collect();
-            decode(&svc, &self.backends, &self.revnat)
+            let mut r = decode(&svc, &self.backends, &self.revnat)?;
+            r.vips = self.vips.clone();
+            Ok(r)
         }
     }
 

@@ -425,10 +425,10 @@ fn translation_fixtures() {
             expect: None,
         },
         Case {
-            what: "the VIP on a port that is not a service passes untouched",
+            what: "the ClusterIP on a port that is not a service is refused (ICMP, see below)",
             prog: INGRESS,
             input: frame(CLIENT, 40003, VIP, 81, &SYN, &[]),
-            verdict: NEXT,
+            verdict: TC_ACT_REDIRECT,
             expect: None,
         },
         Case {
@@ -1123,30 +1123,7 @@ fn no_endpoints_rejects_new_flows_with_icmp_port_unreachable() {
         ),
         ("UDP", frame(CLIENT, 40501, VIP_EMPTY, 53, &udp, &[]), 28),
     ] {
-        let (v, out) = run(&mut l, &input);
-        assert_eq!(v, TC_ACT_REDIRECT, "{what}: sent back");
-        let (eth, rest) = Ethernet2Header::from_slice(&out).unwrap();
-        let (in_eth, _) = Ethernet2Header::from_slice(&input).unwrap();
-        assert_eq!(
-            (eth.source, eth.destination),
-            (in_eth.destination, in_eth.source),
-            "{what}: MACs swapped"
-        );
-        let (ip, icmp) = Ipv4Header::from_slice(rest).unwrap();
-        assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{what}");
-        assert_eq!(
-            (ip.source, ip.destination, ip.protocol),
-            (VIP_EMPTY, CLIENT, IpNumber::ICMP),
-            "{what}"
-        );
-        assert_eq!(usize::from(ip.total_len), 20 + icmp.len(), "{what}: length");
-        assert_eq!(&icmp[..2], &[3, 3], "{what}: port unreachable");
-        assert_eq!(inet_csum(icmp), 0, "{what}: ICMP checksum");
-        assert_eq!(
-            &icmp[8..],
-            &input[14..14 + quoted],
-            "{what}: the quote is the original"
-        );
+        assert_port_unreachable(&mut l, what, &input, VIP_EMPTY, quoted);
     }
     // A TCP packet that is not a SYN (a flow that lost its backends) is dropped, not answered.
     let (v, _) = run(&mut l, &frame(CLIENT, 40502, VIP_EMPTY, 80, &DATA, &[]));
@@ -1163,6 +1140,109 @@ fn no_endpoints_rejects_new_flows_with_icmp_port_unreachable() {
     let (v, _) = run(&mut l, &frame(CLIENT, 40503, VIP_EMPTY, 80, &SYN, &[]));
     assert_eq!(v, TC_ACT_SHOT);
     assert_eq!(stat(&l, Stat::Rejected), 2);
+}
+
+/// `input` is answered with ICMP port unreachable from `from`, sent back to the client, quoting
+/// the first `quoted` bytes of its IPv4 packet.
+fn assert_port_unreachable(l: &mut Loaded, what: &str, input: &[u8], from: [u8; 4], quoted: usize) {
+    let (v, out) = run(l, input);
+    assert_eq!(v, TC_ACT_REDIRECT, "{what}: sent back");
+    let (eth, rest) = Ethernet2Header::from_slice(&out).unwrap();
+    let (in_eth, _) = Ethernet2Header::from_slice(input).unwrap();
+    assert_eq!(
+        (eth.source, eth.destination),
+        (in_eth.destination, in_eth.source),
+        "{what}: MACs swapped"
+    );
+    let (ip, icmp) = Ipv4Header::from_slice(rest).unwrap();
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{what}");
+    assert_eq!(
+        (ip.source, ip.destination, ip.protocol),
+        (from, CLIENT, IpNumber::ICMP),
+        "{what}"
+    );
+    assert_eq!(usize::from(ip.total_len), 20 + icmp.len(), "{what}: length");
+    assert_eq!(&icmp[..2], &[3, 3], "{what}: port unreachable");
+    assert_eq!(inet_csum(icmp), 0, "{what}: ICMP checksum");
+    assert_eq!(
+        &icmp[8..],
+        &input[14..14 + quoted],
+        "{what}: the quote is the original"
+    );
+}
+
+/// kube-proxy's nftables mode refuses traffic to a ClusterIP on a port no Service port serves
+/// (no host owns a ClusterIP, so it would otherwise wander off or time out). External IPs are
+/// real addresses of something else: their other ports pass. An address whose last frontend
+/// went is nobody's business again.
+#[test]
+fn unserved_cluster_ip_ports_are_refused() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    const VIP_EXT: [u8; 4] = [198, 19, 0, 12];
+    let udp = L4::Udp {
+        zero_csum: false,
+        payload: b"query",
+    };
+    for (what, input, quoted) in [
+        (
+            "TCP SYN, unserved port",
+            frame(CLIENT, 41000, VIP, 81, &SYN, &[]),
+            40,
+        ),
+        (
+            "UDP, unserved port",
+            frame(CLIENT, 41001, VIP, 54, &udp, &[]),
+            28,
+        ),
+        (
+            "TCP SYN to a port served for UDP only",
+            frame(CLIENT, 41002, VIP, 53, &SYN, &[]),
+            40,
+        ),
+    ] {
+        assert_port_unreachable(&mut l, what, &input, VIP, quoted);
+    }
+    let (v, _) = run(&mut l, &frame(CLIENT, 41003, VIP, 81, &DATA, &[]));
+    assert_eq!(
+        v, TC_ACT_SHOT,
+        "a TCP packet that is not a SYN is dropped, not answered"
+    );
+    assert_eq!(stat(&l, Stat::UnservedPort), 4);
+    assert_eq!(stat(&l, Stat::Rejected), 3);
+    // The served port still works.
+    let (v, _) = run(&mut l, &frame(CLIENT, 41004, VIP, 80, &SYN, &[]));
+    assert_eq!(v, NEXT, "served port translated");
+
+    let mut t = Target::default();
+    let be = addr(BE1, 5000, IPPROTO_TCP);
+    t.backends.insert(be, BACKEND_F_ACTIVE);
+    let mut ext = frontend("ext", Protocol::Tcp, vec![be]);
+    ext.flags = proxy_common::SVC_F_EXTERNAL_IP;
+    t.frontends.insert(addr(VIP_EXT, 80, IPPROTO_TCP), ext);
+    l.writer.apply(&t).unwrap();
+    for (what, input) in [
+        (
+            "an external IP on another port",
+            frame(CLIENT, 41005, VIP_EXT, 81, &SYN, &[]),
+        ),
+        (
+            "a former ClusterIP",
+            frame(CLIENT, 41006, VIP, 81, &SYN, &[]),
+        ),
+    ] {
+        let (v, out) = run(&mut l, &input);
+        assert_eq!(v, NEXT, "{what}: passes");
+        assert_eq!(out, input, "{what}: untouched");
+    }
+    assert_eq!(
+        l.writer.vips().keys().copied().collect::<Vec<_>>(),
+        [Ipv4Addr::from(VIP_EXT)],
+        "only addresses with frontends are in the address map"
+    );
+    assert_eq!(stat(&l, Stat::UnservedPort), 4);
 }
 
 /// sessionAffinity ClientIP: every new connection of a client follows its first one; another

@@ -1096,6 +1096,49 @@ fn a_service_without_endpoints_refuses_at_once() {
     }
 }
 
+/// A ClusterIP on a port its Service does not have refuses at once, as kube-proxy's nftables
+/// mode does: no host owns a ClusterIP, so without it the client would wait out its timeout.
+#[test]
+fn an_unserved_port_of_a_cluster_ip_refuses_at_once() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&pod]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    let unserved = SocketAddr::from((VIP_A, SERVICE_PORT + 1));
+    let start = std::time::Instant::now();
+    let tcp = in_netns(lab.client(), || {
+        std::net::TcpStream::connect_timeout(&unserved, TIMEOUT)
+    })
+    .expect("entering the client namespace");
+    let took = start.elapsed();
+    match tcp {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!(
+            "TCP connect to an unserved port of a ClusterIP: expected ECONNREFUSED, got \
+             {other:?} [{}]",
+            lab.cluster.drops()
+        ),
+    }
+    assert!(
+        took < Duration::from_millis(100),
+        "refused after {took:?}, not at once"
+    );
+    match udp_connected_exchange(&lab, unserved) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!(
+            "UDP to an unserved port of a ClusterIP: expected ECONNREFUSED, got {other:?} [{}]",
+            lab.cluster.drops()
+        ),
+    }
+    // The served port is unaffected.
+    lab.assert_answers(vip(VIP_A), &pod.name, "the served port");
+}
+
 /// A restarted vipx that finds a manifest file half-written (an editor, `kubectl get -o yaml >`
 /// caught mid-way) keeps the Services it adopted from the pinned maps instead of deleting them,
 /// and applies the file once it is whole.
