@@ -327,17 +327,12 @@ fn load_text(file: &Path, text: &str) -> (ClusterObjects, bool) {
     // A byte-order mark is legal in YAML but serde_json rejects it; editors on Windows add one.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let is_json = file.extension().and_then(|e| e.to_str()) == Some("json");
-    let documents = if is_json {
-        parse_json(text)
-    } else {
-        parse_yaml(text)
-    };
     let mut out = ClusterObjects::default();
     let mut syntax_error = false;
-    for (index, document) in documents.into_iter().enumerate() {
+    let mut add = |out: &mut ClusterObjects, index: usize, document: Result<Value, String>| {
         let location = format!("document {}", index + 1);
         match document {
-            Ok(value) => collect(value, &location, file, &mut out, 0),
+            Ok(value) => collect(value, &location, file, out, 0),
             Err(reason) => {
                 syntax_error = true;
                 out.problems.push(Problem {
@@ -345,6 +340,16 @@ fn load_text(file: &Path, text: &str) -> (ClusterObjects, bool) {
                     reason: format!("{location}: {reason}"),
                 });
             }
+        }
+    };
+    if is_json {
+        for (index, document) in parse_json(text).into_iter().enumerate() {
+            add(&mut out, index, document);
+        }
+    } else if !parse_yaml(text, |index, value| add(&mut out, index, Ok(value))) {
+        out = ClusterObjects::default();
+        for (index, document) in parse_yaml_per_document(text).enumerate() {
+            add(&mut out, index, document);
         }
     }
     (out, syntax_error)
@@ -367,22 +372,25 @@ fn parse_json(text: &str) -> Vec<Result<Value, String>> {
     documents
 }
 
-/// Splits a YAML stream into documents. A syntax error in one document should cost only that
+/// Hands each document of a YAML stream to `each` (with its index) as soon as it is parsed: a
+/// file of 10,000 Services held as `Value`s all at once took most of vipx's memory. Returns
+/// false at the first syntax error: a syntax error in one document should cost only that
 /// document, but libyaml cannot resume after an error (serde_yaml_ng's iterator would keep
-/// returning it), so on any error the stream is re-parsed one document at a time, split at the
-/// `---` / `...` markers, which YAML only allows at column 0 outside of any scalar.
-fn parse_yaml(text: &str) -> Vec<Result<Value, String>> {
-    let mut documents = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
+/// returning it), so the caller drops what it got and reads the stream again with
+/// [`parse_yaml_per_document`].
+fn parse_yaml(text: &str, mut each: impl FnMut(usize, Value)) -> bool {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(document) {
-            Ok(value) => documents.push(Ok(value)),
-            Err(_) => return parse_yaml_per_document(text),
+            Ok(value) => each(index, value),
+            Err(_) => return false,
         }
     }
-    documents
+    true
 }
 
-fn parse_yaml_per_document(text: &str) -> Vec<Result<Value, String>> {
+/// The documents one at a time, split at the `---` / `...` markers, which YAML only allows at
+/// column 0 outside of any scalar.
+fn parse_yaml_per_document(text: &str) -> impl Iterator<Item = Result<Value, String>> {
     split_yaml_documents(text)
         .into_iter()
         .map(|(first_line, chunk)| {
@@ -394,7 +402,6 @@ fn parse_yaml_per_document(text: &str) -> Vec<Result<Value, String>> {
                 format!("invalid YAML: {err}")
             })
         })
-        .collect()
 }
 
 /// Like `serde_yaml_ng::from_str`, but when libyaml ends the document early (bad indentation

@@ -6,13 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING};
 
 use crate::{
+    digest::{self, ServiceDigest, SliceDigest},
     maps::{self, L4Addr, Target, TargetFrontend},
     source::ClusterObjects,
-    translate::{self, ClusterInput, LABEL_SERVICE_NAME, LABEL_ZONE},
+    translate::{self, ClusterInput, LABEL_ZONE},
 };
 
 /// (namespace, name) of an object.
@@ -43,10 +44,11 @@ struct Fragment {
 #[derive(Default)]
 pub struct ChangeTracker {
     node_name: String,
+    /// This node's zone label: all `translate` reads of the Nodes.
     zone: Option<String>,
-    nodes: Vec<Node>,
-    services: HashMap<ObjKey, Service>,
-    slices: HashMap<ObjKey, EndpointSlice>,
+    /// Only what translation needs of each object (see `digest`), not the whole object.
+    services: HashMap<ObjKey, ServiceDigest>,
+    slices: HashMap<ObjKey, SliceDigest>,
     /// Service (namespace, `kubernetes.io/service-name`) -> its slices' names.
     slices_of: HashMap<ObjKey, BTreeSet<String>>,
     dirty: BTreeSet<ObjKey>,
@@ -65,9 +67,8 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     )
 }
 
-fn owner_of(slice: &EndpointSlice) -> Option<ObjKey> {
-    let svc = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some((key_of(&slice.metadata).0, svc.clone()))
+fn owner_of(key: &ObjKey, slice: &SliceDigest) -> Option<ObjKey> {
+    Some((key.0.clone(), slice.service()?.to_owned()))
 }
 
 impl ChangeTracker {
@@ -105,12 +106,14 @@ impl ChangeTracker {
             self.dirty.extend(self.services.keys().cloned());
             self.dirty.extend(self.slices_of.keys().cloned());
         }
-        self.nodes = objs.nodes;
 
-        let mut services: HashMap<ObjKey, Service> = HashMap::with_capacity(objs.services.len());
+        let mut services: HashMap<ObjKey, ServiceDigest> =
+            HashMap::with_capacity(objs.services.len());
         for s in objs.services {
             // The first of duplicates wins, as in `translate`.
-            services.entry(key_of(&s.metadata)).or_insert(s);
+            services
+                .entry(key_of(&s.metadata))
+                .or_insert_with(|| ServiceDigest::of(s));
         }
         for (k, s) in &services {
             if self.services.get(k) != Some(s) {
@@ -124,24 +127,27 @@ impl ChangeTracker {
         }
         self.services = services;
 
-        let mut slices: HashMap<ObjKey, EndpointSlice> = HashMap::with_capacity(objs.slices.len());
+        let mut slices: HashMap<ObjKey, SliceDigest> = HashMap::with_capacity(objs.slices.len());
         for s in objs.slices {
-            slices.entry(key_of(&s.metadata)).or_insert(s);
+            slices
+                .entry(key_of(&s.metadata))
+                .or_insert_with(|| SliceDigest::of(s));
         }
         for (k, s) in &slices {
             if self.slices.get(k) != Some(s) {
-                self.dirty.extend(owner_of(s));
-                self.dirty.extend(self.slices.get(k).and_then(owner_of));
+                self.dirty.extend(owner_of(k, s));
+                self.dirty
+                    .extend(self.slices.get(k).and_then(|old| owner_of(k, old)));
             }
         }
         for (k, s) in &self.slices {
             if !slices.contains_key(k) {
-                self.dirty.extend(owner_of(s));
+                self.dirty.extend(owner_of(k, s));
             }
         }
         self.slices_of.clear();
         for (k, s) in &slices {
-            if let Some(o) = owner_of(s) {
+            if let Some(o) = owner_of(k, s) {
                 self.slices_of.entry(o).or_default().insert(k.1.clone());
             }
         }
@@ -151,18 +157,19 @@ impl ChangeTracker {
     /// One EndpointSlice added or changed (a watch event).
     pub fn upsert_slice(&mut self, slice: EndpointSlice) {
         let k = key_of(&slice.metadata);
+        let slice = SliceDigest::of(slice);
         if let Some(old) = self.slices.get(&k) {
             if old == &slice {
                 return;
             }
-            if let Some(o) = owner_of(old) {
+            if let Some(o) = owner_of(&k, old) {
                 self.dirty.insert(o.clone());
                 if let Some(set) = self.slices_of.get_mut(&o) {
                     set.remove(&k.1);
                 }
             }
         }
-        if let Some(o) = owner_of(&slice) {
+        if let Some(o) = owner_of(&k, &slice) {
             self.slices_of
                 .entry(o.clone())
                 .or_default()
@@ -186,17 +193,22 @@ impl ChangeTracker {
         let Some(svc) = self.services.get(key) else {
             return Fragment::default();
         };
+        let svc: Service = svc.to_object(&key.0, &key.1);
         let slices: Vec<EndpointSlice> = self
             .slices_of
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())).cloned())
+            .filter_map(|name| {
+                let s = self.slices.get(&(key.0.clone(), name.clone()))?;
+                Some(s.to_object(&key.0, name))
+            })
             .collect();
+        let node = digest::node_object(&self.node_name, self.zone.as_deref());
         let input = ClusterInput {
-            services: std::slice::from_ref(svc),
+            services: std::slice::from_ref(&svc),
             slices: &slices,
-            nodes: &self.nodes,
+            nodes: std::slice::from_ref(&node),
         };
         let tr = translate::translate(&input, &self.node_name);
         let (t, target_problems) = maps::target(&tr.state);
