@@ -23,7 +23,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::translate::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE};
+use crate::{
+    source::{ClusterObjects, Problem},
+    translate::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE},
+};
 
 /// Labels kube-proxy selects away, reduced to whether one is there (`translate` reads no more).
 fn for_another_proxy(meta: &ObjectMeta) -> bool {
@@ -32,10 +35,14 @@ fn for_another_proxy(meta: &ObjectMeta) -> bool {
         .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
 }
 
-fn meta(namespace: &str, name: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
+fn meta(
+    namespace: Option<&str>,
+    name: Option<&str>,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
     ObjectMeta {
-        namespace: Some(namespace.to_owned()),
-        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        name: name.map(str::to_owned),
         labels: (!labels.is_empty()).then_some(labels),
         ..ObjectMeta::default()
     }
@@ -126,6 +133,10 @@ impl ServiceDigest {
 
     /// A Service with only what the digest kept, named `namespace`/`name`.
     pub fn to_object(&self, namespace: &str, name: &str) -> Service {
+        self.to_object_as(Some(namespace), Some(name))
+    }
+
+    fn to_object_as(&self, namespace: Option<&str>, name: Option<&str>) -> Service {
         let spec = self.spec.as_deref().map(|s| ServiceSpec {
             type_: s.type_.clone(),
             cluster_ip: s.cluster_ip.clone(),
@@ -293,6 +304,10 @@ impl SliceDigest {
 
     /// An EndpointSlice with only what the digest kept, named `namespace`/`name`.
     pub fn to_object(&self, namespace: &str, name: &str) -> EndpointSlice {
+        self.to_object_as(Some(namespace), Some(name))
+    }
+
+    fn to_object_as(&self, namespace: Option<&str>, name: Option<&str>) -> EndpointSlice {
         let mut labels = another_proxy_labels(self.for_another_proxy);
         if let Some(s) = &self.service {
             labels.insert(LABEL_SERVICE_NAME.to_owned(), s.clone());
@@ -353,9 +368,80 @@ pub fn node_object(node_name: &str, zone: Option<&str>) -> Node {
     Node {
         metadata: ObjectMeta {
             name: Some(node_name.to_owned()),
-            labels: Some(labels),
+            labels: (!labels.is_empty()).then_some(labels),
             ..ObjectMeta::default()
         },
         ..Node::default()
+    }
+}
+
+/// An object's `metadata.namespace` and `metadata.name` as written.
+type Names = (Option<String>, Option<String>);
+
+fn names(meta: &mut ObjectMeta) -> Names {
+    (meta.namespace.take(), meta.name.take())
+}
+
+/// [`ClusterObjects`] kept as digests (what a manifests directory cache holds per file between
+/// reads): Services and EndpointSlices as their digests under the names they were written with,
+/// in their order, duplicates included; Nodes with only their name and zone label.
+#[derive(Clone, Debug, Default)]
+pub struct DigestedObjects {
+    services: Vec<(Names, ServiceDigest)>,
+    slices: Vec<(Names, SliceDigest)>,
+    nodes: Vec<Node>,
+    pub problems: Vec<Problem>,
+}
+
+impl DigestedObjects {
+    pub fn of(objs: ClusterObjects) -> Self {
+        let mut d = Self {
+            services: objs
+                .services
+                .into_iter()
+                .map(|mut s| (names(&mut s.metadata), ServiceDigest::of(s)))
+                .collect(),
+            slices: objs
+                .slices
+                .into_iter()
+                .map(|mut s| (names(&mut s.metadata), SliceDigest::of(s)))
+                .collect(),
+            nodes: objs
+                .nodes
+                .into_iter()
+                .map(|n| {
+                    let zone = n.metadata.labels.and_then(|mut l| l.remove(LABEL_ZONE));
+                    let mut node = node_object("", zone.as_deref());
+                    node.metadata.name = n.metadata.name;
+                    node
+                })
+                .collect(),
+            problems: objs.problems,
+        };
+        // Collected in place into the objects' own, far larger, allocations.
+        d.services.shrink_to_fit();
+        d.slices.shrink_to_fit();
+        d.nodes.shrink_to_fit();
+        d
+    }
+
+    pub fn has_objects(&self) -> bool {
+        !(self.services.is_empty() && self.slices.is_empty() && self.nodes.is_empty())
+    }
+
+    /// Appends the objects, as `to_object` gives them, and the problems to `out`.
+    pub fn expand_into(&self, out: &mut ClusterObjects) {
+        out.services.extend(
+            self.services
+                .iter()
+                .map(|((ns, name), s)| s.to_object_as(ns.as_deref(), name.as_deref())),
+        );
+        out.slices.extend(
+            self.slices
+                .iter()
+                .map(|((ns, name), s)| s.to_object_as(ns.as_deref(), name.as_deref())),
+        );
+        out.nodes.extend(self.nodes.iter().cloned());
+        out.problems.extend(self.problems.iter().cloned());
     }
 }

@@ -19,6 +19,8 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
+use crate::digest::DigestedObjects;
+
 /// The objects found in a manifests directory, plus what could not be used.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
@@ -120,8 +122,9 @@ pub struct DirCache {
 struct FileState {
     /// `None`: the file could not be examined.
     stamp: Option<Stamp>,
-    /// The objects of the last good read, with the object-level problems found in it.
-    good: ClusterObjects,
+    /// The objects of the last good read, with the object-level problems found in it; as
+    /// digests, which are all translation needs and a fraction of the objects' size.
+    good: DigestedObjects,
     /// Why the file's current contents are not what `good` says, if they are not.
     error: Vec<Problem>,
 }
@@ -198,7 +201,7 @@ impl DirCache {
             ..ClusterObjects::default()
         };
         for state in self.files.values() {
-            out.extend(state.good.clone());
+            state.good.expand_into(&mut out);
             out.problems.extend(state.error.iter().cloned());
         }
         Some(out)
@@ -278,14 +281,14 @@ fn read_file_state(path: &Path, prev: Option<FileState>) -> Option<(FileState, b
     };
     let state = FileState {
         stamp: Some(stamp),
-        good,
+        good: DigestedObjects::of(good),
         error,
     };
     Some((state, true))
 }
 
-fn has_objects(objs: &ClusterObjects) -> bool {
-    !(objs.services.is_empty() && objs.slices.is_empty() && objs.nodes.is_empty())
+fn has_objects(objs: &DigestedObjects) -> bool {
+    objs.has_objects()
 }
 
 /// The file's objects, and whether its contents as a whole look like a failed or interrupted

@@ -4,7 +4,10 @@
 //! that Service and its slices), merges their map-level fragments into one `Target`, and returns
 //! the frontends and backends whose desired state may have changed, for `MapWriter::apply_keys`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING};
@@ -34,8 +37,17 @@ impl Changes {
     }
 }
 
+/// What one Service's last translation asked for. Only the keys: the frontends' contents are in
+/// `target` (or, refused, are translated again when their owner lets go).
 #[derive(Debug, Default)]
 struct Fragment {
+    frontends: Vec<L4Addr>,
+    backends: Vec<(L4Addr, u8)>,
+    problems: Vec<String>,
+}
+
+/// A Service's translation before it is merged.
+struct Translated {
     frontends: BTreeMap<L4Addr, TargetFrontend>,
     backends: BTreeMap<L4Addr, u8>,
     problems: Vec<String>,
@@ -57,7 +69,10 @@ pub struct ChangeTracker {
     frontend_owner: HashMap<L4Addr, ObjKey>,
     /// Services that want a frontend another Service owns; retried when it is released.
     frontend_waiters: HashMap<L4Addr, BTreeSet<ObjKey>>,
-    backend_users: HashMap<L4Addr, HashMap<ObjKey, u8>>,
+    /// Per backend, the Services using it and their flags for it. A list, not a map: usually
+    /// one or a few Services, and 100,000 small maps cost megabytes; the keys are shared per
+    /// merge rather than cloned per backend, for the same reason.
+    backend_users: HashMap<L4Addr, Vec<(Arc<ObjKey>, u8)>>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
@@ -189,9 +204,13 @@ impl ChangeTracker {
         changes
     }
 
-    fn translate_one(&self, key: &ObjKey) -> Fragment {
+    fn translate_one(&self, key: &ObjKey) -> Translated {
         let Some(svc) = self.services.get(key) else {
-            return Fragment::default();
+            return Translated {
+                frontends: BTreeMap::new(),
+                backends: BTreeMap::new(),
+                problems: Vec::new(),
+            };
         };
         let svc: Service = svc.to_object(&key.0, &key.1);
         let slices: Vec<EndpointSlice> = self
@@ -212,20 +231,25 @@ impl ChangeTracker {
         };
         let tr = translate::translate(&input, &self.node_name);
         let (t, target_problems) = maps::target(&tr.state);
-        Fragment {
+        Translated {
             frontends: t.frontends,
             backends: t.backends,
             problems: tr.problems.into_iter().chain(target_problems).collect(),
         }
     }
 
-    fn merge(&mut self, key: ObjKey, mut new: Fragment, changes: &mut Changes) {
+    fn merge(&mut self, key: ObjKey, new: Translated, changes: &mut Changes) {
         let old = self.fragments.remove(&key).unwrap_or_default();
-        for fe in old.frontends.keys() {
+        let Translated {
+            frontends,
+            backends,
+            mut problems,
+        } = new;
+        for fe in &old.frontends {
             if let Some(w) = self.frontend_waiters.get_mut(fe) {
                 w.remove(&key);
             }
-            if self.frontend_owner.get(fe) == Some(&key) && !new.frontends.contains_key(fe) {
+            if self.frontend_owner.get(fe) == Some(&key) && !frontends.contains_key(fe) {
                 self.frontend_owner.remove(fe);
                 self.target.frontends.remove(fe);
                 changes.frontends.insert(*fe);
@@ -236,46 +260,66 @@ impl ChangeTracker {
                 }
             }
         }
-        for (fe, tf) in &new.frontends {
-            match self.frontend_owner.get(fe) {
+        let wanted: Vec<L4Addr> = frontends.keys().copied().collect();
+        for (fe, tf) in frontends {
+            match self.frontend_owner.get(&fe) {
                 Some(owner) if *owner != key => {
-                    new.problems.push(format!(
+                    problems.push(format!(
                         "{}/{}: frontend {fe} already used by {}/{}; skipped",
                         key.0, key.1, owner.0, owner.1
                     ));
                     self.frontend_waiters
-                        .entry(*fe)
+                        .entry(fe)
                         .or_default()
                         .insert(key.clone());
                 }
                 owner => {
                     if owner.is_none() {
-                        self.frontend_owner.insert(*fe, key.clone());
+                        self.frontend_owner.insert(fe, key.clone());
                         changes.names_changed = true;
                     }
-                    if self.target.frontends.get(fe) != Some(tf) {
-                        self.target.frontends.insert(*fe, tf.clone());
-                        changes.frontends.insert(*fe);
+                    if self.target.frontends.get(&fe) != Some(&tf) {
+                        self.target.frontends.insert(fe, tf);
+                        changes.frontends.insert(fe);
                     }
                 }
             }
         }
-        for be in old.backends.keys() {
-            if !new.backends.contains_key(be) {
+        for (be, _) in &old.backends {
+            if !backends.contains_key(be) {
                 if let Some(users) = self.backend_users.get_mut(be) {
-                    users.remove(&key);
+                    users.retain(|(k, _)| **k != key);
                 }
                 self.refresh_backend(be, changes);
             }
         }
-        for (be, flags) in &new.backends {
+        let user = Arc::new(key.clone());
+        for (be, flags) in &backends {
             let users = self.backend_users.entry(*be).or_default();
-            if users.insert(key.clone(), *flags) != Some(*flags) {
+            let changed = match users.iter_mut().find(|(k, _)| **k == key) {
+                Some((_, f)) if f == flags => false,
+                Some((_, f)) => {
+                    *f = *flags;
+                    true
+                }
+                None => {
+                    users.push((user.clone(), *flags));
+                    true
+                }
+            };
+            if changed {
                 self.refresh_backend(be, changes);
             }
         }
-        if !(new.frontends.is_empty() && new.backends.is_empty() && new.problems.is_empty()) {
-            self.fragments.insert(key, new);
+        if !(wanted.is_empty() && backends.is_empty() && problems.is_empty()) {
+            self.fragments.insert(
+                key,
+                Fragment {
+                    frontends: wanted,
+                    backends: backends.into_iter().collect(),
+                    problems,
+                },
+            );
         }
     }
 
@@ -283,7 +327,7 @@ impl ChangeTracker {
     fn refresh_backend(&mut self, be: &L4Addr, changes: &mut Changes) {
         let want = match self.backend_users.get(be) {
             Some(users) if !users.is_empty() => {
-                let terminating = users.values().all(|f| f & BACKEND_F_TERMINATING != 0);
+                let terminating = users.iter().all(|(_, f)| f & BACKEND_F_TERMINATING != 0);
                 Some(
                     BACKEND_F_ACTIVE
                         | if terminating {
