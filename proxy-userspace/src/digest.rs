@@ -387,42 +387,66 @@ fn names(meta: &mut ObjectMeta) -> Names {
 /// in their order, duplicates included; Nodes with only their name and zone label.
 #[derive(Clone, Debug, Default)]
 pub struct DigestedObjects {
-    services: Vec<(Names, ServiceDigest)>,
-    slices: Vec<(Names, SliceDigest)>,
-    nodes: Vec<Node>,
+    pub(crate) services: Vec<(Names, ServiceDigest)>,
+    pub(crate) slices: Vec<(Names, SliceDigest)>,
+    pub(crate) nodes: Vec<Node>,
     pub problems: Vec<Problem>,
 }
 
 impl DigestedObjects {
-    pub fn of(objs: ClusterObjects) -> Self {
-        let mut d = Self {
-            services: objs
-                .services
-                .into_iter()
-                .map(|mut s| (names(&mut s.metadata), ServiceDigest::of(s)))
-                .collect(),
-            slices: objs
-                .slices
-                .into_iter()
-                .map(|mut s| (names(&mut s.metadata), SliceDigest::of(s)))
-                .collect(),
-            nodes: objs
-                .nodes
-                .into_iter()
-                .map(|n| {
-                    let zone = n.metadata.labels.and_then(|mut l| l.remove(LABEL_ZONE));
-                    let mut node = node_object("", zone.as_deref());
-                    node.metadata.name = n.metadata.name;
-                    node
-                })
-                .collect(),
-            problems: objs.problems,
-        };
-        // Collected in place into the objects' own, far larger, allocations.
-        d.services.shrink_to_fit();
-        d.slices.shrink_to_fit();
-        d.nodes.shrink_to_fit();
+    pub fn of(mut objs: ClusterObjects) -> Self {
+        let mut d = Self::default();
+        d.absorb(&mut objs);
+        d.problems = objs.problems;
+        d.shrink_to_fit();
         d
+    }
+
+    /// Moves the objects (not the problems) of `objs` in, as digests.
+    pub fn absorb(&mut self, objs: &mut ClusterObjects) {
+        self.services.extend(
+            objs.services
+                .drain(..)
+                .map(|mut s| (names(&mut s.metadata), ServiceDigest::of(s))),
+        );
+        self.slices.extend(
+            objs.slices
+                .drain(..)
+                .map(|mut s| (names(&mut s.metadata), SliceDigest::of(s))),
+        );
+        self.nodes.extend(objs.nodes.drain(..).map(|n| {
+            let zone = n.metadata.labels.and_then(|mut l| l.remove(LABEL_ZONE));
+            let mut node = node_object("", zone.as_deref());
+            node.metadata.name = n.metadata.name;
+            node
+        }));
+    }
+
+    /// Gives back what growing the lists left unused (they are kept until the file changes).
+    pub fn shrink_to_fit(&mut self) {
+        self.services.shrink_to_fit();
+        self.slices.shrink_to_fit();
+        self.nodes.shrink_to_fit();
+    }
+
+    /// Appends clones of `other`'s objects and problems.
+    pub fn extend_from(&mut self, other: &DigestedObjects) {
+        self.services.extend(other.services.iter().cloned());
+        self.slices.extend(other.slices.iter().cloned());
+        self.nodes.extend(other.nodes.iter().cloned());
+        self.problems.extend(other.problems.iter().cloned());
+    }
+
+    /// Whether a Node of that name or an endpoint on it is among the objects.
+    pub fn mentions_node(&self, node_name: &str) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(node_name))
+            || self.slices.iter().any(|(_, s)| {
+                s.endpoints
+                    .iter()
+                    .any(|e| e.node_name.as_deref() == Some(node_name))
+            })
     }
 
     pub fn has_objects(&self) -> bool {

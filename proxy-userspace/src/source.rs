@@ -139,6 +139,16 @@ impl DirCache {
     /// Every object in `dir`, or `None` when nothing changed since the previous call (no manifest
     /// file added, removed or changed, and the same problems).
     pub fn load(&mut self, dir: &Path) -> Option<ClusterObjects> {
+        self.load_digested(dir).map(|d| {
+            let mut out = ClusterObjects::default();
+            d.expand_into(&mut out);
+            out
+        })
+    }
+
+    /// `load` as digests: what the change tracker keeps, without making whole objects of them
+    /// in between (for 10,000 Services that was vipx's peak memory).
+    pub fn load_digested(&mut self, dir: &Path) -> Option<DigestedObjects> {
         let mut dir_problems = Vec::new();
         let mut files = Vec::new();
         let listed = match fs::read_dir(dir) {
@@ -196,12 +206,12 @@ impl DirCache {
         if !changed {
             return None;
         }
-        let mut out = ClusterObjects {
+        let mut out = DigestedObjects {
             problems: self.dir_problems.clone(),
-            ..ClusterObjects::default()
+            ..DigestedObjects::default()
         };
         for state in self.files.values() {
-            state.good.expand_into(&mut out);
+            out.extend_from(&state.good);
             out.problems.extend(state.error.iter().cloned());
         }
         Some(out)
@@ -281,7 +291,7 @@ fn read_file_state(path: &Path, prev: Option<FileState>) -> Option<(FileState, b
     };
     let state = FileState {
         stamp: Some(stamp),
-        good: DigestedObjects::of(good),
+        good,
         error,
     };
     Some((state, true))
@@ -293,8 +303,10 @@ fn has_objects(objs: &DigestedObjects) -> bool {
 
 /// The file's objects, and whether its contents as a whole look like a failed or interrupted
 /// write (unreadable, not text, a syntax error, or empty), so that an earlier good read is
-/// worth more than this one.
-fn load_file(path: &Path) -> (ClusterObjects, bool) {
+/// worth more than this one. Objects become digests as soon as they are parsed, so that a big
+/// file is never held as whole objects.
+fn load_file(path: &Path) -> (DigestedObjects, bool) {
+    let mut digests = DigestedObjects::default();
     let mut out = ClusterObjects::default();
     let mut problem = |reason: String| {
         out.problems.push(Problem {
@@ -306,17 +318,16 @@ fn load_file(path: &Path) -> (ClusterObjects, bool) {
     let suspect = match fs::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(text) if text.trim().is_empty() => true,
-            Ok(text) => {
-                let (objs, syntax_errors) = load_text(path, &text);
-                out.extend(objs);
-                syntax_errors
-            }
+            Ok(text) => load_text_into(path, &text, &mut out, Some(&mut digests)),
             Err(err) => problem(format!("not UTF-8 text: {}", err.utf8_error())),
         },
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
         Err(err) => problem(format!("cannot read: {err}")),
     };
-    (out, suspect)
+    digests.absorb(&mut out);
+    digests.problems = out.problems;
+    digests.shrink_to_fit();
+    (digests, suspect)
 }
 
 /// Parses `text` as if it were the file `name`: JSON when `name` ends in `.json`, YAML otherwise.
@@ -327,15 +338,35 @@ pub fn load_str(name: &str, text: &str) -> ClusterObjects {
 
 /// The objects, and whether some document did not parse at all.
 fn load_text(file: &Path, text: &str) -> (ClusterObjects, bool) {
+    let mut out = ClusterObjects::default();
+    let syntax_error = load_text_into(file, text, &mut out, None);
+    (out, syntax_error)
+}
+
+/// `load_text` into `out`, or, with `digests`, its objects into `digests` document by document
+/// (only the problems into `out`). Returns whether some document did not parse at all.
+fn load_text_into(
+    file: &Path,
+    text: &str,
+    out: &mut ClusterObjects,
+    mut digests: Option<&mut DigestedObjects>,
+) -> bool {
     // A byte-order mark is legal in YAML but serde_json rejects it; editors on Windows add one.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let is_json = file.extension().and_then(|e| e.to_str()) == Some("json");
-    let mut out = ClusterObjects::default();
     let mut syntax_error = false;
-    let mut add = |out: &mut ClusterObjects, index: usize, document: Result<Value, String>| {
+    let mut add = |out: &mut ClusterObjects,
+                   digests: &mut Option<&mut DigestedObjects>,
+                   index: usize,
+                   document: Result<Value, String>| {
         let location = format!("document {}", index + 1);
         match document {
-            Ok(value) => collect(value, &location, file, out, 0),
+            Ok(value) => {
+                collect(value, &location, file, out, 0);
+                if let Some(d) = digests {
+                    d.absorb(out);
+                }
+            }
             Err(reason) => {
                 syntax_error = true;
                 out.problems.push(Problem {
@@ -347,15 +378,20 @@ fn load_text(file: &Path, text: &str) -> (ClusterObjects, bool) {
     };
     if is_json {
         for (index, document) in parse_json(text).into_iter().enumerate() {
-            add(&mut out, index, document);
+            add(out, &mut digests, index, document);
         }
-    } else if !parse_yaml(text, |index, value| add(&mut out, index, Ok(value))) {
-        out = ClusterObjects::default();
+    } else if !parse_yaml(text, |index, value| {
+        add(out, &mut digests, index, Ok(value));
+    }) {
+        *out = ClusterObjects::default();
+        if let Some(d) = digests.as_deref_mut() {
+            *d = DigestedObjects::default();
+        }
         for (index, document) in parse_yaml_per_document(text).enumerate() {
-            add(&mut out, index, document);
+            add(out, &mut digests, index, document);
         }
     }
-    (out, syntax_error)
+    syntax_error
 }
 
 /// One JSON value after another (`kubectl get -o json` prints one; concatenated output of

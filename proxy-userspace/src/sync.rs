@@ -13,7 +13,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING};
 
 use crate::{
-    digest::{self, ServiceDigest, SliceDigest},
+    digest::{self, DigestedObjects, ServiceDigest, SliceDigest},
     maps::{self, L4Addr, Target, TargetFrontend},
     source::ClusterObjects,
     translate::{self, ClusterInput, LABEL_ZONE},
@@ -82,6 +82,13 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     )
 }
 
+fn key_of_names((namespace, name): (Option<String>, Option<String>)) -> ObjKey {
+    (
+        namespace.unwrap_or_else(|| "default".into()),
+        name.unwrap_or_default(),
+    )
+}
+
 fn owner_of(key: &ObjKey, slice: &SliceDigest) -> Option<ObjKey> {
     Some((key.0.clone(), slice.service()?.to_owned()))
 }
@@ -110,6 +117,11 @@ impl ChangeTracker {
     /// Replace every object (a relist, or a re-read manifests directory); only Services whose
     /// own object or slices differ become dirty.
     pub fn replace_all(&mut self, objs: ClusterObjects) {
+        self.replace_all_digested(DigestedObjects::of(objs));
+    }
+
+    /// `replace_all` with objects already digested (the manifests cache keeps them so).
+    pub fn replace_all_digested(&mut self, objs: DigestedObjects) {
         let zone = objs
             .nodes
             .iter()
@@ -124,11 +136,9 @@ impl ChangeTracker {
 
         let mut services: HashMap<ObjKey, ServiceDigest> =
             HashMap::with_capacity(objs.services.len());
-        for s in objs.services {
+        for (names, s) in objs.services {
             // The first of duplicates wins, as in `translate`.
-            services
-                .entry(key_of(&s.metadata))
-                .or_insert_with(|| ServiceDigest::of(s));
+            services.entry(key_of_names(names)).or_insert(s);
         }
         for (k, s) in &services {
             if self.services.get(k) != Some(s) {
@@ -143,10 +153,8 @@ impl ChangeTracker {
         self.services = services;
 
         let mut slices: HashMap<ObjKey, SliceDigest> = HashMap::with_capacity(objs.slices.len());
-        for s in objs.slices {
-            slices
-                .entry(key_of(&s.metadata))
-                .or_insert_with(|| SliceDigest::of(s));
+        for (names, s) in objs.slices {
+            slices.entry(key_of_names(names)).or_insert(s);
         }
         for (k, s) in &slices {
             if self.slices.get(k) != Some(s) {
