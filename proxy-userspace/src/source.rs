@@ -74,7 +74,8 @@ pub fn is_manifest_file(path: &Path) -> bool {
     )
 }
 
-/// Reads every manifest file directly in `dir` (see [`is_manifest_file`]), in file-name order.
+/// Reads every manifest file directly in `dir` (see [`is_manifest_file`]), in file-name order,
+/// with only the fields translation reads (see [`DirCache::load`]).
 #[must_use]
 pub fn load_dir(dir: &Path) -> ClusterObjects {
     DirCache::default().load(dir).unwrap_or_default()
@@ -137,7 +138,8 @@ impl DirCache {
     }
 
     /// Every object in `dir`, or `None` when nothing changed since the previous call (no manifest
-    /// file added, removed or changed, and the same problems).
+    /// file added, removed or changed, and the same problems). The cache keeps digests, so the
+    /// objects carry only what translation reads (`digest`).
     pub fn load(&mut self, dir: &Path) -> Option<ClusterObjects> {
         self.load_digested(dir).map(|d| {
             let mut out = ClusterObjects::default();
