@@ -432,6 +432,32 @@ spec:
     }
 
     #[test]
+    fn fields_translation_does_not_read_change_nothing() {
+        let v1 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1);
+        t.flush();
+        // Annotations, other labels, a target reference: dropped on arrival, so not a change.
+        let noisy = SVC.replace(
+            "metadata: {name: web, namespace: default}",
+            "metadata: {name: web, namespace: default, annotations: {a: b}, labels: {app: web}}",
+        );
+        let noisy_slice = slice("web-a", &["10.0.0.1"]).replace(
+            "conditions: {ready: true}",
+            "conditions: {ready: true}\n    targetRef: {kind: Pod, name: web-1}",
+        );
+        let v2 = objs(&[noisy, noisy_slice]);
+        assert!(
+            v2.slices[0].endpoints.as_ref().unwrap()[0]
+                .target_ref
+                .is_some()
+        );
+        t.replace_all(v2.clone());
+        assert!(t.flush().is_empty());
+        assert_matches_full(&t, &v2);
+    }
+
+    #[test]
     fn a_second_slice_and_slice_events_merge() {
         let v1 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
         let mut t = ChangeTracker::new("node-a");
