@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    digest::DigestedObjects,
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
     source::{ClusterObjects, DirCache},
@@ -80,15 +81,9 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
 }
 
 /// Whether the objects mention `node_name` at all: a Node of that name, or an endpoint on it.
+/// (`vipx run` asks the manifests cache's digests the same, `DigestedObjects::mentions_node`.)
 pub fn mentions_node(objs: &ClusterObjects, node_name: &str) -> bool {
-    objs.nodes
-        .iter()
-        .any(|n| n.metadata.name.as_deref() == Some(node_name))
-        || objs
-            .slices
-            .iter()
-            .flat_map(|s| s.endpoints.iter().flatten())
-            .any(|e| e.node_name.as_deref() == Some(node_name))
+    DigestedObjects::of(objs.clone()).mentions_node(node_name)
 }
 
 /// What a health endpoint will report: when the maps last matched the desired state.
@@ -135,7 +130,7 @@ fn settles(kind: &notify::EventKind) -> bool {
 
 /// Whether a load saw the manifests directory itself (listed it completely): `None` (nothing
 /// new) or a directory-level problem means it did not.
-fn directory_read(loaded: Option<&ClusterObjects>, dir: &Path) -> bool {
+fn directory_read(loaded: Option<&DigestedObjects>, dir: &Path) -> bool {
     loaded.is_some_and(|objs| !objs.problems.iter().any(|p| p.file.as_path() == dir))
 }
 
@@ -206,6 +201,18 @@ struct Controller {
     born: Instant,
 }
 
+/// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
+/// freed chunks for reuse, and what parsing a big directory frees (the YAML and the objects
+/// replaced) is scattered between chunks still in use, so without this the resident size stays
+/// near the parsing peak for good. Only after a re-read: a no-op resync frees little.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only works on the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How long a restarted vipx keeps the adopted state while a manifest file cannot be read.
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
@@ -226,7 +233,7 @@ impl Controller {
     fn try_sync(&mut self) -> Result<()> {
         let started = Instant::now();
         let first = self.health.syncs == 0;
-        let loaded = self.dir.load(&self.opts.manifests);
+        let loaded = self.dir.load_digested(&self.opts.manifests);
         // Until the directory has been read once, an empty read means "unknown", not "no
         // Services": applying it would delete every frontend a previous vipx left pinned (and
         // the flows through them). Keep what is programmed and retry.
@@ -237,12 +244,13 @@ impl Controller {
             );
         }
         self.source_seen = true;
+        let reread = loaded.is_some();
         let changes = match loaded {
             Some(objs) => {
                 self.warn_if_node_unknown(&objs);
                 let file_problems: Vec<String> =
                     objs.problems.iter().map(ToString::to_string).collect();
-                self.tracker.replace_all(objs);
+                self.tracker.replace_all_digested(objs);
                 let changes = self.tracker.flush();
                 let problems: BTreeSet<String> = file_problems
                     .into_iter()
@@ -327,19 +335,20 @@ impl Controller {
         } else {
             tracing::debug!(frontends = target.frontends.len(), "maps synced (no-op)");
         }
+        if reread {
+            release_freed_memory();
+        }
         Ok(())
     }
 
     /// Warn once when nothing in the manifests names this node: every endpoint would be remote,
     /// which is legitimate for a node without pods but usually means a wrong --node-name.
-    fn warn_if_node_unknown(&mut self, objs: &ClusterObjects) {
-        if self.node_checked
-            || (objs.services.is_empty() && objs.slices.is_empty() && objs.nodes.is_empty())
-        {
+    fn warn_if_node_unknown(&mut self, objs: &DigestedObjects) {
+        if self.node_checked || !objs.has_objects() {
             return;
         }
         self.node_checked = true;
-        if !mentions_node(objs, &self.opts.node_name) {
+        if !objs.mentions_node(&self.opts.node_name) {
             tracing::warn!(
                 node = %self.opts.node_name,
                 manifests = %self.opts.manifests.display(),
@@ -528,14 +537,14 @@ mod tests {
         use crate::source::DirCache;
         let missing = std::env::temp_dir().join(format!("vipx-missing-{}", std::process::id()));
         let mut cache = DirCache::default();
-        let first = cache.load(&missing);
+        let first = cache.load_digested(&missing);
         assert!(!super::directory_read(first.as_ref(), &missing));
         // Still unreadable: nothing new, still not read.
-        let again = cache.load(&missing);
+        let again = cache.load_digested(&missing);
         assert!(!super::directory_read(again.as_ref(), &missing));
         let dir = std::env::temp_dir().join(format!("vipx-empty-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let read = DirCache::default().load(&dir);
+        let read = DirCache::default().load_digested(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(
             super::directory_read(read.as_ref(), &dir),

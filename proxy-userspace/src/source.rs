@@ -19,6 +19,8 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
+use crate::digest::DigestedObjects;
+
 /// The objects found in a manifests directory, plus what could not be used.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterObjects {
@@ -72,7 +74,8 @@ pub fn is_manifest_file(path: &Path) -> bool {
     )
 }
 
-/// Reads every manifest file directly in `dir` (see [`is_manifest_file`]), in file-name order.
+/// Reads every manifest file directly in `dir` (see [`is_manifest_file`]), in file-name order,
+/// with only the fields translation reads (see [`DirCache::load`]).
 #[must_use]
 pub fn load_dir(dir: &Path) -> ClusterObjects {
     DirCache::default().load(dir).unwrap_or_default()
@@ -120,8 +123,9 @@ pub struct DirCache {
 struct FileState {
     /// `None`: the file could not be examined.
     stamp: Option<Stamp>,
-    /// The objects of the last good read, with the object-level problems found in it.
-    good: ClusterObjects,
+    /// The objects of the last good read, with the object-level problems found in it; as
+    /// digests, which are all translation needs and a fraction of the objects' size.
+    good: DigestedObjects,
     /// Why the file's current contents are not what `good` says, if they are not.
     error: Vec<Problem>,
 }
@@ -134,8 +138,19 @@ impl DirCache {
     }
 
     /// Every object in `dir`, or `None` when nothing changed since the previous call (no manifest
-    /// file added, removed or changed, and the same problems).
+    /// file added, removed or changed, and the same problems). The cache keeps digests, so the
+    /// objects carry only what translation reads (`digest`).
     pub fn load(&mut self, dir: &Path) -> Option<ClusterObjects> {
+        self.load_digested(dir).map(|d| {
+            let mut out = ClusterObjects::default();
+            d.expand_into(&mut out);
+            out
+        })
+    }
+
+    /// `load` as digests: what the change tracker keeps, without making whole objects of them
+    /// in between (for 10,000 Services that was vipx's peak memory).
+    pub fn load_digested(&mut self, dir: &Path) -> Option<DigestedObjects> {
         let mut dir_problems = Vec::new();
         let mut files = Vec::new();
         let listed = match fs::read_dir(dir) {
@@ -193,12 +208,12 @@ impl DirCache {
         if !changed {
             return None;
         }
-        let mut out = ClusterObjects {
+        let mut out = DigestedObjects {
             problems: self.dir_problems.clone(),
-            ..ClusterObjects::default()
+            ..DigestedObjects::default()
         };
         for state in self.files.values() {
-            out.extend(state.good.clone());
+            out.extend_from(&state.good);
             out.problems.extend(state.error.iter().cloned());
         }
         Some(out)
@@ -284,14 +299,16 @@ fn read_file_state(path: &Path, prev: Option<FileState>) -> Option<(FileState, b
     Some((state, true))
 }
 
-fn has_objects(objs: &ClusterObjects) -> bool {
-    !(objs.services.is_empty() && objs.slices.is_empty() && objs.nodes.is_empty())
+fn has_objects(objs: &DigestedObjects) -> bool {
+    objs.has_objects()
 }
 
 /// The file's objects, and whether its contents as a whole look like a failed or interrupted
 /// write (unreadable, not text, a syntax error, or empty), so that an earlier good read is
-/// worth more than this one.
-fn load_file(path: &Path) -> (ClusterObjects, bool) {
+/// worth more than this one. Objects become digests as soon as they are parsed, so that a big
+/// file is never held as whole objects.
+fn load_file(path: &Path) -> (DigestedObjects, bool) {
+    let mut digests = DigestedObjects::default();
     let mut out = ClusterObjects::default();
     let mut problem = |reason: String| {
         out.problems.push(Problem {
@@ -303,17 +320,16 @@ fn load_file(path: &Path) -> (ClusterObjects, bool) {
     let suspect = match fs::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(text) if text.trim().is_empty() => true,
-            Ok(text) => {
-                let (objs, syntax_errors) = load_text(path, &text);
-                out.extend(objs);
-                syntax_errors
-            }
+            Ok(text) => load_text_into(path, &text, &mut out, Some(&mut digests)),
             Err(err) => problem(format!("not UTF-8 text: {}", err.utf8_error())),
         },
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
         Err(err) => problem(format!("cannot read: {err}")),
     };
-    (out, suspect)
+    digests.absorb(&mut out);
+    digests.problems = out.problems;
+    digests.shrink_to_fit();
+    (digests, suspect)
 }
 
 /// Parses `text` as if it were the file `name`: JSON when `name` ends in `.json`, YAML otherwise.
@@ -324,20 +340,35 @@ pub fn load_str(name: &str, text: &str) -> ClusterObjects {
 
 /// The objects, and whether some document did not parse at all.
 fn load_text(file: &Path, text: &str) -> (ClusterObjects, bool) {
+    let mut out = ClusterObjects::default();
+    let syntax_error = load_text_into(file, text, &mut out, None);
+    (out, syntax_error)
+}
+
+/// `load_text` into `out`, or, with `digests`, its objects into `digests` document by document
+/// (only the problems into `out`). Returns whether some document did not parse at all.
+fn load_text_into(
+    file: &Path,
+    text: &str,
+    out: &mut ClusterObjects,
+    mut digests: Option<&mut DigestedObjects>,
+) -> bool {
     // A byte-order mark is legal in YAML but serde_json rejects it; editors on Windows add one.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let is_json = file.extension().and_then(|e| e.to_str()) == Some("json");
-    let documents = if is_json {
-        parse_json(text)
-    } else {
-        parse_yaml(text)
-    };
-    let mut out = ClusterObjects::default();
     let mut syntax_error = false;
-    for (index, document) in documents.into_iter().enumerate() {
+    let mut add = |out: &mut ClusterObjects,
+                   digests: &mut Option<&mut DigestedObjects>,
+                   index: usize,
+                   document: Result<Value, String>| {
         let location = format!("document {}", index + 1);
         match document {
-            Ok(value) => collect(value, &location, file, &mut out, 0),
+            Ok(value) => {
+                collect(value, &location, file, out, 0);
+                if let Some(d) = digests {
+                    d.absorb(out);
+                }
+            }
             Err(reason) => {
                 syntax_error = true;
                 out.problems.push(Problem {
@@ -346,8 +377,23 @@ fn load_text(file: &Path, text: &str) -> (ClusterObjects, bool) {
                 });
             }
         }
+    };
+    if is_json {
+        for (index, document) in parse_json(text).into_iter().enumerate() {
+            add(out, &mut digests, index, document);
+        }
+    } else if !parse_yaml(text, |index, value| {
+        add(out, &mut digests, index, Ok(value));
+    }) {
+        *out = ClusterObjects::default();
+        if let Some(d) = digests.as_deref_mut() {
+            *d = DigestedObjects::default();
+        }
+        for (index, document) in parse_yaml_per_document(text).enumerate() {
+            add(out, &mut digests, index, document);
+        }
     }
-    (out, syntax_error)
+    syntax_error
 }
 
 /// One JSON value after another (`kubectl get -o json` prints one; concatenated output of
@@ -367,22 +413,25 @@ fn parse_json(text: &str) -> Vec<Result<Value, String>> {
     documents
 }
 
-/// Splits a YAML stream into documents. A syntax error in one document should cost only that
+/// Hands each document of a YAML stream to `each` (with its index) as soon as it is parsed: a
+/// file of 10,000 Services held as `Value`s all at once took most of vipx's memory. Returns
+/// false at the first syntax error: a syntax error in one document should cost only that
 /// document, but libyaml cannot resume after an error (serde_yaml_ng's iterator would keep
-/// returning it), so on any error the stream is re-parsed one document at a time, split at the
-/// `---` / `...` markers, which YAML only allows at column 0 outside of any scalar.
-fn parse_yaml(text: &str) -> Vec<Result<Value, String>> {
-    let mut documents = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(text) {
+/// returning it), so the caller drops what it got and reads the stream again with
+/// [`parse_yaml_per_document`].
+fn parse_yaml(text: &str, mut each: impl FnMut(usize, Value)) -> bool {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(document) {
-            Ok(value) => documents.push(Ok(value)),
-            Err(_) => return parse_yaml_per_document(text),
+            Ok(value) => each(index, value),
+            Err(_) => return false,
         }
     }
-    documents
+    true
 }
 
-fn parse_yaml_per_document(text: &str) -> Vec<Result<Value, String>> {
+/// The documents one at a time, split at the `---` / `...` markers, which YAML only allows at
+/// column 0 outside of any scalar.
+fn parse_yaml_per_document(text: &str) -> impl Iterator<Item = Result<Value, String>> {
     split_yaml_documents(text)
         .into_iter()
         .map(|(first_line, chunk)| {
@@ -394,7 +443,6 @@ fn parse_yaml_per_document(text: &str) -> Vec<Result<Value, String>> {
                 format!("invalid YAML: {err}")
             })
         })
-        .collect()
 }
 
 /// Like `serde_yaml_ng::from_str`, but when libyaml ends the document early (bad indentation

@@ -4,15 +4,19 @@
 //! that Service and its slices), merges their map-level fragments into one `Target`, and returns
 //! the frontends and backends whose desired state may have changed, for `MapWriter::apply_keys`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING};
 
 use crate::{
+    digest::{self, DigestedObjects, ServiceDigest, SliceDigest},
     maps::{self, L4Addr, Target, TargetFrontend},
     source::ClusterObjects,
-    translate::{self, ClusterInput, LABEL_SERVICE_NAME, LABEL_ZONE},
+    translate::{self, ClusterInput, LABEL_ZONE},
 };
 
 /// (namespace, name) of an object.
@@ -33,8 +37,17 @@ impl Changes {
     }
 }
 
+/// What one Service's last translation asked for. Only the keys: the frontends' contents are in
+/// `target` (or, refused, are translated again when their owner lets go).
 #[derive(Debug, Default)]
 struct Fragment {
+    frontends: Vec<L4Addr>,
+    backends: Vec<(L4Addr, u8)>,
+    problems: Vec<String>,
+}
+
+/// A Service's translation before it is merged.
+struct Translated {
     frontends: BTreeMap<L4Addr, TargetFrontend>,
     backends: BTreeMap<L4Addr, u8>,
     problems: Vec<String>,
@@ -43,10 +56,11 @@ struct Fragment {
 #[derive(Default)]
 pub struct ChangeTracker {
     node_name: String,
+    /// This node's zone label: all `translate` reads of the Nodes.
     zone: Option<String>,
-    nodes: Vec<Node>,
-    services: HashMap<ObjKey, Service>,
-    slices: HashMap<ObjKey, EndpointSlice>,
+    /// Only what translation needs of each object (see `digest`), not the whole object.
+    services: HashMap<ObjKey, ServiceDigest>,
+    slices: HashMap<ObjKey, SliceDigest>,
     /// Service (namespace, `kubernetes.io/service-name`) -> its slices' names.
     slices_of: HashMap<ObjKey, BTreeSet<String>>,
     dirty: BTreeSet<ObjKey>,
@@ -55,7 +69,10 @@ pub struct ChangeTracker {
     frontend_owner: HashMap<L4Addr, ObjKey>,
     /// Services that want a frontend another Service owns; retried when it is released.
     frontend_waiters: HashMap<L4Addr, BTreeSet<ObjKey>>,
-    backend_users: HashMap<L4Addr, HashMap<ObjKey, u8>>,
+    /// Per backend, the Services using it and their flags for it. A list, not a map: usually
+    /// one or a few Services, and 100,000 small maps cost megabytes; the keys are shared per
+    /// merge rather than cloned per backend, for the same reason.
+    backend_users: HashMap<L4Addr, Vec<(Arc<ObjKey>, u8)>>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
@@ -65,9 +82,15 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     )
 }
 
-fn owner_of(slice: &EndpointSlice) -> Option<ObjKey> {
-    let svc = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some((key_of(&slice.metadata).0, svc.clone()))
+fn key_of_names((namespace, name): (Option<String>, Option<String>)) -> ObjKey {
+    (
+        namespace.unwrap_or_else(|| "default".into()),
+        name.unwrap_or_default(),
+    )
+}
+
+fn owner_of(key: &ObjKey, slice: &SliceDigest) -> Option<ObjKey> {
+    Some((key.0.clone(), slice.service()?.to_owned()))
 }
 
 impl ChangeTracker {
@@ -94,6 +117,11 @@ impl ChangeTracker {
     /// Replace every object (a relist, or a re-read manifests directory); only Services whose
     /// own object or slices differ become dirty.
     pub fn replace_all(&mut self, objs: ClusterObjects) {
+        self.replace_all_digested(DigestedObjects::of(objs));
+    }
+
+    /// `replace_all` with objects already digested (the manifests cache keeps them so).
+    pub fn replace_all_digested(&mut self, objs: DigestedObjects) {
         let zone = objs
             .nodes
             .iter()
@@ -105,12 +133,12 @@ impl ChangeTracker {
             self.dirty.extend(self.services.keys().cloned());
             self.dirty.extend(self.slices_of.keys().cloned());
         }
-        self.nodes = objs.nodes;
 
-        let mut services: HashMap<ObjKey, Service> = HashMap::with_capacity(objs.services.len());
-        for s in objs.services {
+        let mut services: HashMap<ObjKey, ServiceDigest> =
+            HashMap::with_capacity(objs.services.len());
+        for (names, s) in objs.services {
             // The first of duplicates wins, as in `translate`.
-            services.entry(key_of(&s.metadata)).or_insert(s);
+            services.entry(key_of_names(names)).or_insert(s);
         }
         for (k, s) in &services {
             if self.services.get(k) != Some(s) {
@@ -124,24 +152,25 @@ impl ChangeTracker {
         }
         self.services = services;
 
-        let mut slices: HashMap<ObjKey, EndpointSlice> = HashMap::with_capacity(objs.slices.len());
-        for s in objs.slices {
-            slices.entry(key_of(&s.metadata)).or_insert(s);
+        let mut slices: HashMap<ObjKey, SliceDigest> = HashMap::with_capacity(objs.slices.len());
+        for (names, s) in objs.slices {
+            slices.entry(key_of_names(names)).or_insert(s);
         }
         for (k, s) in &slices {
             if self.slices.get(k) != Some(s) {
-                self.dirty.extend(owner_of(s));
-                self.dirty.extend(self.slices.get(k).and_then(owner_of));
+                self.dirty.extend(owner_of(k, s));
+                self.dirty
+                    .extend(self.slices.get(k).and_then(|old| owner_of(k, old)));
             }
         }
         for (k, s) in &self.slices {
             if !slices.contains_key(k) {
-                self.dirty.extend(owner_of(s));
+                self.dirty.extend(owner_of(k, s));
             }
         }
         self.slices_of.clear();
         for (k, s) in &slices {
-            if let Some(o) = owner_of(s) {
+            if let Some(o) = owner_of(k, s) {
                 self.slices_of.entry(o).or_default().insert(k.1.clone());
             }
         }
@@ -151,18 +180,19 @@ impl ChangeTracker {
     /// One EndpointSlice added or changed (a watch event).
     pub fn upsert_slice(&mut self, slice: EndpointSlice) {
         let k = key_of(&slice.metadata);
+        let slice = SliceDigest::of(slice);
         if let Some(old) = self.slices.get(&k) {
             if old == &slice {
                 return;
             }
-            if let Some(o) = owner_of(old) {
+            if let Some(o) = owner_of(&k, old) {
                 self.dirty.insert(o.clone());
                 if let Some(set) = self.slices_of.get_mut(&o) {
                     set.remove(&k.1);
                 }
             }
         }
-        if let Some(o) = owner_of(&slice) {
+        if let Some(o) = owner_of(&k, &slice) {
             self.slices_of
                 .entry(o.clone())
                 .or_default()
@@ -182,38 +212,52 @@ impl ChangeTracker {
         changes
     }
 
-    fn translate_one(&self, key: &ObjKey) -> Fragment {
+    fn translate_one(&self, key: &ObjKey) -> Translated {
         let Some(svc) = self.services.get(key) else {
-            return Fragment::default();
+            return Translated {
+                frontends: BTreeMap::new(),
+                backends: BTreeMap::new(),
+                problems: Vec::new(),
+            };
         };
+        let svc: Service = svc.to_object(&key.0, &key.1);
         let slices: Vec<EndpointSlice> = self
             .slices_of
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())).cloned())
+            .filter_map(|name| {
+                let s = self.slices.get(&(key.0.clone(), name.clone()))?;
+                Some(s.to_object(&key.0, name))
+            })
             .collect();
+        let node = digest::node_object(&self.node_name, self.zone.as_deref());
         let input = ClusterInput {
-            services: std::slice::from_ref(svc),
+            services: std::slice::from_ref(&svc),
             slices: &slices,
-            nodes: &self.nodes,
+            nodes: std::slice::from_ref(&node),
         };
         let tr = translate::translate(&input, &self.node_name);
         let (t, target_problems) = maps::target(&tr.state);
-        Fragment {
+        Translated {
             frontends: t.frontends,
             backends: t.backends,
             problems: tr.problems.into_iter().chain(target_problems).collect(),
         }
     }
 
-    fn merge(&mut self, key: ObjKey, mut new: Fragment, changes: &mut Changes) {
+    fn merge(&mut self, key: ObjKey, new: Translated, changes: &mut Changes) {
         let old = self.fragments.remove(&key).unwrap_or_default();
-        for fe in old.frontends.keys() {
+        let Translated {
+            frontends,
+            backends,
+            mut problems,
+        } = new;
+        for fe in &old.frontends {
             if let Some(w) = self.frontend_waiters.get_mut(fe) {
                 w.remove(&key);
             }
-            if self.frontend_owner.get(fe) == Some(&key) && !new.frontends.contains_key(fe) {
+            if self.frontend_owner.get(fe) == Some(&key) && !frontends.contains_key(fe) {
                 self.frontend_owner.remove(fe);
                 self.target.frontends.remove(fe);
                 changes.frontends.insert(*fe);
@@ -224,46 +268,66 @@ impl ChangeTracker {
                 }
             }
         }
-        for (fe, tf) in &new.frontends {
-            match self.frontend_owner.get(fe) {
+        let wanted: Vec<L4Addr> = frontends.keys().copied().collect();
+        for (fe, tf) in frontends {
+            match self.frontend_owner.get(&fe) {
                 Some(owner) if *owner != key => {
-                    new.problems.push(format!(
+                    problems.push(format!(
                         "{}/{}: frontend {fe} already used by {}/{}; skipped",
                         key.0, key.1, owner.0, owner.1
                     ));
                     self.frontend_waiters
-                        .entry(*fe)
+                        .entry(fe)
                         .or_default()
                         .insert(key.clone());
                 }
                 owner => {
                     if owner.is_none() {
-                        self.frontend_owner.insert(*fe, key.clone());
+                        self.frontend_owner.insert(fe, key.clone());
                         changes.names_changed = true;
                     }
-                    if self.target.frontends.get(fe) != Some(tf) {
-                        self.target.frontends.insert(*fe, tf.clone());
-                        changes.frontends.insert(*fe);
+                    if self.target.frontends.get(&fe) != Some(&tf) {
+                        self.target.frontends.insert(fe, tf);
+                        changes.frontends.insert(fe);
                     }
                 }
             }
         }
-        for be in old.backends.keys() {
-            if !new.backends.contains_key(be) {
+        for (be, _) in &old.backends {
+            if !backends.contains_key(be) {
                 if let Some(users) = self.backend_users.get_mut(be) {
-                    users.remove(&key);
+                    users.retain(|(k, _)| **k != key);
                 }
                 self.refresh_backend(be, changes);
             }
         }
-        for (be, flags) in &new.backends {
+        let user = Arc::new(key.clone());
+        for (be, flags) in &backends {
             let users = self.backend_users.entry(*be).or_default();
-            if users.insert(key.clone(), *flags) != Some(*flags) {
+            let changed = match users.iter_mut().find(|(k, _)| **k == key) {
+                Some((_, f)) if f == flags => false,
+                Some((_, f)) => {
+                    *f = *flags;
+                    true
+                }
+                None => {
+                    users.push((user.clone(), *flags));
+                    true
+                }
+            };
+            if changed {
                 self.refresh_backend(be, changes);
             }
         }
-        if !(new.frontends.is_empty() && new.backends.is_empty() && new.problems.is_empty()) {
-            self.fragments.insert(key, new);
+        if !(wanted.is_empty() && backends.is_empty() && problems.is_empty()) {
+            self.fragments.insert(
+                key,
+                Fragment {
+                    frontends: wanted,
+                    backends: backends.into_iter().collect(),
+                    problems,
+                },
+            );
         }
     }
 
@@ -271,7 +335,7 @@ impl ChangeTracker {
     fn refresh_backend(&mut self, be: &L4Addr, changes: &mut Changes) {
         let want = match self.backend_users.get(be) {
             Some(users) if !users.is_empty() => {
-                let terminating = users.values().all(|f| f & BACKEND_F_TERMINATING != 0);
+                let terminating = users.iter().all(|(_, f)| f & BACKEND_F_TERMINATING != 0);
                 Some(
                     BACKEND_F_ACTIVE
                         | if terminating {
@@ -364,6 +428,32 @@ spec:
         assert_eq!(c.frontends.len(), 1);
         assert_eq!(c.backends.len(), 2);
         assert!(!c.names_changed);
+        assert_matches_full(&t, &v2);
+    }
+
+    #[test]
+    fn fields_translation_does_not_read_change_nothing() {
+        let v1 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1);
+        t.flush();
+        // Annotations, other labels, a target reference: dropped on arrival, so not a change.
+        let noisy = SVC.replace(
+            "metadata: {name: web, namespace: default}",
+            "metadata: {name: web, namespace: default, annotations: {a: b}, labels: {app: web}}",
+        );
+        let noisy_slice = slice("web-a", &["10.0.0.1"]).replace(
+            "conditions: {ready: true}",
+            "conditions: {ready: true}\n    targetRef: {kind: Pod, name: web-1}",
+        );
+        let v2 = objs(&[noisy, noisy_slice]);
+        assert!(
+            v2.slices[0].endpoints.as_ref().unwrap()[0]
+                .target_ref
+                .is_some()
+        );
+        t.replace_all(v2.clone());
+        assert!(t.flush().is_empty());
         assert_matches_full(&t, &v2);
     }
 

@@ -825,7 +825,47 @@ mod tests {
     }
 
     fn run(manifests: &str, node: &str) -> Translation {
-        translate(&ClusterInput::from(&load(manifests)), node)
+        let objs = load(manifests);
+        let t = translate(&ClusterInput::from(&objs), node);
+        assert_eq!(
+            translate(&ClusterInput::from(&digested(&objs, node)), node),
+            t,
+            "the change tracker's digests must translate like the objects:\n{manifests}"
+        );
+        t
+    }
+
+    /// `objs` as the change tracker keeps them (`crate::digest`) and gives them to `translate`.
+    fn digested(objs: &ClusterObjects, node: &str) -> ClusterObjects {
+        use crate::digest::{ServiceDigest, SliceDigest, node_object};
+        let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            (
+                m.namespace
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        ClusterObjects {
+            services: objs
+                .services
+                .iter()
+                .map(|s| {
+                    let (ns, name) = key(&s.metadata);
+                    ServiceDigest::of(s.clone()).to_object(&ns, &name)
+                })
+                .collect(),
+            slices: objs
+                .slices
+                .iter()
+                .map(|s| {
+                    let (ns, name) = key(&s.metadata);
+                    SliceDigest::of(s.clone()).to_object(&ns, &name)
+                })
+                .collect(),
+            nodes: vec![node_object(node, Some(node_zone(&objs.nodes, node)))],
+            problems: Vec::new(),
+        }
     }
 
     /// One line per service port:

@@ -15,6 +15,10 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -118,7 +122,12 @@ struct ControlPlane {
     endpoints_per_service: usize,
     vipx: Value,
     vipx_manifests_first_sync_ms: f64,
+    /// Right after the first sync.
     vipx_rss_mib: f64,
+    /// After `STEADY_RESYNCS` full resyncs.
+    vipx_rss_steady_mib: f64,
+    /// The high-water mark (VmHWM) at that moment.
+    vipx_rss_peak_mib: f64,
     iptables_restore_ms: f64,
     nft_ms: f64,
 }
@@ -262,6 +271,8 @@ fn write_manifests(dir: &Path, svcs: &[RuleService], node: &str) -> Result<()> {
 struct Vipx {
     child: Child,
     pin_dir: PathBuf,
+    /// Syncs logged so far, no-op resyncs included.
+    syncs: Arc<AtomicUsize>,
 }
 
 impl Drop for Vipx {
@@ -273,13 +284,14 @@ impl Drop for Vipx {
     }
 }
 
-/// Start vipx in `node_ns` on `manifests`; returns once the first sync is logged, with the time
-/// from spawn to that moment.
+/// Start vipx in `node_ns` on `manifests` (`extra`: more `vipx run` arguments); returns once the
+/// first sync is logged, with the time from spawn to that moment.
 fn start_vipx(
     node_ns: &str,
     node: &str,
     manifests: &Path,
     interfaces: &str,
+    extra: &[&str],
 ) -> Result<(Vipx, Duration)> {
     let bin = target_dir().join("release").join("vipx");
     let pin_dir = Path::new("/sys/fs/bpf/vipx").join(node);
@@ -303,16 +315,24 @@ fn start_vipx(
             "262144",
             "--max-backends",
             "262144",
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied()),
     )
-    .env("RUST_LOG", "info")
+    // vipx::run logs no-op resyncs at debug: they are what `steady_rss` counts.
+    .env("RUST_LOG", "info,vipx::run=debug")
     .env("NO_COLOR", "1")
     .stdout(Stdio::null())
     .stderr(Stdio::piped())
     .spawn()
     .context("starting vipx")?;
     let stderr = child.stderr.take().context("vipx stderr")?;
-    let vipx = Vipx { child, pin_dir };
+    let syncs = Arc::new(AtomicUsize::new(0));
+    let vipx = Vipx {
+        child,
+        pin_dir,
+        syncs: syncs.clone(),
+    };
     let mut lines = BufReader::new(stderr).lines();
     loop {
         let Some(line) = lines.next() else {
@@ -327,21 +347,124 @@ fn start_vipx(
         }
     }
     let elapsed = started.elapsed();
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    syncs.fetch_add(1, Ordering::Relaxed);
+    // Keep draining its log so it never blocks on a full pipe, counting syncs.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("maps synced") {
+                syncs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
     Ok((vipx, elapsed))
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// A `/proc/<pid>/status` figure in MiB (`VmRSS`, `VmHWM`).
+fn status_mib(pid: u32, field: &str) -> f64 {
     // nsenter execs vipx in place, so the child's pid is vipx's.
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS")
+}
+
+/// Full resyncs (`--resync-seconds 1`) before the steady figure: the first ones after the
+/// first sync are where the memory of a long-running vipx settles.
+const STEADY_RESYNCS: usize = 3;
+
+/// (resident, high-water mark) in MiB once `resyncs` more syncs than now were logged.
+fn steady_rss(v: &Vipx, resyncs: usize) -> Result<(f64, f64)> {
+    let want = v.syncs.load(Ordering::Relaxed) + resyncs;
+    let deadline = Instant::now() + Duration::from_secs(30 + 2 * resyncs as u64);
+    while v.syncs.load(Ordering::Relaxed) < want {
+        if Instant::now() > deadline {
+            bail!("vipx did not resync {resyncs} times");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = v.child.id();
+    Ok((rss_mib(pid), status_mib(pid, "VmHWM")))
+}
+
+/// What the real vipx costs on a manifests directory of `n` services x 10 endpoints.
+struct ManifestsRun {
+    first_sync: Duration,
+    rss_first_sync_mib: f64,
+    rss_steady_mib: f64,
+    rss_peak_mib: f64,
+}
+
+/// The real vipx on a manifests directory of `n` services in a scratch lab of its own (returned:
+/// the rule loads reuse its node namespace).
+fn vipx_on_manifests(n: usize) -> Result<(Lab, ManifestsRun)> {
+    vipx_lab::cleanup_stale("bcp")?;
+    let lab = Lab::create(LabConfig {
+        tag: "bcp".into(),
+        backends: 0,
+        lab_pod_bin: target_dir().join("release").join("lab-pod"),
+        realism: BENCH_REALISM,
+    })?;
+    let svcs = services(n, &[]);
+    let manifests = target_dir().join("vipx-bench-cp-manifests");
+    write_manifests(&manifests, &svcs, lab.node_name())?;
+    progress(&format!(
+        "control plane: the real vipx on a manifests directory of {n} services (parse + \
+         translate + apply, then {STEADY_RESYNCS} resyncs)"
+    ));
+    let (v, first_sync) = start_vipx(
+        lab.node_ns(),
+        lab.node_name(),
+        &manifests,
+        "none-such*",
+        &["--resync-seconds", "1"],
+    )?;
+    let rss_first_sync_mib = rss_mib(v.child.id());
+    let (rss_steady_mib, rss_peak_mib) = steady_rss(&v, STEADY_RESYNCS)?;
+    drop(v);
+    Ok((
+        lab,
+        ManifestsRun {
+            first_sync,
+            rss_first_sync_mib,
+            rss_steady_mib,
+            rss_peak_mib,
+        },
+    ))
+}
+
+/// `cargo xtask bench --memory`: only `vipx_on_manifests`, printed.
+pub fn memory(quick: bool) -> Result<()> {
+    let n = if quick { &QUICK } else { &FULL }.control_plane_services;
+    step("building vipx and lab-pod (release)");
+    status(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "proxy-userspace",
+        "-p",
+        "vipx-tests",
+        "--bins",
+    ]))?;
+    let (lab, m) = vipx_on_manifests(n)?;
+    drop(lab);
+    println!(
+        "vipx on a manifests directory, {n} services x {BACKENDS} endpoints: start -> first sync \
+         {:.0} ms; resident after the first sync {:.1} MiB, after {STEADY_RESYNCS} resyncs \
+         {:.1} MiB (peak {:.1} MiB)",
+        m.first_sync.as_secs_f64() * 1e3,
+        m.rss_first_sync_mib,
+        m.rss_steady_mib,
+        m.rss_peak_mib
+    );
+    Ok(())
 }
 
 fn wait_for_vip(client_ns: &str) -> Result<()> {
@@ -465,6 +588,7 @@ fn e2e(plan: &Plan, loads: &mut RuleLoads) -> Result<Vec<E2eRow>> {
             vl.node_name(),
             &manifests,
             vipx_lab::HOST_IF_GLOB,
+            &[],
         )?;
         for c in Contender::ALL {
             if c != Contender::Direct {
@@ -546,20 +670,8 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
     let vipx: Value = serde_json::from_slice(&std::fs::read(&json)?)?;
 
     // The real vipx on a manifests directory of the same size, in a scratch namespace.
-    vipx_lab::cleanup_stale("bcp")?;
-    let lab = Lab::create(LabConfig {
-        tag: "bcp".into(),
-        backends: 0,
-        lab_pod_bin: target_dir().join("release").join("lab-pod"),
-        realism: BENCH_REALISM,
-    })?;
+    let (lab, m) = vipx_on_manifests(n)?;
     let svcs = services(n, &[]);
-    let manifests = target_dir().join("vipx-bench-cp-manifests");
-    write_manifests(&manifests, &svcs, lab.node_name())?;
-    progress("control plane: the real vipx on a manifests directory (parse + translate + apply)");
-    let (v, first_sync) = start_vipx(lab.node_ns(), lab.node_name(), &manifests, "none-such*")?;
-    let rss = rss_mib(v.child.id());
-    drop(v);
 
     // The end-to-end part already loaded kube-proxy's rules for this many services (plus the
     // bulk port); loading 10,000 services again would cost minutes for the same figure.
@@ -585,8 +697,10 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
         services: n,
         endpoints_per_service: BACKENDS as usize,
         vipx,
-        vipx_manifests_first_sync_ms: first_sync.as_secs_f64() * 1e3,
-        vipx_rss_mib: rss,
+        vipx_manifests_first_sync_ms: m.first_sync.as_secs_f64() * 1e3,
+        vipx_rss_mib: m.rss_first_sync_mib,
+        vipx_rss_steady_mib: m.rss_steady_mib,
+        vipx_rss_peak_mib: m.rss_peak_mib,
         iptables_restore_ms: ipt.as_secs_f64() * 1e3,
         nft_ms: nft.as_secs_f64() * 1e3,
     })
@@ -721,6 +835,11 @@ fn markdown(r: &Report) -> String {
         s,
         "| vipx resident memory after the first sync | {:.0} MiB |",
         cp.vipx_rss_mib
+    );
+    let _ = writeln!(
+        s,
+        "| vipx resident memory steady ({STEADY_RESYNCS} resyncs later; peak {:.0} MiB) | {:.0} MiB |",
+        cp.vipx_rss_peak_mib, cp.vipx_rss_steady_mib
     );
     s
 }

@@ -52,6 +52,11 @@ enum Cmd {
         /// A short run (fewer service counts and packets).
         #[arg(long)]
         quick: bool,
+        /// Only the real vipx on a manifests directory of 10,000 services x 10 endpoints (1,000
+        /// with --quick): time from start to first sync and resident memory, right after the
+        /// first sync and steady (after 3 resyncs 1 s apart). Printed; results/ is left alone.
+        #[arg(long)]
+        memory: bool,
     },
     /// Run every test layer: unit, packet fixtures (BPF_PROG_TEST_RUN), namespace lab.
     Test {
@@ -74,9 +79,13 @@ fn main() -> Result<()> {
             run_demo(&vipx_args)
         }
         Cmd::Scale { replicas } => scale(replicas),
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, memory } => {
             setup()?;
-            bench::bench(quick)
+            if memory {
+                bench::memory(quick)
+            } else {
+                bench::bench(quick)
+            }
         }
         Cmd::Test { cargo_args } => {
             setup()?;
