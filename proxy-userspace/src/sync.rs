@@ -172,6 +172,104 @@ impl ChangeTracker {
         self.slices.insert(k, slice);
     }
 
+    /// One Service added or changed (a watch event).
+    pub fn upsert_service(&mut self, svc: Service) {
+        let k = key_of(&svc.metadata);
+        if self.services.get(&k) == Some(&svc) {
+            return;
+        }
+        self.dirty.insert(k.clone());
+        self.services.insert(k, svc);
+    }
+
+    /// One Service deleted (a watch event), by (namespace, name).
+    pub fn delete_service(&mut self, key: &ObjKey) {
+        if self.services.remove(key).is_some() {
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    /// One EndpointSlice deleted (a watch event), by (namespace, name).
+    pub fn delete_slice(&mut self, key: &ObjKey) {
+        let Some(old) = self.slices.remove(key) else {
+            return;
+        };
+        if let Some(o) = owner_of(&old) {
+            if let Some(set) = self.slices_of.get_mut(&o) {
+                set.remove(&key.1);
+                if set.is_empty() {
+                    self.slices_of.remove(&o);
+                }
+            }
+            self.dirty.insert(o);
+        }
+    }
+
+    /// Every Service at once (a relist of Services only): the ones not listed are deleted.
+    pub fn replace_services(&mut self, services: Vec<Service>) {
+        let listed: std::collections::HashSet<ObjKey> =
+            services.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<ObjKey> = self
+            .services
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.delete_service(k);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in services {
+            // The first of duplicates wins, as in `replace_all`.
+            if seen.insert(key_of(&s.metadata)) {
+                self.upsert_service(s);
+            }
+        }
+    }
+
+    /// Every EndpointSlice at once (a relist of slices only): the ones not listed are deleted.
+    pub fn replace_slices(&mut self, slices: Vec<EndpointSlice>) {
+        let listed: std::collections::HashSet<ObjKey> =
+            slices.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<ObjKey> = self
+            .slices
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.delete_slice(k);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in slices {
+            if seen.insert(key_of(&s.metadata)) {
+                self.upsert_slice(s);
+            }
+        }
+    }
+
+    /// The Node objects (an API source watches only this node's); a change of this node's zone
+    /// re-translates every Service, as in `replace_all`.
+    pub fn set_nodes(&mut self, nodes: Vec<Node>) {
+        let zone = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        if zone != self.zone {
+            self.zone = zone;
+            self.dirty.extend(self.services.keys().cloned());
+            self.dirty.extend(self.slices_of.keys().cloned());
+        }
+        self.nodes = nodes;
+    }
+
+    /// Whether the tracker holds a Node object of this node's name.
+    pub fn knows_node(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+    }
+
     /// Translate the dirty Services and merge them. Returns what changed.
     pub fn flush(&mut self) -> Changes {
         let mut changes = Changes::default();
