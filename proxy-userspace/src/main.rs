@@ -236,6 +236,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn durations_as_kube_proxy_writes_them() {
+        assert_eq!(duration_arg("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration_arg("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration_arg("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration_arg("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration_arg("0"), Ok(Duration::ZERO));
+        for bad in ["", "s", "1x", "-1s", "1.2.3s"] {
+            assert!(duration_arg(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn manifests_and_kubeconfig_exclude_each_other() {
+        let run = |extra: &[&str]| {
+            let mut args = vec!["vipx", "run", "--node-name", "n"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(run(&["--manifests", "/d", "--kubeconfig", "/k"]).is_err());
+        assert!(run(&["--manifests", "/d"]).is_ok());
+        assert!(run(&["--kubeconfig", "/k"]).is_ok());
+        assert!(run(&[]).is_ok(), "in-cluster");
+        let Ok(Cli {
+            cmd: Cmd::Run(a), ..
+        }) = run(&["--resync-seconds", "7", "--min-sync-period", "250ms"])
+        else {
+            panic!("run arguments")
+        };
+        assert_eq!(a.sync_period, Duration::from_secs(7));
+        assert_eq!(a.min_sync_period, Duration::from_millis(250));
+    }
+
+    #[test]
     fn node_name_is_validated_and_falls_back_to_the_environment() {
         let parse = |name: &str| Cli::try_parse_from(["vipx", "services", "--node-name", name]);
         assert!(parse("worker-1").is_ok());

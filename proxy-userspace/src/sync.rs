@@ -502,6 +502,42 @@ spec:
     }
 
     #[test]
+    fn per_kind_replace_and_events_match_replace_all() {
+        let other = SVC
+            .replace("web", "other")
+            .replace("10.96.0.10", "10.96.0.11");
+        let v1 = objs(&[
+            SVC.into(),
+            other.clone(),
+            slice("web-a", &["10.0.0.1"]),
+            slice("web-b", &["10.0.0.2"]),
+        ]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_services(v1.services.clone());
+        t.replace_slices(v1.slices.clone());
+        t.set_nodes(Vec::new());
+        t.flush();
+        assert_matches_full(&t, &v1);
+        // Relist without `other` and `web-b`.
+        let v2 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
+        t.replace_services(v2.services.clone());
+        t.replace_slices(v2.slices.clone());
+        let c = t.flush();
+        assert!(c.names_changed);
+        assert_matches_full(&t, &v2);
+        // Single events.
+        t.delete_slice(&("default".into(), "web-a".into()));
+        t.flush();
+        assert_matches_full(&t, &objs(&[SVC.into()]));
+        t.delete_service(&("default".into(), "web".into()));
+        t.flush();
+        assert_eq!(t.target(), &Target::default());
+        t.upsert_service(v1.services[0].clone());
+        t.flush();
+        assert_matches_full(&t, &objs(&[SVC.into()]));
+    }
+
+    #[test]
     fn deleting_everything_empties_the_target() {
         let v1 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
         let mut t = ChangeTracker::new("node-a");

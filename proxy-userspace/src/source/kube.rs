@@ -308,3 +308,79 @@ fn step<K>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml_ng::from_str(yaml).expect("a Service")
+    }
+
+    const SVC: &str = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+  resourceVersion: '17'
+  uid: 0b6c
+  labels: {app: web}
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}'}
+  managedFields: [{manager: kubectl, operation: Apply}]
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+";
+
+    #[test]
+    fn metadata_is_stripped_to_what_translation_reads() {
+        let mut s = svc(SVC);
+        strip(&mut s.metadata);
+        assert_eq!(s.metadata.name.as_deref(), Some("web"));
+        assert_eq!(s.metadata.namespace.as_deref(), Some("default"));
+        assert!(
+            s.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l["app"] == "web")
+        );
+        assert!(s.metadata.annotations.is_none());
+        assert!(s.metadata.managed_fields.is_none());
+        assert!(s.metadata.resource_version.is_none());
+        assert!(s.spec.is_some());
+    }
+
+    #[test]
+    fn nothing_is_ready_until_every_kind_listed_and_a_relist_replaces() {
+        let mut st = KubeState::default();
+        let mut t = ChangeTracker::new("node-a");
+        let ev = |e| Update::Service(Box::new(e));
+        assert_eq!(st.apply(ev(watcher::Event::Init), &mut t), Applied::Nothing);
+        assert_eq!(
+            st.apply(ev(watcher::Event::InitApply(svc(SVC))), &mut t),
+            Applied::Nothing
+        );
+        assert_eq!(
+            st.apply(ev(watcher::Event::InitDone), &mut t),
+            Applied::Relisted(Kind::Services)
+        );
+        assert!(!st.ready());
+        st.apply(Update::Slice(Box::new(watcher::Event::InitDone)), &mut t);
+        st.apply(Update::Error(Kind::Node, "down".into()), &mut t);
+        assert!(!st.ready());
+        assert!(!st.connected());
+        assert_eq!(st.errors(), vec!["Node: down".to_owned()]);
+        st.apply(Update::Node(Box::new(watcher::Event::Init)), &mut t);
+        st.apply(Update::Node(Box::new(watcher::Event::InitDone)), &mut t);
+        assert!(st.ready());
+        assert!(st.connected());
+        t.flush();
+        assert_eq!(t.target().frontends.len(), 1);
+        // A relist without the Service deletes it.
+        st.apply(ev(watcher::Event::Init), &mut t);
+        st.apply(ev(watcher::Event::InitDone), &mut t);
+        t.flush();
+        assert!(t.target().frontends.is_empty());
+    }
+}
