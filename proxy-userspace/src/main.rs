@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use vipx::{
     loader::{self, MapSizes},
     run::{self, RunOptions, StateFile},
+    source::SourceConfig,
 };
 
 /// vipx: an eBPF replacement for kube-proxy.
@@ -17,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Program Services from a manifests directory and keep them in sync.
+    /// Program Services from the API server (or a manifests directory) and keep them in sync.
     // Later flags win, so `cargo xtask run -- --manifests DIR` can replace the demo's own.
     #[command(args_override_self = true)]
     Run(RunArgs),
@@ -42,6 +43,39 @@ struct WhereArgs {
     state_dir: Option<PathBuf>,
 }
 
+/// A duration as kube-proxy's flags write it (`30s`, `1m`, `500ms`, `1m30s`), or bare seconds.
+fn duration_arg(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration (like 30s, 1m, 500ms)");
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(value * scale).map_err(|_| bad())?;
+    }
+    Ok(total)
+}
+
 fn node_name_arg(name: &str) -> Result<String, String> {
     run::check_node_name(name).map(|()| name.to_owned())
 }
@@ -62,8 +96,14 @@ impl WhereArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Directory of Service / EndpointSlice / Node manifests (YAML or JSON, as kubectl prints).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Watch the API server of this kubeconfig file [default: $KUBECONFIG; without either and
+    /// without --manifests: the in-cluster service account].
+    // Not `env = "KUBECONFIG"`: a KUBECONFIG in the environment must not conflict with an
+    // explicit --manifests.
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     place: WhereArgs,
     /// Interfaces to attach the pod program to (host side of pod veths), comma-separated globs.
@@ -79,9 +119,13 @@ struct RunArgs {
     /// Conntrack entries (two per flow).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_conntrack: u32,
-    /// Full resync period in seconds, on top of change events.
-    #[arg(long, default_value_t = 30)]
-    resync_seconds: u64,
+    /// Full reconcile period, on top of change events (`30s`, `1m`, `500ms`; a bare number is
+    /// seconds).
+    #[arg(long, alias = "resync-seconds", default_value = "30s", value_parser = duration_arg)]
+    sync_period: Duration,
+    /// Syncs are at least this far apart; a change after a quiet spell is applied at once.
+    #[arg(long, default_value = "1s", value_parser = duration_arg)]
+    min_sync_period: Duration,
     /// How long a TCP endpoint removed from every Service keeps serving the connections it has
     /// (new ones avoid it at once), in seconds; 0 ends them at once.
     #[arg(long, default_value_t = vipx::maps::DEFAULT_ENDPOINT_GRACE.as_secs())]
@@ -113,11 +157,23 @@ fn real_main() -> Result<()> {
                 .iter()
                 .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
                 .collect::<Result<_>>()?;
-            if !a.manifests.is_dir() {
-                anyhow::bail!("--manifests {} is not a directory", a.manifests.display());
-            }
+            let source = match (a.manifests, a.kubeconfig) {
+                (Some(dir), _) => {
+                    if !dir.is_dir() {
+                        anyhow::bail!("--manifests {} is not a directory", dir.display());
+                    }
+                    SourceConfig::Manifests(dir)
+                }
+                (None, kubeconfig) => SourceConfig::Kube {
+                    kubeconfig: kubeconfig.or_else(|| {
+                        std::env::var_os("KUBECONFIG")
+                            .filter(|v| !v.is_empty())
+                            .map(PathBuf::from)
+                    }),
+                },
+            };
             let opts = RunOptions {
-                manifests: a.manifests,
+                source,
                 node_name: a.place.node_name.clone(),
                 pod_interfaces,
                 pin_dir: a.place.pin_dir(),
@@ -128,7 +184,8 @@ fn real_main() -> Result<()> {
                     revnat: a.max_frontends,
                     conntrack: a.max_conntrack,
                 },
-                resync: Duration::from_secs(a.resync_seconds.max(1)),
+                resync: a.sync_period.max(Duration::from_secs(1)),
+                min_sync: a.min_sync_period,
                 endpoint_grace: Duration::from_secs(a.endpoint_grace_seconds),
             };
             tokio::runtime::Builder::new_current_thread()
@@ -177,6 +234,39 @@ mod tests {
     use clap::CommandFactory as _;
 
     use super::*;
+
+    #[test]
+    fn durations_as_kube_proxy_writes_them() {
+        assert_eq!(duration_arg("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration_arg("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration_arg("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration_arg("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration_arg("0"), Ok(Duration::ZERO));
+        for bad in ["", "s", "1x", "-1s", "1.2.3s"] {
+            assert!(duration_arg(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn manifests_and_kubeconfig_exclude_each_other() {
+        let run = |extra: &[&str]| {
+            let mut args = vec!["vipx", "run", "--node-name", "n"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(run(&["--manifests", "/d", "--kubeconfig", "/k"]).is_err());
+        assert!(run(&["--manifests", "/d"]).is_ok());
+        assert!(run(&["--kubeconfig", "/k"]).is_ok());
+        assert!(run(&[]).is_ok(), "in-cluster");
+        let Ok(Cli {
+            cmd: Cmd::Run(a), ..
+        }) = run(&["--resync-seconds", "7", "--min-sync-period", "250ms"])
+        else {
+            panic!("run arguments")
+        };
+        assert_eq!(a.sync_period, Duration::from_secs(7));
+        assert_eq!(a.min_sync_period, Duration::from_millis(250));
+    }
 
     #[test]
     fn node_name_is_validated_and_falls_back_to_the_environment() {

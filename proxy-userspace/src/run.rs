@@ -1,5 +1,5 @@
-//! `vipx run`: keep the kernel maps equal to the manifests directory and the pod program
-//! attached to every matching interface, until SIGINT/SIGTERM.
+//! `vipx run`: keep the kernel maps equal to the source (a manifests directory or the API
+//! server) and the pod program attached to every matching interface, until SIGINT/SIGTERM.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
+use futures::{Stream, StreamExt as _};
 use notify::{RecursiveMode, Watcher as _};
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -22,19 +23,25 @@ use crate::{
     digest::DigestedObjects,
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
-    source::{ClusterObjects, DirCache},
+    source::{
+        ClusterObjects, DirCache, SourceConfig,
+        kube::{self, Applied, KubeState, Update},
+    },
     sync::{ChangeTracker, Changes},
 };
 
 pub struct RunOptions {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
     pub pod_interfaces: Vec<glob::Pattern>,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub sizes: MapSizes,
-    /// Full resync even without a change event (kube-proxy: 30 s).
+    /// Full resync even without a change event (kube-proxy's `--sync-period`: 30 s).
     pub resync: Duration,
+    /// Syncs are at least this far apart; a change after a quiet spell is applied at once
+    /// (kube-proxy's `--min-sync-period` and BoundedFrequencyRunner: 1 s).
+    pub min_sync: Duration,
     /// How long a TCP endpoint removed from every Service keeps its connections.
     pub endpoint_grace: Duration,
 }
@@ -98,6 +105,9 @@ pub struct SyncHealth {
     pub syncs: u64,
     /// Frontends that did not fit at the last sync (retried at every sync).
     pub failed_frontends: Vec<FailedFrontend>,
+    /// Why the source cannot be read now (the API server unreachable, a watch failing), empty
+    /// when it delivers. Meanwhile the maps keep the last programmed state (fail static).
+    pub source_errors: Vec<String>,
 }
 
 /// Items of `now` not in `before`, and items of `before` not in `now`: what to report when a
@@ -180,6 +190,8 @@ struct Controller {
     writer: MapWriter,
     tracker: ChangeTracker,
     dir: DirCache,
+    /// The API source's relist state (`None` with the manifests source).
+    kube: Option<KubeState>,
     attachments: Attachments,
     /// Reconcile every key next time: at start, on the periodic resync, after a failed apply.
     full: bool,
@@ -198,6 +210,8 @@ struct Controller {
     source_seen: bool,
     /// Whether a sync applied a read of every file (see `try_sync`).
     first_clean_read: bool,
+    /// Memory was freed by this sync's source work: trim the allocator after it.
+    trim: bool,
     born: Instant,
 }
 
@@ -218,6 +232,10 @@ const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
 impl Controller {
     fn sync(&mut self) -> Result<()> {
+        // Until every watcher listed once, an empty tracker means "unknown", not "no Services".
+        if self.kube.as_ref().is_some_and(|k| !k.ready()) {
+            return Ok(());
+        }
         let r = self.try_sync();
         match &r {
             Ok(()) => {
@@ -230,21 +248,25 @@ impl Controller {
         r
     }
 
-    fn try_sync(&mut self) -> Result<()> {
-        let started = Instant::now();
-        let first = self.health.syncs == 0;
-        let loaded = self.dir.load_digested(&self.opts.manifests);
+    /// What changed in the manifests directory, `None` when nothing needs writing.
+    fn manifest_changes(&mut self) -> Result<Option<Changes>> {
+        let SourceConfig::Manifests(manifests) = &self.opts.source else {
+            bail!("not a manifests source");
+        };
+        let manifests = manifests.clone();
+        let loaded = self.dir.load_digested(&manifests);
         // Until the directory has been read once, an empty read means "unknown", not "no
         // Services": applying it would delete every frontend a previous vipx left pinned (and
         // the flows through them). Keep what is programmed and retry.
-        if !self.source_seen && !directory_read(loaded.as_ref(), &self.opts.manifests) {
+        if !self.source_seen && !directory_read(loaded.as_ref(), &manifests) {
             bail!(
                 "the manifests directory {} could not be read yet; the programmed state is kept",
-                self.opts.manifests.display()
+                manifests.display()
             );
         }
         self.source_seen = true;
-        let reread = loaded.is_some();
+        // A re-read parsed every changed file: give what it freed back to the system.
+        self.trim |= loaded.is_some();
         let changes = match loaded {
             Some(objs) => {
                 self.warn_if_node_unknown(&objs);
@@ -252,23 +274,12 @@ impl Controller {
                     objs.problems.iter().map(ToString::to_string).collect();
                 self.tracker.replace_all_digested(objs);
                 let changes = self.tracker.flush();
-                let problems: BTreeSet<String> = file_problems
-                    .into_iter()
-                    .chain(self.tracker.problems())
-                    .collect();
-                let (new, gone) = diff(&self.last_problems, &problems);
-                for p in new {
-                    tracing::warn!("skipped: {p}");
-                }
-                for p in gone {
-                    tracing::info!("resolved: {p}");
-                }
-                self.last_problems = problems;
+                self.report_problems(file_problems);
                 changes
             }
             // Nothing changed on disk: only a due full reconcile or a retry has work to do.
             None if self.full || !self.writer.pending().is_empty() => Changes::default(),
-            None => return Ok(()),
+            None => return Ok(None),
         };
         // Just after a restart a file caught unreadable or half-written has no last good read to
         // stand in for it: applying now would delete its Services from the adopted maps (and
@@ -287,6 +298,54 @@ impl Controller {
             );
         }
         self.first_clean_read = true;
+        Ok(Some(changes))
+    }
+
+    /// What the API source changed since the last sync (applied to the tracker as it came).
+    fn kube_changes(&mut self) -> Changes {
+        if !self.node_checked {
+            self.node_checked = true;
+            if !self.tracker.knows_node() {
+                tracing::warn!(
+                    node = %self.opts.node_name,
+                    "the API server has no Node of this name: every endpoint counts as remote \
+                     (traffic policy Local selects none); check --node-name / NODE_NAME"
+                );
+            }
+        }
+        let changes = self.tracker.flush();
+        self.trim |= !changes.is_empty();
+        self.report_problems(Vec::new());
+        changes
+    }
+
+    /// Logs problems that appeared or went away since the last sync.
+    fn report_problems(&mut self, source_problems: Vec<String>) {
+        let problems: BTreeSet<String> = source_problems
+            .into_iter()
+            .chain(self.tracker.problems())
+            .collect();
+        let (new, gone) = diff(&self.last_problems, &problems);
+        for p in new {
+            tracing::warn!("skipped: {p}");
+        }
+        for p in gone {
+            tracing::info!("resolved: {p}");
+        }
+        self.last_problems = problems;
+    }
+
+    fn try_sync(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let first = self.health.syncs == 0;
+        let changes = if self.kube.is_some() {
+            self.kube_changes()
+        } else {
+            match self.manifest_changes()? {
+                Some(c) => c,
+                None => return Ok(()),
+            }
+        };
         let target = self.tracker.target();
         let full = std::mem::take(&mut self.full);
         let st = if full {
@@ -335,7 +394,7 @@ impl Controller {
         } else {
             tracing::debug!(frontends = target.frontends.len(), "maps synced (no-op)");
         }
-        if reread {
+        if std::mem::take(&mut self.trim) {
             release_freed_memory();
         }
         Ok(())
@@ -351,7 +410,7 @@ impl Controller {
         if !objs.mentions_node(&self.opts.node_name) {
             tracing::warn!(
                 node = %self.opts.node_name,
-                manifests = %self.opts.manifests.display(),
+                source = %self.opts.source,
                 "no Node object and no endpoint (nodeName) in the manifests names this node: \
                  every endpoint counts as remote (traffic policy Local selects none); check \
                  --node-name / NODE_NAME"
@@ -429,6 +488,112 @@ impl Controller {
     }
 }
 
+/// The change events of a source: a manifests directory's inotify events (settled), or the API
+/// watchers' updates.
+enum Events {
+    Manifests {
+        rx: mpsc::Receiver<()>,
+        /// Kept alive while events are wanted.
+        _watcher: notify::RecommendedWatcher,
+    },
+    Kube(std::pin::Pin<Box<dyn Stream<Item = Update> + Send>>),
+}
+
+enum Event {
+    /// The manifests directory changed: read it again.
+    Reread,
+    Kube(Update),
+}
+
+impl Events {
+    async fn start(source: &SourceConfig, node_name: &str) -> Result<Self> {
+        match source {
+            SourceConfig::Manifests(manifests) => {
+                let (tx, rx) = mpsc::channel::<()>(1);
+                let mut watcher =
+                    notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                        if ev.is_ok_and(|ev| settles(&ev.kind)) {
+                            // A full channel already means "sync pending".
+                            let _ = tx.try_send(());
+                        }
+                    })?;
+                watcher
+                    .watch(manifests, RecursiveMode::NonRecursive)
+                    .with_context(|| format!("watching {}", manifests.display()))?;
+                Ok(Events::Manifests {
+                    rx,
+                    _watcher: watcher,
+                })
+            }
+            SourceConfig::Kube { kubeconfig } => {
+                let client = kube::client(kubeconfig.as_deref()).await?;
+                Ok(Events::Kube(Box::pin(kube::watch(client, node_name))))
+            }
+        }
+    }
+
+    /// Lets a burst of file events finish: editors and `kubectl` write in bursts.
+    async fn settle(&mut self) {
+        if let Events::Manifests { rx, .. } = self {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while rx.try_recv().is_ok() {}
+        }
+    }
+
+    /// The next event (never `None` while the source lives).
+    async fn next(&mut self) -> Option<Event> {
+        match self {
+            // Cancel-safe (the select in `run` drops it for other events): the burst is let
+            // finish in `settle`.
+            Events::Manifests { rx, .. } => rx.recv().await.map(|()| Event::Reread),
+            Events::Kube(stream) => stream.next().await.map(Event::Kube),
+        }
+    }
+}
+
+impl Controller {
+    /// Feeds one API update to the tracker; returns whether a sync is due.
+    fn apply_update(&mut self, update: Update) -> bool {
+        let Some(kube) = self.kube.as_mut() else {
+            return false;
+        };
+        let was_ready = kube.ready();
+        let was_connected = kube.connected();
+        if let Update::Error(k, e) = &update {
+            tracing::debug!(kind = %k, "watch failed (retried with backoff): {e}");
+        }
+        let applied = kube.apply(update, &mut self.tracker);
+        let errors = kube.errors();
+        if was_connected && !errors.is_empty() {
+            tracing::warn!(
+                "the API server cannot be watched (retried with backoff; the programmed state \
+                 is kept): {}",
+                errors.join("; ")
+            );
+        } else if !was_connected && errors.is_empty() {
+            tracing::info!("watching the API server again");
+        }
+        self.health.source_errors = errors;
+        let ready = kube.ready();
+        if ready && !was_ready {
+            tracing::info!("Services, EndpointSlices and this Node listed");
+        }
+        match applied {
+            Applied::Nothing => false,
+            Applied::Changed => ready,
+            Applied::Relisted(kind) => {
+                if was_ready {
+                    // Objects deleted while the watch was down are gone from the relist; make
+                    // the maps exactly the desired state, leftovers included.
+                    tracing::info!(%kind, "relisted");
+                    self.full = true;
+                }
+                ready
+            }
+        }
+    }
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
     // Held until the process exits: a second vipx on this pin directory waits here.
     let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
@@ -439,17 +604,21 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
         adopted_frontends = writer.programmed().frontends.len(),
+        source = %opts.source,
         "eBPF loaded"
     );
-    let manifests = opts.manifests.clone();
+    let mut events = Events::start(&opts.source, &opts.node_name).await?;
     let resync = opts.resync;
+    let min_sync = opts.min_sync;
     let tracker = ChangeTracker::new(&opts.node_name);
+    let kube = matches!(opts.source, SourceConfig::Kube { .. }).then(KubeState::default);
     let mut c = Controller {
         opts,
         ebpf,
         writer,
         tracker,
         dir: DirCache::default(),
+        kube,
         attachments,
         full: true,
         last_problems: BTreeSet::new(),
@@ -459,19 +628,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         refused: BTreeSet::new(),
         source_seen: false,
         first_clean_read: false,
+        trim: false,
         born: Instant::now(),
     };
-
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok_and(|ev| settles(&ev.kind)) {
-            // A full channel already means "sync pending".
-            let _ = tx.try_send(());
-        }
-    })?;
-    watcher
-        .watch(&manifests, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", manifests.display()))?;
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -485,36 +644,54 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
     // The same failure is said once, not at every retry.
     let mut last_error: Option<String> = None;
+    // BoundedFrequencyRunner: a sync starts at once unless the last one started less than
+    // `min_sync` ago; then it waits for that (changes meanwhile join it).
+    let mut last_sync: Option<tokio::time::Instant> = None;
+    let mut sync_at: Option<tokio::time::Instant> = None;
     loop {
         if dirty {
-            dirty = false;
-            retry = false;
-            match c.sync() {
-                Ok(()) => last_error = None,
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    if last_error.as_ref() != Some(&msg) {
-                        tracing::error!("sync failed (retried every second): {msg}");
+            let now = tokio::time::Instant::now();
+            match last_sync.map(|t| t + min_sync).filter(|due| *due > now) {
+                Some(due) => sync_at = Some(due),
+                None => {
+                    dirty = false;
+                    retry = false;
+                    sync_at = None;
+                    if c.kube.as_ref().is_none_or(KubeState::ready) {
+                        last_sync = Some(now);
                     }
-                    last_error = Some(msg);
-                    retry = true;
+                    match c.sync() {
+                        Ok(()) => last_error = None,
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            if last_error.as_ref() != Some(&msg) {
+                                tracing::error!("sync failed (retried every second): {msg}");
+                            }
+                            last_error = Some(msg);
+                            retry = true;
+                        }
+                    }
                 }
             }
         }
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            Some(()) = rx.recv() => {
-                // Editors and `kubectl` write in bursts; let the burst finish.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                while rx.try_recv().is_ok() {}
-                dirty = true;
-            }
+            ev = events.next() => match ev {
+                Some(Event::Reread) => {
+                    events.settle().await;
+                    dirty = true;
+                }
+                Some(Event::Kube(u)) => dirty |= c.apply_update(u),
+                None => bail!("the source's event stream ended"),
+            },
             _ = resync_tick.tick() => {
                 // Repairs anything that drifted (a map edited by hand, a failed write).
                 c.full = true;
                 dirty = true;
             }
+            () = tokio::time::sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)),
+                if sync_at.is_some() => sync_at = None,
             _ = iface_tick.tick() => c.scan_interfaces(),
             _ = retry_tick.tick(), if retry => dirty = true,
         }

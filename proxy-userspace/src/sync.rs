@@ -9,7 +9,10 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING};
 
 use crate::{
@@ -58,6 +61,8 @@ pub struct ChangeTracker {
     node_name: String,
     /// This node's zone label: all `translate` reads of the Nodes.
     zone: Option<String>,
+    /// Whether a Node object of this node's name was seen (only its zone is kept).
+    node_known: bool,
     /// Only what translation needs of each object (see `digest`), not the whole object.
     services: HashMap<ObjKey, ServiceDigest>,
     slices: HashMap<ObjKey, SliceDigest>,
@@ -127,6 +132,10 @@ impl ChangeTracker {
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
             .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        self.node_known = objs
+            .nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
         if zone != self.zone {
             // Topology hints depend on this node's zone: everything may change.
             self.zone = zone;
@@ -200,6 +209,105 @@ impl ChangeTracker {
             self.dirty.insert(o);
         }
         self.slices.insert(k, slice);
+    }
+
+    /// One Service added or changed (a watch event).
+    pub fn upsert_service(&mut self, svc: Service) {
+        let k = key_of(&svc.metadata);
+        let svc = ServiceDigest::of(svc);
+        if self.services.get(&k) == Some(&svc) {
+            return;
+        }
+        self.dirty.insert(k.clone());
+        self.services.insert(k, svc);
+    }
+
+    /// One Service deleted (a watch event), by (namespace, name).
+    pub fn delete_service(&mut self, key: &ObjKey) {
+        if self.services.remove(key).is_some() {
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    /// One EndpointSlice deleted (a watch event), by (namespace, name).
+    pub fn delete_slice(&mut self, key: &ObjKey) {
+        let Some(old) = self.slices.remove(key) else {
+            return;
+        };
+        if let Some(o) = owner_of(key, &old) {
+            if let Some(set) = self.slices_of.get_mut(&o) {
+                set.remove(&key.1);
+                if set.is_empty() {
+                    self.slices_of.remove(&o);
+                }
+            }
+            self.dirty.insert(o);
+        }
+    }
+
+    /// Every Service at once (a relist of Services only): the ones not listed are deleted.
+    pub fn replace_services(&mut self, services: Vec<Service>) {
+        let listed: std::collections::HashSet<ObjKey> =
+            services.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<ObjKey> = self
+            .services
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.delete_service(k);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in services {
+            // The first of duplicates wins, as in `replace_all`.
+            if seen.insert(key_of(&s.metadata)) {
+                self.upsert_service(s);
+            }
+        }
+    }
+
+    /// Every EndpointSlice at once (a relist of slices only): the ones not listed are deleted.
+    pub fn replace_slices(&mut self, slices: Vec<EndpointSlice>) {
+        let listed: std::collections::HashSet<ObjKey> =
+            slices.iter().map(|s| key_of(&s.metadata)).collect();
+        let gone: Vec<ObjKey> = self
+            .slices
+            .keys()
+            .filter(|k| !listed.contains(*k))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.delete_slice(k);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in slices {
+            if seen.insert(key_of(&s.metadata)) {
+                self.upsert_slice(s);
+            }
+        }
+    }
+
+    /// The Node objects (an API source watches only this node's); a change of this node's zone
+    /// re-translates every Service, as in `replace_all`.
+    pub fn set_nodes(&mut self, nodes: Vec<Node>) {
+        let zone = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+        if zone != self.zone {
+            self.zone = zone;
+            self.dirty.extend(self.services.keys().cloned());
+            self.dirty.extend(self.slices_of.keys().cloned());
+        }
+        self.node_known = nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+    }
+
+    /// Whether the tracker holds a Node object of this node's name.
+    pub fn knows_node(&self) -> bool {
+        self.node_known
     }
 
     /// Translate the dirty Services and merge them. Returns what changed.
@@ -491,6 +599,42 @@ spec:
             "zz-twin"
         );
         assert_matches_full(&t, &v2);
+    }
+
+    #[test]
+    fn per_kind_replace_and_events_match_replace_all() {
+        let other = SVC
+            .replace("web", "other")
+            .replace("10.96.0.10", "10.96.0.11");
+        let v1 = objs(&[
+            SVC.into(),
+            other.clone(),
+            slice("web-a", &["10.0.0.1"]),
+            slice("web-b", &["10.0.0.2"]),
+        ]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_services(v1.services.clone());
+        t.replace_slices(v1.slices.clone());
+        t.set_nodes(Vec::new());
+        t.flush();
+        assert_matches_full(&t, &v1);
+        // Relist without `other` and `web-b`.
+        let v2 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
+        t.replace_services(v2.services.clone());
+        t.replace_slices(v2.slices.clone());
+        let c = t.flush();
+        assert!(c.names_changed);
+        assert_matches_full(&t, &v2);
+        // Single events.
+        t.delete_slice(&("default".into(), "web-a".into()));
+        t.flush();
+        assert_matches_full(&t, &objs(&[SVC.into()]));
+        t.delete_service(&("default".into(), "web".into()));
+        t.flush();
+        assert_eq!(t.target(), &Target::default());
+        t.upsert_service(v1.services[0].clone());
+        t.flush();
+        assert_matches_full(&t, &objs(&[SVC.into()]));
     }
 
     #[test]

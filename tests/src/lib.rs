@@ -30,6 +30,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod apiserver;
 pub mod client;
 pub mod cluster;
 pub mod kube_rules;

@@ -87,7 +87,8 @@ pub struct Vipx {
     node: String,
     /// Its `--node-name` (the namespace's name unless started with [`Vipx::start_as`]).
     name: String,
-    manifests: PathBuf,
+    /// `--manifests DIR` or `--kubeconfig FILE`.
+    source: (&'static str, PathBuf),
     pin_dir: PathBuf,
     state_dir: PathBuf,
     /// More `vipx run` arguments (map sizes, say), given at every start.
@@ -119,6 +120,35 @@ impl Vipx {
         manifests: &Path,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_source(
+            bin,
+            node,
+            name,
+            ("--manifests", manifests.to_owned()),
+            extra,
+        )
+    }
+
+    /// Starts vipx in namespace `node` (also its `--node-name`) watching the API server that
+    /// `kubeconfig` names (reachable from inside `node`, as an
+    /// [`ApiServer`](crate::apiserver::ApiServer) started in it is).
+    pub fn start_kube(bin: &Path, node: &str, kubeconfig: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_source(
+            bin,
+            node,
+            node,
+            ("--kubeconfig", kubeconfig.to_owned()),
+            extra,
+        )
+    }
+
+    fn start_source(
+        bin: &Path,
+        node: &str,
+        name: &str,
+        source: (&'static str, PathBuf),
+        extra: &[&str],
+    ) -> Result<Self> {
         let pin_dir = Path::new(PIN_ROOT).join(name);
         if pin_dir.exists() {
             bail!(
@@ -130,7 +160,7 @@ impl Vipx {
             bin: bin.to_owned(),
             node: node.to_owned(),
             name: name.to_owned(),
-            manifests: manifests.to_owned(),
+            source,
             state_dir: std::env::temp_dir().join(format!("{name}-vipx-state")),
             pin_dir,
             extra_args: extra.iter().map(|a| (*a).to_owned()).collect(),
@@ -148,7 +178,7 @@ impl Vipx {
             bin: self.bin.clone(),
             node: self.node.clone(),
             name: self.name.clone(),
-            manifests: self.manifests.clone(),
+            source: self.source.clone(),
             pin_dir: self.pin_dir.clone(),
             state_dir: self.state_dir.clone(),
             extra_args: self.extra_args.clone(),
@@ -328,8 +358,8 @@ impl Vipx {
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let child = self
             .command("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .arg(self.source.0)
+            .arg(&self.source.1)
             .args(["--pod-interfaces", HOST_IF_GLOB])
             .args(&self.extra_args)
             .stdout(Stdio::null())

@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    fmt, fs,
+    fs,
     path::{Path, PathBuf},
 };
 
@@ -19,40 +19,8 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
+use super::cluster::{ClusterObjects, Problem};
 use crate::digest::DigestedObjects;
-
-/// The objects found in a manifests directory, plus what could not be used.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterObjects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
-    pub problems: Vec<Problem>,
-}
-
-impl ClusterObjects {
-    /// Appends `other`, keeping the order (files are read in name order, so the result is
-    /// deterministic).
-    pub fn extend(&mut self, other: ClusterObjects) {
-        self.services.extend(other.services);
-        self.slices.extend(other.slices);
-        self.nodes.extend(other.nodes);
-        self.problems.extend(other.problems);
-    }
-}
-
-/// A file or an object in it that was skipped, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub file: PathBuf,
-    pub reason: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.file.display(), self.reason)
-    }
-}
 
 /// Whether `path` names a file [`load_dir`] reads: `*.yaml`, `*.yml` or `*.json`, not hidden.
 ///
