@@ -5,7 +5,9 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -19,8 +21,10 @@ use tokio::{
 };
 
 use crate::{
+    config::Cidr,
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
+    serve::{self, Telemetry, metrics::MapUse},
     source::{ClusterObjects, DirCache},
     sync::{ChangeTracker, Changes},
 };
@@ -36,6 +40,12 @@ pub struct RunOptions {
     pub resync: Duration,
     /// How long a TCP endpoint removed from every Service keeps its connections.
     pub endpoint_grace: Duration,
+    /// `/healthz` and `/livez` (kube-proxy: 0.0.0.0:10256); `None`: not served.
+    pub healthz_bind: Option<SocketAddr>,
+    /// `/metrics` (kube-proxy: 127.0.0.1:10249); `None`: not served.
+    pub metrics_bind: Option<SocketAddr>,
+    /// The pods' CIDRs (`--cluster-cidr`), one per family: accepted and validated, not used yet.
+    pub cluster_cidrs: Vec<Cidr>,
 }
 
 /// Names of what is programmed, by reverse-NAT id, so `vipx services` can label what it reads
@@ -204,6 +214,7 @@ struct Controller {
     /// Whether a sync applied a read of every file (see `try_sync`).
     first_clean_read: bool,
     born: Instant,
+    telemetry: Arc<Telemetry>,
 }
 
 /// How long a restarted vipx keeps the adopted state while a manifest file cannot be read.
@@ -211,12 +222,14 @@ const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
 impl Controller {
     fn sync(&mut self) -> Result<()> {
+        let started = Instant::now();
         let r = self.try_sync();
         match &r {
             Ok(()) => {
                 self.health.last_sync_ok = Some(SystemTime::now());
                 self.health.last_error = None;
                 self.health.syncs += 1;
+                self.report(started.elapsed());
             }
             Err(e) => self.health.last_error = Some(format!("{e:#}")),
         }
@@ -330,6 +343,43 @@ impl Controller {
         Ok(())
     }
 
+    /// Tell health and metrics that the maps now say what the source says.
+    fn report(&self, took: Duration) {
+        let t = &self.telemetry;
+        let (services, slices) = self.tracker.change_counts();
+        t.metrics.set_changes(services, slices);
+        let (internal, external) = self.tracker.no_local_endpoints();
+        t.metrics.set_no_local_endpoints(internal, external);
+        let p = self.writer.programmed();
+        let size = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let svc_entries = p.frontends.values().map(|f| 1 + f.slots.len()).sum();
+        let sizes = self.opts.sizes;
+        t.metrics.set_owned_maps(
+            [
+                (proxy_common::map_names::SVC4, svc_entries, sizes.services),
+                (
+                    proxy_common::map_names::BACKEND4,
+                    p.backends.len(),
+                    sizes.backends,
+                ),
+                (
+                    proxy_common::map_names::REVNAT4,
+                    p.revnat.len(),
+                    sizes.revnat,
+                ),
+            ]
+            .into_iter()
+            .map(|(map, n, max)| MapUse {
+                map,
+                entries: size(n),
+                max_entries: u64::from(max),
+                truncated: None,
+            })
+            .collect(),
+        );
+        t.synced(took);
+    }
+
     /// Warn once when nothing in the manifests names this node: every endpoint would be remote,
     /// which is legitimate for a node without pods but usually means a wrong --node-name.
     fn warn_if_node_unknown(&mut self, objs: &ClusterObjects) {
@@ -423,7 +473,27 @@ impl Controller {
 pub async fn run(opts: RunOptions) -> Result<()> {
     // Held until the process exits: a second vipx on this pin directory waits here.
     let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
+    // After the lock: a second vipx of a surge rollout binds the same ports once the first is
+    // gone. kube-proxy's health timeout is twice its sync period.
+    let telemetry = Arc::new(Telemetry::new(opts.resync.saturating_mul(2)));
+    let servers = serve::start(telemetry.clone(), opts.healthz_bind, opts.metrics_bind).await?;
+    if !opts.cluster_cidrs.is_empty() {
+        let cidrs: Vec<String> = opts.cluster_cidrs.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            cluster_cidr = %cidrs.join(","),
+            "cluster CIDR noted (not used yet: vipx does not masquerade)"
+        );
+    }
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
+    // The data-path series read the counters and the kernel-written maps at scrape time.
+    match ebpf
+        .take_map(proxy_common::map_names::STATS)
+        .context("the STATS map is missing from the object")
+        .and_then(|stats| serve::metrics::KernelDataPath::new(stats, &opts.pin_dir))
+    {
+        Ok(dp) => telemetry.set_data_path(Arc::new(dp)),
+        Err(e) => tracing::warn!("metrics will lack the data-path series: {e:#}"),
+    }
     let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
     writer.set_endpoint_grace(opts.endpoint_grace);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
@@ -451,6 +521,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         source_seen: false,
         first_clean_read: false,
         born: Instant::now(),
+        telemetry: telemetry.clone(),
     };
 
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -469,6 +540,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut resync_tick = tokio::time::interval(resync);
     let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
     c.scan_interfaces();
+    // The first sync is a change like any other: /healthz fails if it does not succeed in time.
+    telemetry.queued();
     let mut dirty = true;
     // A failed sync is retried after a second (maps stay consistent meanwhile), not only at the
     // next resync.
@@ -496,6 +569,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             Some(()) = rx.recv() => {
+                telemetry.queued();
                 // Editors and `kubectl` write in bursts; let the burst finish.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while rx.try_recv().is_ok() {}
@@ -518,6 +592,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for e in c.attachments.detach_netlink(&mut c.ebpf) {
         tracing::warn!("{e:#}");
     }
+    // Sockets closed before the pin lock is released (`_lock` drops last).
+    servers.stop().await;
     Ok(())
 }
 

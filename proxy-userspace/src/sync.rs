@@ -38,6 +38,8 @@ struct Fragment {
     frontends: BTreeMap<L4Addr, TargetFrontend>,
     backends: BTreeMap<L4Addr, u8>,
     problems: Vec<String>,
+    /// Service ports without a local endpoint under a Local policy: (internal, external).
+    no_local: (usize, usize),
 }
 
 #[derive(Default)]
@@ -56,6 +58,9 @@ pub struct ChangeTracker {
     /// Services that want a frontend another Service owns; retried when it is released.
     frontend_waiters: HashMap<L4Addr, BTreeSet<ObjKey>>,
     backend_users: HashMap<L4Addr, HashMap<ObjKey, u8>>,
+    /// Services and EndpointSlices seen added, changed or deleted, since start (metrics).
+    service_changes: u64,
+    slice_changes: u64,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
@@ -80,6 +85,19 @@ impl ChangeTracker {
 
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// Services and EndpointSlices seen added, changed or deleted since start.
+    pub fn change_counts(&self) -> (u64, u64) {
+        (self.service_changes, self.slice_changes)
+    }
+
+    /// Service ports a Local traffic policy leaves without a local endpoint: (internal,
+    /// external), as of the last flush.
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        self.fragments
+            .values()
+            .fold((0, 0), |(i, e), f| (i + f.no_local.0, e + f.no_local.1))
     }
 
     /// Problems of the current desired state (skipped Services, ports, endpoints).
@@ -115,11 +133,13 @@ impl ChangeTracker {
         for (k, s) in &services {
             if self.services.get(k) != Some(s) {
                 self.dirty.insert(k.clone());
+                self.service_changes += 1;
             }
         }
         for k in self.services.keys() {
             if !services.contains_key(k) {
                 self.dirty.insert(k.clone());
+                self.service_changes += 1;
             }
         }
         self.services = services;
@@ -132,11 +152,13 @@ impl ChangeTracker {
             if self.slices.get(k) != Some(s) {
                 self.dirty.extend(owner_of(s));
                 self.dirty.extend(self.slices.get(k).and_then(owner_of));
+                self.slice_changes += 1;
             }
         }
         for (k, s) in &self.slices {
             if !slices.contains_key(k) {
                 self.dirty.extend(owner_of(s));
+                self.slice_changes += 1;
             }
         }
         self.slices_of.clear();
@@ -162,6 +184,7 @@ impl ChangeTracker {
                 }
             }
         }
+        self.slice_changes += 1;
         if let Some(o) = owner_of(&slice) {
             self.slices_of
                 .entry(o.clone())
@@ -200,10 +223,15 @@ impl ChangeTracker {
         };
         let tr = translate::translate(&input, &self.node_name);
         let (t, target_problems) = maps::target(&tr.state);
+        let no_local = tr.state.services.values().fold((0, 0), |(i, e), sp| {
+            let (ni, ne) = sp.no_local_endpoints();
+            (i + usize::from(ni), e + usize::from(ne))
+        });
         Fragment {
             frontends: t.frontends,
             backends: t.backends,
             problems: tr.problems.into_iter().chain(target_problems).collect(),
+            no_local,
         }
     }
 
@@ -262,7 +290,11 @@ impl ChangeTracker {
                 self.refresh_backend(be, changes);
             }
         }
-        if !(new.frontends.is_empty() && new.backends.is_empty() && new.problems.is_empty()) {
+        if !(new.frontends.is_empty()
+            && new.backends.is_empty()
+            && new.problems.is_empty()
+            && new.no_local == (0, 0))
+        {
             self.fragments.insert(key, new);
         }
     }
@@ -401,6 +433,30 @@ spec:
             "zz-twin"
         );
         assert_matches_full(&t, &v2);
+    }
+
+    #[test]
+    fn changes_and_ports_without_local_endpoints_are_counted() {
+        let local = SVC.replace("spec:\n", "spec:\n  internalTrafficPolicy: Local\n");
+        let v1 = objs(&[local.clone(), slice("web-a", &["10.0.0.1"])]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1.clone());
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 1));
+        // The only endpoint is on no node: ClusterIP traffic has no local endpoint.
+        assert_eq!(t.no_local_endpoints(), (1, 0));
+        t.replace_all(v1);
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 1), "nothing changed");
+        // No endpoint at all: rejected, not counted.
+        t.replace_all(objs(&[local]));
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 2));
+        assert_eq!(t.no_local_endpoints(), (0, 0));
+        t.upsert_slice(objs(&[slice("web-b", &["10.0.0.2"])]).slices.remove(0));
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 3));
+        assert_eq!(t.no_local_endpoints(), (1, 0));
     }
 
     #[test]
