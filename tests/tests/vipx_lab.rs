@@ -279,3 +279,84 @@ fn a_pod_interface_created_later_is_attached_and_services_lists_it() {
     }
     l.assert_running();
 }
+
+/// One `GET path` to `127.0.0.1:port` inside namespace `ns`: (status, body).
+fn local_get(ns: &str, port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = vipx_lab::in_netns(ns, || std::net::TcpStream::connect(("127.0.0.1", port)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port} in {ns}: {e}"));
+    s.set_read_timeout(Some(TIMEOUT * 5)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    (status, body.to_owned())
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn health_and_metrics_report_the_real_data_path() {
+    if !require_privileges() {
+        return;
+    }
+    let _g = serial();
+    let l = VipxLab::start(2, 2);
+    let ns = l.lab.node_ns().to_owned();
+    let (status, body) = local_get(&ns, 10256, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with(r#""nodeEligible": true}"#), "{body}");
+    assert_eq!(local_get(&ns, 10256, "/livez").0, 200);
+
+    let (_, before) = local_get(&ns, 10249, "/metrics");
+    let new_flows = |m: &str| sample(m, "vipx_datapath_events_total{reason=\"new_flows\"}");
+    let flows_before = new_flows(&before).expect("new_flows counter");
+    l.spread(20);
+    let (status, after) = local_get(&ns, 10249, "/metrics");
+    assert_eq!(status, 200);
+    let flows = new_flows(&after).unwrap() - flows_before;
+    // Exactly: every request is a new TCP connection, nothing else goes to the VIP meanwhile.
+    assert_eq!(flows, 20.0, "{after}");
+    // Two entries per flow, still in the LRU; counted by a walk whose result is reused for 10 s.
+    l.wait_for("the conntrack count to include the new flows", || {
+        let (_, m) = local_get(&ns, 10249, "/metrics");
+        sample(&m, "vipx_map_entries{map=\"VIPX_CT4\"}").unwrap() >= 40.0
+            && sample(&m, "vipx_map_count_truncated{map=\"VIPX_CT4\"}") == Some(0.0)
+    });
+    // The lab Service: one TCP and one UDP port, two endpoints each (a slot per endpoint plus
+    // the frontend's own entry).
+    assert_eq!(
+        sample(&after, "vipx_map_entries{map=\"VIPX_SVC4\"}"),
+        Some(6.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "vipx_map_entries{map=\"VIPX_REVNAT4\"}"),
+        Some(2.0)
+    );
+    assert_eq!(sample(&after, "vipx_datapath_read_error"), Some(0.0));
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > 0.0);
+    let changes = |m: &str| sample(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    let changes_before = changes(&after).unwrap();
+    assert!(changes_before >= 1.0, "{after}");
+
+    // Scaling is an EndpointSlice change, applied and counted.
+    l.set_endpoints(1);
+    l.wait_for("the endpoint change to be counted", || {
+        let (_, m) = local_get(&ns, 10249, "/metrics");
+        changes(&m).unwrap() > changes_before
+            && sample(&m, "vipx_map_entries{map=\"VIPX_SVC4\"}") == Some(4.0)
+    });
+    assert_eq!(local_get(&ns, 10256, "/healthz").0, 200);
+}
