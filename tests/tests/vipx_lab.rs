@@ -44,6 +44,17 @@ struct VipxLab {
 impl VipxLab {
     /// `endpoints`: how many of the lab's backend pods the EndpointSlice lists at start.
     fn start(pods: u32, endpoints: usize) -> Self {
+        let me = Self::spawn(pods, endpoints, None);
+        // Ready when the VIP answers.
+        me.wait_for("the VIP to answer", || {
+            http_get(me.client(), VIP, TIMEOUT).is_ok()
+        });
+        me
+    }
+
+    /// vipx started, not waited for; `caps`: only these capabilities in its bounding set
+    /// (`setpriv --bounding-set` syntax), as a container's securityContext grants them.
+    fn spawn(pods: u32, endpoints: usize, caps: Option<&str>) -> Self {
         let tag = unique_tag();
         let lab = Lab::create(LabConfig {
             tag: tag.clone(),
@@ -57,37 +68,47 @@ impl VipxLab {
         lab.write_manifests(&manifests).unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf/vipx").join(lab.node_name());
         let state_dir = std::env::temp_dir().join(format!("vipx-{tag}-state"));
-        let me = Self {
-            vipx: ns_command(
-                lab.node_ns(),
-                sibling_bin("vipx"),
-                [
-                    "run",
-                    "--manifests",
-                    manifests.to_str().unwrap(),
-                    "--node-name",
-                    lab.node_name(),
-                    "--pod-interfaces",
-                    vipx_lab::HOST_IF_GLOB,
-                    "--pin-dir",
-                    pin_dir.to_str().unwrap(),
-                    "--state-dir",
-                    state_dir.to_str().unwrap(),
+        let vipx_bin = sibling_bin("vipx");
+        let vipx_bin = vipx_bin.to_str().unwrap();
+        let (program, mut args) = match caps {
+            None => (vipx_bin, vec![]),
+            Some(caps) => (
+                "setpriv",
+                vec![
+                    format!("--bounding-set={caps}"),
+                    "--inh-caps=-all".to_owned(),
+                    "--".to_owned(),
+                    vipx_bin.to_owned(),
                 ],
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start vipx"),
+            ),
+        };
+        args.extend(
+            [
+                "run",
+                "--manifests",
+                manifests.to_str().unwrap(),
+                "--node-name",
+                lab.node_name(),
+                "--pod-interfaces",
+                vipx_lab::HOST_IF_GLOB,
+                "--pin-dir",
+                pin_dir.to_str().unwrap(),
+                "--state-dir",
+                state_dir.to_str().unwrap(),
+            ]
+            .map(str::to_owned),
+        );
+        let me = Self {
+            vipx: ns_command(lab.node_ns(), program, args)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start vipx"),
             lab,
             manifests,
             pin_dir,
             state_dir,
         };
         me.set_endpoints(endpoints);
-        // Ready when the VIP answers.
-        me.wait_for("the VIP to answer", || {
-            http_get(me.client(), VIP, TIMEOUT).is_ok()
-        });
         me
     }
 
@@ -128,8 +149,11 @@ impl VipxLab {
 
 impl Drop for VipxLab {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.vipx.id() as i32, libc::SIGTERM) };
+        // Only while it runs: once reaped, its pid may belong to another process.
+        if let Ok(None) = self.vipx.try_wait() {
+            // SAFETY: signalling our own child, not yet reaped, by its pid.
+            unsafe { libc::kill(self.vipx.id() as i32, libc::SIGTERM) };
+        }
         let _ = self.vipx.wait();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.manifests);
@@ -359,4 +383,36 @@ fn health_and_metrics_report_the_real_data_path() {
             && sample(&m, "vipx_map_entries{map=\"VIPX_SVC4\"}") == Some(4.0)
     });
     assert_eq!(local_get(&ns, 10256, "/healthz").0, 200);
+}
+
+/// The DaemonSet grants exactly CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: with only those vipx
+/// loads, attaches, serves the VIP and its health; without CAP_PERFMON or CAP_NET_ADMIN it
+/// cannot load its programs (and says so, exiting).
+#[test]
+fn the_daemon_sets_capabilities_are_enough_and_needed() {
+    if !require_privileges() {
+        return;
+    }
+    let _g = serial();
+    let l = VipxLab::spawn(2, 2, Some("-all,+bpf,+perfmon,+net_admin"));
+    l.wait_for("the VIP to answer", || {
+        http_get(l.client(), VIP, TIMEOUT).is_ok()
+    });
+    assert_eq!(local_get(l.lab.node_ns(), 10256, "/healthz").0, 200);
+    drop(l);
+    for caps in ["-all,+bpf,+net_admin", "-all,+bpf,+perfmon"] {
+        let mut l = VipxLab::spawn(1, 1, Some(caps));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = l.vipx.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "vipx runs with only {caps}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            !status.success(),
+            "vipx with only {caps} exited with {status}"
+        );
+    }
 }
