@@ -253,6 +253,7 @@ impl Controller {
         let changes = match loaded {
             Some(objs) => {
                 self.warn_if_node_unknown(&objs);
+                self.note_node_deletion(&objs);
                 let file_problems: Vec<String> =
                     objs.problems.iter().map(ToString::to_string).collect();
                 self.tracker.replace_all(objs);
@@ -341,6 +342,17 @@ impl Controller {
             tracing::debug!(frontends = target.frontends.len(), "maps synced (no-op)");
         }
         Ok(())
+    }
+
+    /// `/healthz` fails while this node's Node object says it is being deleted (kube-proxy's
+    /// `SyncNode`). Without a Node object nothing says so.
+    fn note_node_deletion(&self, objs: &ClusterObjects) {
+        let node = objs
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.opts.node_name.as_str()));
+        let eligible = node.is_none_or(serve::health::node_eligible);
+        self.telemetry.health.set_node_eligible(eligible);
     }
 
     /// Tell health and metrics that the maps now say what the source says.

@@ -383,6 +383,28 @@ fn health_and_metrics_report_the_real_data_path() {
             && sample(&m, "vipx_map_entries{map=\"VIPX_SVC4\"}") == Some(4.0)
     });
     assert_eq!(local_get(&ns, 10256, "/healthz").0, 200);
+
+    // This node being deleted: /healthz fails (load balancers drain it), /livez does not.
+    let node = l.manifests.join("node.yaml");
+    std::fs::write(
+        &node,
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  \
+             deletionTimestamp: \"2024-01-01T00:00:00Z\"\n",
+            l.lab.node_name()
+        ),
+    )
+    .unwrap();
+    l.wait_for("/healthz to fail on a node being deleted", || {
+        local_get(&ns, 10256, "/healthz").0 == 503
+    });
+    let (_, body) = local_get(&ns, 10256, "/healthz");
+    assert!(body.ends_with(r#""nodeEligible": false}"#), "{body}");
+    assert_eq!(local_get(&ns, 10256, "/livez").0, 200);
+    std::fs::remove_file(&node).unwrap();
+    l.wait_for("/healthz to recover", || {
+        local_get(&ns, 10256, "/healthz").0 == 200
+    });
 }
 
 /// The DaemonSet grants exactly CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: with only those vipx
