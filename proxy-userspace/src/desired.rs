@@ -117,6 +117,22 @@ pub struct ServicePort {
     pub external_local: bool,
 }
 
+impl ServicePort {
+    /// (internal, external): whether a Local traffic policy leaves this port without a local
+    /// endpoint while it has endpoints elsewhere, so such traffic is dropped (upstream counts
+    /// these in `kubeproxy_sync_proxy_rules_no_local_endpoints_total`). A port without any
+    /// endpoint rejects instead and is not counted.
+    pub fn no_local_endpoints(&self) -> (bool, bool) {
+        let any = !(self.internal_pick.is_empty()
+            && self.external_pick.is_empty()
+            && self.pod_external_pick.is_empty());
+        (
+            any && self.internal_local && self.internal_pick.is_empty(),
+            any && self.external_local && self.external_pick.is_empty(),
+        )
+    }
+}
+
 /// Everything vipx should program on this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {

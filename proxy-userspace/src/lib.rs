@@ -1,10 +1,12 @@
 //! vipx: the userspace side. Data flows one way: `source` (cluster objects) -> `translate`
 //! (desired state, kube-proxy semantics) -> `maps` (diff and ordered apply) -> kernel.
+pub mod config;
 pub mod desired;
 pub mod digest;
 pub mod loader;
 pub mod maps;
 pub mod run;
+pub mod serve;
 pub mod source;
 pub mod sync;
 pub mod translate;

@@ -3,8 +3,10 @@ use std::{fs, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use vipx::{
+    config::{self, FileConfig},
     loader::{self, MapSizes},
     run::{self, RunOptions, StateFile},
+    serve,
     source::SourceConfig,
 };
 
@@ -21,7 +23,7 @@ enum Cmd {
     /// Program Services from the API server (or a manifests directory) and keep them in sync.
     // Later flags win, so `cargo xtask run -- --manifests DIR` can replace the demo's own.
     #[command(args_override_self = true)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List what is programmed, read from the pinned maps.
     Services(WhereArgs),
     /// Uninstall vipx from this node: unpin its links (detaching the programs), its maps and
@@ -32,9 +34,10 @@ enum Cmd {
 #[derive(Args)]
 struct WhereArgs {
     /// This node's name, as its Node object is named (decides which endpoints are local, and
-    /// selects the default pin and state directories).
-    #[arg(long, env = "NODE_NAME", value_parser = node_name_arg)]
-    node_name: String,
+    /// selects the default pin and state directories). `--hostname-override` is kube-proxy's
+    /// name for it; unlike kube-proxy, vipx does not fall back to the host name.
+    #[arg(long, alias = "hostname-override", env = "NODE_NAME", value_parser = node_name_arg)]
+    node_name: Option<String>,
     /// bpffs directory holding the maps [default: /sys/fs/bpf/vipx/<node-name>].
     #[arg(long)]
     pin_dir: Option<PathBuf>,
@@ -80,17 +83,31 @@ fn node_name_arg(name: &str) -> Result<String, String> {
     run::check_node_name(name).map(|()| name.to_owned())
 }
 
+const NO_NODE_NAME: &str = "this node's name is required: --node-name (or --hostname-override, \
+                            or NODE_NAME in the environment)";
+
 impl WhereArgs {
-    fn pin_dir(&self) -> PathBuf {
+    fn node_name(&self) -> Result<&str> {
+        self.node_name.as_deref().context(NO_NODE_NAME)
+    }
+    fn pin_dir(&self, node_name: &str) -> PathBuf {
         self.pin_dir
             .clone()
-            .unwrap_or_else(|| loader::default_pin_dir(&self.node_name))
+            .unwrap_or_else(|| loader::default_pin_dir(node_name))
     }
-    fn state_dir(&self) -> PathBuf {
+    fn state_dir(&self, node_name: &str) -> PathBuf {
         self.state_dir
             .clone()
-            .unwrap_or_else(|| run::default_state_dir(&self.node_name))
+            .unwrap_or_else(|| run::default_state_dir(node_name))
     }
+}
+
+fn bind_arg(s: &str) -> Result<String, String> {
+    serve::parse_bind_address(s, 0).map(|_| s.to_owned())
+}
+
+fn cidrs_arg(s: &str) -> Result<String, String> {
+    config::parse_cidrs(s).map(|_| s.to_owned())
 }
 
 #[derive(Args)]
@@ -120,12 +137,32 @@ struct RunArgs {
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_conntrack: u32,
     /// Full reconcile period, on top of change events (`30s`, `1m`, `500ms`; a bare number is
-    /// seconds).
-    #[arg(long, alias = "resync-seconds", default_value = "30s", value_parser = duration_arg)]
-    sync_period: Duration,
-    /// Syncs are at least this far apart; a change after a quiet spell is applied at once.
-    #[arg(long, default_value = "1s", value_parser = duration_arg)]
-    min_sync_period: Duration,
+    /// seconds) [default: 30s]. `/healthz` fails when a change stays unapplied for twice this
+    /// (kube-proxy's syncPeriod).
+    #[arg(long, alias = "resync-seconds", value_parser = duration_arg)]
+    sync_period: Option<Duration>,
+    /// Syncs are at least this far apart; a change after a quiet spell is applied at once
+    /// [default: 1s].
+    #[arg(long, value_parser = duration_arg)]
+    min_sync_period: Option<Duration>,
+    /// Address and port of `/healthz` and `/livez` (kube-proxy's); empty disables them
+    /// [default: 0.0.0.0:10256].
+    #[arg(long, value_parser = bind_arg)]
+    healthz_bind_address: Option<String>,
+    /// Address and port of Prometheus `/metrics` (kube-proxy's); empty disables it
+    /// [default: 127.0.0.1:10249].
+    #[arg(long, value_parser = bind_arg)]
+    metrics_bind_address: Option<String>,
+    /// The pods' CIDR range(s), comma-separated, one per IP family (kube-proxy's; accepted and
+    /// validated, not used yet).
+    #[arg(long, value_parser = cidrs_arg)]
+    cluster_cidr: Option<String>,
+    /// A kube-proxy KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1): its
+    /// hostnameOverride, healthzBindAddress, metricsBindAddress, clusterCIDR and the
+    /// syncPeriod/minSyncPeriod of its mode are used. As in kube-proxy, the file replaces the
+    /// flags of those settings; only --hostname-override/--node-name still wins over the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// How long a TCP endpoint removed from every Service keeps serving the connections it has
     /// (new ones avoid it at once), in seconds; 0 ends them at once.
     #[arg(long, default_value_t = vipx::maps::DEFAULT_ENDPOINT_GRACE.as_secs())]
@@ -157,6 +194,7 @@ fn real_main() -> Result<()> {
                 .iter()
                 .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
                 .collect::<Result<_>>()?;
+            let settings = Settings::resolve(&a)?;
             let source = match (a.manifests, a.kubeconfig) {
                 (Some(dir), _) => {
                     if !dir.is_dir() {
@@ -172,21 +210,25 @@ fn real_main() -> Result<()> {
                     }),
                 },
             };
+            let node_name = settings.node_name.clone();
             let opts = RunOptions {
                 source,
-                node_name: a.place.node_name.clone(),
+                node_name: node_name.clone(),
                 pod_interfaces,
-                pin_dir: a.place.pin_dir(),
-                state_dir: a.place.state_dir(),
+                pin_dir: a.place.pin_dir(&node_name),
+                state_dir: a.place.state_dir(&node_name),
                 sizes: MapSizes {
                     services: a.max_service_entries,
                     backends: a.max_backends,
                     revnat: a.max_frontends,
                     conntrack: a.max_conntrack,
                 },
-                resync: a.sync_period.max(Duration::from_secs(1)),
-                min_sync: a.min_sync_period,
+                resync: settings.sync_period.max(Duration::from_secs(1)),
+                min_sync: settings.min_sync_period,
                 endpoint_grace: Duration::from_secs(a.endpoint_grace_seconds),
+                healthz_bind: settings.healthz_bind,
+                metrics_bind: settings.metrics_bind,
+                cluster_cidrs: settings.cluster_cidrs,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -194,14 +236,91 @@ fn real_main() -> Result<()> {
                 .block_on(run::run(opts))
         }
         Cmd::Services(w) => services(&w),
-        Cmd::Cleanup(w) => loader::cleanup(&w.pin_dir(), &w.state_dir()),
+        Cmd::Cleanup(w) => {
+            let node = w.node_name()?;
+            loader::cleanup(&w.pin_dir(node), &w.state_dir(node))
+        }
+    }
+}
+
+/// The kube-proxy settings of `vipx run`, from the flags or, with `--config`, from the file.
+#[derive(Debug, PartialEq, Eq)]
+struct Settings {
+    node_name: String,
+    healthz_bind: Option<std::net::SocketAddr>,
+    metrics_bind: Option<std::net::SocketAddr>,
+    cluster_cidrs: Vec<config::Cidr>,
+    sync_period: Duration,
+    min_sync_period: Duration,
+}
+
+impl Settings {
+    fn resolve(a: &RunArgs) -> Result<Self> {
+        let Some(path) = &a.config else {
+            let bind = |v: &Option<String>, default: &str, port: u16| {
+                serve::parse_bind_address(v.as_deref().unwrap_or(default), port)
+                    .map_err(anyhow::Error::msg)
+            };
+            return Ok(Self {
+                node_name: a.place.node_name()?.to_owned(),
+                healthz_bind: bind(
+                    &a.healthz_bind_address,
+                    serve::DEFAULT_HEALTHZ_BIND,
+                    serve::HEALTHZ_PORT,
+                )?,
+                metrics_bind: bind(
+                    &a.metrics_bind_address,
+                    serve::DEFAULT_METRICS_BIND,
+                    serve::METRICS_PORT,
+                )?,
+                cluster_cidrs: config::parse_cidrs(a.cluster_cidr.as_deref().unwrap_or(""))
+                    .map_err(anyhow::Error::msg)?,
+                sync_period: a.sync_period.unwrap_or(config::DEFAULT_SYNC_PERIOD),
+                min_sync_period: a.min_sync_period.unwrap_or(config::DEFAULT_MIN_SYNC_PERIOD),
+            });
+        };
+        let file = FileConfig::load(path)?;
+        // kube-proxy: "This parameter is ignored if a config file is specified by --config."
+        for (flag, given) in [
+            ("--healthz-bind-address", a.healthz_bind_address.is_some()),
+            ("--metrics-bind-address", a.metrics_bind_address.is_some()),
+            ("--cluster-cidr", a.cluster_cidr.is_some()),
+            ("--sync-period", a.sync_period.is_some()),
+            ("--min-sync-period", a.min_sync_period.is_some()),
+        ] {
+            if given {
+                tracing::warn!(
+                    config = %path.display(),
+                    "{flag} is ignored: --config is given and its file decides (as in kube-proxy)"
+                );
+            }
+        }
+        let node_name = match (&a.place.node_name, &file.hostname_override) {
+            (Some(flag), _) => flag.clone(),
+            (None, Some(name)) => {
+                run::check_node_name(name)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("hostnameOverride in {}", path.display()))?;
+                name.clone()
+            }
+            (None, None) => anyhow::bail!("{NO_NODE_NAME} (or hostnameOverride in --config)"),
+        };
+        Ok(Self {
+            node_name,
+            healthz_bind: file.healthz_bind_address,
+            metrics_bind: file.metrics_bind_address,
+            cluster_cidrs: file.cluster_cidrs,
+            sync_period: file.sync_period,
+            min_sync_period: file.min_sync_period,
+        })
     }
 }
 
 fn services(w: &WhereArgs) -> Result<()> {
-    let maps = loader::open_pinned(&w.pin_dir())?;
+    let node = w.node_name()?;
+    let maps = loader::open_pinned(&w.pin_dir(node))?;
     let p = maps.read()?;
-    let names: StateFile = fs::read(w.state_dir().join(run::STATE_FILE))
+    let names: StateFile = fs::read(w.state_dir(node).join(run::STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
@@ -264,8 +383,8 @@ mod tests {
         else {
             panic!("run arguments")
         };
-        assert_eq!(a.sync_period, Duration::from_secs(7));
-        assert_eq!(a.min_sync_period, Duration::from_millis(250));
+        assert_eq!(a.sync_period, Some(Duration::from_secs(7)));
+        assert_eq!(a.min_sync_period, Some(Duration::from_millis(250)));
     }
 
     #[test]
@@ -285,5 +404,117 @@ mod tests {
             .find(|a| a.get_id() == "node_name")
             .expect("--node-name");
         assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("NODE_NAME")));
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut argv = vec!["vipx", "run", "--manifests", "/nonexistent"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("parses").cmd {
+            Cmd::Run(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    fn config_file(name: &str, text: &str) -> PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("vipx-config-{}-{name}.yaml", std::process::id()));
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn kube_proxy_flags_and_their_defaults() {
+        let s = Settings::resolve(&run_args(&["--hostname-override", "worker-1"])).unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                node_name: "worker-1".into(),
+                healthz_bind: "0.0.0.0:10256".parse().ok(),
+                metrics_bind: "127.0.0.1:10249".parse().ok(),
+                cluster_cidrs: vec![],
+                sync_period: Duration::from_secs(30),
+                min_sync_period: Duration::from_secs(1),
+            }
+        );
+        let s = Settings::resolve(&run_args(&[
+            "--node-name",
+            "worker-1",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "0.0.0.0",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00::/56",
+            "--resync-seconds",
+            "10",
+        ]))
+        .unwrap();
+        assert_eq!(s.healthz_bind, None, "empty disables, as in kube-proxy");
+        assert_eq!(s.metrics_bind, "0.0.0.0:10249".parse().ok());
+        assert_eq!(s.cluster_cidrs.len(), 2);
+        assert_eq!(s.sync_period, Duration::from_secs(10));
+        for bad in [
+            &["--cluster-cidr", "10.0.0.0"][..],
+            &["--healthz-bind-address", "somewhere:1"][..],
+            &["--hostname-override", "Worker-1"][..],
+        ] {
+            let mut argv = vec!["vipx", "run", "--manifests", "/x"];
+            argv.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_config_file_replaces_the_flags_except_the_node_name() {
+        let p = config_file(
+            "wins",
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             hostnameOverride: from-file\nmetricsBindAddress: 0.0.0.0:9999\n\
+             clusterCIDR: 10.244.0.0/16\niptables: {syncPeriod: 1m, minSyncPeriod: 2s}\n",
+        );
+        let path = p.to_str().unwrap();
+        let s = Settings::resolve(&run_args(&[
+            "--config",
+            path,
+            "--metrics-bind-address",
+            "127.0.0.1:1",
+            "--resync-seconds",
+            "5",
+        ]))
+        .unwrap();
+        assert_eq!(s.node_name, "from-file");
+        assert_eq!(s.metrics_bind, "0.0.0.0:9999".parse().ok());
+        // Left out of the file: kube-proxy's default, not the flag.
+        assert_eq!(s.healthz_bind, "0.0.0.0:10256".parse().ok());
+        assert_eq!(s.sync_period, Duration::from_secs(60));
+        assert_eq!(s.min_sync_period, Duration::from_secs(2));
+        assert_eq!(s.cluster_cidrs.len(), 1);
+        let s = Settings::resolve(&run_args(&[
+            "--config",
+            path,
+            "--hostname-override",
+            "flag",
+        ]))
+        .unwrap();
+        assert_eq!(s.node_name, "flag");
+
+        let nameless = config_file(
+            "nameless",
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n",
+        );
+        let err = Settings::resolve(&run_args(&["--config", nameless.to_str().unwrap()]))
+            .expect_err("no node name anywhere");
+        assert!(format!("{err:#}").contains("hostnameOverride"), "{err:#}");
+        let bad = config_file(
+            "bad",
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             hostnameOverride: Not_A_Node\n",
+        );
+        let err = Settings::resolve(&run_args(&["--config", bad.to_str().unwrap()]))
+            .expect_err("invalid hostnameOverride");
+        assert!(format!("{err:#}").contains("hostnameOverride"), "{err:#}");
+        for f in [p, nameless, bad] {
+            let _ = fs::remove_file(f);
+        }
     }
 }

@@ -5,13 +5,17 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
+use ::kube::runtime::watcher;
 use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::Node;
 use notify::{RecursiveMode, Watcher as _};
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -20,9 +24,11 @@ use tokio::{
 };
 
 use crate::{
+    config::Cidr,
     digest::DigestedObjects,
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
+    serve::{self, Telemetry, metrics::MapUse},
     source::{
         ClusterObjects, DirCache, SourceConfig,
         kube::{self, Applied, KubeState, Update},
@@ -44,6 +50,12 @@ pub struct RunOptions {
     pub min_sync: Duration,
     /// How long a TCP endpoint removed from every Service keeps its connections.
     pub endpoint_grace: Duration,
+    /// `/healthz` and `/livez` (kube-proxy: 0.0.0.0:10256); `None`: not served.
+    pub healthz_bind: Option<SocketAddr>,
+    /// `/metrics` (kube-proxy: 127.0.0.1:10249); `None`: not served.
+    pub metrics_bind: Option<SocketAddr>,
+    /// The pods' CIDRs (`--cluster-cidr`), one per family: accepted and validated, not used yet.
+    pub cluster_cidrs: Vec<Cidr>,
 }
 
 /// Names of what is programmed, by reverse-NAT id, so `vipx services` can label what it reads
@@ -213,6 +225,7 @@ struct Controller {
     /// Memory was freed by this sync's source work: trim the allocator after it.
     trim: bool,
     born: Instant,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -236,12 +249,14 @@ impl Controller {
         if self.kube.as_ref().is_some_and(|k| !k.ready()) {
             return Ok(());
         }
+        let started = Instant::now();
         let r = self.try_sync();
         match &r {
             Ok(()) => {
                 self.health.last_sync_ok = Some(SystemTime::now());
                 self.health.last_error = None;
                 self.health.syncs += 1;
+                self.report(started.elapsed());
             }
             Err(e) => self.health.last_error = Some(format!("{e:#}")),
         }
@@ -270,6 +285,7 @@ impl Controller {
         let changes = match loaded {
             Some(objs) => {
                 self.warn_if_node_unknown(&objs);
+                self.note_node_deletion(&objs.nodes);
                 let file_problems: Vec<String> =
                     objs.problems.iter().map(ToString::to_string).collect();
                 self.tracker.replace_all_digested(objs);
@@ -398,6 +414,53 @@ impl Controller {
             release_freed_memory();
         }
         Ok(())
+    }
+
+    /// `/healthz` fails while this node's Node object says it is being deleted (kube-proxy's
+    /// `SyncNode`). Without a Node object nothing says so.
+    fn note_node_deletion(&self, nodes: &[Node]) {
+        let node = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.opts.node_name.as_str()));
+        let eligible = node.is_none_or(serve::health::node_eligible);
+        self.telemetry.health.set_node_eligible(eligible);
+    }
+
+    /// Tell health and metrics that the maps now say what the source says.
+    fn report(&self, took: Duration) {
+        let t = &self.telemetry;
+        let (services, slices) = self.tracker.change_counts();
+        t.metrics.set_changes(services, slices);
+        let (internal, external) = self.tracker.no_local_endpoints();
+        t.metrics.set_no_local_endpoints(internal, external);
+        let p = self.writer.programmed();
+        let size = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let svc_entries = p.frontends.values().map(|f| 1 + f.slots.len()).sum();
+        let sizes = self.opts.sizes;
+        t.metrics.set_owned_maps(
+            [
+                (proxy_common::map_names::SVC4, svc_entries, sizes.services),
+                (
+                    proxy_common::map_names::BACKEND4,
+                    p.backends.len(),
+                    sizes.backends,
+                ),
+                (
+                    proxy_common::map_names::REVNAT4,
+                    p.revnat.len(),
+                    sizes.revnat,
+                ),
+            ]
+            .into_iter()
+            .map(|(map, n, max)| MapUse {
+                map,
+                entries: size(n),
+                max_entries: u64::from(max),
+                truncated: None,
+            })
+            .collect(),
+        );
+        t.synced(took);
     }
 
     /// Warn once when nothing in the manifests names this node: every endpoint would be remote,
@@ -554,6 +617,16 @@ impl Events {
 impl Controller {
     /// Feeds one API update to the tracker; returns whether a sync is due.
     fn apply_update(&mut self, update: Update) -> bool {
+        // Before `apply` strips what translation does not read (deletion marks among it).
+        if let Update::Node(e) = &update {
+            match &**e {
+                watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
+                    self.note_node_deletion(std::slice::from_ref(n));
+                }
+                watcher::Event::Delete(_) => self.note_node_deletion(&[]),
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
+        }
         let Some(kube) = self.kube.as_mut() else {
             return false;
         };
@@ -597,7 +670,27 @@ impl Controller {
 pub async fn run(opts: RunOptions) -> Result<()> {
     // Held until the process exits: a second vipx on this pin directory waits here.
     let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
+    // After the lock: a second vipx of a surge rollout binds the same ports once the first is
+    // gone. kube-proxy's health timeout is twice its sync period.
+    let telemetry = Arc::new(Telemetry::new(opts.resync.saturating_mul(2)));
+    let servers = serve::start(telemetry.clone(), opts.healthz_bind, opts.metrics_bind).await?;
+    if !opts.cluster_cidrs.is_empty() {
+        let cidrs: Vec<String> = opts.cluster_cidrs.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            cluster_cidr = %cidrs.join(","),
+            "cluster CIDR noted (not used yet: vipx does not masquerade)"
+        );
+    }
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
+    // The data-path series read the counters and the kernel-written maps at scrape time.
+    match ebpf
+        .take_map(proxy_common::map_names::STATS)
+        .context("the STATS map is missing from the object")
+        .and_then(|stats| serve::metrics::KernelDataPath::new(stats, &opts.pin_dir))
+    {
+        Ok(dp) => telemetry.set_data_path(Arc::new(dp)),
+        Err(e) => tracing::warn!("metrics will lack the data-path series: {e:#}"),
+    }
     let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
     writer.set_endpoint_grace(opts.endpoint_grace);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
@@ -630,6 +723,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         first_clean_read: false,
         trim: false,
         born: Instant::now(),
+        telemetry: telemetry.clone(),
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -637,6 +731,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut resync_tick = tokio::time::interval(resync);
     let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
     c.scan_interfaces();
+    // The first sync is a change like any other: /healthz fails if it does not succeed in time.
+    telemetry.queued();
     let mut dirty = true;
     // A failed sync is retried after a second (maps stay consistent meanwhile), not only at the
     // next resync.
@@ -679,10 +775,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = sigterm.recv() => break,
             ev = events.next() => match ev {
                 Some(Event::Reread) => {
+                    telemetry.queued();
                     events.settle().await;
                     dirty = true;
                 }
-                Some(Event::Kube(u)) => dirty |= c.apply_update(u),
+                Some(Event::Kube(u)) => {
+                    if c.apply_update(u) {
+                        telemetry.queued();
+                        dirty = true;
+                    }
+                }
                 None => bail!("the source's event stream ended"),
             },
             _ = resync_tick.tick() => {
@@ -704,6 +806,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for e in c.attachments.detach_netlink(&mut c.ebpf) {
         tracing::warn!("{e:#}");
     }
+    // Sockets closed before the pin lock is released (`_lock` drops last).
+    servers.stop().await;
     Ok(())
 }
 

@@ -47,6 +47,8 @@ struct Fragment {
     frontends: Vec<L4Addr>,
     backends: Vec<(L4Addr, u8)>,
     problems: Vec<String>,
+    /// Service ports without a local endpoint under a Local policy: (internal, external).
+    no_local: (usize, usize),
 }
 
 /// A Service's translation before it is merged.
@@ -54,6 +56,8 @@ struct Translated {
     frontends: BTreeMap<L4Addr, TargetFrontend>,
     backends: BTreeMap<L4Addr, u8>,
     problems: Vec<String>,
+    /// Service ports without a local endpoint under a Local policy: (internal, external).
+    no_local: (usize, usize),
 }
 
 #[derive(Default)]
@@ -78,6 +82,9 @@ pub struct ChangeTracker {
     /// one or a few Services, and 100,000 small maps cost megabytes; the keys are shared per
     /// merge rather than cloned per backend, for the same reason.
     backend_users: HashMap<L4Addr, Vec<(Arc<ObjKey>, u8)>>,
+    /// Services and EndpointSlices seen added, changed or deleted, since start (metrics).
+    service_changes: u64,
+    slice_changes: u64,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
@@ -108,6 +115,19 @@ impl ChangeTracker {
 
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// Services and EndpointSlices seen added, changed or deleted since start.
+    pub fn change_counts(&self) -> (u64, u64) {
+        (self.service_changes, self.slice_changes)
+    }
+
+    /// Service ports a Local traffic policy leaves without a local endpoint: (internal,
+    /// external), as of the last flush.
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        self.fragments
+            .values()
+            .fold((0, 0), |(i, e), f| (i + f.no_local.0, e + f.no_local.1))
     }
 
     /// Problems of the current desired state (skipped Services, ports, endpoints).
@@ -152,11 +172,13 @@ impl ChangeTracker {
         for (k, s) in &services {
             if self.services.get(k) != Some(s) {
                 self.dirty.insert(k.clone());
+                self.service_changes += 1;
             }
         }
         for k in self.services.keys() {
             if !services.contains_key(k) {
                 self.dirty.insert(k.clone());
+                self.service_changes += 1;
             }
         }
         self.services = services;
@@ -170,11 +192,13 @@ impl ChangeTracker {
                 self.dirty.extend(owner_of(k, s));
                 self.dirty
                     .extend(self.slices.get(k).and_then(|old| owner_of(k, old)));
+                self.slice_changes += 1;
             }
         }
         for (k, s) in &self.slices {
             if !slices.contains_key(k) {
                 self.dirty.extend(owner_of(k, s));
+                self.slice_changes += 1;
             }
         }
         self.slices_of.clear();
@@ -201,6 +225,7 @@ impl ChangeTracker {
                 }
             }
         }
+        self.slice_changes += 1;
         if let Some(o) = owner_of(&k, &slice) {
             self.slices_of
                 .entry(o.clone())
@@ -218,6 +243,7 @@ impl ChangeTracker {
         if self.services.get(&k) == Some(&svc) {
             return;
         }
+        self.service_changes += 1;
         self.dirty.insert(k.clone());
         self.services.insert(k, svc);
     }
@@ -225,6 +251,7 @@ impl ChangeTracker {
     /// One Service deleted (a watch event), by (namespace, name).
     pub fn delete_service(&mut self, key: &ObjKey) {
         if self.services.remove(key).is_some() {
+            self.service_changes += 1;
             self.dirty.insert(key.clone());
         }
     }
@@ -234,6 +261,7 @@ impl ChangeTracker {
         let Some(old) = self.slices.remove(key) else {
             return;
         };
+        self.slice_changes += 1;
         if let Some(o) = owner_of(key, &old) {
             if let Some(set) = self.slices_of.get_mut(&o) {
                 set.remove(&key.1);
@@ -326,6 +354,7 @@ impl ChangeTracker {
                 frontends: BTreeMap::new(),
                 backends: BTreeMap::new(),
                 problems: Vec::new(),
+                no_local: (0, 0),
             };
         };
         let svc: Service = svc.to_object(&key.0, &key.1);
@@ -347,10 +376,15 @@ impl ChangeTracker {
         };
         let tr = translate::translate(&input, &self.node_name);
         let (t, target_problems) = maps::target(&tr.state);
+        let no_local = tr.state.services.values().fold((0, 0), |(i, e), sp| {
+            let (ni, ne) = sp.no_local_endpoints();
+            (i + usize::from(ni), e + usize::from(ne))
+        });
         Translated {
             frontends: t.frontends,
             backends: t.backends,
             problems: tr.problems.into_iter().chain(target_problems).collect(),
+            no_local,
         }
     }
 
@@ -360,6 +394,7 @@ impl ChangeTracker {
             frontends,
             backends,
             mut problems,
+            no_local,
         } = new;
         for fe in &old.frontends {
             if let Some(w) = self.frontend_waiters.get_mut(fe) {
@@ -427,13 +462,15 @@ impl ChangeTracker {
                 self.refresh_backend(be, changes);
             }
         }
-        if !(wanted.is_empty() && backends.is_empty() && problems.is_empty()) {
+        if !(wanted.is_empty() && backends.is_empty() && problems.is_empty() && no_local == (0, 0))
+        {
             self.fragments.insert(
                 key,
                 Fragment {
                     frontends: wanted,
                     backends: backends.into_iter().collect(),
                     problems,
+                    no_local,
                 },
             );
         }
@@ -635,6 +672,30 @@ spec:
         t.upsert_service(v1.services[0].clone());
         t.flush();
         assert_matches_full(&t, &objs(&[SVC.into()]));
+    }
+
+    #[test]
+    fn changes_and_ports_without_local_endpoints_are_counted() {
+        let local = SVC.replace("spec:\n", "spec:\n  internalTrafficPolicy: Local\n");
+        let v1 = objs(&[local.clone(), slice("web-a", &["10.0.0.1"])]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(v1.clone());
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 1));
+        // The only endpoint is on no node: ClusterIP traffic has no local endpoint.
+        assert_eq!(t.no_local_endpoints(), (1, 0));
+        t.replace_all(v1);
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 1), "nothing changed");
+        // No endpoint at all: rejected, not counted.
+        t.replace_all(objs(&[local]));
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 2));
+        assert_eq!(t.no_local_endpoints(), (0, 0));
+        t.upsert_slice(objs(&[slice("web-b", &["10.0.0.2"])]).slices.remove(0));
+        t.flush();
+        assert_eq!(t.change_counts(), (1, 3));
+        assert_eq!(t.no_local_endpoints(), (1, 0));
     }
 
     #[test]

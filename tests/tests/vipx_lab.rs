@@ -44,6 +44,17 @@ struct VipxLab {
 impl VipxLab {
     /// `endpoints`: how many of the lab's backend pods the EndpointSlice lists at start.
     fn start(pods: u32, endpoints: usize) -> Self {
+        let me = Self::spawn(pods, endpoints, None);
+        // Ready when the VIP answers.
+        me.wait_for("the VIP to answer", || {
+            http_get(me.client(), VIP, TIMEOUT).is_ok()
+        });
+        me
+    }
+
+    /// vipx started, not waited for; `caps`: only these capabilities in its bounding set
+    /// (`setpriv --bounding-set` syntax), as a container's securityContext grants them.
+    fn spawn(pods: u32, endpoints: usize, caps: Option<&str>) -> Self {
         let tag = unique_tag();
         let lab = Lab::create(LabConfig {
             tag: tag.clone(),
@@ -57,37 +68,47 @@ impl VipxLab {
         lab.write_manifests(&manifests).unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf/vipx").join(lab.node_name());
         let state_dir = std::env::temp_dir().join(format!("vipx-{tag}-state"));
-        let me = Self {
-            vipx: ns_command(
-                lab.node_ns(),
-                sibling_bin("vipx"),
-                [
-                    "run",
-                    "--manifests",
-                    manifests.to_str().unwrap(),
-                    "--node-name",
-                    lab.node_name(),
-                    "--pod-interfaces",
-                    vipx_lab::HOST_IF_GLOB,
-                    "--pin-dir",
-                    pin_dir.to_str().unwrap(),
-                    "--state-dir",
-                    state_dir.to_str().unwrap(),
+        let vipx_bin = sibling_bin("vipx");
+        let vipx_bin = vipx_bin.to_str().unwrap();
+        let (program, mut args) = match caps {
+            None => (vipx_bin, vec![]),
+            Some(caps) => (
+                "setpriv",
+                vec![
+                    format!("--bounding-set={caps}"),
+                    "--inh-caps=-all".to_owned(),
+                    "--".to_owned(),
+                    vipx_bin.to_owned(),
                 ],
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start vipx"),
+            ),
+        };
+        args.extend(
+            [
+                "run",
+                "--manifests",
+                manifests.to_str().unwrap(),
+                "--node-name",
+                lab.node_name(),
+                "--pod-interfaces",
+                vipx_lab::HOST_IF_GLOB,
+                "--pin-dir",
+                pin_dir.to_str().unwrap(),
+                "--state-dir",
+                state_dir.to_str().unwrap(),
+            ]
+            .map(str::to_owned),
+        );
+        let me = Self {
+            vipx: ns_command(lab.node_ns(), program, args)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start vipx"),
             lab,
             manifests,
             pin_dir,
             state_dir,
         };
         me.set_endpoints(endpoints);
-        // Ready when the VIP answers.
-        me.wait_for("the VIP to answer", || {
-            http_get(me.client(), VIP, TIMEOUT).is_ok()
-        });
         me
     }
 
@@ -128,8 +149,11 @@ impl VipxLab {
 
 impl Drop for VipxLab {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.vipx.id() as i32, libc::SIGTERM) };
+        // Only while it runs: once reaped, its pid may belong to another process.
+        if let Ok(None) = self.vipx.try_wait() {
+            // SAFETY: signalling our own child, not yet reaped, by its pid.
+            unsafe { libc::kill(self.vipx.id() as i32, libc::SIGTERM) };
+        }
         let _ = self.vipx.wait();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.manifests);
@@ -278,4 +302,139 @@ fn a_pod_interface_created_later_is_attached_and_services_lists_it() {
         );
     }
     l.assert_running();
+}
+
+/// One `GET path` to `127.0.0.1:port` inside namespace `ns`: (status, body).
+fn local_get(ns: &str, port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = vipx_lab::in_netns(ns, || std::net::TcpStream::connect(("127.0.0.1", port)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port} in {ns}: {e}"));
+    s.set_read_timeout(Some(TIMEOUT * 5)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    (status, body.to_owned())
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn health_and_metrics_report_the_real_data_path() {
+    if !require_privileges() {
+        return;
+    }
+    let _g = serial();
+    let l = VipxLab::start(2, 2);
+    let ns = l.lab.node_ns().to_owned();
+    let (status, body) = local_get(&ns, 10256, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with(r#""nodeEligible": true}"#), "{body}");
+    assert_eq!(local_get(&ns, 10256, "/livez").0, 200);
+
+    let (_, before) = local_get(&ns, 10249, "/metrics");
+    let new_flows = |m: &str| sample(m, "vipx_datapath_events_total{reason=\"new_flows\"}");
+    let flows_before = new_flows(&before).expect("new_flows counter");
+    l.spread(20);
+    let (status, after) = local_get(&ns, 10249, "/metrics");
+    assert_eq!(status, 200);
+    let flows = new_flows(&after).unwrap() - flows_before;
+    // Exactly: every request is a new TCP connection, nothing else goes to the VIP meanwhile.
+    assert_eq!(flows, 20.0, "{after}");
+    // Two entries per flow, still in the LRU; counted by a walk whose result is reused for 10 s.
+    l.wait_for("the conntrack count to include the new flows", || {
+        let (_, m) = local_get(&ns, 10249, "/metrics");
+        sample(&m, "vipx_map_entries{map=\"VIPX_CT4\"}").unwrap() >= 40.0
+            && sample(&m, "vipx_map_count_truncated{map=\"VIPX_CT4\"}") == Some(0.0)
+    });
+    // The lab Service: one TCP and one UDP port, two endpoints each (a slot per endpoint plus
+    // the frontend's own entry).
+    assert_eq!(
+        sample(&after, "vipx_map_entries{map=\"VIPX_SVC4\"}"),
+        Some(6.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "vipx_map_entries{map=\"VIPX_REVNAT4\"}"),
+        Some(2.0)
+    );
+    assert_eq!(sample(&after, "vipx_datapath_read_error"), Some(0.0));
+    assert!(sample(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > 0.0);
+    let changes = |m: &str| sample(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    let changes_before = changes(&after).unwrap();
+    assert!(changes_before >= 1.0, "{after}");
+
+    // Scaling is an EndpointSlice change, applied and counted.
+    l.set_endpoints(1);
+    l.wait_for("the endpoint change to be counted", || {
+        let (_, m) = local_get(&ns, 10249, "/metrics");
+        changes(&m).unwrap() > changes_before
+            && sample(&m, "vipx_map_entries{map=\"VIPX_SVC4\"}") == Some(4.0)
+    });
+    assert_eq!(local_get(&ns, 10256, "/healthz").0, 200);
+
+    // This node being deleted: /healthz fails (load balancers drain it), /livez does not.
+    let node = l.manifests.join("node.yaml");
+    std::fs::write(
+        &node,
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  \
+             deletionTimestamp: \"2024-01-01T00:00:00Z\"\n",
+            l.lab.node_name()
+        ),
+    )
+    .unwrap();
+    l.wait_for("/healthz to fail on a node being deleted", || {
+        local_get(&ns, 10256, "/healthz").0 == 503
+    });
+    let (_, body) = local_get(&ns, 10256, "/healthz");
+    assert!(body.ends_with(r#""nodeEligible": false}"#), "{body}");
+    assert_eq!(local_get(&ns, 10256, "/livez").0, 200);
+    std::fs::remove_file(&node).unwrap();
+    l.wait_for("/healthz to recover", || {
+        local_get(&ns, 10256, "/healthz").0 == 200
+    });
+}
+
+/// The DaemonSet grants exactly CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: with only those vipx
+/// loads, attaches, serves the VIP and its health; without CAP_PERFMON or CAP_NET_ADMIN it
+/// cannot load its programs (and says so, exiting).
+#[test]
+fn the_daemon_sets_capabilities_are_enough_and_needed() {
+    if !require_privileges() {
+        return;
+    }
+    let _g = serial();
+    let l = VipxLab::spawn(2, 2, Some("-all,+bpf,+perfmon,+net_admin"));
+    l.wait_for("the VIP to answer", || {
+        http_get(l.client(), VIP, TIMEOUT).is_ok()
+    });
+    assert_eq!(local_get(l.lab.node_ns(), 10256, "/healthz").0, 200);
+    drop(l);
+    for caps in ["-all,+bpf,+net_admin", "-all,+bpf,+perfmon"] {
+        let mut l = VipxLab::spawn(1, 1, Some(caps));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = l.vipx.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "vipx runs with only {caps}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            !status.success(),
+            "vipx with only {caps} exited with {status}"
+        );
+    }
 }
