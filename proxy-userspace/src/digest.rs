@@ -418,6 +418,11 @@ impl DigestedObjects {
             let zone = n.metadata.labels.and_then(|mut l| l.remove(LABEL_ZONE));
             let mut node = node_object("", zone.as_deref());
             node.metadata.name = n.metadata.name;
+            // What says the node is going away (`/healthz` fails then, as kube-proxy's does).
+            node.metadata.deletion_timestamp = n.metadata.deletion_timestamp;
+            if let Some(taints) = n.spec.and_then(|s| s.taints) {
+                node.spec.get_or_insert_default().taints = Some(taints);
+            }
             node
         }));
     }
