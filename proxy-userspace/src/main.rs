@@ -230,7 +230,10 @@ fn real_main() -> Result<()> {
                 metrics_bind: settings.metrics_bind,
                 cluster_cidrs: settings.cluster_cidrs,
             };
-            tokio::runtime::Builder::new_current_thread()
+            // Two workers: a sync blocks its thread (1 s at 10k Services), and /healthz, /livez
+            // and /metrics must answer meanwhile (probes and cloud load balancers time out).
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()?
                 .block_on(run::run(opts))

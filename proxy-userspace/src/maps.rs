@@ -666,10 +666,10 @@ impl<M: MapStore> MapWriter<M> {
             .map(|f| f.addr)
             .chain(w.vips.keys().copied())
             .collect();
+        // A failure is fatal: the new program must not replace one that did without the map
+        // while an address is missing (the pinned links keep the old one serving).
         for addr in addrs {
-            if let Err(e) = w.settle_vip(addr) {
-                tracing::warn!("{e:#}");
-            }
+            w.settle_vip(addr)?;
         }
         Ok(w)
     }
@@ -789,7 +789,20 @@ impl<M: MapStore> MapWriter<M> {
             .chain(self.backend_ids.keys())
             .copied()
             .collect();
-        self.apply_keys(target, &frontends, &backends)
+        let mut st = self.apply_keys(target, &frontends, &backends)?;
+        // Addresses left behind by an apply that failed half-way (no frontend names them any
+        // more, so no key leads back to them).
+        let stale: Vec<Ipv4Addr> = self
+            .vips
+            .iter()
+            .filter(|(a, f)| self.vip_flags(**a) != Some(**f))
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in stale {
+            self.settle_vip(addr)?;
+            st.map_writes += 1;
+        }
+        Ok(st)
     }
 
     /// Like `apply`, but only for the given frontends and backends (the ones whose desired state
@@ -1520,6 +1533,7 @@ mod tests {
         svc: BTreeMap<SvcKey4, SvcValue>,
         svc_max: usize,
         vips: BTreeMap<Ipv4Addr, u32>,
+        vips_max: usize,
         backends: Vec<Backend4>,
         revnat: Vec<RevNat4>,
     }
@@ -1530,6 +1544,7 @@ mod tests {
                 svc: BTreeMap::new(),
                 svc_max,
                 vips: BTreeMap::new(),
+                vips_max: usize::MAX,
                 backends: vec![Backend4::default(); backends],
                 revnat: vec![RevNat4::default(); revnat],
             }
@@ -1618,6 +1633,9 @@ mod tests {
         }
 
         fn vip_set(&mut self, addr: Ipv4Addr, flags: u32) -> Result<()> {
+            if !self.vips.contains_key(&addr) && self.vips.len() >= self.vips_max {
+                bail!("map full (E2BIG)");
+            }
             self.vips.insert(addr, flags);
             Ok(())
         }
@@ -1784,6 +1802,41 @@ mod tests {
         assert_eq!(w.retiring().count(), 0);
         assert!(w.programmed().frontends.contains_key(&vip(3)));
         w.maps().assert_consistent();
+    }
+
+    /// Maps pinned by a build without the address map: a new writer fills it from the adopted
+    /// frontends before any program is attached, and refuses to start when it cannot (the old
+    /// program keeps serving); stale addresses go at the next full apply.
+    #[test]
+    fn adopted_frontends_get_their_addresses_before_anything_else() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
+        let t = target_of(&[(1, &[1]), (2, &[2])]);
+        w.apply(&t).unwrap();
+        let mut maps = w.into_maps();
+        maps.vips.clear();
+        maps.vips_max = 1;
+        assert!(
+            MapWriter::new(maps).is_err(),
+            "an address that cannot be written fails the start"
+        );
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
+        w.apply(&t).unwrap();
+        let mut maps = w.into_maps();
+        maps.vips.clear();
+        maps.vips
+            .insert(Ipv4Addr::new(10, 96, 0, 99), VIP_F_CLUSTER_IP);
+        let mut w = MapWriter::new(maps).unwrap();
+        w.maps().assert_consistent();
+        assert_eq!(
+            w.maps().vips.keys().copied().collect::<Vec<_>>(),
+            [vip(1).addr, vip(2).addr],
+            "adopted addresses written, a stray one removed"
+        );
+        // An address the writer believes in but no frontend names (an apply that failed after
+        // removing its frontend) goes at the next full apply.
+        w.vips.insert(Ipv4Addr::new(10, 96, 0, 98), 0);
+        w.apply(&t).unwrap();
+        assert!(!w.vips().contains_key(&Ipv4Addr::new(10, 96, 0, 98)));
     }
 
     #[test]

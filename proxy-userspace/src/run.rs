@@ -653,7 +653,9 @@ impl Controller {
         }
         match applied {
             Applied::Nothing => false,
-            Applied::Changed => ready,
+            // Only what changed the desired state (not a Node status or annotation update, an
+            // equal slice) is a queued change and costs a sync, as in kube-proxy.
+            Applied::Changed => ready && self.tracker.has_pending(),
             Applied::Relisted(kind) => {
                 if was_ready {
                     // Objects deleted while the watch was down are gone from the relist; make
@@ -731,13 +733,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut resync_tick = tokio::time::interval(resync);
     let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
     c.scan_interfaces();
-    // The first sync is a change like any other: /healthz fails if it does not succeed in time.
-    telemetry.queued();
+    // Not a queued change: as kube-proxy, healthy until a change waits too long. Counting the
+    // start would make /livez fail while the API server is down at start, and the liveness
+    // probe restart vipx in a loop for the whole outage while the pinned data path serves.
     let mut dirty = true;
     // A failed sync is retried after a second (maps stay consistent meanwhile), not only at the
     // next resync.
     let mut retry = false;
     let mut retry_tick = tokio::time::interval(Duration::from_secs(1));
+    // Not polled while nothing fails: missed ticks must not replay in a burst at the next failure.
+    retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The same failure is said once, not at every retry.
     let mut last_error: Option<String> = None;
     // BoundedFrequencyRunner: a sync starts at once unless the last one started less than

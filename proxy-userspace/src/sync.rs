@@ -117,6 +117,11 @@ impl ChangeTracker {
         &self.target
     }
 
+    /// Whether an object change since the last flush may change the desired state.
+    pub fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     /// Services and EndpointSlices seen added, changed or deleted since start.
     pub fn change_counts(&self) -> (u64, u64) {
         (self.service_changes, self.slice_changes)
@@ -509,6 +514,28 @@ impl ChangeTracker {
 mod tests {
     use super::*;
     use crate::source::load_str;
+
+    /// Only a change of what translation reads is pending work (and costs a sync): an equal
+    /// object or an annotation edit is not.
+    #[test]
+    fn only_changes_translation_reads_are_pending() {
+        let mut t = ChangeTracker::new("node-a");
+        let v1 = objs(&[SVC.into(), slice("web-a", &["10.0.0.1"])]);
+        t.upsert_service(v1.services[0].clone());
+        t.upsert_slice(v1.slices[0].clone());
+        assert!(t.has_pending());
+        t.flush();
+        assert!(!t.has_pending());
+        t.upsert_service(v1.services[0].clone());
+        t.upsert_slice(v1.slices[0].clone());
+        let mut annotated = v1.services[0].clone();
+        annotated.metadata.annotations = Some([("a".to_owned(), "b".to_owned())].into());
+        t.upsert_service(annotated);
+        t.set_nodes(Vec::new());
+        assert!(!t.has_pending(), "nothing translation reads changed");
+        t.upsert_slice(objs(&[slice("web-a", &["10.0.0.2"])]).slices.remove(0));
+        assert!(t.has_pending());
+    }
 
     const SVC: &str = "
 apiVersion: v1

@@ -274,6 +274,13 @@ async fn follows_create_slices_scale_terminating_and_delete() {
         "{:?}",
         api.requests()
     );
+    // Slices with kube-proxy's exclusions too: headless and other proxies' slices never arrive.
+    assert!(
+        api.requests().iter().any(|r| r.contains("endpointslices")
+            && r.contains("labelSelector=kubernetes.io%2Fservice-name%2C%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless")),
+        "{:?}",
+        api.requests()
+    );
 
     // Delete the Service.
     assert!(api.delete(Resource::Services, "default", "web"));

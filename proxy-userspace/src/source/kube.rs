@@ -33,8 +33,11 @@ use crate::sync::{ChangeTracker, ObjKey};
 /// listed at all.
 pub const SERVICE_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
-/// Only slices that name their Service.
-pub const SLICE_SELECTOR: &str = "kubernetes.io/service-name";
+/// Slices that name their Service, with kube-proxy's exclusions (its one informer factory
+/// applies the Service selector to slices too): headless and other proxies' slices are never
+/// listed, stored or synced for.
+pub const SLICE_SELECTOR: &str = "kubernetes.io/service-name,!service.kubernetes.io/service-proxy-name,\
+     !service.kubernetes.io/headless";
 
 /// A client for `kubeconfig` (a file), or the in-cluster service account when `None`.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
