@@ -218,7 +218,11 @@ impl ChangeTracker {
     /// One EndpointSlice added or changed (a watch event).
     pub fn upsert_slice(&mut self, slice: EndpointSlice) {
         let k = key_of(&slice.metadata);
-        let slice = SliceDigest::of(slice);
+        self.upsert_slice_digest(k, SliceDigest::of(slice));
+    }
+
+    /// [`ChangeTracker::upsert_slice`] of an EndpointSlice digested already.
+    pub fn upsert_slice_digest(&mut self, k: ObjKey, slice: SliceDigest) {
         if let Some(old) = self.slices.get(&k) {
             if old == &slice {
                 return;
@@ -244,7 +248,11 @@ impl ChangeTracker {
     /// One Service added or changed (a watch event).
     pub fn upsert_service(&mut self, svc: Service) {
         let k = key_of(&svc.metadata);
-        let svc = ServiceDigest::of(svc);
+        self.upsert_service_digest(k, ServiceDigest::of(svc));
+    }
+
+    /// [`ChangeTracker::upsert_service`] of a Service digested already.
+    pub fn upsert_service_digest(&mut self, k: ObjKey, svc: ServiceDigest) {
         if self.services.get(&k) == Some(&svc) {
             return;
         }
@@ -280,8 +288,19 @@ impl ChangeTracker {
 
     /// Every Service at once (a relist of Services only): the ones not listed are deleted.
     pub fn replace_services(&mut self, services: Vec<Service>) {
+        self.replace_services_digested(
+            services
+                .into_iter()
+                .map(|s| (key_of(&s.metadata), ServiceDigest::of(s)))
+                .collect(),
+        );
+    }
+
+    /// [`ChangeTracker::replace_services`] of Services digested already (as they arrived, so
+    /// that a relist never holds every whole object at once).
+    pub fn replace_services_digested(&mut self, services: Vec<(ObjKey, ServiceDigest)>) {
         let listed: std::collections::HashSet<ObjKey> =
-            services.iter().map(|s| key_of(&s.metadata)).collect();
+            services.iter().map(|(k, _)| k.clone()).collect();
         let gone: Vec<ObjKey> = self
             .services
             .keys()
@@ -292,18 +311,28 @@ impl ChangeTracker {
             self.delete_service(k);
         }
         let mut seen = std::collections::HashSet::new();
-        for s in services {
+        for (k, s) in services {
             // The first of duplicates wins, as in `replace_all`.
-            if seen.insert(key_of(&s.metadata)) {
-                self.upsert_service(s);
+            if seen.insert(k.clone()) {
+                self.upsert_service_digest(k, s);
             }
         }
     }
 
     /// Every EndpointSlice at once (a relist of slices only): the ones not listed are deleted.
     pub fn replace_slices(&mut self, slices: Vec<EndpointSlice>) {
+        self.replace_slices_digested(
+            slices
+                .into_iter()
+                .map(|s| (key_of(&s.metadata), SliceDigest::of(s)))
+                .collect(),
+        );
+    }
+
+    /// [`ChangeTracker::replace_slices`] of EndpointSlices digested already.
+    pub fn replace_slices_digested(&mut self, slices: Vec<(ObjKey, SliceDigest)>) {
         let listed: std::collections::HashSet<ObjKey> =
-            slices.iter().map(|s| key_of(&s.metadata)).collect();
+            slices.iter().map(|(k, _)| k.clone()).collect();
         let gone: Vec<ObjKey> = self
             .slices
             .keys()
@@ -314,9 +343,9 @@ impl ChangeTracker {
             self.delete_slice(k);
         }
         let mut seen = std::collections::HashSet::new();
-        for s in slices {
-            if seen.insert(key_of(&s.metadata)) {
-                self.upsert_slice(s);
+        for (k, s) in slices {
+            if seen.insert(k.clone()) {
+                self.upsert_slice_digest(k, s);
             }
         }
     }

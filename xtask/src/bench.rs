@@ -7,7 +7,8 @@
 //!    their node namespace, taxes only them. Contenders are interleaved (A B C D, A B C D, ...)
 //!    and the client's conntrack and TIME_WAIT sockets settle before every run.
 //! 3. Control plane — `vipx-bench control-plane`, the real vipx on a manifests directory (time to
-//!    first sync, resident memory), and iptables-restore / nft -f of the same rule sets.
+//!    first sync, resident memory), the same on the Kubernetes API (the tests' in-process API
+//!    server), and iptables-restore / nft -f of the same rule sets.
 
 use std::{
     fmt::Write as _,
@@ -27,6 +28,7 @@ use serde::Serialize;
 use serde_json::Value;
 use vipx_lab::{
     Lab, LabConfig, Realism,
+    apiserver::{ApiServer, Resource},
     kube_rules::{self, RestoreMode, RuleService},
     load::{self, Measurement},
     pod_server::SINK_PORT,
@@ -128,6 +130,11 @@ struct ControlPlane {
     vipx_rss_steady_mib: f64,
     /// The high-water mark (VmHWM) at that moment.
     vipx_rss_peak_mib: f64,
+    /// The same figures with the Kubernetes API source (`--kubeconfig`, in-process server).
+    vipx_api_first_sync_ms: f64,
+    vipx_api_rss_mib: f64,
+    vipx_api_rss_steady_mib: f64,
+    vipx_api_rss_peak_mib: f64,
     iptables_restore_ms: f64,
     nft_ms: f64,
 }
@@ -284,12 +291,13 @@ impl Drop for Vipx {
     }
 }
 
-/// Start vipx in `node_ns` on `manifests` (`extra`: more `vipx run` arguments); returns once the
-/// first sync is logged, with the time from spawn to that moment.
+/// Start vipx in `node_ns` on `source` (`("--manifests", dir)` or `("--kubeconfig", file)`;
+/// `extra`: more `vipx run` arguments); returns once the first sync is logged, with the time
+/// from spawn to that moment.
 fn start_vipx(
     node_ns: &str,
     node: &str,
-    manifests: &Path,
+    source: (&str, &Path),
     interfaces: &str,
     extra: &[&str],
 ) -> Result<(Vipx, Duration)> {
@@ -303,8 +311,8 @@ fn start_vipx(
         &bin,
         [
             "run",
-            "--manifests",
-            &manifests.display().to_string(),
+            source.0,
+            &source.1.display().to_string(),
             "--node-name",
             node,
             "--pod-interfaces",
@@ -394,8 +402,8 @@ fn steady_rss(v: &Vipx, resyncs: usize) -> Result<(f64, f64)> {
     Ok((rss_mib(pid), status_mib(pid, "VmHWM")))
 }
 
-/// What the real vipx costs on a manifests directory of `n` services x 10 endpoints.
-struct ManifestsRun {
+/// What the real vipx costs on `n` services x 10 endpoints from one source.
+struct SourceRun {
     first_sync: Duration,
     rss_first_sync_mib: f64,
     rss_steady_mib: f64,
@@ -404,7 +412,7 @@ struct ManifestsRun {
 
 /// The real vipx on a manifests directory of `n` services in a scratch lab of its own (returned:
 /// the rule loads reuse its node namespace).
-fn vipx_on_manifests(n: usize) -> Result<(Lab, ManifestsRun)> {
+fn vipx_on_manifests(n: usize) -> Result<(Lab, SourceRun)> {
     vipx_lab::cleanup_stale("bcp")?;
     let lab = Lab::create(LabConfig {
         tag: "bcp".into(),
@@ -422,22 +430,101 @@ fn vipx_on_manifests(n: usize) -> Result<(Lab, ManifestsRun)> {
     let (v, first_sync) = start_vipx(
         lab.node_ns(),
         lab.node_name(),
-        &manifests,
+        ("--manifests", &manifests),
         "none-such*",
         &["--resync-seconds", "1"],
     )?;
+    let run = settle(v, first_sync)?;
+    Ok((lab, run))
+}
+
+/// The memory figures of a vipx that just logged its first sync; stops it.
+fn settle(v: Vipx, first_sync: Duration) -> Result<SourceRun> {
     let rss_first_sync_mib = rss_mib(v.child.id());
     let (rss_steady_mib, rss_peak_mib) = steady_rss(&v, STEADY_RESYNCS)?;
     drop(v);
-    Ok((
-        lab,
-        ManifestsRun {
-            first_sync,
-            rss_first_sync_mib,
-            rss_steady_mib,
-            rss_peak_mib,
+    Ok(SourceRun {
+        first_sync,
+        rss_first_sync_mib,
+        rss_steady_mib,
+        rss_peak_mib,
+    })
+}
+
+/// The same objects `write_manifests` writes, as the API serves them (one port per Service:
+/// the control-plane services carry no bulk port).
+fn api_objects(s: &RuleService, node: &str) -> (Value, Value) {
+    let target = s.endpoints.first().map_or(5000, |e| e.1);
+    let service = serde_json::json!({
+        "metadata": {"name": s.name, "namespace": s.namespace},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": s.vip.to_string(),
+            "clusterIPs": [s.vip.to_string()],
+            "ports": [{"name": s.port_name, "port": s.port, "protocol": "TCP", "targetPort": target}],
         },
-    ))
+    });
+    let endpoints: Vec<Value> = s
+        .endpoints
+        .iter()
+        .map(|(ip, _)| {
+            serde_json::json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": node,
+            })
+        })
+        .collect();
+    let slice = serde_json::json!({
+        "metadata": {
+            "name": format!("{}-bench", s.name),
+            "namespace": s.namespace,
+            "labels": {"kubernetes.io/service-name": s.name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": s.port_name, "port": target, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    });
+    (service, slice)
+}
+
+/// The real vipx on the Kubernetes API (`--kubeconfig`) serving the same `n` services, from the
+/// tests' in-process API server. The server listens on 127.0.0.1 inside the lab's node namespace
+/// but runs in this process, so its memory is not in vipx's RSS.
+fn vipx_on_api(n: usize) -> Result<SourceRun> {
+    vipx_lab::cleanup_stale("bapi")?;
+    let lab = Lab::create(LabConfig {
+        tag: "bapi".into(),
+        backends: 0,
+        lab_pod_bin: target_dir().join("release").join("lab-pod"),
+        realism: BENCH_REALISM,
+    })?;
+    let api = ApiServer::start_in(Some(lab.node_ns()))?;
+    api.apply(
+        Resource::Nodes,
+        serde_json::json!({"metadata": {"name": lab.node_name()}}),
+    )?;
+    for s in services(n, &[]) {
+        let (service, slice) = api_objects(&s, lab.node_name());
+        api.apply(Resource::Services, service)?;
+        api.apply(Resource::EndpointSlices, slice)?;
+    }
+    progress(&format!(
+        "control plane: the real vipx on the Kubernetes API (in-process server) with {n} \
+         services (list + translate + apply, then {STEADY_RESYNCS} resyncs)"
+    ));
+    let (v, first_sync) = start_vipx(
+        lab.node_ns(),
+        lab.node_name(),
+        ("--kubeconfig", &api.kubeconfig()),
+        "none-such*",
+        &["--sync-period", "1s"],
+    )?;
+    // vipx stops before the server it watches, and both before the namespaces go.
+    let run = settle(v, first_sync)?;
+    drop(api);
+    drop(lab);
+    Ok(run)
 }
 
 /// `cargo xtask bench --memory`: only `vipx_on_manifests`, printed.
@@ -455,15 +542,21 @@ pub fn memory(quick: bool) -> Result<()> {
     ]))?;
     let (lab, m) = vipx_on_manifests(n)?;
     drop(lab);
-    println!(
-        "vipx on a manifests directory, {n} services x {BACKENDS} endpoints: start -> first sync \
-         {:.0} ms; resident after the first sync {:.1} MiB, after {STEADY_RESYNCS} resyncs \
-         {:.1} MiB (peak {:.1} MiB)",
-        m.first_sync.as_secs_f64() * 1e3,
-        m.rss_first_sync_mib,
-        m.rss_steady_mib,
-        m.rss_peak_mib
-    );
+    let a = vipx_on_api(n)?;
+    for (what, r) in [
+        ("a manifests directory", &m),
+        ("the Kubernetes API (in-process server)", &a),
+    ] {
+        println!(
+            "vipx on {what}, {n} services x {BACKENDS} endpoints: start -> first sync {:.0} ms; \
+             resident after the first sync {:.1} MiB, after {STEADY_RESYNCS} resyncs {:.1} MiB \
+             (peak {:.1} MiB)",
+            r.first_sync.as_secs_f64() * 1e3,
+            r.rss_first_sync_mib,
+            r.rss_steady_mib,
+            r.rss_peak_mib
+        );
+    }
     Ok(())
 }
 
@@ -586,7 +679,7 @@ fn e2e(plan: &Plan, loads: &mut RuleLoads) -> Result<Vec<E2eRow>> {
         let (vipx, _) = start_vipx(
             vl.node_ns(),
             vl.node_name(),
-            &manifests,
+            ("--manifests", &manifests),
             vipx_lab::HOST_IF_GLOB,
             &[],
         )?;
@@ -672,6 +765,7 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
     // The real vipx on a manifests directory of the same size, in a scratch namespace.
     let (lab, m) = vipx_on_manifests(n)?;
     let svcs = services(n, &[]);
+    let a = vipx_on_api(n)?;
 
     // The end-to-end part already loaded kube-proxy's rules for this many services (plus the
     // bulk port); loading 10,000 services again would cost minutes for the same figure.
@@ -701,6 +795,10 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
         vipx_rss_mib: m.rss_first_sync_mib,
         vipx_rss_steady_mib: m.rss_steady_mib,
         vipx_rss_peak_mib: m.rss_peak_mib,
+        vipx_api_first_sync_ms: a.first_sync.as_secs_f64() * 1e3,
+        vipx_api_rss_mib: a.rss_first_sync_mib,
+        vipx_api_rss_steady_mib: a.rss_steady_mib,
+        vipx_api_rss_peak_mib: a.rss_peak_mib,
         iptables_restore_ms: ipt.as_secs_f64() * 1e3,
         nft_ms: nft.as_secs_f64() * 1e3,
     })
@@ -821,6 +919,11 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
+        "| vipx: process start -> first sync on the Kubernetes API (in-process server, list included) | {:.0} ms |",
+        cp.vipx_api_first_sync_ms
+    );
+    let _ = writeln!(
+        s,
         "| kube-proxy iptables: iptables-restore of the same services | {:.0} ms ({:.0}x vipx) |",
         cp.iptables_restore_ms,
         cp.iptables_restore_ms / f("full_sync_ms").max(1e-9)
@@ -833,13 +936,23 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| vipx resident memory after the first sync | {:.0} MiB |",
+        "| vipx resident memory after the first sync, manifests source | {:.0} MiB |",
         cp.vipx_rss_mib
     );
     let _ = writeln!(
         s,
-        "| vipx resident memory steady ({STEADY_RESYNCS} resyncs later; peak {:.0} MiB) | {:.0} MiB |",
+        "| vipx resident memory steady, manifests source ({STEADY_RESYNCS} resyncs later; peak {:.0} MiB) | {:.0} MiB |",
         cp.vipx_rss_peak_mib, cp.vipx_rss_steady_mib
+    );
+    let _ = writeln!(
+        s,
+        "| vipx resident memory after the first sync, Kubernetes API source | {:.0} MiB |",
+        cp.vipx_api_rss_mib
+    );
+    let _ = writeln!(
+        s,
+        "| vipx resident memory steady, Kubernetes API source ({STEADY_RESYNCS} resyncs later; peak {:.0} MiB) | {:.0} MiB |",
+        cp.vipx_api_rss_peak_mib, cp.vipx_api_rss_steady_mib
     );
     s
 }

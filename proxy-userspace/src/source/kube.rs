@@ -27,6 +27,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 
+use crate::digest::{ServiceDigest, SliceDigest};
 use crate::sync::{ChangeTracker, ObjKey};
 
 /// kube-proxy's Service selector: Services another proxy owns, and headless ones, are not
@@ -172,8 +173,8 @@ pub enum Applied {
 /// The API source's side of the tracker: relists under way, which kinds were listed, errors.
 #[derive(Debug, Default)]
 pub struct KubeState {
-    services: Listing<Service>,
-    slices: Listing<EndpointSlice>,
+    services: Listing<(ObjKey, ServiceDigest)>,
+    slices: Listing<(ObjKey, SliceDigest)>,
     node: Listing<Node>,
 }
 
@@ -204,10 +205,15 @@ impl KubeState {
     /// Feeds one update to `tracker`.
     pub fn apply(&mut self, update: Update, tracker: &mut ChangeTracker) -> Applied {
         match update {
-            Update::Service(e) => match step(&mut self.services, *e, |s| strip(&mut s.metadata)) {
+            Update::Service(e) => match step(
+                &mut self.services,
+                *e,
+                |s| strip(&mut s.metadata),
+                |s| (key(&s.metadata), ServiceDigest::of(s)),
+            ) {
                 Step::Nothing => Applied::Nothing,
                 Step::Replace(all) => {
-                    tracker.replace_services(all);
+                    tracker.replace_services_digested(all);
                     Applied::Relisted(Kind::Services)
                 }
                 Step::Upsert(s) => {
@@ -219,10 +225,15 @@ impl KubeState {
                     Applied::Changed
                 }
             },
-            Update::Slice(e) => match step(&mut self.slices, *e, |s| strip(&mut s.metadata)) {
+            Update::Slice(e) => match step(
+                &mut self.slices,
+                *e,
+                |s| strip(&mut s.metadata),
+                |s| (key(&s.metadata), SliceDigest::of(s)),
+            ) {
                 Step::Nothing => Applied::Nothing,
                 Step::Replace(all) => {
-                    tracker.replace_slices(all);
+                    tracker.replace_slices_digested(all);
                     Applied::Relisted(Kind::Slices)
                 }
                 Step::Upsert(s) => {
@@ -241,7 +252,7 @@ impl KubeState {
                     n.spec = None;
                     n.status = None;
                 };
-                match step(&mut self.node, *e, prepare) {
+                match step(&mut self.node, *e, prepare, std::convert::identity) {
                     Step::Nothing => Applied::Nothing,
                     Step::Replace(all) => {
                         tracker.set_nodes(all);
@@ -270,22 +281,24 @@ impl KubeState {
     }
 }
 
-/// What one watcher event asks of the tracker.
-enum Step<K> {
+/// What one watcher event asks of the tracker (`B`: what a relist buffers of each object).
+enum Step<K, B> {
     Nothing,
     /// A relist completed: these are all the objects of the kind.
-    Replace(Vec<K>),
+    Replace(Vec<B>),
     Upsert(K),
     Delete(K),
 }
 
-/// One watcher event: `Init` starts a buffer, `InitApply` fills it, `InitDone` hands the whole
-/// list over; `Apply` and `Delete` are single objects.
-fn step<K>(
-    listing: &mut Listing<K>,
+/// One watcher event: `Init` starts a buffer, `InitApply` fills it (with `buffered` of the
+/// object: a digest, so that a relist of 10,000 Services never holds them all whole), `InitDone`
+/// hands the whole list over; `Apply` and `Delete` are single objects.
+fn step<K, B>(
+    listing: &mut Listing<B>,
     event: watcher::Event<K>,
     prepare: impl Fn(&mut K),
-) -> Step<K> {
+    buffered: impl Fn(K) -> B,
+) -> Step<K, B> {
     listing.error = None;
     match event {
         watcher::Event::Init => {
@@ -294,7 +307,10 @@ fn step<K>(
         }
         watcher::Event::InitApply(mut o) => {
             prepare(&mut o);
-            listing.buffer.get_or_insert_with(Vec::new).push(o);
+            listing
+                .buffer
+                .get_or_insert_with(Vec::new)
+                .push(buffered(o));
             Step::Nothing
         }
         watcher::Event::InitDone => {
