@@ -259,6 +259,23 @@ struct Settings {
 
 impl Settings {
     fn resolve(a: &RunArgs) -> Result<Self> {
+        let s = Self::resolve_unchecked(a)?;
+        // kube-proxy's validation; the cap keeps deadlines far from `Instant` overflow.
+        const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+        if s.sync_period > MAX_PERIOD || s.min_sync_period > MAX_PERIOD {
+            anyhow::bail!("sync periods above a year are not supported");
+        }
+        if s.sync_period < s.min_sync_period {
+            anyhow::bail!(
+                "the sync period ({:?}) must not be shorter than the minimum sync period ({:?})",
+                s.sync_period,
+                s.min_sync_period
+            );
+        }
+        Ok(s)
+    }
+
+    fn resolve_unchecked(a: &RunArgs) -> Result<Self> {
         let Some(path) = &a.config else {
             let bind = |v: &Option<String>, default: &str, port: u16| {
                 serve::parse_bind_address(v.as_deref().unwrap_or(default), port)
@@ -407,6 +424,24 @@ mod tests {
             .find(|a| a.get_id() == "node_name")
             .expect("--node-name");
         assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("NODE_NAME")));
+    }
+
+    #[test]
+    fn sync_periods_are_validated_as_kube_proxy_does() {
+        let resolve = |args: &[&str]| Settings::resolve(&run_args(args));
+        assert!(resolve(&["--node-name", "n", "--sync-period", "30s"]).is_ok());
+        assert!(
+            resolve(&[
+                "--node-name",
+                "n",
+                "--sync-period",
+                "1s",
+                "--min-sync-period",
+                "2s"
+            ])
+            .is_err()
+        );
+        assert!(resolve(&["--node-name", "n", "--sync-period", "100000000000s"]).is_err());
     }
 
     fn run_args(args: &[&str]) -> RunArgs {
