@@ -450,6 +450,11 @@ impl Controller {
                     p.revnat.len(),
                     sizes.revnat,
                 ),
+                (
+                    proxy_common::map_names::VIP4,
+                    self.writer.vips().len(),
+                    sizes.revnat,
+                ),
             ]
             .into_iter()
             .map(|(map, n, max)| MapUse {
