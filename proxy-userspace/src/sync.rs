@@ -105,6 +105,22 @@ fn owner_of(key: &ObjKey, slice: &SliceDigest) -> Option<ObjKey> {
     Some((key.0.clone(), slice.service()?.to_owned()))
 }
 
+/// A relist of one kind against the keys held: the keys it no longer has, and what it lists
+/// with the first of duplicates winning (as in `replace_all`).
+fn relist<'a, D>(
+    held: impl Iterator<Item = &'a ObjKey>,
+    listed: Vec<(ObjKey, D)>,
+) -> (Vec<ObjKey>, Vec<(ObjKey, D)>) {
+    let keys: std::collections::HashSet<&ObjKey> = listed.iter().map(|(k, _)| k).collect();
+    let gone = held.filter(|k| !keys.contains(k)).cloned().collect();
+    let mut seen = std::collections::HashSet::new();
+    let listed = listed
+        .into_iter()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    (gone, listed)
+}
+
 impl ChangeTracker {
     pub fn new(node_name: &str) -> Self {
         Self {
@@ -152,21 +168,7 @@ impl ChangeTracker {
 
     /// `replace_all` with objects already digested (the manifests cache keeps them so).
     pub fn replace_all_digested(&mut self, objs: DigestedObjects) {
-        let zone = objs
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
-            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
-        self.node_known = objs
-            .nodes
-            .iter()
-            .any(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
-        if zone != self.zone {
-            // Topology hints depend on this node's zone: everything may change.
-            self.zone = zone;
-            self.dirty.extend(self.services.keys().cloned());
-            self.dirty.extend(self.slices_of.keys().cloned());
-        }
+        self.set_nodes(&objs.nodes);
 
         let mut services: HashMap<ObjKey, ServiceDigest> =
             HashMap::with_capacity(objs.services.len());
@@ -299,23 +301,12 @@ impl ChangeTracker {
     /// [`ChangeTracker::replace_services`] of Services digested already (as they arrived, so
     /// that a relist never holds every whole object at once).
     pub fn replace_services_digested(&mut self, services: Vec<(ObjKey, ServiceDigest)>) {
-        let listed: std::collections::HashSet<ObjKey> =
-            services.iter().map(|(k, _)| k.clone()).collect();
-        let gone: Vec<ObjKey> = self
-            .services
-            .keys()
-            .filter(|k| !listed.contains(*k))
-            .cloned()
-            .collect();
+        let (gone, listed) = relist(self.services.keys(), services);
         for k in &gone {
             self.delete_service(k);
         }
-        let mut seen = std::collections::HashSet::new();
-        for (k, s) in services {
-            // The first of duplicates wins, as in `replace_all`.
-            if seen.insert(k.clone()) {
-                self.upsert_service_digest(k, s);
-            }
+        for (k, s) in listed {
+            self.upsert_service_digest(k, s);
         }
     }
 
@@ -331,40 +322,29 @@ impl ChangeTracker {
 
     /// [`ChangeTracker::replace_slices`] of EndpointSlices digested already.
     pub fn replace_slices_digested(&mut self, slices: Vec<(ObjKey, SliceDigest)>) {
-        let listed: std::collections::HashSet<ObjKey> =
-            slices.iter().map(|(k, _)| k.clone()).collect();
-        let gone: Vec<ObjKey> = self
-            .slices
-            .keys()
-            .filter(|k| !listed.contains(*k))
-            .cloned()
-            .collect();
+        let (gone, listed) = relist(self.slices.keys(), slices);
         for k in &gone {
             self.delete_slice(k);
         }
-        let mut seen = std::collections::HashSet::new();
-        for (k, s) in slices {
-            if seen.insert(k.clone()) {
-                self.upsert_slice_digest(k, s);
-            }
+        for (k, s) in listed {
+            self.upsert_slice_digest(k, s);
         }
     }
 
     /// The Node objects (an API source watches only this node's); a change of this node's zone
     /// re-translates every Service, as in `replace_all`.
-    pub fn set_nodes(&mut self, nodes: Vec<Node>) {
-        let zone = nodes
+    pub fn set_nodes(&mut self, nodes: &[Node]) {
+        let this = nodes
             .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
-            .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
+        self.node_known = this.is_some();
+        let zone = this.and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned());
         if zone != self.zone {
+            // Topology hints depend on this node's zone: everything may change.
             self.zone = zone;
             self.dirty.extend(self.services.keys().cloned());
             self.dirty.extend(self.slices_of.keys().cloned());
         }
-        self.node_known = nodes
-            .iter()
-            .any(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()));
     }
 
     /// Whether the tracker holds a Node object of this node's name.
@@ -560,7 +540,7 @@ mod tests {
         let mut annotated = v1.services[0].clone();
         annotated.metadata.annotations = Some([("a".to_owned(), "b".to_owned())].into());
         t.upsert_service(annotated);
-        t.set_nodes(Vec::new());
+        t.set_nodes(&[]);
         assert!(!t.has_pending(), "nothing translation reads changed");
         t.upsert_slice(objs(&[slice("web-a", &["10.0.0.2"])]).slices.remove(0));
         assert!(t.has_pending());
@@ -708,7 +688,7 @@ spec:
         let mut t = ChangeTracker::new("node-a");
         t.replace_services(v1.services.clone());
         t.replace_slices(v1.slices.clone());
-        t.set_nodes(Vec::new());
+        t.set_nodes(&[]);
         t.flush();
         assert_matches_full(&t, &v1);
         // Relist without `other` and `web-b`.

@@ -255,15 +255,15 @@ impl KubeState {
                 match step(&mut self.node, *e, prepare, std::convert::identity) {
                     Step::Nothing => Applied::Nothing,
                     Step::Replace(all) => {
-                        tracker.set_nodes(all);
+                        tracker.set_nodes(&all);
                         Applied::Relisted(Kind::Node)
                     }
                     Step::Upsert(n) => {
-                        tracker.set_nodes(vec![n]);
+                        tracker.set_nodes(std::slice::from_ref(&n));
                         Applied::Changed
                     }
                     Step::Delete(_) => {
-                        tracker.set_nodes(Vec::new());
+                        tracker.set_nodes(&[]);
                         Applied::Changed
                     }
                 }
