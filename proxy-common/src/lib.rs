@@ -216,10 +216,29 @@ pub struct CtKey4 {
 pub const CT_F_FORWARD: u32 = 1 << 0;
 /// Reply entry: backend -> client; SNAT back to `REVNAT4[rev_nat_id]`.
 pub const CT_F_REPLY: u32 = 1 << 1;
+/// On a reply entry: a reply went through (a TCP flow is established, a UDP flow is a stream).
+pub const CT_F_REPLIED: u32 = 1 << 2;
+/// A TCP FIN went through in this entry's direction.
+pub const CT_F_FIN: u32 = 1 << 3;
+/// A TCP RST went through in this entry's direction.
+pub const CT_F_RST: u32 = 1 << 4;
+/// The state bits the data path sets on an existing entry.
+pub const CT_F_STATE: u32 = CT_F_REPLIED | CT_F_FIN | CT_F_RST;
+
+/// `CtValue::seen` counts in units of 2^30 ns (about 1.07 s) of `CLOCK_MONOTONIC_COARSE` (the
+/// kernel's `bpf_ktime_get_coarse_ns`): one entry write per flow per unit, not per packet.
+pub const CT_SEEN_SHIFT: u32 = 30;
+
+/// `CtValue::seen` for a monotonic time in nanoseconds.
+pub const fn ct_seen(ns: u64) -> u32 {
+    (ns >> CT_SEEN_SHIFT) as u32
+}
 
 /// Value of `CT4`. Both entries of a flow carry the same ids and generations; the forward entry
 /// is valid while the frontend's `rev_nat_id` and the backend's `generation` still match, the reply
-/// entry while the reverse-NAT entry is active with the same `generation`.
+/// entry while the reverse-NAT entry is active with the same `generation`. `seen` (see
+/// [`ct_seen`]) and the state bits in `flags` are what userspace garbage collection reads: a flow
+/// is removed when both of its entries have been idle longer than its state allows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtValue {
@@ -228,6 +247,7 @@ pub struct CtValue {
     pub rev_nat_id: u32,
     pub rev_nat_gen: u32,
     pub flags: u32,
+    pub seen: u32,
 }
 
 /// Key of `FRAG4`: what identifies the fragments of one datagram (RFC 791).
@@ -327,12 +347,19 @@ pub enum Stat {
     /// Packets to a ClusterIP on a port no Service port serves: rejected (TCP SYN, UDP) or
     /// dropped.
     UnservedPort,
+    /// Conntrack entries created (a tuple that had none). With the removals and the table's
+    /// occupancy, userspace derives how many entries the LRU evicted.
+    CtCreated,
+    /// Conntrack entries the programs removed (stale, or a tuple reused for a direct connection).
+    CtRemoved,
+    /// A TCP FIN or RST with no conntrack entry: translated without creating one.
+    CtUntracked,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 20] = [
+    pub const ALL: [Stat; 23] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -353,6 +380,9 @@ impl Stat {
         Stat::Rejected,
         Stat::AffinityHit,
         Stat::UnservedPort,
+        Stat::CtCreated,
+        Stat::CtRemoved,
+        Stat::CtUntracked,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -377,6 +407,9 @@ impl Stat {
             Stat::Rejected => "rejected",
             Stat::AffinityHit => "affinity_hit",
             Stat::UnservedPort => "unserved_port",
+            Stat::CtCreated => "ct_created",
+            Stat::CtRemoved => "ct_removed",
+            Stat::CtUntracked => "ct_untracked",
         }
     }
 }
@@ -389,7 +422,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend4>() == 12);
     assert!(core::mem::size_of::<RevNat4>() == 12);
     assert!(core::mem::size_of::<CtKey4>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 20);
+    assert!(core::mem::size_of::<CtValue>() == 24);
     assert!(core::mem::size_of::<FragKey4>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<AffinityKey4>() == 8);

@@ -81,6 +81,26 @@ pub const fn is_tcp_syn(flags: u8) -> bool {
     flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
 }
 
+/// A FIN or RST: it ends a flow, so one that finds no conntrack entry must not create one.
+#[inline(always)]
+pub const fn is_tcp_close(flags: u8) -> bool {
+    flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0
+}
+
+/// The conntrack state bits (`proxy_common::CT_F_FIN`, `CT_F_RST`) a TCP packet with `flags`
+/// sets on the entry of its direction.
+#[inline(always)]
+pub const fn ct_state_of_tcp(flags: u8) -> u32 {
+    let mut bits = 0;
+    if flags & TCP_FLAG_FIN != 0 {
+        bits |= proxy_common::CT_F_FIN;
+    }
+    if flags & TCP_FLAG_RST != 0 {
+        bits |= proxy_common::CT_F_RST;
+    }
+    bits
+}
+
 /// Bob Jenkins' lookup3 final mix: cheap (no multiplications, no loops) and spreads source
 /// ports well, which is what decides the backend of a new flow.
 #[inline(always)]
@@ -206,6 +226,14 @@ mod tests {
         assert!(is_tcp_syn(TCP_FLAG_SYN));
         assert!(!is_tcp_syn(TCP_FLAG_SYN | TCP_FLAG_ACK));
         assert!(!is_tcp_syn(TCP_FLAG_ACK));
+        assert!(is_tcp_close(TCP_FLAG_FIN | TCP_FLAG_ACK));
+        assert!(is_tcp_close(TCP_FLAG_RST));
+        assert!(!is_tcp_close(TCP_FLAG_ACK));
+        assert_eq!(ct_state_of_tcp(TCP_FLAG_ACK), 0);
+        assert_eq!(
+            ct_state_of_tcp(TCP_FLAG_FIN | TCP_FLAG_RST | TCP_FLAG_ACK),
+            proxy_common::CT_F_FIN | proxy_common::CT_F_RST
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
     macros::{classifier, map, xdp},
@@ -22,17 +22,17 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    AffinityKey4, AffinityValue, Backend4, CT_F_FORWARD, CT_F_REPLY, CtKey4, CtValue,
+    AffinityKey4, AffinityValue, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue,
     FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_REJECT, Stat,
-    SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4, VipKey4, defaults,
+    SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4, VipKey4, ct_seen, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
     ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF, IP_PROTO_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN,
     L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN,
-    csum_replace2, csum_replace4, flow_hash, ipv4_header_len, is_fragment, is_icmp_error,
-    is_later_fragment, is_tcp_syn, next_slot, pick_slot,
+    csum_replace2, csum_replace4, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment,
+    is_icmp_error, is_later_fragment, is_tcp_close, is_tcp_syn, next_slot, pick_slot,
 };
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
@@ -82,6 +82,58 @@ fn count(stat: Stat) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
         unsafe { *p += 1 };
     }
+}
+
+/// Now, in `CtValue::seen` units. The coarse clock: a flow's entry needs second resolution, and
+/// it is read on every tracked packet.
+#[inline(always)]
+fn ct_now() -> u32 {
+    // SAFETY: plain helper call.
+    ct_seen(unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() })
+}
+
+/// Record a packet on a conntrack entry: when it was seen and the state bits it adds. Written
+/// only when something changes, so an established flow costs one entry write a second, not one
+/// per packet (a written cache line is what other CPUs then miss on).
+#[inline(always)]
+fn ct_touch(entry: *mut CtValue, ct: &CtValue, add: u32) {
+    let now = ct_now();
+    if ct.seen != now || ct.flags & add != add {
+        // SAFETY: value pointer from a successful lookup on this packet. Concurrent writers of
+        // one flow (two CPUs) only ever set bits and move `seen` forward by a unit.
+        unsafe {
+            (*entry).seen = now;
+            (*entry).flags = ct.flags | add;
+        }
+    }
+}
+
+/// Write a conntrack entry. A tuple that has none gets one (counted, so userspace can tell
+/// evictions from removals); one that has an entry (a retransmitted SYN, a tuple reused) gets
+/// its value overwritten in place, cheaper than a second map update.
+#[inline(always)]
+fn ct_put(key: &CtKey4, value: &CtValue) -> Result<(), ()> {
+    if CT4.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+        count(Stat::CtCreated);
+        return Ok(());
+    }
+    if let Some(old) = CT4.get_ptr_mut(key) {
+        // SAFETY: value pointer from a successful lookup. A packet of the old flow reading it
+        // half-way sees ids and generations that do not pair and treats the entry as stale.
+        unsafe { *old = *value };
+        return Ok(());
+    }
+    // Gone between the two calls (evicted, removed): try once more as a plain insert.
+    CT4.insert(key, value, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn ct_remove(key: &CtKey4) -> bool {
+    let removed = CT4.remove(key).is_ok();
+    if removed {
+        count(Stat::CtRemoved);
+    }
+    removed
 }
 
 /// Not a fragment, the first fragment (has the L4 header), or a later one (ports from `FRAG4`).
@@ -547,12 +599,18 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // so a retransmitted SYN lands on the same backend, and a new connection reusing a port is
     // balanced over the current backends.
     let ct_key = flow.ct_key();
-    if !syn && let Some(ct) = CT4.get_ptr(ct_key) {
+    let tcp_state = if flow.proto == IPPROTO_TCP {
+        ct_state_of_tcp(flow.tcp_flags)
+    } else {
+        0
+    };
+    if !syn && let Some(entry) = CT4.get_ptr_mut(ct_key) {
         // SAFETY: value pointer from a successful lookup; copied out at once.
-        let ct = unsafe { *ct };
+        let ct = unsafe { *entry };
         if ct.flags & CT_F_FORWARD != 0 && ct.rev_nat_id == svc.rev_nat_id {
             match backend(ct.backend_id) {
                 Some(b) if b.generation == ct.backend_gen => {
+                    ct_touch(entry, &ct, tcp_state);
                     count(if flow.frag == FRAG_LATER {
                         Stat::FragTranslated
                     } else {
@@ -583,6 +641,9 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         }
         return reject(&mut ctx, &flow, syn);
     }
+    // A FIN or RST that finds no entry (the flow ended and was collected, or never existed) is
+    // translated but tracks nothing: it must not leave an entry behind for a flow that is over.
+    let track = !(flow.proto == IPPROTO_TCP && !syn && is_tcp_close(flow.tcp_flags));
     if flow.proto == IPPROTO_TCP && !syn {
         count(Stat::CtMissNonSyn);
     }
@@ -638,12 +699,17 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         (backend_id, b) = next;
     }
 
+    if !track {
+        count(Stat::CtUntracked);
+        return dnat(&mut ctx, &flow, &b);
+    }
     let fwd = CtValue {
         backend_id,
         backend_gen: b.generation,
         rev_nat_id: svc.rev_nat_id,
         rev_nat_gen,
         flags: CT_F_FORWARD,
+        seen: ct_now(),
     };
     let reply_key = CtKey4 {
         saddr: b.addr,
@@ -671,11 +737,11 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         };
         let _ = AFFINITY4.insert(affinity_key, v, 0);
     }
-    if CT4.insert(reply_key, reply, 0).is_err() {
+    if ct_put(&reply_key, &reply).is_err() {
         count(Stat::CtInsertFailed);
         return TC_ACT_SHOT;
     }
-    if CT4.insert(ct_key, fwd, 0).is_err() {
+    if ct_put(&ct_key, &fwd).is_err() {
         // Later packets select again with the same hash; the reply entry is in place.
         count(Stat::CtInsertFailed);
     }
@@ -688,7 +754,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
 /// pod): the reply entry left by that one would rewrite this connection's replies to the VIP.
 #[inline(always)]
 fn not_to_a_frontend(flow: &Flow, syn: bool) -> i32 {
-    if syn && CT4.remove(flow.reverse_ct_key()).is_ok() {
+    if syn && ct_remove(&flow.reverse_ct_key()) {
         count(Stat::ReplyCleared);
     }
     NEXT
@@ -848,20 +914,26 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
                 return NEXT;
             }
             let key = flow.ct_key();
-            let Some(ct) = CT4.get_ptr(key) else {
+            let Some(entry) = CT4.get_ptr_mut(key) else {
                 return NEXT;
             };
             // SAFETY: value pointer from a successful lookup; copied out at once.
-            let ct = unsafe { *ct };
+            let ct = unsafe { *entry };
             if ct.flags & CT_F_REPLY == 0 {
                 return NEXT;
             }
             let Some(rev) = reply_revnat(&ct) else {
                 // Its frontend is gone or the id names another one now.
                 count(Stat::CtStale);
-                let _ = CT4.remove(key);
+                ct_remove(&key);
                 return NEXT;
             };
+            let state = if flow.proto == IPPROTO_TCP {
+                ct_state_of_tcp(flow.tcp_flags)
+            } else {
+                0
+            };
+            ct_touch(entry, &ct, CT_F_REPLIED | state);
             count(if flow.frag == FRAG_LATER {
                 Stat::FragTranslated
             } else {

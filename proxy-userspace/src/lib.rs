@@ -1,6 +1,7 @@
 //! vipx: the userspace side. Data flows one way: `source` (cluster objects) -> `translate`
 //! (desired state, kube-proxy semantics) -> `maps` (diff and ordered apply) -> kernel.
 pub mod config;
+pub mod conntrack;
 pub mod desired;
 pub mod digest;
 pub mod loader;

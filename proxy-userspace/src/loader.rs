@@ -100,6 +100,7 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
         bail!("this vipx was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
     }
     prepare_pin_dir(pin_dir)?;
+    set_aside_legacy_conntrack(pin_dir)?;
     check_pins(pin_dir, sizes)?;
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
@@ -116,6 +117,77 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
                 pin_dir.display()
             )
         })
+}
+
+/// The conntrack value of the build before entries carried `seen` (20 bytes: ids, generations,
+/// flags). Its flows are carried over, not lost, on upgrade.
+const LEGACY_CT_VALUE_SIZE: u32 = 20;
+/// Where a legacy conntrack map waits while the new one is created and the programs swapped.
+const LEGACY_CT_PIN: &str = "VIPX_CT4_v1";
+
+/// A conntrack pin of the previous layout moves aside so the loader creates (and pins) the new
+/// map; [`migrate_legacy_conntrack`] copies its flows once the new programs are attached.
+fn set_aside_legacy_conntrack(pin_dir: &Path) -> Result<()> {
+    let path = pin_dir.join(map_names::CT4);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .with_context(|| format!("reading pinned map {}", path.display()))?;
+    if info.value_size() != LEGACY_CT_VALUE_SIZE {
+        return Ok(());
+    }
+    let aside = pin_dir.join(LEGACY_CT_PIN);
+    if aside.exists() {
+        // A crash after a copy began: the older one is what the old programs filled.
+        bail!(
+            "both {} and {} hold conntrack maps of the previous layout; remove one",
+            path.display(),
+            aside.display()
+        );
+    }
+    fs::rename(&path, &aside)
+        .with_context(|| format!("moving {} aside for migration", path.display()))?;
+    tracing::info!(
+        "conntrack map of the previous layout moved to {}; its flows are copied once the new \
+         programs are attached",
+        aside.display()
+    );
+    Ok(())
+}
+
+/// Copy the flows of a conntrack map of the previous layout (see
+/// [`set_aside_legacy_conntrack`]) into the new one, stamped as seen now, and remove it. Run
+/// after the new programs replaced the old ones, so nothing adds to the old map any more; an
+/// entry the new programs already made for a tuple is kept. Returns how many were copied.
+pub fn migrate_legacy_conntrack(pin_dir: &Path) -> Result<u64> {
+    use proxy_common::{CtKey4, CtValue};
+    let aside = pin_dir.join(LEGACY_CT_PIN);
+    if !aside.exists() {
+        return Ok(0);
+    }
+    let old: HashMap<MapData, CtKey4, [u8; LEGACY_CT_VALUE_SIZE as usize]> =
+        from_pin(pin_dir, LEGACY_CT_PIN)?;
+    let mut new: HashMap<MapData, CtKey4, CtValue> = from_pin(pin_dir, map_names::CT4)?;
+    let seen = crate::conntrack::now_seen();
+    let mut copied = 0u64;
+    for entry in old.iter() {
+        let Ok((k, v)) = entry else {
+            // An LRU walked while... nothing writes it now; a failed read is the end.
+            break;
+        };
+        let mut value: CtValue = bytemuck::Zeroable::zeroed();
+        bytemuck::bytes_of_mut(&mut value)[..v.len()].copy_from_slice(&v);
+        value.seen = seen;
+        // BPF_NOEXIST: a tuple the new programs tracked already keeps its newer entry.
+        if new.insert(k, value, 1).is_ok() {
+            copied += 1;
+        }
+    }
+    drop(old);
+    fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    Ok(copied)
 }
 
 /// Refuse pins this build cannot use, with a message that says what to do. aya reopens a pin by
@@ -251,6 +323,11 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
 }
 
 /// Per-CPU counters summed over CPUs.
+/// Take the per-CPU counters out of a loaded object (metrics and conntrack collection share it).
+pub fn take_stats(ebpf: &mut Ebpf) -> Result<PerCpuArray<MapData, u64>> {
+    take(ebpf, map_names::STATS)
+}
+
 pub fn read_stats(ebpf: &Ebpf) -> Result<Vec<(Stat, u64)>> {
     let map = ebpf
         .map(map_names::STATS)
@@ -574,6 +651,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::BACKEND4,
             map_names::REVNAT4,
             map_names::CT4,
+            LEGACY_CT_PIN,
             map_names::AFFINITY4,
         ] {
             remove_known(&pin_dir.join(name))?;
@@ -684,6 +762,16 @@ pub fn conntrack_map(
     ebpf: &mut Ebpf,
 ) -> Result<HashMap<MapData, proxy_common::CtKey4, proxy_common::CtValue>> {
     take(ebpf, map_names::CT4)
+}
+
+/// The maps conntrack collection reads and writes, opened by pin so the collector has handles
+/// of its own.
+pub fn conntrack_tables(pin_dir: &Path) -> Result<crate::conntrack::Tables> {
+    Ok(crate::conntrack::Tables {
+        ct: from_pin(pin_dir, map_names::CT4)?,
+        backends: from_pin(pin_dir, map_names::BACKEND4)?,
+        revnat: from_pin(pin_dir, map_names::REVNAT4)?,
+    })
 }
 
 /// Open the conntrack map pinned by a running (or stopped) vipx.

@@ -136,6 +136,28 @@ struct RunArgs {
     /// Conntrack entries (two per flow).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_conntrack: u32,
+    /// Idle timeout of an established TCP flow (kube-proxy's flag; 0: the default) [default: 24h].
+    #[arg(long, value_parser = duration_arg)]
+    conntrack_tcp_timeout_established: Option<Duration>,
+    /// Idle timeout of a TCP flow closed in one direction (kube-proxy's flag; 0: the default)
+    /// [default: 1h].
+    #[arg(long, value_parser = duration_arg)]
+    conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// Idle timeout of a TCP flow closed both ways or reset [default: 10s].
+    #[arg(long, value_parser = duration_arg)]
+    conntrack_tcp_timeout_closed: Option<Duration>,
+    /// Idle timeout of a TCP flow the backend never answered [default: 60s].
+    #[arg(long, value_parser = duration_arg)]
+    conntrack_tcp_timeout_syn: Option<Duration>,
+    /// Idle timeout of an unanswered UDP flow (kube-proxy's flag; 0: the default) [default: 30s].
+    #[arg(long, value_parser = duration_arg)]
+    conntrack_udp_timeout: Option<Duration>,
+    /// Idle timeout of an answered UDP flow (kube-proxy's flag; 0: the default) [default: 120s].
+    #[arg(long, value_parser = duration_arg)]
+    conntrack_udp_timeout_stream: Option<Duration>,
+    /// How often conntrack is swept for flows past their timeout [default: 10s].
+    #[arg(long, value_parser = duration_arg)]
+    conntrack_gc_interval: Option<Duration>,
     /// Full reconcile period, on top of change events (`30s`, `1m`, `500ms`; a bare number is
     /// seconds) [default: 30s]. `/healthz` fails when a change stays unapplied for twice this
     /// (kube-proxy's syncPeriod).
@@ -195,6 +217,7 @@ fn real_main() -> Result<()> {
                 .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
                 .collect::<Result<_>>()?;
             let settings = Settings::resolve(&a)?;
+            let conntrack = conntrack_settings(&a)?;
             let source = match (a.manifests, a.kubeconfig) {
                 (Some(dir), _) => {
                     if !dir.is_dir() {
@@ -226,6 +249,7 @@ fn real_main() -> Result<()> {
                 resync: settings.sync_period.max(Duration::from_secs(1)),
                 min_sync: settings.min_sync_period,
                 endpoint_grace: Duration::from_secs(a.endpoint_grace_seconds),
+                conntrack,
                 healthz_bind: settings.healthz_bind,
                 metrics_bind: settings.metrics_bind,
                 cluster_cidrs: settings.cluster_cidrs,
@@ -244,6 +268,41 @@ fn real_main() -> Result<()> {
             loader::cleanup(&w.pin_dir(node), &w.state_dir(node))
         }
     }
+}
+
+/// Conntrack timeouts and collection period from the flags; 0 or absent: the default.
+fn conntrack_settings(a: &RunArgs) -> Result<run::ConntrackSettings> {
+    let d = vipx::conntrack::Timeouts::default();
+    let pick =
+        |v: Option<Duration>, default: Duration| v.filter(|v| !v.is_zero()).unwrap_or(default);
+    let timeouts = vipx::conntrack::Timeouts {
+        tcp_established: pick(a.conntrack_tcp_timeout_established, d.tcp_established),
+        tcp_close_wait: pick(a.conntrack_tcp_timeout_close_wait, d.tcp_close_wait),
+        tcp_closed: pick(a.conntrack_tcp_timeout_closed, d.tcp_closed),
+        tcp_syn: pick(a.conntrack_tcp_timeout_syn, d.tcp_syn),
+        udp: pick(a.conntrack_udp_timeout, d.udp),
+        udp_stream: pick(a.conntrack_udp_timeout_stream, d.udp_stream),
+    };
+    let gc_interval = pick(a.conntrack_gc_interval, run::DEFAULT_CONNTRACK_GC_INTERVAL);
+    // Seen units are ~1.07 s and idle times are compared in them; a year bounds every deadline.
+    const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+    for t in [
+        timeouts.tcp_established,
+        timeouts.tcp_close_wait,
+        timeouts.tcp_closed,
+        timeouts.tcp_syn,
+        timeouts.udp,
+        timeouts.udp_stream,
+        gc_interval,
+    ] {
+        if t > MAX {
+            anyhow::bail!("conntrack timeouts and intervals above a year are not supported");
+        }
+    }
+    Ok(run::ConntrackSettings {
+        timeouts,
+        gc_interval,
+    })
 }
 
 /// The kube-proxy settings of `vipx run`, from the flags or, with `--config`, from the file.

@@ -23,9 +23,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, REVNAT_F_ACTIVE, RevNat4,
-    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER,
-    SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4, VipKey4,
+    BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
+    RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
+    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4,
+    VipKey4,
 };
 
 use crate::desired::{DesiredState, FrontendKind, Protocol, ServicePortName};
@@ -381,6 +382,10 @@ pub struct ApplyStats {
     pub map_writes: usize,
     /// Frontends left as they were because they did not fit (retried by the next apply).
     pub failed: Vec<FailedFrontend>,
+    /// UDP backends that left a frontend: the flows pinned to them are to be removed from
+    /// conntrack (the backend may still be active for another Service, so its entries stay
+    /// valid to the data path).
+    pub udp_purges: Vec<crate::conntrack::Purge>,
 }
 
 impl ApplyStats {
@@ -397,6 +402,7 @@ impl ApplyStats {
         self.backends_retiring += other.backends_retiring;
         self.map_writes += other.map_writes;
         self.failed.extend(other.failed);
+        self.udp_purges.extend(other.udp_purges);
         self
     }
 }
@@ -1265,6 +1271,15 @@ impl<M: MapStore> MapWriter<M> {
             *self.backend_refs.entry(*id).or_default() += 1;
         }
         if let Some(old) = &old {
+            if fe.proto == IPPROTO_UDP {
+                st.udp_purges
+                    .extend(old.slots.iter().filter(|id| !want.slots.contains(id)).map(
+                        |&backend_id| crate::conntrack::Purge {
+                            rev_nat_id,
+                            backend_id,
+                        },
+                    ));
+            }
             self.unref(&old.slots, released);
         }
         self.cur.frontends.insert(*fe, want);

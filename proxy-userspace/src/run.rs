@@ -25,6 +25,7 @@ use tokio::{
 
 use crate::{
     config::Cidr,
+    conntrack,
     digest::DigestedObjects,
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
@@ -50,6 +51,7 @@ pub struct RunOptions {
     pub min_sync: Duration,
     /// How long a TCP endpoint removed from every Service keeps its connections.
     pub endpoint_grace: Duration,
+    pub conntrack: ConntrackSettings,
     /// `/healthz` and `/livez` (kube-proxy: 0.0.0.0:10256); `None`: not served.
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics` (kube-proxy: 127.0.0.1:10249); `None`: not served.
@@ -67,6 +69,26 @@ pub struct StateFile {
 }
 
 pub const STATE_FILE: &str = "services.json";
+
+/// How conntrack is collected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackSettings {
+    pub timeouts: conntrack::Timeouts,
+    pub gc_interval: Duration,
+}
+
+impl Default for ConntrackSettings {
+    fn default() -> Self {
+        Self {
+            timeouts: conntrack::Timeouts::default(),
+            gc_interval: DEFAULT_CONNTRACK_GC_INTERVAL,
+        }
+    }
+}
+
+/// Shorter than the shortest default timeout (a closed flow's 10 s) so closed flows go within
+/// about twice that; a pass over 1M entries costs a fraction of a second (see the bench).
+pub const DEFAULT_CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Checks that `name` is a DNS-1123 subdomain, as a Node name must be: lowercase letters, digits,
 /// '-' and '.', labels starting and ending with a letter or digit, at most 253 characters. It
@@ -226,6 +248,8 @@ struct Controller {
     trim: bool,
     born: Instant,
     telemetry: Arc<Telemetry>,
+    /// Conntrack collection (`None` when it could not start).
+    collector: Option<conntrack::Collector>,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -377,6 +401,9 @@ impl Controller {
                 return Err(e);
             }
         };
+        if let Some(c) = &self.collector {
+            c.purge(st.udp_purges.clone());
+        }
         if changes.names_changed || full {
             self.write_state(target)?;
         }
@@ -689,18 +716,47 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         );
     }
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
+    let stats = Arc::new(loader::take_stats(&mut ebpf)?);
+    // Conntrack collection in a thread of its own: a pass over 1M entries takes a fraction of a
+    // second and must not hold up a sync.
+    let gc_stats = Arc::new(conntrack::GcStats::default());
+    let collector = loader::conntrack_tables(&opts.pin_dir)
+        .and_then(|tables| {
+            conntrack::Collector::start(
+                tables,
+                stats.clone(),
+                opts.conntrack.timeouts,
+                opts.conntrack.gc_interval,
+                gc_stats.clone(),
+            )
+        })
+        .inspect_err(|e| {
+            tracing::warn!(
+                "conntrack is not collected (flows live until the LRU evicts them): {e:#}"
+            );
+        })
+        .ok();
     // The data-path series read the counters and the kernel-written maps at scrape time.
-    match ebpf
-        .take_map(proxy_common::map_names::STATS)
-        .context("the STATS map is missing from the object")
-        .and_then(|stats| serve::metrics::KernelDataPath::new(stats, &opts.pin_dir))
-    {
+    match serve::metrics::KernelDataPath::new(
+        stats,
+        &opts.pin_dir,
+        collector.is_some().then(|| gc_stats.clone()),
+    ) {
         Ok(dp) => telemetry.set_data_path(Arc::new(dp)),
         Err(e) => tracing::warn!("metrics will lack the data-path series: {e:#}"),
     }
     let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
     writer.set_endpoint_grace(opts.endpoint_grace);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
+    // After the swap: the old programs no longer write the old map.
+    match loader::migrate_legacy_conntrack(&opts.pin_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            flows = n,
+            "conntrack entries of the previous build carried over"
+        ),
+        Err(e) => tracing::warn!("conntrack of the previous build not carried over: {e:#}"),
+    }
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
         adopted_frontends = writer.programmed().frontends.len(),
@@ -731,6 +787,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         trim: false,
         born: Instant::now(),
         telemetry: telemetry.clone(),
+        collector,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;

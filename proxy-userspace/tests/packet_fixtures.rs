@@ -7,6 +7,7 @@ use std::{
     net::Ipv4Addr,
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use aya::maps::{Array, HashMap, MapData};
@@ -18,8 +19,8 @@ use etherparse::{
     EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader,
 };
 use proxy_common::{
-    BACKEND_F_ACTIVE, Backend4, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, Stat, map_names,
-    prog_names,
+    BACKEND_F_ACTIVE, Backend4, CT_F_FIN, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_RST,
+    CT_F_STATE, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, Stat, map_names, prog_names,
 };
 use vipx::{
     desired::{Protocol, ServicePortName},
@@ -1311,4 +1312,391 @@ fn client_ip_affinity_keeps_a_client_on_one_backend() {
     );
     l.writer.apply(&t).unwrap();
     assert_eq!(picks(&mut l, CLIENT, 32000..32100).len(), 2);
+}
+
+/// A TCP segment with the FIN and RST flags as given (ACK set), checksums correct.
+fn tcp_closing(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    fin: bool,
+    rst: bool,
+) -> Vec<u8> {
+    let mut t = TcpHeader::new(sport, dport, 2000, 64240);
+    t.ack = true;
+    t.acknowledgment_number = 1;
+    t.fin = fin;
+    t.rst = rst;
+    t.checksum = t.calc_checksum_ipv4_raw(src, dst, &[]).unwrap();
+    let mut buf = Vec::new();
+    write_ethernet(&mut buf);
+    let b = t.to_bytes();
+    let mut ip = Ipv4Header::new(b.len() as u16, 64, IpNumber::TCP, src, dst).unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    ip.write(&mut buf).unwrap();
+    buf.extend_from_slice(&b);
+    buf
+}
+
+/// `CtValue::seen` now, read as the programs read it (`bpf_ktime_get_coarse_ns`).
+fn ct_now() -> u32 {
+    vipx::conntrack::now_seen()
+}
+
+/// Conntrack entries carry what garbage collection needs: when each direction was last seen,
+/// whether a reply went through, and FIN/RST; a FIN or RST that finds no entry creates none.
+#[test]
+fn conntrack_entries_follow_the_tcp_state() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let before = ct_now();
+    let (v, out) = run(&mut l, &frame(CLIENT, 41000, VIP, 80, &SYN, &[]));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+    assert_eq!(stat(&l, Stat::CtCreated), 2, "two entries for a new flow");
+    // A retransmitted SYN rewrites them; nothing new is created.
+    run(&mut l, &frame(CLIENT, 41000, VIP, 80, &SYN, &[]));
+    assert_eq!(
+        stat(&l, Stat::CtCreated),
+        2,
+        "a retransmission creates nothing"
+    );
+
+    let ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let fwd_key = ct_key(CLIENT, 41000, VIP, 80, IPPROTO_TCP);
+    let rep_key = ct_key(BE1, 5000, CLIENT, 41000, IPPROTO_TCP);
+    let fwd = ct.get(&fwd_key, 0).unwrap();
+    let rep = ct.get(&rep_key, 0).unwrap();
+    let after = ct_now();
+    for (what, e) in [("forward", fwd), ("reply", rep)] {
+        assert!(
+            (before..=after).contains(&e.seen),
+            "{what} entry seen {} outside {before}..={after}",
+            e.seen
+        );
+        assert_eq!(e.flags & CT_F_STATE, 0, "{what}: no state yet");
+    }
+    assert_eq!(fwd.flags & CT_F_FORWARD, CT_F_FORWARD);
+    assert_eq!(rep.flags & CT_F_REPLY, CT_F_REPLY);
+
+    // The SYN-ACK marks the flow answered.
+    let (v, out) = run_on(
+        &mut l,
+        EGRESS,
+        &frame(BE1, 5000, CLIENT, 41000, &SYNACK, &[]),
+    );
+    assert_eq!((v, inspect(&out).src), (NEXT, VIP));
+    assert_eq!(
+        ct.get(&rep_key, 0).unwrap().flags & CT_F_STATE,
+        CT_F_REPLIED
+    );
+    // The client's FIN marks its direction.
+    let (v, out) = run(&mut l, &tcp_closing(CLIENT, 41000, VIP, 80, true, false));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+    assert_eq!(ct.get(&fwd_key, 0).unwrap().flags & CT_F_STATE, CT_F_FIN);
+    // The backend's RST marks the other.
+    let (v, out) = run_on(
+        &mut l,
+        EGRESS,
+        &tcp_closing(BE1, 5000, CLIENT, 41000, false, true),
+    );
+    assert_eq!((v, inspect(&out).src), (NEXT, VIP));
+    assert_eq!(
+        ct.get(&rep_key, 0).unwrap().flags & CT_F_STATE,
+        CT_F_REPLIED | CT_F_RST
+    );
+
+    // A FIN and a RST of a flow vipx does not know (collected, or never seen) are translated
+    // but leave nothing behind.
+    for (port, fin, rst) in [(41001, true, false), (41002, false, true)] {
+        let (v, out) = run(&mut l, &tcp_closing(CLIENT, port, VIP, 80, fin, rst));
+        assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+        assert!(
+            ct.get(&ct_key(CLIENT, port, VIP, 80, IPPROTO_TCP), 0)
+                .is_err()
+        );
+        assert!(
+            ct.get(&ct_key(BE1, 5000, CLIENT, port, IPPROTO_TCP), 0)
+                .is_err()
+        );
+    }
+    assert_eq!(stat(&l, Stat::CtUntracked), 2);
+    assert_eq!(stat(&l, Stat::CtCreated), 2);
+}
+
+/// Garbage collection over the real map: each flow goes when both of its entries have been idle
+/// past what its state allows, a busy direction keeps an idle one, stale entries go, and a
+/// purge takes the UDP flows of a backend that left their Service.
+#[test]
+fn collection_removes_what_ended_and_keeps_what_lives() {
+    use vipx::conntrack::{self, Purge, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    let tcp = |p| ct_key(CLIENT, p, VIP, 80, IPPROTO_TCP);
+    let tcp_rep = |p| ct_key(BE1, 5000, CLIENT, p, IPPROTO_TCP);
+    let udp = |p| ct_key(CLIENT, p, VIP, 53, IPPROTO_UDP);
+    let udp_rep = |p| ct_key(BE1, 5353, CLIENT, p, IPPROTO_UDP);
+    // A: established; B: closed both ways; C: never answered; D: established, only the reply
+    // direction busy; E: UDP to purge; F: UDP answered.
+    for p in [42001, 42002, 42003, 42004] {
+        run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[]));
+        if p != 42003 {
+            run_on(&mut l, EGRESS, &frame(BE1, 5000, CLIENT, p, &SYNACK, &[]));
+        }
+    }
+    run(&mut l, &tcp_closing(CLIENT, 42002, VIP, 80, true, false));
+    run_on(
+        &mut l,
+        EGRESS,
+        &tcp_closing(BE1, 5000, CLIENT, 42002, true, false),
+    );
+    for p in [42005, 42006] {
+        run(&mut l, &frame(CLIENT, p, VIP, 53, &UDP, &[]));
+    }
+    run_on(&mut l, EGRESS, &frame(BE1, 5353, CLIENT, 42006, &UDP, &[]));
+
+    let mut ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let now = conntrack::now_seen();
+    let mut age = |k: CtKey4, units: u32| {
+        let mut v = ct.get(&k, 0).unwrap();
+        v.seen = now.wrapping_sub(units);
+        ct.insert(k, v, 0).unwrap();
+    };
+    // One seen unit is 2^30 ns, about 1.07 s.
+    age(tcp(42001), 100);
+    age(tcp_rep(42001), 100);
+    age(tcp(42002), 20);
+    age(tcp_rep(42002), 20);
+    age(tcp(42003), 100);
+    age(tcp_rep(42003), 100);
+    age(tcp(42004), 2000);
+    age(udp(42006), 40);
+    age(udp_rep(42006), 40);
+    let purge = {
+        let v = ct.get(&udp(42005), 0).unwrap();
+        Purge {
+            rev_nat_id: v.rev_nat_id,
+            backend_id: v.backend_id,
+        }
+    };
+    let timeouts = Timeouts {
+        tcp_established: Duration::from_secs(1000),
+        tcp_close_wait: Duration::from_secs(100),
+        tcp_closed: Duration::from_secs(10),
+        tcp_syn: Duration::from_secs(60),
+        udp: Duration::from_secs(30),
+        udp_stream: Duration::from_secs(120),
+    };
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    // F's flow is purged too (same frontend, same backend): a purge is for the whole backend.
+    let purges = [purge].into_iter().collect();
+    let st = conntrack::pass(&tables, &timeouts, &purges).unwrap();
+    let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    for (what, p, kept) in [
+        ("established", 42001, true),
+        ("closed both ways", 42002, false),
+        ("never answered", 42003, false),
+        ("busy in one direction", 42004, true),
+    ] {
+        assert_eq!(present(&tcp(p)), kept, "{what}: forward entry");
+        assert_eq!(present(&tcp_rep(p)), kept, "{what}: reply entry");
+    }
+    for p in [42005, 42006] {
+        assert!(!present(&udp(p)) && !present(&udp_rep(p)), "UDP {p} purged");
+    }
+    assert_eq!((st.expired, st.stale, st.purged), (2, 0, 4), "{st:?}");
+    assert_eq!((st.deleted, st.entries), (8, 4), "{st:?}");
+
+    // Nothing purged now, and the answered UDP flow idle for 40 s lives (stream: 120 s).
+    run(&mut l, &frame(CLIENT, 42007, VIP, 53, &UDP, &[]));
+    run_on(&mut l, EGRESS, &frame(BE1, 5353, CLIENT, 42007, &UDP, &[]));
+    let mut ct2: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    for k in [udp(42007), udp_rep(42007)] {
+        let mut v = ct2.get(&k, 0).unwrap();
+        v.seen = now.wrapping_sub(40);
+        ct2.insert(k, v, 0).unwrap();
+    }
+    let st = conntrack::pass(&tables, &timeouts, &Default::default()).unwrap();
+    assert!(present(&udp(42007)), "{st:?}");
+
+    // The web frontend goes: its flows' entries are stale and go at the next pass.
+    let mut t = Target::default();
+    let udp_be = addr(BE1, 5353, IPPROTO_UDP);
+    t.backends.insert(udp_be, BACKEND_F_ACTIVE);
+    t.frontends.insert(
+        addr(VIP, 53, IPPROTO_UDP),
+        frontend("dns", Protocol::Udp, vec![udp_be]),
+    );
+    l.writer.apply(&t).unwrap();
+    let st = conntrack::pass(&tables, &timeouts, &Default::default()).unwrap();
+    assert_eq!(st.stale, 4, "{st:?}");
+    assert!(!present(&tcp(42001)) && !present(&tcp_rep(42004)));
+    assert!(present(&udp(42007)));
+}
+
+/// An upgrade from the build whose conntrack entries had no `seen` (20-byte values): the new
+/// build carries every flow over instead of refusing the pin or starting empty.
+#[test]
+fn conntrack_of_the_previous_layout_is_carried_over() {
+    if !privileged() {
+        return;
+    }
+    static N: AtomicU32 = AtomicU32::new(0);
+    let pin_dir = PathBuf::from(loader::BPFFS).join(format!(
+        "vipx-test-legacy-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _pins = PinDir(pin_dir.clone());
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // The previous build's map: LRU hash, 16-byte keys, 20-byte values, pinned as VIPX_CT4.
+    let fd = legacy_lru_map(16, 20, 2048);
+    let path = std::ffi::CString::new(
+        pin_dir
+            .join(map_names::CT4)
+            .to_str()
+            .unwrap()
+            .as_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    bpf_obj_pin(&fd, &path);
+    drop(fd);
+    let key = ct_key(CLIENT, 43000, VIP, 80, IPPROTO_TCP);
+    let old_value = CtValue {
+        backend_id: 7,
+        backend_gen: 3,
+        rev_nat_id: 2,
+        rev_nat_gen: 1,
+        flags: CT_F_FORWARD,
+        seen: 0,
+    };
+    {
+        let mut old: HashMap<MapData, CtKey4, [u8; 20]> = HashMap::try_from(
+            aya::maps::Map::from_map_data(MapData::from_pin(pin_dir.join(map_names::CT4)).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let mut bytes = [0u8; 20];
+        bytes.copy_from_slice(&bytemuck::bytes_of(&old_value)[..20]);
+        old.insert(key, bytes, 0).unwrap();
+    }
+    let sizes = MapSizes {
+        services: 1024,
+        backends: 1024,
+        revnat: 256,
+        conntrack: 4096,
+    };
+    let _ebpf = loader::load(&pin_dir, sizes).expect("the previous layout is moved aside");
+    assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 1);
+    let ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(pin_dir.join(map_names::CT4)).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let v = ct.get(&key, 0).expect("the flow is carried over");
+    let now = vipx::conntrack::now_seen();
+    assert_eq!(
+        CtValue {
+            seen: old_value.seen,
+            ..v
+        },
+        old_value
+    );
+    assert!(now.wrapping_sub(v.seen) <= 1, "stamped as seen now");
+    assert_eq!(
+        std::fs::read_dir(&pin_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("VIPX_CT4"))
+            .count(),
+        1,
+        "the old map's pin is gone"
+    );
+    assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 0);
+}
+
+/// A map as the previous build's object defined it (BPF_MAP_CREATE).
+fn legacy_lru_map(key_size: u32, value_size: u32, max_entries: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    #[repr(C)]
+    #[derive(Default)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    let attr = CreateAttr {
+        map_type: BPF_MAP_TYPE_LRU_HASH,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const CreateAttr,
+            size_of::<CreateAttr>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor the call just returned, owned by nothing else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+fn bpf_obj_pin(fd: &std::os::fd::OwnedFd, path: &std::ffi::CStr) {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct PinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let attr = PinAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix; the path outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &attr as *const PinAttr,
+            size_of::<PinAttr>(),
+        )
+    };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
 }

@@ -237,6 +237,35 @@ pub struct DataPathSnapshot {
     pub maps: Vec<MapUse>,
     /// Set when something could not be read (the rest is still reported).
     pub error: Option<String>,
+    /// Conntrack collection, when it runs.
+    pub conntrack_gc: Option<GcSnapshot>,
+}
+
+/// What conntrack collection has done since vipx started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcSnapshot {
+    pub runs: u64,
+    pub expired: u64,
+    pub stale: u64,
+    pub purged: u64,
+    pub evicted: u64,
+    pub entries: u64,
+    pub last_duration: Duration,
+}
+
+impl GcSnapshot {
+    pub fn read(gc: &crate::conntrack::GcStats) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        Self {
+            runs: gc.runs.load(Relaxed),
+            expired: gc.expired.load(Relaxed),
+            stale: gc.stale.load(Relaxed),
+            purged: gc.purged.load(Relaxed),
+            evicted: gc.evicted.load(Relaxed),
+            entries: gc.last_entries.load(Relaxed),
+            last_duration: Duration::from_micros(gc.last_duration_us.load(Relaxed)),
+        }
+    }
 }
 
 /// Reads the data path; blocking (map syscalls), called off the async threads.
@@ -300,6 +329,55 @@ fn data_path_registry(owned: &[MapUse], snap: Option<&DataPathSnapshot>) -> Regi
          or flows older than vipx show here); same as vipx_datapath_events_total{reason=\"ct_miss_non_syn\"}",
         misses,
     );
+    if let Some(gc) = &snap.conntrack_gc {
+        let runs = Counter::<u64>::default();
+        runs.inc_by(gc.runs);
+        r.register(
+            "vipx_conntrack_gc_runs",
+            "Conntrack collection passes",
+            runs,
+        );
+        let deleted = Family::<Labels, Counter>::default();
+        for (reason, v) in [
+            ("expired", gc.expired),
+            ("stale", gc.stale),
+            ("purged", gc.purged),
+        ] {
+            deleted
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc_by(v);
+        }
+        r.register(
+            "vipx_conntrack_gc_deleted",
+            "Conntrack deletions by collection: flows idle past their state's timeout (expired, \
+             counted per flow), entries whose frontend or backend is gone (stale), UDP entries \
+             of a backend that left their Service (purged)",
+            deleted,
+        );
+        let evicted = Counter::<u64>::default();
+        evicted.inc_by(gc.evicted);
+        r.register(
+            "vipx_conntrack_evictions",
+            "Conntrack entries the full LRU table evicted to make room (derived at each pass from \
+             the entries the programs created and removed and the table's occupancy); non-zero \
+             means --max-conntrack is too small",
+            evicted,
+        );
+        let entries = Gauge::<i64>::default();
+        entries.set(i64::try_from(gc.entries).unwrap_or(i64::MAX));
+        r.register(
+            "vipx_conntrack_gc_entries",
+            "Conntrack entries after the last collection pass",
+            entries,
+        );
+        let took = FloatGauge::default();
+        took.set(gc.last_duration.as_secs_f64());
+        r.register(
+            "vipx_conntrack_gc_duration_seconds",
+            "How long the last conntrack collection pass took",
+            took,
+        );
+    }
     let errors = Gauge::<i64>::default();
     errors.set(i64::from(snap.error.is_some()));
     r.register(
@@ -324,7 +402,8 @@ struct Counted {
 /// The real data path: the STATS map of the loaded object and the pinned conntrack and affinity
 /// maps, opened by pin so the sync loop keeps its own handles.
 pub struct KernelDataPath {
-    stats: PerCpuArray<MapData, u64>,
+    stats: Arc<PerCpuArray<MapData, u64>>,
+    gc: Option<Arc<crate::conntrack::GcStats>>,
     ct: HashMap<MapData, proxy_common::CtKey4, proxy_common::CtValue>,
     affinity: HashMap<MapData, proxy_common::AffinityKey4, proxy_common::AffinityValue>,
     ct_max: u64,
@@ -335,8 +414,12 @@ pub struct KernelDataPath {
 
 impl KernelDataPath {
     /// `stats`: the object's STATS map (taken out of it); `pin_dir`: where CT4 and AFFINITY4 are
-    /// pinned.
-    pub fn new(stats: Map, pin_dir: &std::path::Path) -> anyhow::Result<Self> {
+    /// pinned; `gc`: the conntrack collector's counters, when it runs.
+    pub fn new(
+        stats: Arc<PerCpuArray<MapData, u64>>,
+        pin_dir: &std::path::Path,
+        gc: Option<Arc<crate::conntrack::GcStats>>,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let open = |name: &str| -> anyhow::Result<(Map, u64)> {
             let path = pin_dir.join(name);
@@ -348,7 +431,8 @@ impl KernelDataPath {
         let (ct, ct_max) = open(map_names::CT4)?;
         let (affinity, affinity_max) = open(map_names::AFFINITY4)?;
         Ok(Self {
-            stats: PerCpuArray::try_from(stats).context("the STATS map")?,
+            stats,
+            gc,
             ct: HashMap::try_from(ct).context("the conntrack map")?,
             affinity: HashMap::try_from(affinity).context("the affinity map")?,
             ct_max,
@@ -417,6 +501,7 @@ impl DataPath for KernelDataPath {
             });
         }
         snap.maps = cache.as_ref().map(|c| c.maps.clone()).unwrap_or_default();
+        snap.conntrack_gc = self.gc.as_deref().map(GcSnapshot::read);
         snap
     }
 }
@@ -570,6 +655,15 @@ mod tests {
                 truncated: Some(false),
             }],
             error: None,
+            conntrack_gc: Some(GcSnapshot {
+                runs: 4,
+                expired: 5,
+                stale: 6,
+                purged: 7,
+                evicted: 8,
+                entries: 9,
+                last_duration: Duration::from_millis(250),
+            }),
         };
         let text = m.encode(Some(&snap));
         for s in Stat::ALL {
@@ -600,6 +694,17 @@ mod tests {
             sample(&text, "vipx_map_count_truncated{map=\"VIPX_CT4\"}"),
             Some("0")
         );
+        for (series, v) in [
+            ("vipx_conntrack_gc_runs_total", "4"),
+            ("vipx_conntrack_gc_deleted_total{reason=\"expired\"}", "5"),
+            ("vipx_conntrack_gc_deleted_total{reason=\"stale\"}", "6"),
+            ("vipx_conntrack_gc_deleted_total{reason=\"purged\"}", "7"),
+            ("vipx_conntrack_evictions_total", "8"),
+            ("vipx_conntrack_gc_entries", "9"),
+            ("vipx_conntrack_gc_duration_seconds", "0.25"),
+        ] {
+            assert_eq!(sample(&text, series), Some(v), "{series}\n{text}");
+        }
         assert_eq!(sample(&text, "vipx_datapath_read_error"), Some("0"));
         assert_eq!(text.matches("# EOF").count(), 1);
     }

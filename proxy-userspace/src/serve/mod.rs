@@ -307,6 +307,7 @@ mod tests {
                 stats: vec![("packets", 7)],
                 maps: vec![],
                 error: None,
+                conntrack_gc: None,
             }
         }
     }

@@ -1,0 +1,609 @@
+//! Conntrack lifecycle in userspace: garbage collection of flows that ended or went idle, purges
+//! of UDP flows whose backend left their Service, and the eviction count the LRU does not give.
+//!
+//! The programs stamp every entry with when its direction was last seen and the TCP state bits
+//! (answered, FIN, RST); this module reads the whole map in batches (`BPF_MAP_LOOKUP_BATCH`, a
+//! few syscalls per thousand entries instead of two per entry) and deletes in batches. A flow is
+//! its two entries: it goes when both have been idle longer than its state allows, so a
+//! one-way stream (the client only sends, or only the backend does) is kept by the direction
+//! that is busy.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    io,
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray};
+use proxy_common::{
+    Backend4, CT_F_FIN, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_RST, CtKey4, CtValue,
+    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, Stat, ct_seen,
+};
+
+/// How long a flow may stay idle, by state. Defaults follow what a node running kube-proxy
+/// has: kube-proxy's `--conntrack-tcp-timeout-established` (24 h) and
+/// `--conntrack-tcp-timeout-close-wait` (1 h), and the kernel's UDP timeouts (30 s, 120 s once
+/// answered), which kube-proxy leaves alone by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP, answered, no FIN or RST.
+    pub tcp_established: Duration,
+    /// TCP, a FIN in one direction only (half-closed: the other side may still send).
+    pub tcp_close_wait: Duration,
+    /// TCP, FIN in both directions or a RST: nothing more is expected.
+    pub tcp_closed: Duration,
+    /// TCP, never answered (a SYN to a backend that does not reply).
+    pub tcp_syn: Duration,
+    /// UDP, never answered.
+    pub udp: Duration,
+    /// UDP, answered.
+    pub udp_stream: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: Duration::from_secs(24 * 3600),
+            tcp_close_wait: Duration::from_secs(3600),
+            tcp_closed: Duration::from_secs(10),
+            tcp_syn: Duration::from_secs(60),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The idle time allowed to a flow with the state bits of both its entries.
+    pub fn for_flow(&self, proto: u8, flags: u32) -> Duration {
+        if proto == IPPROTO_TCP {
+            let fin_both = flags & CT_F_FIN != 0 && flags & FIN_OTHER != 0;
+            if flags & CT_F_RST != 0 || fin_both {
+                self.tcp_closed
+            } else if flags & (CT_F_FIN | FIN_OTHER) != 0 {
+                self.tcp_close_wait
+            } else if flags & CT_F_REPLIED != 0 {
+                self.tcp_established
+            } else {
+                self.tcp_syn
+            }
+        } else if flags & CT_F_REPLIED != 0 {
+            self.udp_stream
+        } else {
+            self.udp
+        }
+    }
+
+    /// The shortest idle time any flow whose entry has `flags` could be allowed: an entry idle
+    /// for less is kept without looking at its partner.
+    fn floor(&self, proto: u8, flags: u32) -> Duration {
+        let t = *self;
+        if proto == IPPROTO_TCP {
+            if flags & CT_F_RST != 0 {
+                t.tcp_closed
+            } else if flags & CT_F_FIN != 0 {
+                t.tcp_closed.min(t.tcp_close_wait)
+            } else {
+                t.tcp_closed
+                    .min(t.tcp_close_wait)
+                    .min(t.tcp_established)
+                    .min(t.tcp_syn)
+            }
+        } else {
+            t.udp.min(t.udp_stream)
+        }
+    }
+}
+
+/// The partner's FIN bit, moved out of the way when two entries' flags are merged.
+const FIN_OTHER: u32 = 1 << 31;
+
+/// `CtValue::seen` now, on the clock the programs read (`bpf_ktime_get_coarse_ns` is
+/// `CLOCK_MONOTONIC_COARSE`).
+pub fn now_seen() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    ct_seen(ns)
+}
+
+/// `seen` units (2^30 ns) an entry has been idle, as a duration.
+fn idle(now: u32, seen: u32) -> Duration {
+    Duration::from_nanos(u64::from(now.wrapping_sub(seen)) << proxy_common::CT_SEEN_SHIFT)
+}
+
+/// A UDP backend that left a Service: the flows of that frontend (by reverse-NAT id) pinned to
+/// it (by backend id) are removed, so the client's next datagram picks a live backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Purge {
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassStats {
+    /// Entries left after the pass.
+    pub entries: u64,
+    /// Entries deleted (both of an expired flow's).
+    pub deleted: u64,
+    /// Flows expired, entries stale, entries purged.
+    pub expired: u64,
+    pub stale: u64,
+    pub purged: u64,
+    pub took: Duration,
+}
+
+/// Counters the metrics read.
+#[derive(Debug, Default)]
+pub struct GcStats {
+    pub runs: AtomicU64,
+    pub expired: AtomicU64,
+    pub stale: AtomicU64,
+    pub purged: AtomicU64,
+    pub evicted: AtomicU64,
+    pub last_entries: AtomicU64,
+    pub last_duration_us: AtomicU64,
+}
+
+/// The maps a pass reads and writes.
+pub struct Tables {
+    pub ct: HashMap<MapData, CtKey4, CtValue>,
+    pub backends: Array<MapData, Backend4>,
+    pub revnat: Array<MapData, RevNat4>,
+}
+
+/// Entries per batch syscall. Large enough for any hash bucket (the kernel refuses a batch
+/// smaller than the bucket it stops in).
+const BATCH: usize = 4096;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// `bpf_attr` for the batch commands (`struct { in_batch, out_batch, keys, values, count,
+/// map_fd, elem_flags, flags }`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: the attr is a valid, fully initialised bpf_attr prefix of the given size; the
+    // pointers in it name buffers that live across the call and are as large as `count` says.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn raw_fd(m: &HashMap<MapData, CtKey4, CtValue>) -> u32 {
+    u32::try_from(m.map().fd().as_fd().as_raw_fd()).unwrap_or(u32::MAX)
+}
+
+/// Every entry of the map, one batch at a time (`f` gets each batch). An LRU changing under
+/// the walk may show an entry twice or not at all; a pass is repeated, so that is harmless.
+pub fn walk(
+    ct: &HashMap<MapData, CtKey4, CtValue>,
+    mut f: impl FnMut(&[CtKey4], &[CtValue]),
+) -> io::Result<()> {
+    let fd = raw_fd(ct);
+    let mut keys = vec![CtKey4::default(); BATCH];
+    let mut values = vec![CtValue::default(); BATCH];
+    let mut token: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut next: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&token) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(BATCH);
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                f(&keys[..n], &values[..n]);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        f(&keys[..n], &values[..n]);
+        token = next;
+        first = false;
+    }
+}
+
+/// Delete `keys`, skipping those already gone (the LRU evicted them, or the programs removed
+/// them since the walk). Returns how many were deleted.
+pub fn delete(ct: &HashMap<MapData, CtKey4, CtValue>, keys: &[CtKey4]) -> io::Result<u64> {
+    let fd = raw_fd(ct);
+    let mut done = 0u64;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BATCH)];
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let n = (attr.count as usize).min(chunk.len());
+        done += n as u64;
+        match r {
+            Ok(()) => rest = &rest[chunk.len()..],
+            // The key at `n` is gone already: step over it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[n + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Resolves the ids entries name, cached for one pass.
+struct Ids<'a> {
+    tables: &'a Tables,
+    backends: StdHashMap<u32, Option<Backend4>>,
+    revnat: StdHashMap<u32, Option<RevNat4>>,
+}
+
+impl Ids<'_> {
+    fn backend(&mut self, id: u32, generation: u32) -> Option<Backend4> {
+        let b = *self
+            .backends
+            .entry(id)
+            .or_insert_with(|| self.tables.backends.get(&id, 0).ok());
+        b.filter(|b| b.generation == generation)
+    }
+
+    fn revnat(&mut self, id: u32, generation: u32) -> Option<RevNat4> {
+        let r = *self
+            .revnat
+            .entry(id)
+            .or_insert_with(|| self.tables.revnat.get(&id, 0).ok());
+        r.filter(|r| r.flags & REVNAT_F_ACTIVE != 0 && r.generation == generation)
+    }
+
+    /// The other entry of the flow `(key, v)` belongs to; `None` when the ids it names no
+    /// longer mean what they meant (the entry is stale).
+    fn partner(&mut self, key: &CtKey4, v: &CtValue) -> Option<CtKey4> {
+        if v.flags & CT_F_FORWARD != 0 {
+            // Forward entries of a backend that left stay usable (it may be retiring); only a
+            // reused id makes them stale.
+            let b = self.backend(v.backend_id, v.backend_gen)?;
+            self.revnat(v.rev_nat_id, v.rev_nat_gen)?;
+            Some(CtKey4 {
+                saddr: b.addr,
+                daddr: key.saddr,
+                sport: b.port,
+                dport: key.sport,
+                proto: key.proto,
+                _pad: [0; 3],
+            })
+        } else if v.flags & CT_F_REPLY != 0 {
+            self.backend(v.backend_id, v.backend_gen)?;
+            let r = self.revnat(v.rev_nat_id, v.rev_nat_gen)?;
+            Some(CtKey4 {
+                saddr: key.daddr,
+                daddr: r.addr,
+                sport: key.dport,
+                dport: r.port,
+                proto: key.proto,
+                _pad: [0; 3],
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// One pass over the whole table: removes flows idle past their state's timeout, entries whose
+/// ids were reused or freed, and the UDP flows `purges` name.
+pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Result<PassStats> {
+    let started = Instant::now();
+    let now = now_seen();
+    let mut ids = Ids {
+        tables,
+        backends: StdHashMap::new(),
+        revnat: StdHashMap::new(),
+    };
+    let mut st = PassStats::default();
+    // The partner of an expired flow is deleted with it; when the walk reaches it, it is done.
+    let mut doomed: Vec<CtKey4> = Vec::new();
+    let mut seen_doomed: HashSet<CtKey4> = HashSet::new();
+    let doom = |k: CtKey4, doomed: &mut Vec<CtKey4>, seen: &mut HashSet<CtKey4>| {
+        if seen.insert(k) {
+            doomed.push(k);
+        }
+    };
+    let mut stats = (0u64, 0u64, 0u64);
+    let mut walked = 0u64;
+    walk(&tables.ct, |keys, values| {
+        for (k, v) in keys.iter().zip(values) {
+            walked += 1;
+            if seen_doomed.contains(k) {
+                continue;
+            }
+            if k.proto == IPPROTO_UDP
+                && !purges.is_empty()
+                && purges.contains(&Purge {
+                    rev_nat_id: v.rev_nat_id,
+                    backend_id: v.backend_id,
+                })
+            {
+                stats.2 += 1;
+                doom(*k, &mut doomed, &mut seen_doomed);
+                continue;
+            }
+            let own_idle = idle(now, v.seen);
+            let partner = ids.partner(k, v);
+            let Some(partner) = partner else {
+                stats.1 += 1;
+                doom(*k, &mut doomed, &mut seen_doomed);
+                continue;
+            };
+            if own_idle <= timeouts.floor(k.proto, v.flags) {
+                continue;
+            }
+            // A candidate: the flow's state and last packet are both entries'.
+            let other = tables.ct.get(&partner, 0).ok();
+            let (flags, last) = match other {
+                Some(o) => {
+                    let mut flags = v.flags | (o.flags & !CT_F_FIN);
+                    if o.flags & CT_F_FIN != 0 {
+                        flags |= FIN_OTHER;
+                    }
+                    let newer = if now.wrapping_sub(o.seen) < now.wrapping_sub(v.seen) {
+                        o.seen
+                    } else {
+                        v.seen
+                    };
+                    (flags, newer)
+                }
+                None => (v.flags, v.seen),
+            };
+            if idle(now, last) > timeouts.for_flow(k.proto, flags) {
+                stats.0 += 1;
+                doom(*k, &mut doomed, &mut seen_doomed);
+                if other.is_some() {
+                    doom(partner, &mut doomed, &mut seen_doomed);
+                }
+            }
+        }
+    })
+    .context("reading the conntrack map")?;
+    st.deleted = delete(&tables.ct, &doomed).context("deleting conntrack entries")?;
+    (st.expired, st.stale, st.purged) = stats;
+    st.entries = walked.saturating_sub(st.deleted);
+    st.took = started.elapsed();
+    Ok(st)
+}
+
+/// Derives LRU evictions from what the programs created and removed and what the table holds:
+/// every entry created is still there, was removed by a program, deleted by a pass, or evicted.
+#[derive(Debug, Default)]
+pub struct EvictionCount {
+    last: Option<(u64, u64, u64)>,
+}
+
+impl EvictionCount {
+    /// After a pass: `created`/`removed` are the programs' totals now, `entries` what the table
+    /// holds after the pass, `deleted` what the pass deleted. Returns evictions since the last
+    /// call (none at the first).
+    pub fn update(&mut self, created: u64, removed: u64, entries: u64, deleted: u64) -> u64 {
+        let evicted = match self.last {
+            Some((c0, r0, e0)) => {
+                let came = created.saturating_sub(c0);
+                let went = removed.saturating_sub(r0) + deleted;
+                // entries = e0 + came - went - evicted
+                (e0 + came).saturating_sub(went).saturating_sub(entries)
+            }
+            None => 0,
+        };
+        self.last = Some((created, removed, entries));
+        evicted
+    }
+}
+
+/// Runs passes every `interval`, and at once for purges; stops when the handle is dropped.
+pub struct Collector {
+    tx: mpsc::Sender<Vec<Purge>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    pub fn start(
+        tables: Tables,
+        stats_map: Arc<PerCpuArray<MapData, u64>>,
+        timeouts: Timeouts,
+        interval: Duration,
+        out: Arc<GcStats>,
+    ) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Vec<Purge>>();
+        let thread = thread::Builder::new()
+            .name("vipx-ct-gc".into())
+            .spawn(move || {
+                let mut evictions = EvictionCount::default();
+                let mut next = Instant::now();
+                let mut failing = false;
+                loop {
+                    let purges: HashSet<Purge> =
+                        match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                            Ok(p) => {
+                                let mut all: HashSet<Purge> = p.into_iter().collect();
+                                // Purges queued meanwhile join this pass.
+                                while let Ok(more) = rx.try_recv() {
+                                    all.extend(more);
+                                }
+                                all
+                            }
+                            Err(RecvTimeoutError::Timeout) => HashSet::new(),
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        };
+                    if purges.is_empty() {
+                        next = Instant::now() + interval;
+                    }
+                    match pass(&tables, &timeouts, &purges) {
+                        Ok(st) => {
+                            if failing {
+                                tracing::info!("conntrack collection works again");
+                                failing = false;
+                            }
+                            let total = |s: Stat| {
+                                stats_map
+                                    .get(&(s as u32), 0)
+                                    .map(|v| v.iter().sum::<u64>())
+                                    .unwrap_or(0)
+                            };
+                            let evicted = evictions.update(
+                                total(Stat::CtCreated),
+                                total(Stat::CtRemoved),
+                                st.entries,
+                                st.deleted,
+                            );
+                            out.runs.fetch_add(1, Ordering::Relaxed);
+                            out.expired.fetch_add(st.expired, Ordering::Relaxed);
+                            out.stale.fetch_add(st.stale, Ordering::Relaxed);
+                            out.purged.fetch_add(st.purged, Ordering::Relaxed);
+                            out.evicted.fetch_add(evicted, Ordering::Relaxed);
+                            out.last_entries.store(st.entries, Ordering::Relaxed);
+                            out.last_duration_us.store(
+                                u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
+                                Ordering::Relaxed,
+                            );
+                            if evicted > 0 {
+                                tracing::warn!(
+                                    evicted,
+                                    entries = st.entries,
+                                    "conntrack table full: flows were evicted (raise \
+                                     --max-conntrack)"
+                                );
+                            }
+                            tracing::debug!(?st, "conntrack pass");
+                        }
+                        Err(e) => {
+                            if !failing {
+                                tracing::warn!("conntrack collection failed: {e:#}");
+                            }
+                            failing = true;
+                        }
+                    }
+                }
+            })
+            .context("starting the conntrack collector")?;
+        Ok(Self {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Remove these UDP flows now (a pass runs at once).
+    pub fn purge(&self, purges: Vec<Purge>) {
+        if !purges.is_empty() {
+            let _ = self.tx.send(purges);
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_follow_the_flow_state() {
+        let t = Timeouts::default();
+        assert_eq!(t.for_flow(IPPROTO_TCP, 0), t.tcp_syn);
+        assert_eq!(t.for_flow(IPPROTO_TCP, CT_F_REPLIED), t.tcp_established);
+        assert_eq!(
+            t.for_flow(IPPROTO_TCP, CT_F_REPLIED | CT_F_FIN),
+            t.tcp_close_wait
+        );
+        assert_eq!(
+            t.for_flow(IPPROTO_TCP, CT_F_REPLIED | FIN_OTHER),
+            t.tcp_close_wait
+        );
+        assert_eq!(
+            t.for_flow(IPPROTO_TCP, CT_F_REPLIED | CT_F_FIN | FIN_OTHER),
+            t.tcp_closed
+        );
+        assert_eq!(
+            t.for_flow(IPPROTO_TCP, CT_F_REPLIED | CT_F_RST),
+            t.tcp_closed
+        );
+        assert_eq!(t.for_flow(IPPROTO_UDP, 0), t.udp);
+        assert_eq!(t.for_flow(IPPROTO_UDP, CT_F_REPLIED), t.udp_stream);
+        // An entry idle for less than its floor is kept without reading its partner.
+        assert_eq!(t.floor(IPPROTO_TCP, CT_F_RST), t.tcp_closed);
+        assert!(t.floor(IPPROTO_TCP, 0) <= t.tcp_syn);
+        assert!(t.floor(IPPROTO_UDP, 0) <= t.udp);
+    }
+
+    #[test]
+    fn evictions_are_what_creation_and_removal_do_not_explain() {
+        let mut e = EvictionCount::default();
+        assert_eq!(e.update(100, 0, 100, 0), 0, "first call is a baseline");
+        // 50 created, 10 removed by programs, 20 deleted by the pass: 120 expected.
+        assert_eq!(e.update(150, 10, 120, 20), 0);
+        // 100 more created into a full table of 120 that stays at 120, nothing removed.
+        assert_eq!(e.update(250, 10, 120, 0), 100);
+        // Counters that went backwards (a reloaded program) count nothing.
+        assert_eq!(e.update(5, 0, 125, 0), 0);
+    }
+
+    #[test]
+    fn idle_time_is_in_seen_units() {
+        assert_eq!(idle(10, 10), Duration::ZERO);
+        assert_eq!(idle(11, 10), Duration::from_nanos(1 << 30));
+        // The coarse clock wraps after ~146 years of uptime; wrapping arithmetic anyway.
+        assert_eq!(idle(0, u32::MAX), Duration::from_nanos(1 << 30));
+    }
+}
