@@ -155,7 +155,7 @@ struct RunArgs {
     /// Idle timeout of an answered UDP flow (kube-proxy's flag; 0: the default) [default: 120s].
     #[arg(long, value_parser = duration_arg)]
     conntrack_udp_timeout_stream: Option<Duration>,
-    /// How often conntrack is swept for flows past their timeout [default: 10s].
+    /// How often conntrack is swept for flows past their timeout [default: 30s].
     #[arg(long, value_parser = duration_arg)]
     conntrack_gc_interval: Option<Duration>,
     /// Full reconcile period, on top of change events (`30s`, `1m`, `500ms`; a bare number is

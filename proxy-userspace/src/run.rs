@@ -86,9 +86,10 @@ impl Default for ConntrackSettings {
     }
 }
 
-/// Shorter than the shortest default timeout (a closed flow's 10 s) so closed flows go within
-/// about twice that; a pass over 1M entries costs a fraction of a second (see the bench).
-pub const DEFAULT_CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(10);
+/// A pass over 1M entries takes about half a second, nearly all of it the kernel's batch reads
+/// (`vipx-bench ct-gc`): every 30 s that is under 2% of a core. Closed flows then go within
+/// 40 s; a full table makes room by evicting the least recently used meanwhile.
+pub const DEFAULT_CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Checks that `name` is a DNS-1123 subdomain, as a Node name must be: lowercase letters, digits,
 /// '-' and '.', labels starting and ending with a letter or digit, at most 253 characters. It

@@ -191,6 +191,37 @@ pub fn read_response(reader: &mut impl BufRead) -> Result<String> {
     Ok(body)
 }
 
+/// One `GET path` to `127.0.0.1:port` inside namespace `ns` (vipx's health and metrics
+/// servers): (status, body). Panics when nothing answers: a test asks only what must be there.
+pub fn local_get(ns: &str, port: u16, path: &str) -> (u16, String) {
+    let mut s = in_netns(ns, || TcpStream::connect(("127.0.0.1", port)))
+        .expect("entering the namespace")
+        .unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port} in {ns}: {e}"));
+    s.set_read_timeout(Some(DEFAULT_TIMEOUT * 2))
+        .expect("socket timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending the request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("reading the response");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// The value of the Prometheus sample named exactly `series` (name and labels) in `metrics`.
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,7 +44,8 @@ pub mod realism;
 pub mod vipx;
 
 pub use client::{
-    DEFAULT_TIMEOUT, KeepAlive, http_get, read_response, udp_count, udp_exchange, udp_request,
+    DEFAULT_TIMEOUT, KeepAlive, http_get, local_get, metric_sample, read_response, udp_count,
+    udp_exchange, udp_request,
 };
 pub use lab::{
     CLIENT_IP, GATEWAY_IP, HOST_IF_GLOB, Lab, LabConfig, NODE_IP, Pod, cleanup_stale,

@@ -1269,3 +1269,142 @@ fn client_ip_affinity_keeps_one_client_on_one_pod() {
         answers(&lab, 20).len() == 2
     });
 }
+
+/// Stale UDP, the DNS case: a UDP client keeps one socket (one source port) while its pod leaves
+/// the Service, and that pod:port still backs another Service, so its backend entry stays. The
+/// client's next datagrams must be answered by the Service's remaining pod, not the old one.
+#[test]
+fn a_udp_flow_moves_off_a_pod_that_left_its_service_but_backs_another() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let old = lab.cluster.add_pod(1).expect("pod on node 1");
+    let new = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&old]));
+    lab.service("svc-b", VIP_B, pod_endpoints(&[&old]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[old.ip]);
+    lab.wait_ready(VIP_B, &[old.ip]);
+    let local = SocketAddrV4::new(lab.cluster.client().ip, FIXED_PORT);
+    let socket = in_netns(lab.client(), || UdpSocket::bind(local))
+        .expect("entering the client namespace")
+        .expect("binding the client's UDP socket");
+    let (reply, _) = udp_ask(&socket, vip(VIP_A), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("first datagram: {e:#} [{}]", lab.cluster.drops()));
+    assert_eq!(reply, old.name, "VIP A answered by the old pod");
+
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&new]));
+    lab.wait_ready(VIP_A, &[new.ip]);
+    // The purge follows the sync at once; a few datagrams may still be on their way.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (reply, from) = udp_ask(&socket, vip(VIP_A), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("datagram after the change: {e:#}"));
+        assert_eq!(from, vip(VIP_A), "answers come from the VIP");
+        if reply == new.name {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flow stays on {} (left VIP A, still backs VIP B) 5 s after the change",
+            old.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The other Service's flows to the same pod are untouched.
+    let (reply, _) = udp_ask(&socket, vip(VIP_B), Duration::from_secs(5)).expect("VIP B");
+    assert_eq!(reply, old.name);
+}
+
+/// The vipx metrics of node `node`.
+fn node_metrics(lab: &Lab, node: u8) -> String {
+    let (status, body) = vipx_lab::local_get(&lab.cluster.node(node).name, 10249, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// A conntrack table far too small for the traffic: every new connection is still served (the
+/// LRU makes room), and the evictions are counted in the metrics, not silent.
+#[test]
+fn a_full_conntrack_table_keeps_serving_and_counts_evictions() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let a = lab.cluster.add_pod(1).expect("pod on node 1");
+    let b = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&a, &b]));
+    lab.start_vipx_with(
+        &[1],
+        &["--max-conntrack", "64", "--conntrack-gc-interval", "200ms"],
+    );
+    lab.wait_ready(VIP_A, &[a.ip, b.ip]);
+    for i in 0..200 {
+        http_get(lab.client(), vip(VIP_A), TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "request {i} with a full conntrack table: {e:#} [{}]",
+                lab.cluster.drops()
+            )
+        });
+    }
+    let evicted = |m: &str| vipx_lab::metric_sample(m, "vipx_conntrack_evictions_total");
+    poll(READY, "evictions to be counted", || {
+        evicted(&node_metrics(&lab, 1)).is_some_and(|n| n > 0.0)
+    });
+    let m = node_metrics(&lab, 1);
+    assert!(
+        vipx_lab::metric_sample(&m, "vipx_conntrack_gc_entries").is_some_and(|n| n <= 64.0),
+        "{m}"
+    );
+}
+
+/// Closed connections leave conntrack (after the closed timeout) while an idle keep-alive
+/// connection keeps its entries and keeps working.
+#[test]
+fn closed_connections_are_collected_and_idle_ones_kept() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let a = lab.cluster.add_pod(1).expect("pod on node 1");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&a]));
+    lab.start_vipx_with(
+        &[1],
+        &[
+            "--conntrack-gc-interval",
+            "500ms",
+            "--conntrack-tcp-timeout-closed",
+            "1s",
+        ],
+    );
+    lab.wait_ready(VIP_A, &[a.ip]);
+    let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A)).expect("keep-alive");
+    assert_eq!(conn.request().expect("first request").trim(), a.name);
+    for i in 0..20 {
+        http_get(lab.client(), vip(VIP_A), TIMEOUT)
+            .unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+    }
+    let entries = |m: &str| vipx_lab::metric_sample(m, "vipx_conntrack_gc_entries");
+    // 21 flows made 42 entries; the 20 closed ones go, the keep-alive one stays.
+    poll(
+        Duration::from_secs(30),
+        "closed flows to be collected",
+        || entries(&node_metrics(&lab, 1)) == Some(2.0),
+    );
+    let m = node_metrics(&lab, 1);
+    assert!(
+        vipx_lab::metric_sample(&m, "vipx_conntrack_gc_deleted_total{reason=\"expired\"}")
+            .is_some_and(|n| n >= 20.0),
+        "{m}"
+    );
+    assert_eq!(
+        conn.request()
+            .expect("the idle connection still works")
+            .trim(),
+        a.name
+    );
+}

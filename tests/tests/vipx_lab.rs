@@ -10,8 +10,9 @@ use std::{
 };
 
 use vipx_lab::{
-    KeepAlive, Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP, http_get, ns_command,
-    require_privileges, serial, udp_request, unique_tag, write_endpoint_slice,
+    KeepAlive, Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP, http_get, local_get,
+    metric_sample as sample, ns_command, require_privileges, serial, udp_request, unique_tag,
+    write_endpoint_slice,
 };
 
 const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(SERVICE_VIP), SERVICE_PORT);
@@ -302,32 +303,6 @@ fn a_pod_interface_created_later_is_attached_and_services_lists_it() {
         );
     }
     l.assert_running();
-}
-
-/// One `GET path` to `127.0.0.1:port` inside namespace `ns`: (status, body).
-fn local_get(ns: &str, port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut s = vipx_lab::in_netns(ns, || std::net::TcpStream::connect(("127.0.0.1", port)))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("connecting to 127.0.0.1:{port} in {ns}: {e}"));
-    s.set_read_timeout(Some(TIMEOUT * 5)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
-    (status, body.to_owned())
-}
-
-/// The value of the sample named exactly `series` (name and labels).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[test]

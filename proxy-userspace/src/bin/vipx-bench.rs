@@ -29,6 +29,23 @@ use vipx::{
 enum Cmd {
     Packet(Args),
     ControlPlane(CpArgs),
+    /// Cost of one conntrack collection pass over a full table.
+    CtGc(GcArgs),
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    /// Conntrack entries (two per flow), all present during the pass.
+    #[arg(long, default_value_t = 1_048_576)]
+    entries: u32,
+    /// Share of flows that have ended and are collected by the pass, in percent.
+    #[arg(long, default_value_t = 10)]
+    expired_percent: u32,
+    /// Runs (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -152,7 +169,201 @@ fn main() -> Result<()> {
     match Cmd::parse() {
         Cmd::Packet(a) => packet(a),
         Cmd::ControlPlane(a) => control_plane(a),
+        Cmd::CtGc(a) => ct_gc(a),
     }
+}
+
+#[derive(Serialize)]
+struct GcRow {
+    entries: u32,
+    expired_percent: u32,
+    /// A pass where nothing is due (the walk alone).
+    idle_pass_ms: f64,
+    /// A pass that also deletes the ended flows.
+    pass_ms: f64,
+    /// Reading every entry in batches, nothing else: the kernel's share.
+    walk_ms: f64,
+    samples_idle_ms: Vec<f64>,
+    samples_ms: Vec<f64>,
+    /// Share of one core at the default collection interval.
+    core_share_at_default_interval: f64,
+}
+
+/// A full conntrack table of `entries / 2` flows through one frontend to one backend, the ended
+/// share stamped long idle and closed both ways; the pass is timed as vipx runs it.
+fn ct_gc(a: GcArgs) -> Result<()> {
+    use proxy_common::{CT_F_FIN, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue};
+    use vipx::conntrack;
+    let pin_dir =
+        PathBuf::from(loader::BPFFS).join(format!("vipx-bench-gc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let result = (|| -> Result<GcRow> {
+        let sizes = MapSizes {
+            services: 1024,
+            backends: 1024,
+            revnat: 1024,
+            // Room beyond the filled entries: an LRU at capacity evicts while it is filled.
+            conntrack: a.entries + a.entries / 8,
+        };
+        let mut ebpf = loader::load(&pin_dir, sizes)?;
+        let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
+        let (vaddr, vport) = vip(0);
+        let (baddr, bport) = backend(0, 0, 1);
+        let be = L4Addr {
+            addr: baddr,
+            port: bport,
+            proto: IPPROTO_TCP,
+        };
+        let fe = L4Addr {
+            addr: vaddr,
+            port: vport,
+            proto: IPPROTO_TCP,
+        };
+        let mut t = Target::default();
+        t.backends.insert(be, BACKEND_F_ACTIVE);
+        t.frontends.insert(
+            fe,
+            TargetFrontend {
+                service: ServicePortName {
+                    namespace: "bench".into(),
+                    name: "gc".into(),
+                    port_name: String::new(),
+                    protocol: Protocol::Tcp,
+                },
+                flags: SVC_F_CLUSTER_IP,
+                affinity_timeout_s: 0,
+                slots: vec![be],
+            },
+        );
+        writer.apply(&t)?;
+        let rev_nat_id = writer.programmed().frontends[&fe].rev_nat_id;
+        let backend_id = writer.programmed().frontends[&fe].slots[0];
+        let value = CtValue {
+            backend_id,
+            backend_gen: writer.backend_generation(backend_id),
+            rev_nat_id,
+            rev_nat_gen: writer.revnat_generation(rev_nat_id),
+            flags: 0,
+            seen: 0,
+        };
+        let mut tables = loader::conntrack_tables(&pin_dir)?;
+        let flows = a.entries / 2;
+        // Clients spread over 198.18.128.0/17, 60,000 source ports each.
+        let flow_keys = |i: u32| {
+            let client = (u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i / 60_000).to_be_bytes();
+            let sport = (1024 + i % 60_000) as u16;
+            (
+                CtKey4 {
+                    saddr: client,
+                    daddr: vaddr.octets(),
+                    sport: sport.to_be_bytes(),
+                    dport: vport.to_be_bytes(),
+                    proto: IPPROTO_TCP,
+                    _pad: [0; 3],
+                },
+                CtKey4 {
+                    saddr: baddr.octets(),
+                    daddr: client,
+                    sport: bport.to_be_bytes(),
+                    dport: sport.to_be_bytes(),
+                    proto: IPPROTO_TCP,
+                    _pad: [0; 3],
+                },
+            )
+        };
+        let ended = |i: u32| i % 100 < a.expired_percent;
+        let fill = |tables: &mut conntrack::Tables, only_ended: bool| -> Result<()> {
+            let now = conntrack::now_seen();
+            for i in 0..flows {
+                if only_ended && !ended(i) {
+                    continue;
+                }
+                let (fwd, rep) = flow_keys(i);
+                // Ended flows: closed both ways an hour ago.
+                let (seen, fin) = if ended(i) {
+                    (now.wrapping_sub(3600), CT_F_FIN)
+                } else {
+                    (now, 0)
+                };
+                let f = CtValue {
+                    flags: CT_F_FORWARD | fin,
+                    seen,
+                    ..value
+                };
+                let r = CtValue {
+                    flags: CT_F_REPLY | CT_F_REPLIED | fin,
+                    seen,
+                    ..value
+                };
+                tables.ct.insert(fwd, f, 0)?;
+                tables.ct.insert(rep, r, 0)?;
+            }
+            Ok(())
+        };
+        fill(&mut tables, false)?;
+        let timeouts = conntrack::Timeouts::default();
+        let none = Default::default();
+        let mut idle = Vec::new();
+        let mut busy = Vec::new();
+        for _ in 0..a.reps {
+            let st = conntrack::pass(&tables, &timeouts, &none)?;
+            let want = u64::from(flows.div_ceil(100) * a.expired_percent.min(100)) * 2;
+            if st.deleted.abs_diff(want) > want / 50 + 2 {
+                bail!(
+                    "the pass deleted {} entries, expected about {want}",
+                    st.deleted
+                );
+            }
+            busy.push(st.took.as_secs_f64() * 1e3);
+            let st = conntrack::pass(&tables, &timeouts, &none)?;
+            if st.deleted != 0 {
+                bail!("a second pass deleted {} entries", st.deleted);
+            }
+            idle.push(st.took.as_secs_f64() * 1e3);
+            fill(&mut tables, true)?;
+        }
+        let mut walks = Vec::new();
+        for _ in 0..a.reps {
+            let t = Instant::now();
+            let mut n = 0usize;
+            conntrack::walk(&tables.ct, |k, _| n += k.len())?;
+            walks.push(t.elapsed().as_secs_f64() * 1e3);
+            if n < flows as usize * 2 * 99 / 100 {
+                bail!("the walk saw {n} entries");
+            }
+        }
+        let pass_ms = median(&mut busy.clone());
+        let idle_pass_ms = median(&mut idle.clone());
+        Ok(GcRow {
+            entries: a.entries,
+            expired_percent: a.expired_percent,
+            idle_pass_ms,
+            pass_ms,
+            walk_ms: median(&mut walks),
+            samples_idle_ms: idle,
+            samples_ms: busy,
+            core_share_at_default_interval: pass_ms
+                / 1e3
+                / vipx::run::DEFAULT_CONNTRACK_GC_INTERVAL.as_secs_f64(),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let row = result?;
+    println!(
+        "conntrack collection over {} entries: {:.0} ms with {}% of flows ended, {:.0} ms with \
+         none due (reading alone: {:.0} ms); {:.1}% of a core at the default {:?} interval",
+        row.entries,
+        row.pass_ms,
+        row.expired_percent,
+        row.idle_pass_ms,
+        row.walk_ms,
+        row.core_share_at_default_interval * 100.0,
+        vipx::run::DEFAULT_CONNTRACK_GC_INTERVAL
+    );
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&row)?)?;
+    }
+    Ok(())
 }
 
 fn packet(a: Args) -> Result<()> {
