@@ -42,6 +42,8 @@ pub mod map_names {
     pub const FRAG4: &str = "VIPX_FRAG4";
     pub const AFFINITY4: &str = "VIPX_AFFINITY4";
     pub const STATS: &str = "VIPX_STATS";
+    /// Settings userspace writes after load (not pinned: each program build gets its own).
+    pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
     pub const FLOOR: &str = "VIPX_FLOOR";
 }
@@ -128,6 +130,13 @@ pub struct VipKey4 {
 /// Some frontend on this address is a ClusterIP: packets to its ports that no Service port
 /// serves are rejected (ICMP port unreachable), as kube-proxy's nftables mode does.
 pub const VIP_F_CLUSTER_IP: u32 = 1 << 0;
+/// The hairpin address: packets to it are a pod's answers to itself through its own Service.
+pub const VIP_F_HAIRPIN: u32 = 1 << 1;
+
+/// Index of `CONFIG`: the address (network byte order, as a `u32` of its bytes) a pod's flow to
+/// its own Service is SNATed to when it lands on the pod itself; 0 disables hairpin SNAT.
+pub const CONFIG_HAIRPIN_ADDR: u32 = 0;
+pub const CONFIG_LEN: u32 = 4;
 
 /// Value of `VIP4`.
 #[repr(C)]
@@ -222,6 +231,9 @@ pub const CT_F_REPLIED: u32 = 1 << 2;
 pub const CT_F_FIN: u32 = 1 << 3;
 /// A TCP RST went through in this entry's direction.
 pub const CT_F_RST: u32 = 1 << 4;
+/// A hairpin flow (the client is its own backend): both entries also rewrite the client's
+/// address to and from the hairpin address, and packets go straight back into the pod.
+pub const CT_F_HAIRPIN: u32 = 1 << 5;
 /// The state bits the data path sets on an existing entry.
 pub const CT_F_STATE: u32 = CT_F_REPLIED | CT_F_FIN | CT_F_RST;
 
@@ -354,12 +366,15 @@ pub enum Stat {
     CtRemoved,
     /// A TCP FIN or RST with no conntrack entry: translated without creating one.
     CtUntracked,
+    /// Packets of hairpin flows (a pod landing on itself through its Service) SNATed to the
+    /// hairpin address and back, both directions.
+    Hairpin,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 23] = [
+    pub const ALL: [Stat; 24] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -383,6 +398,7 @@ impl Stat {
         Stat::CtCreated,
         Stat::CtRemoved,
         Stat::CtUntracked,
+        Stat::Hairpin,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -410,6 +426,7 @@ impl Stat {
             Stat::CtCreated => "ct_created",
             Stat::CtRemoved => "ct_removed",
             Stat::CtUntracked => "ct_untracked",
+            Stat::Hairpin => "hairpin",
         }
     }
 }

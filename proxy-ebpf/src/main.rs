@@ -22,10 +22,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    AffinityKey4, AffinityValue, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue,
-    FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_REJECT, Stat,
-    SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4, VipKey4, ct_seen, defaults,
+    AffinityKey4, AffinityValue, Backend4, CONFIG_HAIRPIN_ADDR, CONFIG_LEN, CT_F_FORWARD,
+    CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
+    FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4,
+    SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_REJECT, Stat, SvcKey4, SvcValue,
+    VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -67,6 +68,9 @@ static FRAG4: LruHashMap<FragKey4, FragValue> =
 
 #[map(name = "VIPX_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+#[map(name = "VIPX_CONFIG")]
+static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
 
 #[map(name = "VIPX_FLOOR")]
 static FLOOR: Array<u64> = Array::with_max_entries(1, 0);
@@ -581,10 +585,14 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     let Some(vip) = VIP4.get_ptr(VipKey4 { addr: flow.daddr }) else {
         return not_to_a_frontend(&flow, syn);
     };
+    // SAFETY: value pointer from a successful lookup; read at once.
+    let vip_flags = unsafe { (*vip).flags };
+    if vip_flags & VIP_F_HAIRPIN != 0 {
+        return hairpin_reply(&mut ctx, &flow);
+    }
     let svc_key = SvcKey4::from_wire(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
-        // SAFETY: value pointer from a successful lookup; read at once.
-        if unsafe { (*vip).flags } & VIP_F_CLUSTER_IP != 0 {
+        if vip_flags & VIP_F_CLUSTER_IP != 0 {
             // A ClusterIP on a port no Service port serves: refused, as kube-proxy's nftables
             // mode does, rather than sent to a host that has no such address.
             count(Stat::UnservedPort);
@@ -616,6 +624,11 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
                     } else {
                         Stat::CtForward
                     });
+                    if ct.flags & CT_F_HAIRPIN != 0
+                        && let Some(hp) = hairpin_addr()
+                    {
+                        return hairpin_forward(&mut ctx, &flow, &b, hp);
+                    }
                     return dnat(&mut ctx, &flow, &b);
                 }
                 // The id now names another backend: never follow it.
@@ -699,28 +712,43 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         (backend_id, b) = next;
     }
 
+    // Still itself (its only backend): the answer must come from another address than its own,
+    // or the pod drops it, so the source becomes the hairpin address (kube-proxy masquerades
+    // hairpin traffic too).
+    let hairpin = if b.addr == flow.saddr {
+        hairpin_addr()
+    } else {
+        None
+    };
     if !track {
         count(Stat::CtUntracked);
-        return dnat(&mut ctx, &flow, &b);
+        return match hairpin {
+            Some(hp) => hairpin_forward(&mut ctx, &flow, &b, hp),
+            None => dnat(&mut ctx, &flow, &b),
+        };
     }
+    let hairpin_flag = if hairpin.is_some() { CT_F_HAIRPIN } else { 0 };
     let fwd = CtValue {
         backend_id,
         backend_gen: b.generation,
         rev_nat_id: svc.rev_nat_id,
         rev_nat_gen,
-        flags: CT_F_FORWARD,
+        flags: CT_F_FORWARD | hairpin_flag,
         seen: ct_now(),
     };
     let reply_key = CtKey4 {
         saddr: b.addr,
-        daddr: flow.saddr,
+        daddr: match hairpin {
+            Some(hp) => hp,
+            None => flow.saddr,
+        },
         sport: b.port,
         dport: flow.sport,
         proto: flow.proto,
         _pad: [0; 3],
     };
     let reply = CtValue {
-        flags: CT_F_REPLY,
+        flags: CT_F_REPLY | hairpin_flag,
         ..fwd
     };
     // Reply entry first: once the forward entry exists, the backend may answer at once. Without
@@ -746,7 +774,115 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         count(Stat::CtInsertFailed);
     }
     count(Stat::NewFlows);
-    dnat(&mut ctx, &flow, &b)
+    match hairpin {
+        Some(hp) => hairpin_forward(&mut ctx, &flow, &b, hp),
+        None => dnat(&mut ctx, &flow, &b),
+    }
+}
+
+/// The hairpin SNAT address, when userspace configured one.
+#[inline(always)]
+fn hairpin_addr() -> Option<[u8; 4]> {
+    let a = *CONFIG.get(CONFIG_HAIRPIN_ADDR)?;
+    if a == 0 { None } else { Some(a.to_ne_bytes()) }
+}
+
+/// A pod's packet to its own Service, for the pod itself: from the hairpin address to the pod's
+/// backend port, straight back into the pod. Routing it through the host would meet strict
+/// rp_filter (the hairpin address is not reachable through this veth).
+#[inline(always)]
+fn hairpin_forward(ctx: &mut TcContext, flow: &Flow, b: &Backend4, hp: [u8; 4]) -> i32 {
+    let to_backend = Nat {
+        addr_off: IP_DADDR_OFF,
+        old_addr: flow.daddr,
+        new_addr: b.addr,
+        port_off: L4_DPORT_OFF,
+        old_port: flow.dport,
+        new_port: b.port,
+    };
+    let from_hairpin = Nat {
+        addr_off: IP_SADDR_OFF,
+        old_addr: flow.saddr,
+        new_addr: hp,
+        port_off: L4_SPORT_OFF,
+        old_port: flow.sport,
+        new_port: flow.sport,
+    };
+    if rewrite(ctx, flow, &to_backend).is_err() || rewrite(ctx, flow, &from_hairpin).is_err() {
+        return TC_ACT_SHOT;
+    }
+    count(Stat::Hairpin);
+    back_into_pod(ctx)
+}
+
+/// The pod's answer to a hairpin flow (`pod:backend port -> hairpin address`): from the
+/// frontend, to the pod's own address, back into the pod.
+#[inline(always)]
+fn hairpin_reply(ctx: &mut TcContext, flow: &Flow) -> i32 {
+    let key = flow.ct_key();
+    let Some(entry) = CT4.get_ptr_mut(key) else {
+        return NEXT;
+    };
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let ct = unsafe { *entry };
+    if ct.flags & (CT_F_REPLY | CT_F_HAIRPIN) != CT_F_REPLY | CT_F_HAIRPIN {
+        return NEXT;
+    }
+    let Some(rev) = reply_revnat(&ct) else {
+        count(Stat::CtStale);
+        ct_remove(&key);
+        return NEXT;
+    };
+    let state = if flow.proto == IPPROTO_TCP {
+        ct_state_of_tcp(flow.tcp_flags)
+    } else {
+        0
+    };
+    ct_touch(entry, &ct, CT_F_REPLIED | state);
+    let from_frontend = Nat {
+        addr_off: IP_SADDR_OFF,
+        old_addr: flow.saddr,
+        new_addr: rev.addr,
+        port_off: L4_SPORT_OFF,
+        old_port: flow.sport,
+        new_port: rev.port,
+    };
+    let to_pod = Nat {
+        addr_off: IP_DADDR_OFF,
+        old_addr: flow.daddr,
+        new_addr: flow.saddr,
+        port_off: L4_DPORT_OFF,
+        old_port: flow.dport,
+        new_port: flow.dport,
+    };
+    if rewrite(ctx, flow, &from_frontend).is_err() || rewrite(ctx, flow, &to_pod).is_err() {
+        return TC_ACT_SHOT;
+    }
+    count(Stat::Hairpin);
+    back_into_pod(ctx)
+}
+
+/// Send the packet back out the veth it came in on, into the pod, with the Ethernet addresses
+/// swapped (from the host side, to the pod).
+#[inline(always)]
+fn back_into_pod(ctx: &mut TcContext) -> i32 {
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: bounds checked by ptr_at; no helper call since.
+    unsafe {
+        let macs = *eth;
+        let mut i = 0;
+        while i < 6 {
+            (*eth)[i] = macs[6 + i];
+            (*eth)[6 + i] = macs[i];
+            i += 1;
+        }
+    }
+    // SAFETY: reading this program's own skb context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call; out this same veth, into the pod.
+    unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) as i32 }
 }
 
 /// A packet to no frontend passes untouched. A new connection straight to a pod may reuse the

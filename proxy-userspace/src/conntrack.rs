@@ -24,8 +24,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray};
 use proxy_common::{
-    Backend4, CT_F_FIN, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_RST, CtKey4, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, Stat, ct_seen,
+    Backend4, CT_F_FIN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CT_F_RST, CtKey4,
+    CtValue, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, Stat, ct_seen,
 };
 
 /// How long a flow may stay idle, by state. Defaults follow what a node running kube-proxy
@@ -164,6 +164,8 @@ pub struct Tables {
     pub ct: HashMap<MapData, CtKey4, CtValue>,
     pub backends: Array<MapData, Backend4>,
     pub revnat: Array<MapData, RevNat4>,
+    /// The hairpin SNAT address: a hairpin flow's reply entry is keyed by it.
+    pub hairpin: Option<[u8; 4]>,
 }
 
 /// Entries per batch syscall. Large enough for any hash bucket (the kernel refuses a batch
@@ -282,6 +284,7 @@ pub fn delete(ct: &HashMap<MapData, CtKey4, CtValue>, keys: &[CtKey4]) -> io::Re
 /// Resolves the ids entries name, cached for one pass.
 struct Ids<'a> {
     tables: &'a Tables,
+    hairpin: Option<[u8; 4]>,
     backends: StdHashMap<u32, Option<Backend4>>,
     revnat: StdHashMap<u32, Option<RevNat4>>,
 }
@@ -311,9 +314,14 @@ impl Ids<'_> {
             // reused id makes them stale.
             let b = self.backend(v.backend_id, v.backend_gen)?;
             self.revnat(v.rev_nat_id, v.rev_nat_gen)?;
+            let client = if v.flags & CT_F_HAIRPIN != 0 {
+                self.hairpin?
+            } else {
+                key.saddr
+            };
             Some(CtKey4 {
                 saddr: b.addr,
-                daddr: key.saddr,
+                daddr: client,
                 sport: b.port,
                 dport: key.sport,
                 proto: key.proto,
@@ -322,8 +330,14 @@ impl Ids<'_> {
         } else if v.flags & CT_F_REPLY != 0 {
             self.backend(v.backend_id, v.backend_gen)?;
             let r = self.revnat(v.rev_nat_id, v.rev_nat_gen)?;
+            // A hairpin reply is keyed by the hairpin address; its client is the backend.
+            let client = if v.flags & CT_F_HAIRPIN != 0 {
+                key.saddr
+            } else {
+                key.daddr
+            };
             Some(CtKey4 {
-                saddr: key.daddr,
+                saddr: client,
                 daddr: r.addr,
                 sport: key.dport,
                 dport: r.port,
@@ -343,6 +357,7 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
     let now = now_seen();
     let mut ids = Ids {
         tables,
+        hairpin: tables.hairpin,
         backends: StdHashMap::new(),
         revnat: StdHashMap::new(),
     };

@@ -323,6 +323,20 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
 }
 
 /// Per-CPU counters summed over CPUs.
+/// Tell the loaded programs their settings (`CONFIG`, not pinned: written after every load,
+/// before the programs are attached). `hairpin`: the hairpin SNAT address, `None` disables it.
+pub fn write_config(ebpf: &mut Ebpf, hairpin: Option<std::net::Ipv4Addr>) -> Result<()> {
+    let mut config: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::CONFIG)
+            .context("the CONFIG map is missing from the object")?,
+    )?;
+    let addr = hairpin.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+    config
+        .set(proxy_common::CONFIG_HAIRPIN_ADDR, addr, 0)
+        .context("writing the hairpin address")?;
+    Ok(())
+}
+
 /// Take the per-CPU counters out of a loaded object (metrics and conntrack collection share it).
 pub fn take_stats(ebpf: &mut Ebpf) -> Result<PerCpuArray<MapData, u64>> {
     take(ebpf, map_names::STATS)
@@ -771,6 +785,7 @@ pub fn conntrack_tables(pin_dir: &Path) -> Result<crate::conntrack::Tables> {
         ct: from_pin(pin_dir, map_names::CT4)?,
         backends: from_pin(pin_dir, map_names::BACKEND4)?,
         revnat: from_pin(pin_dir, map_names::REVNAT4)?,
+        hairpin: None,
     })
 }
 

@@ -158,6 +158,11 @@ struct RunArgs {
     /// How often conntrack is swept for flows past their timeout [default: 30s].
     #[arg(long, value_parser = duration_arg)]
     conntrack_gc_interval: Option<Duration>,
+    /// The source address of a pod's flow to its own Service when it lands on the pod itself
+    /// (a pod drops packets from its own address). Never leaves the pod's veth; must not be a
+    /// Service address. `none` disables hairpin SNAT (Cilium uses the same default).
+    #[arg(long, default_value = "169.254.42.1", value_parser = hairpin_arg)]
+    hairpin_snat_address: HairpinAddr,
     /// Full reconcile period, on top of change events (`30s`, `1m`, `500ms`; a bare number is
     /// seconds) [default: 30s]. `/healthz` fails when a change stays unapplied for twice this
     /// (kube-proxy's syncPeriod).
@@ -250,6 +255,7 @@ fn real_main() -> Result<()> {
                 min_sync: settings.min_sync_period,
                 endpoint_grace: Duration::from_secs(a.endpoint_grace_seconds),
                 conntrack,
+                hairpin: a.hairpin_snat_address.0,
                 healthz_bind: settings.healthz_bind,
                 metrics_bind: settings.metrics_bind,
                 cluster_cidrs: settings.cluster_cidrs,
@@ -268,6 +274,23 @@ fn real_main() -> Result<()> {
             loader::cleanup(&w.pin_dir(node), &w.state_dir(node))
         }
     }
+}
+
+/// `--hairpin-snat-address`: an IPv4 address or `none`.
+#[derive(Clone, Copy, Debug)]
+struct HairpinAddr(Option<std::net::Ipv4Addr>);
+
+fn hairpin_arg(s: &str) -> Result<HairpinAddr, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(HairpinAddr(None));
+    }
+    let a: std::net::Ipv4Addr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither an IPv4 address nor `none`"))?;
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+        return Err(format!("{a} cannot be a hairpin source address"));
+    }
+    Ok(HairpinAddr(Some(a)))
 }
 
 /// Conntrack timeouts and collection period from the flags; 0 or absent: the default.

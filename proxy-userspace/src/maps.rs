@@ -25,8 +25,8 @@ use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
     RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, Vip4,
-    VipKey4,
+    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
+    VIP_F_HAIRPIN, Vip4, VipKey4,
 };
 
 use crate::desired::{DesiredState, FrontendKind, Protocol, ServicePortName};
@@ -618,6 +618,8 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     /// What the frontend address map holds: written before the first frontend on an address,
     /// removed after the last.
     vips: BTreeMap<Ipv4Addr, u32>,
+    /// The hairpin SNAT address, also in the address map (see `set_hairpin`).
+    hairpin: Option<Ipv4Addr>,
 }
 
 /// How long a TCP backend that left every Service keeps serving the connections it has.
@@ -661,6 +663,7 @@ impl<M: MapStore> MapWriter<M> {
             retiring: BTreeMap::new(),
             endpoint_grace: DEFAULT_ENDPOINT_GRACE,
             vips,
+            hairpin: None,
         };
         // Before any program is attached: maps pinned by a build without the address map (or a
         // crash between writes) leave it behind the frontends, and a frontend whose address is
@@ -692,11 +695,30 @@ impl<M: MapStore> MapWriter<M> {
             port: u16::MAX,
             proto: u8::MAX,
         };
-        let mut found = None;
+        let mut found = (self.hairpin == Some(addr)).then_some(VIP_F_HAIRPIN);
         for f in self.cur.frontends.range(lo..=hi).map(|(_, f)| f) {
             *found.get_or_insert(0) |= vip_flags_of(f.flags);
         }
         found
+    }
+
+    /// The address a pod's flow to its own Service is SNATed to when it lands on the pod itself
+    /// (`None`: no hairpin SNAT). The data path learns it from `CONFIG`; here it goes into the
+    /// address map, so the pod's answers to it reach the program's hairpin path.
+    pub fn set_hairpin(&mut self, addr: Option<Ipv4Addr>) -> Result<()> {
+        let old = std::mem::replace(&mut self.hairpin, addr);
+        for a in old.into_iter().chain(addr) {
+            self.settle_vip(a)?;
+        }
+        if let Some(a) = addr
+            && self.vip_flags(a) != Some(VIP_F_HAIRPIN)
+        {
+            tracing::error!(
+                "the hairpin SNAT address {a} is also a Service address: pick another one \
+                 (--hairpin-snat-address)"
+            );
+        }
+        Ok(())
     }
 
     /// Make the address entry of `addr` say what its programmed frontends call for.

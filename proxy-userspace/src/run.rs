@@ -52,6 +52,9 @@ pub struct RunOptions {
     /// How long a TCP endpoint removed from every Service keeps its connections.
     pub endpoint_grace: Duration,
     pub conntrack: ConntrackSettings,
+    /// Where a pod's flow to its own Service that lands on itself is SNATed from (`None`: not
+    /// SNATed; the pod then cannot reach itself through its Service).
+    pub hairpin: Option<std::net::Ipv4Addr>,
     /// `/healthz` and `/livez` (kube-proxy: 0.0.0.0:10256); `None`: not served.
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics` (kube-proxy: 127.0.0.1:10249); `None`: not served.
@@ -717,12 +720,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         );
     }
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
+    loader::write_config(&mut ebpf, opts.hairpin)?;
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
     // Conntrack collection in a thread of its own: a pass over 1M entries takes a fraction of a
     // second and must not hold up a sync.
     let gc_stats = Arc::new(conntrack::GcStats::default());
     let collector = loader::conntrack_tables(&opts.pin_dir)
-        .and_then(|tables| {
+        .and_then(|mut tables| {
+            tables.hairpin = opts.hairpin.map(|a| a.octets());
             conntrack::Collector::start(
                 tables,
                 stats.clone(),
@@ -748,6 +753,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
     writer.set_endpoint_grace(opts.endpoint_grace);
+    // Before the programs are swapped in: their hairpin answers must find the address.
+    writer.set_hairpin(opts.hairpin)?;
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
     // After the swap: the old programs no longer write the old map.
     match loader::migrate_legacy_conntrack(&opts.pin_dir) {

@@ -1700,3 +1700,67 @@ fn bpf_obj_pin(fd: &std::os::fd::OwnedFd, path: &std::ffi::CStr) {
     };
     assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
 }
+
+/// A pod whose Service's only backend is itself: its flow is SNATed to the hairpin address (it
+/// would drop a packet from its own address) and sent straight back into it; its answer is
+/// restored to come from the frontend. Both directions keep conntrack entries the collector
+/// pairs up.
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_snated_to_the_hairpin_address() {
+    if !privileged() {
+        return;
+    }
+    const HAIRPIN: [u8; 4] = [198, 18, 255, 254];
+    let mut l = load(&[BE1]);
+    loader::write_config(&mut l.ebpf, Some(Ipv4Addr::from(HAIRPIN))).unwrap();
+    l.writer.set_hairpin(Some(Ipv4Addr::from(HAIRPIN))).unwrap();
+    let macs = |f: &[u8]| (f[0..6].to_vec(), f[6..12].to_vec());
+
+    let syn = frame(BE1, 30000, VIP, 80, &SYN, &[]);
+    let (v, out) = run(&mut l, &syn);
+    assert_eq!(v, TC_ACT_REDIRECT, "back into the pod");
+    assert_eq!(
+        inspect(&out),
+        Seen {
+            src: HAIRPIN,
+            sport: 30000,
+            dst: BE1,
+            dport: 5000,
+            l4_csum_ok: Some(true)
+        }
+    );
+    assert_eq!(macs(&out), (macs(&syn).1, macs(&syn).0), "MACs swapped");
+
+    let (v, out) = run(&mut l, &frame(BE1, 5000, HAIRPIN, 30000, &SYNACK, &[]));
+    assert_eq!(v, TC_ACT_REDIRECT, "the answer goes back into the pod too");
+    assert_eq!(
+        inspect(&out),
+        Seen {
+            src: VIP,
+            sport: 80,
+            dst: BE1,
+            dport: 30000,
+            l4_csum_ok: Some(true)
+        }
+    );
+    let (v, out) = run(&mut l, &frame(BE1, 30000, VIP, 80, &DATA, &[]));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!((inspect(&out).src, inspect(&out).dst), (HAIRPIN, BE1));
+    assert_eq!(stat(&l, Stat::Hairpin), 3);
+
+    // The collector pairs the two entries (the reply is keyed by the hairpin address).
+    let mut tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    tables.hairpin = Some(HAIRPIN);
+    let st = vipx::conntrack::pass(
+        &tables,
+        &vipx::conntrack::Timeouts::default(),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!((st.stale, st.deleted, st.entries), (0, 0, 2), "{st:?}");
+
+    // Without a hairpin address the old behaviour stays: DNAT only.
+    loader::write_config(&mut l.ebpf, None).unwrap();
+    let (v, out) = run(&mut l, &frame(BE1, 30001, VIP, 80, &SYN, &[]));
+    assert_eq!((v, inspect(&out).src, inspect(&out).dst), (NEXT, BE1, BE1));
+}

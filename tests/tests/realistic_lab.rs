@@ -1062,6 +1062,23 @@ fn a_pod_calling_its_own_service_is_answered() {
     }
 }
 
+/// Hairpin: a pod that is the only backend of its own Service reaches itself through it. The
+/// flow is SNATed to the hairpin address (a pod drops packets from its own address) and its
+/// answers come back from the VIP, over TCP and UDP.
+#[test]
+fn a_pod_that_is_its_services_only_backend_is_answered() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let client = lab.cluster.client().clone();
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&client]));
+    lab.start_vipx_with(&[1], &["--hairpin-snat-address", "198.18.255.254"]);
+    lab.wait_ready(VIP_A, &[client.ip]);
+    lab.assert_answers(vip(VIP_A), &client.name, "the client calling itself");
+}
+
 /// A Service without endpoints refuses at once, as kube-proxy's REJECT rules do: `connect()`
 /// fails with ECONNREFUSED and a connected UDP socket reports it, instead of a timeout.
 #[test]
