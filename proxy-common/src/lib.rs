@@ -369,12 +369,14 @@ pub enum Stat {
     /// Packets of hairpin flows (a pod landing on itself through its Service) SNATed to the
     /// hairpin address and back, both directions.
     Hairpin,
+    /// Packets of established flows whose frontend was removed, translated while it drains.
+    CtDrained,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 24] = [
+    pub const ALL: [Stat; 25] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -399,6 +401,7 @@ impl Stat {
         Stat::CtRemoved,
         Stat::CtUntracked,
         Stat::Hairpin,
+        Stat::CtDrained,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -427,6 +430,7 @@ impl Stat {
             Stat::CtRemoved => "ct_removed",
             Stat::CtUntracked => "ct_untracked",
             Stat::Hairpin => "hairpin",
+            Stat::CtDrained => "ct_drained",
         }
     }
 }

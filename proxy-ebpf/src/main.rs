@@ -592,6 +592,10 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     let svc_key = SvcKey4::from_wire(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
+        // A removed frontend keeps its established flows while its reverse-NAT entry drains.
+        if !syn && let Some(verdict) = drained_flow(&mut ctx, &flow) {
+            return verdict;
+        }
         if vip_flags & VIP_F_CLUSTER_IP != 0 {
             // A ClusterIP on a port no Service port serves: refused, as kube-proxy's nftables
             // mode does, rather than sent to a host that has no such address.
@@ -778,6 +782,46 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         Some(hp) => hairpin_forward(&mut ctx, &flow, &b, hp),
         None => dnat(&mut ctx, &flow, &b),
     }
+}
+
+/// A packet of an established flow whose frontend was removed (or is being re-created): its
+/// forward entry is followed while the reverse-NAT id it names still means this very frontend
+/// (active, same generation, same address and port) and its backend is the same one. `None`:
+/// not such a flow.
+#[inline(always)]
+fn drained_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
+    let key = flow.ct_key();
+    let entry = CT4.get_ptr_mut(key)?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let ct = unsafe { *entry };
+    if ct.flags & CT_F_FORWARD == 0 {
+        return None;
+    }
+    match REVNAT4.get(ct.rev_nat_id) {
+        Some(r)
+            if r.flags & REVNAT_F_ACTIVE != 0
+                && r.generation == ct.rev_nat_gen
+                && r.addr == flow.daddr
+                && r.port == flow.dport => {}
+        _ => return None,
+    }
+    let b = match backend(ct.backend_id) {
+        Some(b) if b.generation == ct.backend_gen => b,
+        _ => return None,
+    };
+    let state = if flow.proto == IPPROTO_TCP {
+        ct_state_of_tcp(flow.tcp_flags)
+    } else {
+        0
+    };
+    ct_touch(entry, &ct, state);
+    count(Stat::CtDrained);
+    if ct.flags & CT_F_HAIRPIN != 0
+        && let Some(hp) = hairpin_addr()
+    {
+        return Some(hairpin_forward(ctx, flow, &b, hp));
+    }
+    Some(dnat(ctx, flow, &b))
 }
 
 /// The hairpin SNAT address, when userspace configured one.

@@ -191,7 +191,9 @@ struct RunArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// How long a TCP endpoint removed from every Service keeps serving the connections it has
-    /// (new ones avoid it at once), in seconds; 0 ends them at once.
+    /// (new ones avoid it at once), and a removed Service port keeps translating its
+    /// established flows (a Service re-created meanwhile keeps them), in seconds; 0 ends them
+    /// at once.
     #[arg(long, default_value_t = vipx::maps::DEFAULT_ENDPOINT_GRACE.as_secs())]
     endpoint_grace_seconds: u64,
 }

@@ -379,6 +379,8 @@ pub struct ApplyStats {
     pub backends_removed: usize,
     /// TCP backends that left every Service and keep serving their connections for a while.
     pub backends_retiring: usize,
+    /// Frontends removed that keep translating their established flows for a while.
+    pub frontends_draining: usize,
     pub map_writes: usize,
     /// Frontends left as they were because they did not fit (retried by the next apply).
     pub failed: Vec<FailedFrontend>,
@@ -400,6 +402,7 @@ impl ApplyStats {
         self.backends_added += other.backends_added;
         self.backends_removed += other.backends_removed;
         self.backends_retiring += other.backends_retiring;
+        self.frontends_draining += other.frontends_draining;
         self.map_writes += other.map_writes;
         self.failed.extend(other.failed);
         self.udp_purges.extend(other.udp_purges);
@@ -620,6 +623,14 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     vips: BTreeMap<Ipv4Addr, u32>,
     /// The hairpin SNAT address, also in the address map (see `set_hairpin`).
     hairpin: Option<Ipv4Addr>,
+    /// Frontends removed from the target whose reverse-NAT id stays active until the deadline
+    /// (their `revnat_ids` entry stays too): established flows keep being translated, as netfilter
+    /// conntrack keeps them behind kube-proxy, and a frontend re-created meanwhile gets the same
+    /// id back, so its flows stay valid.
+    draining: BTreeMap<L4Addr, Instant>,
+    /// Active reverse-NAT entries no frontend named when the maps were adopted (frontends that
+    /// were draining when vipx stopped): freed at their deadline.
+    orphans: BTreeMap<u32, Instant>,
 }
 
 /// How long a TCP backend that left every Service keeps serving the connections it has.
@@ -664,7 +675,19 @@ impl<M: MapStore> MapWriter<M> {
             endpoint_grace: DEFAULT_ENDPOINT_GRACE,
             vips,
             hairpin: None,
+            draining: BTreeMap::new(),
+            orphans: BTreeMap::new(),
         };
+
+        let named: std::collections::HashSet<u32> = w.revnat_ids.values().copied().collect();
+        let orphan_deadline = Instant::now() + DEFAULT_ENDPOINT_GRACE;
+        w.orphans = w
+            .cur
+            .revnat
+            .keys()
+            .filter(|id| !named.contains(id))
+            .map(|id| (*id, orphan_deadline))
+            .collect();
         // Before any program is attached: maps pinned by a build without the address map (or a
         // crash between writes) leave it behind the frontends, and a frontend whose address is
         // missing is unreachable.
@@ -674,6 +697,11 @@ impl<M: MapStore> MapWriter<M> {
             .keys()
             .map(|f| f.addr)
             .chain(w.vips.keys().copied())
+            .chain(
+                w.orphans
+                    .keys()
+                    .filter_map(|id| w.cur.revnat.get(id).map(|r| r.addr)),
+            )
             .collect();
         // A failure is fatal: the new program must not replace one that did without the map
         // while an address is missing (the pinned links keep the old one serving).
@@ -698,6 +726,16 @@ impl<M: MapStore> MapWriter<M> {
         let mut found = (self.hairpin == Some(addr)).then_some(VIP_F_HAIRPIN);
         for f in self.cur.frontends.range(lo..=hi).map(|(_, f)| f) {
             *found.get_or_insert(0) |= vip_flags_of(f.flags);
+        }
+        // A draining frontend keeps its address (its flows are looked up behind it), with no
+        // flags of its own: new connections to it are not served.
+        let orphaned = || {
+            self.orphans
+                .keys()
+                .any(|id| self.cur.revnat.get(id).is_some_and(|r| r.addr == addr))
+        };
+        if self.draining.range(lo..=hi).next().is_some() || orphaned() {
+            found.get_or_insert(0);
         }
         found
     }
@@ -844,6 +882,7 @@ impl<M: MapStore> MapWriter<M> {
     ) -> Result<ApplyStats> {
         let mut st = ApplyStats::default();
         self.expire_retiring(target, Instant::now(), &mut st)?;
+        self.expire_draining(Instant::now(), &mut st)?;
         let retry: Vec<L4Addr> = self
             .pending
             .iter()
@@ -965,9 +1004,79 @@ impl<M: MapStore> MapWriter<M> {
             }
             st.map_writes += 1;
         }
+        if self.endpoint_grace.is_zero() {
+            if let Some(id) = self.revnat_ids.remove(fe) {
+                self.free_revnat(id)?;
+                st.map_writes += 1;
+            }
+        } else if self.revnat_ids.contains_key(fe) {
+            self.draining
+                .insert(*fe, Instant::now() + self.endpoint_grace);
+            st.frontends_draining += 1;
+        }
+        Ok(())
+    }
+
+    /// Frontends removed but still translating their established flows.
+    pub fn draining(&self) -> impl Iterator<Item = &L4Addr> + '_ {
+        self.draining.keys()
+    }
+
+    /// Let draining frontends and orphaned reverse-NAT entries go once past their deadline
+    /// (`now`); one back in the target stops draining when it is applied.
+    fn expire_draining(&mut self, now: Instant, st: &mut ApplyStats) -> Result<()> {
+        let due: Vec<L4Addr> = self
+            .draining
+            .iter()
+            .filter(|(_, d)| now >= **d)
+            .map(|(fe, _)| *fe)
+            .collect();
+        for fe in due {
+            self.end_draining(&fe)?;
+            st.map_writes += 1;
+        }
+        let due: Vec<u32> = self
+            .orphans
+            .iter()
+            .filter(|(_, d)| now >= **d)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.orphans.remove(&id);
+            let addr = self.cur.revnat.get(&id).map(|r| r.addr);
+            self.free_revnat(id)?;
+            if let Some(addr) = addr {
+                self.settle_vip(addr)?;
+            }
+            st.map_writes += 1;
+        }
+        Ok(())
+    }
+
+    fn end_draining(&mut self, fe: &L4Addr) -> Result<()> {
+        self.draining.remove(fe);
         if let Some(id) = self.revnat_ids.remove(fe) {
             self.free_revnat(id)?;
-            st.map_writes += 1;
+        }
+        self.settle_vip(fe.addr)
+    }
+
+    /// New frontends before old connections: when reverse-NAT ids run out, the draining frontend
+    /// (or orphan) closest to its deadline gives its id up early.
+    fn free_a_draining_revnat(&mut self) -> Result<()> {
+        if let Some((&id, _)) = self.orphans.iter().min_by_key(|(_, d)| **d) {
+            self.orphans.remove(&id);
+            let addr = self.cur.revnat.get(&id).map(|r| r.addr);
+            self.free_revnat(id)?;
+            return addr.map_or(Ok(()), |a| self.settle_vip(a));
+        }
+        if let Some((fe, _)) = self
+            .draining
+            .iter()
+            .min_by_key(|(_, d)| **d)
+            .map(|(fe, d)| (*fe, *d))
+        {
+            self.end_draining(&fe)?;
         }
         Ok(())
     }
@@ -1031,6 +1140,10 @@ impl<M: MapStore> MapWriter<M> {
     /// How long TCP backends that left every Service keep their connections (0: none).
     pub fn set_endpoint_grace(&mut self, grace: Duration) {
         self.endpoint_grace = grace;
+        let deadline = Instant::now() + grace;
+        for d in self.orphans.values_mut() {
+            *d = deadline;
+        }
     }
 
     /// Backends kept for their established connections, by id.
@@ -1068,6 +1181,7 @@ impl<M: MapStore> MapWriter<M> {
     pub fn apply_at(&mut self, target: &Target, now: Instant) -> Result<ApplyStats> {
         let mut st = ApplyStats::default();
         self.expire_retiring(target, now, &mut st)?;
+        self.expire_draining(now, &mut st)?;
         let more = self.apply(target)?;
         Ok(more.merged(st))
     }
@@ -1219,6 +1333,12 @@ impl<M: MapStore> MapWriter<M> {
         let rev_nat_id = match self.revnat_ids.get(fe) {
             Some(&id) => id,
             None => {
+                if self.revnat_space.free_count() == 0
+                    && let Err(e) = self.free_a_draining_revnat()
+                {
+                    self.roll_back(&new_backends, None, st);
+                    return Err(e);
+                }
                 let Some((id, _)) = self.revnat_space.alloc() else {
                     self.roll_back(&new_backends, None, st);
                     bail!(
@@ -1305,6 +1425,8 @@ impl<M: MapStore> MapWriter<M> {
             self.unref(&old.slots, released);
         }
         self.cur.frontends.insert(*fe, want);
+        // Back before its deadline: the same id, so its established flows stay valid.
+        self.draining.remove(fe);
         Ok(())
     }
 

@@ -782,7 +782,8 @@ fn stale_conntrack_entries_are_never_followed() {
     );
     assert_eq!(stat(&l, Stat::CtStale), before + 1);
 
-    // The frontend is deleted and re-created: a new reverse-NAT id.
+    // The frontend is deleted and re-created with no drain period: a new reverse-NAT id.
+    l.writer.set_endpoint_grace(Duration::ZERO);
     let flow = (21000..22000u16)
         .find(|&p| run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[])).0 == NEXT)
         .unwrap();
@@ -1217,6 +1218,8 @@ fn unserved_cluster_ip_ports_are_refused() {
     let (v, _) = run(&mut l, &frame(CLIENT, 41004, VIP, 80, &SYN, &[]));
     assert_eq!(v, NEXT, "served port translated");
 
+    // The ClusterIP Services go, with no drain period (a draining frontend keeps its address).
+    l.writer.set_endpoint_grace(Duration::ZERO);
     let mut t = Target::default();
     let be = addr(BE1, 5000, IPPROTO_TCP);
     t.backends.insert(be, BACKEND_F_ACTIVE);
@@ -1539,7 +1542,9 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     let st = conntrack::pass(&tables, &timeouts, &Default::default()).unwrap();
     assert!(present(&udp(42007)), "{st:?}");
 
-    // The web frontend goes: its flows' entries are stale and go at the next pass.
+    // The web frontend goes (no drain period): its flows' entries are stale and go at the next
+    // pass.
+    l.writer.set_endpoint_grace(Duration::ZERO);
     let mut t = Target::default();
     let udp_be = addr(BE1, 5353, IPPROTO_UDP);
     t.backends.insert(udp_be, BACKEND_F_ACTIVE);
@@ -1763,4 +1768,73 @@ fn a_pod_reaching_itself_through_its_service_is_snated_to_the_hairpin_address() 
     loader::write_config(&mut l.ebpf, None).unwrap();
     let (v, out) = run(&mut l, &frame(BE1, 30001, VIP, 80, &SYN, &[]));
     assert_eq!((v, inspect(&out).src, inspect(&out).dst), (NEXT, BE1, BE1));
+}
+
+/// A removed frontend drains: its established flows keep being translated both ways while its
+/// reverse-NAT entry stays, new connections to it are not served, and a frontend re-created at
+/// the same address and port gets the same id back, so those flows stay valid through it.
+#[test]
+fn a_removed_frontend_drains_its_flows_and_a_recreated_one_keeps_them() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let (v, out) = run(&mut l, &frame(CLIENT, 44000, VIP, 80, &SYN, &[]));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+    let web = addr(VIP, 80, IPPROTO_TCP);
+    let id = l.writer.programmed().frontends[&web].rev_nat_id;
+    // Every Service goes.
+    l.writer.apply(&Target::default()).unwrap();
+    assert!(l.writer.draining().any(|f| *f == web));
+    let (v, out) = run(&mut l, &frame(CLIENT, 44000, VIP, 80, &DATA, &[]));
+    assert_eq!(
+        (v, inspect(&out).dst, inspect(&out).dport),
+        (NEXT, BE1, 5000),
+        "the established flow is still translated"
+    );
+    let (v, out) = run_on(&mut l, EGRESS, &frame(BE1, 5000, CLIENT, 44000, &DATA, &[]));
+    assert_eq!((v, inspect(&out).src), (NEXT, VIP), "and its replies");
+    assert_eq!(stat(&l, Stat::CtDrained), 1);
+    let syn = frame(CLIENT, 44001, VIP, 80, &SYN, &[]);
+    let (v, out) = run(&mut l, &syn);
+    assert_eq!((v, &out), (NEXT, &syn), "a new connection is not served");
+
+    // Re-created: the same reverse-NAT id, and the flow carries on through the frontend.
+    let mut t = Target::default();
+    let be = addr(BE1, 5000, IPPROTO_TCP);
+    t.backends.insert(be, BACKEND_F_ACTIVE);
+    t.frontends
+        .insert(web, frontend("web", Protocol::Tcp, vec![be]));
+    l.writer.apply(&t).unwrap();
+    assert_eq!(l.writer.programmed().frontends[&web].rev_nat_id, id);
+    assert!(
+        !l.writer.draining().any(|f| *f == web),
+        "back, not draining"
+    );
+    let before = stat(&l, Stat::CtForward);
+    let (v, out) = run(&mut l, &frame(CLIENT, 44000, VIP, 80, &DATA, &[]));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+    assert_eq!(
+        stat(&l, Stat::CtForward),
+        before + 1,
+        "followed, not re-selected"
+    );
+
+    // Removed again and past the drain period: the id is freed, the flow is no longer followed.
+    l.writer.apply(&Target::default()).unwrap();
+    l.writer
+        .apply_at(
+            &Target::default(),
+            std::time::Instant::now() + vipx::maps::DEFAULT_ENDPOINT_GRACE,
+        )
+        .unwrap();
+    assert!(l.writer.draining().next().is_none());
+    assert!(l.writer.vips().is_empty(), "{:?}", l.writer.vips());
+    let data = frame(CLIENT, 44000, VIP, 80, &DATA, &[]);
+    let (v, out) = run(&mut l, &data);
+    assert_eq!(
+        (v, &out),
+        (NEXT, &data),
+        "not translated after the drain period"
+    );
 }

@@ -1425,3 +1425,54 @@ fn closed_connections_are_collected_and_idle_ones_kept() {
         a.name
     );
 }
+
+/// A Service deleted while a keep-alive connection runs through it: the connection keeps
+/// working (as netfilter conntrack keeps it behind kube-proxy), new connections are not served,
+/// and when the Service is created again at the same ClusterIP the connection is still on its
+/// pod while new ones are served again.
+#[test]
+fn a_deleted_service_keeps_its_connections_and_a_recreated_one_too() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let a = lab.cluster.add_pod(1).expect("pod on node 1");
+    let b = lab.cluster.add_pod(2).expect("pod on node 2");
+    let service = spec("svc-a", VIP_A, pod_endpoints(&[&a, &b]));
+    lab.service_spec(service.clone());
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[a.ip, b.ip]);
+    let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A)).expect("keep-alive");
+    let pod = conn.request().expect("first request").trim().to_owned();
+
+    std::fs::remove_file(service.path(lab.manifests.path())).expect("deleting the Service");
+    poll(READY, "vipx to remove the Service", || {
+        lab.vipx[0]
+            .services()
+            .is_ok_and(|text| !text.contains(&format!("{VIP_A}:{SERVICE_PORT}/TCP")))
+    });
+    for i in 0..REQUESTS {
+        let body = conn.request().unwrap_or_else(|e| {
+            panic!(
+                "request {i} on a connection through a deleted Service: {e:#} [{}]",
+                lab.cluster.drops()
+            )
+        });
+        assert_eq!(body.trim(), pod, "the connection stays on its pod");
+    }
+    assert!(
+        http_get(lab.client(), vip(VIP_A), Duration::from_millis(500)).is_err(),
+        "a new connection to a deleted Service is not served"
+    );
+
+    lab.service_spec(service);
+    lab.wait_ready(VIP_A, &[a.ip, b.ip]);
+    for i in 0..REQUESTS {
+        let body = conn
+            .request()
+            .unwrap_or_else(|e| panic!("request {i} after the Service came back: {e:#}"));
+        assert_eq!(body.trim(), pod, "still on its pod");
+    }
+    http_get(lab.client(), vip(VIP_A), TIMEOUT).expect("new connections are served again");
+}
