@@ -666,7 +666,20 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     let hash = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
     let mut slot = pick_slot(hash, svc.count);
-    let Some((mut backend_id, mut b)) = slot_backend(svc_key, slot) else {
+    let mut chosen = slot_backend(svc_key, slot);
+    if chosen.is_none() {
+        // The count this packet read was lowered and the slots beyond it removed meanwhile (a
+        // Service shrinking): choose again among what is there, rather than drop the SYN.
+        slot = match SVC4.get_ptr(svc_key) {
+            // SAFETY: value pointer from a successful lookup; read at once.
+            Some(head) if unsafe { (*head).count } != 0 && unsafe { (*head).count } < slot => {
+                pick_slot(hash, unsafe { (*head).count })
+            }
+            _ => 1,
+        };
+        chosen = slot_backend(svc_key, slot);
+    }
+    let Some((mut backend_id, mut b)) = chosen else {
         count(Stat::NoBackend);
         return TC_ACT_SHOT;
     };

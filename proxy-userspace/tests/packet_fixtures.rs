@@ -1838,3 +1838,37 @@ fn a_removed_frontend_drains_its_flows_and_a_recreated_one_keeps_them() {
         "not translated after the drain period"
     );
 }
+
+/// A Service shrinking: the writer lowers the count, then removes the slots beyond it. A SYN that
+/// read the old count and finds its slot gone chooses among what is there instead of being
+/// dropped (here the in-between state is held still: slot 2 gone, the count still 2).
+#[test]
+fn a_syn_that_read_the_old_count_of_a_shrinking_service_is_not_dropped() {
+    if !privileged() {
+        return;
+    }
+    let l = load(&[BE1, BE2]);
+    let mut svc: HashMap<MapData, proxy_common::SvcKey4, proxy_common::SvcValue> =
+        HashMap::try_from(
+            aya::maps::Map::from_map_data(
+                MapData::from_pin(l.pin_dir.join(map_names::SVC4)).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    svc.remove(&proxy_common::SvcKey4::new(
+        VIP,
+        80,
+        IPPROTO_TCP,
+        proxy_common::SCOPE_EXTERNAL,
+        2,
+    ))
+    .unwrap();
+    let mut l = l;
+    for sport in 31000..31100u16 {
+        let (v, out) = run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+        assert_eq!(v, NEXT, "source port {sport}: not dropped");
+        assert_eq!(inspect(&out).dst, BE1, "source port {sport}");
+    }
+    assert_eq!(stat(&l, Stat::NoBackend), 0);
+}
