@@ -112,7 +112,27 @@ struct RawPeriods {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct RawConntrack {
+    tcp_established_timeout: Option<String>,
+    tcp_close_wait_timeout: Option<String>,
+    udp_timeout: Option<String>,
+    udp_stream_timeout: Option<String>,
+}
+
+/// The `conntrack` timeouts of the file; `None`: absent or 0 (vipx's default, which is
+/// kube-proxy's for the TCP ones).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConntrack {
+    pub tcp_established: Option<Duration>,
+    pub tcp_close_wait: Option<Duration>,
+    pub udp: Option<Duration>,
+    pub udp_stream: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct RawConfig {
+    conntrack: Option<RawConntrack>,
     api_version: Option<String>,
     kind: Option<String>,
     hostname_override: Option<String>,
@@ -139,6 +159,7 @@ pub struct FileConfig {
     /// `<mode>.syncPeriod` of the configured `mode` (iptables when unset); 0 means the default.
     pub sync_period: Duration,
     pub min_sync_period: Duration,
+    pub conntrack: FileConntrack,
 }
 
 impl FileConfig {
@@ -178,7 +199,26 @@ impl FileConfig {
             };
             Ok(if d.is_zero() { default } else { d })
         };
+        let ct = raw.conntrack.unwrap_or_default();
+        let timeout = |v: &Option<String>, what: &str| -> Result<Option<Duration>> {
+            match v.as_deref() {
+                None => Ok(None),
+                Some(s) => Ok(Some(
+                    parse_go_duration(s)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("conntrack.{what}"))?,
+                )
+                .filter(|d| !d.is_zero())),
+            }
+        };
+        let conntrack = FileConntrack {
+            tcp_established: timeout(&ct.tcp_established_timeout, "tcpEstablishedTimeout")?,
+            tcp_close_wait: timeout(&ct.tcp_close_wait_timeout, "tcpCloseWaitTimeout")?,
+            udp: timeout(&ct.udp_timeout, "udpTimeout")?,
+            udp_stream: timeout(&ct.udp_stream_timeout, "udpStreamTimeout")?,
+        };
         Ok(Self {
+            conntrack,
             hostname_override: raw
                 .hostname_override
                 .map(|h| h.trim().to_owned())
@@ -300,8 +340,33 @@ nodePortAddresses: null
                 cluster_cidrs: parse_cidrs("10.244.0.0/16").unwrap(),
                 sync_period: DEFAULT_SYNC_PERIOD,
                 min_sync_period: DEFAULT_MIN_SYNC_PERIOD,
+                conntrack: FileConntrack::default(),
             }
         );
+    }
+
+    #[test]
+    fn conntrack_timeouts_from_the_file() {
+        let c = FileConfig::parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             conntrack: {tcpEstablishedTimeout: 2h0m0s, tcpCloseWaitTimeout: 0s, \
+             udpTimeout: 45s, udpStreamTimeout: 5m}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.conntrack,
+            FileConntrack {
+                tcp_established: Some(Duration::from_secs(7200)),
+                tcp_close_wait: None,
+                udp: Some(Duration::from_secs(45)),
+                udp_stream: Some(Duration::from_secs(300)),
+            }
+        );
+        let bad = FileConfig::parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             conntrack: {udpTimeout: soon}\n",
+        );
+        assert!(format!("{:#}", bad.unwrap_err()).contains("conntrack.udpTimeout"));
     }
 
     #[test]

@@ -224,7 +224,7 @@ fn real_main() -> Result<()> {
                 .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
                 .collect::<Result<_>>()?;
             let settings = Settings::resolve(&a)?;
-            let conntrack = conntrack_settings(&a)?;
+            let conntrack = conntrack_settings(&a, settings.file_conntrack.as_ref())?;
             let source = match (a.manifests, a.kubeconfig) {
                 (Some(dir), _) => {
                     if !dir.is_dir() {
@@ -296,17 +296,38 @@ fn hairpin_arg(s: &str) -> Result<HairpinAddr, String> {
 }
 
 /// Conntrack timeouts and collection period from the flags; 0 or absent: the default.
-fn conntrack_settings(a: &RunArgs) -> Result<run::ConntrackSettings> {
+/// With `--config`, the file's `conntrack` timeouts replace kube-proxy's four flags (as in
+/// kube-proxy); vipx's own (closed, syn, interval) still come from the flags.
+fn conntrack_settings(
+    a: &RunArgs,
+    file: Option<&config::FileConntrack>,
+) -> Result<run::ConntrackSettings> {
     let d = vipx::conntrack::Timeouts::default();
     let pick =
         |v: Option<Duration>, default: Duration| v.filter(|v| !v.is_zero()).unwrap_or(default);
+    let kube = |flag: Option<Duration>, from_file: Option<Duration>, default: Duration| match file {
+        Some(_) => from_file.unwrap_or(default),
+        None => pick(flag, default),
+    };
     let timeouts = vipx::conntrack::Timeouts {
-        tcp_established: pick(a.conntrack_tcp_timeout_established, d.tcp_established),
-        tcp_close_wait: pick(a.conntrack_tcp_timeout_close_wait, d.tcp_close_wait),
+        tcp_established: kube(
+            a.conntrack_tcp_timeout_established,
+            file.and_then(|f| f.tcp_established),
+            d.tcp_established,
+        ),
+        tcp_close_wait: kube(
+            a.conntrack_tcp_timeout_close_wait,
+            file.and_then(|f| f.tcp_close_wait),
+            d.tcp_close_wait,
+        ),
         tcp_closed: pick(a.conntrack_tcp_timeout_closed, d.tcp_closed),
         tcp_syn: pick(a.conntrack_tcp_timeout_syn, d.tcp_syn),
-        udp: pick(a.conntrack_udp_timeout, d.udp),
-        udp_stream: pick(a.conntrack_udp_timeout_stream, d.udp_stream),
+        udp: kube(a.conntrack_udp_timeout, file.and_then(|f| f.udp), d.udp),
+        udp_stream: kube(
+            a.conntrack_udp_timeout_stream,
+            file.and_then(|f| f.udp_stream),
+            d.udp_stream,
+        ),
     };
     let gc_interval = pick(a.conntrack_gc_interval, run::DEFAULT_CONNTRACK_GC_INTERVAL);
     // Seen units are ~1.07 s and idle times are compared in them; a year bounds every deadline.
@@ -339,6 +360,8 @@ struct Settings {
     cluster_cidrs: Vec<config::Cidr>,
     sync_period: Duration,
     min_sync_period: Duration,
+    /// With `--config`: its conntrack timeouts, which replace the flags as in kube-proxy.
+    file_conntrack: Option<config::FileConntrack>,
 }
 
 impl Settings {
@@ -381,6 +404,7 @@ impl Settings {
                     .map_err(anyhow::Error::msg)?,
                 sync_period: a.sync_period.unwrap_or(config::DEFAULT_SYNC_PERIOD),
                 min_sync_period: a.min_sync_period.unwrap_or(config::DEFAULT_MIN_SYNC_PERIOD),
+                file_conntrack: None,
             });
         };
         let file = FileConfig::load(path)?;
@@ -391,6 +415,19 @@ impl Settings {
             ("--cluster-cidr", a.cluster_cidr.is_some()),
             ("--sync-period", a.sync_period.is_some()),
             ("--min-sync-period", a.min_sync_period.is_some()),
+            (
+                "--conntrack-tcp-timeout-established",
+                a.conntrack_tcp_timeout_established.is_some(),
+            ),
+            (
+                "--conntrack-tcp-timeout-close-wait",
+                a.conntrack_tcp_timeout_close_wait.is_some(),
+            ),
+            ("--conntrack-udp-timeout", a.conntrack_udp_timeout.is_some()),
+            (
+                "--conntrack-udp-timeout-stream",
+                a.conntrack_udp_timeout_stream.is_some(),
+            ),
         ] {
             if given {
                 tracing::warn!(
@@ -416,6 +453,7 @@ impl Settings {
             cluster_cidrs: file.cluster_cidrs,
             sync_period: file.sync_period,
             min_sync_period: file.min_sync_period,
+            file_conntrack: Some(file.conntrack),
         })
     }
 }
@@ -545,6 +583,44 @@ mod tests {
     }
 
     #[test]
+    fn conntrack_timeouts_from_flags_or_the_file() {
+        let a = run_args(&[
+            "--node-name",
+            "w",
+            "--conntrack-udp-timeout",
+            "10s",
+            "--conntrack-tcp-timeout-closed",
+            "3s",
+            "--conntrack-tcp-timeout-established",
+            "0",
+        ]);
+        let d = vipx::conntrack::Timeouts::default();
+        let flags = conntrack_settings(&a, None).unwrap();
+        assert_eq!(flags.timeouts.udp, Duration::from_secs(10));
+        assert_eq!(flags.timeouts.tcp_closed, Duration::from_secs(3));
+        assert_eq!(
+            flags.timeouts.tcp_established, d.tcp_established,
+            "0: the default"
+        );
+        assert_eq!(flags.gc_interval, run::DEFAULT_CONNTRACK_GC_INTERVAL);
+        let file = config::FileConntrack {
+            udp_stream: Some(Duration::from_secs(300)),
+            ..Default::default()
+        };
+        let from_file = conntrack_settings(&a, Some(&file)).unwrap();
+        assert_eq!(
+            from_file.timeouts.udp, d.udp,
+            "the file replaces kube-proxy's flags"
+        );
+        assert_eq!(from_file.timeouts.udp_stream, Duration::from_secs(300));
+        assert_eq!(
+            from_file.timeouts.tcp_closed,
+            Duration::from_secs(3),
+            "vipx's own flag"
+        );
+    }
+
+    #[test]
     fn kube_proxy_flags_and_their_defaults() {
         let s = Settings::resolve(&run_args(&["--hostname-override", "worker-1"])).unwrap();
         assert_eq!(
@@ -556,6 +632,7 @@ mod tests {
                 cluster_cidrs: vec![],
                 sync_period: Duration::from_secs(30),
                 min_sync_period: Duration::from_secs(1),
+                file_conntrack: None,
             }
         );
         let s = Settings::resolve(&run_args(&[
