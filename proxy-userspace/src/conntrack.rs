@@ -62,6 +62,16 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
+    /// The longest idle time any flow is allowed.
+    fn longest(&self) -> Duration {
+        self.tcp_established
+            .max(self.tcp_close_wait)
+            .max(self.tcp_closed)
+            .max(self.tcp_syn)
+            .max(self.udp)
+            .max(self.udp_stream)
+    }
+
     /// The idle time allowed to a flow with the state bits of both its entries.
     pub fn for_flow(&self, proto: u8, flags: u32) -> Duration {
         if proto == IPPROTO_TCP {
@@ -352,6 +362,13 @@ impl Ids<'_> {
 
 /// One pass over the whole table: removes flows idle past their state's timeout, entries whose
 /// ids were reused or freed, and the UDP flows `purges` name.
+///
+/// A flow is expired when both of its entries are idle past the timeout of their merged state.
+/// An entry idle for less than the shortest timeout its own bits allow cannot be part of an
+/// expired flow, so only the others (candidates) are kept from the walk, and pairs are matched
+/// among them after it: no syscall per entry. An entry whose partner is not a candidate is kept
+/// (its partner is busy, or gone: then it goes once idle past the longest timeout, or to the
+/// LRU). Candidates beyond [`MAX_CANDIDATES`] are checked against the map one by one instead.
 pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Result<PassStats> {
     let started = Instant::now();
     let now = now_seen();
@@ -361,15 +378,18 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
         backends: StdHashMap::new(),
         revnat: StdHashMap::new(),
     };
+    let longest = timeouts.longest();
     let mut st = PassStats::default();
-    // The partner of an expired flow is deleted with it; when the walk reaches it, it is done.
     let mut doomed: Vec<CtKey4> = Vec::new();
-    let mut seen_doomed: HashSet<CtKey4> = HashSet::new();
-    let doom = |k: CtKey4, doomed: &mut Vec<CtKey4>, seen: &mut HashSet<CtKey4>| {
+    // A fast non-cryptographic hash: the keys are the table's own, read at every pass.
+    let mut seen_doomed: FastSet<CtKey4> = FastSet::default();
+    let doom = |k: CtKey4, doomed: &mut Vec<CtKey4>, seen: &mut FastSet<CtKey4>| {
         if seen.insert(k) {
             doomed.push(k);
         }
     };
+    // Gathered in a vector, then indexed at its final size: no rehashing while the walk runs.
+    let mut gathered: Vec<(CtKey4, Candidate)> = Vec::new();
     let mut stats = (0u64, 0u64, 0u64);
     let mut walked = 0u64;
     walk(&tables.ct, |keys, values| {
@@ -389,48 +409,106 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
                 doom(*k, &mut doomed, &mut seen_doomed);
                 continue;
             }
-            let own_idle = idle(now, v.seen);
-            let partner = ids.partner(k, v);
-            let Some(partner) = partner else {
+            let Some(partner) = ids.partner(k, v) else {
                 stats.1 += 1;
                 doom(*k, &mut doomed, &mut seen_doomed);
                 continue;
             };
+            let own_idle = idle(now, v.seen);
             if own_idle <= timeouts.floor(k.proto, v.flags) {
                 continue;
             }
-            // A candidate: the flow's state and last packet are both entries'.
+            if gathered.len() < MAX_CANDIDATES {
+                gathered.push((
+                    *k,
+                    Candidate {
+                        seen: v.seen,
+                        flags: v.flags,
+                        partner,
+                    },
+                ));
+                continue;
+            }
+            // Too many to hold: read the partner now.
             let other = tables.ct.get(&partner, 0).ok();
-            let (flags, last) = match other {
-                Some(o) => {
-                    let mut flags = v.flags | (o.flags & !CT_F_FIN);
-                    if o.flags & CT_F_FIN != 0 {
-                        flags |= FIN_OTHER;
-                    }
-                    let newer = if now.wrapping_sub(o.seen) < now.wrapping_sub(v.seen) {
-                        o.seen
-                    } else {
-                        v.seen
-                    };
-                    (flags, newer)
-                }
-                None => (v.flags, v.seen),
+            let c = Candidate {
+                seen: v.seen,
+                flags: v.flags,
+                partner,
             };
-            if idle(now, last) > timeouts.for_flow(k.proto, flags) {
+            let o = other.map(|o| Candidate {
+                seen: o.seen,
+                flags: o.flags,
+                partner: *k,
+            });
+            if let Some(o) = o
+                && flow_expired(now, timeouts, k.proto, &c, &o)
+            {
                 stats.0 += 1;
                 doom(*k, &mut doomed, &mut seen_doomed);
-                if other.is_some() {
-                    doom(partner, &mut doomed, &mut seen_doomed);
-                }
+                doom(partner, &mut doomed, &mut seen_doomed);
             }
         }
     })
     .context("reading the conntrack map")?;
+    let mut cands: FastMap<CtKey4, Candidate> =
+        FastMap::with_capacity_and_hasher(gathered.len(), Default::default());
+    cands.extend(gathered);
+    for (k, c) in &cands {
+        if seen_doomed.contains(k) {
+            continue;
+        }
+        match cands.get(&c.partner) {
+            // Each pair is seen from both ends; the first decides.
+            Some(o) if o.partner == *k => {
+                if flow_expired(now, timeouts, k.proto, c, o) {
+                    stats.0 += 1;
+                    doom(*k, &mut doomed, &mut seen_doomed);
+                    doom(c.partner, &mut doomed, &mut seen_doomed);
+                }
+            }
+            // The partner is busy, or gone (evicted, removed): idle past every timeout, look.
+            _ if idle(now, c.seen) > longest && tables.ct.get(&c.partner, 0).is_err() => {
+                stats.0 += 1;
+                doom(*k, &mut doomed, &mut seen_doomed);
+            }
+            _ => {}
+        }
+    }
+    drop(cands);
     st.deleted = delete(&tables.ct, &doomed).context("deleting conntrack entries")?;
     (st.expired, st.stale, st.purged) = stats;
     st.entries = walked.saturating_sub(st.deleted);
     st.took = started.elapsed();
     Ok(st)
+}
+
+type FastMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
+/// Candidates held for pairing; about 50 bytes each with the table's overhead, so a pass over a
+/// table of 1M idle entries holds about 50 MB while it runs.
+pub const MAX_CANDIDATES: usize = 1 << 20;
+
+/// An entry idle long enough that its flow may have expired.
+struct Candidate {
+    seen: u32,
+    flags: u32,
+    partner: CtKey4,
+}
+
+/// Whether a flow whose entries are `a` and `b` is idle past its merged state's timeout.
+fn flow_expired(now: u32, timeouts: &Timeouts, proto: u8, a: &Candidate, b: &Candidate) -> bool {
+    let mut flags = a.flags | (b.flags & !CT_F_FIN);
+    if b.flags & CT_F_FIN != 0 {
+        flags |= FIN_OTHER;
+    }
+    let newer = if now.wrapping_sub(b.seen) < now.wrapping_sub(a.seen) {
+        b.seen
+    } else {
+        a.seen
+    };
+    idle(now, newer) > timeouts.for_flow(proto, flags)
 }
 
 /// Derives LRU evictions from what the programs created and removed and what the table holds:

@@ -41,6 +41,10 @@ struct GcArgs {
     /// Share of flows that have ended and are collected by the pass, in percent.
     #[arg(long, default_value_t = 10)]
     expired_percent: u32,
+    /// How long the live flows have been idle, in seconds (established flows are kept for
+    /// 24 h; idle ones make the pass look at both entries of each flow).
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u32,
     /// Runs (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -177,6 +181,7 @@ fn main() -> Result<()> {
 struct GcRow {
     entries: u32,
     expired_percent: u32,
+    idle_seconds: u32,
     /// A pass where nothing is due (the walk alone).
     idle_pass_ms: f64,
     /// A pass that also deletes the ended flows.
@@ -272,6 +277,8 @@ fn ct_gc(a: GcArgs) -> Result<()> {
             )
         };
         let ended = |i: u32| i % 100 < a.expired_percent;
+        // `seen` units are 2^30 ns.
+        let idle_units = (u64::from(a.idle_seconds) * 1_000_000_000 >> 30) as u32;
         let fill = |tables: &mut conntrack::Tables, only_ended: bool| -> Result<()> {
             let now = conntrack::now_seen();
             for i in 0..flows {
@@ -283,7 +290,7 @@ fn ct_gc(a: GcArgs) -> Result<()> {
                 let (seen, fin) = if ended(i) {
                     (now.wrapping_sub(3600), CT_F_FIN)
                 } else {
-                    (now, 0)
+                    (now.wrapping_sub(idle_units), 0)
                 };
                 let f = CtValue {
                     flags: CT_F_FORWARD | fin,
@@ -337,6 +344,7 @@ fn ct_gc(a: GcArgs) -> Result<()> {
         Ok(GcRow {
             entries: a.entries,
             expired_percent: a.expired_percent,
+            idle_seconds: a.idle_seconds,
             idle_pass_ms,
             pass_ms,
             walk_ms: median(&mut walks),
