@@ -131,8 +131,14 @@ pub fn now_seen() -> u32 {
 }
 
 /// `seen` units (2^30 ns) an entry has been idle, as a duration.
+/// An entry touched after the pass read `now` (the walk takes a while) is not idle at all: the
+/// difference is taken as signed, never as a wrap to 146 years.
 fn idle(now: u32, seen: u32) -> Duration {
-    Duration::from_nanos(u64::from(now.wrapping_sub(seen)) << proxy_common::CT_SEEN_SHIFT)
+    let units = now.wrapping_sub(seen) as i32;
+    if units <= 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(u64::from(units.unsigned_abs()) << proxy_common::CT_SEEN_SHIFT)
 }
 
 /// A UDP backend that left a Service: the flows of that frontend (by reverse-NAT id) pinned to
@@ -460,12 +466,10 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
         }
         match cands.get(&c.partner) {
             // Each pair is seen from both ends; the first decides.
-            Some(o) if o.partner == *k => {
-                if flow_expired(now, timeouts, k.proto, c, o) {
-                    stats.0 += 1;
-                    doom(*k, &mut doomed, &mut seen_doomed);
-                    doom(c.partner, &mut doomed, &mut seen_doomed);
-                }
+            Some(o) if o.partner == *k && flow_expired(now, timeouts, k.proto, c, o) => {
+                stats.0 += 1;
+                doom(*k, &mut doomed, &mut seen_doomed);
+                doom(c.partner, &mut doomed, &mut seen_doomed);
             }
             // The partner is busy, or gone (evicted, removed): idle past every timeout, look.
             _ if idle(now, c.seen) > longest && tables.ct.get(&c.partner, 0).is_err() => {
@@ -503,7 +507,8 @@ fn flow_expired(now: u32, timeouts: &Timeouts, proto: u8, a: &Candidate, b: &Can
     if b.flags & CT_F_FIN != 0 {
         flags |= FIN_OTHER;
     }
-    let newer = if now.wrapping_sub(b.seen) < now.wrapping_sub(a.seen) {
+    // The more recently seen entry decides (signed: one touched after `now` is the newest).
+    let newer = if (b.seen.wrapping_sub(a.seen) as i32) > 0 {
         b.seen
     } else {
         a.seen
@@ -698,5 +703,7 @@ mod tests {
         assert_eq!(idle(11, 10), Duration::from_nanos(1 << 30));
         // The coarse clock wraps after ~146 years of uptime; wrapping arithmetic anyway.
         assert_eq!(idle(0, u32::MAX), Duration::from_nanos(1 << 30));
+        // Touched after the pass read the clock: not idle (was read as ~146 years).
+        assert_eq!(idle(10, 11), Duration::ZERO);
     }
 }

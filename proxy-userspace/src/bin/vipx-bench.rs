@@ -278,7 +278,7 @@ fn ct_gc(a: GcArgs) -> Result<()> {
         };
         let ended = |i: u32| i % 100 < a.expired_percent;
         // `seen` units are 2^30 ns.
-        let idle_units = (u64::from(a.idle_seconds) * 1_000_000_000 >> 30) as u32;
+        let idle_units = ((u64::from(a.idle_seconds) * 1_000_000_000) >> 30) as u32;
         let fill = |tables: &mut conntrack::Tables, only_ended: bool| -> Result<()> {
             let now = conntrack::now_seen();
             for i in 0..flows {
