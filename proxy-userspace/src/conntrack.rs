@@ -306,20 +306,34 @@ struct Ids<'a> {
 }
 
 impl Ids<'_> {
+    /// Cached for the pass, read again on a mismatch: an id handed to a new backend during
+    /// the pass must not make that backend's new flows look stale.
     fn backend(&mut self, id: u32, generation: u32) -> Option<Backend4> {
-        let b = *self
+        let ok = |b: &Backend4| b.generation == generation;
+        let cached = *self
             .backends
             .entry(id)
             .or_insert_with(|| self.tables.backends.get(&id, 0).ok());
-        b.filter(|b| b.generation == generation)
+        if let Some(b) = cached.filter(ok) {
+            return Some(b);
+        }
+        let fresh = self.tables.backends.get(&id, 0).ok();
+        self.backends.insert(id, fresh);
+        fresh.filter(ok)
     }
 
     fn revnat(&mut self, id: u32, generation: u32) -> Option<RevNat4> {
-        let r = *self
+        let ok = |r: &RevNat4| r.flags & REVNAT_F_ACTIVE != 0 && r.generation == generation;
+        let cached = *self
             .revnat
             .entry(id)
             .or_insert_with(|| self.tables.revnat.get(&id, 0).ok());
-        r.filter(|r| r.flags & REVNAT_F_ACTIVE != 0 && r.generation == generation)
+        if let Some(r) = cached.filter(ok) {
+            return Some(r);
+        }
+        let fresh = self.tables.revnat.get(&id, 0).ok();
+        self.revnat.insert(id, fresh);
+        fresh.filter(ok)
     }
 
     /// The other entry of the flow `(key, v)` belongs to; `None` when the ids it names no

@@ -180,6 +180,11 @@ pub fn migrate_legacy_conntrack(pin_dir: &Path) -> Result<u64> {
         let mut value: CtValue = bytemuck::Zeroable::zeroed();
         bytemuck::bytes_of_mut(&mut value)[..v.len()].copy_from_slice(&v);
         value.seen = seen;
+        // The old build kept no state: take a carried-over flow as answered, so the collector
+        // gives it the established timeouts, not the never-answered ones.
+        if value.flags & proxy_common::CT_F_REPLY != 0 {
+            value.flags |= proxy_common::CT_F_REPLIED;
+        }
         // BPF_NOEXIST: a tuple the new programs tracked already keeps its newer entry.
         if new.insert(k, value, 1).is_ok() {
             copied += 1;

@@ -1626,7 +1626,8 @@ fn conntrack_of_the_previous_layout_is_carried_over() {
             seen: old_value.seen,
             ..v
         },
-        old_value
+        old_value,
+        "a forward entry is carried over as it was"
     );
     assert!(now.wrapping_sub(v.seen) <= 1, "stamped as seen now");
     assert_eq!(
