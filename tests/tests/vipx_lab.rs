@@ -344,10 +344,11 @@ fn health_and_metrics_report_the_real_data_path() {
         sample(&after, "vipx_map_entries{map=\"VIPX_REVNAT4\"}"),
         Some(2.0)
     );
-    // One ClusterIP address for both ports.
+    // One ClusterIP address for both ports, and the hairpin SNAT address (its answers are
+    // looked up there).
     assert_eq!(
         sample(&after, "vipx_map_entries{map=\"VIPX_VIP4\"}"),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(sample(&after, "vipx_datapath_read_error"), Some(0.0));
     assert!(sample(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").unwrap() > 0.0);
