@@ -174,6 +174,16 @@ impl Flow {
         }
     }
 
+    /// The conntrack state bits this packet sets on the entry of its direction.
+    #[inline(always)]
+    fn ct_state(&self) -> u32 {
+        if self.proto == IPPROTO_TCP {
+            ct_state_of_tcp(self.tcp_flags)
+        } else {
+            0
+        }
+    }
+
     /// The key of the other direction of this tuple.
     #[inline(always)]
     fn reverse_ct_key(&self) -> CtKey4 {
@@ -611,11 +621,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // so a retransmitted SYN lands on the same backend, and a new connection reusing a port is
     // balanced over the current backends.
     let ct_key = flow.ct_key();
-    let tcp_state = if flow.proto == IPPROTO_TCP {
-        ct_state_of_tcp(flow.tcp_flags)
-    } else {
-        0
-    };
+    let tcp_state = flow.ct_state();
     if !syn && let Some(entry) = CT4.get_ptr_mut(ct_key) {
         // SAFETY: value pointer from a successful lookup; copied out at once.
         let ct = unsafe { *entry };
@@ -822,11 +828,7 @@ fn drained_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
         Some(b) if b.generation == ct.backend_gen => b,
         _ => return None,
     };
-    let state = if flow.proto == IPPROTO_TCP {
-        ct_state_of_tcp(flow.tcp_flags)
-    } else {
-        0
-    };
+    let state = flow.ct_state();
     ct_touch(entry, &ct, state);
     count(Stat::CtDrained);
     if ct.flags & CT_F_HAIRPIN != 0
@@ -890,11 +892,7 @@ fn hairpin_reply(ctx: &mut TcContext, flow: &Flow) -> i32 {
         ct_remove(&key);
         return NEXT;
     };
-    let state = if flow.proto == IPPROTO_TCP {
-        ct_state_of_tcp(flow.tcp_flags)
-    } else {
-        0
-    };
+    let state = flow.ct_state();
     ct_touch(entry, &ct, CT_F_REPLIED | state);
     let from_frontend = Nat {
         addr_off: IP_SADDR_OFF,
@@ -1121,11 +1119,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
                 ct_remove(&key);
                 return NEXT;
             };
-            let state = if flow.proto == IPPROTO_TCP {
-                ct_state_of_tcp(flow.tcp_flags)
-            } else {
-                0
-            };
+            let state = flow.ct_state();
             ct_touch(entry, &ct, CT_F_REPLIED | state);
             count(if flow.frag == FRAG_LATER {
                 Stat::FragTranslated

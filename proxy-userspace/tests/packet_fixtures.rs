@@ -741,11 +741,7 @@ fn stale_conntrack_entries_are_never_followed() {
         .unwrap(),
     )
     .unwrap();
-    let ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&l.pin_dir).unwrap();
     let entry = ct
         .get(&ct_key(CLIENT, on_be1, VIP, 80, IPPROTO_TCP), 0)
         .unwrap();
@@ -1367,11 +1363,7 @@ fn conntrack_entries_follow_the_tcp_state() {
         "a retransmission creates nothing"
     );
 
-    let ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&l.pin_dir).unwrap();
     let fwd_key = ct_key(CLIENT, 41000, VIP, 80, IPPROTO_TCP);
     let rep_key = ct_key(BE1, 5000, CLIENT, 41000, IPPROTO_TCP);
     let fwd = ct.get(&fwd_key, 0).unwrap();
@@ -1470,11 +1462,8 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     }
     run_on(&mut l, EGRESS, &frame(BE1, 5353, CLIENT, 42006, &UDP, &[]));
 
-    let mut ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let mut ct: HashMap<MapData, CtKey4, CtValue> =
+        loader::open_pinned_conntrack(&l.pin_dir).unwrap();
     let now = conntrack::now_seen();
     let mut age = |k: CtKey4, units: u32| {
         let mut v = ct.get(&k, 0).unwrap();
@@ -1529,11 +1518,8 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     // Nothing purged now, and the answered UDP flow idle for 40 s lives (stream: 120 s).
     run(&mut l, &frame(CLIENT, 42007, VIP, 53, &UDP, &[]));
     run_on(&mut l, EGRESS, &frame(BE1, 5353, CLIENT, 42007, &UDP, &[]));
-    let mut ct2: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::CT4)).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let mut ct2: HashMap<MapData, CtKey4, CtValue> =
+        loader::open_pinned_conntrack(&l.pin_dir).unwrap();
     for k in [udp(42007), udp_rep(42007)] {
         let mut v = ct2.get(&k, 0).unwrap();
         v.seen = now.wrapping_sub(40);
@@ -1614,11 +1600,7 @@ fn conntrack_of_the_previous_layout_is_carried_over() {
     };
     let _ebpf = loader::load(&pin_dir, sizes).expect("the previous layout is moved aside");
     assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 1);
-    let ct: HashMap<MapData, CtKey4, CtValue> = HashMap::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(pin_dir.join(map_names::CT4)).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&pin_dir).unwrap();
     let v = ct.get(&key, 0).expect("the flow is carried over");
     let now = vipx::conntrack::now_seen();
     assert_eq!(
