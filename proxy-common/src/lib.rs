@@ -25,6 +25,12 @@
 //!   longer match the maps is stale and never used.
 //! - `FRAG4`: LRU `{saddr, daddr, ip id, proto}` -> the ports of the datagram, filled from the
 //!   first fragment so later fragments of a translated datagram are translated too.
+//! - `MAGLEV4`: a flat array of backend ids holding every Maglev lookup table. Entry 0 holds the
+//!   table size M (a prime) so the kernel and a restarted vipx read the geometry from the map
+//!   itself; table `t` (1-based) occupies `[1 + (t-1)*M, 1 + t*M)`. A frontend with
+//!   `SVC_F_MAGLEV` names its table in slot 0's `backend_id` (0 = none: slot hashing). A table is
+//!   written whole before slot 0 points at it and reused only after a quarantine, so the one
+//!   hash update of slot 0 is the atomic swap (aya-ebpf 0.2.1 has no usable map-of-maps).
 //! - `STATS`: per-CPU counters indexed by `Stat`.
 //!
 //! IPv6 gets parallel `*6` maps with 16-byte addresses later; ids are shared between families.
@@ -41,6 +47,7 @@ pub mod map_names {
     pub const CT4: &str = "VIPX_CT4";
     pub const FRAG4: &str = "VIPX_FRAG4";
     pub const AFFINITY4: &str = "VIPX_AFFINITY4";
+    pub const MAGLEV4: &str = "VIPX_MAGLEV4";
     pub const STATS: &str = "VIPX_STATS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
@@ -73,6 +80,14 @@ pub mod defaults {
     pub const FRAG4_ENTRIES: u32 = 8_192;
     /// Client addresses remembered per Service port with `sessionAffinity: ClientIP`.
     pub const AFFINITY4_ENTRIES: u32 = 65_536;
+    /// Maglev table size M (a prime, > 100 x the backends of a Service for the paper's balance
+    /// of about 1%).
+    pub const MAGLEV_TABLE_SIZE: u32 = 1_021;
+    /// Maglev tables (each M backend ids): about two per Maglev frontend while one changes.
+    /// 4096 x 1021 x 4 bytes = 16 MiB.
+    pub const MAGLEV_TABLES: u32 = 4_096;
+    /// The largest table size: a table position must fit `AffinityValue::slot` (u16).
+    pub const MAGLEV_TABLE_SIZE_MAX: u32 = 65_521;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -158,9 +173,15 @@ pub const SVC_F_AFFINITY: u16 = 1 << 5;
 /// kube-proxy does. Without it, a frontend with no usable backend (say, none local under a Local
 /// traffic policy) drops them.
 pub const SVC_F_REJECT: u16 = 1 << 6;
+/// New flows choose their backend through the frontend's Maglev table (slot 0's `backend_id`
+/// names it, 1-based); without a table (table space exhausted) they fall back to slot hashing.
+pub const SVC_F_MAGLEV: u16 = 1 << 7;
 
-/// Value of `SVC4`. In slot 0: `count`, `rev_nat_id`, `flags`, `affinity_timeout_s`;
-/// in slot n: `backend_id`.
+/// Value of `SVC4`. In slot 0: `count`, `rev_nat_id`, `flags`, `affinity_timeout_s`, and in
+/// `backend_id` the Maglev table number (1-based, 0 = none; see `MAGLEV4`); in slot n:
+/// `backend_id`. The table number reuses slot 0's otherwise unused field rather than growing the
+/// value, so maps pinned by an earlier build (which wrote 0 there: "no table") stay usable and
+/// an upgrade keeps its connections.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SvcValue {
@@ -289,6 +310,10 @@ pub struct AffinityKey4 {
 /// frontend's reverse-NAT generation, and when (monotonic nanoseconds). Followed only while the
 /// frontend is the same one and that slot still names that backend (kube-proxy's `recent` lists
 /// belong to endpoint chains and go with them). Refreshed by every new flow that follows it.
+/// For a frontend with a Maglev table, `slot` is the table position plus one when the table
+/// chose the backend, and the check is that the current table still names the backend there:
+/// Maglev keeps every position of a backend that stays when another one is removed, and all but
+/// about 1/(N+1) of them when one is added.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityValue {
@@ -371,12 +396,15 @@ pub enum Stat {
     Hairpin,
     /// Packets of established flows whose frontend was removed, translated while it drains.
     CtDrained,
+    /// New flows of a Maglev frontend that has no table (table space exhausted) or whose table
+    /// entry named no live backend: chosen by slot hashing instead.
+    MaglevFallback,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 25] = [
+    pub const ALL: [Stat; 26] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -402,6 +430,7 @@ impl Stat {
         Stat::CtUntracked,
         Stat::Hairpin,
         Stat::CtDrained,
+        Stat::MaglevFallback,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -431,6 +460,7 @@ impl Stat {
             Stat::CtUntracked => "ct_untracked",
             Stat::Hairpin => "hairpin",
             Stat::CtDrained => "ct_drained",
+            Stat::MaglevFallback => "maglev_fallback",
         }
     }
 }

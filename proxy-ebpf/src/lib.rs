@@ -151,6 +151,21 @@ pub const fn pick_slot(hash: u32, count: u16) -> u16 {
     (((hash as u64) * (count as u64)) >> 32) as u16 + 1
 }
 
+/// Position (0..m) in a Maglev table of size `m` for a flow hash: multiply-shift as in
+/// [`pick_slot`] (no division, uniform). Userspace predicts backends with the same function.
+#[inline(always)]
+pub const fn maglev_index(hash: u32, m: u32) -> u32 {
+    (((hash as u64) * (m as u64)) >> 32) as u32
+}
+
+/// Index in the flat Maglev array of position `pos` of table `table` (1-based; entry 0 of the
+/// array holds `m`). Wrapping: an out-of-range result fails the array lookup, never panics.
+#[inline(always)]
+pub const fn maglev_entry(table: u32, m: u32, pos: u32) -> u32 {
+    1u32.wrapping_add(table.wrapping_sub(1).wrapping_mul(m))
+        .wrapping_add(pos)
+}
+
 /// The slot after `slot` (1..=count, wrapping to 1). `count` must be non-zero.
 #[inline(always)]
 pub const fn next_slot(slot: u16, count: u16) -> u16 {
@@ -289,6 +304,17 @@ mod tests {
             hdr[16..20].copy_from_slice(&new);
             hdr[10..12].copy_from_slice(&check);
             assert_eq!(csum_fold(&hdr, 0), 0, "after rewriting to {new:?}");
+        }
+    }
+
+    #[test]
+    fn maglev_positions_stay_in_their_table() {
+        for m in [7u32, 1021, 65_521] {
+            for h in [0u32, 1, u32::MAX / 2, u32::MAX] {
+                assert!(maglev_index(h, m) < m, "h={h} m={m}");
+            }
+            assert_eq!(maglev_entry(1, m, 0), 1);
+            assert_eq!(maglev_entry(2, m, m - 1), 2 * m);
         }
     }
 

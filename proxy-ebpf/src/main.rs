@@ -25,7 +25,7 @@ use proxy_common::{
     AffinityKey4, AffinityValue, Backend4, CONFIG_HAIRPIN_ADDR, CONFIG_LEN, CT_F_FORWARD,
     CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
     FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4,
-    SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_REJECT, Stat, SvcKey4, SvcValue,
+    SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue,
     VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen, defaults,
 };
 use vipx_ebpf::{
@@ -33,7 +33,8 @@ use vipx_ebpf::{
     ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF, IP_PROTO_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN,
     L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN,
     csum_replace2, csum_replace4, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment,
-    is_icmp_error, is_later_fragment, is_tcp_close, is_tcp_syn, next_slot, pick_slot,
+    is_icmp_error, is_later_fragment, is_tcp_close, is_tcp_syn, maglev_entry, maglev_index,
+    next_slot, pick_slot,
 };
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
@@ -60,6 +61,12 @@ static CT4: LruHashMap<CtKey4, CtValue> = LruHashMap::pinned(defaults::CT4_ENTRI
 #[map(name = "VIPX_AFFINITY4")]
 static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> =
     LruHashMap::pinned(defaults::AFFINITY4_ENTRIES, 0);
+
+// Pinned: a restarted vipx keeps the tables its frontends point at. Entry 0 holds the table size;
+// userspace sizes it to 1 + size x tables.
+#[map(name = "VIPX_MAGLEV4")]
+static MAGLEV4: Array<u32> =
+    Array::pinned(1 + defaults::MAGLEV_TABLE_SIZE * defaults::MAGLEV_TABLES, 0);
 
 // Not pinned: a datagram's fragments arrive within milliseconds, nothing to keep across restarts.
 #[map(name = "VIPX_FRAG4")]
@@ -569,6 +576,30 @@ fn slot_backend(svc_key: SvcKey4, slot: u16) -> Option<(u32, Backend4)> {
     Some((id, backend(id)?))
 }
 
+/// The backend at table position `pos` (0-based) of Maglev table `table`, if it names a live one.
+#[inline(always)]
+fn maglev_at(table: u32, m: u32, pos: u32) -> Option<(u32, Backend4)> {
+    let id = *MAGLEV4.get(maglev_entry(table, m, pos))?;
+    Some((id, backend(id)?))
+}
+
+/// The Maglev choice for a flow hash: (table position, backend id, backend). `None` when the
+/// frontend has no table or the entry names no live backend (a table a packet read just before
+/// a swap may name a backend freed since): the caller falls back to slot hashing.
+#[inline(always)]
+fn maglev_pick(table: u32, hash: u32) -> Option<(u32, u32, Backend4)> {
+    if table == 0 {
+        return None;
+    }
+    let m = *MAGLEV4.get(0)?;
+    if m == 0 {
+        return None;
+    }
+    let pos = maglev_index(hash, m);
+    let (id, b) = maglev_at(table, m, pos)?;
+    Some((pos, id, b))
+}
+
 /// TC ingress on the host side of a pod's veth: packets the pod sends.
 #[classifier]
 pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
@@ -671,23 +702,47 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         count(Stat::CtMissNonSyn);
     }
     let hash = flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto);
-    let mut slot = pick_slot(hash, svc.count);
-    let mut chosen = slot_backend(svc_key, slot);
-    if chosen.is_none() {
-        // The count this packet read was lowered and the slots beyond it removed meanwhile (a
-        // Service shrinking): choose again among what is there, rather than drop the SYN.
-        slot = match SVC4.get_ptr(svc_key) {
-            // SAFETY: value pointer from a successful lookup; read at once.
-            Some(head) if unsafe { (*head).count } != 0 && unsafe { (*head).count } < slot => {
-                pick_slot(hash, unsafe { (*head).count })
+    // Maglev frontends: slot 0's `backend_id` names the table (0: none). `slot` stays 0 while the
+    // table made the choice; `pos` is then the table position plus one (what affinity keeps).
+    let table = if svc.flags & SVC_F_MAGLEV != 0 {
+        svc.backend_id
+    } else {
+        0
+    };
+    let mut slot = 0;
+    let mut pos = 0u16;
+    let (mut backend_id, mut b) = match maglev_pick(table, hash) {
+        Some((p, id, b)) => {
+            pos = (p as u16).wrapping_add(1);
+            (id, b)
+        }
+        None => {
+            if svc.flags & SVC_F_MAGLEV != 0 {
+                count(Stat::MaglevFallback);
             }
-            _ => 1,
-        };
-        chosen = slot_backend(svc_key, slot);
-    }
-    let Some((mut backend_id, mut b)) = chosen else {
-        count(Stat::NoBackend);
-        return TC_ACT_SHOT;
+            slot = pick_slot(hash, svc.count);
+            let mut chosen = slot_backend(svc_key, slot);
+            if chosen.is_none() {
+                // The count this packet read was lowered and the slots beyond it removed
+                // meanwhile (a Service shrinking): choose again among what is there, rather than
+                // drop the SYN.
+                slot = match SVC4.get_ptr(svc_key) {
+                    // SAFETY: value pointer from a successful lookup; read at once.
+                    Some(head)
+                        if unsafe { (*head).count } != 0 && unsafe { (*head).count } < slot =>
+                    {
+                        pick_slot(hash, unsafe { (*head).count })
+                    }
+                    _ => 1,
+                };
+                chosen = slot_backend(svc_key, slot);
+            }
+            let Some(chosen) = chosen else {
+                count(Stat::NoBackend);
+                return TC_ACT_SHOT;
+            };
+            chosen
+        }
     };
     let rev_nat_gen = match REVNAT4.get(svc.rev_nat_id) {
         Some(r) => r.generation,
@@ -710,16 +765,43 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         // SAFETY: value pointer from a successful lookup; copied out at once.
         let a = unsafe { *a };
         let fresh = now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-        if fresh
-            && a.rev_nat_gen == rev_nat_gen
-            && a.slot >= 1
-            && a.slot <= svc.count
-            && let Some((id, kept)) = slot_backend(svc_key, a.slot)
-            && id == a.backend_id
-            && kept.generation == a.backend_gen
-        {
-            count(Stat::AffinityHit);
-            (slot, backend_id, b) = (a.slot, id, kept);
+        if fresh && a.rev_nat_gen == rev_nat_gen && a.slot >= 1 {
+            // Still a backend of this frontend: where the choice was made (the Maglev table
+            // position, or the slot) still names it with the same generation.
+            let in_table = if table != 0
+                && let Some(m) = MAGLEV4.get(0)
+                && u32::from(a.slot) <= *m
+            {
+                maglev_at(table, *m, u32::from(a.slot) - 1)
+            } else {
+                None
+            };
+            let in_slot = || {
+                if a.slot <= svc.count {
+                    slot_backend(svc_key, a.slot)
+                } else {
+                    None
+                }
+            };
+            let kept = match in_table {
+                Some((id, kept)) if id == a.backend_id && kept.generation == a.backend_gen => {
+                    pos = a.slot;
+                    slot = 0;
+                    Some((id, kept))
+                }
+                _ => match in_slot() {
+                    Some((id, kept)) if id == a.backend_id && kept.generation == a.backend_gen => {
+                        slot = a.slot;
+                        pos = 0;
+                        Some((id, kept))
+                    }
+                    _ => None,
+                },
+            };
+            if let Some((id, kept)) = kept {
+                count(Stat::AffinityHit);
+                (backend_id, b) = (id, kept);
+            }
         }
     }
     // A pod sent to itself through its own Service (hairpin) would get its answer from its own
@@ -727,7 +809,18 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // a retransmitted SYN makes the same choice.
     if b.addr == flow.saddr && svc.count > 1 {
         count(Stat::HairpinAvoided);
-        slot = next_slot(slot, svc.count);
+        slot = if slot == 0 {
+            // The Maglev table chose the client: the slot list decides instead, skipping the
+            // client's own slot.
+            let s = pick_slot(hash, svc.count);
+            match slot_backend(svc_key, s) {
+                Some((_, other)) if other.addr != flow.saddr => s,
+                _ => next_slot(s, svc.count),
+            }
+        } else {
+            next_slot(slot, svc.count)
+        };
+        pos = 0;
         let Some(next) = slot_backend(svc_key, slot) else {
             count(Stat::NoBackend);
             return TC_ACT_SHOT;
@@ -783,7 +876,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
             backend_gen: b.generation,
             last_ns: now,
             rev_nat_gen,
-            slot,
+            slot: if pos != 0 { pos } else { slot },
             _pad: 0,
         };
         let _ = AFFINITY4.insert(affinity_key, v, 0);

@@ -115,6 +115,35 @@ pub struct ServicePort {
     pub affinity_timeout_s: Option<u32>,
     pub internal_local: bool,
     pub external_local: bool,
+    /// The Service's `vipx.io/lb-algorithm` annotation; `None`: the `--lb-algorithm` default.
+    pub lb_algorithm: Option<LbAlgorithm>,
+}
+
+/// How a new flow picks among a frontend's backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LbAlgorithm {
+    /// Maglev consistent hashing: a backend change moves only the flows it must.
+    #[default]
+    Maglev,
+    /// The flow hash scaled to the slot count: any change of the count moves most flows.
+    Hash,
+}
+
+impl LbAlgorithm {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LbAlgorithm::Maglev => "maglev",
+            LbAlgorithm::Hash => "hash",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "maglev" => Some(LbAlgorithm::Maglev),
+            "hash" => Some(LbAlgorithm::Hash),
+            _ => None,
+        }
+    }
 }
 
 impl ServicePort {

@@ -2,7 +2,8 @@
 //! instead of whole API objects.
 //!
 //! A digest holds exactly the fields `translate` reads, in a smaller form (an endpoint's address
-//! parsed, the node names of a slice's endpoints shared); managedFields, annotations, other
+//! parsed, the node names of a slice's endpoints shared); managedFields, annotations (but
+//! `vipx.io/lb-algorithm`), other
 //! labels, target references and the rest are dropped on arrival. `to_object` gives back an object with
 //! only those fields, which `translate` turns into the same desired state and the same problems as
 //! the original (`translates_like_the_original` checks this on every fixture manifest).
@@ -25,7 +26,10 @@ use k8s_openapi::{
 
 use crate::{
     source::{ClusterObjects, Problem},
-    translate::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE},
+    translate::{
+        ANNOTATION_LB_ALGORITHM, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+        LABEL_ZONE,
+    },
 };
 
 /// Labels kube-proxy selects away, reduced to whether one is there (`translate` reads no more).
@@ -64,6 +68,8 @@ pub struct ServiceDigest {
     spec: Option<Box<SpecDigest>>,
     /// `status.loadBalancer.ingress` entries with an IP: (ip, ipMode).
     lb_ingress: Vec<(String, Option<String>)>,
+    /// The `vipx.io/lb-algorithm` annotation as written (`translate` reports a bad one).
+    lb_algorithm: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +96,12 @@ struct PortDigest {
 impl ServiceDigest {
     pub fn of(service: Service) -> Self {
         let for_another_proxy = for_another_proxy(&service.metadata);
+        let lb_algorithm = service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
+            .cloned();
         let spec = service.spec.map(|s| {
             Box::new(SpecDigest {
                 type_: s.type_,
@@ -128,6 +140,7 @@ impl ServiceDigest {
             for_another_proxy,
             spec,
             lb_ingress,
+            lb_algorithm,
         }
     }
 
@@ -179,12 +192,17 @@ impl ServiceDigest {
             }),
             ..ServiceStatus::default()
         });
+        let mut metadata = meta(
+            namespace,
+            name,
+            another_proxy_labels(self.for_another_proxy),
+        );
+        metadata.annotations = self
+            .lb_algorithm
+            .as_ref()
+            .map(|v| BTreeMap::from([(ANNOTATION_LB_ALGORITHM.to_owned(), v.clone())]));
         Service {
-            metadata: meta(
-                namespace,
-                name,
-                another_proxy_labels(self.for_another_proxy),
-            ),
+            metadata,
             spec,
             status,
         }

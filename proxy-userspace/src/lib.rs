@@ -5,6 +5,7 @@ pub mod conntrack;
 pub mod desired;
 pub mod digest;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod run;
 pub mod serve;

@@ -36,6 +36,25 @@ pub struct MapSizes {
     pub backends: u32,
     pub revnat: u32,
     pub conntrack: u32,
+    /// Maglev table size M (prime).
+    pub maglev_table_size: u32,
+    /// Maglev tables (0: Maglev off, every frontend hashes over its slots).
+    pub maglev_tables: u32,
+}
+
+impl MapSizes {
+    /// Entries of the Maglev map: the size in entry 0, then the tables.
+    pub fn maglev_entries(&self) -> Result<u32> {
+        self.maglev_table_size
+            .checked_mul(self.maglev_tables)
+            .and_then(|n| n.checked_add(1))
+            .with_context(|| {
+                format!(
+                    "--maglev-table-size {} x --max-maglev-tables {} is too large",
+                    self.maglev_table_size, self.maglev_tables
+                )
+            })
+    }
 }
 
 impl Default for MapSizes {
@@ -45,6 +64,8 @@ impl Default for MapSizes {
             backends: defaults::BACKEND4_ENTRIES,
             revnat: defaults::REVNAT4_ENTRIES,
             conntrack: defaults::CT4_ENTRIES,
+            maglev_table_size: defaults::MAGLEV_TABLE_SIZE,
+            maglev_tables: defaults::MAGLEV_TABLES,
         }
     }
 }
@@ -99,16 +120,19 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
     if EBPF_OBJECT.is_empty() {
         bail!("this vipx was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
     }
+    crate::maglev::check_table_size(sizes.maglev_table_size).map_err(anyhow::Error::msg)?;
+    let maglev_entries = sizes.maglev_entries()?;
     prepare_pin_dir(pin_dir)?;
     set_aside_legacy_conntrack(pin_dir)?;
     check_pins(pin_dir, sizes)?;
-    EbpfLoader::new()
+    let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(map_names::SVC4, sizes.services)
         .map_max_entries(map_names::BACKEND4, sizes.backends)
         .map_max_entries(map_names::REVNAT4, sizes.revnat)
         .map_max_entries(map_names::VIP4, sizes.revnat)
         .map_max_entries(map_names::CT4, sizes.conntrack)
+        .map_max_entries(map_names::MAGLEV4, maglev_entries)
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(
@@ -116,7 +140,17 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
                  sizes or layouts must be removed first)",
                 pin_dir.display()
             )
-        })
+        })?;
+    // The table size, where the kernel and a restarted vipx read it (a pin already has it:
+    // `check_pins` made sure it is the same).
+    let mut maglev: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::MAGLEV4)
+            .context("map VIPX_MAGLEV4 missing from the object")?,
+    )?;
+    if maglev.get(&0, 0)? != sizes.maglev_table_size {
+        maglev.set(0, sizes.maglev_table_size, 0)?;
+    }
+    Ok(ebpf)
 }
 
 /// The conntrack value of the build before entries carried `seen` (20 bytes: ids, generations,
@@ -247,6 +281,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             defaults::AFFINITY4_ENTRIES,
             "(a fixed size)",
         ),
+        (
+            map_names::MAGLEV4,
+            4,
+            4,
+            sizes.maglev_entries()?,
+            "--maglev-table-size x --max-maglev-tables (+1)",
+        ),
     ];
     for (name, key, value, entries, flag) in expected {
         let path = pin_dir.join(name);
@@ -279,6 +320,23 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             );
         }
     }
+    // Same entries with another table size (say 1021 x 4096 tables pinned, 4093 x ... asked):
+    // the tables would be read with the wrong stride.
+    let path = pin_dir.join(map_names::MAGLEV4);
+    if path.exists() {
+        let pinned: Array<MapData, u32> = from_pin(pin_dir, map_names::MAGLEV4)?;
+        let m = pinned.get(&0, 0)?;
+        if m != 0 && m != sizes.maglev_table_size {
+            bail!(
+                "pinned map {} holds Maglev tables of size {m} but --maglev-table-size asks for \
+                 {}: run with --maglev-table-size {m} or remove {} to start afresh (the \
+                 connections it tracks are lost)",
+                path.display(),
+                sizes.maglev_table_size,
+                pin_dir.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -299,6 +357,7 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         vip: take(ebpf, map_names::VIP4)?,
         backend: take(ebpf, map_names::BACKEND4)?,
         revnat: take(ebpf, map_names::REVNAT4)?,
+        maglev: take(ebpf, map_names::MAGLEV4)?,
     })
 }
 
@@ -324,6 +383,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         vip: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::VIP4)?,
         backend: from_pin::<Array<MapData, _>>(pin_dir, map_names::BACKEND4)?,
         revnat: from_pin::<Array<MapData, _>>(pin_dir, map_names::REVNAT4)?,
+        maglev: from_pin::<Array<MapData, _>>(pin_dir, map_names::MAGLEV4)?,
     })
 }
 

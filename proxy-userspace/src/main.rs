@@ -4,6 +4,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use vipx::{
     config::{self, FileConfig},
+    desired::LbAlgorithm,
     loader::{self, MapSizes},
     run::{self, RunOptions, StateFile},
     serve,
@@ -196,6 +197,28 @@ struct RunArgs {
     /// at once.
     #[arg(long, default_value_t = vipx::maps::DEFAULT_ENDPOINT_GRACE.as_secs())]
     endpoint_grace_seconds: u64,
+    /// How new flows pick a backend when the Service has no `vipx.io/lb-algorithm` annotation:
+    /// `maglev` (consistent hashing: a backend change moves only the flows it must) or `hash`
+    /// (flow hash over the backend slots).
+    #[arg(long, default_value = "maglev", value_parser = lb_algorithm_arg)]
+    lb_algorithm: LbAlgorithm,
+    /// Maglev table size M, a prime (at most 65521); about 100 x the largest backend count
+    /// keeps each backend's share within 1%.
+    #[arg(long, default_value_t = MapSizes::default().maglev_table_size, value_parser = maglev_size_arg)]
+    maglev_table_size: u32,
+    /// Maglev tables (one per Maglev frontend, two while it changes). The map is allocated in
+    /// full: size x tables x 4 bytes (16 MiB by default). 0 turns Maglev off.
+    #[arg(long, default_value_t = MapSizes::default().maglev_tables)]
+    max_maglev_tables: u32,
+}
+
+fn lb_algorithm_arg(s: &str) -> Result<LbAlgorithm, String> {
+    LbAlgorithm::parse(s).ok_or_else(|| format!("unknown algorithm {s:?} (maglev or hash)"))
+}
+
+fn maglev_size_arg(s: &str) -> Result<u32, String> {
+    let m: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    vipx::maglev::check_table_size(m).map(|()| m)
 }
 
 fn main() -> ExitCode {
@@ -252,7 +275,10 @@ fn real_main() -> Result<()> {
                     backends: a.max_backends,
                     revnat: a.max_frontends,
                     conntrack: a.max_conntrack,
+                    maglev_table_size: a.maglev_table_size,
+                    maglev_tables: a.max_maglev_tables,
                 },
+                lb_algorithm: a.lb_algorithm,
                 resync: settings.sync_period.max(Duration::from_secs(1)),
                 min_sync: settings.min_sync_period,
                 endpoint_grace: Duration::from_secs(a.endpoint_grace_seconds),

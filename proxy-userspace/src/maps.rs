@@ -25,11 +25,14 @@ use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
     RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
-    VIP_F_HAIRPIN, Vip4, VipKey4,
+    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_REJECT, SvcKey4, SvcValue,
+    VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
 };
 
-use crate::desired::{DesiredState, FrontendKind, Protocol, ServicePortName};
+use crate::{
+    desired::{DesiredState, FrontendKind, LbAlgorithm, Protocol, ServicePortName},
+    maglev,
+};
 
 /// An IPv4 L3/L4 address: what a frontend or a backend is identified by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -54,6 +57,8 @@ pub struct FrontendEntry {
     pub affinity_timeout_s: u32,
     /// Backend ids of slots 1..=n.
     pub slots: Vec<u32>,
+    /// The Maglev table new flows use (1-based, 0 = none), with `SVC_F_MAGLEV` in `flags`.
+    pub maglev_table: u32,
 }
 
 /// What the kernel maps say, decoded.
@@ -80,6 +85,8 @@ pub struct TargetFrontend {
     pub flags: u16,
     pub affinity_timeout_s: u32,
     pub slots: Vec<L4Addr>,
+    /// The Service's choice; `None`: the writer's default (`--lb-algorithm`).
+    pub lb_algorithm: Option<LbAlgorithm>,
 }
 
 /// What a Service uses that this version does not program, gathered over its ports so that it
@@ -255,6 +262,7 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
                 flags,
                 affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
                 slots,
+                lb_algorithm: sp.lb_algorithm,
             };
             if let Some(prev) = t.frontends.get(&key) {
                 problems.push(format!(
@@ -416,6 +424,8 @@ pub struct ServiceMaps {
     pub vip: HashMap<MapData, VipKey4, Vip4>,
     pub backend: Array<MapData, Backend4>,
     pub revnat: Array<MapData, RevNat4>,
+    /// Entry 0: the table size; then the tables (see `proxy_common`'s `MAGLEV4`).
+    pub maglev: Array<MapData, u32>,
 }
 
 /// Everything the writer resumes from: the decoded state and every id's generation.
@@ -444,6 +454,12 @@ pub trait MapStore {
     /// Remove; an absent address is not an error.
     fn vip_remove(&mut self, addr: Ipv4Addr) -> Result<()>;
     fn read_back(&self) -> Result<ReadBack>;
+    /// (table size M, number of tables); 0 tables: no Maglev.
+    fn maglev_geometry(&self) -> (u32, u32);
+    /// Write table `table` (1-based) whole: `ids.len()` is M.
+    fn maglev_write(&mut self, table: u32, ids: &[u32]) -> Result<()>;
+    /// Read table `table` (1-based): M ids.
+    fn maglev_read(&self, table: u32) -> Result<Vec<u32>>;
 }
 
 impl MapStore for ServiceMaps {
@@ -511,6 +527,110 @@ impl MapStore for ServiceMaps {
             .collect();
         Ok(r)
     }
+
+    fn maglev_geometry(&self) -> (u32, u32) {
+        match self.maglev.get(&0, 0) {
+            Ok(m) if m != 0 => (m, self.maglev.len().saturating_sub(1) / m),
+            _ => (0, 0),
+        }
+    }
+
+    fn maglev_read(&self, table: u32) -> Result<Vec<u32>> {
+        let (m, tables) = self.maglev_geometry();
+        if table == 0 || table > tables {
+            bail!("Maglev table {table} of {tables}");
+        }
+        let base = 1 + (table - 1) * m;
+        (base..base + m)
+            .map(|pos| Ok(self.maglev.get(&pos, 0)?))
+            .collect()
+    }
+
+    fn maglev_write(&mut self, table: u32, ids: &[u32]) -> Result<()> {
+        let (m, tables) = self.maglev_geometry();
+        if table == 0 || table > tables || ids.len() != m as usize {
+            bail!(
+                "Maglev table {table} of {tables} (size {m}) cannot take {} entries",
+                ids.len()
+            );
+        }
+        let base = 1 + (table - 1) * m;
+        // The table is not reachable until slot 0 names it, so it may be written in pieces:
+        // one batch syscall (a table of 1021 entries one by one costs ~1 ms), or entry by entry
+        // on kernels without batch updates of arrays (before 5.6).
+        let keys: Vec<u32> = (base..base + m).collect();
+        match update_batch(&self.maglev, &keys, ids) {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::debug!("batch update of Maglev table {table}: {e}; one by one"),
+        }
+        for (pos, id) in keys.into_iter().zip(ids) {
+            self.maglev
+                .set(pos, id, 0)
+                .with_context(|| format!("writing Maglev table {table}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (aya 0.14 has no batch operations): `keys[i]` -> `values[i]`.
+fn update_batch(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use aya::maps::IterableMap as _;
+    /// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        map_fd: u32,
+        _pad0: u32,
+        keys: u64,
+        values: u64,
+        count: u32,
+        _pad1: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    if keys.len() != values.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    let Ok(count) = u32::try_from(keys.len()) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        map_fd: fd as u32,
+        _pad0: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        _pad1: 0,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) reads `count` keys and values from the slices, which outlive the call, and
+    // writes back only `attr.count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count != count {
+        return Err(std::io::Error::other(format!(
+            "batch update wrote {} of {count} entries",
+            attr.count
+        )));
+    }
+    Ok(())
 }
 
 impl ServiceMaps {
@@ -546,6 +666,7 @@ fn decode(
                     flags: v.flags,
                     affinity_timeout_s: v.affinity_timeout_s,
                     slots: Vec::new(),
+                    maglev_table: v.backend_id,
                 },
             );
         } else {
@@ -559,6 +680,7 @@ fn decode(
             flags: 0,
             affinity_timeout_s: 0,
             slots: Vec::new(),
+            maglev_table: 0,
         });
         let n = s.keys().copied().max().unwrap_or(0);
         entry.slots = (1..=n).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
@@ -631,6 +753,70 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     /// Active reverse-NAT entries no frontend named when the maps were adopted (frontends that
     /// were draining when vipx stopped): freed at their deadline.
     orphans: BTreeMap<u32, Instant>,
+    maglev: MaglevTables,
+}
+
+/// The Maglev table space: which tables are free, which wait out their quarantine.
+#[derive(Debug)]
+struct MaglevTables {
+    /// Table size M; 0 when the map has no table space.
+    m: u32,
+    /// Frontends without an `lb_algorithm` of their own use Maglev.
+    default_on: bool,
+    /// Free tables, lowest first.
+    free: BTreeSet<u32>,
+    /// Tables slot 0 stopped naming, with when: a packet that read slot 0 just before may still
+    /// be reading them, so they are not rewritten before `quarantine` has passed.
+    quarantined: VecDeque<(u32, Instant)>,
+    quarantine: Duration,
+    /// Maglev frontends left without a table (space exhausted): slot hashing until one is free;
+    /// every apply retries them.
+    starved: BTreeSet<L4Addr>,
+    /// Exhaustion is logged once until a table is found again.
+    warned: bool,
+}
+
+/// How long a table slot 0 no longer names stays untouched (far longer than any packet's run).
+pub const MAGLEV_QUARANTINE: Duration = Duration::from_secs(1);
+
+impl MaglevTables {
+    fn new(m: u32, tables: u32, in_use: &BTreeSet<u32>) -> Self {
+        let m = if tables == 0 { 0 } else { m };
+        Self {
+            m,
+            default_on: true,
+            free: (1..=tables).filter(|t| !in_use.contains(t)).collect(),
+            quarantined: VecDeque::new(),
+            quarantine: MAGLEV_QUARANTINE,
+            starved: BTreeSet::new(),
+            warned: false,
+        }
+    }
+
+    fn alloc(&mut self, now: Instant) -> Option<u32> {
+        while let Some(&(t, since)) = self.quarantined.front() {
+            if now.saturating_duration_since(since) < self.quarantine {
+                break;
+            }
+            self.quarantined.pop_front();
+            self.free.insert(t);
+        }
+        self.free.pop_first()
+    }
+
+    /// Never named by slot 0: free at once.
+    fn give_back(&mut self, t: u32) {
+        if t != 0 {
+            self.free.insert(t);
+        }
+    }
+
+    /// No longer named by slot 0: free after the quarantine.
+    fn retire(&mut self, t: u32, now: Instant) {
+        if t != 0 {
+            self.quarantined.push_back((t, now));
+        }
+    }
 }
 
 /// How long a TCP backend that left every Service keeps serving the connections it has.
@@ -662,7 +848,18 @@ impl<M: MapStore> MapWriter<M> {
         let revnat_space = IdSpace::new(revnat_gens, |id| {
             cur.revnat.contains_key(&id) || named.contains(&id)
         });
+        let (m, tables) = maps.maglev_geometry();
+        // Tables slot 0 names stay theirs (their pinned contents are trusted like the slots);
+        // a number beyond the table space (never written by this geometry) is dropped by the
+        // first apply, which gives the frontend a fresh table.
+        let named_tables: BTreeSet<u32> = cur
+            .frontends
+            .values()
+            .map(|f| f.maglev_table)
+            .filter(|t| (1..=tables).contains(t))
+            .collect();
         let mut w = Self {
+            maglev: MaglevTables::new(m, tables, &named_tables),
             maps,
             cur,
             backend_ids,
@@ -883,12 +1080,19 @@ impl<M: MapStore> MapWriter<M> {
         let mut st = ApplyStats::default();
         self.expire_retiring(target, Instant::now(), &mut st)?;
         self.expire_draining(Instant::now(), &mut st)?;
-        let retry: Vec<L4Addr> = self
+        let mut retry: Vec<L4Addr> = self
             .pending
             .iter()
             .filter(|k| !frontends.contains(k))
             .copied()
             .collect();
+        // Maglev frontends waiting for a table: another frontend may have freed one.
+        retry.extend(
+            self.maglev
+                .starved
+                .iter()
+                .filter(|k| !frontends.contains(k) && !self.pending.contains(k)),
+        );
         let keys = || frontends.iter().chain(&retry);
         for k in &retry {
             self.pending.remove(k);
@@ -995,6 +1199,8 @@ impl<M: MapStore> MapWriter<M> {
             .with_context(|| format!("removing frontend {fe}"))?;
         st.map_writes += 1;
         self.cur.frontends.remove(fe);
+        self.maglev.starved.remove(fe);
+        self.maglev.retire(old.maglev_table, Instant::now());
         st.frontends_removed += 1;
         self.unref(&old.slots, released);
         for slot in 1..=old.slots.len() {
@@ -1135,6 +1341,21 @@ impl<M: MapStore> MapWriter<M> {
             st.backends_removed += 1;
         }
         Ok(())
+    }
+
+    /// The algorithm of frontends whose Service names none (`--lb-algorithm`).
+    pub fn set_default_lb_algorithm(&mut self, algorithm: LbAlgorithm) {
+        self.maglev.default_on = algorithm == LbAlgorithm::Maglev;
+    }
+
+    /// How long a Maglev table slot 0 stopped naming stays untouched (tests).
+    pub fn set_maglev_quarantine(&mut self, quarantine: Duration) {
+        self.maglev.quarantine = quarantine;
+    }
+
+    /// Maglev frontends without a table (table space exhausted): they hash over slots.
+    pub fn maglev_starved(&self) -> &BTreeSet<L4Addr> {
+        &self.maglev.starved
     }
 
     /// How long TCP backends that left every Service keep their connections (0: none).
@@ -1384,11 +1605,55 @@ impl<M: MapStore> MapWriter<M> {
                 .insert(rev_nat_id, L4Addr { proto: 0, ..*fe });
         }
 
+        let maglev = self.maglev.m != 0
+            && !slots.is_empty()
+            && t.lb_algorithm
+                .map_or(self.maglev.default_on, |a| a == LbAlgorithm::Maglev);
+        let flags = if maglev {
+            t.flags | SVC_F_MAGLEV
+        } else {
+            t.flags
+        };
+        // The table depends only on the backends: kept while the slots are the same.
+        let kept_table = self
+            .cur
+            .frontends
+            .get(fe)
+            .filter(|o| maglev && o.flags & SVC_F_MAGLEV != 0 && o.slots == slots)
+            .map(|o| o.maglev_table)
+            .filter(|&t| t != 0 && !self.maglev.free.contains(&t));
+        let mut new_table = 0;
+        let maglev_table = match kept_table {
+            Some(t) => t,
+            None if maglev => {
+                let prev = self
+                    .cur
+                    .frontends
+                    .get(fe)
+                    .filter(|o| o.flags & SVC_F_MAGLEV != 0)
+                    .map_or(0, |o| o.maglev_table);
+                new_table = match self.write_maglev_table(fe, &slots, prev, st) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.roll_back(&new_backends, new_revnat, st);
+                        return Err(e);
+                    }
+                };
+                new_table
+            }
+            None => 0,
+        };
+        if maglev && maglev_table == 0 {
+            self.maglev.starved.insert(*fe);
+        } else {
+            self.maglev.starved.remove(fe);
+        }
         let want = FrontendEntry {
             rev_nat_id,
-            flags: t.flags,
+            flags,
             affinity_timeout_s: t.affinity_timeout_s,
             slots,
+            maglev_table,
         };
         let old = self.cur.frontends.get(fe);
         if old == Some(&want) {
@@ -1401,9 +1666,17 @@ impl<M: MapStore> MapWriter<M> {
         {
             Ok(writes) => st.map_writes += writes,
             Err(e) => {
+                // Slot 0 never named the new table.
+                self.maglev.give_back(new_table);
                 self.roll_back(&new_backends, new_revnat, st);
                 return Err(e);
             }
+        }
+        if let Some(o) = &old
+            && o.maglev_table != want.maglev_table
+            && (1..=self.maglev_capacity()).contains(&o.maglev_table)
+        {
+            self.maglev.retire(o.maglev_table, Instant::now());
         }
         match &old {
             None => st.frontends_added += 1,
@@ -1428,6 +1701,55 @@ impl<M: MapStore> MapWriter<M> {
         // Back before its deadline: the same id, so its established flows stay valid.
         self.draining.remove(fe);
         Ok(())
+    }
+
+    fn maglev_capacity(&self) -> u32 {
+        self.maps.maglev_geometry().1
+    }
+
+    /// A new table for `slots` (backend ids, already written), derived from the frontend's
+    /// table in use (`prev`, 0: none) so that only the flows that must move do, and written
+    /// whole into a free table that no slot 0 names: the caller's slot 0 write is the swap.
+    /// 0: no table is free (the frontend hashes over its slots until one is; logged once,
+    /// counted by the kernel).
+    fn write_maglev_table(
+        &mut self,
+        fe: &L4Addr,
+        slots: &[u32],
+        prev: u32,
+        st: &mut ApplyStats,
+    ) -> Result<u32> {
+        let Some(table) = self.maglev.alloc(Instant::now()) else {
+            if !self.maglev.warned {
+                self.maglev.warned = true;
+                tracing::warn!(
+                    frontend = %fe,
+                    "no free Maglev table (raise --max-maglev-tables): frontends without one \
+                     use slot hashing (vipx_datapath_events_total{{reason=\"maglev_fallback\"}})"
+                );
+            }
+            return Ok(0);
+        };
+        self.maglev.warned = false;
+        let backends: Vec<(L4Addr, u32)> = slots
+            .iter()
+            .filter_map(|id| self.cur.backends.get(id).map(|(a, _)| (*a, *id)))
+            .collect();
+        let prev = if (1..=self.maglev_capacity()).contains(&prev) {
+            self.maps.maglev_read(prev).unwrap_or_else(|e| {
+                tracing::warn!("reading the Maglev table of {fe}: {e:#}; building afresh");
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
+        let ids = maglev::repopulate(&prev, &backends, self.maglev.m);
+        if let Err(e) = self.maps.maglev_write(table, &ids) {
+            self.maglev.give_back(table);
+            return Err(e).with_context(|| format!("writing the Maglev table of {fe}"));
+        }
+        st.map_writes += 1;
+        Ok(table)
     }
 
     /// Write one frontend so that at every moment slot 0's count only covers written slots, and
@@ -1468,7 +1790,8 @@ impl<M: MapStore> MapWriter<M> {
                 rewritten.push((key, was));
             }
             let head = SvcValue {
-                backend_id: 0,
+                // Slot 0's backend id names the Maglev table; this write is the table swap.
+                backend_id: new.maglev_table,
                 rev_nat_id: new.rev_nat_id,
                 count: slot_u16(new.slots.len())?,
                 flags: new.flags,
@@ -1592,6 +1915,7 @@ mod tests {
                 affinity_timeout_s: Some(60),
                 internal_local: false,
                 external_local: false,
+                lb_algorithm: None,
             },
         );
         let (t, problems) = target(&d);
@@ -1640,6 +1964,7 @@ mod tests {
             affinity_timeout_s: None,
             internal_local: false,
             external_local: false,
+            lb_algorithm: None,
         };
         let v6_ep = |a: &str| Endpoint {
             addr: a.parse().unwrap(),
@@ -1695,6 +2020,11 @@ mod tests {
         vips_max: usize,
         backends: Vec<Backend4>,
         revnat: Vec<RevNat4>,
+        maglev_m: u32,
+        /// Table t (1-based) at index t - 1.
+        maglev: Vec<Vec<u32>>,
+        /// Every table write, in order (tests of the swap order).
+        maglev_writes: Vec<u32>,
     }
 
     impl FakeMaps {
@@ -1706,7 +2036,25 @@ mod tests {
                 vips_max: usize::MAX,
                 backends: vec![Backend4::default(); backends],
                 revnat: vec![RevNat4::default(); revnat],
+                maglev_m: 13,
+                maglev: vec![Vec::new(); 8],
+                maglev_writes: Vec::new(),
             }
+        }
+
+        fn with_maglev(mut self, m: u32, tables: usize) -> Self {
+            self.maglev_m = m;
+            self.maglev = vec![Vec::new(); tables];
+            self
+        }
+
+        /// Tables some slot 0 names.
+        fn named_tables(&self) -> BTreeSet<u32> {
+            self.svc
+                .iter()
+                .filter(|(k, v)| k.slot == 0 && v.flags & SVC_F_MAGLEV != 0 && v.backend_id != 0)
+                .map(|(_, v)| v.backend_id)
+                .collect()
         }
 
         /// What the data path relies on: a frontend's count covers written slots, each naming an
@@ -1726,6 +2074,16 @@ mod tests {
                     "{k:?}: reverse-NAT {} inactive",
                     v.rev_nat_id
                 );
+                if v.flags & SVC_F_MAGLEV != 0 && v.backend_id != 0 {
+                    // The table is whole and names exactly the frontend's slot backends.
+                    let table = &self.maglev[v.backend_id as usize - 1];
+                    assert_eq!(table.len(), self.maglev_m as usize, "{k:?}: table size");
+                    let slots: BTreeSet<u32> = (1..=v.count)
+                        .filter_map(|i| self.svc.get(&k.with_slot(i)).map(|s| s.backend_id))
+                        .collect();
+                    let named: BTreeSet<u32> = table.iter().copied().collect();
+                    assert_eq!(named, slots, "{k:?}: table and slots disagree");
+                }
                 for slot in 1..=v.count {
                     let s = self.svc.get(&k.with_slot(slot));
                     let s = s.unwrap_or_else(|| panic!("{k:?}: slot {slot} missing"));
@@ -1749,6 +2107,22 @@ mod tests {
         fn svc_insert(&mut self, key: SvcKey4, value: SvcValue) -> Result<()> {
             if !self.svc.contains_key(&key) && self.svc.len() >= self.svc_max {
                 bail!("map full (E2BIG)");
+            }
+            if key.slot == 0 && value.flags & SVC_F_MAGLEV != 0 && value.backend_id != 0 {
+                // Slot 0 names only a table already written whole, of live backends.
+                let t = &self.maglev[value.backend_id as usize - 1];
+                assert_eq!(
+                    t.len(),
+                    self.maglev_m as usize,
+                    "table named before written"
+                );
+                assert!(
+                    t.iter().all(|id| self
+                        .backends
+                        .get(*id as usize)
+                        .is_some_and(Backend4::is_active)),
+                    "table names an inactive backend"
+                );
             }
             self.svc.insert(key, value);
             Ok(())
@@ -1804,6 +2178,31 @@ mod tests {
             Ok(())
         }
 
+        fn maglev_geometry(&self) -> (u32, u32) {
+            (self.maglev_m, self.maglev.len() as u32)
+        }
+
+        fn maglev_read(&self, table: u32) -> Result<Vec<u32>> {
+            let t = self.maglev.get((table as usize).wrapping_sub(1));
+            Ok(t.context("Maglev table out of range")?.clone())
+        }
+
+        fn maglev_write(&mut self, table: u32, ids: &[u32]) -> Result<()> {
+            // The swap's premise: a table a frontend reads is never rewritten.
+            assert!(
+                !self.named_tables().contains(&table),
+                "Maglev table {table} rewritten while a frontend uses it"
+            );
+            assert_eq!(ids.len(), self.maglev_m as usize);
+            let t = self
+                .maglev
+                .get_mut((table as usize).wrapping_sub(1))
+                .context("Maglev table out of range")?;
+            *t = ids.to_vec();
+            self.maglev_writes.push(table);
+            Ok(())
+        }
+
         fn read_back(&self) -> Result<ReadBack> {
             let svc: Vec<_> = self.svc.iter().map(|(k, v)| (*k, *v)).collect();
             let mut r = decode(&svc, &self.backends, &self.revnat)?;
@@ -1842,6 +2241,7 @@ mod tests {
                     flags: SVC_F_CLUSTER_IP,
                     affinity_timeout_s: 0,
                     slots: backends.iter().map(|b| be(*b)).collect(),
+                    lb_algorithm: None,
                 },
             );
         }
@@ -1853,6 +2253,133 @@ mod tests {
             .iter()
             .map(|f| f.service.as_ref().map_or("?".into(), |s| s.name.clone()))
             .collect()
+    }
+
+    fn head(w: &MapWriter<FakeMaps>, fe: &L4Addr) -> SvcValue {
+        w.maps().svc[&svc_key(fe, 0)]
+    }
+
+    fn table_of(w: &MapWriter<FakeMaps>, fe: &L4Addr) -> Vec<u32> {
+        let t = head(w, fe).backend_id;
+        assert_ne!(t, 0, "{fe} has no Maglev table");
+        w.maps().maglev[t as usize - 1].clone()
+    }
+
+    #[test]
+    fn maglev_table_swaps_only_after_it_is_written_and_old_ones_wait_out_a_quarantine() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(31, 3)).unwrap();
+        w.set_endpoint_grace(Duration::ZERO);
+        w.set_maglev_quarantine(Duration::from_secs(3600));
+        w.apply(&target_of(&[(1, &[1, 2, 3, 4])])).unwrap();
+        w.maps().assert_consistent();
+        let h = head(&w, &vip(1));
+        assert!(h.flags & SVC_F_MAGLEV != 0);
+        let first = h.backend_id;
+        let before = table_of(&w, &vip(1));
+        let id_of = |w: &MapWriter<FakeMaps>, n: u8| {
+            *w.programmed()
+                .backends
+                .iter()
+                .find(|(_, (a, _))| *a == be(n))
+                .unwrap()
+                .0
+        };
+        let removed = id_of(&w, 3);
+
+        // Remove one of four: a new table, and only the removed backend's positions changed.
+        w.apply(&target_of(&[(1, &[1, 2, 4])])).unwrap();
+        w.maps().assert_consistent();
+        let second = head(&w, &vip(1)).backend_id;
+        assert_ne!(second, first, "rewritten in place");
+        let after = table_of(&w, &vip(1));
+        for (pos, (a, b)) in before.iter().zip(&after).enumerate() {
+            assert!(
+                a == b || *a == removed,
+                "position {pos} moved from {a} to {b}"
+            );
+        }
+        // The old table is not touched while quarantined.
+        assert_eq!(w.maps().maglev[first as usize - 1], before);
+
+        // Add one back: a third table; the quarantine keeps both old ones, so the next change
+        // finds no table and the frontend hashes over its slots (still correct, flagged).
+        w.apply(&target_of(&[(1, &[1, 2, 4, 5])])).unwrap();
+        w.maps().assert_consistent();
+        let third = head(&w, &vip(1)).backend_id;
+        assert!(![0, first, second].contains(&third));
+        w.apply(&target_of(&[(1, &[1, 2, 5])])).unwrap();
+        w.maps().assert_consistent();
+        let h = head(&w, &vip(1));
+        assert!(h.flags & SVC_F_MAGLEV != 0 && h.backend_id == 0);
+        assert_eq!(w.maglev_starved().len(), 1);
+
+        // Once the quarantine has passed, the next apply (even with no change) gives it one.
+        w.set_maglev_quarantine(Duration::ZERO);
+        w.apply(&target_of(&[(1, &[1, 2, 5])])).unwrap();
+        w.maps().assert_consistent();
+        assert_ne!(head(&w, &vip(1)).backend_id, 0);
+        assert!(w.maglev_starved().is_empty());
+
+        // Removing the frontend frees its table.
+        w.apply(&target_of(&[])).unwrap();
+        assert!(w.maps().svc.is_empty());
+        w.apply(&target_of(&[(2, &[1])])).unwrap();
+        w.maps().assert_consistent();
+    }
+
+    #[test]
+    fn lb_algorithm_per_service_with_a_default() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(13, 4)).unwrap();
+        let mut t = target_of(&[(1, &[1, 2]), (2, &[1, 2]), (3, &[])]);
+        t.frontends.get_mut(&vip(2)).unwrap().lb_algorithm = Some(LbAlgorithm::Hash);
+        w.apply(&t).unwrap();
+        w.maps().assert_consistent();
+        assert!(head(&w, &vip(1)).flags & SVC_F_MAGLEV != 0);
+        assert!(head(&w, &vip(2)).flags & SVC_F_MAGLEV == 0);
+        assert_eq!(head(&w, &vip(2)).backend_id, 0);
+        // No backends: nothing to hash over, no table.
+        assert_eq!(head(&w, &vip(3)).backend_id, 0);
+
+        w.set_default_lb_algorithm(LbAlgorithm::Hash);
+        t.frontends.get_mut(&vip(2)).unwrap().lb_algorithm = Some(LbAlgorithm::Maglev);
+        w.apply(&t).unwrap();
+        w.maps().assert_consistent();
+        assert!(head(&w, &vip(1)).flags & SVC_F_MAGLEV == 0);
+        assert!(head(&w, &vip(2)).flags & SVC_F_MAGLEV != 0);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_tables_and_derives_the_next_from_them() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(31, 4)).unwrap();
+        w.set_endpoint_grace(Duration::ZERO);
+        let t = target_of(&[(1, &[1, 2, 3, 4])]);
+        w.apply(&t).unwrap();
+        let before = table_of(&w, &vip(1));
+        let writes = w.maps().maglev_writes.len();
+
+        let mut w = MapWriter::new(w.into_maps()).unwrap();
+        w.set_endpoint_grace(Duration::ZERO);
+        let st = w.apply(&t).unwrap();
+        assert!(st.is_noop(), "{st:?}");
+        assert_eq!(
+            w.maps().maglev_writes.len(),
+            writes,
+            "table rewritten after restart"
+        );
+
+        let removed = head(&w, &vip(1));
+        let gone = *w
+            .programmed()
+            .backends
+            .iter()
+            .find(|(_, (a, _))| *a == be(4))
+            .unwrap()
+            .0;
+        w.apply(&target_of(&[(1, &[1, 2, 3])])).unwrap();
+        w.maps().assert_consistent();
+        assert_ne!(head(&w, &vip(1)).backend_id, removed.backend_id);
+        let after = table_of(&w, &vip(1));
+        assert!(before.iter().zip(&after).all(|(a, b)| a == b || *a == gone));
     }
 
     #[test]

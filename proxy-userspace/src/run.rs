@@ -55,6 +55,8 @@ pub struct RunOptions {
     /// Where a pod's flow to its own Service that lands on itself is SNATed from (`None`: not
     /// SNATed; the pod then cannot reach itself through its Service).
     pub hairpin: Option<std::net::Ipv4Addr>,
+    /// How frontends of Services without `vipx.io/lb-algorithm` pick backends.
+    pub lb_algorithm: crate::desired::LbAlgorithm,
     /// `/healthz` and `/livez` (kube-proxy: 0.0.0.0:10256); `None`: not served.
     pub healthz_bind: Option<SocketAddr>,
     /// `/metrics` (kube-proxy: 127.0.0.1:10249); `None`: not served.
@@ -755,6 +757,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_endpoint_grace(opts.endpoint_grace);
     // Before the programs are swapped in: their hairpin answers must find the address.
     writer.set_hairpin(opts.hairpin)?;
+    writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
     // After the swap: the old programs no longer write the old map.
     match loader::migrate_legacy_conntrack(&opts.pin_dir) {

@@ -29,7 +29,8 @@ use k8s_openapi::api::{
 
 use crate::{
     desired::{
-        DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort, ServicePortName,
+        DesiredState, Endpoint, Frontend, FrontendKind, LbAlgorithm, Protocol, ServicePort,
+        ServicePortName,
     },
     source::ClusterObjects,
 };
@@ -40,6 +41,9 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// On a Service (or slice): headless, nothing to proxy.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// On a Service: `maglev` or `hash`, how its new flows pick a backend (default: vipx's
+/// `--lb-algorithm`).
+pub const ANNOTATION_LB_ALGORITHM: &str = "vipx.io/lb-algorithm";
 /// On a Node: its zone, for topology hints.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default.
@@ -357,6 +361,7 @@ struct ServiceInfo {
     internal_local: bool,
     external_local: bool,
     affinity_timeout_s: Option<u32>,
+    lb_algorithm: Option<LbAlgorithm>,
 }
 
 impl ServiceInfo {
@@ -547,7 +552,26 @@ fn service_info(
         }
     };
 
+    let lb_algorithm = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
+    {
+        None => None,
+        Some(v) => {
+            let parsed = LbAlgorithm::parse(v.trim());
+            if parsed.is_none() {
+                warnings.push(format!(
+                    "unknown {ANNOTATION_LB_ALGORITHM} {v:?} (maglev or hash), using the default"
+                ));
+            }
+            parsed
+        }
+    };
+
     Ok(Some(ServiceInfo {
+        lb_algorithm,
         cluster_ips,
         external_ips,
         lb_ips,
@@ -653,6 +677,7 @@ fn translate_port(
             affinity_timeout_s: info.affinity_timeout_s,
             internal_local: info.internal_local,
             external_local: info.external_local,
+            lb_algorithm: info.lb_algorithm,
         },
     ))
 }
@@ -1758,6 +1783,39 @@ mod tests {
         );
         assert_eq!(port.affinity_timeout_s, None);
         assert!(!port.internal_local && !port.external_local);
+    }
+
+    /// `vipx.io/lb-algorithm` passes through (also through the change tracker's digests, which
+    /// `run` checks); an unknown value is reported and the default used.
+    #[test]
+    fn lb_algorithm_annotation() {
+        let annotated = |v: &str| {
+            WEB.replace(
+                "          namespace: shop\n",
+                &format!(
+                    "          namespace: shop\n          annotations:\n            vipx.io/lb-algorithm: {v}\n"
+                ),
+            )
+        };
+        for (value, want, problems) in [
+            ("maglev", Some(LbAlgorithm::Maglev), 0),
+            ("hash", Some(LbAlgorithm::Hash), 0),
+            ("random", None, 1),
+        ] {
+            let t = run(&format!("{}---{WEB_SLICE}", annotated(value)), "worker-1");
+            let port = t.state.services.values().next().expect("web is translated");
+            assert_eq!(port.lb_algorithm, want, "{value}");
+            assert_eq!(t.problems.len(), problems, "{value}: {:?}", t.problems);
+            if problems > 0 {
+                assert!(
+                    t.problems[0].contains("vipx.io/lb-algorithm"),
+                    "{:?}",
+                    t.problems
+                );
+            }
+        }
+        let t = run(&format!("{WEB}---{WEB_SLICE}"), "worker-1");
+        assert_eq!(t.state.services.values().next().unwrap().lb_algorithm, None);
     }
 
     #[test]

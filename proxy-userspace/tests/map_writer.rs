@@ -70,6 +70,8 @@ fn sizes(services: u32, backends: u32) -> MapSizes {
         backends,
         revnat: 16,
         conntrack: 64,
+        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+        maglev_tables: 64,
     }
 }
 
@@ -108,6 +110,7 @@ fn target(services: &[(u8, &[u8])]) -> Target {
                 flags: SVC_F_CLUSTER_IP,
                 affinity_timeout_s: 0,
                 slots: backends.iter().map(|b| be(*b)).collect(),
+                lb_algorithm: None,
             },
         );
     }

@@ -103,6 +103,7 @@ fn frontend(name: &str, proto: Protocol, slots: Vec<L4Addr>) -> TargetFrontend {
         flags: proxy_common::SVC_F_CLUSTER_IP | reject,
         affinity_timeout_s: 0,
         slots,
+        lb_algorithm: None,
     }
 }
 
@@ -119,6 +120,8 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
         backends: 1024,
         revnat: 256,
         conntrack: 4096,
+        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+        maglev_tables: 64,
     };
     let mut ebpf = loader::load(&pin_dir, sizes).expect("load eBPF object");
     let maps = loader::service_maps(&mut ebpf).unwrap();
@@ -627,6 +630,8 @@ fn restart_adopts_pinned_state() {
             backends: 1024,
             revnat: 256,
             conntrack: 4096,
+            maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+            maglev_tables: 64,
         },
     )
     .unwrap();
@@ -644,6 +649,8 @@ fn restart_adopts_pinned_state() {
             backends: 1024,
             revnat: 256,
             conntrack: 8192,
+            maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+            maglev_tables: 64,
         },
     );
     let Err(err) = refused else {

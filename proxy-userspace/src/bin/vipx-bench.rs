@@ -18,7 +18,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{BACKEND_F_ACTIVE, IPPROTO_TCP, SVC_F_CLUSTER_IP, Stat, prog_names};
 use serde::Serialize;
 use vipx::{
-    desired::{Protocol, ServicePortName},
+    desired::{LbAlgorithm, Protocol, ServicePortName},
     loader::{self, MapSizes},
     maps::{L4Addr, MapWriter, Target, TargetFrontend},
     source::ClusterObjects,
@@ -81,6 +81,13 @@ struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// How the services pick backends (`maglev` or `hash`); a SYN's cost depends on it.
+    #[arg(long, default_value = "maglev", value_parser = lb_algorithm_arg)]
+    lb_algorithm: LbAlgorithm,
+}
+
+fn lb_algorithm_arg(s: &str) -> Result<LbAlgorithm, String> {
+    LbAlgorithm::parse(s).ok_or_else(|| format!("unknown algorithm {s:?} (maglev or hash)"))
 }
 
 const TC_ACT_OK: u32 = 0;
@@ -385,10 +392,18 @@ fn packet(a: Args) -> Result<()> {
             backends: (n * a.backends + 2).max(1024),
             revnat: (n + 2).max(1024),
             conntrack: 65_536,
+            maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+            // One per service (none changes during the run).
+            maglev_tables: if a.lb_algorithm == LbAlgorithm::Maglev {
+                n + 2
+            } else {
+                0
+            },
         };
         let result = (|| -> Result<()> {
             let mut ebpf = loader::load(&pin_dir, sizes)?;
             let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
+            writer.set_default_lb_algorithm(a.lb_algorithm);
             let mut t = Target::default();
             for i in 0..n {
                 let slots: Vec<L4Addr> = (0..a.backends)
@@ -420,6 +435,7 @@ fn packet(a: Args) -> Result<()> {
                         flags: SVC_F_CLUSTER_IP,
                         affinity_timeout_s: 0,
                         slots,
+                        lb_algorithm: None,
                     },
                 );
             }
@@ -652,6 +668,9 @@ fn control_plane(a: CpArgs) -> Result<()> {
         backends: (a.services * (a.endpoints + 1) + 1024) as u32,
         revnat: (a.services + 1024) as u32,
         conntrack: 65_536,
+        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+        // Two per service: one in use, one while it changes.
+        maglev_tables: (2 * a.services + 1024) as u32,
     };
     let mut full = Vec::new();
     let mut full_tr = Vec::new();
