@@ -23,7 +23,7 @@ use proxy_common::{
     CT_F_STATE, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, Stat, map_names, prog_names,
 };
 use vipx::{
-    desired::{Protocol, ServicePortName},
+    desired::{LbAlgorithm, Protocol, ServicePortName},
     loader::{self, MapSizes},
     maps::{L4Addr, MapWriter, Target, TargetFrontend},
 };
@@ -1861,4 +1861,156 @@ fn a_syn_that_read_the_old_count_of_a_shrinking_service_is_not_dropped() {
         assert_eq!(inspect(&out).dst, BE1, "source port {sport}");
     }
     assert_eq!(stat(&l, Stat::NoBackend), 0);
+}
+
+/// The Maglev table the writer put behind the web frontend, read from the pinned maps as the
+/// kernel reads it: (table size, backend id per position).
+fn maglev_table(l: &Loaded) -> (u32, Vec<u32>) {
+    let svc: HashMap<MapData, proxy_common::SvcKey4, proxy_common::SvcValue> = HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(l.pin_dir.join(map_names::SVC4)).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let maglev: Array<MapData, u32> = Array::try_from(
+        aya::maps::Map::from_map_data(
+            MapData::from_pin(l.pin_dir.join(map_names::MAGLEV4)).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let head = svc
+        .get(&vipx::maps::svc_key(&addr(VIP, 80, IPPROTO_TCP), 0), 0)
+        .unwrap();
+    assert!(
+        head.flags & proxy_common::SVC_F_MAGLEV != 0,
+        "web is not a Maglev frontend"
+    );
+    let table = head.backend_id;
+    assert_ne!(table, 0, "web has no Maglev table");
+    let m = maglev.get(&0, 0).unwrap();
+    let base = 1 + (table - 1) * m;
+    (
+        m,
+        (base..base + m)
+            .map(|i| maglev.get(&i, 0).unwrap())
+            .collect(),
+    )
+}
+
+fn backend_addr(l: &Loaded, id: u32) -> [u8; 4] {
+    l.writer.programmed().backends[&id].0.addr.octets()
+}
+
+/// A Maglev frontend sends each new flow to the backend at `maglev_index(flow_hash)` of the
+/// table userspace computed (the same table `vipx::maglev::populate` gives for the backend set);
+/// removing one of four backends changes the choice only for tuples that were on it.
+#[test]
+fn maglev_frontend_dnats_to_the_backend_the_table_predicts() {
+    if !privileged() {
+        return;
+    }
+    const BE3: [u8; 4] = [198, 18, 64, 13];
+    const BE4: [u8; 4] = [198, 18, 64, 14];
+    let mut l = load(&[BE1, BE2, BE3, BE4]);
+    let (m, table) = maglev_table(&l);
+    assert_eq!(m, proxy_common::defaults::MAGLEV_TABLE_SIZE);
+    let set: Vec<(L4Addr, u32)> = l
+        .writer
+        .programmed()
+        .backends
+        .iter()
+        .filter(|(_, (a, _))| a.proto == IPPROTO_TCP)
+        .map(|(id, (a, _))| (*a, *id))
+        .collect();
+    assert_eq!(set.len(), 4);
+    assert_eq!(
+        table,
+        vipx::maglev::populate(&set, m),
+        "a new frontend gets the paper's table"
+    );
+
+    let predict = |table: &[u32], sport: u16| {
+        let h = vipx_ebpf::flow_hash(
+            CLIENT,
+            VIP,
+            sport.to_be_bytes(),
+            80u16.to_be_bytes(),
+            IPPROTO_TCP,
+        );
+        table[vipx_ebpf::maglev_index(h, m) as usize]
+    };
+    let ports = 30000..30400u16;
+    let mut first = Vec::new();
+    for sport in ports.clone() {
+        let (v, out) = run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+        assert_eq!(v, NEXT);
+        let s = inspect(&out);
+        assert_eq!(s.l4_csum_ok, Some(true));
+        let want = backend_addr(&l, predict(&table, sport));
+        assert_eq!(s.dst, want, "sport {sport}");
+        first.push(s.dst);
+    }
+    assert_eq!(stat(&l, Stat::MaglevFallback), 0);
+    let mut per: std::collections::BTreeMap<[u8; 4], u32> = Default::default();
+    for d in &first {
+        *per.entry(*d).or_default() += 1;
+    }
+    assert_eq!(per.len(), 4, "all four backends get flows: {per:?}");
+
+    // Remove BE3: a new table swapped in; SYNs from the same tuples keep their backend unless
+    // it was BE3.
+    let mut t = Target::default();
+    let kept: Vec<L4Addr> = [BE1, BE2, BE4]
+        .iter()
+        .map(|b| addr(*b, 5000, IPPROTO_TCP))
+        .collect();
+    for b in &kept {
+        t.backends.insert(*b, BACKEND_F_ACTIVE);
+    }
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, kept),
+    );
+    l.writer.apply(&t).unwrap();
+    let (_, after) = maglev_table(&l);
+    let mut moved = 0;
+    let mut was_on_be3 = 0;
+    for (sport, before) in ports.clone().zip(&first) {
+        let (_, out) = run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+        let now = inspect(&out).dst;
+        assert_eq!(
+            now,
+            backend_addr(&l, predict(&after, sport)),
+            "sport {sport}"
+        );
+        assert_ne!(now, BE3);
+        if *before == BE3 {
+            was_on_be3 += 1;
+        } else {
+            assert_eq!(
+                now, *before,
+                "sport {sport} moved off a backend that stayed"
+            );
+        }
+        if now != *before {
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, was_on_be3);
+    println!(
+        "maglev fixture: removing 1 of 4 moved {moved} of {} tuples (all of them on the removed \
+         backend)",
+        ports.len()
+    );
+
+    // `vipx.io/lb-algorithm: hash` switches the frontend to slot hashing: no table.
+    t.frontends
+        .get_mut(&addr(VIP, 80, IPPROTO_TCP))
+        .unwrap()
+        .lb_algorithm = Some(LbAlgorithm::Hash);
+    l.writer.apply(&t).unwrap();
+    let (v, out) = run(&mut l, &frame(CLIENT, 31000, VIP, 80, &SYN, &[]));
+    assert_eq!(v, NEXT);
+    assert!([BE1, BE2, BE4].contains(&inspect(&out).dst));
+    assert_eq!(stat(&l, Stat::MaglevFallback), 0);
 }
