@@ -732,6 +732,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::CT4,
             LEGACY_CT_PIN,
             map_names::AFFINITY4,
+            map_names::MAGLEV4,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -1476,3 +1476,171 @@ fn a_deleted_service_keeps_its_connections_and_a_recreated_one_too() {
     }
     http_get(lab.client(), vip(VIP_A), TIMEOUT).expect("new connections are served again");
 }
+
+/// One HTTP GET from the client's fixed source port `port` to `remote`, ended with a reset
+/// (SO_LINGER 0) so that no TIME_WAIT holds the tuple: the next connection from the same port
+/// to the same VIP is a fresh SYN on the very same 5-tuple, which vipx balances afresh.
+fn http_get_reset_from(lab: &Lab, port: u16, remote: SocketAddr) -> anyhow::Result<String> {
+    use std::io::Write;
+    let local = SocketAddrV4::new(lab.cluster.client().ip, port);
+    let socket = in_netns(lab.client(), || -> std::io::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_linger(Some(Duration::ZERO))?;
+        socket.bind(&SocketAddr::V4(local).into())?;
+        Ok(socket)
+    })??;
+    socket.connect_timeout(&remote.into(), TIMEOUT)?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: keep-alive\r\n\r\n")?;
+    read_response(&mut std::io::BufReader::new(&stream))
+}
+
+/// Issue 9: Maglev (the default). Four backends with a long-lived connection on each; one
+/// backend is removed: every connection survives (the removed one's by the TCP grace), and new
+/// connections from the same client tuples (fixed source ports) keep their backend unless it
+/// was the removed one. Then a backend is added: only tuples that move to it move. The
+/// fractions are printed (run with --nocapture).
+#[test]
+fn maglev_removing_one_of_four_backends_moves_only_its_flows() {
+    if !require_privileges() {
+        return;
+    }
+    const TUPLES: u16 = 64;
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pods: Vec<Pod> = [1, 1, 2, 2]
+        .iter()
+        .map(|&node| lab.cluster.add_pod(node).expect("backend pod"))
+        .collect();
+    let all: Vec<&Pod> = pods.iter().collect();
+    lab.service("svc-a", VIP_A, pod_endpoints(&all));
+    lab.start_vipx(&[1]);
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    lab.wait_ready(VIP_A, &ips);
+
+    // A keep-alive connection on each pod.
+    let mut conns: std::collections::BTreeMap<String, vipx_lab::KeepAlive> = Default::default();
+    for _ in 0..400 {
+        if conns.len() == pods.len() {
+            break;
+        }
+        let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A))
+            .unwrap_or_else(|e| panic!("connecting to the VIP: {e:#} [{}]", lab.cluster.drops()));
+        let who = conn.request().expect("first request").trim().to_owned();
+        conns.entry(who).or_insert(conn);
+    }
+    assert_eq!(
+        conns.len(),
+        pods.len(),
+        "a connection on every pod within 400 tries"
+    );
+
+    let round = |lab: &Lab, what: &str| -> Vec<String> {
+        (0..TUPLES)
+            .map(|i| {
+                let port = FIXED_PORT + i;
+                http_get_reset_from(lab, port, vip(VIP_A))
+                    .unwrap_or_else(|e| {
+                        panic!("{what}: from port {port}: {e:#} [{}]", lab.cluster.drops())
+                    })
+                    .trim()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let before = round(&lab, "before the removal");
+    let spread: std::collections::BTreeSet<&String> = before.iter().collect();
+    assert_eq!(
+        spread.len(),
+        pods.len(),
+        "{TUPLES} tuples reach all pods: {before:?}"
+    );
+
+    // Remove one backend.
+    let removed = &pods[1];
+    let rest: Vec<&Pod> = pods.iter().filter(|p| p.ip != removed.ip).collect();
+    lab.service("svc-a", VIP_A, pod_endpoints(&rest));
+    let gone = format!("{}:{POD_PORT}", removed.ip);
+    for vipx in &mut lab.vipx {
+        vipx.wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
+            !line.contains(&gone)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    for (pod, conn) in &mut conns {
+        for i in 0..REQUESTS {
+            let body = conn.request().unwrap_or_else(|e| {
+                panic!(
+                    "request {i} on the long-lived connection to {pod} after the removal: {e:#} \
+                     [{}]",
+                    lab.cluster.drops()
+                )
+            });
+            assert_eq!(body.trim(), pod, "a long-lived connection stays on its pod");
+        }
+    }
+    let after = round(&lab, "after the removal");
+    let mut on_removed = 0;
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert_ne!(
+            *a, removed.name,
+            "port {}: a new connection on the removed pod",
+            i
+        );
+        if *b == removed.name {
+            on_removed += 1;
+        } else {
+            assert_eq!(
+                a,
+                b,
+                "port {}: moved although its pod stayed",
+                FIXED_PORT + i as u16
+            );
+        }
+    }
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    println!(
+        "maglev lab, removal of 1 of 4: {moved}/{TUPLES} tuples moved ({:.3}; all {on_removed} \
+         were on the removed pod; ideal 0.25)",
+        moved as f64 / f64::from(TUPLES)
+    );
+
+    // Add a new backend: tuples move only to it.
+    let added = lab.cluster.add_pod(2).expect("new backend pod");
+    let mut now: Vec<&Pod> = rest.clone();
+    now.push(&added);
+    lab.service("svc-a", VIP_A, pod_endpoints(&now));
+    let new_ep = format!("{}:{POD_PORT}", added.ip);
+    for vipx in &mut lab.vipx {
+        vipx.wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
+            line.contains(&new_ep)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let grown = round(&lab, "after the addition");
+    let mut to_new = 0;
+    for (i, (b, a)) in after.iter().zip(&grown).enumerate() {
+        if a != b {
+            assert_eq!(
+                *a,
+                added.name,
+                "port {}: moved to a pod that was there before",
+                FIXED_PORT + i as u16
+            );
+            to_new += 1;
+        }
+    }
+    println!(
+        "maglev lab, addition of a 4th to 3: {to_new}/{TUPLES} tuples moved ({:.3}; ideal 0.25)",
+        to_new as f64 / f64::from(TUPLES)
+    );
+    assert!(to_new > 0, "the new pod gets some of {TUPLES} tuples");
+    for (pod, conn) in &mut conns {
+        let body = conn
+            .request()
+            .unwrap_or_else(|e| panic!("the long-lived connection to {pod} at the end: {e:#}"));
+        assert_eq!(body.trim(), pod);
+    }
+}
