@@ -582,12 +582,10 @@ fn update_batch(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> std:
     struct BatchAttr {
         in_batch: u64,
         out_batch: u64,
-        map_fd: u32,
-        _pad0: u32,
         keys: u64,
         values: u64,
         count: u32,
-        _pad1: u32,
+        map_fd: u32,
         elem_flags: u64,
         flags: u64,
     }
@@ -602,12 +600,10 @@ fn update_batch(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> std:
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
-        map_fd: fd as u32,
-        _pad0: 0,
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
         count,
-        _pad1: 0,
+        map_fd: fd as u32,
         elem_flags: 0,
         flags: 0,
     };

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: vipx side by side with kube-proxy's iptables and nftables rules and the
 //! hardware floor, every comparison a ratio taken in the same run, each figure a median.
 //!
-//! 1. Per-packet cost (BPF_PROG_TEST_RUN) — `vipx-bench packet`.
+//! 1. Per-packet cost (BPF_PROG_TEST_RUN) — `vipx-bench packet`; beside it the Maglev
+//!    reshuffle — `vipx-bench maglev`: the share of new-flow choices a backend removal or
+//!    addition moves (no kernel; exact figures, not timings).
 //! 2. End to end in the namespace lab: one lab per contender (direct to a pod, vipx, iptables
 //!    rules, nftables rules) so that netfilter conntrack, which kube-proxy's rules switch on in
 //!    their node namespace, taxes only them. Contenders are interleaved (A B C D, A B C D, ...)
@@ -144,6 +146,7 @@ struct Report {
     machine: String,
     command: String,
     packet: Value,
+    maglev: Value,
     e2e: Vec<E2eRow>,
     control_plane: ControlPlane,
 }
@@ -845,6 +848,31 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
+        "\n### Maglev: share of new-flow choices moved (table size M; ideal 1/N on removal of 1 \
+         of N, 1/(N+1) on addition)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| backends | M | tables | removal moved | of staying backends | ideal | addition moved | ideal |"
+    );
+    let _ = writeln!(s, "|---:|---:|---|---:|---:|---:|---:|---:|");
+    for x in r.maglev.as_array().cloned().unwrap_or_default() {
+        let f = |k: &str| x[k].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            x["backends"],
+            x["table_size"],
+            x["tables"].as_str().unwrap_or("?"),
+            f("removal_moved"),
+            f("removal_moved_of_staying_backends"),
+            f("removal_ideal"),
+            f("addition_moved"),
+            f("addition_ideal")
+        );
+    }
+    let _ = writeln!(
+        s,
         "\n### End to end in the lab (median; x = ratio to direct-to-pod in the same run)\n"
     );
     let _ = writeln!(
@@ -995,6 +1023,15 @@ pub fn bench(quick: bool) -> Result<()> {
             .stdout(Stdio::null()),
     )?;
     let packet: Value = serde_json::from_slice(&std::fs::read(&packet_json)?)?;
+    progress("Maglev: share of new-flow choices moved by a backend removal or addition");
+    let maglev_json = results.join("maglev.json");
+    status(
+        Command::new(target_dir().join("release").join("vipx-bench"))
+            .args(["maglev", "--json"])
+            .arg(&maglev_json)
+            .stdout(Stdio::null()),
+    )?;
+    let maglev: Value = serde_json::from_slice(&std::fs::read(&maglev_json)?)?;
     let mut loads = RuleLoads::new();
     let e2e = e2e(plan, &mut loads)?;
     let control_plane = control_plane(plan, &results, &loads)?;
@@ -1002,6 +1039,7 @@ pub fn bench(quick: bool) -> Result<()> {
         machine: machine(),
         command: format!("cargo xtask bench{}", if quick { " --quick" } else { "" }),
         packet,
+        maglev,
         e2e,
         control_plane,
     };

@@ -2,6 +2,9 @@
 //! - `packet`: per-packet cost of the real pod program through BPF_PROG_TEST_RUN, beside a
 //!   trivial XDP program (one array lookup, XDP_PASS) measured in the same run: the floor. Each
 //!   figure is the median of `--reps` runs of `--repeat` packets.
+//! - `maglev`: the fraction of a Maglev table (so of new flows' backend choices) that changes
+//!   when one of N backends is removed or one is added: vipx's derived tables and the paper's
+//!   rebuilt ones, beside the ideal 1/N and 1/(N+1). No kernel needed.
 //! - `control-plane`: from a desired state of N services x E endpoints to maps fully written, and
 //!   one endpoint change at that scale, through the real translate -> target -> apply path.
 
@@ -31,6 +34,7 @@ enum Cmd {
     ControlPlane(CpArgs),
     /// Cost of one conntrack collection pass over a full table.
     CtGc(GcArgs),
+    Maglev(MaglevArgs),
 }
 
 #[derive(clap::Args)]
@@ -50,6 +54,72 @@ struct GcArgs {
     reps: usize,
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct MaglevArgs {
+    /// Backend counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,10,30,100")]
+    backends: Vec<u32>,
+    /// Table size (prime).
+    #[arg(long, default_value_t = proxy_common::defaults::MAGLEV_TABLE_SIZE)]
+    table_size: u32,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct MaglevRow {
+    backends: u32,
+    table_size: u32,
+    tables: &'static str,
+    removal_moved: f64,
+    removal_moved_of_staying_backends: f64,
+    removal_ideal: f64,
+    addition_moved: f64,
+    addition_ideal: f64,
+}
+
+fn maglev(a: MaglevArgs) -> Result<()> {
+    vipx::maglev::check_table_size(a.table_size).map_err(anyhow::Error::msg)?;
+    let mut rows = Vec::new();
+    println!(
+        "| backends | M | tables | removal moved | of staying backends | ideal | addition moved \
+         | ideal |"
+    );
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
+    for &n in &a.backends {
+        if n == 0 {
+            continue;
+        }
+        for (tables, incremental) in [("derived (vipx)", true), ("rebuilt (paper)", false)] {
+            let r = vipx::maglev::reshuffle(n, a.table_size, incremental);
+            println!(
+                "| {n} | {} | {tables} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+                a.table_size,
+                r.removal,
+                r.removal_of_survivors,
+                r.ideal_removal,
+                r.addition,
+                r.ideal_addition
+            );
+            rows.push(MaglevRow {
+                backends: n,
+                table_size: a.table_size,
+                tables,
+                removal_moved: r.removal,
+                removal_moved_of_staying_backends: r.removal_of_survivors,
+                removal_ideal: r.ideal_removal,
+                addition_moved: r.addition,
+                addition_ideal: r.ideal_addition,
+            });
+        }
+    }
+    if let Some(path) = a.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -180,6 +250,7 @@ fn main() -> Result<()> {
     match Cmd::parse() {
         Cmd::Packet(a) => packet(a),
         Cmd::ControlPlane(a) => control_plane(a),
+        Cmd::Maglev(a) => maglev(a),
         Cmd::CtGc(a) => ct_gc(a),
     }
 }
