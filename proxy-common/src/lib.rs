@@ -83,8 +83,9 @@ pub mod defaults {
     /// Maglev table size M (a prime, > 100 x the backends of a Service for the paper's balance
     /// of about 1%).
     pub const MAGLEV_TABLE_SIZE: u32 = 1_021;
-    /// Maglev tables (each M backend ids): about two per Maglev frontend while one changes.
-    /// 4096 x 1021 x 4 bytes = 16 MiB.
+    /// Maglev tables (each M backend ids): one per Maglev frontend, two while it changes. The
+    /// kernel lays array elements out 8-byte aligned: 4096 x 1021 x 8 bytes = 32 MiB, allocated
+    /// at load.
     pub const MAGLEV_TABLES: u32 = 4_096;
     /// The largest table size: a table position must fit `AffinityValue::slot` (u16).
     pub const MAGLEV_TABLE_SIZE_MAX: u32 = 65_521;

@@ -14,8 +14,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+        BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -63,10 +63,13 @@ static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue> =
     LruHashMap::pinned(defaults::AFFINITY4_ENTRIES, 0);
 
 // Pinned: a restarted vipx keeps the tables its frontends point at. Entry 0 holds the table size;
-// userspace sizes it to 1 + size x tables.
+// userspace sizes it to 1 + size x tables. Mmapable: userspace writes a table with plain stores
+// instead of a syscall per entry (a batch update costs ~0.4 ms per 1021-entry table).
 #[map(name = "VIPX_MAGLEV4")]
-static MAGLEV4: Array<u32> =
-    Array::pinned(1 + defaults::MAGLEV_TABLE_SIZE * defaults::MAGLEV_TABLES, 0);
+static MAGLEV4: Array<u32> = Array::pinned(
+    1 + defaults::MAGLEV_TABLE_SIZE * defaults::MAGLEV_TABLES,
+    BPF_F_MMAPABLE,
+);
 
 // Not pinned: a datagram's fragments arrive within milliseconds, nothing to keep across restarts.
 #[map(name = "VIPX_FRAG4")]

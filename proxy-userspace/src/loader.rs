@@ -357,8 +357,10 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         vip: take(ebpf, map_names::VIP4)?,
         backend: take(ebpf, map_names::BACKEND4)?,
         revnat: take(ebpf, map_names::REVNAT4)?,
+        maglev_mem: None,
         maglev: take(ebpf, map_names::MAGLEV4)?,
-    })
+    }
+    .with_maglev_mem())
 }
 
 fn from_pin<T: TryFrom<Map>>(pin_dir: &Path, name: &str) -> Result<T>
@@ -384,7 +386,9 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         backend: from_pin::<Array<MapData, _>>(pin_dir, map_names::BACKEND4)?,
         revnat: from_pin::<Array<MapData, _>>(pin_dir, map_names::REVNAT4)?,
         maglev: from_pin::<Array<MapData, _>>(pin_dir, map_names::MAGLEV4)?,
-    })
+        maglev_mem: None,
+    }
+    .with_maglev_mem())
 }
 
 /// Per-CPU counters summed over CPUs.

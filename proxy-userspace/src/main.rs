@@ -207,7 +207,9 @@ struct RunArgs {
     #[arg(long, default_value_t = MapSizes::default().maglev_table_size, value_parser = maglev_size_arg)]
     maglev_table_size: u32,
     /// Maglev tables (one per Maglev frontend, two while it changes). The map is allocated in
-    /// full: size x tables x 4 bytes (16 MiB by default). 0 turns Maglev off.
+    /// full: size x tables x 8 bytes (32 MiB by default; the kernel aligns array elements to 8
+    /// bytes). Frontends beyond it hash over their slots (logged, and counted in
+    /// vipx_datapath_events_total{reason="maglev_fallback"}). 0 turns Maglev off.
     #[arg(long, default_value_t = MapSizes::default().maglev_tables)]
     max_maglev_tables: u32,
 }

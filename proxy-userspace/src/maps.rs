@@ -426,6 +426,81 @@ pub struct ServiceMaps {
     pub revnat: Array<MapData, RevNat4>,
     /// Entry 0: the table size; then the tables (see `proxy_common`'s `MAGLEV4`).
     pub maglev: Array<MapData, u32>,
+    /// The same map mapped into memory (`None`: a map without `BPF_F_MMAPABLE`).
+    pub maglev_mem: Option<MaglevMem>,
+}
+
+/// `VIPX_MAGLEV4` mapped read-write: tables are written and read with plain memory accesses.
+/// A table is unreachable until the slot 0 update (a syscall, so also a barrier) names it.
+/// An array map lays its elements out 8-byte aligned (`round_up(value_size, 8)`, kernel
+/// `array_map_alloc`), so each u32 entry is the low half (little-endian) of a u64 slot.
+pub struct MaglevMem {
+    ptr: std::ptr::NonNull<u64>,
+    entries: usize,
+}
+
+// SAFETY: the mapping belongs to this value alone (unmapped on drop) and is reached only through
+// `&mut self` writes and `&self` reads; the kernel's readers never need our synchronisation.
+unsafe impl Send for MaglevMem {}
+// SAFETY: see `Send`; shared access only reads.
+unsafe impl Sync for MaglevMem {}
+
+impl MaglevMem {
+    /// Map `map` (an array of u32 created with `BPF_F_MMAPABLE`); `None` when it cannot be.
+    pub fn map(map: &Array<MapData, u32>) -> Option<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+
+        use aya::maps::IterableMap as _;
+        const BPF_F_MMAPABLE: u32 = 1 << 10;
+        let info = map.map().info().ok()?;
+        if info.map_flags() & BPF_F_MMAPABLE == 0 {
+            return None;
+        }
+        if info.value_size() != 4 || cfg!(target_endian = "big") {
+            return None;
+        }
+        let entries = map.len() as usize;
+        let fd = map.map().fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of the map's fd, length = its data; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                entries * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            tracing::debug!(
+                "mapping the Maglev map: {}; syscalls instead",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(Self {
+            ptr: std::ptr::NonNull::new(ptr.cast())?,
+            entries,
+        })
+    }
+
+    fn slice(&self) -> &[u64] {
+        // SAFETY: the mapping is `entries` 8-byte slots, alive while `self` is.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.entries) }
+    }
+
+    fn slice_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as `slice`, and `&mut self` makes this the only userspace access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.entries) }
+    }
+}
+
+impl Drop for MaglevMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * 8) };
+    }
 }
 
 /// Everything the writer resumes from: the decoded state and every id's generation.
@@ -541,6 +616,12 @@ impl MapStore for ServiceMaps {
             bail!("Maglev table {table} of {tables}");
         }
         let base = 1 + (table - 1) * m;
+        if let Some(mem) = &self.maglev_mem
+            && let Some(t) = mem.slice().get(base as usize..(base + m) as usize)
+        {
+            // The low half of each slot; the high half is the element's padding.
+            return Ok(t.iter().map(|v| *v as u32).collect());
+        }
         (base..base + m)
             .map(|pos| Ok(self.maglev.get(&pos, 0)?))
             .collect()
@@ -558,6 +639,14 @@ impl MapStore for ServiceMaps {
         // The table is not reachable until slot 0 names it, so it may be written in pieces:
         // one batch syscall (a table of 1021 entries one by one costs ~1 ms), or entry by entry
         // on kernels without batch updates of arrays (before 5.6).
+        if let Some(mem) = &mut self.maglev_mem
+            && let Some(t) = mem.slice_mut().get_mut(base as usize..(base + m) as usize)
+        {
+            for (slot, id) in t.iter_mut().zip(ids) {
+                *slot = u64::from(*id);
+            }
+            return Ok(());
+        }
         let keys: Vec<u32> = (base..base + m).collect();
         match update_batch(&self.maglev, &keys, ids) {
             Ok(()) => return Ok(()),
@@ -630,6 +719,12 @@ fn update_batch(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> std:
 }
 
 impl ServiceMaps {
+    /// With the Maglev map mapped into memory when it can be.
+    pub fn with_maglev_mem(mut self) -> Self {
+        self.maglev_mem = MaglevMem::map(&self.maglev);
+        self
+    }
+
     /// Decode the maps into the programmed state.
     pub fn read(&self) -> Result<Programmed> {
         Ok(self.read_back()?.programmed)
