@@ -852,6 +852,8 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
 struct MaglevTables {
     /// Table size M; 0 when the map has no table space.
     m: u32,
+    /// Tables 1..=tables exist.
+    tables: u32,
     /// Frontends without an `lb_algorithm` of their own use Maglev.
     default_on: bool,
     /// Free tables, lowest first.
@@ -875,6 +877,7 @@ impl MaglevTables {
         let m = if tables == 0 { 0 } else { m };
         Self {
             m,
+            tables,
             default_on: true,
             free: (1..=tables).filter(|t| !in_use.contains(t)).collect(),
             quarantined: VecDeque::new(),
@@ -1712,7 +1715,7 @@ impl<M: MapStore> MapWriter<M> {
             .get(fe)
             .filter(|o| maglev && o.flags & SVC_F_MAGLEV != 0 && o.slots == slots)
             .map(|o| o.maglev_table)
-            .filter(|&t| t != 0 && !self.maglev.free.contains(&t));
+            .filter(|t| (1..=self.maglev.tables).contains(t) && !self.maglev.free.contains(t));
         let mut new_table = 0;
         let maglev_table = match kept_table {
             Some(t) => t,
@@ -1765,7 +1768,7 @@ impl<M: MapStore> MapWriter<M> {
         }
         if let Some(o) = &old
             && o.maglev_table != want.maglev_table
-            && (1..=self.maglev_capacity()).contains(&o.maglev_table)
+            && (1..=self.maglev.tables).contains(&o.maglev_table)
         {
             self.maglev.retire(o.maglev_table, Instant::now());
         }
@@ -1792,10 +1795,6 @@ impl<M: MapStore> MapWriter<M> {
         // Back before its deadline: the same id, so its established flows stay valid.
         self.draining.remove(fe);
         Ok(())
-    }
-
-    fn maglev_capacity(&self) -> u32 {
-        self.maps.maglev_geometry().1
     }
 
     /// A new table for `slots` (backend ids, already written), derived from the frontend's
@@ -1826,7 +1825,7 @@ impl<M: MapStore> MapWriter<M> {
             .iter()
             .filter_map(|id| self.cur.backends.get(id).map(|(a, _)| (*a, *id)))
             .collect();
-        let prev = if (1..=self.maglev_capacity()).contains(&prev) {
+        let prev = if (1..=self.maglev.tables).contains(&prev) {
             self.maps.maglev_read(prev).unwrap_or_else(|e| {
                 tracing::warn!("reading the Maglev table of {fe}: {e:#}; building afresh");
                 Vec::new()
