@@ -108,6 +108,11 @@ fn frontend(name: &str, proto: Protocol, slots: Vec<L4Addr>) -> TargetFrontend {
 }
 
 fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
+    load_with(backends_tcp, LbAlgorithm::Maglev)
+}
+
+/// `load` with frontends that choose backends by `lb` (Maglev is vipx's default).
+fn load_with(backends_tcp: &[[u8; 4]], lb: LbAlgorithm) -> Loaded {
     static N: AtomicU32 = AtomicU32::new(0);
     let pin_dir = PathBuf::from(loader::BPFFS).join(format!(
         "vipx-test-{}-{}",
@@ -126,6 +131,7 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
     let mut ebpf = loader::load(&pin_dir, sizes).expect("load eBPF object");
     let maps = loader::service_maps(&mut ebpf).unwrap();
     let mut writer = MapWriter::new(maps).unwrap();
+    writer.set_default_lb_algorithm(lb);
     let mut t = Target::default();
     let tcp: Vec<L4Addr> = backends_tcp
         .iter()
@@ -1604,6 +1610,7 @@ fn conntrack_of_the_previous_layout_is_carried_over() {
         backends: 1024,
         revnat: 256,
         conntrack: 4096,
+        ..MapSizes::default()
     };
     let _ebpf = loader::load(&pin_dir, sizes).expect("the previous layout is moved aside");
     assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 1);
@@ -1831,13 +1838,15 @@ fn a_removed_frontend_drains_its_flows_and_a_recreated_one_keeps_them() {
 
 /// A Service shrinking: the writer lowers the count, then removes the slots beyond it. A SYN that
 /// read the old count and finds its slot gone chooses among what is there instead of being
-/// dropped (here the in-between state is held still: slot 2 gone, the count still 2).
+/// dropped (here the in-between state is held still: slot 2 gone, the count still 2). Slot
+/// hashing: a Maglev frontend's table is swapped whole before the slots change, and only its
+/// fallback reads the slots.
 #[test]
 fn a_syn_that_read_the_old_count_of_a_shrinking_service_is_not_dropped() {
     if !privileged() {
         return;
     }
-    let l = load(&[BE1, BE2]);
+    let l = load_with(&[BE1, BE2], LbAlgorithm::Hash);
     let mut svc: HashMap<MapData, proxy_common::SvcKey4, proxy_common::SvcValue> =
         HashMap::try_from(
             aya::maps::Map::from_map_data(
