@@ -48,6 +48,8 @@ pub mod map_names {
     pub const FRAG4: &str = "VIPX_FRAG4";
     pub const AFFINITY4: &str = "VIPX_AFFINITY4";
     pub const MAGLEV4: &str = "VIPX_MAGLEV4";
+    /// New flows per source in the current window (the flood guard; not pinned: a rate).
+    pub const FLOOD4: &str = "VIPX_FLOOD4";
     pub const STATS: &str = "VIPX_STATS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
@@ -89,6 +91,8 @@ pub mod defaults {
     pub const MAGLEV_TABLES: u32 = 4_096;
     /// The largest table size: a table position must fit `AffinityValue::slot` (u16).
     pub const MAGLEV_TABLE_SIZE_MAX: u32 = 65_521;
+    /// Sources the flood guard counts at once (an LRU: the busiest stay).
+    pub const FLOOD4_ENTRIES: u32 = 65_536;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -152,6 +156,10 @@ pub const VIP_F_HAIRPIN: u32 = 1 << 1;
 /// Index of `CONFIG`: the address (network byte order, as a `u32` of its bytes) a pod's flow to
 /// its own Service is SNATed to when it lands on the pod itself; 0 disables hairpin SNAT.
 pub const CONFIG_HAIRPIN_ADDR: u32 = 0;
+/// Index of `CONFIG`: how many new tracked flows one source address may start per `ct_seen` unit
+/// (about 1.07 s); beyond it its new flows are dropped, so one source cannot churn everyone
+/// else's entries out of the conntrack LRU. 0 disables the guard.
+pub const CONFIG_FLOOD_LIMIT: u32 = 1;
 pub const CONFIG_LEN: u32 = 4;
 
 /// Value of `VIP4`.
@@ -284,6 +292,18 @@ pub struct CtValue {
     pub seen: u32,
 }
 
+/// Value of `FLOOD4` (key: the source address): new flows it started in `window` (a `ct_seen`
+/// unit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FloodValue {
+    /// 64 bits: the programs add to it atomically, and Rust's BPF target has only 64-bit
+    /// atomics.
+    pub count: u64,
+    pub window: u32,
+    pub _pad: u32,
+}
+
 /// Key of `FRAG4`: what identifies the fragments of one datagram (RFC 791).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -400,12 +420,15 @@ pub enum Stat {
     /// New flows of a Maglev frontend that has no table (table space exhausted) or whose table
     /// entry named no live backend: chosen by slot hashing instead.
     MaglevFallback,
+    /// New flows dropped by the flood guard: their source started more than
+    /// `--conntrack-max-new-per-source` flows in the current second.
+    FloodDropped,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 26] = [
+    pub const ALL: [Stat; 27] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -432,6 +455,7 @@ impl Stat {
         Stat::Hairpin,
         Stat::CtDrained,
         Stat::MaglevFallback,
+        Stat::FloodDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -462,6 +486,7 @@ impl Stat {
             Stat::Hairpin => "hairpin",
             Stat::CtDrained => "ct_drained",
             Stat::MaglevFallback => "maglev_fallback",
+            Stat::FloodDropped => "flood_dropped",
         }
     }
 }
@@ -475,6 +500,11 @@ const _: () = {
     assert!(core::mem::size_of::<RevNat4>() == 12);
     assert!(core::mem::size_of::<CtKey4>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 24);
+    assert!(core::mem::size_of::<FloodValue>() == 16);
+    // The programs OR state bits into `flags` through the 8-byte word it starts (see
+    // `ct_or_flags`): it must be the low half of an 8-byte-aligned word.
+    assert!(core::mem::offset_of!(CtValue, flags) == 16);
+    assert!(core::mem::offset_of!(CtValue, seen) == 20);
     assert!(core::mem::size_of::<FragKey4>() == 12);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<AffinityKey4>() == 8);
@@ -496,6 +526,7 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey4 {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for FloodValue {}
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for AffinityValue {}
 }

@@ -11,6 +11,18 @@
 //! reply from the VIP, which kube-proxy's and Calico's `ct state invalid` rules would drop.
 #![no_std]
 #![no_main]
+// Rust's BPF target has atomic loads and stores but no read-modify-write methods (it claims no
+// compare-and-swap); the kernel has BPF_ATOMIC OR and ADD, which these intrinsics lower to.
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics, for BPF_ATOMIC (see above)"
+)]
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_or, atomic_xadd},
+    ptr::addr_of_mut,
+};
 
 use aya_ebpf::{
     bindings::{
@@ -22,11 +34,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    AffinityKey4, AffinityValue, Backend4, CONFIG_HAIRPIN_ADDR, CONFIG_LEN, CT_F_FORWARD,
-    CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
-    FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4,
-    SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue,
-    VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen, defaults,
+    AffinityKey4, AffinityValue, Backend4, CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR, CONFIG_LEN,
+    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS,
+    FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen,
+    defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -79,6 +92,11 @@ static FRAG4: LruHashMap<FragKey4, FragValue> =
 #[map(name = "VIPX_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
+/// The flood guard's count of new flows per source address (rate state, not pinned).
+#[map(name = "VIPX_FLOOD4")]
+static FLOOD4: LruHashMap<[u8; 4], FloodValue> =
+    LruHashMap::with_max_entries(defaults::FLOOD4_ENTRIES, 0);
+
 #[map(name = "VIPX_CONFIG")]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
 
@@ -112,12 +130,89 @@ fn ct_now() -> u32 {
 #[inline(always)]
 fn ct_touch(entry: *mut CtValue, ct: &CtValue, add: u32) {
     let now = ct_now();
-    if ct.seen != now || ct.flags & add != add {
-        // SAFETY: value pointer from a successful lookup on this packet. Concurrent writers of
-        // one flow (two CPUs) only ever set bits and move `seen` forward by a unit.
-        unsafe {
+    // SAFETY: value pointer from a successful lookup on this packet; `flags` is 4-byte aligned.
+    unsafe {
+        if ct.seen != now {
             (*entry).seen = now;
-            (*entry).flags = ct.flags | add;
+        }
+        if ct.flags & add != add {
+            // ORed in place, never written back from this packet's copy: that would undo bits
+            // another CPU set meanwhile, and put this flow's bits into an entry `ct_put` has
+            // overwritten for a new flow on the same tuple.
+            ct_or_flags(entry, add);
+        }
+    }
+}
+
+/// OR `bits` into an entry's `flags` atomically. Rust's BPF target has only 64-bit atomics:
+/// `flags` is the low half (little-endian) of the 8-byte word it shares with `seen` (offset 16,
+/// asserted in proxy-common; map values are 8-byte aligned), so ORing the zero-extended bits
+/// into that word changes `flags` alone.
+///
+/// # Safety
+/// `entry` points to a conntrack map value.
+#[inline(always)]
+unsafe fn ct_or_flags(entry: *mut CtValue, bits: u32) {
+    // SAFETY: see above; the word is 8-byte aligned and inside the value.
+    unsafe {
+        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
+            addr_of_mut!((*entry).flags).cast::<u64>(),
+            u64::from(bits),
+        );
+    }
+}
+
+/// Remove a conntrack entry found stale from the copy `seen_as`, unless it changed since the copy
+/// was read: a copy torn by `ct_put` overwriting the entry in place for a new flow looks stale,
+/// and the new flow's entry must stay.
+#[inline(always)]
+fn ct_remove_stale(key: &CtKey4, entry: *const CtValue, seen_as: &CtValue) {
+    // SAFETY: value pointer from a successful lookup on this packet; read at once.
+    let now = unsafe { *entry };
+    if now.backend_id == seen_as.backend_id
+        && now.backend_gen == seen_as.backend_gen
+        && now.rev_nat_id == seen_as.rev_nat_id
+        && now.rev_nat_gen == seen_as.rev_nat_gen
+    {
+        ct_remove(key);
+    }
+}
+
+/// The flood guard (Katran's, per source): may `saddr` start another tracked flow in this
+/// window? A source over `CONFIG_FLOOD_LIMIT` new flows per window would otherwise push every
+/// other client's idle entries out of the conntrack LRU.
+#[inline(always)]
+fn flood_allows(saddr: [u8; 4]) -> bool {
+    let limit = match CONFIG.get(CONFIG_FLOOD_LIMIT) {
+        Some(l) if *l != 0 => *l,
+        _ => return true,
+    };
+    let now = ct_now();
+    match FLOOD4.get_ptr_mut(saddr) {
+        // SAFETY: value pointer from a successful lookup; `count` is 4-byte aligned. Two CPUs
+        // opening a window at once both reset it: at worst a few flows more are let through.
+        Some(v) => unsafe {
+            if (*v).window != now {
+                (*v).window = now;
+                (*v).count = 1;
+                return true;
+            }
+            // A plain atomic add (the generic BPF CPU cannot return the old value), then a read:
+            // CPUs adding at once may each see the other's add, never miss their own.
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(addr_of_mut!((*v).count), 1);
+            (*v).count <= u64::from(limit)
+        },
+        None => {
+            let _ = FLOOD4.insert(
+                saddr,
+                FloodValue {
+                    count: 1,
+                    window: now,
+                    _pad: 0,
+                },
+                0,
+            );
+            true
         }
     }
 }
@@ -701,6 +796,11 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // A FIN or RST that finds no entry (the flow ended and was collected, or never existed) is
     // translated but tracks nothing: it must not leave an entry behind for a flow that is over.
     let track = !(flow.proto == IPPROTO_TCP && !syn && is_tcp_close(flow.tcp_flags));
+    if track && !flood_allows(flow.saddr) {
+        // The client retransmits a dropped SYN; by then its window may have room again.
+        count(Stat::FloodDropped);
+        return TC_ACT_SHOT;
+    }
     if flow.proto == IPPROTO_TCP && !syn {
         count(Stat::CtMissNonSyn);
     }
@@ -985,7 +1085,7 @@ fn hairpin_reply(ctx: &mut TcContext, flow: &Flow) -> i32 {
     }
     let Some(rev) = reply_revnat(&ct) else {
         count(Stat::CtStale);
-        ct_remove(&key);
+        ct_remove_stale(&key, entry, &ct);
         return NEXT;
     };
     let state = flow.ct_state();
@@ -1212,7 +1312,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
             let Some(rev) = reply_revnat(&ct) else {
                 // Its frontend is gone or the id names another one now.
                 count(Stat::CtStale);
-                ct_remove(&key);
+                ct_remove_stale(&key, entry, &ct);
                 return NEXT;
             };
             let state = flow.ct_state();

@@ -6,6 +6,7 @@ use std::{
     ffi::CString,
     fs,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -404,6 +405,52 @@ pub fn write_config(ebpf: &mut Ebpf, hairpin: Option<std::net::Ipv4Addr>) -> Res
         .set(proxy_common::CONFIG_HAIRPIN_ADDR, addr, 0)
         .context("writing the hairpin address")?;
     Ok(())
+}
+
+/// Set the flood guard: new tracked flows one source address may start per second (0: no
+/// guard). Like the hairpin address, it belongs to this load of the programs.
+pub fn write_flood_limit(ebpf: &mut Ebpf, limit: u32) -> Result<()> {
+    let mut config: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::CONFIG)
+            .context("the CONFIG map is missing from the object")?,
+    )?;
+    config
+        .set(proxy_common::CONFIG_FLOOD_LIMIT, limit, 0)
+        .context("writing the flood guard's limit")?;
+    Ok(())
+}
+
+/// The flood guard's default: the rate at which one source, its flows never answered (a SYN
+/// flood: entries live until the SYN timeout passes and a collection runs), would hold a
+/// quarter of a table of `entries` (two entries per flow), so it can never push out everyone
+/// else's. Never below 1024 a second: a busy client (an ingress proxy, a load generator) is
+/// not a flood.
+pub fn default_flood_limit(entries: u32, syn_timeout: Duration, gc_interval: Duration) -> u32 {
+    let life = (syn_timeout + gc_interval).as_secs().max(1);
+    let limit = u64::from(entries) / 4 / 2 / life;
+    u32::try_from(limit).unwrap_or(u32::MAX).max(1024)
+}
+
+/// The default conntrack size, scaled to the node's memory as Cilium's
+/// `bpf-map-dynamic-size-ratio` does: 0.25% of it at ~128 bytes an entry (key, value and the
+/// kernel's LRU element), rounded up to a power of two, between 131,072 and 16,777,216 entries
+/// (262,144 at 8 GiB, 524,288 at 16 GiB). `None`: memory unknown.
+pub fn conntrack_entries_for_memory() -> Option<u32> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(conntrack_entries_for(kib.saturating_mul(1024)))
+}
+
+fn conntrack_entries_for(mem_bytes: u64) -> u32 {
+    let entries = (mem_bytes / 400 / 128).next_power_of_two();
+    entries.clamp(1 << 17, 1 << 24) as u32
 }
 
 /// Take the per-CPU counters out of a loaded object (metrics and conntrack collection share it).
@@ -869,6 +916,30 @@ pub fn open_pinned_conntrack(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conntrack_defaults_scale_with_memory_and_the_flood_limit_with_the_table() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(conntrack_entries_for(GIB), 1 << 17, "floor");
+        assert_eq!(conntrack_entries_for(8 * GIB), 262_144);
+        assert_eq!(conntrack_entries_for(16 * GIB), 524_288);
+        assert_eq!(conntrack_entries_for(64 * GIB), 2_097_152);
+        assert_eq!(conntrack_entries_for(u64::MAX), 1 << 24, "ceiling");
+        assert!(
+            conntrack_entries_for_memory().is_some(),
+            "/proc/meminfo is read"
+        );
+        let (syn, gc) = (Duration::from_secs(60), Duration::from_secs(30));
+        // A source at the limit for the SYN lifetime holds a quarter of the table.
+        let limit = default_flood_limit(4_194_304, syn, gc);
+        assert_eq!(limit, 4_194_304 / 8 / 90);
+        assert!(u64::from(limit) * 90 * 2 <= 4_194_304 / 4);
+        assert_eq!(default_flood_limit(64, syn, gc), 1024, "floor");
+        assert_eq!(
+            default_flood_limit(u32::MAX, Duration::ZERO, Duration::ZERO),
+            u32::MAX / 8
+        );
+    }
 
     #[test]
     fn pin_names_survive_bpffs_and_read_back() {

@@ -134,9 +134,17 @@ struct RunArgs {
     max_backends: u32,
     #[arg(long, default_value_t = MapSizes::default().revnat)]
     max_frontends: u32,
-    /// Conntrack entries (two per flow).
-    #[arg(long, default_value_t = MapSizes::default().conntrack)]
-    max_conntrack: u32,
+    /// Conntrack entries (two per flow) [default: scaled to memory, 0.25% of it at 128 bytes an
+    /// entry, a power of two: 524288 at 16 GiB].
+    #[arg(long)]
+    max_conntrack: Option<u32>,
+    /// The flood guard: new flows one source address may start per second; beyond it they are
+    /// dropped (a TCP client retransmits its SYN), so one source cannot push every other
+    /// client's connections out of a full conntrack table. 0 disables it [default: the rate at
+    /// which never-answered flows would fill a quarter of the table before they expire, at
+    /// least 1024].
+    #[arg(long)]
+    conntrack_max_new_per_source: Option<u32>,
     /// Idle timeout of an established TCP flow (kube-proxy's flag; 0: the default) [default: 24h].
     #[arg(long, value_parser = duration_arg)]
     conntrack_tcp_timeout_established: Option<Duration>,
@@ -276,7 +284,10 @@ fn real_main() -> Result<()> {
                     services: a.max_service_entries,
                     backends: a.max_backends,
                     revnat: a.max_frontends,
-                    conntrack: a.max_conntrack,
+                    conntrack: a.max_conntrack.unwrap_or_else(|| {
+                        vipx::loader::conntrack_entries_for_memory()
+                            .unwrap_or(MapSizes::default().conntrack)
+                    }),
                     maglev_table_size: a.maglev_table_size,
                     maglev_tables: a.max_maglev_tables,
                 },
@@ -376,6 +387,7 @@ fn conntrack_settings(
     Ok(run::ConntrackSettings {
         timeouts,
         gc_interval,
+        max_new_per_source: a.conntrack_max_new_per_source,
     })
 }
 

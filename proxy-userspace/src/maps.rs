@@ -952,6 +952,12 @@ impl<M: MapStore> MapWriter<M> {
             .map(|f| f.maglev_table)
             .filter(|t| (1..=tables).contains(t))
             .collect();
+        // The hairpin address the running programs answer on stays until `set_hairpin` says
+        // otherwise: removed here, hairpin replies in flight would miss it.
+        let hairpin = vips
+            .iter()
+            .find(|(_, flags)| **flags & VIP_F_HAIRPIN != 0)
+            .map(|(a, _)| *a);
         let mut w = Self {
             maglev: MaglevTables::new(m, tables, &named_tables),
             maps,
@@ -965,7 +971,7 @@ impl<M: MapStore> MapWriter<M> {
             retiring: BTreeMap::new(),
             endpoint_grace: DEFAULT_ENDPOINT_GRACE,
             vips,
-            hairpin: None,
+            hairpin,
             draining: BTreeMap::new(),
             orphans: BTreeMap::new(),
         };
@@ -2613,6 +2619,25 @@ mod tests {
         w.vips.insert(Ipv4Addr::new(10, 96, 0, 98), 0);
         w.apply(&t).unwrap();
         assert!(!w.vips().contains_key(&Ipv4Addr::new(10, 96, 0, 98)));
+    }
+
+    /// Review finding: a restart adopted the maps and removed the hairpin address (no frontend
+    /// names it) until `set_hairpin` put it back, while the old programs still answered on it.
+    #[test]
+    fn a_restart_keeps_the_hairpin_address_until_told_otherwise() {
+        let hp = Ipv4Addr::new(169, 254, 42, 1);
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
+        w.set_hairpin(Some(hp)).unwrap();
+        w.apply(&target_of(&[(1, &[1])])).unwrap();
+        let w = MapWriter::new(w.into_maps()).unwrap();
+        assert_eq!(
+            w.maps().vips.get(&hp),
+            Some(&VIP_F_HAIRPIN),
+            "adopted with its flag"
+        );
+        let mut w = w;
+        w.set_hairpin(None).unwrap();
+        assert!(!w.maps().vips.contains_key(&hp), "removed once disabled");
     }
 
     #[test]

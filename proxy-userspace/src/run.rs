@@ -80,6 +80,18 @@ pub const STATE_FILE: &str = "services.json";
 pub struct ConntrackSettings {
     pub timeouts: conntrack::Timeouts,
     pub gc_interval: Duration,
+    /// The flood guard: new flows one source may start per second (`Some(0)`: no guard;
+    /// `None`: derived from the table size, see [`loader::default_flood_limit`]).
+    pub max_new_per_source: Option<u32>,
+}
+
+impl ConntrackSettings {
+    /// The flood guard's limit for a conntrack table of `entries`.
+    pub fn flood_limit(&self, entries: u32) -> u32 {
+        self.max_new_per_source.unwrap_or_else(|| {
+            loader::default_flood_limit(entries, self.timeouts.tcp_syn, self.gc_interval)
+        })
+    }
 }
 
 impl Default for ConntrackSettings {
@@ -87,6 +99,7 @@ impl Default for ConntrackSettings {
         Self {
             timeouts: conntrack::Timeouts::default(),
             gc_interval: DEFAULT_CONNTRACK_GC_INTERVAL,
+            max_new_per_source: None,
         }
     }
 }
@@ -723,6 +736,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
     loader::write_config(&mut ebpf, opts.hairpin)?;
+    let flood_limit = opts.conntrack.flood_limit(opts.sizes.conntrack);
+    loader::write_flood_limit(&mut ebpf, flood_limit)?;
+    tracing::info!(
+        conntrack_entries = opts.sizes.conntrack,
+        max_new_flows_per_source = flood_limit,
+        "conntrack sized"
+    );
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
     // Conntrack collection in a thread of its own: a pass over 1M entries takes a fraction of a
     // second and must not hold up a sync.

@@ -113,6 +113,11 @@ fn load(backends_tcp: &[[u8; 4]]) -> Loaded {
 
 /// `load` with frontends that choose backends by `lb` (Maglev is vipx's default).
 fn load_with(backends_tcp: &[[u8; 4]], lb: LbAlgorithm) -> Loaded {
+    load_sized(backends_tcp, lb, 4096)
+}
+
+/// `load_with` and a conntrack table of `conntrack` entries.
+fn load_sized(backends_tcp: &[[u8; 4]], lb: LbAlgorithm, conntrack: u32) -> Loaded {
     static N: AtomicU32 = AtomicU32::new(0);
     let pin_dir = PathBuf::from(loader::BPFFS).join(format!(
         "vipx-test-{}-{}",
@@ -124,7 +129,7 @@ fn load_with(backends_tcp: &[[u8; 4]], lb: LbAlgorithm) -> Loaded {
         services: 1024,
         backends: 1024,
         revnat: 256,
-        conntrack: 4096,
+        conntrack,
         maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
         maglev_tables: 64,
     };
@@ -2022,4 +2027,67 @@ fn maglev_frontend_dnats_to_the_backend_the_table_predicts() {
     assert_eq!(v, NEXT);
     assert!([BE1, BE2, BE4].contains(&inspect(&out).dst));
     assert_eq!(stat(&l, Stat::MaglevFallback), 0);
+}
+
+/// The flood guard: one source opening flows far faster than the limit would push a quiet
+/// client's idle connection out of a full conntrack table (shown first, without the guard);
+/// with it, the source's flows beyond the limit are dropped and counted, the quiet client's
+/// entries stay, and the source gets room again in the next window.
+#[test]
+fn a_flood_from_one_source_does_not_evict_other_clients_flows() {
+    if !privileged() {
+        return;
+    }
+    const FLOODER: [u8; 4] = [198, 18, 64, 3];
+    const FLOWS: u16 = 2000;
+    const LIMIT: u32 = 100;
+    let quiet_fwd = ct_key(CLIENT, 41000, VIP, 80, IPPROTO_TCP);
+    let quiet_rep = ct_key(BE1, 5000, CLIENT, 41000, IPPROTO_TCP);
+    for guard in [0, LIMIT] {
+        let mut l = load_sized(&[BE1], LbAlgorithm::Maglev, 1024);
+        loader::write_flood_limit(&mut l.ebpf, guard).unwrap();
+        let (v, _) = run(&mut l, &frame(CLIENT, 41000, VIP, 80, &SYN, &[]));
+        assert_eq!(v, NEXT);
+        let mut dropped = 0u32;
+        for sport in 20000..20000 + FLOWS {
+            let (v, _) = run(&mut l, &frame(FLOODER, sport, VIP, 80, &SYN, &[]));
+            if v == TC_ACT_SHOT {
+                dropped += 1;
+            }
+        }
+        let ct: HashMap<MapData, CtKey4, CtValue> =
+            loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+        let quiet_kept = ct.get(&quiet_fwd, 0).is_ok() && ct.get(&quiet_rep, 0).is_ok();
+        if guard == 0 {
+            assert_eq!(dropped, 0, "no guard, nothing dropped");
+            assert!(
+                !quiet_kept,
+                "without the guard the flood evicts the quiet client's entries (else this test \
+                 shows nothing)"
+            );
+            continue;
+        }
+        // The loop takes milliseconds; at most one window boundary (~1.07 s) falls inside it.
+        let allowed = u32::from(FLOWS) - dropped;
+        assert!(
+            (LIMIT..=2 * LIMIT).contains(&allowed),
+            "{allowed} flows let through with a limit of {LIMIT} a window"
+        );
+        assert_eq!(stat(&l, Stat::FloodDropped), u64::from(dropped));
+        assert!(quiet_kept, "the quiet client's entries survive the flood");
+        // Its packets still follow them, and other clients still get new flows.
+        let (v, out) = run(&mut l, &frame(CLIENT, 41000, VIP, 80, &DATA, &[]));
+        assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+        let (v, _) = run(&mut l, &frame(CLIENT, 41001, VIP, 80, &SYN, &[]));
+        assert_eq!(v, NEXT, "another source is not limited");
+        // The next window gives the flooder room again (its window is aged here, not waited for).
+        let mut flood: HashMap<&mut MapData, [u8; 4], proxy_common::FloodValue> =
+            HashMap::try_from(l.ebpf.map_mut(map_names::FLOOD4).unwrap()).unwrap();
+        let mut w = flood.get(&FLOODER, 0).unwrap();
+        assert!(w.count > u64::from(LIMIT));
+        w.window = w.window.wrapping_sub(1);
+        flood.insert(FLOODER, w, 0).unwrap();
+        let (v, _) = run(&mut l, &frame(FLOODER, 30000, VIP, 80, &SYN, &[]));
+        assert_eq!(v, NEXT, "a new window lets the source start flows again");
+    }
 }

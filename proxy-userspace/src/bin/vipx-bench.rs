@@ -476,6 +476,9 @@ fn packet(a: Args) -> Result<()> {
         };
         let result = (|| -> Result<()> {
             let mut ebpf = loader::load(&pin_dir, sizes)?;
+            // The flood guard runs on every new flow, as in vipx; a limit no replayed packet
+            // reaches keeps it from dropping the SYN case's single source.
+            loader::write_flood_limit(&mut ebpf, u32::MAX)?;
             let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
             writer.set_default_lb_algorithm(a.lb_algorithm);
             let mut t = Target::default();
