@@ -4,6 +4,7 @@ pub mod config;
 pub mod conntrack;
 pub mod desired;
 pub mod digest;
+pub mod flood;
 pub mod loader;
 pub mod maglev;
 pub mod maps;

@@ -453,6 +453,12 @@ fn conntrack_entries_for(mem_bytes: u64) -> u32 {
     entries.clamp(1 << 17, 1 << 24) as u32
 }
 
+/// Take the settings map out of a loaded object (the flood guard switches it at run time);
+/// [`write_config`] and [`write_flood_limit`] no longer reach it afterwards.
+pub fn take_config(ebpf: &mut Ebpf) -> Result<Array<MapData, u32>> {
+    take(ebpf, map_names::CONFIG)
+}
+
 /// Take the per-CPU counters out of a loaded object (metrics and conntrack collection share it).
 pub fn take_stats(ebpf: &mut Ebpf) -> Result<PerCpuArray<MapData, u64>> {
     take(ebpf, map_names::STATS)

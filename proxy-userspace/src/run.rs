@@ -737,11 +737,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
     loader::write_config(&mut ebpf, opts.hairpin)?;
     let flood_limit = opts.conntrack.flood_limit(opts.sizes.conntrack);
-    loader::write_flood_limit(&mut ebpf, flood_limit)?;
     tracing::info!(
         conntrack_entries = opts.sizes.conntrack,
         max_new_flows_per_source = flood_limit,
-        "conntrack sized"
+        "conntrack sized (the flood guard engages when it is half full)"
     );
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
     // Conntrack collection in a thread of its own: a pass over 1M entries takes a fraction of a
@@ -764,6 +763,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             );
         })
         .ok();
+    // Held until `run` returns: the guard switches with the table's pressure meanwhile.
+    let _flood_guard = match flood_limit {
+        0 => None,
+        limit => Some(crate::flood::start(
+            loader::take_config(&mut ebpf)?,
+            stats.clone(),
+            gc_stats.clone(),
+            opts.sizes.conntrack,
+            limit,
+        )?),
+    };
     // The data-path series read the counters and the kernel-written maps at scrape time.
     match serve::metrics::KernelDataPath::new(
         stats,

@@ -165,6 +165,9 @@ const TC_ACT_OK: u32 = 0;
 const TC_NEXT: u32 = -1i32 as u32;
 const XDP_PASS: u32 = 2;
 const CLIENT: [u8; 4] = [198, 18, 200, 2];
+/// Distinct SYNs per run of the `new_flow_distinct` case (two conntrack entries each; the
+/// table holds 65,536).
+const DISTINCT_FLOWS: u16 = 4096;
 
 #[derive(Serialize)]
 struct Row {
@@ -630,6 +633,42 @@ fn packet(a: Args) -> Result<()> {
                     samples_ns: samples[i].clone(),
                 });
             }
+            // New flows as they really come: every SYN a tuple never seen, so both conntrack
+            // entries are inserted (a replayed SYN finds its entries and rewrites them in
+            // place). One run per packet; the floor is measured the same way beside it, since
+            // a single run carries the kernel's timer overhead.
+            let mut distinct = Vec::new();
+            let mut floor_single = Vec::new();
+            for rep in 0..a.reps {
+                let src = [198, 18, 201, rep as u8];
+                let (mut sum, mut sum_floor) = (0.0, 0.0);
+                for k in 0..DISTINCT_FLOWS {
+                    let syn = tcp(src, 1024 + k, target.0.octets(), target.1, true);
+                    sum += run_tc(&mut ebpf, ingress, &syn, 1)?;
+                    sum_floor += run_floor(&mut ebpf, &syn, 1)?;
+                }
+                distinct.push(sum / f64::from(DISTINCT_FLOWS));
+                floor_single.push(sum_floor / f64::from(DISTINCT_FLOWS));
+            }
+            let single_ns = median(&mut floor_single.clone());
+            rows.push(Row {
+                services: n,
+                backends_per_service: a.backends,
+                case: "new_flow_distinct",
+                ns_per_packet: median(&mut distinct.clone()),
+                floor_ns: single_ns,
+                ratio_to_floor: median(&mut distinct.clone()) / single_ns,
+                samples_ns: distinct,
+            });
+            rows.push(Row {
+                services: n,
+                backends_per_service: a.backends,
+                case: "floor_xdp_single_run",
+                ns_per_packet: single_ns,
+                floor_ns: single_ns,
+                ratio_to_floor: 1.0,
+                samples_ns: floor_single,
+            });
             let tc_ns = median(&mut floor_tc.clone());
             rows.push(Row {
                 services: n,
