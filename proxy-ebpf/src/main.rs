@@ -924,7 +924,15 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
             next_slot(slot, svc.count)
         };
         pos = 0;
-        let Some(next) = slot_backend(svc_key, slot) else {
+        let mut next = slot_backend(svc_key, slot);
+        if next.is_none() {
+            // The count this packet read was lowered and the slots beyond it removed meanwhile
+            // (a Service shrinking): slot 1 stays while the Service has a backend. If it is the
+            // client again, the hairpin SNAT below answers it.
+            slot = 1;
+            next = slot_backend(svc_key, slot);
+        }
+        let Some(next) = next else {
             count(Stat::NoBackend);
             return TC_ACT_SHOT;
         };

@@ -2091,3 +2091,47 @@ fn a_flood_from_one_source_does_not_evict_other_clients_flows() {
         assert_eq!(v, NEXT, "a new window lets the source start flows again");
     }
 }
+
+/// Review finding: a pod calling its own shrinking Service, sent past itself to the next slot
+/// that the shrink had just removed (its count read before the change), was dropped. It now
+/// lands on slot 1 and, that being itself, is answered through the hairpin SNAT.
+#[test]
+fn a_pod_sent_past_itself_to_a_removed_slot_is_not_dropped() {
+    if !privileged() {
+        return;
+    }
+    const HAIRPIN: [u8; 4] = [198, 18, 255, 254];
+    let mut l = load_with(&[BE1, BE2], LbAlgorithm::Hash);
+    loader::write_config(&mut l.ebpf, Some(Ipv4Addr::from(HAIRPIN))).unwrap();
+    l.writer.set_hairpin(Some(Ipv4Addr::from(HAIRPIN))).unwrap();
+    // The in-between state of a shrink to BE1 alone, held still: slot 2 gone, the count 2.
+    let mut svc: HashMap<MapData, proxy_common::SvcKey4, proxy_common::SvcValue> =
+        HashMap::try_from(
+            aya::maps::Map::from_map_data(
+                MapData::from_pin(l.pin_dir.join(map_names::SVC4)).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    svc.remove(&proxy_common::SvcKey4::new(
+        VIP,
+        80,
+        IPPROTO_TCP,
+        proxy_common::SCOPE_EXTERNAL,
+        2,
+    ))
+    .unwrap();
+    for sport in 32000..32050u16 {
+        let (v, out) = run(&mut l, &frame(BE1, sport, VIP, 80, &SYN, &[]));
+        assert_eq!(
+            v, TC_ACT_REDIRECT,
+            "source port {sport}: answered, not dropped"
+        );
+        assert_eq!(
+            (inspect(&out).src, inspect(&out).dst),
+            (HAIRPIN, BE1),
+            "source port {sport}"
+        );
+    }
+    assert_eq!(stat(&l, Stat::NoBackend), 0);
+}
