@@ -816,9 +816,9 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| services x 10 | passthrough (ingress) | passthrough (egress) | new flow (SYN) | established | reply (egress) | TC floor | XDP floor |"
+        "| services x 10 | passthrough (ingress) | passthrough (egress) | new flow (SYN, replayed) | new flow (SYN, distinct tuples; x single-run floor) | established | reply (egress) | TC floor | XDP floor |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let rows = r.packet.as_array().cloned().unwrap_or_default();
     let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
     counts.dedup();
@@ -836,10 +836,11 @@ fn markdown(r: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
             get("passthrough"),
             get("passthrough_egress"),
             get("new_flow_syn"),
+            get("new_flow_distinct"),
             get("established"),
             get("reply_revnat"),
             get("floor_tc"),
