@@ -1604,6 +1604,8 @@ fn conntrack_of_the_previous_layout_is_carried_over() {
         backends: 1024,
         revnat: 256,
         conntrack: 4096,
+        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+        maglev_tables: 0,
     };
     let _ebpf = loader::load(&pin_dir, sizes).expect("the previous layout is moved aside");
     assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 1);

@@ -287,6 +287,8 @@ fn ct_gc(a: GcArgs) -> Result<()> {
             revnat: 1024,
             // Room beyond the filled entries: an LRU at capacity evicts while it is filled.
             conntrack: a.entries + a.entries / 8,
+            maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+            maglev_tables: 0,
         };
         let mut ebpf = loader::load(&pin_dir, sizes)?;
         let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
@@ -316,6 +318,7 @@ fn ct_gc(a: GcArgs) -> Result<()> {
                 flags: SVC_F_CLUSTER_IP,
                 affinity_timeout_s: 0,
                 slots: vec![be],
+                lb_algorithm: None,
             },
         );
         writer.apply(&t)?;
