@@ -160,6 +160,8 @@ pub struct PassStats {
     pub expired: u64,
     pub stale: u64,
     pub purged: u64,
+    /// Flows or entries chosen by the walk but kept: a packet touched them before the delete.
+    pub spared: u64,
     pub took: Duration,
 }
 
@@ -206,17 +208,24 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: the attr is a valid, fully initialised bpf_attr prefix of the given size; the
-    // pointers in it name buffers that live across the call and are as large as `count` says.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<BatchAttr>(),
-        )
-    };
+/// `bpf_attr` for the element commands (`struct { map_fd, key, value, flags }`).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: callers pass a valid, fully initialised bpf_attr prefix (`BatchAttr` or
+    // `ElemAttr`) of the given size; the pointers in it name buffers that live across the call
+    // and are as large as the command reads or writes.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -295,6 +304,114 @@ pub fn delete(ct: &HashMap<MapData, CtKey4, CtValue>, keys: &[CtKey4]) -> io::Re
         }
     }
     Ok(done)
+}
+
+/// One entry, read now (`None`: not in the map). aya's `get` would do the same syscall but
+/// turns "absent" into an error to tell apart from real failures.
+fn lookup(fd: u32, key: &CtKey4) -> io::Result<Option<CtValue>> {
+    let mut value = CtValue::default();
+    let mut attr = ElemAttr {
+        map_fd: fd,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        ..ElemAttr::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why a pass chose to delete an entry (or a flow's two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    Expired,
+    Stale,
+    Purged,
+}
+
+/// What a chosen entry looked like when the walk read it: it is deleted only if it still does.
+/// The walk of a large table takes a while, and a packet may arrive for a flow between the
+/// moment it was read and the delete.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Idle: every packet restamps `seen` (or a closing one sets a flag), so an entry still
+    /// with both is as idle as it was.
+    Idle { seen: u32, flags: u32 },
+    /// Stale: any rewrite means the programs made the entry anew for ids that are current.
+    Same(CtValue),
+    /// Purged: however busy, it goes while it still names the backend that left.
+    Of(Purge),
+}
+
+impl Expect {
+    fn holds(&self, v: &CtValue) -> bool {
+        match self {
+            Self::Idle { seen, flags } => v.seen == *seen && v.flags == *flags,
+            Self::Same(was) => v == was,
+            Self::Of(p) => v.rev_nat_id == p.rev_nat_id && v.backend_id == p.backend_id,
+        }
+    }
+}
+
+/// Entries that go together or not at all: both entries of an expired flow, or one entry.
+struct Doomed {
+    why: Why,
+    keys: [(CtKey4, Expect); 2],
+    n: usize,
+}
+
+/// Keys re-read and deleted per round: the gap between an entry's re-check and its delete is
+/// at most this many lookups, small against the walk.
+const RECHECK_CHUNK: usize = 256;
+
+/// Deletes the doomed entries that are still as the walk saw them; a flow whose entry moved is
+/// kept whole (the next pass looks again). Returns what was deleted and what each reason
+/// accounts for.
+fn delete_unchanged(
+    ct: &HashMap<MapData, CtKey4, CtValue>,
+    doomed: &[Doomed],
+    st: &mut PassStats,
+) -> io::Result<()> {
+    let fd = raw_fd(ct);
+    let mut chunk: Vec<CtKey4> = Vec::with_capacity(RECHECK_CHUNK + 2);
+    let mut keep: [CtKey4; 2] = [CtKey4::default(); 2];
+    for d in doomed {
+        let mut present = 0;
+        let mut moved = false;
+        for (k, expect) in &d.keys[..d.n] {
+            match lookup(fd, k)? {
+                Some(v) if expect.holds(&v) => {
+                    keep[present] = *k;
+                    present += 1;
+                }
+                Some(_) => {
+                    moved = true;
+                    break;
+                }
+                // Gone already (evicted, or a program removed it): nothing to delete.
+                None => {}
+            }
+        }
+        if moved {
+            st.spared += 1;
+            continue;
+        }
+        match d.why {
+            Why::Expired if present > 0 => st.expired += 1,
+            Why::Expired => {}
+            Why::Stale => st.stale += present as u64,
+            Why::Purged => st.purged += present as u64,
+        }
+        chunk.extend_from_slice(&keep[..present]);
+        if chunk.len() >= RECHECK_CHUNK {
+            st.deleted += delete(ct, &chunk)?;
+            chunk.clear();
+        }
+    }
+    st.deleted += delete(ct, &chunk)?;
+    Ok(())
 }
 
 /// Resolves the ids entries name, cached for one pass.
@@ -389,7 +506,20 @@ impl Ids<'_> {
 /// among them after it: no syscall per entry. An entry whose partner is not a candidate is kept
 /// (its partner is busy, or gone: then it goes once idle past the longest timeout, or to the
 /// LRU). Candidates beyond [`MAX_CANDIDATES`] are checked against the map one by one instead.
+/// What the walk chose is read again just before it is deleted (one lookup per entry chosen,
+/// none per entry kept), and kept if a packet moved it meanwhile.
 pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Result<PassStats> {
+    pass_with_pause(tables, timeouts, purges, || {})
+}
+
+/// [`pass`], running `between` after the walk and before the re-check and deletes: tests send
+/// packets there, as traffic would during a long walk.
+pub fn pass_with_pause(
+    tables: &Tables,
+    timeouts: &Timeouts,
+    purges: &HashSet<Purge>,
+    between: impl FnOnce(),
+) -> Result<PassStats> {
     let started = Instant::now();
     let now = now_seen();
     let mut ids = Ids {
@@ -400,62 +530,65 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
     };
     let longest = timeouts.longest();
     let mut st = PassStats::default();
-    let mut doomed: Vec<CtKey4> = Vec::new();
+    let mut doomed: Vec<Doomed> = Vec::new();
     // A fast non-cryptographic hash: the keys are the table's own, read at every pass.
     let mut seen_doomed: FastSet<CtKey4> = FastSet::default();
-    let doom = |k: CtKey4, doomed: &mut Vec<CtKey4>, seen: &mut FastSet<CtKey4>| {
-        if seen.insert(k) {
-            doomed.push(k);
+    // A key already chosen (as the partner of another) is not chosen twice.
+    let mut doom = |why: Why, keys: &[(CtKey4, Expect)]| {
+        let mut d = Doomed {
+            why,
+            keys: [(CtKey4::default(), Expect::Idle { seen: 0, flags: 0 }); 2],
+            n: 0,
+        };
+        for (k, e) in keys {
+            if seen_doomed.insert(*k) {
+                d.keys[d.n] = (*k, *e);
+                d.n += 1;
+            }
         }
+        if d.n > 0 {
+            doomed.push(d);
+        }
+    };
+    let idle_of = |c: &Candidate| Expect::Idle {
+        seen: c.seen,
+        flags: c.flags,
     };
     // Gathered in a vector, then indexed at its final size: no rehashing while the walk runs.
     let mut gathered: Vec<(CtKey4, Candidate)> = Vec::new();
-    let mut stats = (0u64, 0u64, 0u64);
     let mut walked = 0u64;
     walk(&tables.ct, |keys, values| {
         for (k, v) in keys.iter().zip(values) {
             walked += 1;
-            if seen_doomed.contains(k) {
-                continue;
-            }
-            if k.proto == IPPROTO_UDP
-                && !purges.is_empty()
-                && purges.contains(&Purge {
+            if k.proto == IPPROTO_UDP && !purges.is_empty() {
+                let p = Purge {
                     rev_nat_id: v.rev_nat_id,
                     backend_id: v.backend_id,
-                })
-            {
-                stats.2 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
-                continue;
+                };
+                if purges.contains(&p) {
+                    doom(Why::Purged, &[(*k, Expect::Of(p))]);
+                    continue;
+                }
             }
             let Some(partner) = ids.partner(k, v) else {
-                stats.1 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
+                doom(Why::Stale, &[(*k, Expect::Same(*v))]);
                 continue;
             };
             let own_idle = idle(now, v.seen);
             if own_idle <= timeouts.floor(k.proto, v.flags) {
                 continue;
             }
-            if gathered.len() < MAX_CANDIDATES {
-                gathered.push((
-                    *k,
-                    Candidate {
-                        seen: v.seen,
-                        flags: v.flags,
-                        partner,
-                    },
-                ));
-                continue;
-            }
-            // Too many to hold: read the partner now.
-            let other = tables.ct.get(&partner, 0).ok();
             let c = Candidate {
                 seen: v.seen,
                 flags: v.flags,
                 partner,
             };
+            if gathered.len() < MAX_CANDIDATES {
+                gathered.push((*k, c));
+                continue;
+            }
+            // Too many to hold: read the partner now.
+            let other = tables.ct.get(&partner, 0).ok();
             let o = other.map(|o| Candidate {
                 seen: o.seen,
                 flags: o.flags,
@@ -464,9 +597,7 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
             if let Some(o) = o
                 && flow_expired(now, timeouts, k.proto, &c, &o)
             {
-                stats.0 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
-                doom(partner, &mut doomed, &mut seen_doomed);
+                doom(Why::Expired, &[(*k, idle_of(&c)), (partner, idle_of(&o))]);
             }
         }
     })
@@ -475,27 +606,21 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
         FastMap::with_capacity_and_hasher(gathered.len(), Default::default());
     cands.extend(gathered);
     for (k, c) in &cands {
-        if seen_doomed.contains(k) {
-            continue;
-        }
         match cands.get(&c.partner) {
             // Each pair is seen from both ends; the first decides.
             Some(o) if o.partner == *k && flow_expired(now, timeouts, k.proto, c, o) => {
-                stats.0 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
-                doom(c.partner, &mut doomed, &mut seen_doomed);
+                doom(Why::Expired, &[(*k, idle_of(c)), (c.partner, idle_of(o))]);
             }
             // The partner is busy, or gone (evicted, removed): idle past every timeout, look.
             _ if idle(now, c.seen) > longest && tables.ct.get(&c.partner, 0).is_err() => {
-                stats.0 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
+                doom(Why::Expired, &[(*k, idle_of(c))]);
             }
             _ => {}
         }
     }
     drop(cands);
-    st.deleted = delete(&tables.ct, &doomed).context("deleting conntrack entries")?;
-    (st.expired, st.stale, st.purged) = stats;
+    between();
+    delete_unchanged(&tables.ct, &doomed, &mut st).context("deleting conntrack entries")?;
     st.entries = walked.saturating_sub(st.deleted);
     st.took = started.elapsed();
     Ok(st)

@@ -1552,6 +1552,49 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     assert!(present(&udp(42007)));
 }
 
+/// A flow the walk found expired but that a packet woke before the delete is kept whole; one
+/// that stayed idle goes.
+#[test]
+fn a_flow_touched_between_the_walk_and_the_delete_is_kept() {
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let fwd = |p| ct_key(CLIENT, p, VIP, 80, IPPROTO_TCP);
+    let rep = |p| ct_key(BE1, 5000, CLIENT, p, IPPROTO_TCP);
+    for p in [44001, 44002] {
+        run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[]));
+        run_on(&mut l, EGRESS, &frame(BE1, 5000, CLIENT, p, &SYNACK, &[]));
+    }
+    let mut ct: HashMap<MapData, CtKey4, CtValue> =
+        loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    let now = conntrack::now_seen();
+    for k in [fwd(44001), rep(44001), fwd(44002), rep(44002)] {
+        let mut v = ct.get(&k, 0).unwrap();
+        v.seen = now.wrapping_sub(2000);
+        ct.insert(k, v, 0).unwrap();
+    }
+    let timeouts = Timeouts {
+        tcp_established: Duration::from_secs(1000),
+        ..Timeouts::default()
+    };
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let st = conntrack::pass_with_pause(&tables, &timeouts, &Default::default(), || {
+        // The client sends on 44001 after the walk chose both flows.
+        let (v, out) = run(&mut l, &frame(CLIENT, 44001, VIP, 80, &DATA, &[]));
+        assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+    })
+    .unwrap();
+    let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    assert!(
+        present(&fwd(44001)) && present(&rep(44001)),
+        "the woken flow keeps both entries: {st:?}"
+    );
+    assert!(!present(&fwd(44002)) && !present(&rep(44002)), "{st:?}");
+    assert_eq!((st.expired, st.spared, st.deleted), (1, 1, 2), "{st:?}");
+}
+
 /// An upgrade from the build whose conntrack entries had no `seen` (20-byte values): the new
 /// build carries every flow over instead of refusing the pin or starting empty.
 #[test]
