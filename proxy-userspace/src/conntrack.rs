@@ -142,11 +142,14 @@ fn idle(now: u32, seen: u32) -> Duration {
 }
 
 /// A UDP backend that left a Service: the flows of that frontend (by reverse-NAT id) pinned to
-/// it (by backend id) are removed, so the client's next datagram picks a live backend.
+/// it (by backend id and generation) are removed, so the client's next datagram picks a live
+/// backend. The generation keeps a purge that runs late off the flows of a new backend the
+/// freed id was handed to meanwhile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Purge {
     pub rev_nat_id: u32,
     pub backend_id: u32,
+    pub backend_gen: u32,
 }
 
 /// What one pass did.
@@ -350,7 +353,11 @@ impl Expect {
         match self {
             Self::Idle { seen, flags } => v.seen == *seen && v.flags == *flags,
             Self::Same(was) => v == was,
-            Self::Of(p) => v.rev_nat_id == p.rev_nat_id && v.backend_id == p.backend_id,
+            Self::Of(p) => {
+                v.rev_nat_id == p.rev_nat_id
+                    && v.backend_id == p.backend_id
+                    && v.backend_gen == p.backend_gen
+            }
         }
     }
 }
@@ -564,6 +571,7 @@ pub fn pass_with_pause(
                 let p = Purge {
                     rev_nat_id: v.rev_nat_id,
                     backend_id: v.backend_id,
+                    backend_gen: v.backend_gen,
                 };
                 if purges.contains(&p) {
                     doom(Why::Purged, &[(*k, Expect::Of(p))]);

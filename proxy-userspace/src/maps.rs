@@ -1781,13 +1781,19 @@ impl<M: MapStore> MapWriter<M> {
         }
         if let Some(old) = &old {
             if fe.proto == IPPROTO_UDP {
-                st.udp_purges
-                    .extend(old.slots.iter().filter(|id| !want.slots.contains(id)).map(
-                        |&backend_id| crate::conntrack::Purge {
-                            rev_nat_id,
-                            backend_id,
-                        },
-                    ));
+                // The old slots still hold their ids (unref below releases them): the generation
+                // is that of the backend that left.
+                let purges: Vec<_> = old
+                    .slots
+                    .iter()
+                    .filter(|id| !want.slots.contains(id))
+                    .map(|&backend_id| crate::conntrack::Purge {
+                        rev_nat_id,
+                        backend_id,
+                        backend_gen: self.backend_space.generation(backend_id),
+                    })
+                    .collect();
+                st.udp_purges.extend(purges);
             }
             self.unref(&old.slots, released);
         }

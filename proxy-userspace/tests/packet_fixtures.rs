@@ -1492,6 +1492,7 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
         Purge {
             rev_nat_id: v.rev_nat_id,
             backend_id: v.backend_id,
+            backend_gen: v.backend_gen,
         }
     };
     let timeouts = Timeouts {
@@ -1593,6 +1594,88 @@ fn a_flow_touched_between_the_walk_and_the_delete_is_kept() {
     );
     assert!(!present(&fwd(44002)) && !present(&rep(44002)), "{st:?}");
     assert_eq!((st.expired, st.spared, st.deleted), (1, 1, 2), "{st:?}");
+}
+
+/// A purge of a UDP backend that left its Service runs later than the sync that asked for it;
+/// if the backend's id was handed to another backend meanwhile, the new backend's flows of the
+/// same frontend are not the ones purged.
+#[test]
+fn a_purge_spares_the_flows_of_a_new_backend_with_the_same_id() {
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    run(&mut l, &frame(CLIENT, 45001, VIP, 53, &UDP, &[]));
+    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    let old_fwd = ct_key(CLIENT, 45001, VIP, 53, IPPROTO_UDP);
+    let old = ct.get(&old_fwd, 0).unwrap();
+    // The DNS frontend moves from BE1 to BE2: BE1's UDP backend is freed at once.
+    let mut t = Target::default();
+    let be2 = addr(BE2, 5353, IPPROTO_UDP);
+    t.backends.insert(be2, BACKEND_F_ACTIVE);
+    t.frontends.insert(
+        addr(VIP, 53, IPPROTO_UDP),
+        frontend("dns", Protocol::Udp, vec![be2]),
+    );
+    let st = l.writer.apply(&t).unwrap();
+    assert!(!st.udp_purges.is_empty(), "{st:?}");
+    // Before the purge runs, the freed id goes to a new backend (a later generation) that
+    // serves the same frontend, and a client has a flow on it.
+    let new_gen = old.backend_gen + 1;
+    let be3 = [198, 18, 64, 13];
+    let mut backends: Array<MapData, Backend4> = Array::try_from(
+        aya::maps::Map::from_map_data(
+            MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    backends
+        .set(
+            old.backend_id,
+            Backend4 {
+                addr: be3,
+                port: 5353u16.to_be_bytes(),
+                proto: IPPROTO_UDP,
+                flags: BACKEND_F_ACTIVE,
+                generation: new_gen,
+            },
+            0,
+        )
+        .unwrap();
+    let mut ct = ct;
+    let now = conntrack::now_seen();
+    let value = CtValue {
+        backend_gen: new_gen,
+        seen: now,
+        ..old
+    };
+    let new_fwd = ct_key(CLIENT, 45002, VIP, 53, IPPROTO_UDP);
+    let new_rep = ct_key(be3, 5353, CLIENT, 45002, IPPROTO_UDP);
+    ct.insert(new_fwd, value, 0).unwrap();
+    ct.insert(
+        new_rep,
+        CtValue {
+            flags: CT_F_REPLY,
+            ..value
+        },
+        0,
+    )
+    .unwrap();
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let purges = st.udp_purges.iter().copied().collect();
+    let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
+    let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    assert!(!present(&old_fwd), "the old backend's flow goes: {st:?}");
+    assert!(
+        present(&new_fwd) && present(&new_rep),
+        "the new backend's flow stays: {st:?}"
+    );
 }
 
 /// An upgrade from the build whose conntrack entries had no `seen` (20-byte values): the new
