@@ -13,9 +13,8 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd},
     sync::{
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
-        mpsc::{self, RecvTimeoutError},
     },
     thread,
     time::{Duration, Instant},
@@ -689,9 +688,97 @@ impl EvictionCount {
     }
 }
 
-/// Runs passes every `interval`, and at once for purges; stops when the handle is dropped.
+/// What the sync side hands the collector thread: purges not yet executed by a successful pass
+/// (they outlive a failed pass, and the thread), and the request to stop.
+#[derive(Debug, Default)]
+struct Pending {
+    purges: HashSet<Purge>,
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+impl Shared {
+    /// A panicking pass must not take the purges with it: the data is a plain set, valid
+    /// whatever the panic interrupted.
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, purges: impl IntoIterator<Item = Purge>) {
+        self.lock().purges.extend(purges);
+        self.wake.notify_all();
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_all();
+    }
+}
+
+/// The least time between the starts of two passes run for purges: a sync every second with
+/// UDP endpoint churn would otherwise walk the whole table every second. A pass also waits four
+/// times as long as the previous one took, so purges cost at most a fifth of a core.
+pub const PURGE_GAP: Duration = Duration::from_secs(1);
+
+/// The collector's loop: a pass every `interval` (the first at once), and for purges as soon as
+/// `gap` allows; every purge pending when a pass starts joins it, and only a pass that succeeds
+/// retires them. `run` does a pass and returns how long it took (`Err`: it failed).
+fn schedule(
+    shared: &Shared,
+    interval: Duration,
+    gap: Duration,
+    mut run: impl FnMut(&HashSet<Purge>) -> Result<Duration, Duration>,
+) {
+    let mut next = Instant::now();
+    let mut earliest = Instant::now();
+    loop {
+        let purges = {
+            let mut p = shared.lock();
+            loop {
+                if p.stop {
+                    return;
+                }
+                let now = Instant::now();
+                let at = if p.purges.is_empty() {
+                    next
+                } else {
+                    next.min(earliest)
+                };
+                if now >= at {
+                    break p.purges.clone();
+                }
+                p = shared
+                    .wake
+                    .wait_timeout(p, at - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        let started = Instant::now();
+        let result = run(&purges);
+        next = Instant::now() + interval;
+        let took = match result {
+            Ok(took) => {
+                let mut p = shared.lock();
+                // Purges added while the pass ran were not part of it.
+                p.purges.retain(|x| !purges.contains(x));
+                took
+            }
+            Err(took) => took,
+        };
+        earliest = started + gap.max(took.saturating_mul(4));
+    }
+}
+
+/// Runs passes every `interval`, and soon after purges are asked for; stops when the handle is
+/// dropped.
 pub struct Collector {
-    tx: mpsc::Sender<Vec<Purge>>,
+    shared: Arc<Shared>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -703,96 +790,89 @@ impl Collector {
         interval: Duration,
         out: Arc<GcStats>,
     ) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Vec<Purge>>();
-        let thread = thread::Builder::new()
-            .name("vipx-ct-gc".into())
-            .spawn(move || {
-                let mut evictions = EvictionCount::default();
-                let mut next = Instant::now();
-                let mut failing = false;
-                loop {
-                    let purges: HashSet<Purge> =
-                        match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                            Ok(p) => {
-                                let mut all: HashSet<Purge> = p.into_iter().collect();
-                                // Purges queued meanwhile join this pass.
-                                while let Ok(more) = rx.try_recv() {
-                                    all.extend(more);
+        let shared = Arc::new(Shared::default());
+        let thread = {
+            let shared = shared.clone();
+            thread::Builder::new()
+                .name("vipx-ct-gc".into())
+                .spawn(move || {
+                    let mut evictions = EvictionCount::default();
+                    let mut failing = false;
+                    schedule(&shared, interval, PURGE_GAP, |purges| {
+                        let started = Instant::now();
+                        match pass(&tables, &timeouts, purges) {
+                            Ok(st) => {
+                                if failing {
+                                    tracing::info!("conntrack collection works again");
+                                    failing = false;
                                 }
-                                all
-                            }
-                            Err(RecvTimeoutError::Timeout) => HashSet::new(),
-                            Err(RecvTimeoutError::Disconnected) => return,
-                        };
-                    if purges.is_empty() {
-                        next = Instant::now() + interval;
-                    }
-                    match pass(&tables, &timeouts, &purges) {
-                        Ok(st) => {
-                            if failing {
-                                tracing::info!("conntrack collection works again");
-                                failing = false;
-                            }
-                            let total = |s: Stat| {
-                                stats_map
-                                    .get(&(s as u32), 0)
-                                    .map(|v| v.iter().sum::<u64>())
-                                    .unwrap_or(0)
-                            };
-                            let evicted = evictions.update(
-                                total(Stat::CtCreated),
-                                total(Stat::CtRemoved),
-                                st.entries,
-                                st.deleted,
-                            );
-                            out.runs.fetch_add(1, Ordering::Relaxed);
-                            out.expired.fetch_add(st.expired, Ordering::Relaxed);
-                            out.stale.fetch_add(st.stale, Ordering::Relaxed);
-                            out.purged.fetch_add(st.purged, Ordering::Relaxed);
-                            out.evicted.fetch_add(evicted, Ordering::Relaxed);
-                            out.last_entries.store(st.entries, Ordering::Relaxed);
-                            out.last_duration_us.store(
-                                u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
-                                Ordering::Relaxed,
-                            );
-                            if evicted > 0 {
-                                tracing::warn!(
-                                    evicted,
-                                    entries = st.entries,
-                                    "conntrack table full: flows were evicted (raise \
-                                     --max-conntrack)"
+                                let total = |s: Stat| {
+                                    stats_map
+                                        .get(&(s as u32), 0)
+                                        .map(|v| v.iter().sum::<u64>())
+                                        .unwrap_or(0)
+                                };
+                                let evicted = evictions.update(
+                                    total(Stat::CtCreated),
+                                    total(Stat::CtRemoved),
+                                    st.entries,
+                                    st.deleted,
                                 );
+                                out.runs.fetch_add(1, Ordering::Relaxed);
+                                out.expired.fetch_add(st.expired, Ordering::Relaxed);
+                                out.stale.fetch_add(st.stale, Ordering::Relaxed);
+                                out.purged.fetch_add(st.purged, Ordering::Relaxed);
+                                out.evicted.fetch_add(evicted, Ordering::Relaxed);
+                                out.last_entries.store(st.entries, Ordering::Relaxed);
+                                out.last_duration_us.store(
+                                    u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
+                                    Ordering::Relaxed,
+                                );
+                                if evicted > 0 {
+                                    tracing::warn!(
+                                        evicted,
+                                        entries = st.entries,
+                                        "conntrack table full: flows were evicted (raise \
+                                         --max-conntrack)"
+                                    );
+                                }
+                                tracing::debug!(?st, "conntrack pass");
+                                Ok(st.took)
                             }
-                            tracing::debug!(?st, "conntrack pass");
-                        }
-                        Err(e) => {
-                            if !failing {
-                                tracing::warn!("conntrack collection failed: {e:#}");
+                            Err(e) => {
+                                if !failing {
+                                    tracing::warn!(
+                                        purges = purges.len(),
+                                        "conntrack collection failed (purges kept for the next \
+                                         pass): {e:#}"
+                                    );
+                                }
+                                failing = true;
+                                Err(started.elapsed())
                             }
-                            failing = true;
                         }
-                    }
-                }
-            })
-            .context("starting the conntrack collector")?;
+                    });
+                })
+                .context("starting the conntrack collector")?
+        };
         Ok(Self {
-            tx,
+            shared,
             thread: Some(thread),
         })
     }
 
-    /// Remove these UDP flows now (a pass runs at once).
+    /// Remove these UDP flows soon (a pass runs as soon as [`PURGE_GAP`] allows; purges asked
+    /// for meanwhile join it).
     pub fn purge(&self, purges: Vec<Purge>) {
         if !purges.is_empty() {
-            let _ = self.tx.send(purges);
+            self.shared.add(purges);
         }
     }
 }
 
 impl Drop for Collector {
     fn drop(&mut self) {
-        let (tx, _) = mpsc::channel();
-        drop(std::mem::replace(&mut self.tx, tx));
+        self.shared.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -842,6 +922,88 @@ mod tests {
         assert_eq!(e.update(250, 10, 120, 0), 100);
         // Counters that went backwards (a reloaded program) count nothing.
         assert_eq!(e.update(5, 0, 125, 0), 0);
+    }
+
+    fn purge(n: u32) -> Purge {
+        Purge {
+            rev_nat_id: 1,
+            backend_id: n,
+            backend_gen: 1,
+        }
+    }
+
+    /// Runs `schedule` (first pass at once, no gap, the interval far away) in a thread; `run`
+    /// gets each pass's purges and its number, and says whether the pass succeeds. Stops after
+    /// `passes` passes and returns what each pass got, and what is still pending.
+    fn scheduled(
+        shared: &Arc<Shared>,
+        passes: usize,
+        mut run: impl FnMut(usize, &HashSet<Purge>) -> bool + Send + 'static,
+    ) -> (Vec<HashSet<Purge>>, HashSet<Purge>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = {
+            let shared = shared.clone();
+            thread::spawn(move || {
+                let mut n = 0;
+                schedule(&shared, Duration::from_secs(3600), Duration::ZERO, |p| {
+                    let ok = run(n, p);
+                    n += 1;
+                    let _ = tx.send(p.clone());
+                    if ok {
+                        Ok(Duration::ZERO)
+                    } else {
+                        Err(Duration::ZERO)
+                    }
+                });
+            })
+        };
+        // A bound, not a pause: a pass that never comes fails the test instead of hanging it.
+        let got: Vec<HashSet<Purge>> = (0..passes)
+            .map(|n| {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("pass {n} did not run: {e}"))
+            })
+            .collect();
+        // The last pass's bookkeeping is done once the loop waits again: stopping waits for it.
+        shared.stop();
+        t.join().unwrap();
+        let left = shared.lock().purges.clone();
+        (got, left)
+    }
+
+    #[test]
+    fn purges_asked_for_before_a_pass_join_it() {
+        let shared = Arc::new(Shared::default());
+        for n in 1..=3 {
+            shared.add([purge(n)]);
+        }
+        let (got, left) = scheduled(&shared, 1, |_, _| true);
+        assert_eq!(got, [(1..=3).map(purge).collect::<HashSet<_>>()]);
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn purges_of_a_failed_pass_run_at_the_next() {
+        let shared = Arc::new(Shared::default());
+        shared.add([purge(1)]);
+        let (got, left) = scheduled(&shared, 2, |n, _| n > 0);
+        assert_eq!(got, [[purge(1)].into(), [purge(1)].into()]);
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn purges_asked_for_during_a_pass_are_not_retired_by_it() {
+        let shared = Arc::new(Shared::default());
+        shared.add([purge(1)]);
+        let during = shared.clone();
+        let (got, left) = scheduled(&shared, 2, move |n, _| {
+            if n == 0 {
+                during.add([purge(2)]);
+            }
+            true
+        });
+        assert_eq!(got, [[purge(1)].into(), [purge(2)].into()]);
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -400,6 +400,12 @@ impl Controller {
             self.writer
                 .apply_keys(target, &changes.frontends, &changes.backends)
         };
+        // Whatever the apply managed to write: an apply that failed half-way changed some UDP
+        // frontends already, and their flows to the backends that left are purged all the same.
+        let purges = self.writer.take_udp_purges();
+        if let Some(c) = &self.collector {
+            c.purge(purges);
+        }
         let st = match st {
             Ok(st) => st,
             Err(e) => {
@@ -407,9 +413,6 @@ impl Controller {
                 return Err(e);
             }
         };
-        if let Some(c) = &self.collector {
-            c.purge(st.udp_purges.clone());
-        }
         if changes.names_changed || full {
             self.write_state(target)?;
         }

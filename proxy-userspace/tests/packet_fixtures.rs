@@ -1622,8 +1622,9 @@ fn a_purge_spares_the_flows_of_a_new_backend_with_the_same_id() {
         addr(VIP, 53, IPPROTO_UDP),
         frontend("dns", Protocol::Udp, vec![be2]),
     );
-    let st = l.writer.apply(&t).unwrap();
-    assert!(!st.udp_purges.is_empty(), "{st:?}");
+    l.writer.apply(&t).unwrap();
+    let purges = l.writer.take_udp_purges();
+    assert!(!purges.is_empty());
     // Before the purge runs, the freed id goes to a new backend (a later generation) that
     // serves the same frontend, and a client has a flow on it.
     let new_gen = old.backend_gen + 1;
@@ -1668,7 +1669,7 @@ fn a_purge_spares_the_flows_of_a_new_backend_with_the_same_id() {
     )
     .unwrap();
     let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
-    let purges = st.udp_purges.iter().copied().collect();
+    let purges = purges.into_iter().collect();
     let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
     let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
     assert!(!present(&old_fwd), "the old backend's flow goes: {st:?}");
