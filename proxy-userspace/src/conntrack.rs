@@ -664,28 +664,70 @@ fn flow_expired(now: u32, timeouts: &Timeouts, proto: u8, a: &Candidate, b: &Can
 
 /// Derives LRU evictions from what the programs created and removed and what the table holds:
 /// every entry created is still there, was removed by a program, deleted by a pass, or evicted.
+///
+/// The counters are sampled just before a pass's walk and the walk's own count stands for the
+/// table at that moment, so creation and occupancy describe the same instant (counters read
+/// after a long walk counted every entry created during it, but the walk had passed the buckets
+/// of some: they looked evicted). The walk still sees some entries created while it runs and
+/// misses others; that error is undone at the next pass, so a negative estimate is carried over
+/// to it instead of being clamped to zero (which would turn noise into evictions).
 #[derive(Debug, Default)]
 pub struct EvictionCount {
-    last: Option<(u64, u64, u64)>,
+    last: Option<Sample>,
+    /// What the last estimate came out below zero by.
+    owed: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    created: u64,
+    removed: u64,
+    walked: u64,
+    deleted: u64,
 }
 
 impl EvictionCount {
-    /// After a pass: `created`/`removed` are the programs' totals now, `entries` what the table
-    /// holds after the pass, `deleted` what the pass deleted. Returns evictions since the last
-    /// call (none at the first).
-    pub fn update(&mut self, created: u64, removed: u64, entries: u64, deleted: u64) -> u64 {
-        let evicted = match self.last {
-            Some((c0, r0, e0)) => {
-                let came = created.saturating_sub(c0);
-                let went = removed.saturating_sub(r0) + deleted;
-                // entries = e0 + came - went - evicted
-                (e0 + came).saturating_sub(went).saturating_sub(entries)
-            }
-            None => 0,
+    /// After a pass: `counters` are the programs' created/removed totals sampled just before its
+    /// walk (`None`: they could not be read), `walked` what the walk saw, `deleted` what the pass
+    /// deleted after it. Returns evictions since the previous call (none at the first, nor when
+    /// the counters were unreadable or went backwards: that call is a fresh baseline).
+    pub fn update(&mut self, counters: Option<(u64, u64)>, walked: u64, deleted: u64) -> u64 {
+        let Some((created, removed)) = counters else {
+            self.last = None;
+            self.owed = 0;
+            return 0;
         };
-        self.last = Some((created, removed, entries));
-        evicted
+        let now = Sample {
+            created,
+            removed,
+            walked,
+            deleted,
+        };
+        let Some(was) = self.last.replace(now) else {
+            return 0;
+        };
+        if created < was.created || removed < was.removed {
+            self.owed = 0;
+            return 0;
+        }
+        // walked = was.walked + came - removed - was.deleted - evicted
+        let came = i128::from(created - was.created);
+        let went = i128::from(removed - was.removed) + i128::from(was.deleted);
+        let estimate = i128::from(was.walked) + came - went - i128::from(walked);
+        let owed = i128::from(std::mem::take(&mut self.owed));
+        let evicted = estimate - owed;
+        if estimate < 0 {
+            self.owed = u64::try_from(-estimate).unwrap_or(u64::MAX);
+        }
+        u64::try_from(evicted.max(0)).unwrap_or(u64::MAX)
     }
+}
+
+/// Whether a table holding `entries` of `max_entries` is close enough to full for the LRU to
+/// evict: it frees entries only when its free lists run dry. An estimate of evictions from a
+/// table far from full is noise, not worth a warning.
+fn near_full(entries: u64, max_entries: Option<u32>) -> bool {
+    max_entries.is_none_or(|m| entries.saturating_mul(10) >= u64::from(m) * 9)
 }
 
 /// What the sync side hands the collector thread: purges not yet executed by a successful pass
@@ -798,26 +840,24 @@ impl Collector {
                 .spawn(move || {
                     let mut evictions = EvictionCount::default();
                     let mut failing = false;
+                    let max_entries = tables.ct.map().info().ok().map(|i| i.max_entries());
                     schedule(&shared, interval, PURGE_GAP, |purges| {
                         let started = Instant::now();
+                        let total = |s: Stat| {
+                            stats_map
+                                .get(&(s as u32), 0)
+                                .ok()
+                                .map(|v| v.iter().sum::<u64>())
+                        };
+                        let counters = total(Stat::CtCreated).zip(total(Stat::CtRemoved));
                         match pass(&tables, &timeouts, purges) {
                             Ok(st) => {
                                 if failing {
                                     tracing::info!("conntrack collection works again");
                                     failing = false;
                                 }
-                                let total = |s: Stat| {
-                                    stats_map
-                                        .get(&(s as u32), 0)
-                                        .map(|v| v.iter().sum::<u64>())
-                                        .unwrap_or(0)
-                                };
-                                let evicted = evictions.update(
-                                    total(Stat::CtCreated),
-                                    total(Stat::CtRemoved),
-                                    st.entries,
-                                    st.deleted,
-                                );
+                                let walked = st.entries + st.deleted;
+                                let evicted = evictions.update(counters, walked, st.deleted);
                                 out.runs.fetch_add(1, Ordering::Relaxed);
                                 out.expired.fetch_add(st.expired, Ordering::Relaxed);
                                 out.stale.fetch_add(st.stale, Ordering::Relaxed);
@@ -828,7 +868,7 @@ impl Collector {
                                     u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
                                     Ordering::Relaxed,
                                 );
-                                if evicted > 0 {
+                                if evicted > 0 && near_full(walked, max_entries) {
                                     tracing::warn!(
                                         evicted,
                                         entries = st.entries,
@@ -915,13 +955,47 @@ mod tests {
     #[test]
     fn evictions_are_what_creation_and_removal_do_not_explain() {
         let mut e = EvictionCount::default();
-        assert_eq!(e.update(100, 0, 100, 0), 0, "first call is a baseline");
-        // 50 created, 10 removed by programs, 20 deleted by the pass: 120 expected.
-        assert_eq!(e.update(150, 10, 120, 20), 0);
+        assert_eq!(
+            e.update(Some((100, 0)), 100, 20),
+            0,
+            "first call is a baseline"
+        );
+        // 50 created, 10 removed by programs, 20 deleted by the last pass: 120 walked.
+        assert_eq!(e.update(Some((150, 10)), 120, 0), 0);
         // 100 more created into a full table of 120 that stays at 120, nothing removed.
-        assert_eq!(e.update(250, 10, 120, 0), 100);
+        assert_eq!(e.update(Some((250, 10)), 120, 0), 100);
         // Counters that went backwards (a reloaded program) count nothing.
-        assert_eq!(e.update(5, 0, 125, 0), 0);
+        assert_eq!(e.update(Some((5, 0)), 125, 0), 0);
+        // Nor does a pass whose counters could not be read; the next one is a baseline.
+        assert_eq!(e.update(None, 125, 0), 0);
+        assert_eq!(e.update(Some((500, 0)), 125, 0), 0);
+        assert_eq!(e.update(Some((510, 0)), 135, 0), 0);
+    }
+
+    /// 10 flows' entries created while a walk runs, in buckets it had already passed: they were
+    /// counted as created but not seen, so they looked evicted. With the counters sampled before
+    /// the walk they belong to the next pass, which sees them.
+    #[test]
+    fn entries_created_during_a_walk_are_not_evictions() {
+        let mut e = EvictionCount::default();
+        assert_eq!(e.update(Some((100, 0)), 100, 0), 0);
+        // Sampled before the walk: the 10 created during it are not in the counters yet.
+        assert_eq!(e.update(Some((100, 0)), 100, 0), 0);
+        assert_eq!(e.update(Some((110, 0)), 110, 0), 0);
+        // This time the walk saw them before the counters (sampled before it) did: the
+        // shortfall is carried to the next pass, not clamped away and then counted there.
+        assert_eq!(e.update(Some((110, 0)), 120, 0), 0);
+        assert_eq!(e.update(Some((120, 0)), 120, 0), 0);
+        // Real evictions still count: 50 created, the table stays at 120.
+        assert_eq!(e.update(Some((170, 0)), 120, 0), 50);
+    }
+
+    #[test]
+    fn evictions_are_worth_a_warning_only_near_a_full_table() {
+        assert!(!near_full(10, Some(1000)));
+        assert!(!near_full(899, Some(1000)));
+        assert!(near_full(900, Some(1000)));
+        assert!(near_full(10, None), "unknown size: warn");
     }
 
     fn purge(n: u32) -> Purge {
