@@ -177,6 +177,9 @@ pub struct GcStats {
     pub evicted: AtomicU64,
     pub last_entries: AtomicU64,
     pub last_duration_us: AtomicU64,
+    /// Times the collector thread was found stopped (a panic, or its loop ending) and started
+    /// again.
+    pub restarts: AtomicU64,
 }
 
 /// The maps a pass reads and writes.
@@ -818,10 +821,22 @@ fn schedule(
 }
 
 /// Runs passes every `interval`, and soon after purges are asked for; stops when the handle is
-/// dropped.
+/// dropped. The thread only ends when told to: one found ended (a panic) is reported by
+/// [`Collector::reap`] and started again by [`Collector::restart`], with the purges it had not
+/// run.
 pub struct Collector {
     shared: Arc<Shared>,
     thread: Option<thread::JoinHandle<()>>,
+    setup: Setup,
+}
+
+/// What a collector thread is started with, besides its map handles.
+#[derive(Clone)]
+struct Setup {
+    stats_map: Arc<PerCpuArray<MapData, u64>>,
+    timeouts: Timeouts,
+    interval: Duration,
+    out: Arc<GcStats>,
 }
 
 impl Collector {
@@ -832,73 +847,39 @@ impl Collector {
         interval: Duration,
         out: Arc<GcStats>,
     ) -> Result<Self> {
-        let shared = Arc::new(Shared::default());
-        let thread = {
-            let shared = shared.clone();
-            thread::Builder::new()
-                .name("vipx-ct-gc".into())
-                .spawn(move || {
-                    let mut evictions = EvictionCount::default();
-                    let mut failing = false;
-                    let max_entries = tables.ct.map().info().ok().map(|i| i.max_entries());
-                    schedule(&shared, interval, PURGE_GAP, |purges| {
-                        let started = Instant::now();
-                        let total = |s: Stat| {
-                            stats_map
-                                .get(&(s as u32), 0)
-                                .ok()
-                                .map(|v| v.iter().sum::<u64>())
-                        };
-                        let counters = total(Stat::CtCreated).zip(total(Stat::CtRemoved));
-                        match pass(&tables, &timeouts, purges) {
-                            Ok(st) => {
-                                if failing {
-                                    tracing::info!("conntrack collection works again");
-                                    failing = false;
-                                }
-                                let walked = st.entries + st.deleted;
-                                let evicted = evictions.update(counters, walked, st.deleted);
-                                out.runs.fetch_add(1, Ordering::Relaxed);
-                                out.expired.fetch_add(st.expired, Ordering::Relaxed);
-                                out.stale.fetch_add(st.stale, Ordering::Relaxed);
-                                out.purged.fetch_add(st.purged, Ordering::Relaxed);
-                                out.evicted.fetch_add(evicted, Ordering::Relaxed);
-                                out.last_entries.store(st.entries, Ordering::Relaxed);
-                                out.last_duration_us.store(
-                                    u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
-                                    Ordering::Relaxed,
-                                );
-                                if evicted > 0 && near_full(walked, max_entries) {
-                                    tracing::warn!(
-                                        evicted,
-                                        entries = st.entries,
-                                        "conntrack table full: flows were evicted (raise \
-                                         --max-conntrack)"
-                                    );
-                                }
-                                tracing::debug!(?st, "conntrack pass");
-                                Ok(st.took)
-                            }
-                            Err(e) => {
-                                if !failing {
-                                    tracing::warn!(
-                                        purges = purges.len(),
-                                        "conntrack collection failed (purges kept for the next \
-                                         pass): {e:#}"
-                                    );
-                                }
-                                failing = true;
-                                Err(started.elapsed())
-                            }
-                        }
-                    });
-                })
-                .context("starting the conntrack collector")?
+        let mut c = Self {
+            shared: Arc::new(Shared::default()),
+            thread: None,
+            setup: Setup {
+                stats_map,
+                timeouts,
+                interval,
+                out,
+            },
         };
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
+        c.thread = Some(spawn(&c.shared, collect(c.setup.clone(), tables))?);
+        Ok(c)
+    }
+
+    /// Why the thread stopped, once, when it has (`None` while it runs, and after that once).
+    pub fn reap(&mut self) -> Option<String> {
+        reap(&mut self.thread)
+    }
+
+    /// Whether a thread is running passes.
+    pub fn running(&self) -> bool {
+        self.thread.is_some()
+    }
+
+    /// A new thread on new map handles (the old thread's went with it), when none runs; purges
+    /// asked for before are kept.
+    pub fn restart(&mut self, tables: Tables) -> Result<()> {
+        if self.running() {
+            return Ok(());
+        }
+        self.thread = Some(spawn(&self.shared, collect(self.setup.clone(), tables))?);
+        self.setup.out.restarts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Remove these UDP flows soon (a pass runs as soon as [`PURGE_GAP`] allows; purges asked
@@ -907,6 +888,101 @@ impl Collector {
         if !purges.is_empty() {
             self.shared.add(purges);
         }
+    }
+}
+
+fn spawn(
+    shared: &Arc<Shared>,
+    body: impl FnOnce(&Shared) + Send + 'static,
+) -> Result<thread::JoinHandle<()>> {
+    let shared = shared.clone();
+    thread::Builder::new()
+        .name("vipx-ct-gc".into())
+        .spawn(move || body(&shared))
+        .context("starting the conntrack collector")
+}
+
+/// Joins a thread that ended and says why.
+fn reap(thread: &mut Option<thread::JoinHandle<()>>) -> Option<String> {
+    if !thread.as_ref()?.is_finished() {
+        return None;
+    }
+    let why = match thread.take()?.join() {
+        Ok(()) => "its loop ended".to_owned(),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(ToString::to_string)
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            format!("it panicked: {msg}")
+        }
+    };
+    Some(why)
+}
+
+/// The collector thread's work: passes on `tables` as [`schedule`] says, and what they did to
+/// the counters and the log.
+fn collect(setup: Setup, tables: Tables) -> impl FnOnce(&Shared) + Send + 'static {
+    move |shared| {
+        let Setup {
+            stats_map,
+            timeouts,
+            interval,
+            out,
+        } = setup;
+        let mut evictions = EvictionCount::default();
+        let mut failing = false;
+        let max_entries = tables.ct.map().info().ok().map(|i| i.max_entries());
+        schedule(shared, interval, PURGE_GAP, |purges| {
+            let started = Instant::now();
+            let total = |s: Stat| {
+                stats_map
+                    .get(&(s as u32), 0)
+                    .ok()
+                    .map(|v| v.iter().sum::<u64>())
+            };
+            let counters = total(Stat::CtCreated).zip(total(Stat::CtRemoved));
+            match pass(&tables, &timeouts, purges) {
+                Ok(st) => {
+                    if failing {
+                        tracing::info!("conntrack collection works again");
+                        failing = false;
+                    }
+                    let walked = st.entries + st.deleted;
+                    let evicted = evictions.update(counters, walked, st.deleted);
+                    out.runs.fetch_add(1, Ordering::Relaxed);
+                    out.expired.fetch_add(st.expired, Ordering::Relaxed);
+                    out.stale.fetch_add(st.stale, Ordering::Relaxed);
+                    out.purged.fetch_add(st.purged, Ordering::Relaxed);
+                    out.evicted.fetch_add(evicted, Ordering::Relaxed);
+                    out.last_entries.store(st.entries, Ordering::Relaxed);
+                    out.last_duration_us.store(
+                        u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                    if evicted > 0 && near_full(walked, max_entries) {
+                        tracing::warn!(
+                            evicted,
+                            entries = st.entries,
+                            "conntrack table full: flows were evicted (raise --max-conntrack)"
+                        );
+                    }
+                    tracing::debug!(?st, "conntrack pass");
+                    Ok(st.took)
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(
+                            purges = purges.len(),
+                            "conntrack collection failed (purges kept for the next pass): {e:#}"
+                        );
+                    }
+                    failing = true;
+                    Err(started.elapsed())
+                }
+            }
+        });
     }
 }
 
@@ -1077,6 +1153,36 @@ mod tests {
             true
         });
         assert_eq!(got, [[purge(1)].into(), [purge(2)].into()]);
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A collector thread that panicked is found, with why, and one started in its place runs
+    /// the purges asked for before.
+    #[test]
+    fn a_dead_collector_thread_is_reaped_and_its_purges_survive() {
+        let shared = Arc::new(Shared::default());
+        let mut thread = Some(
+            spawn(&shared, |shared| {
+                let _held = shared.lock();
+                panic!("boom");
+            })
+            .unwrap(),
+        );
+        shared.add([purge(1)]);
+        // A bound, not a pause: the thread ends at once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let why = loop {
+            if let Some(why) = reap(&mut thread) {
+                break why;
+            }
+            assert!(Instant::now() < deadline, "the thread did not end");
+            thread::yield_now();
+        };
+        assert_eq!(why, "it panicked: boom");
+        assert!(thread.is_none());
+        assert_eq!(reap(&mut thread), None, "reported once");
+        let (got, left) = scheduled(&shared, 1, |_, _| true);
+        assert_eq!(got, [[purge(1)].into()]);
         assert!(left.is_empty(), "{left:?}");
     }
 

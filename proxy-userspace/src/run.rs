@@ -256,6 +256,8 @@ struct Controller {
     telemetry: Arc<Telemetry>,
     /// Conntrack collection (`None` when it could not start).
     collector: Option<conntrack::Collector>,
+    /// No collector restart before this (a thread that dies at once is not restarted in a loop).
+    collector_restart_at: Option<Instant>,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -269,6 +271,9 @@ fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// The least time between two restarts of the conntrack collector thread.
+const COLLECTOR_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long a restarted vipx keeps the adopted state while a manifest file cannot be read.
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
@@ -450,6 +455,38 @@ impl Controller {
             release_freed_memory();
         }
         Ok(())
+    }
+
+    /// A collector thread that stopped (it only stops when told to, so a panic) is reported and
+    /// replaced, at most once per [`COLLECTOR_RESTART_BACKOFF`]: without it flows would live
+    /// until the LRU evicts them, and UDP purges would never run.
+    fn watch_collector(&mut self) {
+        let Some(col) = self.collector.as_mut() else {
+            return;
+        };
+        if let Some(why) = col.reap() {
+            tracing::error!(
+                "conntrack collection stopped ({why}); it is started again (see \
+                 vipx_conntrack_gc_restarts_total)"
+            );
+        }
+        let now = Instant::now();
+        if col.running() || self.collector_restart_at.is_some_and(|t| now < t) {
+            return;
+        }
+        self.collector_restart_at = Some(now + COLLECTOR_RESTART_BACKOFF);
+        let hairpin = self.opts.hairpin.map(|a| a.octets());
+        let restarted = loader::conntrack_tables(&self.opts.pin_dir).and_then(|mut tables| {
+            tables.hairpin = hairpin;
+            col.restart(tables)
+        });
+        match restarted {
+            Ok(()) => tracing::info!("conntrack collection started again"),
+            Err(e) => tracing::error!(
+                "conntrack collection could not be started again (retried in \
+                 {COLLECTOR_RESTART_BACKOFF:?}): {e:#}"
+            ),
+        }
     }
 
     /// `/healthz` fails while this node's Node object says it is being deleted (kube-proxy's
@@ -802,6 +839,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         born: Instant::now(),
         telemetry: telemetry.clone(),
         collector,
+        collector_restart_at: None,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -875,7 +913,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             () = tokio::time::sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)),
                 if sync_at.is_some() => sync_at = None,
-            _ = iface_tick.tick() => c.scan_interfaces(),
+            _ = iface_tick.tick() => {
+                c.scan_interfaces();
+                c.watch_collector();
+            }
             _ = retry_tick.tick(), if retry => dirty = true,
         }
     }
