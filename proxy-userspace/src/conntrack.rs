@@ -238,19 +238,21 @@ fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     }
 }
 
-fn raw_fd(m: &HashMap<MapData, CtKey4, CtValue>) -> u32 {
+fn raw_fd<V: aya::Pod>(m: &HashMap<MapData, CtKey4, V>) -> u32 {
     u32::try_from(m.map().fd().as_fd().as_raw_fd()).unwrap_or(u32::MAX)
 }
 
 /// Every entry of the map, one batch at a time (`f` gets each batch). An LRU changing under
 /// the walk may show an entry twice or not at all; a pass is repeated, so that is harmless.
-pub fn walk(
-    ct: &HashMap<MapData, CtKey4, CtValue>,
-    mut f: impl FnMut(&[CtKey4], &[CtValue]),
+/// Unlike a `get_next_key` walk, which starts over when its key was deleted, it visits each
+/// bucket once however much the programs change the map meanwhile.
+pub fn walk<V: aya::Pod + Default>(
+    ct: &HashMap<MapData, CtKey4, V>,
+    mut f: impl FnMut(&[CtKey4], &[V]),
 ) -> io::Result<()> {
     let fd = raw_fd(ct);
     let mut keys = vec![CtKey4::default(); BATCH];
-    let mut values = vec![CtValue::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
     let mut token: u32 = 0;
     let mut first = true;
     loop {

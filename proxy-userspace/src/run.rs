@@ -761,7 +761,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             "cluster CIDR noted (not used yet: vipx does not masquerade)"
         );
     }
-    let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
+    let (mut ebpf, legacy_moved) = loader::load_moving_legacy(&opts.pin_dir, opts.sizes)?;
+    // Until the new programs are attached, the old ones serve from the conntrack map set aside:
+    // a start that fails before then puts it back for them (and for the old build, if it is
+    // started again).
+    let mut legacy_guard = loader::LegacyConntrackGuard::new(&opts.pin_dir, legacy_moved);
     loader::write_config(&mut ebpf, opts.hairpin)?;
     let stats = Arc::new(loader::take_stats(&mut ebpf)?);
     // Conntrack collection in a thread of its own: a pass over 1M entries takes a fraction of a
@@ -799,15 +803,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
-    // After the swap: the old programs no longer write the old map.
-    match loader::migrate_legacy_conntrack(&opts.pin_dir) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            flows = n,
-            "conntrack entries of the previous build carried over"
-        ),
-        Err(e) => tracing::warn!("conntrack of the previous build not carried over: {e:#}"),
-    }
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
         adopted_frontends = writer.programmed().frontends.len(),
@@ -846,7 +841,26 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut resync_tick = tokio::time::interval(resync);
     let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
+    // The old flows are in the new map before the first scan swaps the programs in, so a flow
+    // that sees a packet during the swap finds its entry; what the old programs added between
+    // the copy and the swap is copied after it.
+    let before = loader::copy_legacy_conntrack(&c.opts.pin_dir);
     c.scan_interfaces();
+    legacy_guard.disarm();
+    let after = loader::migrate_legacy_conntrack(&c.opts.pin_dir);
+    let mut carried = 0;
+    for r in [before, after] {
+        match r {
+            Ok(n) => carried += n,
+            Err(e) => tracing::warn!("conntrack of the previous build not all carried over: {e:#}"),
+        }
+    }
+    if carried > 0 {
+        tracing::info!(
+            flows = carried,
+            "conntrack entries of the previous build carried over"
+        );
+    }
     // Not a queued change: as kube-proxy, healthy until a change waits too long. Counting the
     // start would make /livez fail while the API server is down at start, and the liveness
     // probe restart vipx in a loop for the whole outage while the pinned data path serves.
