@@ -1297,6 +1297,25 @@ impl<M: MapStore> MapWriter<M> {
         self.maglev.starved.remove(fe);
         self.maglev.retire(old.maglev_table, Instant::now());
         st.frontends_removed += 1;
+        if fe.proto == IPPROTO_UDP {
+            // As kube-proxy clears the UDP conntrack entries of a deleted Service port: a UDP
+            // flow has no end to wait for, and draining would keep a client that sends every
+            // few seconds on the old backend for the whole grace period, while a re-created
+            // Service (or one at another address) is never picked. The slots still hold their
+            // ids (unref below releases them): the generations are those of its backends.
+            let purges: Vec<_> = old
+                .slots
+                .iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|&backend_id| crate::conntrack::Purge {
+                    rev_nat_id: old.rev_nat_id,
+                    backend_id,
+                    backend_gen: self.backend_space.generation(backend_id),
+                })
+                .collect();
+            self.udp_purges.extend(purges);
+        }
         self.unref(&old.slots, released);
         for slot in 1..=old.slots.len() {
             // Invisible already (slot 0 is gone): a failure leaves garbage, not a wrong answer.
@@ -2624,6 +2643,42 @@ mod tests {
             }]
         );
         assert!(w.take_udp_purges().is_empty(), "handed out once");
+    }
+
+    /// A UDP Service port deleted: its flows are purged from conntrack, to every backend it had
+    /// (kube-proxy: `conntrack -D --orig-dst <ClusterIP> -p udp`), whether it drains or not; a
+    /// TCP one's established connections drain instead.
+    #[test]
+    fn a_removed_udp_frontend_purges_its_flows() {
+        for grace in [DEFAULT_ENDPOINT_GRACE, Duration::ZERO] {
+            let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
+            w.set_endpoint_grace(grace);
+            let mut both = udp_target_of(&[(1, &[1, 2])]);
+            let tcp = target_of(&[(2, &[3])]);
+            both.frontends.extend(tcp.frontends.clone());
+            both.backends.extend(tcp.backends.clone());
+            w.apply(&both).unwrap();
+            assert!(w.take_udp_purges().is_empty());
+            let fe = L4Addr {
+                port: 53,
+                proto: IPPROTO_UDP,
+                ..vip(1)
+            };
+            let old = w.programmed().frontends[&fe].clone();
+            let want: BTreeSet<crate::conntrack::Purge> = old
+                .slots
+                .iter()
+                .map(|&backend_id| crate::conntrack::Purge {
+                    rev_nat_id: old.rev_nat_id,
+                    backend_id,
+                    backend_gen: w.backend_generation(backend_id),
+                })
+                .collect();
+            assert_eq!(want.len(), 2);
+            w.apply(&Target::default()).unwrap();
+            let got: BTreeSet<_> = w.take_udp_purges().into_iter().collect();
+            assert_eq!(got, want, "grace {grace:?}");
+        }
     }
 
     #[test]

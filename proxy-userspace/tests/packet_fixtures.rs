@@ -2059,6 +2059,49 @@ fn a_removed_frontend_drains_its_flows_and_a_recreated_one_keeps_them() {
     );
 }
 
+/// A deleted Service port over UDP: its flows are purged from conntrack, as kube-proxy clears the
+/// UDP conntrack entries of a deleted Service (`conntrack -D --orig-dst <ClusterIP> -p udp`);
+/// a TCP connection of the same removal drains.
+#[test]
+fn a_removed_udp_frontend_loses_its_flows_and_a_tcp_one_drains() {
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    run(&mut l, &frame(CLIENT, 46001, VIP, 53, &UDP, &[]));
+    run_on(&mut l, EGRESS, &frame(BE1, 5353, CLIENT, 46001, &UDP, &[]));
+    run(&mut l, &frame(CLIENT, 46002, VIP, 80, &SYN, &[]));
+    run_on(
+        &mut l,
+        EGRESS,
+        &frame(BE1, 5000, CLIENT, 46002, &SYNACK, &[]),
+    );
+    l.writer.apply(&Target::default()).unwrap();
+    assert!(l.writer.draining().count() > 0);
+    let purges = l.writer.take_udp_purges().into_iter().collect();
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
+    let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    assert!(
+        !present(&ct_key(CLIENT, 46001, VIP, 53, IPPROTO_UDP))
+            && !present(&ct_key(BE1, 5353, CLIENT, 46001, IPPROTO_UDP)),
+        "{st:?}"
+    );
+    assert_eq!(st.purged, 2, "{st:?}");
+    assert!(
+        present(&ct_key(CLIENT, 46002, VIP, 80, IPPROTO_TCP))
+            && present(&ct_key(BE1, 5000, CLIENT, 46002, IPPROTO_TCP)),
+        "{st:?}"
+    );
+    let (v, out) = run(&mut l, &frame(CLIENT, 46002, VIP, 80, &DATA, &[]));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE1), "the TCP flow drains");
+}
+
 /// A Service shrinking: the writer lowers the count, then removes the slots beyond it. A SYN that
 /// read the old count and finds its slot gone chooses among what is there instead of being
 /// dropped (here the in-between state is held still: slot 2 gone, the count still 2).
