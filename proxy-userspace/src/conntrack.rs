@@ -13,9 +13,8 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd},
     sync::{
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
-        mpsc::{self, RecvTimeoutError},
     },
     thread,
     time::{Duration, Instant},
@@ -142,11 +141,14 @@ fn idle(now: u32, seen: u32) -> Duration {
 }
 
 /// A UDP backend that left a Service: the flows of that frontend (by reverse-NAT id) pinned to
-/// it (by backend id) are removed, so the client's next datagram picks a live backend.
+/// it (by backend id and generation) are removed, so the client's next datagram picks a live
+/// backend. The generation keeps a purge that runs late off the flows of a new backend the
+/// freed id was handed to meanwhile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Purge {
     pub rev_nat_id: u32,
     pub backend_id: u32,
+    pub backend_gen: u32,
 }
 
 /// What one pass did.
@@ -160,6 +162,8 @@ pub struct PassStats {
     pub expired: u64,
     pub stale: u64,
     pub purged: u64,
+    /// Flows or entries chosen by the walk but kept: a packet touched them before the delete.
+    pub spared: u64,
     pub took: Duration,
 }
 
@@ -173,6 +177,9 @@ pub struct GcStats {
     pub evicted: AtomicU64,
     pub last_entries: AtomicU64,
     pub last_duration_us: AtomicU64,
+    /// Times the collector thread was found stopped (a panic, or its loop ending) and started
+    /// again.
+    pub restarts: AtomicU64,
 }
 
 /// The maps a pass reads and writes.
@@ -206,17 +213,24 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: the attr is a valid, fully initialised bpf_attr prefix of the given size; the
-    // pointers in it name buffers that live across the call and are as large as `count` says.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<BatchAttr>(),
-        )
-    };
+/// `bpf_attr` for the element commands (`struct { map_fd, key, value, flags }`).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: callers pass a valid, fully initialised bpf_attr prefix (`BatchAttr` or
+    // `ElemAttr`) of the given size; the pointers in it name buffers that live across the call
+    // and are as large as the command reads or writes.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -224,19 +238,21 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-fn raw_fd(m: &HashMap<MapData, CtKey4, CtValue>) -> u32 {
+fn raw_fd<V: aya::Pod>(m: &HashMap<MapData, CtKey4, V>) -> u32 {
     u32::try_from(m.map().fd().as_fd().as_raw_fd()).unwrap_or(u32::MAX)
 }
 
 /// Every entry of the map, one batch at a time (`f` gets each batch). An LRU changing under
 /// the walk may show an entry twice or not at all; a pass is repeated, so that is harmless.
-pub fn walk(
-    ct: &HashMap<MapData, CtKey4, CtValue>,
-    mut f: impl FnMut(&[CtKey4], &[CtValue]),
+/// Unlike a `get_next_key` walk, which starts over when its key was deleted, it visits each
+/// bucket once however much the programs change the map meanwhile.
+pub fn walk<V: aya::Pod + Default>(
+    ct: &HashMap<MapData, CtKey4, V>,
+    mut f: impl FnMut(&[CtKey4], &[V]),
 ) -> io::Result<()> {
     let fd = raw_fd(ct);
     let mut keys = vec![CtKey4::default(); BATCH];
-    let mut values = vec![CtValue::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
     let mut token: u32 = 0;
     let mut first = true;
     loop {
@@ -295,6 +311,118 @@ pub fn delete(ct: &HashMap<MapData, CtKey4, CtValue>, keys: &[CtKey4]) -> io::Re
         }
     }
     Ok(done)
+}
+
+/// One entry, read now (`None`: not in the map). aya's `get` would do the same syscall but
+/// turns "absent" into an error to tell apart from real failures.
+fn lookup(fd: u32, key: &CtKey4) -> io::Result<Option<CtValue>> {
+    let mut value = CtValue::default();
+    let mut attr = ElemAttr {
+        map_fd: fd,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        ..ElemAttr::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why a pass chose to delete an entry (or a flow's two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    Expired,
+    Stale,
+    Purged,
+}
+
+/// What a chosen entry looked like when the walk read it: it is deleted only if it still does.
+/// The walk of a large table takes a while, and a packet may arrive for a flow between the
+/// moment it was read and the delete.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Idle: every packet restamps `seen` (or a closing one sets a flag), so an entry still
+    /// with both is as idle as it was.
+    Idle { seen: u32, flags: u32 },
+    /// Stale: any rewrite means the programs made the entry anew for ids that are current.
+    Same(CtValue),
+    /// Purged: however busy, it goes while it still names the backend that left.
+    Of(Purge),
+}
+
+impl Expect {
+    fn holds(&self, v: &CtValue) -> bool {
+        match self {
+            Self::Idle { seen, flags } => v.seen == *seen && v.flags == *flags,
+            Self::Same(was) => v == was,
+            Self::Of(p) => {
+                v.rev_nat_id == p.rev_nat_id
+                    && v.backend_id == p.backend_id
+                    && v.backend_gen == p.backend_gen
+            }
+        }
+    }
+}
+
+/// Entries that go together or not at all: both entries of an expired flow, or one entry.
+struct Doomed {
+    why: Why,
+    keys: [(CtKey4, Expect); 2],
+    n: usize,
+}
+
+/// Keys re-read and deleted per round: the gap between an entry's re-check and its delete is
+/// at most this many lookups, small against the walk.
+const RECHECK_CHUNK: usize = 256;
+
+/// Deletes the doomed entries that are still as the walk saw them; a flow whose entry moved is
+/// kept whole (the next pass looks again). Returns what was deleted and what each reason
+/// accounts for.
+fn delete_unchanged(
+    ct: &HashMap<MapData, CtKey4, CtValue>,
+    doomed: &[Doomed],
+    st: &mut PassStats,
+) -> io::Result<()> {
+    let fd = raw_fd(ct);
+    let mut chunk: Vec<CtKey4> = Vec::with_capacity(RECHECK_CHUNK + 2);
+    let mut keep: [CtKey4; 2] = [CtKey4::default(); 2];
+    for d in doomed {
+        let mut present = 0;
+        let mut moved = false;
+        for (k, expect) in &d.keys[..d.n] {
+            match lookup(fd, k)? {
+                Some(v) if expect.holds(&v) => {
+                    keep[present] = *k;
+                    present += 1;
+                }
+                Some(_) => {
+                    moved = true;
+                    break;
+                }
+                // Gone already (evicted, or a program removed it): nothing to delete.
+                None => {}
+            }
+        }
+        if moved {
+            st.spared += 1;
+            continue;
+        }
+        match d.why {
+            Why::Expired if present > 0 => st.expired += 1,
+            Why::Expired => {}
+            Why::Stale => st.stale += present as u64,
+            Why::Purged => st.purged += present as u64,
+        }
+        chunk.extend_from_slice(&keep[..present]);
+        if chunk.len() >= RECHECK_CHUNK {
+            st.deleted += delete(ct, &chunk)?;
+            chunk.clear();
+        }
+    }
+    st.deleted += delete(ct, &chunk)?;
+    Ok(())
 }
 
 /// Resolves the ids entries name, cached for one pass.
@@ -389,7 +517,20 @@ impl Ids<'_> {
 /// among them after it: no syscall per entry. An entry whose partner is not a candidate is kept
 /// (its partner is busy, or gone: then it goes once idle past the longest timeout, or to the
 /// LRU). Candidates beyond [`MAX_CANDIDATES`] are checked against the map one by one instead.
+/// What the walk chose is read again just before it is deleted (one lookup per entry chosen,
+/// none per entry kept), and kept if a packet moved it meanwhile.
 pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Result<PassStats> {
+    pass_with_pause(tables, timeouts, purges, || {})
+}
+
+/// [`pass`], running `between` after the walk and before the re-check and deletes: tests send
+/// packets there, as traffic would during a long walk.
+pub fn pass_with_pause(
+    tables: &Tables,
+    timeouts: &Timeouts,
+    purges: &HashSet<Purge>,
+    between: impl FnOnce(),
+) -> Result<PassStats> {
     let started = Instant::now();
     let now = now_seen();
     let mut ids = Ids {
@@ -400,62 +541,66 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
     };
     let longest = timeouts.longest();
     let mut st = PassStats::default();
-    let mut doomed: Vec<CtKey4> = Vec::new();
+    let mut doomed: Vec<Doomed> = Vec::new();
     // A fast non-cryptographic hash: the keys are the table's own, read at every pass.
     let mut seen_doomed: FastSet<CtKey4> = FastSet::default();
-    let doom = |k: CtKey4, doomed: &mut Vec<CtKey4>, seen: &mut FastSet<CtKey4>| {
-        if seen.insert(k) {
-            doomed.push(k);
+    // A key already chosen (as the partner of another) is not chosen twice.
+    let mut doom = |why: Why, keys: &[(CtKey4, Expect)]| {
+        let mut d = Doomed {
+            why,
+            keys: [(CtKey4::default(), Expect::Idle { seen: 0, flags: 0 }); 2],
+            n: 0,
+        };
+        for (k, e) in keys {
+            if seen_doomed.insert(*k) {
+                d.keys[d.n] = (*k, *e);
+                d.n += 1;
+            }
         }
+        if d.n > 0 {
+            doomed.push(d);
+        }
+    };
+    let idle_of = |c: &Candidate| Expect::Idle {
+        seen: c.seen,
+        flags: c.flags,
     };
     // Gathered in a vector, then indexed at its final size: no rehashing while the walk runs.
     let mut gathered: Vec<(CtKey4, Candidate)> = Vec::new();
-    let mut stats = (0u64, 0u64, 0u64);
     let mut walked = 0u64;
     walk(&tables.ct, |keys, values| {
         for (k, v) in keys.iter().zip(values) {
             walked += 1;
-            if seen_doomed.contains(k) {
-                continue;
-            }
-            if k.proto == IPPROTO_UDP
-                && !purges.is_empty()
-                && purges.contains(&Purge {
+            if k.proto == IPPROTO_UDP && !purges.is_empty() {
+                let p = Purge {
                     rev_nat_id: v.rev_nat_id,
                     backend_id: v.backend_id,
-                })
-            {
-                stats.2 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
-                continue;
+                    backend_gen: v.backend_gen,
+                };
+                if purges.contains(&p) {
+                    doom(Why::Purged, &[(*k, Expect::Of(p))]);
+                    continue;
+                }
             }
             let Some(partner) = ids.partner(k, v) else {
-                stats.1 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
+                doom(Why::Stale, &[(*k, Expect::Same(*v))]);
                 continue;
             };
             let own_idle = idle(now, v.seen);
             if own_idle <= timeouts.floor(k.proto, v.flags) {
                 continue;
             }
-            if gathered.len() < MAX_CANDIDATES {
-                gathered.push((
-                    *k,
-                    Candidate {
-                        seen: v.seen,
-                        flags: v.flags,
-                        partner,
-                    },
-                ));
-                continue;
-            }
-            // Too many to hold: read the partner now.
-            let other = tables.ct.get(&partner, 0).ok();
             let c = Candidate {
                 seen: v.seen,
                 flags: v.flags,
                 partner,
             };
+            if gathered.len() < MAX_CANDIDATES {
+                gathered.push((*k, c));
+                continue;
+            }
+            // Too many to hold: read the partner now.
+            let other = tables.ct.get(&partner, 0).ok();
             let o = other.map(|o| Candidate {
                 seen: o.seen,
                 flags: o.flags,
@@ -464,9 +609,7 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
             if let Some(o) = o
                 && flow_expired(now, timeouts, k.proto, &c, &o)
             {
-                stats.0 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
-                doom(partner, &mut doomed, &mut seen_doomed);
+                doom(Why::Expired, &[(*k, idle_of(&c)), (partner, idle_of(&o))]);
             }
         }
     })
@@ -475,27 +618,21 @@ pub fn pass(tables: &Tables, timeouts: &Timeouts, purges: &HashSet<Purge>) -> Re
         FastMap::with_capacity_and_hasher(gathered.len(), Default::default());
     cands.extend(gathered);
     for (k, c) in &cands {
-        if seen_doomed.contains(k) {
-            continue;
-        }
         match cands.get(&c.partner) {
             // Each pair is seen from both ends; the first decides.
             Some(o) if o.partner == *k && flow_expired(now, timeouts, k.proto, c, o) => {
-                stats.0 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
-                doom(c.partner, &mut doomed, &mut seen_doomed);
+                doom(Why::Expired, &[(*k, idle_of(c)), (c.partner, idle_of(o))]);
             }
             // The partner is busy, or gone (evicted, removed): idle past every timeout, look.
             _ if idle(now, c.seen) > longest && tables.ct.get(&c.partner, 0).is_err() => {
-                stats.0 += 1;
-                doom(*k, &mut doomed, &mut seen_doomed);
+                doom(Why::Expired, &[(*k, idle_of(c))]);
             }
             _ => {}
         }
     }
     drop(cands);
-    st.deleted = delete(&tables.ct, &doomed).context("deleting conntrack entries")?;
-    (st.expired, st.stale, st.purged) = stats;
+    between();
+    delete_unchanged(&tables.ct, &doomed, &mut st).context("deleting conntrack entries")?;
     st.entries = walked.saturating_sub(st.deleted);
     st.took = started.elapsed();
     Ok(st)
@@ -532,34 +669,176 @@ fn flow_expired(now: u32, timeouts: &Timeouts, proto: u8, a: &Candidate, b: &Can
 
 /// Derives LRU evictions from what the programs created and removed and what the table holds:
 /// every entry created is still there, was removed by a program, deleted by a pass, or evicted.
+///
+/// The counters are sampled just before a pass's walk and the walk's own count stands for the
+/// table at that moment, so creation and occupancy describe the same instant (counters read
+/// after a long walk counted every entry created during it, but the walk had passed the buckets
+/// of some: they looked evicted). The walk still sees some entries created while it runs and
+/// misses others; that error is undone at the next pass, so a negative estimate is carried over
+/// to it instead of being clamped to zero (which would turn noise into evictions).
 #[derive(Debug, Default)]
 pub struct EvictionCount {
-    last: Option<(u64, u64, u64)>,
+    last: Option<Sample>,
+    /// What the last estimate came out below zero by.
+    owed: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    created: u64,
+    removed: u64,
+    walked: u64,
+    deleted: u64,
 }
 
 impl EvictionCount {
-    /// After a pass: `created`/`removed` are the programs' totals now, `entries` what the table
-    /// holds after the pass, `deleted` what the pass deleted. Returns evictions since the last
-    /// call (none at the first).
-    pub fn update(&mut self, created: u64, removed: u64, entries: u64, deleted: u64) -> u64 {
-        let evicted = match self.last {
-            Some((c0, r0, e0)) => {
-                let came = created.saturating_sub(c0);
-                let went = removed.saturating_sub(r0) + deleted;
-                // entries = e0 + came - went - evicted
-                (e0 + came).saturating_sub(went).saturating_sub(entries)
-            }
-            None => 0,
+    /// After a pass: `counters` are the programs' created/removed totals sampled just before its
+    /// walk (`None`: they could not be read), `walked` what the walk saw, `deleted` what the pass
+    /// deleted after it. Returns evictions since the previous call (none at the first, nor when
+    /// the counters were unreadable or went backwards: that call is a fresh baseline).
+    pub fn update(&mut self, counters: Option<(u64, u64)>, walked: u64, deleted: u64) -> u64 {
+        let Some((created, removed)) = counters else {
+            self.last = None;
+            self.owed = 0;
+            return 0;
         };
-        self.last = Some((created, removed, entries));
-        evicted
+        let now = Sample {
+            created,
+            removed,
+            walked,
+            deleted,
+        };
+        let Some(was) = self.last.replace(now) else {
+            return 0;
+        };
+        if created < was.created || removed < was.removed {
+            self.owed = 0;
+            return 0;
+        }
+        // walked = was.walked + came - removed - was.deleted - evicted
+        let came = i128::from(created - was.created);
+        let went = i128::from(removed - was.removed) + i128::from(was.deleted);
+        let estimate = i128::from(was.walked) + came - went - i128::from(walked);
+        let owed = i128::from(std::mem::take(&mut self.owed));
+        let evicted = estimate - owed;
+        if estimate < 0 {
+            self.owed = u64::try_from(-estimate).unwrap_or(u64::MAX);
+        }
+        u64::try_from(evicted.max(0)).unwrap_or(u64::MAX)
     }
 }
 
-/// Runs passes every `interval`, and at once for purges; stops when the handle is dropped.
+/// Whether a table holding `entries` of `max_entries` is close enough to full for the LRU to
+/// evict: it frees entries only when its free lists run dry. An estimate of evictions from a
+/// table far from full is noise, not worth a warning.
+fn near_full(entries: u64, max_entries: Option<u32>) -> bool {
+    max_entries.is_none_or(|m| entries.saturating_mul(10) >= u64::from(m) * 9)
+}
+
+/// What the sync side hands the collector thread: purges not yet executed by a successful pass
+/// (they outlive a failed pass, and the thread), and the request to stop.
+#[derive(Debug, Default)]
+struct Pending {
+    purges: HashSet<Purge>,
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+impl Shared {
+    /// A panicking pass must not take the purges with it: the data is a plain set, valid
+    /// whatever the panic interrupted.
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, purges: impl IntoIterator<Item = Purge>) {
+        self.lock().purges.extend(purges);
+        self.wake.notify_all();
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_all();
+    }
+}
+
+/// The least time between the starts of two passes run for purges: a sync every second with
+/// UDP endpoint churn would otherwise walk the whole table every second. A pass also waits four
+/// times as long as the previous one took, so purges cost at most a fifth of a core.
+pub const PURGE_GAP: Duration = Duration::from_secs(1);
+
+/// The collector's loop: a pass every `interval` (the first at once), and for purges as soon as
+/// `gap` allows; every purge pending when a pass starts joins it, and only a pass that succeeds
+/// retires them. `run` does a pass and returns how long it took (`Err`: it failed).
+fn schedule(
+    shared: &Shared,
+    interval: Duration,
+    gap: Duration,
+    mut run: impl FnMut(&HashSet<Purge>) -> Result<Duration, Duration>,
+) {
+    let mut next = Instant::now();
+    let mut earliest = Instant::now();
+    loop {
+        let purges = {
+            let mut p = shared.lock();
+            loop {
+                if p.stop {
+                    return;
+                }
+                let now = Instant::now();
+                let at = if p.purges.is_empty() {
+                    next
+                } else {
+                    next.min(earliest)
+                };
+                if now >= at {
+                    break p.purges.clone();
+                }
+                p = shared
+                    .wake
+                    .wait_timeout(p, at - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        let started = Instant::now();
+        let result = run(&purges);
+        next = Instant::now() + interval;
+        let took = match result {
+            Ok(took) => {
+                let mut p = shared.lock();
+                // Purges added while the pass ran were not part of it.
+                p.purges.retain(|x| !purges.contains(x));
+                took
+            }
+            Err(took) => took,
+        };
+        earliest = started + gap.max(took.saturating_mul(4));
+    }
+}
+
+/// Runs passes every `interval`, and soon after purges are asked for; stops when the handle is
+/// dropped. The thread only ends when told to: one found ended (a panic) is reported by
+/// [`Collector::reap`] and started again by [`Collector::restart`], with the purges it had not
+/// run.
 pub struct Collector {
-    tx: mpsc::Sender<Vec<Purge>>,
+    shared: Arc<Shared>,
     thread: Option<thread::JoinHandle<()>>,
+    setup: Setup,
+}
+
+/// What a collector thread is started with, besides its map handles.
+#[derive(Clone)]
+struct Setup {
+    stats_map: Arc<PerCpuArray<MapData, u64>>,
+    timeouts: Timeouts,
+    interval: Duration,
+    out: Arc<GcStats>,
 }
 
 impl Collector {
@@ -570,96 +849,148 @@ impl Collector {
         interval: Duration,
         out: Arc<GcStats>,
     ) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Vec<Purge>>();
-        let thread = thread::Builder::new()
-            .name("vipx-ct-gc".into())
-            .spawn(move || {
-                let mut evictions = EvictionCount::default();
-                let mut next = Instant::now();
-                let mut failing = false;
-                loop {
-                    let purges: HashSet<Purge> =
-                        match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                            Ok(p) => {
-                                let mut all: HashSet<Purge> = p.into_iter().collect();
-                                // Purges queued meanwhile join this pass.
-                                while let Ok(more) = rx.try_recv() {
-                                    all.extend(more);
-                                }
-                                all
-                            }
-                            Err(RecvTimeoutError::Timeout) => HashSet::new(),
-                            Err(RecvTimeoutError::Disconnected) => return,
-                        };
-                    if purges.is_empty() {
-                        next = Instant::now() + interval;
-                    }
-                    match pass(&tables, &timeouts, &purges) {
-                        Ok(st) => {
-                            if failing {
-                                tracing::info!("conntrack collection works again");
-                                failing = false;
-                            }
-                            let total = |s: Stat| {
-                                stats_map
-                                    .get(&(s as u32), 0)
-                                    .map(|v| v.iter().sum::<u64>())
-                                    .unwrap_or(0)
-                            };
-                            let evicted = evictions.update(
-                                total(Stat::CtCreated),
-                                total(Stat::CtRemoved),
-                                st.entries,
-                                st.deleted,
-                            );
-                            out.runs.fetch_add(1, Ordering::Relaxed);
-                            out.expired.fetch_add(st.expired, Ordering::Relaxed);
-                            out.stale.fetch_add(st.stale, Ordering::Relaxed);
-                            out.purged.fetch_add(st.purged, Ordering::Relaxed);
-                            out.evicted.fetch_add(evicted, Ordering::Relaxed);
-                            out.last_entries.store(st.entries, Ordering::Relaxed);
-                            out.last_duration_us.store(
-                                u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
-                                Ordering::Relaxed,
-                            );
-                            if evicted > 0 {
-                                tracing::warn!(
-                                    evicted,
-                                    entries = st.entries,
-                                    "conntrack table full: flows were evicted (raise \
-                                     --max-conntrack)"
-                                );
-                            }
-                            tracing::debug!(?st, "conntrack pass");
-                        }
-                        Err(e) => {
-                            if !failing {
-                                tracing::warn!("conntrack collection failed: {e:#}");
-                            }
-                            failing = true;
-                        }
-                    }
-                }
-            })
-            .context("starting the conntrack collector")?;
-        Ok(Self {
-            tx,
-            thread: Some(thread),
-        })
+        let mut c = Self {
+            shared: Arc::new(Shared::default()),
+            thread: None,
+            setup: Setup {
+                stats_map,
+                timeouts,
+                interval,
+                out,
+            },
+        };
+        c.thread = Some(spawn(&c.shared, collect(c.setup.clone(), tables))?);
+        Ok(c)
     }
 
-    /// Remove these UDP flows now (a pass runs at once).
+    /// Why the thread stopped, once, when it has (`None` while it runs, and after that once).
+    pub fn reap(&mut self) -> Option<String> {
+        reap(&mut self.thread)
+    }
+
+    /// Whether a thread is running passes.
+    pub fn running(&self) -> bool {
+        self.thread.is_some()
+    }
+
+    /// A new thread on new map handles (the old thread's went with it), when none runs; purges
+    /// asked for before are kept.
+    pub fn restart(&mut self, tables: Tables) -> Result<()> {
+        if self.running() {
+            return Ok(());
+        }
+        self.thread = Some(spawn(&self.shared, collect(self.setup.clone(), tables))?);
+        self.setup.out.restarts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Remove these UDP flows soon (a pass runs as soon as [`PURGE_GAP`] allows; purges asked
+    /// for meanwhile join it).
     pub fn purge(&self, purges: Vec<Purge>) {
         if !purges.is_empty() {
-            let _ = self.tx.send(purges);
+            self.shared.add(purges);
         }
+    }
+}
+
+fn spawn(
+    shared: &Arc<Shared>,
+    body: impl FnOnce(&Shared) + Send + 'static,
+) -> Result<thread::JoinHandle<()>> {
+    let shared = shared.clone();
+    thread::Builder::new()
+        .name("vipx-ct-gc".into())
+        .spawn(move || body(&shared))
+        .context("starting the conntrack collector")
+}
+
+/// Joins a thread that ended and says why.
+fn reap(thread: &mut Option<thread::JoinHandle<()>>) -> Option<String> {
+    if !thread.as_ref()?.is_finished() {
+        return None;
+    }
+    let why = match thread.take()?.join() {
+        Ok(()) => "its loop ended".to_owned(),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(ToString::to_string)
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            format!("it panicked: {msg}")
+        }
+    };
+    Some(why)
+}
+
+/// The collector thread's work: passes on `tables` as [`schedule`] says, and what they did to
+/// the counters and the log.
+fn collect(setup: Setup, tables: Tables) -> impl FnOnce(&Shared) + Send + 'static {
+    move |shared| {
+        let Setup {
+            stats_map,
+            timeouts,
+            interval,
+            out,
+        } = setup;
+        let mut evictions = EvictionCount::default();
+        let mut failing = false;
+        let max_entries = tables.ct.map().info().ok().map(|i| i.max_entries());
+        schedule(shared, interval, PURGE_GAP, |purges| {
+            let started = Instant::now();
+            let total = |s: Stat| {
+                stats_map
+                    .get(&(s as u32), 0)
+                    .ok()
+                    .map(|v| v.iter().sum::<u64>())
+            };
+            let counters = total(Stat::CtCreated).zip(total(Stat::CtRemoved));
+            match pass(&tables, &timeouts, purges) {
+                Ok(st) => {
+                    if failing {
+                        tracing::info!("conntrack collection works again");
+                        failing = false;
+                    }
+                    let walked = st.entries + st.deleted;
+                    let evicted = evictions.update(counters, walked, st.deleted);
+                    out.runs.fetch_add(1, Ordering::Relaxed);
+                    out.expired.fetch_add(st.expired, Ordering::Relaxed);
+                    out.stale.fetch_add(st.stale, Ordering::Relaxed);
+                    out.purged.fetch_add(st.purged, Ordering::Relaxed);
+                    out.evicted.fetch_add(evicted, Ordering::Relaxed);
+                    out.last_entries.store(st.entries, Ordering::Relaxed);
+                    out.last_duration_us.store(
+                        u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                    if evicted > 0 && near_full(walked, max_entries) {
+                        tracing::warn!(
+                            evicted,
+                            entries = st.entries,
+                            "conntrack table full: flows were evicted (raise --max-conntrack)"
+                        );
+                    }
+                    tracing::debug!(?st, "conntrack pass");
+                    Ok(st.took)
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(
+                            purges = purges.len(),
+                            "conntrack collection failed (purges kept for the next pass): {e:#}"
+                        );
+                    }
+                    failing = true;
+                    Err(started.elapsed())
+                }
+            }
+        });
     }
 }
 
 impl Drop for Collector {
     fn drop(&mut self) {
-        let (tx, _) = mpsc::channel();
-        drop(std::mem::replace(&mut self.tx, tx));
+        self.shared.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -702,13 +1033,159 @@ mod tests {
     #[test]
     fn evictions_are_what_creation_and_removal_do_not_explain() {
         let mut e = EvictionCount::default();
-        assert_eq!(e.update(100, 0, 100, 0), 0, "first call is a baseline");
-        // 50 created, 10 removed by programs, 20 deleted by the pass: 120 expected.
-        assert_eq!(e.update(150, 10, 120, 20), 0);
+        assert_eq!(
+            e.update(Some((100, 0)), 100, 20),
+            0,
+            "first call is a baseline"
+        );
+        // 50 created, 10 removed by programs, 20 deleted by the last pass: 120 walked.
+        assert_eq!(e.update(Some((150, 10)), 120, 0), 0);
         // 100 more created into a full table of 120 that stays at 120, nothing removed.
-        assert_eq!(e.update(250, 10, 120, 0), 100);
+        assert_eq!(e.update(Some((250, 10)), 120, 0), 100);
         // Counters that went backwards (a reloaded program) count nothing.
-        assert_eq!(e.update(5, 0, 125, 0), 0);
+        assert_eq!(e.update(Some((5, 0)), 125, 0), 0);
+        // Nor does a pass whose counters could not be read; the next one is a baseline.
+        assert_eq!(e.update(None, 125, 0), 0);
+        assert_eq!(e.update(Some((500, 0)), 125, 0), 0);
+        assert_eq!(e.update(Some((510, 0)), 135, 0), 0);
+    }
+
+    /// 10 flows' entries created while a walk runs, in buckets it had already passed: they were
+    /// counted as created but not seen, so they looked evicted. With the counters sampled before
+    /// the walk they belong to the next pass, which sees them.
+    #[test]
+    fn entries_created_during_a_walk_are_not_evictions() {
+        let mut e = EvictionCount::default();
+        assert_eq!(e.update(Some((100, 0)), 100, 0), 0);
+        // Sampled before the walk: the 10 created during it are not in the counters yet.
+        assert_eq!(e.update(Some((100, 0)), 100, 0), 0);
+        assert_eq!(e.update(Some((110, 0)), 110, 0), 0);
+        // This time the walk saw them before the counters (sampled before it) did: the
+        // shortfall is carried to the next pass, not clamped away and then counted there.
+        assert_eq!(e.update(Some((110, 0)), 120, 0), 0);
+        assert_eq!(e.update(Some((120, 0)), 120, 0), 0);
+        // Real evictions still count: 50 created, the table stays at 120.
+        assert_eq!(e.update(Some((170, 0)), 120, 0), 50);
+    }
+
+    #[test]
+    fn evictions_are_worth_a_warning_only_near_a_full_table() {
+        assert!(!near_full(10, Some(1000)));
+        assert!(!near_full(899, Some(1000)));
+        assert!(near_full(900, Some(1000)));
+        assert!(near_full(10, None), "unknown size: warn");
+    }
+
+    fn purge(n: u32) -> Purge {
+        Purge {
+            rev_nat_id: 1,
+            backend_id: n,
+            backend_gen: 1,
+        }
+    }
+
+    /// Runs `schedule` (first pass at once, no gap, the interval far away) in a thread; `run`
+    /// gets each pass's purges and its number, and says whether the pass succeeds. Stops after
+    /// `passes` passes and returns what each pass got, and what is still pending.
+    fn scheduled(
+        shared: &Arc<Shared>,
+        passes: usize,
+        mut run: impl FnMut(usize, &HashSet<Purge>) -> bool + Send + 'static,
+    ) -> (Vec<HashSet<Purge>>, HashSet<Purge>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = {
+            let shared = shared.clone();
+            thread::spawn(move || {
+                let mut n = 0;
+                schedule(&shared, Duration::from_secs(3600), Duration::ZERO, |p| {
+                    let ok = run(n, p);
+                    n += 1;
+                    let _ = tx.send(p.clone());
+                    if ok {
+                        Ok(Duration::ZERO)
+                    } else {
+                        Err(Duration::ZERO)
+                    }
+                });
+            })
+        };
+        // A bound, not a pause: a pass that never comes fails the test instead of hanging it.
+        let got: Vec<HashSet<Purge>> = (0..passes)
+            .map(|n| {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("pass {n} did not run: {e}"))
+            })
+            .collect();
+        // The last pass's bookkeeping is done once the loop waits again: stopping waits for it.
+        shared.stop();
+        t.join().unwrap();
+        let left = shared.lock().purges.clone();
+        (got, left)
+    }
+
+    #[test]
+    fn purges_asked_for_before_a_pass_join_it() {
+        let shared = Arc::new(Shared::default());
+        for n in 1..=3 {
+            shared.add([purge(n)]);
+        }
+        let (got, left) = scheduled(&shared, 1, |_, _| true);
+        assert_eq!(got, [(1..=3).map(purge).collect::<HashSet<_>>()]);
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn purges_of_a_failed_pass_run_at_the_next() {
+        let shared = Arc::new(Shared::default());
+        shared.add([purge(1)]);
+        let (got, left) = scheduled(&shared, 2, |n, _| n > 0);
+        assert_eq!(got, [[purge(1)].into(), [purge(1)].into()]);
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn purges_asked_for_during_a_pass_are_not_retired_by_it() {
+        let shared = Arc::new(Shared::default());
+        shared.add([purge(1)]);
+        let during = shared.clone();
+        let (got, left) = scheduled(&shared, 2, move |n, _| {
+            if n == 0 {
+                during.add([purge(2)]);
+            }
+            true
+        });
+        assert_eq!(got, [[purge(1)].into(), [purge(2)].into()]);
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A collector thread that panicked is found, with why, and one started in its place runs
+    /// the purges asked for before.
+    #[test]
+    fn a_dead_collector_thread_is_reaped_and_its_purges_survive() {
+        let shared = Arc::new(Shared::default());
+        let mut thread = Some(
+            spawn(&shared, |shared| {
+                let _held = shared.lock();
+                panic!("boom");
+            })
+            .unwrap(),
+        );
+        shared.add([purge(1)]);
+        // A bound, not a pause: the thread ends at once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let why = loop {
+            if let Some(why) = reap(&mut thread) {
+                break why;
+            }
+            assert!(Instant::now() < deadline, "the thread did not end");
+            thread::yield_now();
+        };
+        assert_eq!(why, "it panicked: boom");
+        assert!(thread.is_none());
+        assert_eq!(reap(&mut thread), None, "reported once");
+        let (got, left) = scheduled(&shared, 1, |_, _| true);
+        assert_eq!(got, [[purge(1)].into()]);
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -118,13 +118,34 @@ pub fn ensure_bpffs() -> Result<()> {
 
 /// Load the object with maps pinned in `pin_dir` (reusing pins that exist).
 pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
+    load_moving_legacy(pin_dir, sizes).map(|(ebpf, _)| ebpf)
+}
+
+/// [`load`], also saying whether it moved a conntrack map of the previous layout aside (the
+/// caller puts it back with [`LegacyConntrackGuard`] if it stops before the new programs are
+/// attached). A failed load puts it back itself: the old build's programs still serve from it.
+pub fn load_moving_legacy(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, bool)> {
     if EBPF_OBJECT.is_empty() {
         bail!("this vipx was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
     }
     crate::maglev::check_table_size(sizes.maglev_table_size).map_err(anyhow::Error::msg)?;
     let maglev_entries = sizes.maglev_entries()?;
     prepare_pin_dir(pin_dir)?;
-    set_aside_legacy_conntrack(pin_dir)?;
+    let moved = set_aside_legacy_conntrack(pin_dir)?;
+    match load_pinned(pin_dir, sizes, maglev_entries) {
+        Ok(ebpf) => Ok((ebpf, moved)),
+        Err(e) => {
+            if moved && let Err(back) = put_back_legacy_conntrack(pin_dir) {
+                return Err(e.context(format!(
+                    "and the conntrack map of the previous layout could not be put back: {back:#}"
+                )));
+            }
+            Err(e)
+        }
+    }
+}
+
+fn load_pinned(pin_dir: &Path, sizes: MapSizes, maglev_entries: u32) -> Result<Ebpf> {
     check_pins(pin_dir, sizes)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
@@ -161,17 +182,12 @@ const LEGACY_CT_VALUE_SIZE: u32 = 20;
 const LEGACY_CT_PIN: &str = "VIPX_CT4_v1";
 
 /// A conntrack pin of the previous layout moves aside so the loader creates (and pins) the new
-/// map; [`migrate_legacy_conntrack`] copies its flows once the new programs are attached.
-fn set_aside_legacy_conntrack(pin_dir: &Path) -> Result<()> {
+/// map; [`copy_legacy_conntrack`] and [`migrate_legacy_conntrack`] copy its flows around the
+/// program swap. Returns whether it moved one.
+fn set_aside_legacy_conntrack(pin_dir: &Path) -> Result<bool> {
     let path = pin_dir.join(map_names::CT4);
-    if !path.exists() {
-        return Ok(());
-    }
-    let info = MapData::from_pin(&path)
-        .and_then(|m| m.info())
-        .with_context(|| format!("reading pinned map {}", path.display()))?;
-    if info.value_size() != LEGACY_CT_VALUE_SIZE {
-        return Ok(());
+    if !is_legacy_conntrack(&path)? {
+        return Ok(false);
     }
     let aside = pin_dir.join(LEGACY_CT_PIN);
     if aside.exists() {
@@ -185,18 +201,105 @@ fn set_aside_legacy_conntrack(pin_dir: &Path) -> Result<()> {
     fs::rename(&path, &aside)
         .with_context(|| format!("moving {} aside for migration", path.display()))?;
     tracing::info!(
-        "conntrack map of the previous layout moved to {}; its flows are copied once the new \
-         programs are attached",
+        "conntrack map of the previous layout moved to {}; its flows are copied before and \
+         after the new programs are attached",
         aside.display()
+    );
+    Ok(true)
+}
+
+/// Whether `path` pins a conntrack map of the previous layout (false: absent, or this one).
+fn is_legacy_conntrack(path: &Path) -> Result<bool> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let info = MapData::from_pin(path)
+        .and_then(|m| m.info())
+        .with_context(|| format!("reading pinned map {}", path.display()))?;
+    Ok(info.value_size() == LEGACY_CT_VALUE_SIZE)
+}
+
+/// Undo [`set_aside_legacy_conntrack`] when the new programs never got attached: the old ones
+/// still serve from the map set aside, and the old build, started again, must find it under its
+/// name. The new map pinned in its place (unused: no program of this build ran) goes.
+pub fn put_back_legacy_conntrack(pin_dir: &Path) -> Result<()> {
+    let path = pin_dir.join(map_names::CT4);
+    let aside = pin_dir.join(LEGACY_CT_PIN);
+    if !aside.exists() {
+        return Ok(());
+    }
+    if path.exists() {
+        if is_legacy_conntrack(&path)? {
+            bail!(
+                "both {} and {} hold conntrack maps of the previous layout; remove one",
+                path.display(),
+                aside.display()
+            );
+        }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    fs::rename(&aside, &path).with_context(|| format!("putting {} back", path.display()))?;
+    tracing::info!(
+        "conntrack map of the previous layout put back at {}",
+        path.display()
     );
     Ok(())
 }
 
+/// Puts a conntrack map of the previous layout moved aside by this process back when dropped
+/// before [`Self::disarm`], i.e. when vipx stops (an error) before its programs replaced the
+/// old ones.
+pub struct LegacyConntrackGuard {
+    pin_dir: Option<PathBuf>,
+}
+
+impl LegacyConntrackGuard {
+    /// `moved`: what [`load_moving_legacy`] said.
+    pub fn new(pin_dir: &Path, moved: bool) -> Self {
+        Self {
+            pin_dir: moved.then(|| pin_dir.to_owned()),
+        }
+    }
+
+    /// The new programs are attached: the old map is theirs to migrate from, not to put back.
+    pub fn disarm(&mut self) {
+        self.pin_dir = None;
+    }
+}
+
+impl Drop for LegacyConntrackGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.pin_dir.take()
+            && let Err(e) = put_back_legacy_conntrack(&dir)
+        {
+            tracing::error!("{e:#}");
+        }
+    }
+}
+
 /// Copy the flows of a conntrack map of the previous layout (see
-/// [`set_aside_legacy_conntrack`]) into the new one, stamped as seen now, and remove it. Run
-/// after the new programs replaced the old ones, so nothing adds to the old map any more; an
-/// entry the new programs already made for a tuple is kept. Returns how many were copied.
+/// [`set_aside_legacy_conntrack`]) into the new one, stamped as seen now, keeping the old map.
+/// Run before the new programs replace the old ones: the new map is then complete the moment
+/// they start using it, and flows that see a packet during the swap keep their entries. A tuple
+/// the new map holds already (a migration interrupted after the swap) keeps its entry. Returns
+/// how many were copied.
+pub fn copy_legacy_conntrack(pin_dir: &Path) -> Result<u64> {
+    copy_legacy(pin_dir)
+}
+
+/// After the new programs replaced the old ones: copy what the old programs added to the old
+/// map since [`copy_legacy_conntrack`] (only tuples the new map lacks: the new programs' own
+/// entries are newer), then remove the old map's pin. Returns how many were copied.
 pub fn migrate_legacy_conntrack(pin_dir: &Path) -> Result<u64> {
+    let aside = pin_dir.join(LEGACY_CT_PIN);
+    let copied = copy_legacy(pin_dir)?;
+    if aside.exists() {
+        fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    }
+    Ok(copied)
+}
+
+fn copy_legacy(pin_dir: &Path) -> Result<u64> {
     use proxy_common::{CtKey4, CtValue};
     let aside = pin_dir.join(LEGACY_CT_PIN);
     if !aside.exists() {
@@ -207,26 +310,34 @@ pub fn migrate_legacy_conntrack(pin_dir: &Path) -> Result<u64> {
     let mut new: HashMap<MapData, CtKey4, CtValue> = from_pin(pin_dir, map_names::CT4)?;
     let seen = crate::conntrack::now_seen();
     let mut copied = 0u64;
-    for entry in old.iter() {
-        let Ok((k, v)) = entry else {
-            // An LRU walked while... nothing writes it now; a failed read is the end.
-            break;
-        };
-        let mut value: CtValue = bytemuck::Zeroable::zeroed();
-        bytemuck::bytes_of_mut(&mut value)[..v.len()].copy_from_slice(&v);
-        value.seen = seen;
-        // The old build kept no state: take a carried-over flow as answered, so the collector
-        // gives it the established timeouts, not the never-answered ones.
-        if value.flags & proxy_common::CT_F_REPLY != 0 {
-            value.flags |= proxy_common::CT_F_REPLIED;
+    let mut write = Ok(());
+    // In batches: the old programs may still be changing the map, and a batch walk visits each
+    // bucket once however it changes.
+    crate::conntrack::walk(&old, |keys, values| {
+        for (k, v) in keys.iter().zip(values) {
+            let mut value: CtValue = bytemuck::Zeroable::zeroed();
+            bytemuck::bytes_of_mut(&mut value)[..v.len()].copy_from_slice(v);
+            value.seen = seen;
+            // The old build kept no state: take a carried-over flow as answered, so the
+            // collector gives it the established timeouts, not the never-answered ones.
+            if value.flags & proxy_common::CT_F_REPLY != 0 {
+                value.flags |= proxy_common::CT_F_REPLIED;
+            }
+            // BPF_NOEXIST: a tuple the new programs tracked already keeps its newer entry.
+            match new.insert(k, value, 1) {
+                Ok(()) => copied += 1,
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    if write.is_ok() {
+                        write = Err(e);
+                    }
+                }
+            }
         }
-        // BPF_NOEXIST: a tuple the new programs tracked already keeps its newer entry.
-        if new.insert(k, value, 1).is_ok() {
-            copied += 1;
-        }
-    }
-    drop(old);
-    fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    })
+    .with_context(|| format!("reading {}", aside.display()))?;
+    write.context("copying a conntrack entry of the previous layout")?;
     Ok(copied)
 }
 

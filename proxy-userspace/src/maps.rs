@@ -392,10 +392,6 @@ pub struct ApplyStats {
     pub map_writes: usize,
     /// Frontends left as they were because they did not fit (retried by the next apply).
     pub failed: Vec<FailedFrontend>,
-    /// UDP backends that left a frontend: the flows pinned to them are to be removed from
-    /// conntrack (the backend may still be active for another Service, so its entries stay
-    /// valid to the data path).
-    pub udp_purges: Vec<crate::conntrack::Purge>,
 }
 
 impl ApplyStats {
@@ -413,7 +409,6 @@ impl ApplyStats {
         self.frontends_draining += other.frontends_draining;
         self.map_writes += other.map_writes;
         self.failed.extend(other.failed);
-        self.udp_purges.extend(other.udp_purges);
         self
     }
 }
@@ -845,6 +840,11 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     /// were draining when vipx stopped): freed at their deadline.
     orphans: BTreeMap<u32, Instant>,
     maglev: MaglevTables,
+    /// UDP backends that left a frontend, whose flows are to be removed from conntrack (the
+    /// backend may still be active for another Service, so its entries stay valid to the data
+    /// path). Kept here, not in what an apply returns, so an apply that fails after writing
+    /// some frontends does not lose theirs (see [`Self::take_udp_purges`]).
+    udp_purges: Vec<crate::conntrack::Purge>,
 }
 
 /// The Maglev table space: which tables are free, which wait out their quarantine.
@@ -974,6 +974,7 @@ impl<M: MapStore> MapWriter<M> {
             hairpin,
             draining: BTreeMap::new(),
             orphans: BTreeMap::new(),
+            udp_purges: Vec::new(),
         };
 
         let named: std::collections::HashSet<u32> = w.revnat_ids.values().copied().collect();
@@ -1302,6 +1303,25 @@ impl<M: MapStore> MapWriter<M> {
         self.maglev.starved.remove(fe);
         self.maglev.retire(old.maglev_table, Instant::now());
         st.frontends_removed += 1;
+        if fe.proto == IPPROTO_UDP {
+            // As kube-proxy clears the UDP conntrack entries of a deleted Service port: a UDP
+            // flow has no end to wait for, and draining would keep a client that sends every
+            // few seconds on the old backend for the whole grace period, while a re-created
+            // Service (or one at another address) is never picked. The slots still hold their
+            // ids (unref below releases them): the generations are those of its backends.
+            let purges: Vec<_> = old
+                .slots
+                .iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|&backend_id| crate::conntrack::Purge {
+                    rev_nat_id: old.rev_nat_id,
+                    backend_id,
+                    backend_gen: self.backend_space.generation(backend_id),
+                })
+                .collect();
+            self.udp_purges.extend(purges);
+        }
         self.unref(&old.slots, released);
         for slot in 1..=old.slots.len() {
             // Invisible already (slot 0 is gone): a failure leaves garbage, not a wrong answer.
@@ -1321,6 +1341,12 @@ impl<M: MapStore> MapWriter<M> {
             st.frontends_draining += 1;
         }
         Ok(())
+    }
+
+    /// The UDP purges the applies since the last call asked for, whether or not they succeeded
+    /// as a whole.
+    pub fn take_udp_purges(&mut self) -> Vec<crate::conntrack::Purge> {
+        std::mem::take(&mut self.udp_purges)
     }
 
     /// Frontends removed but still translating their established flows.
@@ -1787,13 +1813,19 @@ impl<M: MapStore> MapWriter<M> {
         }
         if let Some(old) = &old {
             if fe.proto == IPPROTO_UDP {
-                st.udp_purges
-                    .extend(old.slots.iter().filter(|id| !want.slots.contains(id)).map(
-                        |&backend_id| crate::conntrack::Purge {
-                            rev_nat_id,
-                            backend_id,
-                        },
-                    ));
+                // The old slots still hold their ids (unref below releases them): the generation
+                // is that of the backend that left.
+                let purges: Vec<_> = old
+                    .slots
+                    .iter()
+                    .filter(|id| !want.slots.contains(id))
+                    .map(|&backend_id| crate::conntrack::Purge {
+                        rev_nat_id,
+                        backend_id,
+                        backend_gen: self.backend_space.generation(backend_id),
+                    })
+                    .collect();
+                self.udp_purges.extend(purges);
             }
             self.unref(&old.slots, released);
         }
@@ -2121,6 +2153,8 @@ mod tests {
         maglev: Vec<Vec<u32>>,
         /// Every table write, in order (tests of the swap order).
         maglev_writes: Vec<u32>,
+        /// Clearing this backend id fails (a map write failing half-way through an apply).
+        fail_clearing: Option<u32>,
     }
 
     impl FakeMaps {
@@ -2135,6 +2169,7 @@ mod tests {
                 maglev_m: 13,
                 maglev: vec![Vec::new(); 8],
                 maglev_writes: Vec::new(),
+                fail_clearing: None,
             }
         }
 
@@ -2230,6 +2265,9 @@ mod tests {
         }
 
         fn backend_set(&mut self, id: u32, value: Backend4) -> Result<()> {
+            if self.fail_clearing == Some(id) && !value.is_active() {
+                bail!("injected failure clearing backend {id}");
+            }
             let entry = self
                 .backends
                 .get_mut(id as usize)
@@ -2562,6 +2600,91 @@ mod tests {
         let again = w.programmed().frontends[&vip(1)].rev_nat_id;
         assert_ne!(again, rn);
         assert_eq!(w.revnat_generation(again), 1);
+    }
+
+    /// Services `vip(n)` over UDP -> backends (UDP, port 5353), every backend active.
+    fn udp_target_of(services: &[(u8, &[u8])]) -> Target {
+        let udp = |a: L4Addr| L4Addr {
+            port: if a.proto == 6 { 5353 } else { 53 },
+            proto: IPPROTO_UDP,
+            ..a
+        };
+        let tcp = target_of(services);
+        Target {
+            frontends: tcp
+                .frontends
+                .into_iter()
+                .map(|(k, mut f)| {
+                    f.service.protocol = Protocol::Udp;
+                    f.slots = f.slots.into_iter().map(udp).collect();
+                    (L4Addr { port: 53, ..udp(k) }, f)
+                })
+                .collect(),
+            backends: tcp.backends.into_iter().map(|(k, v)| (udp(k), v)).collect(),
+        }
+    }
+
+    /// A UDP backend leaving a frontend asks for a purge of its flows there, with the id's
+    /// generation; an apply that fails afterwards (here: freeing that very backend) keeps it.
+    #[test]
+    fn udp_purges_outlive_an_apply_that_fails_after_asking_for_them() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
+        w.apply(&udp_target_of(&[(1, &[1, 2])])).unwrap();
+        assert!(w.take_udp_purges().is_empty());
+        let fe = L4Addr {
+            port: 53,
+            proto: IPPROTO_UDP,
+            ..vip(1)
+        };
+        let rev_nat_id = w.programmed().frontends[&fe].rev_nat_id;
+        let gone = w.programmed().frontends[&fe].slots[1];
+        w.maps.fail_clearing = Some(gone);
+        assert!(w.apply(&udp_target_of(&[(1, &[1])])).is_err());
+        assert_eq!(
+            w.take_udp_purges(),
+            [crate::conntrack::Purge {
+                rev_nat_id,
+                backend_id: gone,
+                backend_gen: w.backend_generation(gone),
+            }]
+        );
+        assert!(w.take_udp_purges().is_empty(), "handed out once");
+    }
+
+    /// A UDP Service port deleted: its flows are purged from conntrack, to every backend it had
+    /// (kube-proxy: `conntrack -D --orig-dst <ClusterIP> -p udp`), whether it drains or not; a
+    /// TCP one's established connections drain instead.
+    #[test]
+    fn a_removed_udp_frontend_purges_its_flows() {
+        for grace in [DEFAULT_ENDPOINT_GRACE, Duration::ZERO] {
+            let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
+            w.set_endpoint_grace(grace);
+            let mut both = udp_target_of(&[(1, &[1, 2])]);
+            let tcp = target_of(&[(2, &[3])]);
+            both.frontends.extend(tcp.frontends.clone());
+            both.backends.extend(tcp.backends.clone());
+            w.apply(&both).unwrap();
+            assert!(w.take_udp_purges().is_empty());
+            let fe = L4Addr {
+                port: 53,
+                proto: IPPROTO_UDP,
+                ..vip(1)
+            };
+            let old = w.programmed().frontends[&fe].clone();
+            let want: BTreeSet<crate::conntrack::Purge> = old
+                .slots
+                .iter()
+                .map(|&backend_id| crate::conntrack::Purge {
+                    rev_nat_id: old.rev_nat_id,
+                    backend_id,
+                    backend_gen: w.backend_generation(backend_id),
+                })
+                .collect();
+            assert_eq!(want.len(), 2);
+            w.apply(&Target::default()).unwrap();
+            let got: BTreeSet<_> = w.take_udp_purges().into_iter().collect();
+            assert_eq!(got, want, "grace {grace:?}");
+        }
     }
 
     #[test]

@@ -269,6 +269,8 @@ struct Controller {
     telemetry: Arc<Telemetry>,
     /// Conntrack collection (`None` when it could not start).
     collector: Option<conntrack::Collector>,
+    /// No collector restart before this (a thread that dies at once is not restarted in a loop).
+    collector_restart_at: Option<Instant>,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -282,6 +284,9 @@ fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// The least time between two restarts of the conntrack collector thread.
+const COLLECTOR_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long a restarted vipx keeps the adopted state while a manifest file cannot be read.
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
@@ -413,6 +418,12 @@ impl Controller {
             self.writer
                 .apply_keys(target, &changes.frontends, &changes.backends)
         };
+        // Whatever the apply managed to write: an apply that failed half-way changed some UDP
+        // frontends already, and their flows to the backends that left are purged all the same.
+        let purges = self.writer.take_udp_purges();
+        if let Some(c) = &self.collector {
+            c.purge(purges);
+        }
         let st = match st {
             Ok(st) => st,
             Err(e) => {
@@ -420,9 +431,6 @@ impl Controller {
                 return Err(e);
             }
         };
-        if let Some(c) = &self.collector {
-            c.purge(st.udp_purges.clone());
-        }
         if changes.names_changed || full {
             self.write_state(target)?;
         }
@@ -460,6 +468,38 @@ impl Controller {
             release_freed_memory();
         }
         Ok(())
+    }
+
+    /// A collector thread that stopped (it only stops when told to, so a panic) is reported and
+    /// replaced, at most once per [`COLLECTOR_RESTART_BACKOFF`]: without it flows would live
+    /// until the LRU evicts them, and UDP purges would never run.
+    fn watch_collector(&mut self) {
+        let Some(col) = self.collector.as_mut() else {
+            return;
+        };
+        if let Some(why) = col.reap() {
+            tracing::error!(
+                "conntrack collection stopped ({why}); it is started again (see \
+                 vipx_conntrack_gc_restarts_total)"
+            );
+        }
+        let now = Instant::now();
+        if col.running() || self.collector_restart_at.is_some_and(|t| now < t) {
+            return;
+        }
+        self.collector_restart_at = Some(now + COLLECTOR_RESTART_BACKOFF);
+        let hairpin = self.opts.hairpin.map(|a| a.octets());
+        let restarted = loader::conntrack_tables(&self.opts.pin_dir).and_then(|mut tables| {
+            tables.hairpin = hairpin;
+            col.restart(tables)
+        });
+        match restarted {
+            Ok(()) => tracing::info!("conntrack collection started again"),
+            Err(e) => tracing::error!(
+                "conntrack collection could not be started again (retried in \
+                 {COLLECTOR_RESTART_BACKOFF:?}): {e:#}"
+            ),
+        }
     }
 
     /// `/healthz` fails while this node's Node object says it is being deleted (kube-proxy's
@@ -734,7 +774,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             "cluster CIDR noted (not used yet: vipx does not masquerade)"
         );
     }
-    let mut ebpf = loader::load(&opts.pin_dir, opts.sizes)?;
+    let (mut ebpf, legacy_moved) = loader::load_moving_legacy(&opts.pin_dir, opts.sizes)?;
+    // Until the new programs are attached, the old ones serve from the conntrack map set aside:
+    // a start that fails before then puts it back for them (and for the old build, if it is
+    // started again).
+    let mut legacy_guard = loader::LegacyConntrackGuard::new(&opts.pin_dir, legacy_moved);
     loader::write_config(&mut ebpf, opts.hairpin)?;
     let flood_limit = opts.conntrack.flood_limit(opts.sizes.conntrack);
     tracing::info!(
@@ -789,15 +833,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
-    // After the swap: the old programs no longer write the old map.
-    match loader::migrate_legacy_conntrack(&opts.pin_dir) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            flows = n,
-            "conntrack entries of the previous build carried over"
-        ),
-        Err(e) => tracing::warn!("conntrack of the previous build not carried over: {e:#}"),
-    }
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
         adopted_frontends = writer.programmed().frontends.len(),
@@ -829,13 +864,33 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         born: Instant::now(),
         telemetry: telemetry.clone(),
         collector,
+        collector_restart_at: None,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut resync_tick = tokio::time::interval(resync);
     let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
+    // The old flows are in the new map before the first scan swaps the programs in, so a flow
+    // that sees a packet during the swap finds its entry; what the old programs added between
+    // the copy and the swap is copied after it.
+    let before = loader::copy_legacy_conntrack(&c.opts.pin_dir);
     c.scan_interfaces();
+    legacy_guard.disarm();
+    let after = loader::migrate_legacy_conntrack(&c.opts.pin_dir);
+    let mut carried = 0;
+    for r in [before, after] {
+        match r {
+            Ok(n) => carried += n,
+            Err(e) => tracing::warn!("conntrack of the previous build not all carried over: {e:#}"),
+        }
+    }
+    if carried > 0 {
+        tracing::info!(
+            flows = carried,
+            "conntrack entries of the previous build carried over"
+        );
+    }
     // Not a queued change: as kube-proxy, healthy until a change waits too long. Counting the
     // start would make /livez fail while the API server is down at start, and the liveness
     // probe restart vipx in a loop for the whole outage while the pinned data path serves.
@@ -902,7 +957,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             () = tokio::time::sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)),
                 if sync_at.is_some() => sync_at = None,
-            _ = iface_tick.tick() => c.scan_interfaces(),
+            _ = iface_tick.tick() => {
+                c.scan_interfaces();
+                c.watch_collector();
+            }
             _ = retry_tick.tick(), if retry => dirty = true,
         }
     }

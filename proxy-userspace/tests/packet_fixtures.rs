@@ -1503,6 +1503,7 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
         Purge {
             rev_nat_id: v.rev_nat_id,
             backend_id: v.backend_id,
+            backend_gen: v.backend_gen,
         }
     };
     let timeouts = Timeouts {
@@ -1563,34 +1564,198 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     assert!(present(&udp(42007)));
 }
 
+/// A flow the walk found expired but that a packet woke before the delete is kept whole; one
+/// that stayed idle goes.
+#[test]
+fn a_flow_touched_between_the_walk_and_the_delete_is_kept() {
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let fwd = |p| ct_key(CLIENT, p, VIP, 80, IPPROTO_TCP);
+    let rep = |p| ct_key(BE1, 5000, CLIENT, p, IPPROTO_TCP);
+    for p in [44001, 44002] {
+        run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[]));
+        run_on(&mut l, EGRESS, &frame(BE1, 5000, CLIENT, p, &SYNACK, &[]));
+    }
+    let mut ct: HashMap<MapData, CtKey4, CtValue> =
+        loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    let now = conntrack::now_seen();
+    for k in [fwd(44001), rep(44001), fwd(44002), rep(44002)] {
+        let mut v = ct.get(&k, 0).unwrap();
+        v.seen = now.wrapping_sub(2000);
+        ct.insert(k, v, 0).unwrap();
+    }
+    let timeouts = Timeouts {
+        tcp_established: Duration::from_secs(1000),
+        ..Timeouts::default()
+    };
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let st = conntrack::pass_with_pause(&tables, &timeouts, &Default::default(), || {
+        // The client sends on 44001 after the walk chose both flows.
+        let (v, out) = run(&mut l, &frame(CLIENT, 44001, VIP, 80, &DATA, &[]));
+        assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+    })
+    .unwrap();
+    let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    assert!(
+        present(&fwd(44001)) && present(&rep(44001)),
+        "the woken flow keeps both entries: {st:?}"
+    );
+    assert!(!present(&fwd(44002)) && !present(&rep(44002)), "{st:?}");
+    assert_eq!((st.expired, st.spared, st.deleted), (1, 1, 2), "{st:?}");
+}
+
+/// A purge of a UDP backend that left its Service runs later than the sync that asked for it;
+/// if the backend's id was handed to another backend meanwhile, the new backend's flows of the
+/// same frontend are not the ones purged.
+#[test]
+fn a_purge_spares_the_flows_of_a_new_backend_with_the_same_id() {
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    run(&mut l, &frame(CLIENT, 45001, VIP, 53, &UDP, &[]));
+    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    let old_fwd = ct_key(CLIENT, 45001, VIP, 53, IPPROTO_UDP);
+    let old = ct.get(&old_fwd, 0).unwrap();
+    // The DNS frontend moves from BE1 to BE2: BE1's UDP backend is freed at once.
+    let mut t = Target::default();
+    let be2 = addr(BE2, 5353, IPPROTO_UDP);
+    t.backends.insert(be2, BACKEND_F_ACTIVE);
+    t.frontends.insert(
+        addr(VIP, 53, IPPROTO_UDP),
+        frontend("dns", Protocol::Udp, vec![be2]),
+    );
+    l.writer.apply(&t).unwrap();
+    let purges = l.writer.take_udp_purges();
+    assert!(!purges.is_empty());
+    // Before the purge runs, the freed id goes to a new backend (a later generation) that
+    // serves the same frontend, and a client has a flow on it.
+    let new_gen = old.backend_gen + 1;
+    let be3 = [198, 18, 64, 13];
+    let mut backends: Array<MapData, Backend4> = Array::try_from(
+        aya::maps::Map::from_map_data(
+            MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    backends
+        .set(
+            old.backend_id,
+            Backend4 {
+                addr: be3,
+                port: 5353u16.to_be_bytes(),
+                proto: IPPROTO_UDP,
+                flags: BACKEND_F_ACTIVE,
+                generation: new_gen,
+            },
+            0,
+        )
+        .unwrap();
+    let mut ct = ct;
+    let now = conntrack::now_seen();
+    let value = CtValue {
+        backend_gen: new_gen,
+        seen: now,
+        ..old
+    };
+    let new_fwd = ct_key(CLIENT, 45002, VIP, 53, IPPROTO_UDP);
+    let new_rep = ct_key(be3, 5353, CLIENT, 45002, IPPROTO_UDP);
+    ct.insert(new_fwd, value, 0).unwrap();
+    ct.insert(
+        new_rep,
+        CtValue {
+            flags: CT_F_REPLY,
+            ..value
+        },
+        0,
+    )
+    .unwrap();
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let purges = purges.into_iter().collect();
+    let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
+    let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    assert!(!present(&old_fwd), "the old backend's flow goes: {st:?}");
+    assert!(
+        present(&new_fwd) && present(&new_rep),
+        "the new backend's flow stays: {st:?}"
+    );
+}
+
+/// A pin directory holding a conntrack map of the previous layout (LRU hash, 16-byte keys,
+/// 20-byte values) pinned as `name`.
+fn legacy_pin_dir(tag: &str) -> (PinDir, PathBuf) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let pin_dir = PathBuf::from(loader::BPFFS).join(format!(
+        "vipx-test-legacy-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let pins = PinDir(pin_dir.clone());
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    (pins, pin_dir)
+}
+
+fn pin_legacy_ct(pin_dir: &std::path::Path, name: &str) {
+    let fd = legacy_lru_map(16, 20, 2048);
+    let path =
+        std::ffi::CString::new(pin_dir.join(name).to_str().unwrap().as_bytes().to_vec()).unwrap();
+    bpf_obj_pin(&fd, &path);
+}
+
+fn open_legacy_ct(pin_dir: &std::path::Path, name: &str) -> HashMap<MapData, CtKey4, [u8; 20]> {
+    HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(pin_dir.join(name)).unwrap()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn legacy_bytes(v: &CtValue) -> [u8; 20] {
+    let mut bytes = [0u8; 20];
+    bytes.copy_from_slice(&bytemuck::bytes_of(v)[..20]);
+    bytes
+}
+
+fn ct_pins(pin_dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(pin_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("VIPX_CT4"))
+        .collect();
+    names.sort();
+    names
+}
+
+const LEGACY_SIZES: MapSizes = MapSizes {
+    services: 1024,
+    backends: 1024,
+    revnat: 256,
+    conntrack: 4096,
+    maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+    maglev_tables: 0,
+};
+
 /// An upgrade from the build whose conntrack entries had no `seen` (20-byte values): the new
-/// build carries every flow over instead of refusing the pin or starting empty.
+/// build carries every flow over instead of refusing the pin or starting empty. The copy runs
+/// before the new programs are attached (the old ones still serve from the old map), and again
+/// after: then only what the old programs added meanwhile, never over an entry the new
+/// programs made.
 #[test]
 fn conntrack_of_the_previous_layout_is_carried_over() {
     if !privileged() {
         return;
     }
-    static N: AtomicU32 = AtomicU32::new(0);
-    let pin_dir = PathBuf::from(loader::BPFFS).join(format!(
-        "vipx-test-legacy-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _pins = PinDir(pin_dir.clone());
-    std::fs::create_dir_all(&pin_dir).unwrap();
-    // The previous build's map: LRU hash, 16-byte keys, 20-byte values, pinned as VIPX_CT4.
-    let fd = legacy_lru_map(16, 20, 2048);
-    let path = std::ffi::CString::new(
-        pin_dir
-            .join(map_names::CT4)
-            .to_str()
-            .unwrap()
-            .as_bytes()
-            .to_vec(),
-    )
-    .unwrap();
-    bpf_obj_pin(&fd, &path);
-    drop(fd);
+    let (_pins, pin_dir) = legacy_pin_dir("carry");
+    pin_legacy_ct(&pin_dir, map_names::CT4);
     let key = ct_key(CLIENT, 43000, VIP, 80, IPPROTO_TCP);
     let old_value = CtValue {
         backend_id: 7,
@@ -1600,26 +1765,17 @@ fn conntrack_of_the_previous_layout_is_carried_over() {
         flags: CT_F_FORWARD,
         seen: 0,
     };
-    {
-        let mut old: HashMap<MapData, CtKey4, [u8; 20]> = HashMap::try_from(
-            aya::maps::Map::from_map_data(MapData::from_pin(pin_dir.join(map_names::CT4)).unwrap())
-                .unwrap(),
-        )
+    open_legacy_ct(&pin_dir, map_names::CT4)
+        .insert(key, legacy_bytes(&old_value), 0)
         .unwrap();
-        let mut bytes = [0u8; 20];
-        bytes.copy_from_slice(&bytemuck::bytes_of(&old_value)[..20]);
-        old.insert(key, bytes, 0).unwrap();
-    }
-    let sizes = MapSizes {
-        services: 1024,
-        backends: 1024,
-        revnat: 256,
-        conntrack: 4096,
-        ..MapSizes::default()
-    };
-    let _ebpf = loader::load(&pin_dir, sizes).expect("the previous layout is moved aside");
-    assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 1);
-    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&pin_dir).unwrap();
+    let (_ebpf, moved) = loader::load_moving_legacy(&pin_dir, LEGACY_SIZES)
+        .expect("the previous layout is moved aside");
+    assert!(moved);
+    // Before the swap: copied, and the old map stays (the old programs still write it).
+    assert_eq!(loader::copy_legacy_conntrack(&pin_dir).unwrap(), 1);
+    assert_eq!(ct_pins(&pin_dir), ["VIPX_CT4", "VIPX_CT4_v1"]);
+    let mut ct: HashMap<MapData, CtKey4, CtValue> =
+        loader::open_pinned_conntrack(&pin_dir).unwrap();
     let v = ct.get(&key, 0).expect("the flow is carried over");
     let now = vipx::conntrack::now_seen();
     assert_eq!(
@@ -1631,16 +1787,89 @@ fn conntrack_of_the_previous_layout_is_carried_over() {
         "a forward entry is carried over as it was"
     );
     assert!(now.wrapping_sub(v.seen) <= 1, "stamped as seen now");
+
+    // Between the copy and the swap the old programs track two more flows; after the swap the
+    // new programs track one of them anew.
+    let mut old = open_legacy_ct(&pin_dir, "VIPX_CT4_v1");
+    let added = ct_key(CLIENT, 43001, VIP, 80, IPPROTO_TCP);
+    let renewed = ct_key(CLIENT, 43002, VIP, 80, IPPROTO_TCP);
+    old.insert(added, legacy_bytes(&old_value), 0).unwrap();
+    old.insert(renewed, legacy_bytes(&old_value), 0).unwrap();
+    let fresh = CtValue {
+        backend_id: 9,
+        seen: now,
+        ..old_value
+    };
+    ct.insert(renewed, fresh, 0).unwrap();
+    assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 1);
+    assert_eq!(ct.get(&added, 0).unwrap().backend_id, old_value.backend_id);
     assert_eq!(
-        std::fs::read_dir(&pin_dir)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("VIPX_CT4"))
-            .count(),
-        1,
-        "the old map's pin is gone"
+        ct.get(&renewed, 0).unwrap(),
+        fresh,
+        "the new programs' entry stays"
     );
+    assert_eq!(ct_pins(&pin_dir), ["VIPX_CT4"], "the old map's pin is gone");
     assert_eq!(loader::migrate_legacy_conntrack(&pin_dir).unwrap(), 0);
+}
+
+/// An upgrade that fails before the new programs are attached leaves the old build's conntrack
+/// map where the old programs and the old build expect it; two maps of the previous layout are
+/// refused rather than one of them overwritten.
+#[test]
+fn a_failed_upgrade_leaves_the_previous_conntrack_in_place() {
+    if !privileged() {
+        return;
+    }
+    // The load itself fails (a pin this build refuses) after the old map was moved aside.
+    let (_pins, pin_dir) = legacy_pin_dir("fail");
+    pin_legacy_ct(&pin_dir, map_names::CT4);
+    let key = ct_key(CLIENT, 43100, VIP, 80, IPPROTO_TCP);
+    open_legacy_ct(&pin_dir, map_names::CT4)
+        .insert(key, [1; 20], 0)
+        .unwrap();
+    pin_legacy_ct(&pin_dir, map_names::AFFINITY4);
+    let Err(e) = loader::load_moving_legacy(&pin_dir, LEGACY_SIZES) else {
+        panic!("an affinity map of another layout must be refused");
+    };
+    assert!(format!("{e:#}").contains(map_names::AFFINITY4), "{e:#}");
+    assert_eq!(ct_pins(&pin_dir), ["VIPX_CT4"], "put back");
+    assert_eq!(
+        open_legacy_ct(&pin_dir, map_names::CT4)
+            .get(&key, 0)
+            .unwrap(),
+        [1; 20],
+        "the same map, with its flows"
+    );
+
+    // The load succeeds but vipx stops before attaching: the guard puts the old map back and
+    // the new (never used) one goes.
+    std::fs::remove_file(pin_dir.join(map_names::AFFINITY4)).unwrap();
+    let (ebpf, moved) = loader::load_moving_legacy(&pin_dir, LEGACY_SIZES).unwrap();
+    assert!(moved);
+    assert_eq!(ct_pins(&pin_dir), ["VIPX_CT4", "VIPX_CT4_v1"]);
+    drop(loader::LegacyConntrackGuard::new(&pin_dir, moved));
+    drop(ebpf);
+    assert_eq!(ct_pins(&pin_dir), ["VIPX_CT4"]);
+    assert_eq!(
+        open_legacy_ct(&pin_dir, map_names::CT4)
+            .get(&key, 0)
+            .unwrap(),
+        [1; 20]
+    );
+    // Disarmed once the programs are attached: the old map stays aside for the migration.
+    let (_ebpf, moved) = loader::load_moving_legacy(&pin_dir, LEGACY_SIZES).unwrap();
+    loader::LegacyConntrackGuard::new(&pin_dir, moved).disarm();
+    assert_eq!(ct_pins(&pin_dir), ["VIPX_CT4", "VIPX_CT4_v1"]);
+
+    // Two maps of the previous layout: refused, both left as they are.
+    let (_pins2, two) = legacy_pin_dir("two");
+    pin_legacy_ct(&two, map_names::CT4);
+    pin_legacy_ct(&two, "VIPX_CT4_v1");
+    let Err(e) = loader::load_moving_legacy(&two, LEGACY_SIZES) else {
+        panic!("two maps of the previous layout must be refused");
+    };
+    assert!(format!("{e:#}").contains("remove one"), "{e:#}");
+    assert_eq!(ct_pins(&two), ["VIPX_CT4", "VIPX_CT4_v1"]);
 }
 
 /// A map as the previous build's object defined it (BPF_MAP_CREATE).
@@ -1839,6 +2068,49 @@ fn a_removed_frontend_drains_its_flows_and_a_recreated_one_keeps_them() {
         (NEXT, &data),
         "not translated after the drain period"
     );
+}
+
+/// A deleted Service port over UDP: its flows are purged from conntrack, as kube-proxy clears the
+/// UDP conntrack entries of a deleted Service (`conntrack -D --orig-dst <ClusterIP> -p udp`);
+/// a TCP connection of the same removal drains.
+#[test]
+fn a_removed_udp_frontend_loses_its_flows_and_a_tcp_one_drains() {
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    run(&mut l, &frame(CLIENT, 46001, VIP, 53, &UDP, &[]));
+    run_on(&mut l, EGRESS, &frame(BE1, 5353, CLIENT, 46001, &UDP, &[]));
+    run(&mut l, &frame(CLIENT, 46002, VIP, 80, &SYN, &[]));
+    run_on(
+        &mut l,
+        EGRESS,
+        &frame(BE1, 5000, CLIENT, 46002, &SYNACK, &[]),
+    );
+    l.writer.apply(&Target::default()).unwrap();
+    assert!(l.writer.draining().count() > 0);
+    let purges = l.writer.take_udp_purges().into_iter().collect();
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
+    let present = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    assert!(
+        !present(&ct_key(CLIENT, 46001, VIP, 53, IPPROTO_UDP))
+            && !present(&ct_key(BE1, 5353, CLIENT, 46001, IPPROTO_UDP)),
+        "{st:?}"
+    );
+    assert_eq!(st.purged, 2, "{st:?}");
+    assert!(
+        present(&ct_key(CLIENT, 46002, VIP, 80, IPPROTO_TCP))
+            && present(&ct_key(BE1, 5000, CLIENT, 46002, IPPROTO_TCP)),
+        "{st:?}"
+    );
+    let (v, out) = run(&mut l, &frame(CLIENT, 46002, VIP, 80, &DATA, &[]));
+    assert_eq!((v, inspect(&out).dst), (NEXT, BE1), "the TCP flow drains");
 }
 
 /// A Service shrinking: the writer lowers the count, then removes the slots beyond it. A SYN that

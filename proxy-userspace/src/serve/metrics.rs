@@ -251,6 +251,7 @@ pub struct GcSnapshot {
     pub evicted: u64,
     pub entries: u64,
     pub last_duration: Duration,
+    pub restarts: u64,
 }
 
 impl GcSnapshot {
@@ -264,6 +265,7 @@ impl GcSnapshot {
             evicted: gc.evicted.load(Relaxed),
             entries: gc.last_entries.load(Relaxed),
             last_duration: Duration::from_micros(gc.last_duration_us.load(Relaxed)),
+            restarts: gc.restarts.load(Relaxed),
         }
     }
 }
@@ -376,6 +378,14 @@ fn data_path_registry(owned: &[MapUse], snap: Option<&DataPathSnapshot>) -> Regi
             "vipx_conntrack_gc_duration_seconds",
             "How long the last conntrack collection pass took",
             took,
+        );
+        let restarts = Counter::<u64>::default();
+        restarts.inc_by(gc.restarts);
+        r.register(
+            "vipx_conntrack_gc_restarts",
+            "Times the conntrack collector thread was found stopped (a panic) and started again; \
+             each is logged as an error",
+            restarts,
         );
     }
     let errors = Gauge::<i64>::default();
@@ -663,6 +673,7 @@ mod tests {
                 evicted: 8,
                 entries: 9,
                 last_duration: Duration::from_millis(250),
+                restarts: 1,
             }),
         };
         let text = m.encode(Some(&snap));
@@ -702,6 +713,7 @@ mod tests {
             ("vipx_conntrack_evictions_total", "8"),
             ("vipx_conntrack_gc_entries", "9"),
             ("vipx_conntrack_gc_duration_seconds", "0.25"),
+            ("vipx_conntrack_gc_restarts_total", "1"),
         ] {
             assert_eq!(sample(&text, series), Some(v), "{series}\n{text}");
         }
