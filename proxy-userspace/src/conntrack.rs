@@ -694,9 +694,21 @@ struct Sample {
 impl EvictionCount {
     /// After a pass: `counters` are the programs' created/removed totals sampled just before its
     /// walk (`None`: they could not be read), `walked` what the walk saw, `deleted` what the pass
-    /// deleted after it. Returns evictions since the previous call (none at the first, nor when
-    /// the counters were unreadable or went backwards: that call is a fresh baseline).
-    pub fn update(&mut self, counters: Option<(u64, u64)>, walked: u64, deleted: u64) -> u64 {
+    /// deleted after it, `max_entries` the table's size when known. Returns evictions since the
+    /// previous call (none at the first, nor when the counters were unreadable or went
+    /// backwards: that call is a fresh baseline).
+    ///
+    /// The LRU evicts only when full: when the table could not have come near full since the
+    /// previous pass (what it held then plus everything created since stays below 90% of its
+    /// size), any estimate is the walks' error (a walk racing a flood of inserts misses some),
+    /// not evictions, and the carry starts afresh.
+    pub fn update(
+        &mut self,
+        counters: Option<(u64, u64)>,
+        walked: u64,
+        deleted: u64,
+        max_entries: Option<u32>,
+    ) -> u64 {
         let Some((created, removed)) = counters else {
             self.last = None;
             self.owed = 0;
@@ -716,6 +728,12 @@ impl EvictionCount {
             return 0;
         }
         // walked = was.walked + came - removed - was.deleted - evicted
+        if let Some(m) = max_entries
+            && !near_full(was.walked.saturating_add(created - was.created), Some(m))
+        {
+            self.owed = 0;
+            return 0;
+        }
         let came = i128::from(created - was.created);
         let went = i128::from(removed - was.removed) + i128::from(was.deleted);
         let estimate = i128::from(was.walked) + came - went - i128::from(walked);
@@ -952,7 +970,7 @@ fn collect(setup: Setup, tables: Tables) -> impl FnOnce(&Shared) + Send + 'stati
                         failing = false;
                     }
                     let walked = st.entries + st.deleted;
-                    let evicted = evictions.update(counters, walked, st.deleted);
+                    let evicted = evictions.update(counters, walked, st.deleted, max_entries);
                     out.runs.fetch_add(1, Ordering::Relaxed);
                     out.expired.fetch_add(st.expired, Ordering::Relaxed);
                     out.stale.fetch_add(st.stale, Ordering::Relaxed);
@@ -1034,20 +1052,20 @@ mod tests {
     fn evictions_are_what_creation_and_removal_do_not_explain() {
         let mut e = EvictionCount::default();
         assert_eq!(
-            e.update(Some((100, 0)), 100, 20),
+            e.update(Some((100, 0)), 100, 20, None),
             0,
             "first call is a baseline"
         );
         // 50 created, 10 removed by programs, 20 deleted by the last pass: 120 walked.
-        assert_eq!(e.update(Some((150, 10)), 120, 0), 0);
+        assert_eq!(e.update(Some((150, 10)), 120, 0, None), 0);
         // 100 more created into a full table of 120 that stays at 120, nothing removed.
-        assert_eq!(e.update(Some((250, 10)), 120, 0), 100);
+        assert_eq!(e.update(Some((250, 10)), 120, 0, None), 100);
         // Counters that went backwards (a reloaded program) count nothing.
-        assert_eq!(e.update(Some((5, 0)), 125, 0), 0);
+        assert_eq!(e.update(Some((5, 0)), 125, 0, None), 0);
         // Nor does a pass whose counters could not be read; the next one is a baseline.
-        assert_eq!(e.update(None, 125, 0), 0);
-        assert_eq!(e.update(Some((500, 0)), 125, 0), 0);
-        assert_eq!(e.update(Some((510, 0)), 135, 0), 0);
+        assert_eq!(e.update(None, 125, 0, None), 0);
+        assert_eq!(e.update(Some((500, 0)), 125, 0, None), 0);
+        assert_eq!(e.update(Some((510, 0)), 135, 0, None), 0);
     }
 
     /// 10 flows' entries created while a walk runs, in buckets it had already passed: they were
@@ -1056,16 +1074,32 @@ mod tests {
     #[test]
     fn entries_created_during_a_walk_are_not_evictions() {
         let mut e = EvictionCount::default();
-        assert_eq!(e.update(Some((100, 0)), 100, 0), 0);
+        assert_eq!(e.update(Some((100, 0)), 100, 0, None), 0);
         // Sampled before the walk: the 10 created during it are not in the counters yet.
-        assert_eq!(e.update(Some((100, 0)), 100, 0), 0);
-        assert_eq!(e.update(Some((110, 0)), 110, 0), 0);
+        assert_eq!(e.update(Some((100, 0)), 100, 0, None), 0);
+        assert_eq!(e.update(Some((110, 0)), 110, 0, None), 0);
         // This time the walk saw them before the counters (sampled before it) did: the
         // shortfall is carried to the next pass, not clamped away and then counted there.
-        assert_eq!(e.update(Some((110, 0)), 120, 0), 0);
-        assert_eq!(e.update(Some((120, 0)), 120, 0), 0);
+        assert_eq!(e.update(Some((110, 0)), 120, 0, None), 0);
+        assert_eq!(e.update(Some((120, 0)), 120, 0, None), 0);
         // Real evictions still count: 50 created, the table stays at 120.
-        assert_eq!(e.update(Some((170, 0)), 120, 0), 50);
+        assert_eq!(e.update(Some((170, 0)), 120, 0, None), 50);
+    }
+
+    /// Found by the flood lab: a walk racing 20,000 inserts a second missed some, and a table
+    /// never above 57% full reported 857 evictions.
+    #[test]
+    fn a_table_that_never_came_near_full_evicted_nothing() {
+        let m = Some(1000);
+        let mut e = EvictionCount::default();
+        assert_eq!(e.update(Some((100, 0)), 100, 0, m), 0);
+        // The walk missed 50 of the 300 created: 100 + 300 < 900, so no eviction was possible.
+        assert_eq!(e.update(Some((400, 0)), 350, 0, m), 0);
+        assert_eq!(e.update(Some((400, 0)), 400, 0, m), 0);
+        // Then the table fills: what it could not hold was evicted (the walk's earlier error
+        // may come off it once).
+        let evicted = e.update(Some((1500, 0)), 1000, 0, m);
+        assert!((450..=500).contains(&evicted), "{evicted}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! is estimated half full, and it is released below three eighths (hysteresis, so it does not
 //! flap around one threshold).
 //!
-//! The occupancy is estimated four times a second without walking the table: the count of the last
+//! The occupancy is estimated ten times a second without walking the table: the count of the last
 //! collection pass plus the entries the programs created since, minus those they removed.
 //! Evictions go uncounted until the next pass, so a full table reads as fuller than it is and
 //! keeps the guard on: the safe side.
@@ -26,7 +26,7 @@ use proxy_common::{CONFIG_FLOOD_LIMIT, Stat};
 use crate::conntrack::GcStats;
 
 /// How often the occupancy is estimated.
-pub const TICK: Duration = Duration::from_millis(250);
+pub const TICK: Duration = Duration::from_millis(100);
 
 /// The engage/release decision, apart from the maps it reads and writes.
 #[derive(Debug)]

@@ -1644,3 +1644,99 @@ fn maglev_removing_one_of_four_backends_moves_only_its_flows() {
         assert_eq!(body.trim(), pod);
     }
 }
+
+/// One UDP flow from each of `ports` on the client's address to `to`: sent in bursts of 500
+/// (one socket per source port) whose answers are awaited briefly, so the flood runs at about
+/// the pace the lab answers it. Ports already taken in the client's namespace are skipped.
+/// Returns how many flows were sent and how many answered.
+fn udp_flood(lab: &Lab, to: SocketAddr, ports: std::ops::Range<u16>) -> (usize, usize) {
+    let client = lab.cluster.client().ip;
+    in_netns(lab.client(), || {
+        let ports: Vec<u16> = ports.collect();
+        let (mut sent, mut answered) = (0, 0);
+        for burst in ports.chunks(500) {
+            let sockets: Vec<UdpSocket> = burst
+                .iter()
+                .filter_map(|p| UdpSocket::bind(SocketAddrV4::new(client, *p)).ok())
+                .map(|s| {
+                    s.set_nonblocking(true).expect("non-blocking");
+                    // A dropped datagram is the point; a send error would be the lab's fault.
+                    s.send_to(b"name", to).expect("sending");
+                    s
+                })
+                .collect();
+            let mut pending: Vec<&UdpSocket> = sockets.iter().collect();
+            let deadline = Instant::now() + Duration::from_millis(50);
+            while !pending.is_empty() && Instant::now() < deadline {
+                pending.retain(|s| s.recv_from(&mut [0u8; 128]).is_err());
+                std::thread::yield_now();
+            }
+            sent += sockets.len();
+            answered += sockets.len() - pending.len();
+        }
+        (sent, answered)
+    })
+    .expect("entering the client namespace")
+}
+
+/// The flood guard end to end: one client opening UDP flows from 40,000 source ports would
+/// overflow a 65,536-entry conntrack table (80,000 entries) and evict. With the guard, vipx sees
+/// the table pass half full, limits the client's new flows, drops and counts the rest, and
+/// nothing is evicted; the Service keeps answering. The same flood without the guard evicts,
+/// which shows the figure is worth asserting.
+#[test]
+fn a_flood_from_one_client_engages_the_guard_and_nothing_is_evicted() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    for guard in [false, true] {
+        let mut lab = Lab::new();
+        let a = lab.cluster.add_pod(1).expect("pod on node 1");
+        lab.service("svc-a", VIP_A, pod_endpoints(&[&a]));
+        lab.start_vipx_with(
+            &[1],
+            &[
+                "--max-conntrack",
+                "65536",
+                "--conntrack-gc-interval",
+                "200ms",
+                "--conntrack-max-new-per-source",
+                if guard { "50" } else { "0" },
+            ],
+        );
+        lab.wait_ready(VIP_A, &[a.ip]);
+        let (sent, answered) = udp_flood(&lab, vip(VIP_A), 2000..42_000);
+        assert!(sent > 39_000, "only {sent} source ports free");
+        let runs = |m: &str| vipx_lab::metric_sample(m, "vipx_conntrack_gc_runs_total");
+        let after_flood = runs(&node_metrics(&lab, 1)).unwrap_or(0.0);
+        // Two passes after the flood: the last one counted what the flood left.
+        poll(READY, "two collection passes after the flood", || {
+            runs(&node_metrics(&lab, 1)).is_some_and(|n| n >= after_flood + 2.0)
+        });
+        let m = node_metrics(&lab, 1);
+        let evicted = vipx_lab::metric_sample(&m, "vipx_conntrack_evictions_total").unwrap_or(0.0);
+        let dropped =
+            vipx_lab::metric_sample(&m, "vipx_datapath_events_total{reason=\"flood_dropped\"}")
+                .unwrap_or(0.0);
+        let entries = vipx_lab::metric_sample(&m, "vipx_conntrack_gc_entries").unwrap_or(0.0);
+        println!(
+            "flood guard {}: {answered} of {sent} flows answered, {dropped} dropped, {evicted} \
+             evicted, {entries} entries",
+            if guard { "on" } else { "off" }
+        );
+        if guard {
+            assert!(
+                dropped > 0.0,
+                "the guard engaged and dropped the flood: {m}"
+            );
+            assert_eq!(evicted, 0.0, "nothing evicted: {m}");
+            assert!(answered < sent);
+        } else {
+            assert_eq!(dropped, 0.0, "{m}");
+            assert!(evicted > 0.0, "without the guard the flood evicts: {m}");
+        }
+        http_get(lab.client(), vip(VIP_A), TIMEOUT)
+            .unwrap_or_else(|e| panic!("the Service after the flood: {e:#}"));
+    }
+}
