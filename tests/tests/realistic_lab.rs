@@ -1658,11 +1658,10 @@ fn udp_flood(lab: &Lab, to: SocketAddr, ports: std::ops::Range<u16>) -> (usize, 
             let sockets: Vec<UdpSocket> = burst
                 .iter()
                 .filter_map(|p| UdpSocket::bind(SocketAddrV4::new(client, *p)).ok())
-                .map(|s| {
+                .inspect(|s| {
                     s.set_nonblocking(true).expect("non-blocking");
                     // A dropped datagram is the point; a send error would be the lab's fault.
                     s.send_to(b"name", to).expect("sending");
-                    s
                 })
                 .collect();
             let mut pending: Vec<&UdpSocket> = sockets.iter().collect();
