@@ -142,11 +142,12 @@ fn idle(now: u32, seen: u32) -> Duration {
 
 /// A UDP backend that left a Service: the flows of that frontend (by reverse-NAT id) pinned to
 /// it (by backend id and generation) are removed, so the client's next datagram picks a live
-/// backend. The generation keeps a purge that runs late off the flows of a new backend the
-/// freed id was handed to meanwhile.
+/// backend. The generations keep a purge that runs late off the flows of a new backend the
+/// freed id was handed to meanwhile, or of a new frontend given the freed reverse-NAT id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Purge {
     pub rev_nat_id: u32,
+    pub rev_nat_gen: u32,
     pub backend_id: u32,
     pub backend_gen: u32,
 }
@@ -359,6 +360,7 @@ impl Expect {
             Self::Same(was) => v == was,
             Self::Of(p) => {
                 v.rev_nat_id == p.rev_nat_id
+                    && v.rev_nat_gen == p.rev_nat_gen
                     && v.backend_id == p.backend_id
                     && v.backend_gen == p.backend_gen
             }
@@ -574,6 +576,7 @@ pub fn pass_with_pause(
             if k.proto == IPPROTO_UDP && !purges.is_empty() {
                 let p = Purge {
                     rev_nat_id: v.rev_nat_id,
+                    rev_nat_gen: v.rev_nat_gen,
                     backend_id: v.backend_id,
                     backend_gen: v.backend_gen,
                 };
@@ -1113,6 +1116,7 @@ mod tests {
     fn purge(n: u32) -> Purge {
         Purge {
             rev_nat_id: 1,
+            rev_nat_gen: 1,
             backend_id: n,
             backend_gen: 1,
         }

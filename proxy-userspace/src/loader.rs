@@ -534,12 +534,25 @@ pub fn write_flood_limit(ebpf: &mut Ebpf, limit: u32) -> Result<()> {
 /// The flood guard's default: the rate at which one source, its flows never answered (a SYN
 /// flood: entries live until the SYN timeout passes and a collection runs), would hold a
 /// quarter of a table of `entries` (two entries per flow), so it can never push out everyone
-/// else's. Never below 1024 a second: a busy client (an ingress proxy, a load generator) is
-/// not a flood.
+/// else's (728 a second for 524,288 entries). The guard engages only once the table is half
+/// full, so a busy client on a table with room is not held to it. Never below 64 a second,
+/// for tables too small for the formula to leave a client anything.
 pub fn default_flood_limit(entries: u32, syn_timeout: Duration, gc_interval: Duration) -> u32 {
     let life = (syn_timeout + gc_interval).as_secs().max(1);
     let limit = u64::from(entries) / 4 / 2 / life;
-    u32::try_from(limit).unwrap_or(u32::MAX).max(1024)
+    u32::try_from(limit).unwrap_or(u32::MAX).max(64)
+}
+
+/// The conntrack size when `--max-conntrack` is not given: the pinned table's, when there is
+/// one (a restart, an upgrade or a rollback asking for another size would have its pin refused
+/// and stop serving changes), else scaled to memory (see [`conntrack_entries_for_memory`]).
+pub fn default_conntrack_entries(pin_dir: &Path) -> u32 {
+    MapData::from_pin(pin_dir.join(map_names::CT4))
+        .ok()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.max_entries())
+        .or_else(conntrack_entries_for_memory)
+        .unwrap_or(defaults::CT4_ENTRIES)
 }
 
 /// The default conntrack size, scaled to the node's memory as Cilium's
@@ -1051,7 +1064,11 @@ mod tests {
         let limit = default_flood_limit(4_194_304, syn, gc);
         assert_eq!(limit, 4_194_304 / 8 / 90);
         assert!(u64::from(limit) * 90 * 2 <= 4_194_304 / 4);
-        assert_eq!(default_flood_limit(64, syn, gc), 1024, "floor");
+        assert_eq!(default_flood_limit(524_288, syn, gc), 728);
+        // Review finding: a floor of 1024 let one source hold 184k entries, more than a
+        // quarter of every table below 737k entries.
+        assert!(u64::from(default_flood_limit(131_072, syn, gc)) * 90 * 2 <= 131_072 / 4);
+        assert_eq!(default_flood_limit(64, syn, gc), 64, "floor");
         assert_eq!(
             default_flood_limit(u32::MAX, Duration::ZERO, Duration::ZERO),
             u32::MAX / 8

@@ -134,15 +134,15 @@ struct RunArgs {
     max_backends: u32,
     #[arg(long, default_value_t = MapSizes::default().revnat)]
     max_frontends: u32,
-    /// Conntrack entries (two per flow) [default: scaled to memory, 0.25% of it at 128 bytes an
-    /// entry, a power of two: 524288 at 16 GiB].
+    /// Conntrack entries (two per flow) [default: the pinned table's size; without one, scaled
+    /// to memory, 0.25% of it at 128 bytes an entry, a power of two: 524288 at 16 GiB].
     #[arg(long)]
     max_conntrack: Option<u32>,
     /// The flood guard: new flows one source address may start per second; beyond it they are
     /// dropped (a TCP client retransmits its SYN), so one source cannot push every other
-    /// client's connections out of a full conntrack table. 0 disables it [default: the rate at
-    /// which never-answered flows would fill a quarter of the table before they expire, at
-    /// least 1024].
+    /// client's connections out of a full conntrack table. Engaged only while the table is half
+    /// full. 0 disables it [default: the rate at which never-answered flows would fill a
+    /// quarter of the table before they expire, 728 for 524288 entries; at least 64].
     #[arg(long)]
     conntrack_max_new_per_source: Option<u32>,
     /// Idle timeout of an established TCP flow (kube-proxy's flag; 0: the default) [default: 24h].
@@ -274,20 +274,20 @@ fn real_main() -> Result<()> {
                 },
             };
             let node_name = settings.node_name.clone();
+            let pin_dir = a.place.pin_dir(&node_name);
             let opts = RunOptions {
                 source,
                 node_name: node_name.clone(),
                 pod_interfaces,
-                pin_dir: a.place.pin_dir(&node_name),
+                pin_dir: pin_dir.clone(),
                 state_dir: a.place.state_dir(&node_name),
                 sizes: MapSizes {
                     services: a.max_service_entries,
                     backends: a.max_backends,
                     revnat: a.max_frontends,
-                    conntrack: a.max_conntrack.unwrap_or_else(|| {
-                        vipx::loader::conntrack_entries_for_memory()
-                            .unwrap_or(MapSizes::default().conntrack)
-                    }),
+                    conntrack: a
+                        .max_conntrack
+                        .unwrap_or_else(|| vipx::loader::default_conntrack_entries(&pin_dir)),
                     maglev_table_size: a.maglev_table_size,
                     maglev_tables: a.max_maglev_tables,
                 },

@@ -867,6 +867,8 @@ struct MaglevTables {
     starved: BTreeSet<L4Addr>,
     /// Exhaustion is logged once until a table is found again.
     warned: bool,
+    /// Maglev frontends with too many backends for the table size (warned once each).
+    too_large: BTreeSet<L4Addr>,
 }
 
 /// How long a table slot 0 no longer names stays untouched (far longer than any packet's run).
@@ -884,6 +886,7 @@ impl MaglevTables {
             quarantine: MAGLEV_QUARANTINE,
             starved: BTreeSet::new(),
             warned: false,
+            too_large: BTreeSet::new(),
         }
     }
 
@@ -1316,6 +1319,7 @@ impl<M: MapStore> MapWriter<M> {
                 .into_iter()
                 .map(|&backend_id| crate::conntrack::Purge {
                     rev_nat_id: old.rev_nat_id,
+                    rev_nat_gen: self.revnat_space.generation(old.rev_nat_id),
                     backend_id,
                     backend_gen: self.backend_space.generation(backend_id),
                 })
@@ -1731,10 +1735,28 @@ impl<M: MapStore> MapWriter<M> {
                 .insert(rev_nat_id, L4Addr { proto: 0, ..*fe });
         }
 
-        let maglev = self.maglev.m != 0
+        let wants_maglev = self.maglev.m != 0
             && !slots.is_empty()
             && t.lb_algorithm
                 .map_or(self.maglev.default_on, |a| a == LbAlgorithm::Maglev);
+        // A table balances only with at least ten positions a backend (the paper asks for
+        // M > 100 N for 1%); beyond M backends some would get none at all. Such a frontend
+        // hashes over its slots, which spreads evenly at any size.
+        let fits = slots.len().saturating_mul(10) <= self.maglev.m as usize;
+        let maglev = wants_maglev && fits;
+        if wants_maglev && !fits {
+            if self.maglev.too_large.insert(*fe) {
+                tracing::warn!(
+                    service = %t.service,
+                    backends = slots.len(),
+                    table_size = self.maglev.m,
+                    "more backends than a tenth of --maglev-table-size: this frontend hashes over \
+                     its slots instead of Maglev (raise --maglev-table-size, a prime)"
+                );
+            }
+        } else {
+            self.maglev.too_large.remove(fe);
+        }
         let flags = if maglev {
             t.flags | SVC_F_MAGLEV
         } else {
@@ -1821,6 +1843,7 @@ impl<M: MapStore> MapWriter<M> {
                     .filter(|id| !want.slots.contains(id))
                     .map(|&backend_id| crate::conntrack::Purge {
                         rev_nat_id,
+                        rev_nat_gen: self.revnat_space.generation(rev_nat_id),
                         backend_id,
                         backend_gen: self.backend_space.generation(backend_id),
                     })
@@ -2382,6 +2405,34 @@ mod tests {
         t
     }
 
+    /// Review finding: with more backends than table positions some got none (1,500 pods and
+    /// M = 1021: 479 pods without new connections), and far fewer than M already skewed the
+    /// load 2:1. Past M / 10 backends a frontend hashes over its slots.
+    #[test]
+    fn a_frontend_with_too_many_backends_for_the_table_hashes_over_its_slots() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(41, 3)).unwrap();
+        let four: &[u8] = &[1, 2, 3, 4];
+        let five: &[u8] = &[1, 2, 3, 4, 5];
+        w.apply(&target_of(&[(1, four), (2, five)])).unwrap();
+        w.maps().assert_consistent();
+        assert_ne!(
+            head(&w, &vip(1)).flags & SVC_F_MAGLEV,
+            0,
+            "4 x 10 <= 41: Maglev"
+        );
+        assert_eq!(
+            head(&w, &vip(2)).flags & SVC_F_MAGLEV,
+            0,
+            "5 x 10 > 41: slots"
+        );
+        assert_eq!(head(&w, &vip(2)).backend_id, 0, "no table");
+        assert!(w.maglev_starved().is_empty());
+        // Shrinking back under the bound gives it a table.
+        w.apply(&target_of(&[(1, four), (2, four)])).unwrap();
+        assert_ne!(head(&w, &vip(2)).flags & SVC_F_MAGLEV, 0);
+        assert_eq!(table_of(&w, &vip(2)).len(), 41);
+    }
+
     fn failed_names(st: &ApplyStats) -> Vec<String> {
         st.failed
             .iter()
@@ -2401,7 +2452,7 @@ mod tests {
 
     #[test]
     fn maglev_table_swaps_only_after_it_is_written_and_old_ones_wait_out_a_quarantine() {
-        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(31, 3)).unwrap();
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(41, 3)).unwrap();
         w.set_endpoint_grace(Duration::ZERO);
         w.set_maglev_quarantine(Duration::from_secs(3600));
         w.apply(&target_of(&[(1, &[1, 2, 3, 4])])).unwrap();
@@ -2463,7 +2514,7 @@ mod tests {
 
     #[test]
     fn lb_algorithm_per_service_with_a_default() {
-        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(13, 4)).unwrap();
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(23, 4)).unwrap();
         let mut t = target_of(&[(1, &[1, 2]), (2, &[1, 2]), (3, &[])]);
         t.frontends.get_mut(&vip(2)).unwrap().lb_algorithm = Some(LbAlgorithm::Hash);
         w.apply(&t).unwrap();
@@ -2484,7 +2535,7 @@ mod tests {
 
     #[test]
     fn a_restart_keeps_the_tables_and_derives_the_next_from_them() {
-        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(31, 4)).unwrap();
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(41, 4)).unwrap();
         w.set_endpoint_grace(Duration::ZERO);
         let t = target_of(&[(1, &[1, 2, 3, 4])]);
         w.apply(&t).unwrap();
@@ -2644,6 +2695,7 @@ mod tests {
             w.take_udp_purges(),
             [crate::conntrack::Purge {
                 rev_nat_id,
+                rev_nat_gen: w.revnat_generation(rev_nat_id),
                 backend_id: gone,
                 backend_gen: w.backend_generation(gone),
             }]
@@ -2676,6 +2728,7 @@ mod tests {
                 .iter()
                 .map(|&backend_id| crate::conntrack::Purge {
                     rev_nat_id: old.rev_nat_id,
+                    rev_nat_gen: w.revnat_generation(old.rev_nat_id),
                     backend_id,
                     backend_gen: w.backend_generation(backend_id),
                 })

@@ -1502,6 +1502,7 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
         let v = ct.get(&udp(42005), 0).unwrap();
         Purge {
             rev_nat_id: v.rev_nat_id,
+            rev_nat_gen: v.rev_nat_gen,
             backend_id: v.backend_id,
             backend_gen: v.backend_gen,
         }
@@ -2406,4 +2407,63 @@ fn a_pod_sent_past_itself_to_a_removed_slot_is_not_dropped() {
         );
     }
     assert_eq!(stat(&l, Stat::NoBackend), 0);
+}
+
+/// Review finding: the memory-scaled default asked a restarted or upgraded vipx for another
+/// conntrack size than its pin (524,288 from the previous build on an 8 GiB node), and the pin
+/// was refused. Without `--max-conntrack`, the pinned size is the default.
+#[test]
+fn the_default_conntrack_size_is_the_pinned_one() {
+    if !privileged() {
+        return;
+    }
+    let l = load(&[BE1]);
+    assert_eq!(loader::default_conntrack_entries(&l.pin_dir), 4096);
+    let none = PathBuf::from(loader::BPFFS).join(format!("vipx-test-none-{}", std::process::id()));
+    assert_eq!(
+        Some(loader::default_conntrack_entries(&none)),
+        loader::conntrack_entries_for_memory(),
+        "no pin: scaled to memory"
+    );
+}
+
+/// Review finding: a purge for a removed UDP frontend ran late, after its reverse-NAT id went
+/// to a new frontend, and removed the new frontend's flows to a backend they share. The purge
+/// names the reverse-NAT generation too.
+#[test]
+fn a_purge_spares_the_flows_of_a_new_frontend_with_the_same_id() {
+    use vipx::conntrack::{self, Purge, Timeouts};
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    run(&mut l, &frame(CLIENT, 45011, VIP, 53, &UDP, &[]));
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let fwd = ct_key(CLIENT, 45011, VIP, 53, IPPROTO_UDP);
+    let v = tables.ct.get(&fwd, 0).unwrap();
+    // Asked for while the id meant the frontend before this one (an older generation).
+    let late = Purge {
+        rev_nat_id: v.rev_nat_id,
+        rev_nat_gen: v.rev_nat_gen.wrapping_sub(1),
+        backend_id: v.backend_id,
+        backend_gen: v.backend_gen,
+    };
+    let st = conntrack::pass(&tables, &Timeouts::default(), &[late].into()).unwrap();
+    assert!(
+        tables.ct.get(&fwd, 0).is_ok(),
+        "the new frontend's flow stays: {st:?}"
+    );
+    let due = Purge {
+        rev_nat_gen: v.rev_nat_gen,
+        ..late
+    };
+    conntrack::pass(&tables, &Timeouts::default(), &[due].into()).unwrap();
+    assert!(
+        tables.ct.get(&fwd, 0).is_err(),
+        "a purge of its own generation removes it"
+    );
 }
