@@ -181,6 +181,8 @@ pub struct GcStats {
     /// Times the collector thread was found stopped (a panic, or its loop ending) and started
     /// again.
     pub restarts: AtomicU64,
+    /// 1 while the flood guard is engaged (see `flood.rs`).
+    pub flood_guard_engaged: AtomicU64,
 }
 
 /// The maps a pass reads and writes.

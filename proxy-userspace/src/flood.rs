@@ -136,6 +136,8 @@ pub fn start(
                     tracing::error!("the flood guard could not be switched: {e}");
                     continue;
                 }
+                gc.flood_guard_engaged
+                    .store(u64::from(on), Ordering::Relaxed);
                 if on {
                     tracing::warn!(
                         max_new_flows_per_source = limit,

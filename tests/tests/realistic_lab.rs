@@ -1311,6 +1311,26 @@ fn a_udp_flow_moves_off_a_pod_that_left_its_service_but_backs_another() {
     let (reply, _) = udp_ask(&socket, vip(VIP_A), Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("first datagram: {e:#} [{}]", lab.cluster.drops()));
     assert_eq!(reply, old.name, "VIP A answered by the old pod");
+    // A flow to VIP B from the same socket, before the change: the purge must spare it.
+    let (reply, _) = udp_ask(&socket, vip(VIP_B), Duration::from_secs(5)).expect("VIP B");
+    assert_eq!(reply, old.name, "VIP B answered by the old pod");
+    let ct_b = |lab: &Lab| {
+        vipx::loader::open_pinned_conntrack(lab.vipx[0].pin_dir())
+            .expect("conntrack of node 1")
+            .get(
+                &proxy_common::CtKey4 {
+                    saddr: lab.cluster.client().ip.octets(),
+                    daddr: VIP_B.octets(),
+                    sport: FIXED_PORT.to_be_bytes(),
+                    dport: SERVICE_PORT.to_be_bytes(),
+                    proto: proxy_common::IPPROTO_UDP,
+                    _pad: [0; 3],
+                },
+                0,
+            )
+            .ok()
+    };
+    let b_before = ct_b(&lab).expect("VIP B's flow is tracked");
 
     lab.service("svc-a", VIP_A, pod_endpoints(&[&new]));
     lab.wait_ready(VIP_A, &[new.ip]);
@@ -1330,7 +1350,16 @@ fn a_udp_flow_moves_off_a_pod_that_left_its_service_but_backs_another() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The other Service's flows to the same pod are untouched.
+    // The other Service's flow to the same pod is untouched: its entry survived the purge.
+    let b_after = ct_b(&lab).expect("VIP B's flow survived the purge");
+    assert_eq!(
+        (b_after.backend_id, b_after.backend_gen, b_after.rev_nat_id),
+        (
+            b_before.backend_id,
+            b_before.backend_gen,
+            b_before.rev_nat_id
+        )
+    );
     let (reply, _) = udp_ask(&socket, vip(VIP_B), Duration::from_secs(5)).expect("VIP B");
     assert_eq!(reply, old.name);
 }
@@ -1680,9 +1709,10 @@ fn udp_flood(lab: &Lab, to: SocketAddr, ports: std::ops::Range<u16>) -> (usize, 
 
 /// The flood guard end to end: one client opening UDP flows from 40,000 source ports would
 /// overflow a 65,536-entry conntrack table (80,000 entries) and evict. With the guard, vipx sees
-/// the table pass half full, limits the client's new flows, drops and counts the rest, and
-/// nothing is evicted; the Service keeps answering. The same flood without the guard evicts,
-/// which shows the figure is worth asserting.
+/// the table pass half full after the first 20,000 (it says so in
+/// `vipx_conntrack_flood_guard_engaged`), limits the client's new flows, drops and counts the
+/// next 20,000 but a few, and nothing is evicted; the Service keeps answering. The same flood
+/// without the guard evicts, which shows the figure is worth asserting.
 #[test]
 fn a_flood_from_one_client_engages_the_guard_and_nothing_is_evicted() {
     if !require_privileges() {
@@ -1705,7 +1735,16 @@ fn a_flood_from_one_client_engages_the_guard_and_nothing_is_evicted() {
             ],
         );
         lab.wait_ready(VIP_A, &[a.ip]);
-        let (sent, answered) = udp_flood(&lab, vip(VIP_A), 2000..42_000);
+        let (sent1, answered1) = udp_flood(&lab, vip(VIP_A), 2000..22_000);
+        if guard {
+            let engaged =
+                |m: &str| vipx_lab::metric_sample(m, "vipx_conntrack_flood_guard_engaged");
+            poll(READY, "the flood guard to engage", || {
+                engaged(&node_metrics(&lab, 1)) == Some(1.0)
+            });
+        }
+        let (sent2, answered2) = udp_flood(&lab, vip(VIP_A), 22_000..42_000);
+        let (sent, answered) = (sent1 + sent2, answered1 + answered2);
         assert!(sent > 39_000, "only {sent} source ports free");
         let runs = |m: &str| vipx_lab::metric_sample(m, "vipx_conntrack_gc_runs_total");
         let after_flood = runs(&node_metrics(&lab, 1)).unwrap_or(0.0);

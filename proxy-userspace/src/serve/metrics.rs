@@ -252,6 +252,7 @@ pub struct GcSnapshot {
     pub entries: u64,
     pub last_duration: Duration,
     pub restarts: u64,
+    pub flood_guard_engaged: bool,
 }
 
 impl GcSnapshot {
@@ -266,6 +267,7 @@ impl GcSnapshot {
             entries: gc.last_entries.load(Relaxed),
             last_duration: Duration::from_micros(gc.last_duration_us.load(Relaxed)),
             restarts: gc.restarts.load(Relaxed),
+            flood_guard_engaged: gc.flood_guard_engaged.load(Relaxed) != 0,
         }
     }
 }
@@ -381,6 +383,14 @@ fn data_path_registry(owned: &[MapUse], snap: Option<&DataPathSnapshot>) -> Regi
         );
         let restarts = Counter::<u64>::default();
         restarts.inc_by(gc.restarts);
+        let engaged = Gauge::<i64>::default();
+        engaged.set(i64::from(gc.flood_guard_engaged));
+        r.register(
+            "vipx_conntrack_flood_guard_engaged",
+            "1 while the flood guard limits each source's new flows (conntrack estimated half \
+             full; released below three eighths)",
+            engaged,
+        );
         r.register(
             "vipx_conntrack_gc_restarts",
             "Times the conntrack collector thread was found stopped (a panic) and started again; \
@@ -674,6 +684,7 @@ mod tests {
                 entries: 9,
                 last_duration: Duration::from_millis(250),
                 restarts: 1,
+                flood_guard_engaged: true,
             }),
         };
         let text = m.encode(Some(&snap));
@@ -714,6 +725,7 @@ mod tests {
             ("vipx_conntrack_gc_entries", "9"),
             ("vipx_conntrack_gc_duration_seconds", "0.25"),
             ("vipx_conntrack_gc_restarts_total", "1"),
+            ("vipx_conntrack_flood_guard_engaged", "1"),
         ] {
             assert_eq!(sample(&text, series), Some(v), "{series}\n{text}");
         }
