@@ -50,6 +50,8 @@ pub mod map_names {
     pub const MAGLEV4: &str = "VIPX_MAGLEV4";
     /// New flows per source in the current window (the flood guard; not pinned: a rate).
     pub const FLOOD4: &str = "VIPX_FLOOD4";
+    /// Which backends belong to which frontend with session affinity (see `AffinityMatchKey4`).
+    pub const AFFMATCH4: &str = "VIPX_AFFMATCH4";
     pub const STATS: &str = "VIPX_STATS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
@@ -327,14 +329,11 @@ pub struct AffinityKey4 {
     pub rev_nat_id: u32,
 }
 
-/// Value of `AFFINITY4`: the backend the client's last new flow went to, the slot it was in, the
-/// frontend's reverse-NAT generation, and when (monotonic nanoseconds). Followed only while the
-/// frontend is the same one and that slot still names that backend (kube-proxy's `recent` lists
-/// belong to endpoint chains and go with them). Refreshed by every new flow that follows it.
-/// For a frontend with a Maglev table, `slot` is the table position plus one when the table
-/// chose the backend, and the check is that the current table still names the backend there:
-/// Maglev keeps every position of a backend that stays when another one is removed, and all but
-/// about 1/(N+1) of them when one is added.
+/// Value of `AFFINITY4`: the backend the client's last new flow went to, the frontend's
+/// reverse-NAT generation, and when (monotonic nanoseconds). Followed while the frontend is the
+/// same one, the backend still belongs to it (`AFFMATCH4`) with the same generation, and the
+/// entry is fresher than the timeout. Refreshed by every new flow that follows it. `slot` (the
+/// slot, or the Maglev table position plus one, it was chosen at) is informational.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct AffinityValue {
@@ -344,6 +343,18 @@ pub struct AffinityValue {
     pub rev_nat_gen: u32,
     pub slot: u16,
     pub _pad: u16,
+}
+
+/// Key of `AFFMATCH4` (value: a `u32`, unused): `backend_id` is a backend of the frontend
+/// `rev_nat_id` (which has session affinity). Written by userspace for every backend in the
+/// frontend's slots, as Cilium's `lb4_affinity_match`: a client's affinity holds while its
+/// backend belongs to the frontend, as kube-proxy's `recent` lists live as long as their
+/// endpoint's chain, however the frontend's slots or Maglev table are rearranged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityMatchKey4 {
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
 }
 
 /// `FragKey4::dir` of the ingress program (what a pod sends).
@@ -509,6 +520,7 @@ const _: () = {
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<AffinityKey4>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 24);
+    assert!(core::mem::size_of::<AffinityMatchKey4>() == 8);
     assert!((Stat::ALL.len() as u32) <= STATS_LEN);
 };
 
@@ -527,6 +539,7 @@ mod user {
     unsafe impl aya::Pod for FragKey4 {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for FloodValue {}
+    unsafe impl aya::Pod for AffinityMatchKey4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for AffinityValue {}
 }

@@ -34,12 +34,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    AffinityKey4, AffinityValue, Backend4, CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR, CONFIG_LEN,
-    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS,
-    FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
-    SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen,
-    defaults,
+    AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, CONFIG_FLOOD_LIMIT,
+    CONFIG_HAIRPIN_ADDR, CONFIG_LEN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CtKey4,
+    CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY,
+    SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4,
+    VipKey4, ct_seen, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -91,6 +91,10 @@ static FRAG4: LruHashMap<FragKey4, FragValue> =
 
 #[map(name = "VIPX_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Backends of frontends with session affinity (userspace writes them).
+#[map(name = "VIPX_AFFMATCH4")]
+static AFFMATCH4: HashMap<AffinityMatchKey4, u32> = HashMap::pinned(defaults::SVC4_ENTRIES, 0);
 
 /// The flood guard's count of new flows per source address (rate state, not pinned).
 #[map(name = "VIPX_FLOOD4")]
@@ -868,42 +872,23 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         // SAFETY: value pointer from a successful lookup; copied out at once.
         let a = unsafe { *a };
         let fresh = now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-        if fresh && a.rev_nat_gen == rev_nat_gen && a.slot >= 1 {
-            // Still a backend of this frontend: where the choice was made (the Maglev table
-            // position, or the slot) still names it with the same generation.
-            let in_table = if table != 0
-                && let Some(m) = MAGLEV4.get(0)
-                && u32::from(a.slot) <= *m
+        if fresh && a.rev_nat_gen == rev_nat_gen {
+            // Still a backend of this frontend (userspace keeps `AFFMATCH4` to its slots) with
+            // the same generation, however its slots or Maglev table were rearranged since: as
+            // kube-proxy, whose `recent` list lives as long as the endpoint's chain.
+            let member = AffinityMatchKey4 {
+                rev_nat_id: svc.rev_nat_id,
+                backend_id: a.backend_id,
+            };
+            if AFFMATCH4.get_ptr(member).is_some()
+                && let Some(kept) = backend(a.backend_id)
+                && kept.generation == a.backend_gen
             {
-                maglev_at(table, *m, u32::from(a.slot) - 1)
-            } else {
-                None
-            };
-            let in_slot = || {
-                if a.slot <= svc.count {
-                    slot_backend(svc_key, a.slot)
-                } else {
-                    None
-                }
-            };
-            let kept = match in_table {
-                Some((id, kept)) if id == a.backend_id && kept.generation == a.backend_gen => {
-                    pos = a.slot;
-                    slot = 0;
-                    Some((id, kept))
-                }
-                _ => match in_slot() {
-                    Some((id, kept)) if id == a.backend_id && kept.generation == a.backend_gen => {
-                        slot = a.slot;
-                        pos = 0;
-                        Some((id, kept))
-                    }
-                    _ => None,
-                },
-            };
-            if let Some((id, kept)) = kept {
                 count(Stat::AffinityHit);
-                (backend_id, b) = (id, kept);
+                (backend_id, b) = (a.backend_id, kept);
+                // No slot or table position chose it (the hairpin rule below picks by slot).
+                slot = 0;
+                pos = 0;
             }
         }
     }

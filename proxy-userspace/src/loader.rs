@@ -155,6 +155,7 @@ fn load_pinned(pin_dir: &Path, sizes: MapSizes, maglev_entries: u32) -> Result<E
         .map_max_entries(map_names::VIP4, sizes.revnat)
         .map_max_entries(map_names::CT4, sizes.conntrack)
         .map_max_entries(map_names::MAGLEV4, maglev_entries)
+        .map_max_entries(map_names::AFFMATCH4, sizes.services)
         .load(EBPF_OBJECT)
         .with_context(|| {
             format!(
@@ -400,6 +401,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             sizes.maglev_entries()?,
             "--maglev-table-size x --max-maglev-tables (+1)",
         ),
+        (
+            map_names::AFFMATCH4,
+            size(size_of::<proxy_common::AffinityMatchKey4>()),
+            4,
+            sizes.services,
+            "--max-service-entries",
+        ),
     ];
     for (name, key, value, entries, flag) in expected {
         let path = pin_dir.join(name);
@@ -471,6 +479,7 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         revnat: take(ebpf, map_names::REVNAT4)?,
         maglev_mem: None,
         maglev: take(ebpf, map_names::MAGLEV4)?,
+        affmatch: take(ebpf, map_names::AFFMATCH4)?,
     }
     .with_maglev_mem())
 }
@@ -499,6 +508,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         revnat: from_pin::<Array<MapData, _>>(pin_dir, map_names::REVNAT4)?,
         maglev: from_pin::<Array<MapData, _>>(pin_dir, map_names::MAGLEV4)?,
         maglev_mem: None,
+        affmatch: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::AFFMATCH4)?,
     }
     .with_maglev_mem())
 }
@@ -914,6 +924,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             LEGACY_CT_PIN,
             map_names::AFFINITY4,
             map_names::MAGLEV4,
+            map_names::AFFMATCH4,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -23,8 +23,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
-    RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
+    AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, IPPROTO_UDP,
+    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
     SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_REJECT, SvcKey4, SvcValue,
     VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
 };
@@ -423,6 +423,8 @@ pub struct ServiceMaps {
     pub maglev: Array<MapData, u32>,
     /// The same map mapped into memory (`None`: a map without `BPF_F_MMAPABLE`).
     pub maglev_mem: Option<MaglevMem>,
+    /// Backends of frontends with session affinity.
+    pub affmatch: HashMap<MapData, AffinityMatchKey4, u32>,
 }
 
 /// `VIPX_MAGLEV4` mapped read-write: tables are written and read with plain memory accesses.
@@ -508,6 +510,8 @@ pub struct ReadBack {
     pub revnat_gens: Vec<u32>,
     /// Frontend addresses -> `VIP_F_*` flags.
     pub vips: BTreeMap<Ipv4Addr, u32>,
+    /// (reverse-NAT id, backend id) pairs of the affinity membership map.
+    pub affmatch: BTreeSet<(u32, u32)>,
 }
 
 /// The map operations the writer needs: the kernel maps in production, an in-memory model with
@@ -530,6 +534,11 @@ pub trait MapStore {
     fn maglev_write(&mut self, table: u32, ids: &[u32]) -> Result<()>;
     /// Read table `table` (1-based): M ids.
     fn maglev_read(&self, table: u32) -> Result<Vec<u32>>;
+    /// Record that `backend_id` belongs to the affinity frontend `rev_nat_id`. A new pair fails
+    /// when the map is full.
+    fn affmatch_set(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()>;
+    /// Remove; an absent pair is not an error.
+    fn affmatch_remove(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()>;
 }
 
 impl MapStore for ServiceMaps {
@@ -595,7 +604,32 @@ impl MapStore for ServiceMaps {
             .into_iter()
             .map(|(k, v)| (Ipv4Addr::from(k.addr), v.flags))
             .collect();
+        r.affmatch = self
+            .affmatch
+            .keys()
+            .map(|k| k.map(|k| (k.rev_nat_id, k.backend_id)))
+            .collect::<Result<_, _>>()
+            .context("reading the affinity membership map")?;
         Ok(r)
+    }
+
+    fn affmatch_set(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()> {
+        let key = AffinityMatchKey4 {
+            rev_nat_id,
+            backend_id,
+        };
+        Ok(self.affmatch.insert(key, 0, 0)?)
+    }
+
+    fn affmatch_remove(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()> {
+        let key = AffinityMatchKey4 {
+            rev_nat_id,
+            backend_id,
+        };
+        match self.affmatch.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn maglev_geometry(&self) -> (u32, u32) {
@@ -803,6 +837,7 @@ fn decode(
         backend_gens: backends.iter().map(|b| b.generation).collect(),
         revnat_gens: revnat.iter().map(|r| r.generation).collect(),
         vips: BTreeMap::new(),
+        affmatch: BTreeSet::new(),
     })
 }
 
@@ -831,6 +866,9 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     vips: BTreeMap<Ipv4Addr, u32>,
     /// The hairpin SNAT address, also in the address map (see `set_hairpin`).
     hairpin: Option<Ipv4Addr>,
+    /// What the affinity membership map holds: (reverse-NAT id, backend id) for every backend
+    /// in the slots of a frontend with session affinity.
+    affmatch: BTreeSet<(u32, u32)>,
     /// Frontends removed from the target whose reverse-NAT id stays active until the deadline
     /// (their `revnat_ids` entry stays too): established flows keep being translated, as netfilter
     /// conntrack keeps them behind kube-proxy, and a frontend re-created meanwhile gets the same
@@ -927,6 +965,7 @@ impl<M: MapStore> MapWriter<M> {
             backend_gens,
             revnat_gens,
             vips,
+            affmatch,
         } = maps.read_back()?;
         let backend_ids = cur.backends.iter().map(|(id, (a, _))| (*a, *id)).collect();
         let revnat_ids = cur
@@ -974,6 +1013,7 @@ impl<M: MapStore> MapWriter<M> {
             retiring: BTreeMap::new(),
             endpoint_grace: DEFAULT_ENDPOINT_GRACE,
             vips,
+            affmatch,
             hairpin,
             draining: BTreeMap::new(),
             orphans: BTreeMap::new(),
@@ -1169,7 +1209,60 @@ impl<M: MapStore> MapWriter<M> {
             self.settle_vip(addr)?;
             st.map_writes += 1;
         }
+        // Membership pairs of frontends that are gone or lost their affinity (adopted from a
+        // run that stopped half-way): the pairs of the others are kept in step as each is
+        // applied.
+        let named: BTreeSet<u32> = self
+            .cur
+            .frontends
+            .values()
+            .filter(|f| f.flags & SVC_F_AFFINITY != 0)
+            .map(|f| f.rev_nat_id)
+            .collect();
+        let strays: BTreeSet<u32> = self
+            .affmatch
+            .iter()
+            .map(|(r, _)| *r)
+            .filter(|r| !named.contains(r))
+            .collect();
+        for r in strays {
+            st.map_writes += self.sync_affmatch(r, None)?;
+        }
         Ok(st)
+    }
+
+    /// Make the affinity membership pairs of frontend `rev_nat_id` what `want` calls for: its
+    /// slots' backends when it has session affinity, none otherwise. Returns the map writes.
+    fn sync_affmatch(&mut self, rev_nat_id: u32, want: Option<&FrontendEntry>) -> Result<usize> {
+        let desired: BTreeSet<u32> = want
+            .filter(|w| w.flags & SVC_F_AFFINITY != 0)
+            .map(|w| w.slots.iter().copied().collect())
+            .unwrap_or_default();
+        let have: Vec<u32> = self
+            .affmatch
+            .range((rev_nat_id, 0)..=(rev_nat_id, u32::MAX))
+            .map(|(_, b)| *b)
+            .collect();
+        let mut writes = 0;
+        for &b in &desired {
+            if !self.affmatch.contains(&(rev_nat_id, b)) {
+                self.maps.affmatch_set(rev_nat_id, b).with_context(|| {
+                    format!("writing affinity membership of backend {b} in frontend {rev_nat_id}")
+                })?;
+                self.affmatch.insert((rev_nat_id, b));
+                writes += 1;
+            }
+        }
+        for b in have {
+            if !desired.contains(&b) {
+                self.maps.affmatch_remove(rev_nat_id, b).with_context(|| {
+                    format!("removing affinity membership of backend {b} in frontend {rev_nat_id}")
+                })?;
+                self.affmatch.remove(&(rev_nat_id, b));
+                writes += 1;
+            }
+        }
+        Ok(writes)
     }
 
     /// Like `apply`, but only for the given frontends and backends (the ones whose desired state
@@ -1305,6 +1398,7 @@ impl<M: MapStore> MapWriter<M> {
         self.cur.frontends.remove(fe);
         self.maglev.starved.remove(fe);
         self.maglev.retire(old.maglev_table, Instant::now());
+        st.map_writes += self.sync_affmatch(old.rev_nat_id, None)?;
         st.frontends_removed += 1;
         if fe.proto == IPPROTO_UDP {
             // As kube-proxy clears the UDP conntrack entries of a deleted Service port: a UDP
@@ -1805,6 +1899,8 @@ impl<M: MapStore> MapWriter<M> {
         };
         let old = self.cur.frontends.get(fe);
         if old == Some(&want) {
+            // Written before a restart or a failed apply, maybe without its membership pairs.
+            st.map_writes += self.sync_affmatch(want.rev_nat_id, Some(&want))?;
             return Ok(());
         }
         let old = old.cloned();
@@ -1852,9 +1948,15 @@ impl<M: MapStore> MapWriter<M> {
             }
             self.unref(&old.slots, released);
         }
+        let written = want.clone();
         self.cur.frontends.insert(*fe, want);
         // Back before its deadline: the same id, so its established flows stay valid.
         self.draining.remove(fe);
+        // After the slots: a pair removed first would end a client's affinity to a backend the
+        // slots still held; added after, the new backend is nobody's affinity yet. A failure
+        // here leaves the frontend applied, and its retry (equal, so the early return above)
+        // writes the pairs.
+        st.map_writes += self.sync_affmatch(written.rev_nat_id, Some(&written))?;
         Ok(())
     }
 
@@ -2178,6 +2280,7 @@ mod tests {
         maglev_writes: Vec<u32>,
         /// Clearing this backend id fails (a map write failing half-way through an apply).
         fail_clearing: Option<u32>,
+        affmatch: BTreeSet<(u32, u32)>,
     }
 
     impl FakeMaps {
@@ -2193,6 +2296,7 @@ mod tests {
                 maglev: vec![Vec::new(); 8],
                 maglev_writes: Vec::new(),
                 fail_clearing: None,
+                affmatch: BTreeSet::new(),
             }
         }
 
@@ -2364,7 +2468,18 @@ mod tests {
             let svc: Vec<_> = self.svc.iter().map(|(k, v)| (*k, *v)).collect();
             let mut r = decode(&svc, &self.backends, &self.revnat)?;
             r.vips = self.vips.clone();
+            r.affmatch = self.affmatch.clone();
             Ok(r)
+        }
+
+        fn affmatch_set(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()> {
+            self.affmatch.insert((rev_nat_id, backend_id));
+            Ok(())
+        }
+
+        fn affmatch_remove(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()> {
+            self.affmatch.remove(&(rev_nat_id, backend_id));
+            Ok(())
         }
     }
 
@@ -2403,6 +2518,51 @@ mod tests {
             );
         }
         t
+    }
+
+    /// Review finding: affinity was checked by the Maglev table position, so adding a backend
+    /// moved about 1/(N+1) of the clients off theirs. The membership map follows the slots:
+    /// every backend of an affinity frontend, nothing of one without.
+    #[test]
+    fn affinity_membership_follows_the_slots() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16).with_maglev(41, 3)).unwrap();
+        let with_affinity = |services: &[(u8, &[u8])]| {
+            let mut t = target_of(services);
+            for f in t.frontends.values_mut() {
+                f.flags |= SVC_F_AFFINITY;
+                f.affinity_timeout_s = 60;
+            }
+            t
+        };
+        let pairs = |w: &MapWriter<FakeMaps>| -> Vec<(u32, L4Addr)> {
+            w.maps()
+                .affmatch
+                .iter()
+                .map(|(r, b)| (*r, w.programmed().backends[b].0))
+                .collect()
+        };
+        w.apply(&with_affinity(&[(1, &[1, 2])])).unwrap();
+        let r = w.programmed().frontends[&vip(1)].rev_nat_id;
+        assert_eq!(pairs(&w), [(r, be(1)), (r, be(2))]);
+        w.apply(&with_affinity(&[(1, &[1, 2, 3])])).unwrap();
+        assert_eq!(pairs(&w), [(r, be(1)), (r, be(2)), (r, be(3))], "scale-up");
+        w.apply(&with_affinity(&[(1, &[1, 3])])).unwrap();
+        assert_eq!(pairs(&w), [(r, be(1)), (r, be(3))], "scale-down");
+        w.apply(&target_of(&[(1, &[1, 3])])).unwrap();
+        assert!(pairs(&w).is_empty(), "affinity switched off");
+        w.apply(&with_affinity(&[(1, &[1, 3])])).unwrap();
+        w.apply(&Target::default()).unwrap();
+        assert!(w.maps().affmatch.is_empty(), "frontend removed");
+
+        // Adopted: missing pairs are written, stray ones removed.
+        w.apply(&with_affinity(&[(1, &[1, 2])])).unwrap();
+        let mut maps = w.into_maps();
+        maps.affmatch.clear();
+        maps.affmatch.insert((9, 9));
+        let mut w = MapWriter::new(maps).unwrap();
+        w.apply(&with_affinity(&[(1, &[1, 2])])).unwrap();
+        let r = w.programmed().frontends[&vip(1)].rev_nat_id;
+        assert_eq!(pairs(&w), [(r, be(1)), (r, be(2))]);
     }
 
     /// Review finding: with more backends than table positions some got none (1,500 pods and

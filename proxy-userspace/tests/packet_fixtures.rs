@@ -2467,3 +2467,62 @@ fn a_purge_spares_the_flows_of_a_new_frontend_with_the_same_id() {
         "a purge of its own generation removes it"
     );
 }
+
+/// Review finding: under Maglev, affinity was checked by the table position it was chosen at,
+/// so adding a backend took about 1/(N+1) of the clients off theirs (the position now named
+/// the new one). kube-proxy keeps a client on its endpoint while the endpoint is there; so does
+/// the membership map. Forty clients each open a flow, a third backend is added, and every
+/// client's next flows stay on its backend; a client whose backend leaves moves.
+#[test]
+fn affinity_survives_a_backend_added_under_maglev() {
+    if !privileged() {
+        return;
+    }
+    const BE3: [u8; 4] = [198, 18, 64, 13];
+    let mut l = load(&[BE1, BE2]);
+    let target = |backends: &[[u8; 4]]| {
+        let tcp: Vec<L4Addr> = backends
+            .iter()
+            .map(|b| addr(*b, 5000, IPPROTO_TCP))
+            .collect();
+        let mut t = Target::default();
+        for b in &tcp {
+            t.backends.insert(*b, BACKEND_F_ACTIVE);
+        }
+        let mut web = frontend("web", Protocol::Tcp, tcp);
+        web.flags |= proxy_common::SVC_F_AFFINITY;
+        web.affinity_timeout_s = 10800;
+        t.frontends.insert(addr(VIP, 80, IPPROTO_TCP), web);
+        t
+    };
+    l.writer.apply(&target(&[BE1, BE2])).unwrap();
+    let pick = |l: &mut Loaded, client: [u8; 4], port: u16| {
+        inspect(&run(l, &frame(client, port, VIP, 80, &SYN, &[])).1).dst
+    };
+    let clients: Vec<[u8; 4]> = (100..140u8).map(|c| [198, 18, 64, c]).collect();
+    let first: Vec<[u8; 4]> = clients.iter().map(|c| pick(&mut l, *c, 30000)).collect();
+    l.writer.apply(&target(&[BE1, BE2, BE3])).unwrap();
+    for (c, was) in clients.iter().zip(&first) {
+        for port in 30001..30004 {
+            assert_eq!(
+                pick(&mut l, *c, port),
+                *was,
+                "client {c:?} port {port}: kept on its backend after a backend was added"
+            );
+        }
+    }
+    // Without affinity the same flows would spread onto the new backend: the table changed.
+    let fresh: std::collections::BTreeSet<_> = (200..240u8)
+        .map(|c| pick(&mut l, [198, 18, 64, c], 30000))
+        .collect();
+    assert!(fresh.contains(&BE3), "new clients reach the added backend");
+    // A backend removed: its clients move.
+    l.writer.apply(&target(&[BE2, BE3])).unwrap();
+    for (c, was) in clients.iter().zip(&first) {
+        let now = pick(&mut l, *c, 30010);
+        assert_ne!(now, BE1, "client {c:?} left the removed backend");
+        if *was != BE1 {
+            assert_eq!(now, *was, "client {c:?} stays");
+        }
+    }
+}
