@@ -479,7 +479,7 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         revnat: take(ebpf, map_names::REVNAT4)?,
         maglev_mem: None,
         maglev: take(ebpf, map_names::MAGLEV4)?,
-        affmatch: take(ebpf, map_names::AFFMATCH4)?,
+        affmatch: Some(take(ebpf, map_names::AFFMATCH4)?),
     }
     .with_maglev_mem())
 }
@@ -508,7 +508,8 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         revnat: from_pin::<Array<MapData, _>>(pin_dir, map_names::REVNAT4)?,
         maglev: from_pin::<Array<MapData, _>>(pin_dir, map_names::MAGLEV4)?,
         maglev_mem: None,
-        affmatch: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::AFFMATCH4)?,
+        // Absent in pins of a build before it: `vipx services` still reads the rest.
+        affmatch: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::AFFMATCH4).ok(),
     }
     .with_maglev_mem())
 }

@@ -423,8 +423,9 @@ pub struct ServiceMaps {
     pub maglev: Array<MapData, u32>,
     /// The same map mapped into memory (`None`: a map without `BPF_F_MMAPABLE`).
     pub maglev_mem: Option<MaglevMem>,
-    /// Backends of frontends with session affinity.
-    pub affmatch: HashMap<MapData, AffinityMatchKey4, u32>,
+    /// Backends of frontends with session affinity (`None`: pins of a build without it, opened
+    /// read-only by `vipx services`).
+    pub affmatch: Option<HashMap<MapData, AffinityMatchKey4, u32>>,
 }
 
 /// `VIPX_MAGLEV4` mapped read-write: tables are written and read with plain memory accesses.
@@ -604,12 +605,13 @@ impl MapStore for ServiceMaps {
             .into_iter()
             .map(|(k, v)| (Ipv4Addr::from(k.addr), v.flags))
             .collect();
-        r.affmatch = self
-            .affmatch
-            .keys()
-            .map(|k| k.map(|k| (k.rev_nat_id, k.backend_id)))
-            .collect::<Result<_, _>>()
-            .context("reading the affinity membership map")?;
+        if let Some(affmatch) = &self.affmatch {
+            r.affmatch = affmatch
+                .keys()
+                .map(|k| k.map(|k| (k.rev_nat_id, k.backend_id)))
+                .collect::<Result<_, _>>()
+                .context("reading the affinity membership map")?;
+        }
         Ok(r)
     }
 
@@ -618,7 +620,11 @@ impl MapStore for ServiceMaps {
             rev_nat_id,
             backend_id,
         };
-        Ok(self.affmatch.insert(key, 0, 0)?)
+        let map = self
+            .affmatch
+            .as_mut()
+            .context("the affinity membership map is not open")?;
+        Ok(map.insert(key, 0, 0)?)
     }
 
     fn affmatch_remove(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()> {
@@ -626,7 +632,10 @@ impl MapStore for ServiceMaps {
             rev_nat_id,
             backend_id,
         };
-        match self.affmatch.remove(&key) {
+        let Some(map) = self.affmatch.as_mut() else {
+            return Ok(());
+        };
+        match map.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -1049,6 +1058,22 @@ impl<M: MapStore> MapWriter<M> {
         for addr in addrs {
             w.settle_vip(addr)?;
         }
+        // Likewise the affinity membership of the adopted frontends: the new programs follow
+        // affinity only through it, and the first apply may be far off (the API down at start).
+        let adopted: Vec<FrontendEntry> = w.cur.frontends.values().cloned().collect();
+        let named: BTreeSet<u32> = adopted.iter().map(|f| f.rev_nat_id).collect();
+        for f in &adopted {
+            w.sync_affmatch(f.rev_nat_id, Some(f), true)?;
+        }
+        let strays: BTreeSet<u32> = w
+            .affmatch
+            .iter()
+            .map(|(r, _)| *r)
+            .filter(|r| !named.contains(r))
+            .collect();
+        for r in strays {
+            w.sync_affmatch(r, None, true)?;
+        }
         Ok(w)
     }
 
@@ -1226,14 +1251,21 @@ impl<M: MapStore> MapWriter<M> {
             .filter(|r| !named.contains(r))
             .collect();
         for r in strays {
-            st.map_writes += self.sync_affmatch(r, None)?;
+            st.map_writes += self.sync_affmatch(r, None, true)?;
         }
         Ok(st)
     }
 
     /// Make the affinity membership pairs of frontend `rev_nat_id` what `want` calls for: its
-    /// slots' backends when it has session affinity, none otherwise. Returns the map writes.
-    fn sync_affmatch(&mut self, rev_nat_id: u32, want: Option<&FrontendEntry>) -> Result<usize> {
+    /// slots' backends when it has session affinity, none otherwise. Pairs that go are removed
+    /// first (a failed add must not leave a departed backend followed); with `add` false only
+    /// they are. Returns the map writes.
+    fn sync_affmatch(
+        &mut self,
+        rev_nat_id: u32,
+        want: Option<&FrontendEntry>,
+        add: bool,
+    ) -> Result<usize> {
         let desired: BTreeSet<u32> = want
             .filter(|w| w.flags & SVC_F_AFFINITY != 0)
             .map(|w| w.slots.iter().copied().collect())
@@ -1244,21 +1276,24 @@ impl<M: MapStore> MapWriter<M> {
             .map(|(_, b)| *b)
             .collect();
         let mut writes = 0;
-        for &b in &desired {
-            if !self.affmatch.contains(&(rev_nat_id, b)) {
-                self.maps.affmatch_set(rev_nat_id, b).with_context(|| {
-                    format!("writing affinity membership of backend {b} in frontend {rev_nat_id}")
-                })?;
-                self.affmatch.insert((rev_nat_id, b));
-                writes += 1;
-            }
-        }
         for b in have {
             if !desired.contains(&b) {
                 self.maps.affmatch_remove(rev_nat_id, b).with_context(|| {
                     format!("removing affinity membership of backend {b} in frontend {rev_nat_id}")
                 })?;
                 self.affmatch.remove(&(rev_nat_id, b));
+                writes += 1;
+            }
+        }
+        if !add {
+            return Ok(writes);
+        }
+        for &b in &desired {
+            if !self.affmatch.contains(&(rev_nat_id, b)) {
+                self.maps.affmatch_set(rev_nat_id, b).with_context(|| {
+                    format!("writing affinity membership of backend {b} in frontend {rev_nat_id}")
+                })?;
+                self.affmatch.insert((rev_nat_id, b));
                 writes += 1;
             }
         }
@@ -1391,6 +1426,9 @@ impl<M: MapStore> MapWriter<M> {
         let Some(old) = self.cur.frontends.get(fe).cloned() else {
             return Ok(());
         };
+        // First: a failure then changes nothing (the frontend is retried whole), and a frontend
+        // going away takes no new affinity flows anyway.
+        st.map_writes += self.sync_affmatch(old.rev_nat_id, None, true)?;
         self.maps
             .svc_remove(&svc_key(fe, 0))
             .with_context(|| format!("removing frontend {fe}"))?;
@@ -1398,7 +1436,6 @@ impl<M: MapStore> MapWriter<M> {
         self.cur.frontends.remove(fe);
         self.maglev.starved.remove(fe);
         self.maglev.retire(old.maglev_table, Instant::now());
-        st.map_writes += self.sync_affmatch(old.rev_nat_id, None)?;
         st.frontends_removed += 1;
         if fe.proto == IPPROTO_UDP {
             // As kube-proxy clears the UDP conntrack entries of a deleted Service port: a UDP
@@ -1900,10 +1937,15 @@ impl<M: MapStore> MapWriter<M> {
         let old = self.cur.frontends.get(fe);
         if old == Some(&want) {
             // Written before a restart or a failed apply, maybe without its membership pairs.
-            st.map_writes += self.sync_affmatch(want.rev_nat_id, Some(&want))?;
+            st.map_writes += self.sync_affmatch(want.rev_nat_id, Some(&want), true)?;
             return Ok(());
         }
         let old = old.cloned();
+        // Departing backends stop being followed before the slots change. A failure costs
+        // nothing here: the sync after the write removes them again or fails the frontend.
+        if let Err(e) = self.sync_affmatch(want.rev_nat_id, Some(&want), false) {
+            tracing::warn!("{e:#}");
+        }
         match self
             .ensure_vip(fe.addr, want.flags)
             .and_then(|vip_writes| Ok(vip_writes + self.write_frontend(fe, old.as_ref(), &want)?))
@@ -1952,11 +1994,10 @@ impl<M: MapStore> MapWriter<M> {
         self.cur.frontends.insert(*fe, want);
         // Back before its deadline: the same id, so its established flows stay valid.
         self.draining.remove(fe);
-        // After the slots: a pair removed first would end a client's affinity to a backend the
-        // slots still held; added after, the new backend is nobody's affinity yet. A failure
-        // here leaves the frontend applied, and its retry (equal, so the early return above)
-        // writes the pairs.
-        st.map_writes += self.sync_affmatch(written.rev_nat_id, Some(&written))?;
+        // Added after the slots (the new backend is nobody's affinity yet); the departed ones'
+        // went before them. A failure here leaves the frontend applied, and its retry (equal,
+        // so the early return above) writes the pairs.
+        st.map_writes += self.sync_affmatch(written.rev_nat_id, Some(&written), true)?;
         Ok(())
     }
 
@@ -2281,6 +2322,8 @@ mod tests {
         /// Clearing this backend id fails (a map write failing half-way through an apply).
         fail_clearing: Option<u32>,
         affmatch: BTreeSet<(u32, u32)>,
+        /// Adding a pair fails beyond this many (a full map).
+        affmatch_max: usize,
     }
 
     impl FakeMaps {
@@ -2297,6 +2340,7 @@ mod tests {
                 maglev_writes: Vec::new(),
                 fail_clearing: None,
                 affmatch: BTreeSet::new(),
+                affmatch_max: usize::MAX,
             }
         }
 
@@ -2473,6 +2517,11 @@ mod tests {
         }
 
         fn affmatch_set(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()> {
+            if !self.affmatch.contains(&(rev_nat_id, backend_id))
+                && self.affmatch.len() >= self.affmatch_max
+            {
+                bail!("affinity membership map full");
+            }
             self.affmatch.insert((rev_nat_id, backend_id));
             Ok(())
         }
@@ -2554,15 +2603,30 @@ mod tests {
         w.apply(&Target::default()).unwrap();
         assert!(w.maps().affmatch.is_empty(), "frontend removed");
 
-        // Adopted: missing pairs are written, stray ones removed.
+        // Adopted (a build without the map, or a stray pair): right at adoption, before the
+        // programs are swapped in and before any apply (review finding).
         w.apply(&with_affinity(&[(1, &[1, 2])])).unwrap();
         let mut maps = w.into_maps();
         maps.affmatch.clear();
         maps.affmatch.insert((9, 9));
-        let mut w = MapWriter::new(maps).unwrap();
-        w.apply(&with_affinity(&[(1, &[1, 2])])).unwrap();
+        let w = MapWriter::new(maps).unwrap();
         let r = w.programmed().frontends[&vip(1)].rev_nat_id;
         assert_eq!(pairs(&w), [(r, be(1)), (r, be(2))]);
+
+        // A pair that cannot be added (a full map) does not keep a departed backend followed:
+        // removals go first (review finding).
+        let mut w = w;
+        w.maps.affmatch_max = 1;
+        let st = w.apply(&with_affinity(&[(1, &[1, 3])])).unwrap();
+        assert_eq!(
+            failed_names(&st),
+            ["svc1"],
+            "the frontend fails and is retried"
+        );
+        assert_eq!(pairs(&w), [(r, be(1))], "backend 2 is no longer followed");
+        w.maps.affmatch_max = usize::MAX;
+        w.apply(&with_affinity(&[(1, &[1, 3])])).unwrap();
+        assert_eq!(pairs(&w), [(r, be(1)), (r, be(3))], "the retry adds it");
     }
 
     /// Review finding: with more backends than table positions some got none (1,500 pods and
