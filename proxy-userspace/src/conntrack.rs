@@ -205,15 +205,15 @@ const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// map_fd, elem_flags, flags }`).
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+pub(crate) struct BatchAttr {
+    pub(crate) in_batch: u64,
+    pub(crate) out_batch: u64,
+    pub(crate) keys: u64,
+    pub(crate) values: u64,
+    pub(crate) count: u32,
+    pub(crate) map_fd: u32,
+    pub(crate) elem_flags: u64,
+    pub(crate) flags: u64,
 }
 
 /// `bpf_attr` for the element commands (`struct { map_fd, key, value, flags }`).

@@ -108,13 +108,7 @@ pub fn populate(backends: &[(L4Addr, u32)], m: u32) -> Vec<u32> {
         return Vec::new();
     }
     let m64 = u64::from(m);
-    let perms: Vec<(u64, u64)> = sorted
-        .iter()
-        .map(|(a, _)| {
-            let (o, s) = permutation(a, m);
-            (u64::from(o), u64::from(s))
-        })
-        .collect();
+    let perms = permutations(&sorted, m);
     let mut next = vec![0u64; sorted.len()];
     let mut entry: Vec<Option<u32>> = vec![None; m as usize];
     let mut filled = 0usize;
@@ -173,13 +167,7 @@ pub fn repopulate(prev: &[u32], backends: &[(L4Addr, u32)], m: u32) -> Vec<u32> 
         quota[i] += 1;
     }
     let m64 = u64::from(m);
-    let perms: Vec<(u64, u64)> = sorted
-        .iter()
-        .map(|(a, _)| {
-            let (o, s) = permutation(a, m);
-            (u64::from(o), u64::from(s))
-        })
-        .collect();
+    let perms = permutations(&sorted, m);
     let at = |i: usize, j: u64| ((perms[i].0 + j * perms[i].1) % m64) as usize;
     // Backends above their share give up the positions they prefer least.
     for i in 0..n {
@@ -296,6 +284,17 @@ pub fn sample_backend(i: u32) -> L4Addr {
         port: 8080,
         proto: proxy_common::IPPROTO_TCP,
     }
+}
+
+/// Each backend's (offset, skip) of its preference list, in `sorted`'s order.
+fn permutations<T>(sorted: &[(L4Addr, T)], m: u32) -> Vec<(u64, u64)> {
+    sorted
+        .iter()
+        .map(|(a, _)| {
+            let (o, s) = permutation(a, m);
+            (u64::from(o), u64::from(s))
+        })
+        .collect()
 }
 
 #[cfg(test)]

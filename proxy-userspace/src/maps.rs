@@ -703,19 +703,8 @@ impl MapStore for ServiceMaps {
 fn update_batch(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
 
+    use crate::conntrack::BatchAttr;
     use aya::maps::IterableMap as _;
-    /// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     if keys.len() != values.len() {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
@@ -1061,19 +1050,10 @@ impl<M: MapStore> MapWriter<M> {
         // Likewise the affinity membership of the adopted frontends: the new programs follow
         // affinity only through it, and the first apply may be far off (the API down at start).
         let adopted: Vec<FrontendEntry> = w.cur.frontends.values().cloned().collect();
-        let named: BTreeSet<u32> = adopted.iter().map(|f| f.rev_nat_id).collect();
         for f in &adopted {
             w.sync_affmatch(f.rev_nat_id, Some(f), true)?;
         }
-        let strays: BTreeSet<u32> = w
-            .affmatch
-            .iter()
-            .map(|(r, _)| *r)
-            .filter(|r| !named.contains(r))
-            .collect();
-        for r in strays {
-            w.sync_affmatch(r, None, true)?;
-        }
+        w.sweep_affmatch()?;
         Ok(w)
     }
 
@@ -1234,9 +1214,14 @@ impl<M: MapStore> MapWriter<M> {
             self.settle_vip(addr)?;
             st.map_writes += 1;
         }
-        // Membership pairs of frontends that are gone or lost their affinity (adopted from a
-        // run that stopped half-way): the pairs of the others are kept in step as each is
-        // applied.
+        st.map_writes += self.sweep_affmatch()?;
+        Ok(st)
+    }
+
+    /// Remove the membership pairs of frontends that are gone or lost their affinity (adopted
+    /// from a run that stopped half-way): the pairs of the others are kept in step as each is
+    /// applied. Returns the map writes.
+    fn sweep_affmatch(&mut self) -> Result<usize> {
         let named: BTreeSet<u32> = self
             .cur
             .frontends
@@ -1250,10 +1235,11 @@ impl<M: MapStore> MapWriter<M> {
             .map(|(r, _)| *r)
             .filter(|r| !named.contains(r))
             .collect();
+        let mut writes = 0;
         for r in strays {
-            st.map_writes += self.sync_affmatch(r, None, true)?;
+            writes += self.sync_affmatch(r, None, true)?;
         }
-        Ok(st)
+        Ok(writes)
     }
 
     /// Make the affinity membership pairs of frontend `rev_nat_id` what `want` calls for: its

@@ -2125,22 +2125,7 @@ fn a_syn_that_read_the_old_count_of_a_shrinking_service_is_not_dropped() {
         return;
     }
     let l = load_with(&[BE1, BE2], LbAlgorithm::Hash);
-    let mut svc: HashMap<MapData, proxy_common::SvcKey4, proxy_common::SvcValue> =
-        HashMap::try_from(
-            aya::maps::Map::from_map_data(
-                MapData::from_pin(l.pin_dir.join(map_names::SVC4)).unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-    svc.remove(&proxy_common::SvcKey4::new(
-        VIP,
-        80,
-        IPPROTO_TCP,
-        proxy_common::SCOPE_EXTERNAL,
-        2,
-    ))
-    .unwrap();
+    remove_web_slot(&l, 2);
     let mut l = l;
     for sport in 31000..31100u16 {
         let (v, out) = run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
@@ -2378,22 +2363,7 @@ fn a_pod_sent_past_itself_to_a_removed_slot_is_not_dropped() {
     loader::write_config(&mut l.ebpf, Some(Ipv4Addr::from(HAIRPIN))).unwrap();
     l.writer.set_hairpin(Some(Ipv4Addr::from(HAIRPIN))).unwrap();
     // The in-between state of a shrink to BE1 alone, held still: slot 2 gone, the count 2.
-    let mut svc: HashMap<MapData, proxy_common::SvcKey4, proxy_common::SvcValue> =
-        HashMap::try_from(
-            aya::maps::Map::from_map_data(
-                MapData::from_pin(l.pin_dir.join(map_names::SVC4)).unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-    svc.remove(&proxy_common::SvcKey4::new(
-        VIP,
-        80,
-        IPPROTO_TCP,
-        proxy_common::SCOPE_EXTERNAL,
-        2,
-    ))
-    .unwrap();
+    remove_web_slot(&l, 2);
     for sport in 32000..32050u16 {
         let (v, out) = run(&mut l, &frame(BE1, sport, VIP, 80, &SYN, &[]));
         assert_eq!(
@@ -2525,4 +2495,25 @@ fn affinity_survives_a_backend_added_under_maglev() {
             assert_eq!(now, *was, "client {c:?} stays");
         }
     }
+}
+
+/// Remove slot `slot` of the web frontend behind the writer's back: the in-between state of a
+/// shrink (slots removed, count not yet lowered), held still.
+fn remove_web_slot(l: &Loaded, slot: u16) {
+    let mut svc: HashMap<MapData, proxy_common::SvcKey4, proxy_common::SvcValue> =
+        HashMap::try_from(
+            aya::maps::Map::from_map_data(
+                MapData::from_pin(l.pin_dir.join(map_names::SVC4)).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    svc.remove(&proxy_common::SvcKey4::new(
+        VIP,
+        80,
+        IPPROTO_TCP,
+        proxy_common::SCOPE_EXTERNAL,
+        slot,
+    ))
+    .unwrap();
 }

@@ -451,10 +451,24 @@ fn a_legacy_clsact_filter_on_the_clients_veth_still_sees_its_packets() {
 /// stays on the client, with the VIP in its tuple: a TIME_WAIT in the pod would hold the very
 /// tuple the direct connection needs and could answer its SYN with a stale ACK.
 fn http_get_from(ns: &str, local: SocketAddrV4, remote: SocketAddr) -> anyhow::Result<String> {
+    http_get_bound(ns, local, remote, None)
+}
+
+/// One HTTP GET from a socket in `ns` bound to `local` (SO_REUSEADDR), with `linger` set when
+/// given (`Some(0)`: the close is a reset).
+fn http_get_bound(
+    ns: &str,
+    local: SocketAddrV4,
+    remote: SocketAddr,
+    linger: Option<Duration>,
+) -> anyhow::Result<String> {
     use std::io::Write;
     let socket = in_netns(ns, || -> std::io::Result<socket2::Socket> {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
+        if linger.is_some() {
+            socket.set_linger(linger)?;
+        }
         socket.bind(&SocketAddr::V4(local).into())?;
         Ok(socket)
     })??;
@@ -1510,20 +1524,8 @@ fn a_deleted_service_keeps_its_connections_and_a_recreated_one_too() {
 /// (SO_LINGER 0) so that no TIME_WAIT holds the tuple: the next connection from the same port
 /// to the same VIP is a fresh SYN on the very same 5-tuple, which vipx balances afresh.
 fn http_get_reset_from(lab: &Lab, port: u16, remote: SocketAddr) -> anyhow::Result<String> {
-    use std::io::Write;
     let local = SocketAddrV4::new(lab.cluster.client().ip, port);
-    let socket = in_netns(lab.client(), || -> std::io::Result<socket2::Socket> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.set_linger(Some(Duration::ZERO))?;
-        socket.bind(&SocketAddr::V4(local).into())?;
-        Ok(socket)
-    })??;
-    socket.connect_timeout(&remote.into(), TIMEOUT)?;
-    let mut stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: keep-alive\r\n\r\n")?;
-    read_response(&mut std::io::BufReader::new(&stream))
+    http_get_bound(lab.client(), local, remote, Some(Duration::ZERO))
 }
 
 /// Issue 9: Maglev (the default). Four backends with a long-lived connection on each; one
