@@ -53,6 +53,12 @@ pub mod map_names {
     /// Which backends belong to which frontend with session affinity (see `AffinityMatchKey4`).
     pub const AFFMATCH4: &str = "VIPX_AFFMATCH4";
     pub const STATS: &str = "VIPX_STATS";
+    /// Socket-level LB: what a translated socket really connected to -> the frontend it dialled
+    /// (pinned: a restart keeps `getpeername` and UDP sources right for sockets already open).
+    pub const SOCKREV4: &str = "VIPX_SOCKREV4";
+    /// Socket-level LB: the network namespaces (by cookie) whose sockets this vipx translates
+    /// (not pinned: written before each build's programs are attached).
+    pub const SOCKNS: &str = "VIPX_SOCKNS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -70,6 +76,15 @@ pub mod prog_names {
     pub const FLOOR: &str = "vipx_floor";
     /// The same trivial program at the TC hook (bench only).
     pub const FLOOR_TC: &str = "vipx_floor_tc";
+    /// cgroup `connect4`: a socket of a served network namespace connecting to a frontend is
+    /// connected to a backend instead (TCP, and connected UDP).
+    pub const SOCK_CONNECT4: &str = "vipx_sock_connect4";
+    /// cgroup `sendmsg4`: the same for an unconnected UDP socket's datagram.
+    pub const SOCK_SENDMSG4: &str = "vipx_sock_sendmsg4";
+    /// cgroup `recvmsg4`: a UDP answer from a backend is reported from the frontend dialled.
+    pub const SOCK_RECVMSG4: &str = "vipx_sock_recvmsg4";
+    /// cgroup `getpeername4`: a translated socket's peer is the frontend dialled.
+    pub const SOCK_GETPEERNAME4: &str = "vipx_sock_getpeername4";
 }
 
 /// Default map sizes; userspace overrides them from config before load.
@@ -95,6 +110,11 @@ pub mod defaults {
     pub const MAGLEV_TABLE_SIZE_MAX: u32 = 65_521;
     /// Sources the flood guard counts at once (an LRU: the busiest stay).
     pub const FLOOD4_ENTRIES: u32 = 65_536;
+    /// Translated sockets remembered for `getpeername`/`recvmsg` (an LRU, as Cilium's
+    /// `lb4_reverse_sk`).
+    pub const SOCKREV4_ENTRIES: u32 = 262_144;
+    /// Network namespaces one vipx translates sockets of.
+    pub const SOCKNS_ENTRIES: u32 = 64;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -370,6 +390,29 @@ pub struct FragValue {
     pub dport: [u8; 2],
 }
 
+/// Key of `SOCKREV4`: a socket (its cookie) and the backend it was connected or sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevKey4 {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Value of `SOCKREV4`: the address and port the socket dialled (as the process gave them), and
+/// the frontend that translated it: used while that reverse-NAT id is active with the same
+/// generation (the frontend still exists).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRevValue4 {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub rev_nat_id: u32,
+    pub rev_nat_gen: u32,
+}
+
 /// Index into the per-CPU `STATS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -434,12 +477,21 @@ pub enum Stat {
     /// New flows dropped by the flood guard: their source started more than
     /// `--conntrack-max-new-per-source` flows in the current second.
     FloodDropped,
+    /// Sockets of the node connected (or UDP datagrams sent) to a backend instead of the
+    /// frontend they dialled (socket-level LB).
+    SockTranslated,
+    /// Socket-level LB: a connect or send to a frontend without usable backends, refused
+    /// (`ECONNREFUSED`).
+    SockRefused,
+    /// Socket-level LB: `getpeername` or a UDP `recvmsg` reported the frontend instead of the
+    /// backend.
+    SockReversed,
 }
 
 pub const STATS_LEN: u32 = 32;
 
 impl Stat {
-    pub const ALL: [Stat; 27] = [
+    pub const ALL: [Stat; 30] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -467,6 +519,9 @@ impl Stat {
         Stat::CtDrained,
         Stat::MaglevFallback,
         Stat::FloodDropped,
+        Stat::SockTranslated,
+        Stat::SockRefused,
+        Stat::SockReversed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -498,6 +553,9 @@ impl Stat {
             Stat::CtDrained => "ct_drained",
             Stat::MaglevFallback => "maglev_fallback",
             Stat::FloodDropped => "flood_dropped",
+            Stat::SockTranslated => "sock_translated",
+            Stat::SockRefused => "sock_refused",
+            Stat::SockReversed => "sock_reversed",
         }
     }
 }
@@ -521,6 +579,8 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey4>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 24);
     assert!(core::mem::size_of::<AffinityMatchKey4>() == 8);
+    assert!(core::mem::size_of::<SockRevKey4>() == 16);
+    assert!(core::mem::size_of::<SockRevValue4>() == 16);
     assert!((Stat::ALL.len() as u32) <= STATS_LEN);
 };
 
@@ -542,6 +602,8 @@ mod user {
     unsafe impl aya::Pod for AffinityMatchKey4 {}
     unsafe impl aya::Pod for AffinityKey4 {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockRevKey4 {}
+    unsafe impl aya::Pod for SockRevValue4 {}
 }
 
 #[cfg(test)]

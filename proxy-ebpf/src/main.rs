@@ -52,6 +52,8 @@ use vipx_ebpf::{
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
 // Pinned by name so a restarted vipx finds its services and, above all, its flows.
+mod sock;
+
 #[map(name = "VIPX_SVC4")]
 static SVC4: HashMap<SvcKey4, SvcValue> = HashMap::pinned(defaults::SVC4_ENTRIES, 0);
 

@@ -230,14 +230,20 @@ struct ElemAttr {
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 
 fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
-    // SAFETY: callers pass a valid, fully initialised bpf_attr prefix (`BatchAttr` or
-    // `ElemAttr`) of the given size; the pointers in it name buffers that live across the call
-    // and are as large as the command reads or writes.
+    bpf_call(cmd, attr).map(drop)
+}
+
+/// The `bpf(2)` system call for the commands aya 0.14 does not offer; returns what the command
+/// returns (a new file descriptor for the `*_GET` commands).
+pub(crate) fn bpf_call<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: callers pass a valid, fully initialised bpf_attr prefix for `cmd` of the given
+    // size; the pointers in it name buffers that live across the call and are as large as the
+    // command reads or writes.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(r)
     }
 }
 

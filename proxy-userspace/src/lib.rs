@@ -10,6 +10,7 @@ pub mod maglev;
 pub mod maps;
 pub mod run;
 pub mod serve;
+pub mod socklb;
 pub mod source;
 pub mod sync;
 pub mod translate;

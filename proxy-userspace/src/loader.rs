@@ -408,6 +408,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             sizes.services,
             "--max-service-entries",
         ),
+        (
+            map_names::SOCKREV4,
+            size(size_of::<proxy_common::SockRevKey4>()),
+            size(size_of::<proxy_common::SockRevValue4>()),
+            defaults::SOCKREV4_ENTRIES,
+            "(a fixed size)",
+        ),
     ];
     for (name, key, value, entries, flag) in expected {
         let path = pin_dir.join(name);
@@ -916,6 +923,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             }
             remove_known_dir(&links)?;
         }
+        crate::socklb::detach(pin_dir)?;
         for name in [
             map_names::SVC4,
             map_names::VIP4,
@@ -926,6 +934,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::AFFINITY4,
             map_names::MAGLEV4,
             map_names::AFFMATCH4,
+            map_names::SOCKREV4,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -8,6 +8,7 @@ use vipx::{
     loader::{self, MapSizes},
     run::{self, RunOptions, StateFile},
     serve,
+    socklb::SocketLb,
     source::SourceConfig,
 };
 
@@ -220,6 +221,22 @@ struct RunArgs {
     /// vipx_datapath_events_total{reason="maglev_fallback"}). 0 turns Maglev off.
     #[arg(long, default_value_t = MapSizes::default().maglev_tables)]
     max_maglev_tables: u32,
+    /// Socket-level load balancing: `host` translates Service addresses for the sockets of the
+    /// node's own network namespace (`curl <ClusterIP>` from the node, kubelet probes,
+    /// hostNetwork pods) when they connect or send, so they reach Services and see the VIP as
+    /// their peer; `off` leaves them alone. Needs cgroup v2.
+    #[arg(long, default_value = "host", value_parser = socket_lb_arg)]
+    socket_lb: SocketLb,
+    /// The cgroup v2 directory the socket programs attach to; they act only for this node's
+    /// network namespace whatever the cgroup holds [default: the root of the cgroup v2
+    /// hierarchy, from /proc/self/mountinfo]. In a container, mount the host's hierarchy and
+    /// name it here.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+}
+
+fn socket_lb_arg(s: &str) -> Result<SocketLb, String> {
+    SocketLb::parse(s).ok_or_else(|| format!("unknown socket-lb mode {s:?} (host or off)"))
 }
 
 fn lb_algorithm_arg(s: &str) -> Result<LbAlgorithm, String> {
@@ -300,6 +317,8 @@ fn real_main() -> Result<()> {
                 healthz_bind: settings.healthz_bind,
                 metrics_bind: settings.metrics_bind,
                 cluster_cidrs: settings.cluster_cidrs,
+                socket_lb: a.socket_lb,
+                cgroup_root: a.cgroup_root,
             };
             // Two workers: a sync blocks its thread (1 s at 10k Services), and /healthz, /livez
             // and /metrics must answer meanwhile (probes and cloud load balancers time out).

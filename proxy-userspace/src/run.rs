@@ -30,6 +30,7 @@ use crate::{
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
     serve::{self, Telemetry, metrics::MapUse},
+    socklb::{self, SocketLb},
     source::{
         ClusterObjects, DirCache, SourceConfig,
         kube::{self, Applied, KubeState, Update},
@@ -63,6 +64,10 @@ pub struct RunOptions {
     pub metrics_bind: Option<SocketAddr>,
     /// The pods' CIDRs (`--cluster-cidr`), one per family: accepted and validated, not used yet.
     pub cluster_cidrs: Vec<Cidr>,
+    /// Socket-level load balancing for the node's own sockets.
+    pub socket_lb: SocketLb,
+    /// Where the socket programs attach (`None`: the cgroup v2 hierarchy's root).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// Names of what is programmed, by reverse-NAT id, so `vipx services` can label what it reads
@@ -833,6 +838,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
+    match opts.socket_lb {
+        SocketLb::Host => {
+            let cgroup = match &opts.cgroup_root {
+                Some(p) => p.clone(),
+                None => socklb::cgroup2_mount()?,
+            };
+            socklb::attach(&mut ebpf, &opts.pin_dir, &cgroup)
+                .context("socket-level load balancing (--socket-lb off turns it off)")?;
+        }
+        SocketLb::Off => socklb::detach(&opts.pin_dir)?,
+    }
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
         adopted_frontends = writer.programmed().frontends.len(),

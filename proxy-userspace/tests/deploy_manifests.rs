@@ -189,10 +189,15 @@ fn the_daemon_set_runs_like_kube_proxy() {
     add.sort();
     assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON"]);
 
-    // The host's bpffs and vipx's state directory.
+    // The host's bpffs, vipx's state directory and the host's cgroup v2 hierarchy, which the
+    // socket programs attach to.
     let volumes = pod.volumes.as_deref().unwrap_or_default();
     let mounts = c.volume_mounts.as_deref().unwrap_or_default();
-    for (path, host) in [("/sys/fs/bpf", "/sys/fs/bpf"), ("/run/vipx", "/run/vipx")] {
+    for (path, host) in [
+        ("/sys/fs/bpf", "/sys/fs/bpf"),
+        ("/run/vipx", "/run/vipx"),
+        ("/host/cgroup", "/sys/fs/cgroup"),
+    ] {
         let m = mounts
             .iter()
             .find(|m| m.mount_path == path)
@@ -206,6 +211,7 @@ fn the_daemon_set_runs_like_kube_proxy() {
     let args = c.args.as_deref().unwrap_or_default();
     assert_eq!(args.first().map(String::as_str), Some("run"));
     assert!(args.contains(&"--hostname-override=$(NODE_NAME)".to_owned()));
+    assert!(args.contains(&"--cgroup-root=/host/cgroup".to_owned()));
     let config = args
         .iter()
         .find_map(|a| a.strip_prefix("--config="))

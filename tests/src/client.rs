@@ -117,6 +117,11 @@ impl KeepAlive {
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.conn.writer.local_addr()?)
     }
+
+    /// The peer the socket reports (`getpeername`).
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        Ok(self.conn.writer.peer_addr()?)
+    }
 }
 
 struct Connection {

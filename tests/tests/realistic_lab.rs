@@ -1780,3 +1780,170 @@ fn a_flood_from_one_client_engages_the_guard_and_nothing_is_evicted() {
             .unwrap_or_else(|e| panic!("the Service after the flood: {e:#}"));
     }
 }
+
+// Socket-level load balancing (issue 8): the node's own processes reach Services.
+
+/// Sockets vipx translated at connect or send on `node` (its metrics).
+fn sock_translated(lab: &Lab, node: u8) -> f64 {
+    vipx_lab::metric_sample(
+        &node_metrics(lab, node),
+        "vipx_datapath_events_total{reason=\"sock_translated\"}",
+    )
+    .unwrap_or(0.0)
+}
+
+/// What the node's own processes see (host network: `curl <ClusterIP>`, kubelet probes): a TCP
+/// connection and UDP, connected or not, to a ClusterIP reach a pod on this node or the other,
+/// and every socket reports the VIP as its peer and as the source of its answers, since vipx
+/// translates the socket's address at connect/send, not its packets. A Service without
+/// endpoints refuses at once. Sockets of other network namespaces (a pod, the machine running
+/// the test) are not touched by the node's socket programs.
+#[test]
+fn the_node_itself_reaches_a_cluster_ip_and_sees_the_vip_as_its_peer() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let local = lab.cluster.add_pod(1).expect("pod on node 1");
+    let remote = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&local, &remote]));
+    lab.service("empty", VIP_B, Vec::new());
+    lab.start_vipx(&[1, 2]);
+    lab.wait_ready(VIP_A, &[local.ip, remote.ip]);
+    let node = lab.cluster.node(1).netns().to_owned();
+    let names = [local.name.clone(), remote.name.clone()];
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let (peer, body) = in_netns(&node, || -> anyhow::Result<(SocketAddr, String)> {
+            let mut conn = std::net::TcpStream::connect_timeout(&vip(VIP_A), TIMEOUT)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            let peer = conn.peer_addr()?;
+            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
+            let body = read_response(&mut std::io::BufReader::new(conn))?;
+            Ok((peer, body))
+        })
+        .expect("entering node 1")
+        .unwrap_or_else(|e| panic!("TCP {i} from node 1 to {}: {e:#}", vip(VIP_A)));
+        assert_eq!(peer, vip(VIP_A), "TCP {i}: the connected socket's peer");
+        let body = body.trim().to_owned();
+        assert!(names.contains(&body), "TCP {i} answered by {body:?}");
+        seen.insert(body);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "20 connections from the node all went to {seen:?}"
+    );
+    for i in 0..REQUESTS {
+        // Connected: the kernel itself accepts only answers from the peer it connected to.
+        let reply = udp_request(&node, vip(VIP_A), TIMEOUT)
+            .unwrap_or_else(|e| panic!("connected UDP {i} from node 1: {e:#}"));
+        assert!(
+            names.contains(&reply),
+            "connected UDP {i} answered by {reply:?}"
+        );
+        // Unconnected (a resolver's `sendto`): the answer's source is the VIP.
+        let (from, reply) = in_netns(&node, || -> std::io::Result<(SocketAddr, String)> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            socket.send_to(b"ping", vip(VIP_A))?;
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        })
+        .expect("entering node 1")
+        .unwrap_or_else(|e| panic!("unconnected UDP {i} from node 1: {e}"));
+        assert_eq!(from, vip(VIP_A), "unconnected UDP {i}: the answer's source");
+        assert!(
+            names.contains(&reply),
+            "unconnected UDP {i} answered by {reply:?}"
+        );
+    }
+    let refused = in_netns(&node, || {
+        std::net::TcpStream::connect_timeout(&vip(VIP_B), TIMEOUT)
+    })
+    .expect("entering node 1");
+    match refused {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("TCP from node 1 to a Service without endpoints: {other:?}"),
+    }
+
+    // Other namespaces: the client pod (served per packet) and the test's own.
+    let before = [sock_translated(&lab, 1), sock_translated(&lab, 2)];
+    assert!(before[0] >= 30.0, "node 1 translated {} sockets", before[0]);
+    for i in 0..REQUESTS {
+        let body = http_get(lab.client(), vip(VIP_A), TIMEOUT)
+            .unwrap_or_else(|e| panic!("HTTP {i} from the client pod: {e:#}"));
+        assert!(
+            names.contains(&body.trim().to_owned()),
+            "client pod answered by {body:?}"
+        );
+    }
+    let _ = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(vip(VIP_A)));
+    let after = [sock_translated(&lab, 1), sock_translated(&lab, 2)];
+    assert_eq!(
+        before, after,
+        "a pod's or the machine's sockets were translated by a node's socket programs"
+    );
+}
+
+/// A restart keeps socket-level load balancing whole: the new programs are swapped into the
+/// pinned cgroup links (not attached beside them), and a connection the node opened before the
+/// restart still reports the VIP as its peer (the socket's translation is in a pinned map) and
+/// still works.
+#[test]
+fn a_restart_keeps_the_nodes_connections_to_a_service_and_their_peer() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&pod]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    let node = lab.cluster.node(1).netns().to_owned();
+    let mut conn = vipx_lab::KeepAlive::connect(&node, vip(VIP_A)).expect("connecting from node 1");
+    assert_eq!(
+        conn.request().expect("request before the restart").trim(),
+        pod.name
+    );
+    let links = vipx::socklb::link_dir(lab.vipx[0].pin_dir());
+    let pins = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let before = pins(&links);
+    assert_eq!(before.len(), 4, "pinned cgroup links: {before:?}");
+
+    lab.vipx[0].restart().expect("restarting vipx");
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    lab.vipx[0]
+        .wait_log("socket-level load balancing on", READY)
+        .expect("socket programs swapped in");
+    assert!(
+        !lab.vipx[0].log().contains("not reusable"),
+        "a pinned link was replaced instead of updated:\n{}",
+        lab.vipx[0].log()
+    );
+    assert_eq!(pins(&links), before, "the pinned cgroup links changed");
+    assert_eq!(
+        conn.peer_addr().expect("peer after the restart"),
+        vip(VIP_A),
+        "a connection opened before the restart"
+    );
+    assert_eq!(
+        conn.request().expect("request after the restart").trim(),
+        pod.name
+    );
+    let body = http_get(&node, vip(VIP_A), TIMEOUT).expect("a new connection after the restart");
+    assert_eq!(body.trim(), pod.name);
+}

@@ -1,0 +1,283 @@
+//! Socket-level load balancing for the node's own processes (host network: `curl <ClusterIP>`,
+//! kubelet probes, hostNetwork pods). cgroup hooks translate the address a socket connects or
+//! sends to, once per connection (or datagram) instead of once per packet, so no packet of theirs
+//! is rewritten and nothing on the way (rp_filter, netfilter, a CNI) ever sees the frontend:
+//! - `connect4` (TCP, connected UDP) and `sendmsg4` (unconnected UDP): a frontend address becomes
+//!   a backend, and `SOCKREV4` remembers, per socket, which frontend that backend stands for;
+//! - `getpeername4` and `recvmsg4` (UDP sources): that backend is reported as the frontend again,
+//!   so a connected socket's peer is the address the process dialled, and a resolver that checks
+//!   its answer's source accepts it.
+//!
+//! The hooks live on a cgroup, which spans network namespaces: only sockets of the namespaces in
+//! `SOCKNS` (by cookie, written by the vipx that serves them) are touched, so two lab nodes on
+//! one machine never translate each other's sockets and the machine's other processes never are.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap},
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, IPPROTO_TCP, IPPROTO_UDP,
+    REVNAT_F_ACTIVE, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, SockRevKey4,
+    SockRevValue4, Stat, SvcKey4, VIP_F_CLUSTER_IP, VipKey4, defaults,
+};
+use vipx_ebpf::pick_slot;
+
+use crate::{AFFINITY4, AFFMATCH4, REVNAT4, SVC4, VIP4, backend, count, maglev_pick, slot_backend};
+
+/// Pinned: sockets opened before a restart keep reporting the frontend they dialled.
+#[map(name = "VIPX_SOCKREV4")]
+static SOCKREV4: LruHashMap<SockRevKey4, SockRevValue4> =
+    LruHashMap::pinned(defaults::SOCKREV4_ENTRIES, 0);
+
+#[map(name = "VIPX_SOCKNS")]
+static SOCKNS: HashMap<u64, u32> = HashMap::with_max_entries(defaults::SOCKNS_ENTRIES, 0);
+
+/// The hook's verdicts: go on (with the address as the program left it), or fail the call with
+/// the errno set by `bpf_set_retval` (EPERM without one).
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+const ENOMEM: i32 = 12;
+
+/// The affinity "client" of the node's own sockets. kube-proxy keys affinity by source address,
+/// and the node's processes all reach a Service from the node's address: one client. No pod has
+/// this address.
+const NODE_CLIENT: [u8; 4] = [0; 4];
+
+#[cgroup_sock_addr(connect4)]
+pub fn vipx_sock_connect4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn vipx_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn vipx_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx);
+    // The kernel accepts nothing else from this hook.
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn vipx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn served(ctx: &SockAddrContext) -> bool {
+    // SAFETY: plain helper call on the hook's context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    SOCKNS.get_ptr(netns).is_some()
+}
+
+/// Fail the system call with `errno`.
+#[inline(always)]
+fn refuse(errno: i32) -> i32 {
+    // SAFETY: plain helper call; connect4 and sendmsg4 may set their return value.
+    unsafe { bpf_set_retval(-errno) };
+    REFUSE
+}
+
+/// connect4 and sendmsg4: a frontend becomes one of its backends.
+#[inline(always)]
+fn forward(ctx: &SockAddrContext) -> i32 {
+    if !served(ctx) {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the hook's context; these fields are readable in connect4 and sendmsg4.
+    let (protocol, ip4, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    let proto = match protocol {
+        6 => IPPROTO_TCP,
+        17 => IPPROTO_UDP,
+        _ => return ALLOW,
+    };
+    // Both fields hold network byte order as stored; `user_port` in its low 16 bits.
+    let addr = ip4.to_ne_bytes();
+    let port = (port as u16).to_ne_bytes();
+    let svc_key = SvcKey4::from_wire(addr, port, proto, SCOPE_EXTERNAL, 0);
+    let Some(svc) = SVC4.get_ptr(svc_key) else {
+        // A ClusterIP on a port no Service port serves: refused, as the pod program refuses it.
+        if let Some(vip) = VIP4.get_ptr(VipKey4 { addr })
+            // SAFETY: value pointer from a successful lookup; read at once.
+            && unsafe { (*vip).flags } & VIP_F_CLUSTER_IP != 0
+        {
+            count(Stat::SockRefused);
+            return refuse(ECONNREFUSED);
+        }
+        return ALLOW;
+    };
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let svc = unsafe { *svc };
+    if svc.count == 0 {
+        // kube-proxy rejects a Service without endpoints and drops one whose endpoints are all
+        // unusable here; a socket is told at once either way rather than left to time out.
+        count(Stat::SockRefused);
+        return refuse(if svc.flags & SVC_F_REJECT != 0 {
+            ECONNREFUSED
+        } else {
+            EHOSTUNREACH
+        });
+    }
+    let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let kept = if affinity {
+        affine(svc.rev_nat_id, svc.affinity_timeout_s, rev_nat_gen)
+    } else {
+        None
+    };
+    let (backend_id, b) = match kept {
+        Some(k) => k,
+        None => {
+            // No packet tuple to hash yet (the source port is not chosen): a random choice,
+            // through the Maglev table when the frontend has one, spreads as the slots do.
+            // SAFETY: plain helper call.
+            let hash = unsafe { bpf_get_prandom_u32() };
+            let table = if svc.flags & SVC_F_MAGLEV != 0 {
+                svc.backend_id
+            } else {
+                0
+            };
+            match maglev_pick(table, hash) {
+                Some((_, id, b)) => (id, b),
+                None => {
+                    // Slot 1 stays while the frontend has a backend, should its count have
+                    // shrunk since it was read.
+                    match slot_backend(svc_key, pick_slot(hash, svc.count))
+                        .or_else(|| slot_backend(svc_key, 1))
+                    {
+                        Some(chosen) => chosen,
+                        None => {
+                            count(Stat::SockRefused);
+                            return refuse(EHOSTUNREACH);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if affinity {
+        let v = AffinityValue {
+            backend_id,
+            backend_gen: b.generation,
+            // SAFETY: plain helper call.
+            last_ns: unsafe { bpf_ktime_get_ns() },
+            rev_nat_gen,
+            slot: 0,
+            _pad: 0,
+        };
+        let _ = AFFINITY4.insert(affinity_key(svc.rev_nat_id), v, 0);
+    }
+    // The way back first: without it the socket would report the backend as its peer, and a
+    // UDP client that checks where its answer comes from would drop it.
+    let rev = SockRevValue4 {
+        addr,
+        port,
+        _pad: [0; 2],
+        rev_nat_id: svc.rev_nat_id,
+        rev_nat_gen,
+    };
+    if SOCKREV4.insert(sock_rev_key(ctx, &b), rev, 0).is_err() {
+        return refuse(ENOMEM);
+    }
+    // SAFETY: the hook's context; connect4 and sendmsg4 may rewrite the destination.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(b.addr);
+        (*sa).user_port = u32::from(u16::from_ne_bytes(b.port));
+    }
+    count(Stat::SockTranslated);
+    ALLOW
+}
+
+#[inline(always)]
+fn affinity_key(rev_nat_id: u32) -> AffinityKey4 {
+    AffinityKey4 {
+        client: NODE_CLIENT,
+        rev_nat_id,
+    }
+}
+
+/// The backend the node's sockets have affinity to on this frontend, if that is still fresh, for
+/// the same frontend, and the backend still one of its own with the same generation (as the pod
+/// program checks it).
+#[inline(always)]
+fn affine(rev_nat_id: u32, timeout_s: u32, rev_nat_gen: u32) -> Option<(u32, Backend4)> {
+    let a = AFFINITY4.get_ptr(affinity_key(rev_nat_id))?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let a = unsafe { *a };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(a.last_ns) >= u64::from(timeout_s) * 1_000_000_000
+        || a.rev_nat_gen != rev_nat_gen
+    {
+        return None;
+    }
+    let member = AffinityMatchKey4 {
+        rev_nat_id,
+        backend_id: a.backend_id,
+    };
+    AFFMATCH4.get_ptr(member)?;
+    let kept = backend(a.backend_id)?;
+    if kept.generation != a.backend_gen {
+        return None;
+    }
+    count(Stat::AffinityHit);
+    Some((a.backend_id, kept))
+}
+
+#[inline(always)]
+fn sock_rev_key(ctx: &SockAddrContext, b: &Backend4) -> SockRevKey4 {
+    SockRevKey4 {
+        // SAFETY: plain helper call on the hook's context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: b.addr,
+        port: b.port,
+        _pad: [0; 2],
+    }
+}
+
+/// A backend address this socket was translated to reads as the frontend it dialled, while that
+/// frontend exists (same reverse-NAT id and generation).
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext) {
+    if !served(ctx) {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the hook's context; readable in recvmsg4 and getpeername4.
+    let (ip4, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let key = SockRevKey4 {
+        // SAFETY: plain helper call on the hook's context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: ip4.to_ne_bytes(),
+        port: (port as u16).to_ne_bytes(),
+        _pad: [0; 2],
+    };
+    let Some(rev) = SOCKREV4.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let rev = unsafe { *rev };
+    match REVNAT4.get(rev.rev_nat_id) {
+        Some(r) if r.flags & REVNAT_F_ACTIVE != 0 && r.generation == rev.rev_nat_gen => {}
+        _ => return,
+    }
+    // SAFETY: the hook's context; recvmsg4 and getpeername4 may rewrite the address reported.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(rev.addr);
+        (*sa).user_port = u32::from(u16::from_ne_bytes(rev.port));
+    }
+    count(Stat::SockReversed);
+}
