@@ -29,7 +29,9 @@ use proxy_common::{
 };
 use vipx_ebpf::pick_slot;
 
-use crate::{AFFINITY4, AFFMATCH4, REVNAT4, SVC4, VIP4, backend, count, maglev_pick, slot_backend};
+use crate::{
+    AFFINITY4, AFFMATCH4, NODE4, REVNAT4, SVC4, VIP4, backend, count, maglev_pick, slot_backend,
+};
 
 /// Pinned: sockets opened before a restart keep reporting the frontend they dialled.
 #[map(name = "VIPX_SOCKREV4")]
@@ -107,8 +109,14 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     // Both fields hold network byte order as stored; `user_port` in its low 16 bits.
     let addr = ip4.to_ne_bytes();
     let port = (port as u16).to_ne_bytes();
-    let svc_key = SvcKey4::from_wire(addr, port, proto, SCOPE_EXTERNAL, 0);
-    let Some(svc) = SVC4.get_ptr(svc_key) else {
+    let mut svc_key = SvcKey4::from_wire(addr, port, proto, SCOPE_EXTERNAL, 0);
+    let mut svc = SVC4.get_ptr(svc_key);
+    if svc.is_none() && (addr[0] == 127 || NODE4.get_ptr(VipKey4 { addr }).is_some()) {
+        // One of the node's addresses, or loopback: a node port answers on all of them.
+        svc_key = SvcKey4::from_wire([0; 4], port, proto, SCOPE_EXTERNAL, 0);
+        svc = SVC4.get_ptr(svc_key);
+    }
+    let Some(svc) = svc else {
         // A ClusterIP on a port no Service port serves: refused, as the pod program refuses it.
         if let Some(vip) = VIP4.get_ptr(VipKey4 { addr })
             // SAFETY: value pointer from a successful lookup; read at once.

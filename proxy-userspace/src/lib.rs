@@ -8,6 +8,7 @@ pub mod flood;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod nodeaddr;
 pub mod run;
 pub mod serve;
 pub mod socklb;

@@ -233,6 +233,14 @@ struct RunArgs {
     /// name it here.
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
+    /// Which of the node's addresses answer on node ports, as comma-separated CIDRs
+    /// (kube-proxy's flag) [default: every address on the node's interfaces].
+    #[arg(long, value_delimiter = ',', value_parser = cidr_arg)]
+    nodeport_addresses: Vec<config::Cidr>,
+}
+
+fn cidr_arg(s: &str) -> Result<config::Cidr, String> {
+    s.parse()
 }
 
 fn socket_lb_arg(s: &str) -> Result<SocketLb, String> {
@@ -319,6 +327,7 @@ fn real_main() -> Result<()> {
                 cluster_cidrs: settings.cluster_cidrs,
                 socket_lb: a.socket_lb,
                 cgroup_root: a.cgroup_root,
+                nodeport_addresses: a.nodeport_addresses,
             };
             // Two workers: a sync blocks its thread (1 s at 10k Services), and /healthz, /livez
             // and /metrics must answer meanwhile (probes and cloud load balancers time out).

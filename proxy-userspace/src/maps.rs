@@ -25,8 +25,8 @@ use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, IPPROTO_UDP,
     REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_REJECT, SvcKey4, SvcValue,
-    VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
+    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SvcKey4,
+    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
 };
 
 use crate::{
@@ -96,7 +96,6 @@ struct Unsupported {
     v4_frontends: usize,
     v6_frontends: BTreeSet<String>,
     v6_endpoints: BTreeSet<(IpAddr, u16)>,
-    node_ports: BTreeSet<String>,
     sctp_ports: BTreeSet<String>,
 }
 
@@ -124,17 +123,6 @@ impl Unsupported {
             }
             problems.push(format!("{service}: {what}: {}", parts.join("; ")));
         }
-        if !self.node_ports.is_empty() {
-            problems.push(format!(
-                "{service}: nodePort {} not served yet (NodePort is not implemented; the cluster \
-                 IP and external IPs work)",
-                self.node_ports
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
         if !self.sctp_ports.is_empty() {
             problems.push(format!(
                 "{service}: port {} not programmed (SCTP is not supported)",
@@ -148,9 +136,10 @@ impl Unsupported {
     }
 }
 
-/// Map-level view of the desired state. IPv4 TCP/UDP only for now, and only the frontends pods
-/// reach through the pod program (NodePort has no address of its own and is not served yet).
-/// What is left out is reported, once per Service; problems are returned, not fatal.
+/// Map-level view of the desired state. IPv4 TCP/UDP only for now. A node port is one frontend
+/// on the unspecified address (0.0.0.0:nodePort), which the data path looks up for a
+/// destination that is one of the node's addresses (`NODE4`). What is left out is reported, once
+/// per Service; problems are returned, not fatal.
 pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
     let mut t = Target::default();
     let mut problems = Vec::new();
@@ -170,9 +159,6 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
                 _ => format!("{}/{}", SocketAddr::new(fe.addr, fe.port), name.protocol),
             };
             match (fe.kind, fe.addr) {
-                (FrontendKind::NodePort, _) => {
-                    un.node_ports.insert(at);
-                }
                 (_, IpAddr::V6(_)) => {
                     un.v6_frontends.insert(at);
                 }
@@ -223,13 +209,14 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
         }
         for fe in &sp.frontends {
             let IpAddr::V4(addr) = fe.addr else { continue };
-            // The pod program is the only data path so far, so external frontends serve pods:
-            // they get what kube-proxy gives pod traffic to an external destination.
+            // The data paths so far serve traffic born on the node (pods, the node's own
+            // sockets), so external frontends get what kube-proxy gives traffic from inside the
+            // cluster to an external destination: every endpoint, whatever the traffic policy.
             let (kind_flag, pick, local) = match fe.kind {
                 FrontendKind::ClusterIp => (SVC_F_CLUSTER_IP, &sp.internal_pick, sp.internal_local),
                 FrontendKind::ExternalIp => (SVC_F_EXTERNAL_IP, &sp.pod_external_pick, false),
                 FrontendKind::LoadBalancer => (SVC_F_LOAD_BALANCER, &sp.pod_external_pick, false),
-                FrontendKind::NodePort => continue,
+                FrontendKind::NodePort => (SVC_F_NODE_PORT, &sp.pod_external_pick, false),
             };
             let key = L4Addr {
                 addr,
@@ -2204,16 +2191,15 @@ mod tests {
             [
                 "default/a: IPv6 part not programmed (IPv6 is not supported yet; IPv4 is): \
                  frontends [2001:db8::10]:80/TCP",
-                "default/a: nodePort 30080/TCP not served yet (NodePort is not implemented; the \
-                 cluster IP and external IPs work)"
             ]
         );
-        assert_eq!(
-            t.frontends.len(),
-            1,
-            "NodePort and IPv6 are not programmed yet"
-        );
-        let (k, f) = t.frontends.iter().next().unwrap();
+        assert_eq!(t.frontends.len(), 2, "IPv6 is not programmed yet");
+        let mut frontends = t.frontends.iter();
+        // The node port is one frontend on the unspecified address.
+        let (k, f) = frontends.next().unwrap();
+        assert_eq!(k.to_string(), "0.0.0.0:30080/TCP");
+        assert_eq!(f.flags, SVC_F_NODE_PORT | SVC_F_AFFINITY);
+        let (k, f) = frontends.next().unwrap();
         assert_eq!(k.to_string(), "10.96.0.10:80/TCP");
         assert_eq!(f.flags, SVC_F_CLUSTER_IP | SVC_F_AFFINITY);
         assert_eq!(f.slots.len(), 1);

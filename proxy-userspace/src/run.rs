@@ -29,6 +29,7 @@ use crate::{
     digest::DigestedObjects,
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
+    nodeaddr::NodeAddresses,
     serve::{self, Telemetry, metrics::MapUse},
     socklb::{self, SocketLb},
     source::{
@@ -68,6 +69,8 @@ pub struct RunOptions {
     pub socket_lb: SocketLb,
     /// Where the socket programs attach (`None`: the cgroup v2 hierarchy's root).
     pub cgroup_root: Option<PathBuf>,
+    /// Which of the node's addresses serve node ports (empty: all of them).
+    pub nodeport_addresses: Vec<Cidr>,
 }
 
 /// Names of what is programmed, by reverse-NAT id, so `vipx services` can label what it reads
@@ -276,6 +279,8 @@ struct Controller {
     collector: Option<conntrack::Collector>,
     /// No collector restart before this (a thread that dies at once is not restarted in a loop).
     collector_restart_at: Option<Instant>,
+    /// The node's addresses serving node ports, re-read at every interface scan.
+    node_addresses: NodeAddresses,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -594,6 +599,9 @@ impl Controller {
 
     /// Attach to new matching interfaces; forget ones that disappeared.
     fn scan_interfaces(&mut self) {
+        if let Err(e) = self.node_addresses.refresh() {
+            tracing::warn!("node port addresses not refreshed: {e:#}");
+        }
         let Some(present) = interfaces() else {
             tracing::warn!("listing interfaces failed; retried at the next scan");
             return;
@@ -838,6 +846,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
+    let mut node_addresses = NodeAddresses::new(
+        loader::take_node_addresses(&mut ebpf)?,
+        opts.nodeport_addresses.clone(),
+    );
+    // Before the programs that read it are attached.
+    node_addresses.refresh()?;
     match opts.socket_lb {
         SocketLb::Host => {
             let cgroup = match &opts.cgroup_root {
@@ -881,6 +895,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         telemetry: telemetry.clone(),
         collector,
         collector_restart_at: None,
+        node_addresses,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -128,6 +128,8 @@ pub struct ServiceSpec {
     pub external_local: bool,
     /// `sessionAffinity: ClientIP` with this `timeoutSeconds` (else None).
     pub affinity_timeout: Option<u32>,
+    /// `type: NodePort` with this `nodePort` on both ports (TCP and UDP), else ClusterIP.
+    pub node_port: Option<u16>,
 }
 
 impl ServiceSpec {
@@ -156,6 +158,7 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         external_ips,
         external_local,
         affinity_timeout,
+        node_port,
     } = spec;
     let affinity = match affinity_timeout {
         Some(t) => format!(
@@ -169,6 +172,8 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         for ip in external_ips {
             writeln!(external, "  - {ip}")?;
         }
+    }
+    if !external_ips.is_empty() || node_port.is_some() {
         let policy = if *external_local { "Local" } else { "Cluster" };
         writeln!(external, "  externalTrafficPolicy: {policy}")?;
     }
@@ -198,6 +203,10 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
             writeln!(items, "    namespace: {SERVICE_NAMESPACE}")?;
         }
     }
+    let (node_port_line, kind) = match node_port {
+        Some(p) => (format!("    nodePort: {p}\n"), "NodePort"),
+        None => (String::new(), "ClusterIP"),
+    };
     // Block style needs the list on the next line; an empty list has to be written inline.
     let items = if items.is_empty() {
         " []\n".to_owned()
@@ -224,11 +233,11 @@ spec:
     port: {port}
     protocol: TCP
     targetPort: {target_port}
-  - name: udp
+{node_port_line}  - name: udp
     port: {port}
     protocol: UDP
     targetPort: {target_port}
-{affinity}  type: ClusterIP
+{node_port_line}{affinity}  type: {kind}
 ---
 addressType: IPv4
 apiVersion: discovery.k8s.io/v1
@@ -386,6 +395,7 @@ mod tests {
             external_ips: vec![Ipv4Addr::new(198, 19, 250, 10)],
             external_local: true,
             affinity_timeout: Some(600),
+            node_port: Some(30080),
         };
         let yaml = service_spec_yaml(&spec).unwrap();
         let mut docs = serde_yaml_ng::Deserializer::from_str(&yaml);
@@ -407,7 +417,10 @@ mod tests {
                 .and_then(|c| c.timeout_seconds),
             Some(600)
         );
-        assert_eq!(svc_spec.ports.unwrap().len(), 2);
+        assert_eq!(svc_spec.type_.as_deref(), Some("NodePort"));
+        let ports = svc_spec.ports.unwrap();
+        assert_eq!(ports.len(), 2);
+        assert!(ports.iter().all(|p| p.node_port == Some(30080)));
         assert_eq!(
             slice
                 .metadata

@@ -162,6 +162,7 @@ fn spec(name: &str, vip: Ipv4Addr, endpoints: Vec<Endpoint>) -> ServiceSpec {
         external_ips: Vec::new(),
         external_local: false,
         affinity_timeout: None,
+        node_port: None,
     }
 }
 
@@ -1946,4 +1947,81 @@ fn a_restart_keeps_the_nodes_connections_to_a_service_and_their_peer() {
     );
     let body = http_get(&node, vip(VIP_A), TIMEOUT).expect("a new connection after the restart");
     assert_eq!(body.trim(), pod.name);
+}
+
+/// From the node's own network namespace, a NodePort Service answers on every node address
+/// `--nodeport-addresses` selects and on localhost, over TCP and UDP, and the socket's peer is
+/// the address and port dialled. Node 1 serves all its addresses (the default); node 2 only
+/// those in 198.18.0.0/24, so its pod gateway address is not a node port there.
+#[test]
+fn the_node_itself_reaches_a_node_port_on_its_addresses_and_localhost() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_080;
+    let mut lab = Lab::new();
+    let local = lab.cluster.add_pod(1).expect("pod on node 1");
+    let remote = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service_spec(ServiceSpec {
+        node_port: Some(NODE_PORT),
+        ..spec("np", VIP_A, pod_endpoints(&[&local, &remote]))
+    });
+    lab.start_vipx(&[1]);
+    lab.start_vipx_with(&[2], &["--nodeport-addresses", "198.18.0.0/24"]);
+    lab.wait_ready(VIP_A, &[local.ip, remote.ip]);
+    for vipx in &mut lab.vipx {
+        vipx.wait_programmed(&format!("0.0.0.0:{NODE_PORT}/TCP"), READY, |_| true)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let names = [local.name.clone(), remote.name.clone()];
+    let (node1, node2) = (lab.cluster.node(1).clone(), lab.cluster.node(2).clone());
+    for (ns, addr) in [
+        (node1.netns(), node1.ip),
+        (node1.netns(), node1.gateway),
+        (node1.netns(), Ipv4Addr::LOCALHOST),
+        (node2.netns(), node2.ip),
+        (node2.netns(), Ipv4Addr::new(127, 0, 0, 2)),
+    ] {
+        let to = SocketAddr::from((addr, NODE_PORT));
+        let (peer, body) = in_netns(ns, || -> anyhow::Result<(SocketAddr, String)> {
+            let mut conn = std::net::TcpStream::connect_timeout(&to, TIMEOUT)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            let peer = conn.peer_addr()?;
+            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
+            Ok((peer, read_response(&mut std::io::BufReader::new(conn))?))
+        })
+        .expect("entering the node")
+        .unwrap_or_else(|e| panic!("TCP from {ns} to {to}: {e:#}"));
+        assert_eq!(peer, to, "TCP from {ns}: the socket's peer");
+        assert!(
+            names.contains(&body.trim().to_owned()),
+            "TCP to {to}: {body:?}"
+        );
+        let (from, reply) = in_netns(ns, || -> std::io::Result<(SocketAddr, String)> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            socket.send_to(b"ping", to)?;
+            let mut buf = [0u8; 256];
+            let (n, from) = socket.recv_from(&mut buf)?;
+            Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        })
+        .expect("entering the node")
+        .unwrap_or_else(|e| panic!("UDP from {ns} to {to}: {e}"));
+        assert_eq!(from, to, "UDP from {ns}: the answer's source");
+        assert!(names.contains(&reply), "UDP to {to}: {reply:?}");
+    }
+    // Not node ports: another port, and an address --nodeport-addresses leaves out. Nothing
+    // listens there, so the node's own stack refuses.
+    for (ns, to) in [
+        (node1.netns(), SocketAddr::from((node1.ip, NODE_PORT + 1))),
+        (node2.netns(), SocketAddr::from((node2.gateway, NODE_PORT))),
+    ] {
+        let r = in_netns(ns, || std::net::TcpStream::connect_timeout(&to, TIMEOUT))
+            .expect("entering the node");
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => panic!("TCP from {ns} to {to}, not a node port: {other:?}"),
+        }
+    }
 }

@@ -1,0 +1,121 @@
+//! The node's addresses that serve node ports (`--nodeport-addresses`, kube-proxy's flag): the
+//! data path looks a node port's wildcard frontend (0.0.0.0:nodePort) up for a destination in
+//! `VIPX_NODE4`. Read from the node's interfaces at every interface scan, so an address added
+//! or removed later (DHCP, a new NIC) follows within a scan.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, MapData};
+use proxy_common::VipKey4;
+
+use crate::config::Cidr;
+
+/// Every IPv4 address on this network namespace's interfaces but loopback ones (the programs
+/// treat 127.0.0.0/8 on their own, for the node's sockets only).
+pub fn local_ipv4() -> Result<BTreeSet<Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listing the node's addresses");
+    }
+    let mut out = BTreeSet::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null()
+            // SAFETY: a non-null sockaddr of the list.
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+            let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+            let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if !addr.is_loopback() {
+                out.insert(addr);
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The addresses of `local` that `--nodeport-addresses` selects (none given: all of them, as
+/// kube-proxy's default before 1.29 and Cilium's).
+pub fn select(local: &BTreeSet<Ipv4Addr>, cidrs: &[Cidr]) -> BTreeSet<Ipv4Addr> {
+    local
+        .iter()
+        .copied()
+        .filter(|a| cidrs.is_empty() || cidrs.iter().any(|c| c.contains((*a).into())))
+        .collect()
+}
+
+/// Keeps `VIPX_NODE4` equal to the selected node addresses.
+pub struct NodeAddresses {
+    map: HashMap<MapData, VipKey4, u32>,
+    cidrs: Vec<Cidr>,
+    written: BTreeSet<Ipv4Addr>,
+}
+
+impl NodeAddresses {
+    pub fn new(map: HashMap<MapData, VipKey4, u32>, cidrs: Vec<Cidr>) -> Self {
+        Self {
+            map,
+            cidrs,
+            written: BTreeSet::new(),
+        }
+    }
+
+    /// Read the interfaces again and write what changed.
+    pub fn refresh(&mut self) -> Result<()> {
+        let want = select(&local_ipv4()?, &self.cidrs);
+        if want == self.written {
+            return Ok(());
+        }
+        for gone in self.written.difference(&want) {
+            self.map
+                .remove(&VipKey4 {
+                    addr: gone.octets(),
+                })
+                .with_context(|| format!("removing node address {gone}"))?;
+        }
+        for new in want.difference(&self.written) {
+            self.map
+                .insert(VipKey4 { addr: new.octets() }, 0, 0)
+                .with_context(|| format!("writing node address {new}"))?;
+        }
+        tracing::info!(
+            addresses = %want.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "node port addresses"
+        );
+        self.written = want;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_addresses_select_by_cidr() {
+        let local: BTreeSet<Ipv4Addr> = ["198.18.0.1", "198.18.64.1", "198.19.1.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(select(&local, &[]), local);
+        let cidrs: Vec<Cidr> = vec![
+            "198.18.0.0/24".parse().unwrap(),
+            "198.19.0.0/16".parse().unwrap(),
+        ];
+        let picked: Vec<String> = select(&local, &cidrs)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(picked, ["198.18.0.1", "198.19.1.1"]);
+        let v6: Vec<Cidr> = vec!["2001:db8::/32".parse().unwrap()];
+        assert!(select(&local, &v6).is_empty());
+    }
+}
