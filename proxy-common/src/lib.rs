@@ -59,9 +59,6 @@ pub mod map_names {
     /// Socket-level LB: the network namespaces (by cookie) whose sockets this vipx translates
     /// (not pinned: written before each build's programs are attached).
     pub const SOCKNS: &str = "VIPX_SOCKNS";
-    /// The node's addresses that serve node ports (`--nodeport-addresses`; not pinned: read from
-    /// the interfaces at every start and scan).
-    pub const NODE4: &str = "VIPX_NODE4";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -118,8 +115,6 @@ pub mod defaults {
     pub const SOCKREV4_ENTRIES: u32 = 262_144;
     /// Network namespaces one vipx translates sockets of.
     pub const SOCKNS_ENTRIES: u32 = 64;
-    /// Node addresses serving node ports.
-    pub const NODE4_ENTRIES: u32 = 1_024;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;

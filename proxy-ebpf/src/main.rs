@@ -103,11 +103,6 @@ static AFFMATCH4: HashMap<AffinityMatchKey4, u32> = HashMap::pinned(defaults::SV
 static FLOOD4: LruHashMap<[u8; 4], FloodValue> =
     LruHashMap::with_max_entries(defaults::FLOOD4_ENTRIES, 0);
 
-/// The node's addresses that serve node ports: a destination here looks up the wildcard
-/// frontend `0.0.0.0:port` (userspace keeps it from the interfaces; not pinned).
-#[map(name = "VIPX_NODE4")]
-static NODE4: HashMap<VipKey4, u32> = HashMap::with_max_entries(defaults::NODE4_ENTRIES, 0);
-
 #[map(name = "VIPX_CONFIG")]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
 

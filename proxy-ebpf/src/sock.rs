@@ -29,9 +29,7 @@ use proxy_common::{
 };
 use vipx_ebpf::pick_slot;
 
-use crate::{
-    AFFINITY4, AFFMATCH4, NODE4, REVNAT4, SVC4, VIP4, backend, count, maglev_pick, slot_backend,
-};
+use crate::{AFFINITY4, AFFMATCH4, REVNAT4, SVC4, VIP4, backend, count, maglev_pick, slot_backend};
 
 /// Pinned: sockets opened before a restart keep reporting the frontend they dialled.
 #[map(name = "VIPX_SOCKREV4")]
@@ -111,8 +109,9 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     let port = (port as u16).to_ne_bytes();
     let mut svc_key = SvcKey4::from_wire(addr, port, proto, SCOPE_EXTERNAL, 0);
     let mut svc = SVC4.get_ptr(svc_key);
-    if svc.is_none() && (addr[0] == 127 || NODE4.get_ptr(VipKey4 { addr }).is_some()) {
-        // One of the node's addresses, or loopback: a node port answers on all of them.
+    if svc.is_none() && addr[0] == 127 {
+        // Loopback: node ports answer there too (the node's addresses have frontends of their
+        // own), on the wildcard frontend.
         svc_key = SvcKey4::from_wire([0; 4], port, proto, SCOPE_EXTERNAL, 0);
         svc = SVC4.get_ptr(svc_key);
     }

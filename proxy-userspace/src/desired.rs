@@ -75,7 +75,7 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub addr: IpAddr,
     pub port: u16,

@@ -601,13 +601,6 @@ pub fn take_config(ebpf: &mut Ebpf) -> Result<Array<MapData, u32>> {
     take(ebpf, map_names::CONFIG)
 }
 
-/// Take the node-port address map out of a loaded object ([`crate::nodeaddr`] keeps it).
-pub fn take_node_addresses(
-    ebpf: &mut Ebpf,
-) -> Result<HashMap<MapData, proxy_common::VipKey4, u32>> {
-    take(ebpf, map_names::NODE4)
-}
-
 /// Take the per-CPU counters out of a loaded object (metrics and conntrack collection share it).
 pub fn take_stats(ebpf: &mut Ebpf) -> Result<PerCpuArray<MapData, u64>> {
     take(ebpf, map_names::STATS)

@@ -136,11 +136,19 @@ impl Unsupported {
     }
 }
 
-/// Map-level view of the desired state. IPv4 TCP/UDP only for now. A node port is one frontend
-/// on the unspecified address (0.0.0.0:nodePort), which the data path looks up for a
-/// destination that is one of the node's addresses (`NODE4`). What is left out is reported, once
-/// per Service; problems are returned, not fatal.
+/// [`target_on`] a node without addresses serving node ports (tests, benches).
 pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
+    target_on(desired, &[])
+}
+
+/// Map-level view of the desired state on a node whose addresses `node_addresses` serve node
+/// ports. IPv4 TCP/UDP only for now. A node port is a frontend on each of those addresses (as
+/// Cilium expands them: each has its own reverse-NAT entry, so a reply comes from the address
+/// the client dialled, and every data path finds it by its destination like any other
+/// frontend), plus one on the unspecified address that the node's own sockets reach through
+/// 127.0.0.0/8. What is left out is reported, once per Service; problems are returned, not
+/// fatal.
+pub fn target_on(desired: &DesiredState, node_addresses: &[Ipv4Addr]) -> (Target, Vec<String>) {
     let mut t = Target::default();
     let mut problems = Vec::new();
     let mut unsupported: BTreeMap<(&str, &str), Unsupported> = BTreeMap::new();
@@ -207,7 +215,17 @@ pub fn target(desired: &DesiredState) -> (Target, Vec<String>) {
                 .and_modify(|f| *f &= flags | !BACKEND_F_TERMINATING)
                 .or_insert(flags);
         }
-        for fe in &sp.frontends {
+        let expanded = sp.frontends.iter().flat_map(|fe| {
+            let at: &[Ipv4Addr] = match fe.kind {
+                FrontendKind::NodePort => node_addresses,
+                _ => &[],
+            };
+            std::iter::once(*fe).chain(at.iter().map(|a| crate::desired::Frontend {
+                addr: IpAddr::V4(*a),
+                ..*fe
+            }))
+        });
+        for fe in expanded {
             let IpAddr::V4(addr) = fe.addr else { continue };
             // The data paths so far serve traffic born on the node (pods, the node's own
             // sockets), so external frontends get what kube-proxy gives traffic from inside the
@@ -2212,6 +2230,26 @@ mod tests {
             proto: 6,
         };
         assert_eq!(t.backends[&term], BACKEND_F_ACTIVE | BACKEND_F_TERMINATING);
+
+        // On a node with addresses, the node port is also a frontend on each of them, with the
+        // same backends; other frontends are unchanged.
+        let node = [Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 2, 0, 5)];
+        let (on_node, _) = target_on(&d, &node);
+        let keys: Vec<String> = on_node.frontends.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            keys,
+            [
+                "0.0.0.0:30080/TCP",
+                "10.1.0.5:30080/TCP",
+                "10.2.0.5:30080/TCP",
+                "10.96.0.10:80/TCP"
+            ]
+        );
+        let wildcard = &on_node.frontends.values().next().unwrap();
+        for f in on_node.frontends.values().take(3) {
+            assert_eq!(f.flags, SVC_F_NODE_PORT | SVC_F_AFFINITY);
+            assert_eq!(f.slots, wildcard.slots);
+        }
     }
 
     #[test]
@@ -2256,7 +2294,7 @@ mod tests {
         };
         d.services.insert(
             sctp,
-            port(vec![cip.clone()], vec![ep([10, 0, 0, 9], 3868, false)]),
+            port(vec![cip], vec![ep([10, 0, 0, 9], 3868, false)]),
         );
         d.services.insert(
             spn("mixed", Protocol::Tcp),

@@ -1,13 +1,11 @@
-//! The node's addresses that serve node ports (`--nodeport-addresses`, kube-proxy's flag): the
-//! data path looks a node port's wildcard frontend (0.0.0.0:nodePort) up for a destination in
-//! `VIPX_NODE4`. Read from the node's interfaces at every interface scan, so an address added
-//! or removed later (DHCP, a new NIC) follows within a scan.
+//! The node's addresses that serve node ports (`--nodeport-addresses`, kube-proxy's flag): each
+//! node port becomes a frontend on each of them (`maps::target_on`). Read from the node's
+//! interfaces at every interface scan, so an address added or removed later (DHCP, a new NIC)
+//! follows within a scan.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData};
-use proxy_common::VipKey4;
 
 use crate::config::Cidr;
 
@@ -52,46 +50,31 @@ pub fn select(local: &BTreeSet<Ipv4Addr>, cidrs: &[Cidr]) -> BTreeSet<Ipv4Addr> 
         .collect()
 }
 
-/// Keeps `VIPX_NODE4` equal to the selected node addresses.
+/// The selected node addresses, as last read.
 pub struct NodeAddresses {
-    map: HashMap<MapData, VipKey4, u32>,
     cidrs: Vec<Cidr>,
-    written: BTreeSet<Ipv4Addr>,
+    last: Option<BTreeSet<Ipv4Addr>>,
 }
 
 impl NodeAddresses {
-    pub fn new(map: HashMap<MapData, VipKey4, u32>, cidrs: Vec<Cidr>) -> Self {
-        Self {
-            map,
-            cidrs,
-            written: BTreeSet::new(),
-        }
+    pub fn new(cidrs: Vec<Cidr>) -> Self {
+        Self { cidrs, last: None }
     }
 
-    /// Read the interfaces again and write what changed.
-    pub fn refresh(&mut self) -> Result<()> {
-        let want = select(&local_ipv4()?, &self.cidrs);
-        if want == self.written {
-            return Ok(());
-        }
-        for gone in self.written.difference(&want) {
-            self.map
-                .remove(&VipKey4 {
-                    addr: gone.octets(),
-                })
-                .with_context(|| format!("removing node address {gone}"))?;
-        }
-        for new in want.difference(&self.written) {
-            self.map
-                .insert(VipKey4 { addr: new.octets() }, 0, 0)
-                .with_context(|| format!("writing node address {new}"))?;
+    /// Read the interfaces again: the selected addresses when they changed (or on the first
+    /// read), else `None`.
+    pub fn refresh(&mut self) -> Result<Option<Vec<Ipv4Addr>>> {
+        let now = select(&local_ipv4()?, &self.cidrs);
+        if self.last.as_ref() == Some(&now) {
+            return Ok(None);
         }
         tracing::info!(
-            addresses = %want.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            addresses = %now.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             "node port addresses"
         );
-        self.written = want;
-        Ok(())
+        let list = now.iter().copied().collect();
+        self.last = Some(now);
+        Ok(Some(list))
     }
 }
 

@@ -352,6 +352,8 @@ impl Controller {
                 changes
             }
             // Nothing changed on disk: only a due full reconcile or a retry has work to do.
+            // Node addresses that changed left Services to translate again.
+            None if self.tracker.has_pending() => self.tracker.flush(),
             None if self.full || !self.writer.pending().is_empty() => Changes::default(),
             None => return Ok(None),
         };
@@ -598,13 +600,20 @@ impl Controller {
     }
 
     /// Attach to new matching interfaces; forget ones that disappeared.
-    fn scan_interfaces(&mut self) {
-        if let Err(e) = self.node_addresses.refresh() {
-            tracing::warn!("node port addresses not refreshed: {e:#}");
-        }
+    /// Attach to new pod interfaces, forget gone ones, and re-read the node's addresses;
+    /// returns whether those changed (a sync is due).
+    fn scan_interfaces(&mut self) -> bool {
+        let addresses_changed = match self.node_addresses.refresh() {
+            Ok(Some(addresses)) => self.tracker.set_node_addresses(addresses),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!("node port addresses not refreshed: {e:#}");
+                false
+            }
+        };
         let Some(present) = interfaces() else {
             tracing::warn!("listing interfaces failed; retried at the next scan");
-            return;
+            return addresses_changed;
         };
         // Gone, or deleted and created again under the same name (a pod sandbox restarting
         // within one scan): its links went with the old interface. Asked again one by one
@@ -652,6 +661,7 @@ impl Controller {
                 }
             }
         }
+        addresses_changed
     }
 }
 
@@ -846,12 +856,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
-    let mut node_addresses = NodeAddresses::new(
-        loader::take_node_addresses(&mut ebpf)?,
-        opts.nodeport_addresses.clone(),
-    );
-    // Before the programs that read it are attached.
-    node_addresses.refresh()?;
     match opts.socket_lb {
         SocketLb::Host => {
             let cgroup = match &opts.cgroup_root {
@@ -872,7 +876,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut events = Events::start(&opts.source, &opts.node_name).await?;
     let resync = opts.resync;
     let min_sync = opts.min_sync;
-    let tracker = ChangeTracker::new(&opts.node_name);
+    let mut tracker = ChangeTracker::new(&opts.node_name);
+    let mut node_addresses = NodeAddresses::new(opts.nodeport_addresses.clone());
+    if let Some(addresses) = node_addresses.refresh()? {
+        tracker.set_node_addresses(addresses);
+    }
     let kube = matches!(opts.source, SourceConfig::Kube { .. }).then(KubeState::default);
     let mut c = Controller {
         opts,
@@ -989,7 +997,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             () = tokio::time::sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)),
                 if sync_at.is_some() => sync_at = None,
             _ = iface_tick.tick() => {
-                c.scan_interfaces();
+                if c.scan_interfaces() {
+                    telemetry.queued();
+                    dirty = true;
+                }
                 c.watch_collector();
             }
             _ = retry_tick.tick(), if retry => dirty = true,

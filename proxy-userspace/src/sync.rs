@@ -85,6 +85,8 @@ pub struct ChangeTracker {
     /// Services and EndpointSlices seen added, changed or deleted, since start (metrics).
     service_changes: u64,
     slice_changes: u64,
+    /// The node's addresses that serve node ports (each node port is a frontend on each).
+    node_addresses: Vec<std::net::Ipv4Addr>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
@@ -136,6 +138,17 @@ impl ChangeTracker {
     /// Whether an object change since the last flush may change the desired state.
     pub fn has_pending(&self) -> bool {
         !self.dirty.is_empty()
+    }
+
+    /// The node's addresses serving node ports changed: every Service is translated again at
+    /// the next flush (those with node ports gain or lose frontends). Returns whether they did.
+    pub fn set_node_addresses(&mut self, addresses: Vec<std::net::Ipv4Addr>) -> bool {
+        if addresses == self.node_addresses {
+            return false;
+        }
+        self.node_addresses = addresses;
+        self.dirty.extend(self.services.keys().cloned());
+        true
     }
 
     /// Services and EndpointSlices seen added, changed or deleted since start.
@@ -389,7 +402,7 @@ impl ChangeTracker {
             nodes: std::slice::from_ref(&node),
         };
         let tr = translate::translate(&input, &self.node_name);
-        let (t, target_problems) = maps::target(&tr.state);
+        let (t, target_problems) = maps::target_on(&tr.state, &self.node_addresses);
         let no_local = tr.state.services.values().fold((0, 0), |(i, e), sp| {
             let (ni, ne) = sp.no_local_endpoints();
             (i + usize::from(ni), e + usize::from(ne))
@@ -523,6 +536,7 @@ impl ChangeTracker {
 mod tests {
     use super::*;
     use crate::source::load_str;
+    use std::net::Ipv4Addr;
 
     /// Only a change of what translation reads is pending work (and costs a sync): an equal
     /// object or an annotation edit is not.
@@ -579,6 +593,34 @@ spec:
         let full = translate::translate(&ClusterInput::from(o), "node-a");
         let (target, _) = maps::target(&full.state);
         assert_eq!(t.target(), &target);
+    }
+
+    #[test]
+    fn node_addresses_that_change_move_the_node_ports() {
+        let np = SVC.replace(
+            "ports: [{name: http, port: 80, targetPort: 8080}]",
+            "type: NodePort\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]",
+        );
+        let o = objs(&[np, slice("web-a", &["10.0.0.1"])]);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(o.clone());
+        t.flush();
+        let a: Ipv4Addr = "10.1.0.5".parse().unwrap();
+        let b: Ipv4Addr = "10.1.0.6".parse().unwrap();
+        assert!(t.set_node_addresses(vec![a]));
+        assert!(!t.set_node_addresses(vec![a]), "the same addresses again");
+        let c = t.flush();
+        assert_eq!(c.frontends.len(), 1, "{c:?}");
+        let full = translate::translate(&ClusterInput::from(&o), "node-a");
+        assert_eq!(t.target(), &maps::target_on(&full.state, &[a]).0);
+        assert!(t.set_node_addresses(vec![b]));
+        let c = t.flush();
+        assert_eq!(
+            c.frontends.len(),
+            2,
+            "one node port frontend gone, one new: {c:?}"
+        );
+        assert_eq!(t.target(), &maps::target_on(&full.state, &[b]).0);
     }
 
     #[test]

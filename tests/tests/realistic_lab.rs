@@ -1951,7 +1951,7 @@ fn a_restart_keeps_the_nodes_connections_to_a_service_and_their_peer() {
 
 /// From the node's own network namespace, a NodePort Service answers on every node address
 /// `--nodeport-addresses` selects and on localhost, over TCP and UDP, and the socket's peer is
-/// the address and port dialled. Node 1 serves all its addresses (the default); node 2 only
+/// the address and port dialled; a pod reaches its node's node port too. Node 1 serves all its addresses (the default); node 2 only
 /// those in 198.18.0.0/24, so its pod gateway address is not a node port there.
 #[test]
 fn the_node_itself_reaches_a_node_port_on_its_addresses_and_localhost() {
@@ -2010,6 +2010,17 @@ fn the_node_itself_reaches_a_node_port_on_its_addresses_and_localhost() {
         .unwrap_or_else(|e| panic!("UDP from {ns} to {to}: {e}"));
         assert_eq!(from, to, "UDP from {ns}: the answer's source");
         assert!(names.contains(&reply), "UDP to {to}: {reply:?}");
+    }
+    // A pod reaches its own node's node port through the pod program (the node address is a
+    // frontend address like a ClusterIP), and the answers come from the address it dialled.
+    let np1 = SocketAddr::from((node1.ip, NODE_PORT));
+    for i in 0..REQUESTS {
+        let body = http_get(lab.client(), np1, TIMEOUT)
+            .unwrap_or_else(|e| panic!("HTTP {i} from the client pod to {np1}: {e:#}"));
+        assert!(names.contains(&body.trim().to_owned()), "{body:?}");
+        let reply = udp_request(lab.client(), np1, TIMEOUT)
+            .unwrap_or_else(|e| panic!("UDP {i} from the client pod to {np1}: {e:#}"));
+        assert!(names.contains(&reply), "{reply:?}");
     }
     // Not node ports: another port, and an address --nodeport-addresses leaves out. Nothing
     // listens there, so the node's own stack refuses.
