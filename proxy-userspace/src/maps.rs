@@ -2292,10 +2292,8 @@ mod tests {
             port: 3868,
             kind: FrontendKind::ClusterIp,
         };
-        d.services.insert(
-            sctp,
-            port(vec![cip], vec![ep([10, 0, 0, 9], 3868, false)]),
-        );
+        d.services
+            .insert(sctp, port(vec![cip], vec![ep([10, 0, 0, 9], 3868, false)]));
         d.services.insert(
             spn("mixed", Protocol::Tcp),
             port(vec![cip], vec![ep([10, 0, 0, 9], 3868, false)]),

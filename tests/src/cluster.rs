@@ -5,14 +5,25 @@
 //!  vipx-<tag>-node1                                      vipx-<tag>-node2
 //!  lxc0 198.18.64.1 ── client  198.18.64.2                lxc2 198.18.65.1 ── backend-2 198.18.65.12
 //!  lxc1 198.18.64.1 ── backend-1 198.18.64.11             (lab-pod on 198.18.0.2: host backend)
-//!  eth0 198.18.0.1/24 ═════════════ uplink ══════════════ eth0 198.18.0.2/24
+//!  eth0 198.18.0.1/24                                     eth0 198.18.0.2/24
 //!  198.18.65.0/24 via 198.18.0.2                          198.18.64.0/24 via 198.18.0.1
+//!    │                                                      │
+//!  n1 ═══════════════════ br0 (vipx-<tag>-wire) ═══════════ n2
+//!                          ║
+//!                         ext ── eth0 198.18.0.100/24  vipx-<tag>-ext: the external client
+//!                                198.19.250.0/24 (LoadBalancer range) via 198.18.0.1
 //! ```
 //!
 //! - Node `k` (1 or 2) owns pod CIDR 198.18.(63+k).0/24, gateway 198.18.(63+k).1 on every host-side
-//!   veth, and node IP 198.18.0.k on its uplink `eth0`. The uplink stands for a wire between two
-//!   machines, so it has TX checksum offload off, as a real NIC hands the wire finished checksums
-//!   (design-notes: a veth otherwise carries CHECKSUM_PARTIAL packets).
+//!   veth, and node IP 198.18.0.k on its uplink `eth0`. The uplinks and the external client's
+//!   `eth0` meet on a bridge in a namespace of its own: one L2 segment, as machines on one switch.
+//!   Each stands for a NIC, so it has TX checksum offload off, as a real NIC hands the wire
+//!   finished checksums (design-notes: a veth otherwise carries CHECKSUM_PARTIAL packets), and
+//!   each bridge-side end has GRO on, which makes a veth accept frames a program on its peer
+//!   sends back with XDP_TX.
+//! - The external client (`vipx-<tag>-ext`, 198.18.0.100) is a machine outside the cluster on
+//!   the nodes' segment: it reaches node ports on the node IPs and routes the LoadBalancer range
+//!   198.19.250.0/24 to node 1, as a cloud load balancer or a BGP route would.
 //! - Pods are wired as in [`crate::lab`]: `backend-<n>` in namespace `vipx-<tag>-p<n>`, address
 //!   198.18.(63+k).(10+n), host side `lxc<n>` on its node. The client pod (`lxc0`) is on node 1.
 //! - A host-network backend is `lab-pod` running in a node namespace itself, listening on the node
@@ -36,7 +47,7 @@ use crate::lab::{
     wire_pod,
 };
 use crate::manifests::{Endpoint, POD_PORT};
-use crate::netns::{in_netns, ip_in};
+use crate::netns::{in_netns, ip_in, sysctls};
 use crate::realism::{self, Realism};
 
 /// Nodes in a [`Cluster`].
@@ -45,6 +56,10 @@ pub const NODES: u8 = 2;
 pub const CLUSTER_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 64, 2);
 /// The name of every node's uplink interface.
 pub const UPLINK_IF: &str = "eth0";
+/// The external client's address, on the nodes' segment.
+pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The LoadBalancer / external IP range the external client routes to node 1.
+pub const LOAD_BALANCER_RANGE: &str = "198.19.250.0/24";
 /// Pod `backend-<n>` gets host `.(POD_IP_BASE + n)` of its node's pod /24.
 const POD_IP_BASE: u8 = 10;
 
@@ -187,7 +202,9 @@ impl Cluster {
                 .build_node(&node)
                 .with_context(|| format!("building node namespace {}", node.name))?;
         }
-        cluster.build_uplink().context("building the uplink")?;
+        cluster
+            .build_wire()
+            .context("building the nodes' segment")?;
         let client = cluster.client.clone();
         cluster.add_namespace(&client.netns)?;
         wire_pod(
@@ -216,6 +233,12 @@ impl Cluster {
 
     pub fn nodes(&self) -> &[Node] {
         &self.nodes
+    }
+
+    /// The external client's network namespace (a machine outside the cluster, on the nodes'
+    /// segment, at [`EXTERNAL_CLIENT_IP`]).
+    pub fn external(&self) -> String {
+        ns_name(&self.tag, "ext")
     }
 
     /// The client pod, on node 1.
@@ -332,17 +355,47 @@ impl Cluster {
         ip_in(&node.name, &["link", "set", "lo", "up"])
     }
 
-    fn build_uplink(&mut self) -> Result<()> {
+    fn build_wire(&mut self) -> Result<()> {
+        let wire = ns_name(&self.tag, "wire");
+        let ext = self.external();
+        for ns in [&wire, &ext] {
+            self.add_namespace(ns)?;
+            sysctls(
+                ns,
+                &[
+                    ("net.ipv6.conf.all.disable_ipv6", "1"),
+                    ("net.ipv6.conf.default.disable_ipv6", "1"),
+                ],
+            )?;
+            ip_in(ns, &["link", "set", "lo", "up"])?;
+        }
+        ip_in(&wire, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&wire, &["link", "set", "br0", "up"])?;
+        let ends: Vec<(String, String)> = self
+            .nodes
+            .iter()
+            .map(|n| (format!("n{}", n.index), n.name.clone()))
+            .chain([("ext".to_owned(), ext.clone())])
+            .collect();
+        for (end, ns) in &ends {
+            // Made inside the wire with the peer sent straight to its namespace: the name never
+            // exists in the namespace this process runs in.
+            ip_in(
+                &wire,
+                &[
+                    "link", "add", end, "type", "veth", "peer", "name", UPLINK_IF, "netns", ns,
+                ],
+            )?;
+            set_gro(&wire, end, true)?;
+            ip_in(&wire, &["link", "set", end, "master", "br0", "up"])?;
+        }
+        disable_tx_checksum(&ext, UPLINK_IF)?;
+        let ext_addr = format!("{EXTERNAL_CLIENT_IP}/24");
+        ip_in(&ext, &["addr", "add", &ext_addr, "dev", UPLINK_IF])?;
+        ip_in(&ext, &["link", "set", UPLINK_IF, "up"])?;
+        let node1 = self.nodes[0].ip.to_string();
+        ip_in(&ext, &["route", "add", LOAD_BALANCER_RANGE, "via", &node1])?;
         let [one, two] = [&self.nodes[0], &self.nodes[1]];
-        // Made inside node 1 with the peer sent straight to node 2: the name never exists in the
-        // namespace this process runs in.
-        ip_in(
-            &one.name,
-            &[
-                "link", "add", UPLINK_IF, "type", "veth", "peer", "name", UPLINK_IF, "netns",
-                &two.name,
-            ],
-        )?;
         for (node, peer) in [(one, two), (two, one)] {
             realism::prepare_interface(&node.name, UPLINK_IF, self.realism)?;
             disable_tx_checksum(&node.name, UPLINK_IF)?;
@@ -405,11 +458,26 @@ impl Drop for Cluster {
     }
 }
 
-/// `ethtool -K IF tx off`, through the ethtool ioctl so the lab needs no extra tool: the kernel
-/// then finishes every checksum before the packet enters the veth, as for a NIC without offload.
+/// `ethtool -K IF tx off`: the kernel then finishes every checksum before the packet enters the
+/// veth, as for a NIC without offload.
 fn disable_tx_checksum(ns: &str, ifname: &str) -> Result<()> {
     const ETHTOOL_GTXCSUM: u32 = 0x16;
     const ETHTOOL_STXCSUM: u32 = 0x17;
+    ethtool_set(ns, ifname, (ETHTOOL_STXCSUM, ETHTOOL_GTXCSUM), false)
+        .context("TX checksum offload")
+}
+
+/// `ethtool -K IF gro on|off`. On a veth, GRO on gives it NAPI, and only then does it accept
+/// frames its peer's XDP program sends back (`XDP_TX`) without an XDP program of its own.
+fn set_gro(ns: &str, ifname: &str, on: bool) -> Result<()> {
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    ethtool_set(ns, ifname, (ETHTOOL_SGRO, ETHTOOL_GGRO), on).context("GRO")
+}
+
+/// One ethtool feature (`set`, `get` commands) of `ifname` in `ns` set to `on` and read back,
+/// through the ethtool ioctl so the lab needs no extra tool.
+fn ethtool_set(ns: &str, ifname: &str, (set, get): (u32, u32), on: bool) -> Result<()> {
     /// `struct ethtool_value`.
     #[repr(C)]
     struct EthtoolValue {
@@ -435,7 +503,7 @@ fn disable_tx_checksum(ns: &str, ifname: &str) -> Result<()> {
         ifname.len() < libc::IFNAMSIZ,
         "interface name {ifname:?} too long"
     );
-    let tx = in_netns(ns, || -> std::io::Result<u32> {
+    let now = in_netns(ns, || -> std::io::Result<u32> {
         // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd at once.
         let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
@@ -443,13 +511,14 @@ fn disable_tx_checksum(ns: &str, ifname: &str) -> Result<()> {
         }
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        ethtool(&fd, ETHTOOL_STXCSUM, 0)?;
-        ethtool(&fd, ETHTOOL_GTXCSUM, 0)
+        ethtool(&fd, set, u32::from(on))?;
+        ethtool(&fd, get, 0)
     })?
-    .with_context(|| format!("turning TX checksum offload off on {ifname} in {ns}"))?;
+    .with_context(|| format!("setting {ifname} in {ns}"))?;
     ensure!(
-        tx == 0,
-        "TX checksum offload on {ifname} in {ns} is still on after turning it off"
+        (now != 0) == on,
+        "{ifname} in {ns} is still {} after the change",
+        if on { "off" } else { "on" }
     );
     Ok(())
 }

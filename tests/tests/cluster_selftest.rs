@@ -87,6 +87,17 @@ fn two_realistic_nodes_carry_direct_traffic_and_teardown_removes_everything() {
             .unwrap_or_else(|e| panic!("3000-byte reply from {addr}: {e:#}"));
         assert_eq!(reply.len(), 3000);
     }
+    // The external client shares the nodes' segment: it reaches what listens on the node IPs.
+    let external = cluster.external();
+    for (name, addr) in [
+        (&host1.name, host1.server_addr()),
+        (&host2.name, host2.server_addr()),
+    ] {
+        let body =
+            http_get(&external, addr, TIMEOUT).unwrap_or_else(|e| panic!("external {addr}: {e:#}"));
+        assert_eq!(body.trim(), name.as_str());
+        assert_eq!(&udp_request(&external, addr, TIMEOUT).unwrap(), name);
+    }
     // Counted from the pod's own loopback: two UDP requests and one sized one above.
     let loopback = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, POD_PORT));
     assert_eq!(udp_count(&remote.netns, loopback, TIMEOUT).unwrap(), 2);
@@ -104,8 +115,8 @@ fn two_realistic_nodes_carry_direct_traffic_and_teardown_removes_everything() {
     let namespaces = cluster.namespaces().to_vec();
     assert_eq!(
         namespaces.len(),
-        5,
-        "2 nodes, client, 2 pods: {namespaces:?}"
+        7,
+        "2 nodes, the wire, the external client, the client pod, 2 pods: {namespaces:?}"
     );
     let pids: Vec<u32> = [&host1.name, &host2.name, &local.name]
         .iter()
