@@ -59,6 +59,12 @@ pub mod map_names {
     /// Socket-level LB: the network namespaces (by cookie) whose sockets this vipx translates
     /// (not pinned: written before each build's programs are attached).
     pub const SOCKNS: &str = "VIPX_SOCKNS";
+    /// External flows sent to a backend on another node: the address and port each side is
+    /// translated to (see `SnatValue4`). Pinned with conntrack.
+    pub const SNAT4: &str = "VIPX_SNAT4";
+    /// Next hops the node program found without a neighbour entry (userspace asks the kernel to
+    /// resolve them; not pinned).
+    pub const NEIGHMISS4: &str = "VIPX_NEIGHMISS4";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -85,6 +91,9 @@ pub mod prog_names {
     pub const SOCK_RECVMSG4: &str = "vipx_sock_recvmsg4";
     /// cgroup `getpeername4`: a translated socket's peer is the frontend dialled.
     pub const SOCK_GETPEERNAME4: &str = "vipx_sock_getpeername4";
+    /// XDP on the node's external interfaces: node ports, LoadBalancer and external IPs for
+    /// clients outside the cluster.
+    pub const NODE_XDP: &str = "vipx_node_xdp";
 }
 
 /// Default map sizes; userspace overrides them from config before load.
@@ -115,6 +124,8 @@ pub mod defaults {
     pub const SOCKREV4_ENTRIES: u32 = 262_144;
     /// Network namespaces one vipx translates sockets of.
     pub const SOCKNS_ENTRIES: u32 = 64;
+    /// Next hops waiting for neighbour resolution.
+    pub const NEIGHMISS4_ENTRIES: u32 = 256;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -227,6 +238,9 @@ pub struct SvcValue {
 pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 /// Terminating: established flows keep it, new flows only use it through fallback slots.
 pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
+/// On this node (its endpoint's `nodeName`): an external flow to it is delivered here, not sent
+/// on to another node.
+pub const BACKEND_F_LOCAL: u8 = 1 << 2;
 
 /// Value of `BACKEND4` (an array indexed by backend id; an entry without `BACKEND_F_ACTIVE` does
 /// not exist, but keeps its `generation`).
@@ -283,6 +297,27 @@ pub const CT_F_REPLIED: u32 = 1 << 2;
 pub const CT_F_FIN: u32 = 1 << 3;
 /// A TCP RST went through in this entry's direction.
 pub const CT_F_RST: u32 = 1 << 4;
+/// An external flow sent to a backend on another node: its source was translated too (to this
+/// node's address and a port of [`SNAT_PORT_MIN`]..=[`SNAT_PORT_MAX`]); `SNAT4` holds, under the
+/// same key, the other side's address and port.
+pub const CT_F_SNAT: u32 = 1 << 6;
+
+/// Source ports of external flows sent to backends on other nodes: above Linux's default
+/// ephemeral range (32768-60999), so they do not collide with the node's own connections.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+
+/// Value of `SNAT4`. Under a forward key (client -> frontend): the source the packet leaves
+/// with (this node's address, a SNAT port). Under a reply key (backend -> node, SNAT port): the
+/// client the answer goes back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SnatValue4 {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
 /// A hairpin flow (the client is its own backend): both entries also rewrite the client's
 /// address to and from the hairpin address, and packets go straight back into the pod.
 pub const CT_F_HAIRPIN: u32 = 1 << 5;
@@ -486,12 +521,25 @@ pub enum Stat {
     /// Socket-level LB: `getpeername` or a UDP `recvmsg` reported the frontend instead of the
     /// backend.
     SockReversed,
+    /// Packets the node program (XDP on the node's interfaces) saw.
+    NodePackets,
+    /// External flows started to a backend on this node (DNAT, passed to the stack).
+    NodeNewLocal,
+    /// External flows started to a backend on another node (DNAT + SNAT, sent back out).
+    NodeNewRemote,
+    /// Packets of established external flows translated (both directions).
+    NodeTranslated,
+    /// External packets dropped because the next hop had no neighbour entry yet (resolution is
+    /// asked for; the client's retransmission gets through).
+    NodeNoNeigh,
+    /// External flows dropped: no free SNAT port towards their backend.
+    NodeNoPort,
 }
 
-pub const STATS_LEN: u32 = 32;
+pub const STATS_LEN: u32 = 64;
 
 impl Stat {
-    pub const ALL: [Stat; 30] = [
+    pub const ALL: [Stat; 36] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -522,6 +570,12 @@ impl Stat {
         Stat::SockTranslated,
         Stat::SockRefused,
         Stat::SockReversed,
+        Stat::NodePackets,
+        Stat::NodeNewLocal,
+        Stat::NodeNewRemote,
+        Stat::NodeTranslated,
+        Stat::NodeNoNeigh,
+        Stat::NodeNoPort,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -556,6 +610,12 @@ impl Stat {
             Stat::SockTranslated => "sock_translated",
             Stat::SockRefused => "sock_refused",
             Stat::SockReversed => "sock_reversed",
+            Stat::NodePackets => "node_packets",
+            Stat::NodeNewLocal => "node_new_local",
+            Stat::NodeNewRemote => "node_new_remote",
+            Stat::NodeTranslated => "node_translated",
+            Stat::NodeNoNeigh => "node_no_neigh",
+            Stat::NodeNoPort => "node_no_port",
         }
     }
 }
@@ -581,6 +641,7 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityMatchKey4>() == 8);
     assert!(core::mem::size_of::<SockRevKey4>() == 16);
     assert!(core::mem::size_of::<SockRevValue4>() == 16);
+    assert!(core::mem::size_of::<SnatValue4>() == 8);
     assert!((Stat::ALL.len() as u32) <= STATS_LEN);
 };
 
@@ -604,6 +665,7 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevKey4 {}
     unsafe impl aya::Pod for SockRevValue4 {}
+    unsafe impl aya::Pod for SnatValue4 {}
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ use vipx_ebpf::{
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
 // Pinned by name so a restarted vipx finds its services and, above all, its flows.
+mod node;
 mod sock;
 
 #[map(name = "VIPX_SVC4")]

@@ -9,6 +9,7 @@ pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod nodeaddr;
+pub mod nodeif;
 pub mod run;
 pub mod serve;
 pub mod socklb;

@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     fs,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -21,7 +22,7 @@ use aya::{
 };
 use proxy_common::{STATS_LEN, Stat, defaults, map_names, prog_names};
 
-use crate::maps::ServiceMaps;
+use crate::{conntrack::bpf_call, maps::ServiceMaps};
 
 /// The compiled eBPF object (empty when built with AYA_BUILD_SKIP=1).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipx"));
@@ -154,6 +155,7 @@ fn load_pinned(pin_dir: &Path, sizes: MapSizes, maglev_entries: u32) -> Result<E
         .map_max_entries(map_names::REVNAT4, sizes.revnat)
         .map_max_entries(map_names::VIP4, sizes.revnat)
         .map_max_entries(map_names::CT4, sizes.conntrack)
+        .map_max_entries(map_names::SNAT4, sizes.conntrack)
         .map_max_entries(map_names::MAGLEV4, maglev_entries)
         .map_max_entries(map_names::AFFMATCH4, sizes.services)
         .load(EBPF_OBJECT)
@@ -407,6 +409,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             4,
             sizes.services,
             "--max-service-entries",
+        ),
+        (
+            map_names::SNAT4,
+            size(size_of::<CtKey4>()),
+            size(size_of::<proxy_common::SnatValue4>()),
+            sizes.conntrack,
+            "--max-conntrack",
         ),
         (
             map_names::SOCKREV4,
@@ -859,7 +868,7 @@ fn parse_link_pin_name(file: &str) -> Option<(String, u32)> {
 }
 
 /// Attach `name` in tcx, first in the chain, and pin the link at `path`.
-fn attach_pinned(
+pub(crate) fn attach_pinned(
     ebpf: &mut Ebpf,
     name: &str,
     iface: &str,
@@ -880,7 +889,7 @@ fn attach_pinned(
 }
 
 /// Whether an error, or any error it wraps, is the OS error `errno`.
-fn has_errno(e: &anyhow::Error, errno: i32) -> bool {
+pub(crate) fn has_errno(e: &anyhow::Error, errno: i32) -> bool {
     e.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
@@ -889,7 +898,7 @@ fn has_errno(e: &anyhow::Error, errno: i32) -> bool {
 }
 
 /// Swap `name` into the tcx link pinned at `path`.
-fn replace_program(ebpf: &mut Ebpf, name: &str, path: &Path) -> Result<()> {
+pub(crate) fn replace_program(ebpf: &mut Ebpf, name: &str, path: &Path) -> Result<()> {
     let link = PinnedLink::from_pin(path).context("opening the pinned link")?;
     let link = SchedClassifierLink::try_from(FdLink::from(link))
         .context("the pinned link is not a tcx link")?;
@@ -899,6 +908,48 @@ fn replace_program(ebpf: &mut Ebpf, name: &str, path: &Path) -> Result<()> {
         .context("replacing the program of the pinned link")?;
     // The pin keeps the link; this handle can go without detaching anything.
     drop(p.take_link(id)?);
+    Ok(())
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `bpf_attr` of `BPF_OBJ_GET` (`struct { pathname, bpf_fd, file_flags }`).
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `bpf_attr` of `BPF_LINK_UPDATE` (`struct { link_fd, new_prog_fd, flags, old_prog_fd }`).
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Swap `prog` into the link pinned at `path` (any link type: cgroup, XDP), atomically.
+pub(crate) fn update_link(path: &Path, prog: BorrowedFd<'_>) -> Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut get = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf_call(BPF_OBJ_GET, &mut get).context("opening the pinned link")?;
+    let fd = i32::try_from(fd).context("link descriptor out of range")?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that we now own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut update = LinkUpdateAttr {
+        link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(u32::MAX),
+        new_prog_fd: u32::try_from(prog.as_raw_fd()).unwrap_or(u32::MAX),
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf_call(BPF_LINK_UPDATE, &mut update).context("replacing the link's program")?;
     Ok(())
 }
 
@@ -924,6 +975,13 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             remove_known_dir(&links)?;
         }
         crate::socklb::detach(pin_dir)?;
+        let node_links = crate::nodeif::link_dir(pin_dir);
+        if let Ok(entries) = fs::read_dir(&node_links) {
+            for entry in entries.flatten() {
+                remove_known(&entry.path())?;
+            }
+            remove_known_dir(&node_links)?;
+        }
         for name in [
             map_names::SVC4,
             map_names::VIP4,
@@ -935,6 +993,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::MAGLEV4,
             map_names::AFFMATCH4,
             map_names::SOCKREV4,
+            map_names::SNAT4,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -237,6 +237,15 @@ struct RunArgs {
     /// (kube-proxy's flag) [default: every address on the node's interfaces].
     #[arg(long, value_delimiter = ',', value_parser = cidr_arg)]
     nodeport_addresses: Vec<config::Cidr>,
+    /// The node's external interfaces, comma-separated globs: XDP there serves node ports,
+    /// LoadBalancer and external IPs to clients outside the cluster [default: the interfaces
+    /// holding the node port addresses, but loopback and pod interfaces].
+    #[arg(long, value_delimiter = ',')]
+    node_interfaces: Vec<String>,
+    /// XDP mode on the node's interfaces: `native` (in the driver; generic where the driver has
+    /// none) or `generic` (in the stack, on every driver).
+    #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
+    node_xdp_mode: String,
 }
 
 fn cidr_arg(s: &str) -> Result<config::Cidr, String> {
@@ -278,6 +287,11 @@ fn real_main() -> Result<()> {
         Cmd::Run(a) => {
             let pod_interfaces = a
                 .pod_interfaces
+                .iter()
+                .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
+                .collect::<Result<_>>()?;
+            let node_interfaces = a
+                .node_interfaces
                 .iter()
                 .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
                 .collect::<Result<_>>()?;
@@ -328,6 +342,8 @@ fn real_main() -> Result<()> {
                 socket_lb: a.socket_lb,
                 cgroup_root: a.cgroup_root,
                 nodeport_addresses: a.nodeport_addresses,
+                node_interfaces,
+                node_xdp_generic: a.node_xdp_mode == "generic",
             };
             // Two workers: a sync blocks its thread (1 s at 10k Services), and /healthz, /livez
             // and /metrics must answer meanwhile (probes and cloud load balancers time out).

@@ -23,10 +23,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
-    AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, Backend4, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP,
-    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SvcKey4,
-    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
+    AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend4,
+    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY,
+    SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV,
+    SVC_F_NODE_PORT, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4,
+    VipKey4,
 };
 
 use crate::{
@@ -203,7 +204,8 @@ pub fn target_on(desired: &DesiredState, node_addresses: &[Ipv4Addr]) -> (Target
                     BACKEND_F_TERMINATING
                 } else {
                     0
-                };
+                }
+                | if ep.local { BACKEND_F_LOCAL } else { 0 };
             let key = L4Addr {
                 addr,
                 port: ep.port,

@@ -10,14 +10,14 @@ use anyhow::{Context as _, Result};
 use crate::config::Cidr;
 
 /// Every IPv4 address on this network namespace's interfaces but loopback ones (the programs
-/// treat 127.0.0.0/8 on their own, for the node's sockets only).
-pub fn local_ipv4() -> Result<BTreeSet<Ipv4Addr>> {
+/// treat 127.0.0.0/8 on their own, for the node's sockets only), with its interface.
+pub fn local_ipv4() -> Result<Vec<(String, Ipv4Addr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(std::io::Error::last_os_error()).context("listing the node's addresses");
     }
-    let mut out = BTreeSet::new();
+    let mut out = Vec::new();
     let mut cur = head;
     while !cur.is_null() {
         // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
@@ -29,8 +29,10 @@ pub fn local_ipv4() -> Result<BTreeSet<Ipv4Addr>> {
             // SAFETY: an AF_INET sockaddr is a sockaddr_in.
             let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
             let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            // SAFETY: getifaddrs gives every entry a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
             if !addr.is_loopback() {
-                out.insert(addr);
+                out.push((name.to_string_lossy().into_owned(), addr));
             }
         }
         cur = ifa.ifa_next;
@@ -42,9 +44,12 @@ pub fn local_ipv4() -> Result<BTreeSet<Ipv4Addr>> {
 
 /// The addresses of `local` that `--nodeport-addresses` selects (none given: all of them, as
 /// kube-proxy's default before 1.29 and Cilium's).
-pub fn select(local: &BTreeSet<Ipv4Addr>, cidrs: &[Cidr]) -> BTreeSet<Ipv4Addr> {
+pub fn select<'a>(
+    local: impl IntoIterator<Item = &'a Ipv4Addr>,
+    cidrs: &[Cidr],
+) -> BTreeSet<Ipv4Addr> {
     local
-        .iter()
+        .into_iter()
         .copied()
         .filter(|a| cidrs.is_empty() || cidrs.iter().any(|c| c.contains((*a).into())))
         .collect()
@@ -54,17 +59,34 @@ pub fn select(local: &BTreeSet<Ipv4Addr>, cidrs: &[Cidr]) -> BTreeSet<Ipv4Addr> 
 pub struct NodeAddresses {
     cidrs: Vec<Cidr>,
     last: Option<BTreeSet<Ipv4Addr>>,
+    /// Every address of the last read, with its interface.
+    by_interface: Vec<(String, Ipv4Addr)>,
 }
 
 impl NodeAddresses {
     pub fn new(cidrs: Vec<Cidr>) -> Self {
-        Self { cidrs, last: None }
+        Self {
+            cidrs,
+            last: None,
+            by_interface: Vec::new(),
+        }
+    }
+
+    /// The selected addresses as last read.
+    pub fn selected(&self) -> BTreeSet<Ipv4Addr> {
+        self.last.clone().unwrap_or_default()
+    }
+
+    /// Every address of the last read, with its interface.
+    pub fn by_interface(&self) -> &[(String, Ipv4Addr)] {
+        &self.by_interface
     }
 
     /// Read the interfaces again: the selected addresses when they changed (or on the first
     /// read), else `None`.
     pub fn refresh(&mut self) -> Result<Option<Vec<Ipv4Addr>>> {
-        let now = select(&local_ipv4()?, &self.cidrs);
+        self.by_interface = local_ipv4()?;
+        let now = select(self.by_interface.iter().map(|(_, a)| a), &self.cidrs);
         if self.last.as_ref() == Some(&now) {
             return Ok(None);
         }

@@ -30,6 +30,7 @@ use crate::{
     loader::{self, Attachments, MapSizes},
     maps::{self, FailedFrontend, MapWriter},
     nodeaddr::NodeAddresses,
+    nodeif::{self, NodeInterfaces},
     serve::{self, Telemetry, metrics::MapUse},
     socklb::{self, SocketLb},
     source::{
@@ -71,6 +72,10 @@ pub struct RunOptions {
     pub cgroup_root: Option<PathBuf>,
     /// Which of the node's addresses serve node ports (empty: all of them).
     pub nodeport_addresses: Vec<Cidr>,
+    /// The node's external interfaces (empty: those holding a node port address).
+    pub node_interfaces: Vec<glob::Pattern>,
+    /// Generic XDP on the node's interfaces instead of native.
+    pub node_xdp_generic: bool,
 }
 
 /// Names of what is programmed, by reverse-NAT id, so `vipx services` can label what it reads
@@ -281,6 +286,8 @@ struct Controller {
     collector_restart_at: Option<Instant>,
     /// The node's addresses serving node ports, re-read at every interface scan.
     node_addresses: NodeAddresses,
+    /// XDP and egress reverse NAT on the node's external interfaces.
+    node_interfaces: NodeInterfaces,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -642,6 +649,15 @@ impl Controller {
         }
         self.refused
             .retain(|name| present.iter().any(|(n, _)| n == name));
+        let external = nodeif::select(
+            &present,
+            self.node_addresses.by_interface(),
+            &self.node_addresses.selected(),
+            &self.opts.node_interfaces,
+            &self.opts.pod_interfaces,
+        );
+        self.node_interfaces.sync(&mut self.ebpf, &external);
+        self.node_interfaces.resolve_neighbours();
         for (name, index) in present {
             if self.attachments.is_attached(&name)
                 || !self.opts.pod_interfaces.iter().any(|g| g.matches(&name))
@@ -856,6 +872,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
+    let node_interfaces = NodeInterfaces::new(&mut ebpf, &opts.pin_dir, opts.node_xdp_generic)?;
     match opts.socket_lb {
         SocketLb::Host => {
             let cgroup = match &opts.cgroup_root {
@@ -904,6 +921,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         collector,
         collector_restart_at: None,
         node_addresses,
+        node_interfaces,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;

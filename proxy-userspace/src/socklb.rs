@@ -13,7 +13,7 @@
 use std::{
     fs,
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
@@ -27,7 +27,7 @@ use aya::{
 };
 use proxy_common::{map_names, prog_names};
 
-use crate::conntrack::bpf_call;
+use crate::loader::update_link;
 
 /// Which sockets get socket-level load balancing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +59,6 @@ const PROGRAMS: [(&str, &str); 4] = [
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const SO_NETNS_COOKIE: libc::c_int = 71;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// The directory holding a node's pinned cgroup links.
 pub fn link_dir(pin_dir: &Path) -> PathBuf {
@@ -198,45 +196,6 @@ fn is_cgroup2(dir: &fs::File) -> bool {
         let mut st: libc::statfs = std::mem::zeroed();
         libc::fstatfs(dir.as_raw_fd(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
     }
-}
-
-/// `bpf_attr` of `BPF_OBJ_GET` (`struct { pathname, bpf_fd, file_flags }`).
-#[repr(C)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-/// `bpf_attr` of `BPF_LINK_UPDATE` (`struct { link_fd, new_prog_fd, flags, old_prog_fd }`).
-#[repr(C)]
-struct LinkUpdateAttr {
-    link_fd: u32,
-    new_prog_fd: u32,
-    flags: u32,
-    old_prog_fd: u32,
-}
-
-/// Swap `prog` into the link pinned at `path`, atomically: no connect goes untranslated.
-fn update_link(path: &Path, prog: BorrowedFd<'_>) -> Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut get = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd = bpf_call(BPF_OBJ_GET, &mut get).context("opening the pinned link")?;
-    let fd = i32::try_from(fd).context("link descriptor out of range")?;
-    // SAFETY: BPF_OBJ_GET returned a new descriptor that we now own.
-    let link = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut update = LinkUpdateAttr {
-        link_fd: u32::try_from(link.as_raw_fd()).unwrap_or(u32::MAX),
-        new_prog_fd: u32::try_from(prog.as_raw_fd()).unwrap_or(u32::MAX),
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    bpf_call(BPF_LINK_UPDATE, &mut update).context("replacing the link's program")?;
-    Ok(())
 }
 
 #[cfg(test)]

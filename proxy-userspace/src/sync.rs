@@ -13,7 +13,7 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING};
+use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING};
 
 use crate::{
     digest::{self, DigestedObjects, ServiceDigest, SliceDigest},
@@ -503,18 +503,21 @@ impl ChangeTracker {
         }
     }
 
-    /// A backend is terminating only if every Service using it says so.
+    /// A backend is terminating only if every Service using it says so (and local, on this
+    /// node, if any says so: they all do, it is a property of the address).
     fn refresh_backend(&mut self, be: &L4Addr, changes: &mut Changes) {
         let want = match self.backend_users.get(be) {
             Some(users) if !users.is_empty() => {
                 let terminating = users.iter().all(|(_, f)| f & BACKEND_F_TERMINATING != 0);
+                let local = users.iter().any(|(_, f)| f & BACKEND_F_LOCAL != 0);
                 Some(
                     BACKEND_F_ACTIVE
                         | if terminating {
                             BACKEND_F_TERMINATING
                         } else {
                             0
-                        },
+                        }
+                        | if local { BACKEND_F_LOCAL } else { 0 },
                 )
             }
             _ => None,

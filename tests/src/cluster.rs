@@ -19,8 +19,8 @@
 //!   `eth0` meet on a bridge in a namespace of its own: one L2 segment, as machines on one switch.
 //!   Each stands for a NIC, so it has TX checksum offload off, as a real NIC hands the wire
 //!   finished checksums (design-notes: a veth otherwise carries CHECKSUM_PARTIAL packets), and
-//!   each bridge-side end has GRO on, which makes a veth accept frames a program on its peer
-//!   sends back with XDP_TX.
+//!   each bridge-side end runs a trivial XDP program, without which a veth drops the frames a
+//!   program on its peer sends back with XDP_TX.
 //! - The external client (`vipx-<tag>-ext`, 198.18.0.100) is a machine outside the cluster on
 //!   the nodes' segment: it reaches node ports on the node IPs and routes the LoadBalancer range
 //!   198.19.250.0/24 to node 1, as a cloud load balancer or a BGP route would.
@@ -163,6 +163,8 @@ pub struct Cluster {
     /// Every namespace created and not deleted yet, in creation order.
     namespaces: Vec<String>,
     servers: Vec<Server>,
+    /// The bridge-side ends' `XDP_PASS` links (see [`xdp_pass`]).
+    wire_xdp: Vec<OwnedFd>,
 }
 
 impl Cluster {
@@ -195,6 +197,7 @@ impl Cluster {
             next_pod: 1,
             namespaces: Vec::new(),
             servers: Vec::new(),
+            wire_xdp: Vec::new(),
         };
         // Dropping `cluster` on an early return removes what was built so far.
         for node in cluster.nodes.clone() {
@@ -337,6 +340,9 @@ impl Cluster {
     /// and route with them). Keeps going past failures and reports them all at the end; calling
     /// it again does nothing.
     pub fn teardown(&mut self) -> Result<()> {
+        // Closing the link descriptors detaches the bridge ends' programs (deleting the wire's
+        // namespace would too).
+        self.wire_xdp.clear();
         let errors = stop_and_delete(
             std::mem::take(&mut self.servers),
             std::mem::take(&mut self.namespaces),
@@ -386,8 +392,8 @@ impl Cluster {
                     "link", "add", end, "type", "veth", "peer", "name", UPLINK_IF, "netns", ns,
                 ],
             )?;
-            set_gro(&wire, end, true)?;
             ip_in(&wire, &["link", "set", end, "master", "br0", "up"])?;
+            self.wire_xdp.push(xdp_pass(&wire, end)?);
         }
         disable_tx_checksum(&ext, UPLINK_IF)?;
         let ext_addr = format!("{EXTERNAL_CLIENT_IP}/24");
@@ -467,12 +473,76 @@ fn disable_tx_checksum(ns: &str, ifname: &str) -> Result<()> {
         .context("TX checksum offload")
 }
 
-/// `ethtool -K IF gro on|off`. On a veth, GRO on gives it NAPI, and only then does it accept
-/// frames its peer's XDP program sends back (`XDP_TX`) without an XDP program of its own.
-fn set_gro(ns: &str, ifname: &str, on: bool) -> Result<()> {
-    const ETHTOOL_GGRO: u32 = 0x2b;
-    const ETHTOOL_SGRO: u32 = 0x2c;
-    ethtool_set(ns, ifname, (ETHTOOL_SGRO, ETHTOOL_GGRO), on).context("GRO")
+/// Attach a two-instruction `XDP_PASS` program to `ifname` in `ns` (native XDP, through a BPF
+/// link whose descriptor is returned: the program stays while it is held, or until the interface
+/// goes). A veth accepts the frames its peer's XDP program sends back (`XDP_TX`) only when it
+/// runs XDP itself: the bridge-side ends need this for the nodes' XDP programs to send on; GRO
+/// alone (which gives a veth NAPI since 5.13) was not enough on this kernel.
+fn xdp_pass(ns: &str, ifname: &str) -> Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    /// `r0 = XDP_PASS (2); exit`.
+    const PASS: [u64; 2] = [0xb7 | (2u64 << 32), 0x95];
+    /// The `BPF_PROG_LOAD` prefix of `bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+    }
+    /// The `BPF_LINK_CREATE` prefix of `bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<OwnedFd> {
+        // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix for `cmd`, whose pointers
+        // name buffers alive across the call.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the command returned a new descriptor that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+    let license = c"GPL";
+    let mut load = ProgLoad {
+        prog_type: BPF_PROG_TYPE_XDP,
+        insn_cnt: PASS.len() as u32,
+        insns: PASS.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..ProgLoad::default()
+    };
+    let prog = bpf(BPF_PROG_LOAD, &mut load).context("loading an XDP_PASS program")?;
+    let name = std::ffi::CString::new(ifname)?;
+    in_netns(ns, || -> Result<OwnedFd> {
+        // SAFETY: NUL-terminated name we own.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        ensure!(ifindex != 0, "no interface {ifname}");
+        let mut link = LinkCreate {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_ifindex: ifindex,
+            attach_type: BPF_XDP,
+            flags: XDP_FLAGS_DRV_MODE,
+        };
+        bpf(BPF_LINK_CREATE, &mut link).context("attaching it")
+    })?
+    .with_context(|| format!("XDP_PASS on {ifname} in {ns}"))
 }
 
 /// One ethtool feature (`set`, `get` commands) of `ifname` in `ns` set to `on` and read back,

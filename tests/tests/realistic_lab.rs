@@ -2036,3 +2036,100 @@ fn the_node_itself_reaches_a_node_port_on_its_addresses_and_localhost() {
         }
     }
 }
+
+// External traffic (issue 8): a client outside the cluster, on the nodes' segment.
+
+/// The data-path events of every node's vipx that are not zero, for failure messages.
+fn datapath_events(lab: &Lab) -> String {
+    (1..=lab.vipx.len())
+        .map(|n| {
+            let m = node_metrics(lab, n as u8);
+            let lines: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("vipx_datapath_events_total") && !l.ends_with(" 0"))
+                .collect();
+            format!("node {n}: {}", lines.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `REQUESTS` TCP and UDP requests from the external client to `to`, each answered by
+/// `expected`; the UDP socket is connected, so an answer from another address than `to` fails.
+/// TCP first: a new flow's SYN may be dropped while the node resolves a next hop, and TCP
+/// retransmits it.
+fn assert_external_answers(lab: &Lab, to: SocketAddr, expected: &str) {
+    let ext = lab.cluster.external();
+    for i in 0..REQUESTS {
+        let body = http_get(&ext, to, TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "external HTTP {i} to {to}: {e:#} [{}]\n{}",
+                lab.cluster.drops(),
+                datapath_events(lab)
+            )
+        });
+        assert_eq!(body.trim(), expected, "external HTTP {i} to {to}");
+    }
+    for i in 0..REQUESTS {
+        let reply = udp_request(&ext, to, TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "external UDP {i} to {to}: {e:#} [{}]\n{}",
+                lab.cluster.drops(),
+                datapath_events(lab)
+            )
+        });
+        assert_eq!(reply, expected, "external UDP {i} to {to}");
+    }
+}
+
+/// A NodePort Service answers a client outside the cluster on every node: on node 1, which
+/// runs its pod (DNAT in XDP, the pod's answer restored on its way out), and on node 2, which
+/// runs none (DNAT and SNAT in XDP, sent on to node 1; node 1's pod answers node 2, which
+/// translates the answer back to the client). The answers come from the address dialled.
+#[test]
+fn an_external_client_reaches_a_node_port_through_every_node() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_081;
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    lab.service_spec(ServiceSpec {
+        node_port: Some(NODE_PORT),
+        ..spec("np", VIP_A, pod_endpoints(&[&pod]))
+    });
+    lab.start_vipx(&[1, 2]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    let (node1, node2) = (lab.cluster.node(1).clone(), lab.cluster.node(2).clone());
+    for (vipx, node) in lab.vipx.iter_mut().zip([&node1, &node2]) {
+        vipx.wait_programmed(&format!("{}:{NODE_PORT}/UDP", node.ip), READY, |_| true)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        vipx.wait_log("node interface served", READY)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    assert_external_answers(&lab, SocketAddr::from((node1.ip, NODE_PORT)), &pod.name);
+    assert_external_answers(&lab, SocketAddr::from((node2.ip, NODE_PORT)), &pod.name);
+}
+
+/// An external IP (routed by the client to node 1) whose only pod runs on node 2: node 1
+/// translates both ways in XDP and the client sees the external IP answer.
+#[test]
+fn an_external_client_reaches_an_external_ip_whose_pod_is_on_another_node() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service_spec(ServiceSpec {
+        external_ips: vec![EXTERNAL_IP],
+        ..spec("ext", VIP_A, pod_endpoints(&[&pod]))
+    });
+    lab.start_vipx(&[1, 2]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    lab.vipx[0]
+        .wait_log("node interface served", READY)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_external_answers(&lab, vip(EXTERNAL_IP), &pod.name);
+}

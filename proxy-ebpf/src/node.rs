@@ -1,0 +1,516 @@
+//! External traffic: node ports, LoadBalancer and external IPs for clients outside the cluster,
+//! in XDP on the node's interfaces (`vipx_node_xdp`). It reads top to bottom:
+//! parse -> a reply of a flow this node sent to another node? (a port of the SNAT range) ->
+//! frontend (address map, then service map) -> conntrack or backend choice -> rewrite -> verdict.
+//!
+//! - A backend on this node: DNAT only, and the packet goes up the stack to the pod (the client's
+//!   address is kept). The pod's answer leaves through this interface, where the pod program's
+//!   reverse NAT (`vipx_pod_egress`, attached on its egress too) restores the frontend.
+//! - A backend on another node (externalTrafficPolicy Cluster): DNAT and SNAT to this node's
+//!   address (the one the kernel's route to the backend selects) with a port of
+//!   `SNAT_PORT_MIN..=SNAT_PORT_MAX`, and the packet goes straight back out (`XDP_TX`, or a
+//!   redirect when the route leaves through another interface) with the next hop's MAC from the
+//!   kernel's FIB. The backend answers this node on that port; the answer is translated back to
+//!   the client here and sent out the same way. Neither direction enters this node's stack.
+//! - A next hop without a neighbour entry: the packet is dropped and the next hop recorded
+//!   (`NEIGHMISS4`) for userspace to have the kernel resolve it; the client's retransmission
+//!   finds it resolved.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST,
+        bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    macros::{map, xdp},
+    maps::LruHashMap,
+    programs::XdpContext,
+};
+use proxy_common::{
+    BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_MAGLEV,
+    SnatValue4, Stat, SvcKey4, SvcValue, VIP_F_HAIRPIN, VipKey4, defaults,
+};
+use vipx_ebpf::{
+    ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
+    L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2,
+    csum_replace4, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment, is_tcp_syn, pick_slot,
+};
+
+use crate::{
+    CT4, REVNAT4, SVC4, VIP4, backend, count, ct_now, ct_put, ct_touch, maglev_pick, reply_revnat,
+    slot_backend,
+};
+
+/// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
+#[map(name = "VIPX_SNAT4")]
+static SNAT4: LruHashMap<CtKey4, SnatValue4> = LruHashMap::pinned(defaults::CT4_ENTRIES, 0);
+
+#[map(name = "VIPX_NEIGHMISS4")]
+static NEIGHMISS4: LruHashMap<[u8; 4], u32> =
+    LruHashMap::with_max_entries(defaults::NEIGHMISS4_ENTRIES, 0);
+
+/// SNAT ports tried for one new flow before it is dropped.
+const SNAT_TRIES: u32 = 8;
+const AF_INET: u8 = 2;
+
+/// The headers the node program needs, copied out of the packet.
+struct Pkt {
+    l4_off: usize,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+    proto: u8,
+    tcp_flags: u8,
+}
+
+impl Pkt {
+    #[inline(always)]
+    fn ct_key(&self) -> CtKey4 {
+        CtKey4 {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    fn ct_state(&self) -> u32 {
+        if self.proto == IPPROTO_TCP {
+            ct_state_of_tcp(self.tcp_flags)
+        } else {
+            0
+        }
+    }
+}
+
+/// A rewrite of both endpoints of a packet (what is unchanged is given as it was).
+struct Nat {
+    saddr: [u8; 4],
+    sport: [u8; 2],
+    daddr: [u8; 4],
+    dport: [u8; 2],
+}
+
+/// The interface the packet came in on.
+#[inline(always)]
+fn ingress(ctx: &XdpContext) -> u32 {
+    ctx.ingress_ifindex() as u32
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// IPv4 TCP/UDP, not a fragment, with its L4 header whole; anything else is not for this program.
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Option<Pkt> {
+    let ethertype = ptr_at::<[u8; 2]>(ctx, 12)?;
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be_bytes(unsafe { *ethertype }) != ETH_P_IP {
+        return None;
+    }
+    let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let ihl = ipv4_header_len(ip[0])?;
+    let proto = ip[9];
+    if is_fragment([ip[6], ip[7]]) || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return None;
+    }
+    let l4_off = ETH_HLEN + ihl;
+    let mut tcp_flags = 0;
+    if proto == IPPROTO_TCP {
+        let tcp = ptr_at::<[u8; TCP_MIN_HLEN]>(ctx, l4_off)?;
+        // SAFETY: bounds checked by ptr_at.
+        tcp_flags = unsafe { (*tcp)[TCP_FLAGS_OFF] };
+    } else {
+        ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off)?;
+    }
+    let ports = ptr_at::<[u8; 4]>(ctx, l4_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ports = unsafe { *ports };
+    Some(Pkt {
+        l4_off,
+        saddr: [ip[12], ip[13], ip[14], ip[15]],
+        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+        proto,
+        tcp_flags,
+    })
+}
+
+#[xdp]
+pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
+    count(Stat::NodePackets);
+    let Some(p) = parse(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // An answer to a flow this node sent to another node's backend: back to its client.
+    let dport = u16::from_be_bytes(p.dport);
+    if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dport)
+        && let Some(verdict) = snat_reply(&ctx, &p)
+    {
+        return verdict;
+    }
+    let Some(vip) = VIP4.get_ptr(VipKey4 { addr: p.daddr }) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: value pointer from a successful lookup; read at once.
+    if unsafe { (*vip).flags } & VIP_F_HAIRPIN != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    let svc_key = SvcKey4::from_wire(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
+    let Some(svc) = SVC4.get_ptr(svc_key) else {
+        // Not a port of a frontend on this address: the stack answers as it would.
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let svc = unsafe { *svc };
+    let syn = p.proto == IPPROTO_TCP && is_tcp_syn(p.tcp_flags);
+    let ct_key = p.ct_key();
+
+    // Established: followed while the entry is for this frontend and its backend unchanged. A
+    // SYN selects afresh (deterministically: a retransmission lands on the same backend).
+    if !syn && let Some(entry) = CT4.get_ptr_mut(ct_key) {
+        // SAFETY: value pointer from a successful lookup; copied out at once.
+        let ct = unsafe { *entry };
+        if ct.flags & CT_F_FORWARD != 0
+            && ct.rev_nat_id == svc.rev_nat_id
+            && let Some(b) = backend(ct.backend_id)
+            && b.generation == ct.backend_gen
+        {
+            ct_touch(entry, &ct, p.ct_state());
+            count(Stat::NodeTranslated);
+            if ct.flags & CT_F_SNAT == 0 {
+                return to_local(&ctx, &p, &b);
+            }
+            if let Some(s) = SNAT4.get_ptr(ct_key) {
+                // SAFETY: value pointer from a successful lookup; copied out at once.
+                let s = unsafe { *s };
+                let nat = Nat {
+                    saddr: s.addr,
+                    sport: s.port,
+                    daddr: b.addr,
+                    dport: b.port,
+                };
+                return send_on(&ctx, &p, &nat);
+            }
+        }
+    }
+    new_flow(&ctx, &p, svc_key, &svc, ct_key)
+}
+
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key: CtKey4) -> u32 {
+    if svc.count == 0 {
+        count(Stat::NoBackend);
+        return xdp_action::XDP_DROP;
+    }
+    let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let table = if svc.flags & SVC_F_MAGLEV != 0 {
+        svc.backend_id
+    } else {
+        0
+    };
+    let chosen = match maglev_pick(table, hash) {
+        Some((_, id, b)) => Some((id, b)),
+        None => {
+            slot_backend(svc_key, pick_slot(hash, svc.count)).or_else(|| slot_backend(svc_key, 1))
+        }
+    };
+    let Some((backend_id, b)) = chosen else {
+        count(Stat::NoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
+    let fwd = CtValue {
+        backend_id,
+        backend_gen: b.generation,
+        rev_nat_id: svc.rev_nat_id,
+        rev_nat_gen,
+        flags: CT_F_FORWARD,
+        seen: ct_now(),
+    };
+    if b.flags & BACKEND_F_LOCAL != 0 {
+        let reply_key = CtKey4 {
+            saddr: b.addr,
+            daddr: p.saddr,
+            sport: b.port,
+            dport: p.sport,
+            proto: p.proto,
+            _pad: [0; 3],
+        };
+        let reply = CtValue {
+            flags: CT_F_REPLY,
+            ..fwd
+        };
+        // The way back first, as the pod program does: never DNAT a flow whose answer could
+        // not be restored.
+        if ct_put(&reply_key, &reply).is_err() {
+            count(Stat::CtInsertFailed);
+            return xdp_action::XDP_DROP;
+        }
+        let _ = ct_put(&ct_key, &fwd);
+        count(Stat::NodeNewLocal);
+        return to_local(ctx, p, &b);
+    }
+
+    // Another node's backend: leave with the source the kernel's route to it selects.
+    let mut fib = fib_params(p, [0; 4], b.addr, ingress(ctx));
+    // SAFETY: plain helper call with parameters we own.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return fib_failed(ctx, rc, &fib);
+    }
+    // SAFETY: the kernel filled the IPv4 source for BPF_FIB_LOOKUP_SRC.
+    let src = unsafe { fib.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+    // A port chosen by the flow's hash, probing on: the reply key (backend, this node, port)
+    // must be free, as a socket's would.
+    let mut port = 0u16;
+    let mut reply_key = CtKey4 {
+        saddr: b.addr,
+        daddr: src,
+        sport: b.port,
+        dport: [0; 2],
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let client = SnatValue4 {
+        addr: p.saddr,
+        port: p.sport,
+        _pad: [0; 2],
+    };
+    for i in 0..SNAT_TRIES {
+        let candidate =
+            SNAT_PORT_MIN + (hash.wrapping_add(i.wrapping_mul(2_654_435_761)) % span) as u16;
+        reply_key.dport = candidate.to_be_bytes();
+        if SNAT4.insert(reply_key, client, BPF_NOEXIST as u64).is_ok() {
+            port = candidate;
+            break;
+        }
+        // Held by this very client tuple already (a retransmitted SYN): reuse it.
+        if let Some(held) = SNAT4.get_ptr(reply_key)
+            // SAFETY: value pointer from a successful lookup; read at once.
+            && unsafe { *held } == client
+        {
+            port = candidate;
+            break;
+        }
+    }
+    if port == 0 {
+        count(Stat::NodeNoPort);
+        return xdp_action::XDP_DROP;
+    }
+    let nat = Nat {
+        saddr: src,
+        sport: port.to_be_bytes(),
+        daddr: b.addr,
+        dport: b.port,
+    };
+    let reply = CtValue {
+        flags: CT_F_REPLY | CT_F_SNAT,
+        ..fwd
+    };
+    if ct_put(&reply_key, &reply).is_err() {
+        count(Stat::CtInsertFailed);
+        return xdp_action::XDP_DROP;
+    }
+    let leave_as = SnatValue4 {
+        addr: src,
+        port: nat.sport,
+        _pad: [0; 2],
+    };
+    if SNAT4.insert(ct_key, leave_as, 0).is_err() {
+        count(Stat::CtInsertFailed);
+        return xdp_action::XDP_DROP;
+    }
+    let _ = ct_put(
+        &ct_key,
+        &CtValue {
+            flags: CT_F_FORWARD | CT_F_SNAT,
+            ..fwd
+        },
+    );
+    count(Stat::NodeNewRemote);
+    rewrite(ctx, p, &nat, &fib)
+}
+
+/// An answer from another node's backend to a port this node translated a client's flow to.
+/// `None`: not one (the packet goes on through the program).
+#[inline(always)]
+fn snat_reply(ctx: &XdpContext, p: &Pkt) -> Option<u32> {
+    let key = p.ct_key();
+    let entry = CT4.get_ptr_mut(key)?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let ct = unsafe { *entry };
+    if ct.flags & CT_F_SNAT == 0 {
+        return None;
+    }
+    let rev = reply_revnat(&ct)?;
+    let client = SNAT4.get_ptr(key)?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let client = unsafe { *client };
+    ct_touch(entry, &ct, CT_F_REPLIED | p.ct_state());
+    count(Stat::NodeTranslated);
+    let nat = Nat {
+        saddr: rev.addr,
+        sport: rev.port,
+        daddr: client.addr,
+        dport: client.port,
+    };
+    Some(send_on(ctx, p, &nat))
+}
+
+/// DNAT to a backend on this node; the stack delivers it.
+#[inline(always)]
+fn to_local(ctx: &XdpContext, p: &Pkt, b: &Backend4) -> u32 {
+    let nat = Nat {
+        saddr: p.saddr,
+        sport: p.sport,
+        daddr: b.addr,
+        dport: b.port,
+    };
+    if write_nat(ctx, p, &nat).is_none() {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn fib_params(p: &Pkt, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> FibParams {
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = p.proto;
+    fib.__bindgen_anon_1.tot_len = 0;
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    fib
+}
+
+/// Rewrite per `nat` and send the packet where the kernel's FIB says `nat.daddr` lives.
+#[inline(always)]
+fn send_on(ctx: &XdpContext, p: &Pkt, nat: &Nat) -> u32 {
+    let mut fib = fib_params(p, nat.saddr, nat.daddr, ingress(ctx));
+    // SAFETY: plain helper call with parameters we own.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return fib_failed(ctx, rc, &fib);
+    }
+    rewrite(ctx, p, nat, &fib)
+}
+
+/// No way out yet: record a next hop that needs resolving, and drop (the client retransmits).
+#[inline(always)]
+fn fib_failed(ctx: &XdpContext, rc: i64, fib: &FibParams) -> u32 {
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // SAFETY: the kernel left the next hop in `ipv4_dst`.
+        let nexthop = unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
+        let _ = NEIGHMISS4.insert(nexthop, ingress(ctx), 0);
+        count(Stat::NodeNoNeigh);
+    } else {
+        count(Stat::NoBackend);
+    }
+    xdp_action::XDP_DROP
+}
+
+/// Rewrite addresses, ports and MACs, then transmit: back out of the interface it came in on,
+/// or redirected to the one the route names.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, p: &Pkt, nat: &Nat, fib: &FibParams) -> u32 {
+    if write_nat(ctx, p, nat).is_none() {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(&fib.dmac);
+    eth[6..].copy_from_slice(&fib.smac);
+    if fib.ifindex == ingress(ctx) {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+}
+
+/// Write the addresses and ports of `nat` into the packet with the IPv4 and L4 checksums updated
+/// incrementally (XDP sees finished checksums: a NIC hands them over whole). A UDP checksum of 0
+/// (none) stays 0.
+#[inline(always)]
+fn write_nat(ctx: &XdpContext, p: &Pkt, nat: &Nat) -> Option<()> {
+    let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
+    let csum_off = if p.proto == IPPROTO_TCP {
+        TCP_CSUM_OFF
+    } else {
+        UDP_CSUM_OFF
+    };
+    let l4 = ptr_at::<[u8; 2]>(ctx, p.l4_off + csum_off)?;
+    let ports = ptr_at::<[u8; 4]>(ctx, p.l4_off)?;
+    // SAFETY: every pointer bounds checked by ptr_at above; the packet is ours to write.
+    unsafe {
+        let ip = &mut *ip;
+        let ports = &mut *ports;
+        let l4 = &mut *l4;
+        let mut ip_csum = [ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]];
+        let mut l4_csum = *l4;
+        let udp_none = p.proto == IPPROTO_UDP && l4_csum == [0, 0];
+        if nat.saddr != p.saddr {
+            ip_csum = csum_replace4(ip_csum, p.saddr, nat.saddr);
+            l4_csum = csum_replace4(l4_csum, p.saddr, nat.saddr);
+            ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr);
+        }
+        if nat.daddr != p.daddr {
+            ip_csum = csum_replace4(ip_csum, p.daddr, nat.daddr);
+            l4_csum = csum_replace4(l4_csum, p.daddr, nat.daddr);
+            ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr);
+        }
+        if nat.sport != p.sport {
+            l4_csum = csum_replace2(l4_csum, p.sport, nat.sport);
+            ports[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport);
+        }
+        if nat.dport != p.dport {
+            l4_csum = csum_replace2(l4_csum, p.dport, nat.dport);
+            ports[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport);
+        }
+        ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum);
+        if !udp_none {
+            // A UDP sum that comes out 0 is sent as all ones (0 means "none").
+            if p.proto == IPPROTO_UDP && l4_csum == [0, 0] {
+                l4_csum = [0xff, 0xff];
+            }
+            *l4 = l4_csum;
+        }
+    }
+    Some(())
+}

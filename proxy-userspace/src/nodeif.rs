@@ -1,0 +1,305 @@
+//! The node's external interfaces: where clients outside the cluster reach node ports,
+//! LoadBalancer and external IPs. Each gets `vipx_node_xdp` (native XDP, generic XDP where the
+//! driver has none; the log says which) and, on its tcx egress, the pod program's reverse NAT
+//! (`vipx_pod_egress`), which restores the frontend on the answers of backends on this node as
+//! they leave. Links are pinned under `<pin dir>/node-links` as `<interface>@<ifindex>-xdp` and
+//! `-egress`, adopted by the next vipx like the pod programs' links.
+//!
+//! Which interfaces: `--node-interfaces GLOB,...`, or by default those holding a node address
+//! that serves node ports (not loopback, not a pod interface).
+//!
+//! Next hops the XDP program found unresolved (`VIPX_NEIGHMISS4`) are resolved here, at every
+//! interface scan: a neighbour request with `NTF_USE`, as Cilium's neighbour discovery does,
+//! makes the kernel ARP for it, so the client's retransmission finds the MAC.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{TcAttachType, Xdp, XdpMode, links::FdLink},
+};
+use proxy_common::{map_names, prog_names};
+
+use crate::loader::{attach_pinned, replace_program, update_link};
+
+pub fn link_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("node-links")
+}
+
+/// The node interfaces and what is attached to them.
+pub struct NodeInterfaces {
+    /// Interface -> (index, XDP mode) while attached.
+    attached: BTreeMap<String, (u32, &'static str)>,
+    /// Said once per interface that failed.
+    refused: BTreeSet<String>,
+    link_dir: PathBuf,
+    neighmiss: HashMap<MapData, [u8; 4], u32>,
+    /// Generic XDP only (`--node-xdp-mode generic`), else native with generic as the fallback.
+    generic: bool,
+}
+
+impl NodeInterfaces {
+    /// Verify the XDP program (the egress program is verified with the pod programs) and take the
+    /// next-hop map.
+    pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, generic: bool) -> Result<Self> {
+        xdp(ebpf)?
+            .load()
+            .context("verifying the node XDP program")?;
+        let link_dir = link_dir(pin_dir);
+        fs::create_dir_all(&link_dir)
+            .with_context(|| format!("creating {}", link_dir.display()))?;
+        let neighmiss = HashMap::try_from(
+            ebpf.take_map(map_names::NEIGHMISS4)
+                .context("map VIPX_NEIGHMISS4 missing from the object")?,
+        )?;
+        Ok(Self {
+            attached: BTreeMap::new(),
+            refused: BTreeSet::new(),
+            link_dir,
+            neighmiss,
+            generic,
+        })
+    }
+
+    /// Attach to `wanted` (interface -> index) where not attached yet; forget interfaces no
+    /// longer wanted or gone (their pins go, which detaches what is still attached).
+    pub fn sync(&mut self, ebpf: &mut Ebpf, wanted: &BTreeMap<String, u32>) {
+        let stale: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, (index, _))| wanted.get(*name) != Some(index))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.attached.remove(&name);
+            tracing::info!(interface = %name, "node interface no longer served");
+        }
+        // Pins of interfaces not served (gone while vipx was down, or no longer selected).
+        if let Ok(entries) = fs::read_dir(&self.link_dir) {
+            for entry in entries.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let keep = wanted
+                    .iter()
+                    .any(|(name, index)| file.starts_with(&format!("{}@{index}-", pin_name(name))));
+                if !keep {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        for (name, index) in wanted {
+            if self.attached.contains_key(name) {
+                continue;
+            }
+            match self.attach(ebpf, name, *index) {
+                Ok(mode) => {
+                    self.refused.remove(name);
+                    tracing::info!(interface = %name, xdp = mode, "node interface served");
+                    self.attached.insert(name.clone(), (*index, mode));
+                }
+                Err(e) => {
+                    if self.refused.insert(name.clone()) {
+                        tracing::warn!(interface = %name, "node interface not served (retried at every scan): {e:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// XDP (native, else generic) and the egress reverse NAT, each adopted from its pin when an
+    /// earlier vipx left one for this interface. Returns the XDP mode.
+    fn attach(&mut self, ebpf: &mut Ebpf, iface: &str, ifindex: u32) -> Result<&'static str> {
+        let base = format!("{}@{ifindex}", pin_name(iface));
+        let egress = self.link_dir.join(format!("{base}-egress"));
+        if egress.exists() {
+            replace_program(ebpf, prog_names::POD_EGRESS, &egress)?;
+        } else {
+            attach_pinned(
+                ebpf,
+                prog_names::POD_EGRESS,
+                iface,
+                TcAttachType::Egress,
+                &egress,
+            )
+            .context("attaching the reverse NAT at egress")?;
+        }
+        let path = self.link_dir.join(format!("{base}-xdp"));
+        let prog = xdp(ebpf)?;
+        if path.exists() {
+            match update_link(&path, prog.fd()?.as_fd()) {
+                Ok(()) => return Ok("adopted"),
+                Err(e) => {
+                    tracing::info!(interface = %iface, "pinned XDP link not reusable, attaching afresh: {e:#}");
+                    fs::remove_file(&path)?;
+                }
+            }
+        }
+        let native = if self.generic {
+            Err(anyhow::anyhow!("--node-xdp-mode generic"))
+        } else {
+            prog.attach_to_if_index(ifindex, XdpMode::Driver)
+                .map_err(anyhow::Error::from)
+        };
+        let (id, mode) = match native {
+            Ok(id) => (id, "native"),
+            Err(native) => {
+                let id = prog
+                    .attach_to_if_index(ifindex, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP (native failed too: {native})"))?;
+                (id, "generic")
+            }
+        };
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .context("XDP attached without a link (kernel < 5.9): not supported")?;
+        link.pin(&path)
+            .with_context(|| format!("pinning the link at {}", path.display()))?;
+        Ok(mode)
+    }
+
+    /// Ask the kernel to resolve the next hops the XDP program found without a neighbour entry.
+    pub fn resolve_neighbours(&mut self) {
+        let missed: Vec<([u8; 4], u32)> = self.neighmiss.iter().flatten().collect();
+        for (addr, ifindex) in missed {
+            let _ = self.neighmiss.remove(&addr);
+            let nexthop = Ipv4Addr::from(addr);
+            match neigh_use(ifindex, nexthop) {
+                Ok(()) => tracing::debug!(%nexthop, ifindex, "neighbour resolution asked for"),
+                Err(e) => tracing::warn!(%nexthop, ifindex, "neighbour resolution failed: {e:#}"),
+            }
+        }
+    }
+}
+
+use std::os::fd::AsFd as _;
+
+fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let p = ebpf
+        .program_mut(prog_names::NODE_XDP)
+        .with_context(|| format!("program {} missing from the object", prog_names::NODE_XDP))?;
+    Ok(p.try_into()?)
+}
+
+/// As the pod links' pin names: bpffs refuses dots, interface names may have them.
+fn pin_name(iface: &str) -> String {
+    iface.replace('.', ":")
+}
+
+/// The interfaces to serve: those matching `globs` if any are given, else those holding one of
+/// `node_addresses`; never loopback or a pod interface.
+pub fn select(
+    present: &[(String, u32)],
+    addresses: &[(String, Ipv4Addr)],
+    node_addresses: &BTreeSet<Ipv4Addr>,
+    globs: &[glob::Pattern],
+    pod_globs: &[glob::Pattern],
+) -> BTreeMap<String, u32> {
+    present
+        .iter()
+        .filter(|(name, _)| name != "lo" && !pod_globs.iter().any(|g| g.matches(name)))
+        .filter(|(name, _)| {
+            if globs.is_empty() {
+                addresses
+                    .iter()
+                    .any(|(n, a)| n == name && node_addresses.contains(a))
+            } else {
+                globs.iter().any(|g| g.matches(name))
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// `RTM_NEWNEIGH` with `NTF_USE` for `addr` on `ifindex`: the kernel starts resolving it (an
+/// entry is created if there is none) and reports nothing else.
+fn neigh_use(ifindex: u32, addr: Ipv4Addr) -> Result<()> {
+    const RTM_NEWNEIGH: u16 = 28;
+    const NDA_DST: u16 = 1;
+    const NTF_USE: u8 = 0x01;
+    const NUD_NONE: u16 = 0;
+    /// `nlmsghdr` + `ndmsg` + one `rtattr` holding the address.
+    #[repr(C)]
+    struct Request {
+        len: u32,
+        kind: u16,
+        flags: u16,
+        seq: u32,
+        pid: u32,
+        family: u8,
+        pad1: u8,
+        pad2: u16,
+        ifindex: i32,
+        state: u16,
+        ndm_flags: u8,
+        ndm_type: u8,
+        rta_len: u16,
+        rta_type: u16,
+        dst: [u8; 4],
+    }
+    // SAFETY: plain socket(2); owned at once.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a netlink socket");
+    }
+    // SAFETY: a descriptor we just opened and own.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let req = Request {
+        len: size_of::<Request>() as u32,
+        kind: RTM_NEWNEIGH,
+        flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE)
+            as u16,
+        seq: 1,
+        pid: 0,
+        family: libc::AF_INET as u8,
+        pad1: 0,
+        pad2: 0,
+        ifindex: i32::try_from(ifindex).context("interface index")?,
+        state: NUD_NONE,
+        ndm_flags: NTF_USE,
+        ndm_type: 0,
+        rta_len: 8,
+        rta_type: NDA_DST,
+        dst: addr.octets(),
+    };
+    // SAFETY: sends the request struct we own, of its own size.
+    let sent = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            std::ptr::from_ref(&req).cast(),
+            size_of::<Request>(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error()).context("sending RTM_NEWNEIGH");
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: receives into a buffer we own, of its size.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the netlink answer");
+    }
+    // An `NLMSG_ERROR` answer: its error code follows the 16-byte header (0: acknowledged).
+    if n >= 20 {
+        let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        if code != 0 {
+            bail!(
+                "the kernel refused: {}",
+                std::io::Error::from_raw_os_error(-code)
+            );
+        }
+    }
+    Ok(())
+}
