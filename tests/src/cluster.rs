@@ -50,8 +50,11 @@ use crate::manifests::{Endpoint, POD_PORT};
 use crate::netns::{in_netns, ip_in, sysctls};
 use crate::realism::{self, Realism};
 
-/// Nodes in a [`Cluster`].
+/// Nodes in a [`Cluster`] unless [`ClusterConfig::nodes`] says otherwise.
 pub const NODES: u8 = 2;
+/// The most nodes a [`Cluster`] has (pod CIDRs 198.18.64.0/24 onwards, node IPs below the
+/// external client's .100).
+pub const MAX_NODES: u8 = 9;
 /// The client pod's address (on node 1).
 pub const CLUSTER_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 64, 2);
 /// The name of every node's uplink interface.
@@ -72,6 +75,8 @@ pub struct ClusterConfig {
     pub lab_pod_bin: PathBuf,
     /// [`Realism::Node`] unless the lab's purpose needs otherwise (and says why).
     pub realism: Realism,
+    /// How many nodes ([`NODES`] for the tests; 2..=[`MAX_NODES`]).
+    pub nodes: u8,
 }
 
 /// A node namespace.
@@ -179,7 +184,12 @@ impl Cluster {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
             "lab tag {tag:?} must be non-empty lowercase letters and digits"
         );
-        let nodes: Vec<Node> = (1..=NODES).map(|k| Node::new(&tag, k)).collect();
+        ensure!(
+            (2..=MAX_NODES).contains(&config.nodes),
+            "a cluster has 2..={MAX_NODES} nodes, not {}",
+            config.nodes
+        );
+        let nodes: Vec<Node> = (1..=config.nodes).map(|k| Node::new(&tag, k)).collect();
         let mut cluster = Self {
             client: Pod {
                 name: "client".into(),
@@ -230,7 +240,11 @@ impl Cluster {
     /// # Panics
     /// For any other index.
     pub fn node(&self, index: u8) -> &Node {
-        assert!((1..=NODES).contains(&index), "nodes are 1..={NODES}");
+        assert!(
+            (1..=self.nodes.len()).contains(&usize::from(index)),
+            "nodes are 1..={}",
+            self.nodes.len()
+        );
         &self.nodes[usize::from(index - 1)]
     }
 
@@ -336,6 +350,20 @@ impl Cluster {
         Ok(backend)
     }
 
+    /// Starts one more `lab-pod` server in `pod`'s namespace, named like the pod, on `port` (a
+    /// pod whose container listens on another port than [`POD_PORT`], as the seed's
+    /// LoadBalancer example's port 80).
+    pub fn add_pod_port(&mut self, pod: &Pod, port: u16) -> Result<()> {
+        let port = port.to_string();
+        spawn_lab_pod(
+            &self.lab_pod_bin,
+            &pod.netns,
+            &pod.name,
+            &["--port", &port, "--no-sink"],
+            &mut self.servers,
+        )
+    }
+
     /// Stops every server and deletes every namespace this lab created (which removes every veth
     /// and route with them). Keeps going past failures and reports them all at the end; calling
     /// it again does nothing.
@@ -401,8 +429,7 @@ impl Cluster {
         ip_in(&ext, &["link", "set", UPLINK_IF, "up"])?;
         let node1 = self.nodes[0].ip.to_string();
         ip_in(&ext, &["route", "add", LOAD_BALANCER_RANGE, "via", &node1])?;
-        let [one, two] = [&self.nodes[0], &self.nodes[1]];
-        for (node, peer) in [(one, two), (two, one)] {
+        for node in &self.nodes {
             realism::prepare_interface(&node.name, UPLINK_IF, self.realism)?;
             disable_tx_checksum(&node.name, UPLINK_IF)?;
             ip_in(
@@ -410,18 +437,21 @@ impl Cluster {
                 &["addr", "add", &format!("{}/24", node.ip), "dev", UPLINK_IF],
             )?;
             ip_in(&node.name, &["link", "set", UPLINK_IF, "up"])?;
-            ip_in(
-                &node.name,
-                &[
-                    "route",
-                    "add",
-                    &peer.pod_cidr,
-                    "via",
-                    &peer.ip.to_string(),
-                    "dev",
-                    UPLINK_IF,
-                ],
-            )?;
+            // Every other node's pod CIDR through that node, as a CNI's routes do.
+            for peer in self.nodes.iter().filter(|p| p.index != node.index) {
+                ip_in(
+                    &node.name,
+                    &[
+                        "route",
+                        "add",
+                        &peer.pod_cidr,
+                        "via",
+                        &peer.ip.to_string(),
+                        "dev",
+                        UPLINK_IF,
+                    ],
+                )?;
+            }
         }
         Ok(())
     }

@@ -23,6 +23,49 @@ pub const ENDPOINT_SLICE_FILE: &str = "endpointslice.yaml";
 /// The slice name, with the random-looking suffix the EndpointSlice controller would give it.
 pub const ENDPOINT_SLICE_NAME: &str = "simpleapi-service-x7k2p";
 
+/// `examples/seed-loadbalancer/service.yaml`: the seed's LoadBalancer Service.
+pub const SEED_LB_YAML: &str = include_str!("../../examples/seed-loadbalancer/service.yaml");
+pub const SEED_LB_NAME: &str = "service-for-deployment-1";
+pub const SEED_LB_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 32);
+pub const SEED_LB_INGRESS_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
+pub const SEED_LB_PORT: u16 = 32001;
+pub const SEED_LB_NODE_PORT: u16 = 30001;
+/// The port its pods listen on.
+pub const SEED_LB_TARGET_PORT: u16 = 80;
+
+/// Writes the seed's LoadBalancer Service and its EndpointSlice (one ready endpoint per
+/// `(pod name, pod IP, node name)`, TCP port 80) to `dir/seed-loadbalancer.yaml`.
+pub fn write_seed_load_balancer<S: AsRef<str>>(
+    dir: &Path,
+    endpoints: &[(S, Ipv4Addr, S)],
+) -> Result<PathBuf> {
+    let mut items = String::new();
+    for (pod, ip, node) in endpoints {
+        let (pod, node) = (pod.as_ref(), node.as_ref());
+        ensure_plain_name(pod)?;
+        ensure_plain_name(node)?;
+        writeln!(items, "- addresses: [{ip}]")?;
+        writeln!(
+            items,
+            "  conditions: {{ready: true, serving: true, terminating: false}}"
+        )?;
+        writeln!(items, "  nodeName: {node}")?;
+        writeln!(
+            items,
+            "  targetRef: {{kind: Pod, name: {pod}, namespace: {SERVICE_NAMESPACE}}}"
+        )?;
+    }
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {SEED_LB_NAME}-q8w2z\n  \
+         namespace: {SERVICE_NAMESPACE}\n  labels:\n    kubernetes.io/service-name: {SEED_LB_NAME}\n\
+         addressType: IPv4\nports:\n- name: investment-project-listener\n  port: {SEED_LB_TARGET_PORT}\n  \
+         protocol: TCP\nendpoints:\n{items}"
+    );
+    let path = dir.join("seed-loadbalancer.yaml");
+    write_atomically(&path, &format!("{SEED_LB_YAML}---\n{slice}"))?;
+    Ok(path)
+}
+
 /// Writes the example Service to `dir/service.yaml`; returns the path.
 pub fn write_service(dir: &Path) -> Result<PathBuf> {
     let path = dir.join(SERVICE_FILE);
@@ -294,6 +337,39 @@ mod tests {
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde::Deserialize as _;
+
+    #[test]
+    fn the_seed_load_balancer_matches_its_constants_and_slice() {
+        let dir = std::env::temp_dir().join(format!("vipx-seed-lb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let eps = [("backend-1", Ipv4Addr::new(198, 18, 64, 11), "node-1")];
+        let path = write_seed_load_balancer(&dir, &eps).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut docs = serde_yaml_ng::Deserializer::from_str(&text);
+        let svc = Service::deserialize(docs.next().unwrap()).unwrap();
+        let slice = EndpointSlice::deserialize(docs.next().unwrap()).unwrap();
+        assert!(docs.next().is_none());
+        assert_eq!(svc.metadata.name.as_deref(), Some(SEED_LB_NAME));
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.cluster_ip.as_deref(), Some("198.19.0.32"));
+        let port = &spec.ports.unwrap()[0];
+        assert_eq!(
+            (port.port, port.node_port),
+            (i32::from(SEED_LB_PORT), Some(i32::from(SEED_LB_NODE_PORT)))
+        );
+        let ingress = svc.status.unwrap().load_balancer.unwrap().ingress.unwrap();
+        assert_eq!(ingress[0].ip.as_deref(), Some("198.19.250.1"));
+        let endpoints = slice.endpoints.unwrap();
+        let endpoint = &endpoints[0];
+        assert_eq!(endpoint.addresses, ["198.18.64.11"]);
+        assert_eq!(endpoint.node_name.as_deref(), Some("node-1"));
+        assert_eq!(
+            slice.ports.unwrap()[0].port,
+            Some(i32::from(SEED_LB_TARGET_PORT))
+        );
+    }
 
     #[test]
     fn example_service_matches_the_constants() {

@@ -89,7 +89,7 @@ pub(crate) fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Runs `ip -n ns` with `args`: iproute2 then works on that namespace without spawning inside it.
-pub(crate) fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
+pub fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(["-n", ns]).args(args))
 }
 

@@ -11,6 +11,7 @@
 //!     tag: tag.clone(),
 //!     lab_pod_bin: locate_bin("lab-pod")?,
 //!     realism: Realism::Node,
+//!     nodes: vipx_lab::cluster::NODES,
 //! })?;
 //! let manifests = ScratchDir::create(&format!("vipx-{tag}-manifests"))?;
 //! // ... write_service_spec(manifests.path(), ...) ...

@@ -34,6 +34,7 @@ fn two_realistic_nodes_carry_direct_traffic_and_teardown_removes_everything() {
         tag: unique_tag(),
         lab_pod_bin: env!("CARGO_BIN_EXE_lab-pod").into(),
         realism: Realism::Node,
+        nodes: vipx_lab::cluster::NODES,
     })
     .expect("building the two-node lab");
     let local = cluster.add_pod(1).expect("pod on node 1");

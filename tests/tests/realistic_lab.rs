@@ -61,6 +61,7 @@ impl Lab {
             tag: tag.clone(),
             lab_pod_bin: env!("CARGO_BIN_EXE_lab-pod").into(),
             realism: Realism::Node,
+            nodes: vipx_lab::cluster::NODES,
         })
         .expect("building the two-node lab");
         let manifests =
@@ -2132,4 +2133,68 @@ fn an_external_client_reaches_an_external_ip_whose_pod_is_on_another_node() {
         .wait_log("node interface served", READY)
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_external_answers(&lab, vip(EXTERNAL_IP), &pod.name);
+}
+
+/// The seed's LoadBalancer Service (port 32001 -> 80, a node port, an ingress IP) with its pod
+/// on node 1 answers the external client through either node, whichever the client's route to
+/// the load balancer range names (a cloud load balancer spreads over the nodes the same way).
+#[test]
+fn the_seeds_load_balancer_answers_through_every_node() {
+    use vipx_lab::manifests::{
+        SEED_LB_INGRESS_IP, SEED_LB_NODE_PORT, SEED_LB_PORT, SEED_LB_TARGET_PORT,
+        write_seed_load_balancer,
+    };
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    lab.cluster
+        .add_pod_port(&pod, SEED_LB_TARGET_PORT)
+        .expect("the pod's port 80");
+    write_seed_load_balancer(
+        lab.manifests.path(),
+        &[(pod.name.clone(), pod.ip, pod.node.clone())],
+    )
+    .expect("writing the seed's Service");
+    lab.start_vipx(&[1, 2]);
+    let lb = SocketAddr::from((SEED_LB_INGRESS_IP, SEED_LB_PORT));
+    for vipx in &mut lab.vipx {
+        vipx.wait_programmed(&format!("{lb}/TCP"), READY, |line| {
+            line.contains(&format!("{}:{SEED_LB_TARGET_PORT}", pod.ip))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        vipx.wait_log("node interface served", READY)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let ext = lab.cluster.external();
+    for node in [1, 2] {
+        let via = lab.cluster.node(node).ip.to_string();
+        vipx_lab::netns::ip_in(
+            &ext,
+            &[
+                "route",
+                "replace",
+                vipx_lab::cluster::LOAD_BALANCER_RANGE,
+                "via",
+                &via,
+            ],
+        )
+        .expect("routing the load balancer range");
+        for to in [
+            lb,
+            SocketAddr::from((lab.cluster.node(node).ip, SEED_LB_NODE_PORT)),
+        ] {
+            for i in 0..REQUESTS {
+                let body = http_get(&ext, to, TIMEOUT).unwrap_or_else(|e| {
+                    panic!(
+                        "external HTTP {i} to {to} through node {node}: {e:#}\n{}",
+                        datapath_events(&lab)
+                    )
+                });
+                assert_eq!(body.trim(), pod.name, "{to} through node {node}");
+            }
+        }
+    }
 }

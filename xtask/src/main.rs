@@ -20,6 +20,7 @@ use vipx_lab::{Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP};
 
 mod bench;
 mod chart;
+mod cluster_demo;
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const DEMO_TAG: &str = "demo";
@@ -41,6 +42,11 @@ enum Cmd {
     Build,
     /// Start the demo lab with vipx in front of it; extra arguments go to `vipx run`.
     Run {
+        /// A lab of this many nodes (2..=9), one vipx each, an external client, and the seed's
+        /// LoadBalancer Service with pods on nodes 1 and 2 [default: one node, the simpleapi
+        /// ClusterIP Service].
+        #[arg(long)]
+        nodes: Option<u8>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         vipx_args: Vec<String>,
     },
@@ -73,10 +79,13 @@ fn main() -> Result<()> {
             setup()?;
             build()
         }
-        Cmd::Run { vipx_args } => {
+        Cmd::Run { nodes, vipx_args } => {
             setup()?;
             build()?;
-            run_demo(&vipx_args)
+            match nodes {
+                Some(n) => cluster_demo::run(n, &vipx_args),
+                None => run_demo(&vipx_args),
+            }
         }
         Cmd::Scale { replicas } => scale(replicas),
         Cmd::Bench { quick, memory } => {
