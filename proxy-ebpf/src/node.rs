@@ -309,11 +309,14 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
             port = candidate;
             break;
         }
-        // Held by this very client tuple already (a retransmitted SYN): reuse it.
-        if let Some(held) = SNAT4.get_ptr(reply_key)
+        // Held by this very client tuple already (a retransmitted SYN), or left by a flow
+        // whose conntrack entry went (the LRU evicted it): take it.
+        if let Some(held) = SNAT4.get_ptr_mut(reply_key)
             // SAFETY: value pointer from a successful lookup; read at once.
-            && unsafe { *held } == client
+            && (unsafe { *held } == client || CT4.get_ptr(reply_key).is_none())
         {
+            // SAFETY: the same pointer; the entry is ours to rewrite.
+            unsafe { *held = client };
             port = candidate;
             break;
         }

@@ -23,8 +23,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray};
 use proxy_common::{
-    Backend4, CT_F_FIN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CT_F_RST, CtKey4,
-    CtValue, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, Stat, ct_seen,
+    Backend4, CT_F_FIN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CT_F_RST, CT_F_SNAT,
+    CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SnatValue4, Stat, ct_seen,
 };
 
 /// How long a flow may stay idle, by state. Defaults follow what a node running kube-proxy
@@ -192,6 +192,9 @@ pub struct Tables {
     pub revnat: Array<MapData, RevNat4>,
     /// The hairpin SNAT address: a hairpin flow's reply entry is keyed by it.
     pub hairpin: Option<[u8; 4]>,
+    /// The translations of external flows sent to other nodes (`None`: pins of a build without
+    /// it). Their conntrack entries pair through it, and its entries go with theirs.
+    pub snat: Option<HashMap<MapData, CtKey4, SnatValue4>>,
 }
 
 /// Entries per batch syscall. Large enough for any hash bucket (the kernel refuses a batch
@@ -297,8 +300,8 @@ pub fn walk<V: aya::Pod + Default>(
 
 /// Delete `keys`, skipping those already gone (the LRU evicted them, or the programs removed
 /// them since the walk). Returns how many were deleted.
-pub fn delete(ct: &HashMap<MapData, CtKey4, CtValue>, keys: &[CtKey4]) -> io::Result<u64> {
-    let fd = raw_fd(ct);
+pub fn delete<V: aya::Pod>(map: &HashMap<MapData, CtKey4, V>, keys: &[CtKey4]) -> io::Result<u64> {
+    let fd = raw_fd(map);
     let mut done = 0u64;
     let mut rest = keys;
     while !rest.is_empty() {
@@ -390,12 +393,11 @@ const RECHECK_CHUNK: usize = 256;
 /// Deletes the doomed entries that are still as the walk saw them; a flow whose entry moved is
 /// kept whole (the next pass looks again). Returns what was deleted and what each reason
 /// accounts for.
-fn delete_unchanged(
-    ct: &HashMap<MapData, CtKey4, CtValue>,
-    doomed: &[Doomed],
-    st: &mut PassStats,
-) -> io::Result<()> {
+fn delete_unchanged(tables: &Tables, doomed: &[Doomed], st: &mut PassStats) -> io::Result<()> {
+    let ct = &tables.ct;
     let fd = raw_fd(ct);
+    // SNAT entries of the flows deleted: their ports are free again.
+    let mut snat: Vec<CtKey4> = Vec::new();
     let mut chunk: Vec<CtKey4> = Vec::with_capacity(RECHECK_CHUNK + 2);
     let mut keep: [CtKey4; 2] = [CtKey4::default(); 2];
     for d in doomed {
@@ -406,6 +408,9 @@ fn delete_unchanged(
                 Some(v) if expect.holds(&v) => {
                     keep[present] = *k;
                     present += 1;
+                    if v.flags & CT_F_SNAT != 0 {
+                        snat.push(*k);
+                    }
                 }
                 Some(_) => {
                     moved = true;
@@ -432,6 +437,9 @@ fn delete_unchanged(
         }
     }
     st.deleted += delete(ct, &chunk)?;
+    if let Some(map) = &tables.snat {
+        delete(map, &snat)?;
+    }
     Ok(())
 }
 
@@ -477,6 +485,32 @@ impl Ids<'_> {
     /// The other entry of the flow `(key, v)` belongs to; `None` when the ids it names no
     /// longer mean what they meant (the entry is stale).
     fn partner(&mut self, key: &CtKey4, v: &CtValue) -> Option<CtKey4> {
+        if v.flags & CT_F_SNAT != 0 {
+            // The other side's address and port are in the SNAT map under this very key: the
+            // source the flow left with (forward), the client it came from (reply).
+            let other = self.tables.snat.as_ref()?.get(key, 0).ok()?;
+            let b = self.backend(v.backend_id, v.backend_gen)?;
+            let r = self.revnat(v.rev_nat_id, v.rev_nat_gen)?;
+            return Some(if v.flags & CT_F_FORWARD != 0 {
+                CtKey4 {
+                    saddr: b.addr,
+                    daddr: other.addr,
+                    sport: b.port,
+                    dport: other.port,
+                    proto: key.proto,
+                    _pad: [0; 3],
+                }
+            } else {
+                CtKey4 {
+                    saddr: other.addr,
+                    daddr: r.addr,
+                    sport: other.port,
+                    dport: r.port,
+                    proto: key.proto,
+                    _pad: [0; 3],
+                }
+            });
+        }
         if v.flags & CT_F_FORWARD != 0 {
             // Forward entries of a backend that left stay usable (it may be retiring); only a
             // reused id makes them stale.
@@ -643,7 +677,7 @@ pub fn pass_with_pause(
     }
     drop(cands);
     between();
-    delete_unchanged(&tables.ct, &doomed, &mut st).context("deleting conntrack entries")?;
+    delete_unchanged(tables, &doomed, &mut st).context("deleting conntrack entries")?;
     st.entries = walked.saturating_sub(st.deleted);
     st.took = started.elapsed();
     Ok(st)

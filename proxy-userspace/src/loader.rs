@@ -1113,6 +1113,7 @@ pub fn conntrack_tables(pin_dir: &Path) -> Result<crate::conntrack::Tables> {
         backends: from_pin(pin_dir, map_names::BACKEND4)?,
         revnat: from_pin(pin_dir, map_names::REVNAT4)?,
         hairpin: None,
+        snat: from_pin(pin_dir, map_names::SNAT4).ok(),
     })
 }
 

@@ -2517,3 +2517,78 @@ fn remove_web_slot(l: &Loaded, slot: u16) {
     ))
     .unwrap();
 }
+
+/// An external flow sent on to another node's backend (DNAT + SNAT in the node program) pairs
+/// its two conntrack entries through the SNAT map: closed both ways, it goes whole, with its SNAT
+/// entries (its port is free again); an established one stays.
+#[test]
+fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
+    use proxy_common::{CT_F_SNAT, SnatValue4};
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
+    const NODE: [u8; 4] = [198, 18, 0, 1];
+    let mut l = load(&[BE1]);
+    // The ids and generations a flow to the frontend carries.
+    run(&mut l, &frame(CLIENT, 42001, VIP, 80, &SYN, &[]));
+    let mut ct: HashMap<MapData, CtKey4, CtValue> =
+        loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    let ids = ct
+        .get(&ct_key(CLIENT, 42001, VIP, 80, IPPROTO_TCP), 0)
+        .unwrap();
+    let mut tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    let now = conntrack::now_seen();
+    // Flow p: the client's port p, SNAT port 61000 + p % 1000.
+    let fwd = |p: u16| ct_key(EXTERNAL, p, VIP, 80, IPPROTO_TCP);
+    let rep = |p: u16| ct_key(BE1, 5000, NODE, 61_000 + p % 1000, IPPROTO_TCP);
+    for (p, closed) in [(50001u16, true), (50002, false)] {
+        let state = if closed { CT_F_FIN } else { 0 };
+        let age = if closed { 20 } else { 100 };
+        let v = |flags| CtValue {
+            flags: flags | CT_F_SNAT | state,
+            seen: now.wrapping_sub(age),
+            ..ids
+        };
+        ct.insert(fwd(p), v(CT_F_FORWARD), 0).unwrap();
+        ct.insert(rep(p), v(CT_F_REPLY | CT_F_REPLIED), 0).unwrap();
+        let snat = tables.snat.as_mut().expect("VIPX_SNAT4 pinned");
+        let leave_as = SnatValue4 {
+            addr: NODE,
+            port: (61_000 + p % 1000).to_be_bytes(),
+            _pad: [0; 2],
+        };
+        let client = SnatValue4 {
+            addr: EXTERNAL,
+            port: p.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        snat.insert(fwd(p), leave_as, 0).unwrap();
+        snat.insert(rep(p), client, 0).unwrap();
+    }
+    let timeouts = Timeouts {
+        tcp_established: Duration::from_secs(1000),
+        tcp_close_wait: Duration::from_secs(100),
+        tcp_closed: Duration::from_secs(10),
+        tcp_syn: Duration::from_secs(60),
+        udp: Duration::from_secs(30),
+        udp_stream: Duration::from_secs(120),
+    };
+    let st = conntrack::pass(&tables, &timeouts, &Default::default()).unwrap();
+    let in_ct = |k: &CtKey4| tables.ct.get(k, 0).is_ok();
+    let in_snat = |k: &CtKey4| tables.snat.as_ref().unwrap().get(k, 0).is_ok();
+    for k in [fwd(50001), rep(50001)] {
+        assert!(
+            !in_ct(&k) && !in_snat(&k),
+            "closed SNAT flow left {k:?} ({st:?})"
+        );
+    }
+    for k in [fwd(50002), rep(50002)] {
+        assert!(
+            in_ct(&k) && in_snat(&k),
+            "established SNAT flow lost {k:?} ({st:?})"
+        );
+    }
+    assert_eq!(st.expired, 1, "{st:?}");
+}
