@@ -215,6 +215,14 @@ pub const SVC_F_AFFINITY: u16 = 1 << 5;
 /// kube-proxy does. Without it, a frontend with no usable backend (say, none local under a Local
 /// traffic policy) drops them.
 pub const SVC_F_REJECT: u16 = 1 << 6;
+/// Clients outside the cluster use this frontend's external view (`externalTrafficPolicy:
+/// Local`): the same key with `PROTO_EXTERNAL_VIEW` in its protocol, whose slots are this
+/// node's endpoints only.
+pub const SVC_F_EXTERNAL_VIEW: u16 = 1 << 8;
+/// Set in `SvcKey4::proto` of an external view (see `SVC_F_EXTERNAL_VIEW`): no packet carries
+/// such a protocol, so only the node program, which asks for it, ever finds one.
+pub const PROTO_EXTERNAL_VIEW: u8 = 0x80;
+
 /// New flows choose their backend through the frontend's Maglev table (slot 0's `backend_id`
 /// names it, 1-based); without a table (table space exhausted) they fall back to slot hashing.
 pub const SVC_F_MAGLEV: u16 = 1 << 7;

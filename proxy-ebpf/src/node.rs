@@ -29,8 +29,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_MAGLEV,
-    SnatValue4, Stat, SvcKey4, SvcValue, VIP_F_HAIRPIN, VipKey4, defaults,
+    IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SnatValue4, Stat, SvcKey4, SvcValue, VIP_F_HAIRPIN, VipKey4,
+    defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -172,13 +173,23 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
     if unsafe { (*vip).flags } & VIP_F_HAIRPIN != 0 {
         return xdp_action::XDP_PASS;
     }
-    let svc_key = SvcKey4::from_wire(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
+    let mut svc_key = SvcKey4::from_wire(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
         // Not a port of a frontend on this address: the stack answers as it would.
         return xdp_action::XDP_PASS;
     };
     // SAFETY: value pointer from a successful lookup; copied out at once.
-    let svc = unsafe { *svc };
+    let mut svc = unsafe { *svc };
+    if svc.flags & SVC_F_EXTERNAL_VIEW != 0 {
+        // externalTrafficPolicy Local: this node's endpoints only, from their own view.
+        svc_key.proto |= PROTO_EXTERNAL_VIEW;
+        let Some(view) = SVC4.get_ptr(svc_key) else {
+            count(Stat::NoBackend);
+            return xdp_action::XDP_DROP;
+        };
+        // SAFETY: value pointer from a successful lookup; copied out at once.
+        svc = unsafe { *view };
+    }
     let syn = p.proto == IPPROTO_TCP && is_tcp_syn(p.tcp_flags);
     let ct_key = p.ct_key();
 

@@ -24,10 +24,10 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend4,
-    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV,
-    SVC_F_NODE_PORT, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4,
-    VipKey4,
+    IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL,
+    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW, SVC_F_LOAD_BALANCER,
+    SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
+    VIP_F_HAIRPIN, Vip4, VipKey4,
 };
 
 use crate::{
@@ -45,8 +45,14 @@ pub struct L4Addr {
 
 impl fmt::Display for L4Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = Protocol::from_number(self.proto).map_or("?", Protocol::as_str);
-        write!(f, "{}:{}/{}", self.addr, self.port, proto)
+        let proto =
+            Protocol::from_number(self.proto & !PROTO_EXTERNAL_VIEW).map_or("?", Protocol::as_str);
+        let view = if self.proto & PROTO_EXTERNAL_VIEW != 0 {
+            "+external"
+        } else {
+            ""
+        };
+        write!(f, "{}:{}/{proto}{view}", self.addr, self.port)
     }
 }
 
@@ -247,6 +253,14 @@ pub fn target_on(desired: &DesiredState, node_addresses: &[Ipv4Addr]) -> (Target
             if local {
                 flags |= SVC_F_LOCAL;
             }
+            // externalTrafficPolicy Local: clients outside the cluster get this node's endpoints
+            // only (and keep their address), through a view of their own; traffic born in the
+            // cluster keeps every endpoint.
+            let external_view =
+                sp.external_local && fe.kind != FrontendKind::ClusterIp && !addr.is_unspecified();
+            if external_view {
+                flags |= SVC_F_EXTERNAL_VIEW;
+            }
             if sp.affinity_timeout_s.is_some() {
                 flags |= SVC_F_AFFINITY;
             }
@@ -277,6 +291,18 @@ pub fn target_on(desired: &DesiredState, node_addresses: &[Ipv4Addr]) -> (Target
                     prev.service
                 ));
                 continue;
+            }
+            if external_view {
+                let view = TargetFrontend {
+                    flags: (entry.flags & !SVC_F_EXTERNAL_VIEW) | SVC_F_LOCAL,
+                    slots: sp.external_pick.iter().filter_map(to_addr).collect(),
+                    ..entry.clone()
+                };
+                let view_key = L4Addr {
+                    proto: proto | PROTO_EXTERNAL_VIEW,
+                    ..key
+                };
+                t.frontends.insert(view_key, view);
             }
             t.frontends.insert(key, entry);
         }
@@ -2251,6 +2277,58 @@ mod tests {
         for f in on_node.frontends.values().take(3) {
             assert_eq!(f.flags, SVC_F_NODE_PORT | SVC_F_AFFINITY);
             assert_eq!(f.slots, wildcard.slots);
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_gives_external_clients_a_view_of_local_endpoints() {
+        let mut d = DesiredState::default();
+        let fe = |addr: Ipv4Addr, port, kind| Frontend {
+            addr: IpAddr::V4(addr),
+            port,
+            kind,
+        };
+        d.services.insert(
+            spn("a", Protocol::Udp),
+            ServicePort {
+                frontends: vec![
+                    fe(Ipv4Addr::new(10, 96, 0, 10), 53, FrontendKind::ClusterIp),
+                    fe(Ipv4Addr::UNSPECIFIED, 30053, FrontendKind::NodePort),
+                    fe(Ipv4Addr::new(203, 0, 113, 7), 53, FrontendKind::LoadBalancer),
+                ],
+                endpoints: vec![ep([10, 0, 0, 1], 53, false), ep([10, 0, 1, 1], 53, false)],
+                internal_pick: vec![0, 1],
+                external_pick: vec![0],
+                pod_external_pick: vec![0, 1],
+                affinity_timeout_s: None,
+                internal_local: false,
+                external_local: true,
+                lb_algorithm: None,
+            },
+        );
+        let (t, problems) = target_on(&d, &[Ipv4Addr::new(10, 1, 0, 5)]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let keys: Vec<String> = t.frontends.keys().map(ToString::to_string).collect();
+        // The loopback-only wildcard and the ClusterIP get no view.
+        assert_eq!(
+            keys,
+            [
+                "0.0.0.0:30053/UDP",
+                "10.1.0.5:30053/UDP",
+                "10.1.0.5:30053/UDP+external",
+                "10.96.0.10:53/UDP",
+                "203.0.113.7:53/UDP",
+                "203.0.113.7:53/UDP+external"
+            ]
+        );
+        for (k, f) in &t.frontends {
+            let view = k.proto & PROTO_EXTERNAL_VIEW != 0;
+            let wants_view = !view && !k.addr.is_unspecified() && k.port != 53
+                || k.addr == Ipv4Addr::new(203, 0, 113, 7) && !view;
+            assert_eq!(f.flags & SVC_F_EXTERNAL_VIEW != 0, wants_view, "{k}");
+            // Views hold this node's endpoints only; everything else every endpoint.
+            let want = if view { 1 } else { 2 };
+            assert_eq!(f.slots.len(), want, "{k}");
         }
     }
 

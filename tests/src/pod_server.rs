@@ -190,13 +190,21 @@ pub fn serve_udp(name: &str, socket: &UdpSocket) -> io::Result<()> {
     let mut served = 0u64;
     loop {
         let (n, peer) = socket.recv_from(&mut buf)?;
-        let reply = udp_reply(name, &buf[..n], &mut served);
+        // `peer`: who this pod sees the datagram from (a client's own address, or the one a
+        // proxy translated it to).
+        let reply = if buf[..n].trim_ascii() == b"peer" {
+            peer.to_string().into_bytes()
+        } else {
+            udp_reply(name, &buf[..n], &mut served)
+        };
         socket.send_to(&reply, peer)?;
     }
 }
 
 /// The answer to UDP request `request`; `served` counts the requests answered with the name.
 ///
+/// - `peer` (answered by [`serve_udp`], which knows it): the sender's address and port as this
+///   pod sees them.
 /// - `count`: how many requests this server has answered with its name so far, in decimal. Not
 ///   counted itself, so a test can ask whether a datagram reached this pod without changing the
 ///   answer.

@@ -2198,3 +2198,84 @@ fn the_seeds_load_balancer_answers_through_every_node() {
         }
     }
 }
+
+/// What the pod behind `to` sees the external client's datagram come from.
+fn external_peer(lab: &Lab, to: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let reply = vipx_lab::udp_exchange(&lab.cluster.external(), to, b"peer", TIMEOUT)?;
+    Ok(String::from_utf8_lossy(&reply).parse()?)
+}
+
+/// externalTrafficPolicy: the pod sees the external client's own address through the node that
+/// runs it under Local, and no node without a local endpoint serves the Service (a client
+/// there times out, as behind kube-proxy's DROP); under Cluster, a node without the pod sends
+/// the flow on from its own address and a port of the SNAT range.
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_only_local_pods_serve() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_082;
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    let local_spec = ServiceSpec {
+        node_port: Some(NODE_PORT),
+        external_local: true,
+        ..spec("np", VIP_A, pod_endpoints(&[&pod]))
+    };
+    lab.service_spec(local_spec.clone());
+    lab.start_vipx(&[1, 2]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    let (node1, node2) = (lab.cluster.node(1).clone(), lab.cluster.node(2).clone());
+    for (vipx, node) in lab.vipx.iter_mut().zip([&node1, &node2]) {
+        vipx.wait_programmed(
+            &format!("{}:{NODE_PORT}/UDP+external", node.ip),
+            READY,
+            |_| true,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        vipx.wait_log("node interface served", READY)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let via1 = SocketAddr::from((node1.ip, NODE_PORT));
+    let via2 = SocketAddr::from((node2.ip, NODE_PORT));
+    assert_external_answers(&lab, via1, &pod.name);
+    let seen = external_peer(&lab, via1).expect("asking the pod who it sees");
+    assert_eq!(
+        seen.ip(),
+        vipx_lab::cluster::EXTERNAL_CLIENT_IP,
+        "under Local the pod sees the client"
+    );
+    let ext = lab.cluster.external();
+    let refused = in_netns(&ext, || {
+        std::net::TcpStream::connect_timeout(&via2, Duration::from_secs(1))
+    })
+    .expect("entering the external client");
+    match refused {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("a node without a local endpoint under Local: {other:?}"),
+    }
+    // The pod from a pod of the cluster: every endpoint, whatever the policy (kube-proxy too).
+    let body = http_get(lab.client(), via1, TIMEOUT).expect("the client pod to node 1's node port");
+    assert_eq!(body.trim(), pod.name);
+
+    // Cluster: node 2 sends the flow on as itself.
+    lab.service_spec(ServiceSpec {
+        external_local: false,
+        ..local_spec
+    });
+    poll(READY, "node 2 to serve the node port under Cluster", || {
+        http_get(&ext, via2, Duration::from_millis(1500)).is_ok()
+    });
+    let seen = external_peer(&lab, via2).expect("asking the pod who it sees");
+    assert_eq!(
+        seen.ip(),
+        IpAddr::V4(node2.ip),
+        "under Cluster through node 2"
+    );
+    assert!(
+        (proxy_common::SNAT_PORT_MIN..=proxy_common::SNAT_PORT_MAX).contains(&seen.port()),
+        "SNAT port {}",
+        seen.port()
+    );
+}
