@@ -480,7 +480,8 @@ fn rewrite(ctx: &XdpContext, p: &Pkt, nat: &Nat, fib: &FibParams) -> u32 {
 
 /// Write the addresses and ports of `nat` into the packet with the IPv4 and L4 checksums updated
 /// incrementally (XDP sees finished checksums: a NIC hands them over whole). A UDP checksum of 0
-/// (none) stays 0.
+/// (none) stays 0. Every field is written, changed or not: no branches, and the same work
+/// whatever the rewrite (replacing a value by itself leaves a sum as it was).
 #[inline(always)]
 fn write_nat(ctx: &XdpContext, p: &Pkt, nat: &Nat) -> Option<()> {
     let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
@@ -499,24 +500,16 @@ fn write_nat(ctx: &XdpContext, p: &Pkt, nat: &Nat) -> Option<()> {
         let mut ip_csum = [ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]];
         let mut l4_csum = *l4;
         let udp_none = p.proto == IPPROTO_UDP && l4_csum == [0, 0];
-        if nat.saddr != p.saddr {
-            ip_csum = csum_replace4(ip_csum, p.saddr, nat.saddr);
-            l4_csum = csum_replace4(l4_csum, p.saddr, nat.saddr);
-            ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr);
-        }
-        if nat.daddr != p.daddr {
-            ip_csum = csum_replace4(ip_csum, p.daddr, nat.daddr);
-            l4_csum = csum_replace4(l4_csum, p.daddr, nat.daddr);
-            ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr);
-        }
-        if nat.sport != p.sport {
-            l4_csum = csum_replace2(l4_csum, p.sport, nat.sport);
-            ports[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport);
-        }
-        if nat.dport != p.dport {
-            l4_csum = csum_replace2(l4_csum, p.dport, nat.dport);
-            ports[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport);
-        }
+        ip_csum = csum_replace4(ip_csum, p.saddr, nat.saddr);
+        l4_csum = csum_replace4(l4_csum, p.saddr, nat.saddr);
+        ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr);
+        ip_csum = csum_replace4(ip_csum, p.daddr, nat.daddr);
+        l4_csum = csum_replace4(l4_csum, p.daddr, nat.daddr);
+        ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr);
+        l4_csum = csum_replace2(l4_csum, p.sport, nat.sport);
+        ports[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport);
+        l4_csum = csum_replace2(l4_csum, p.dport, nat.dport);
+        ports[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport);
         ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum);
         if !udp_none {
             // A UDP sum that comes out 0 is sent as all ones (0 means "none").

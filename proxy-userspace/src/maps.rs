@@ -2294,7 +2294,11 @@ mod tests {
                 frontends: vec![
                     fe(Ipv4Addr::new(10, 96, 0, 10), 53, FrontendKind::ClusterIp),
                     fe(Ipv4Addr::UNSPECIFIED, 30053, FrontendKind::NodePort),
-                    fe(Ipv4Addr::new(203, 0, 113, 7), 53, FrontendKind::LoadBalancer),
+                    fe(
+                        Ipv4Addr::new(203, 0, 113, 7),
+                        53,
+                        FrontendKind::LoadBalancer,
+                    ),
                 ],
                 endpoints: vec![ep([10, 0, 0, 1], 53, false), ep([10, 0, 1, 1], 53, false)],
                 internal_pick: vec![0, 1],

@@ -849,6 +849,39 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
+        "\n### The node program (XDP on the node's interfaces; external client, backend on this \
+         node; ns/packet, median; x = ratio to the XDP floor)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| services x 10 | passthrough | new flow (SYN, replayed) | established | XDP floor |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+    let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
+    counts.dedup();
+    for n in counts {
+        let get = |case: &str| {
+            rows.iter()
+                .find(|x| x["services"].as_u64() == Some(n) && x["case"] == case)
+                .map_or(String::from("-"), |x| {
+                    format!(
+                        "{:.0} ({:.1}x)",
+                        x["ns_per_packet"].as_f64().unwrap_or(0.0),
+                        x["ratio_to_floor"].as_f64().unwrap_or(0.0)
+                    )
+                })
+        };
+        let _ = writeln!(
+            s,
+            "| {n} | {} | {} | {} | {} |",
+            get("node_passthrough"),
+            get("node_new_flow_syn"),
+            get("node_established"),
+            get("floor_xdp")
+        );
+    }
+    let _ = writeln!(
+        s,
         "\n### Maglev: share of new-flow choices moved (table size M; ideal 1/N on removal of 1 \
          of N, 1/(N+1) on addition)\n"
     );

@@ -18,7 +18,9 @@ use aya::{
 use clap::Parser;
 use etherparse::PacketBuilder;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use proxy_common::{BACKEND_F_ACTIVE, IPPROTO_TCP, SVC_F_CLUSTER_IP, Stat, prog_names};
+use proxy_common::{
+    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, IPPROTO_TCP, SVC_F_CLUSTER_IP, Stat, prog_names,
+};
 use serde::Serialize;
 use vipx::{
     desired::{LbAlgorithm, Protocol, ServicePortName},
@@ -165,6 +167,8 @@ const TC_ACT_OK: u32 = 0;
 const TC_NEXT: u32 = -1i32 as u32;
 const XDP_PASS: u32 = 2;
 const CLIENT: [u8; 4] = [198, 18, 200, 2];
+/// A client outside the cluster (the node program's cases).
+const EXTERNAL: [u8; 4] = [198, 18, 202, 2];
 /// Distinct SYNs per run of the `new_flow_distinct` case (two conntrack entries each; the
 /// table holds 65,536).
 const DISTINCT_FLOWS: u16 = 4096;
@@ -529,7 +533,9 @@ fn packet(a: Args) -> Result<()> {
                 port: vip(n / 2).1,
                 proto: IPPROTO_TCP,
             };
-            t.backends.insert(measured, BACKEND_F_ACTIVE);
+            // Local, so the node program (XDP) delivers to it rather than sending it on.
+            t.backends
+                .insert(measured, BACKEND_F_ACTIVE | BACKEND_F_LOCAL);
             if let Some(f) = t.frontends.get_mut(&measured) {
                 f.slots = vec![measured; a.backends as usize];
             }
@@ -547,11 +553,13 @@ fn packet(a: Args) -> Result<()> {
                     .try_into()?;
                 p.load()?;
             }
-            let x: &mut Xdp = ebpf
-                .program_mut(prog_names::FLOOR)
-                .context("floor program")?
-                .try_into()?;
-            x.load().map_err(|e: ProgramError| anyhow::anyhow!(e))?;
+            for name in [prog_names::FLOOR, prog_names::NODE_XDP] {
+                let x: &mut Xdp = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("program {name}"))?
+                    .try_into()?;
+                x.load().map_err(|e: ProgramError| anyhow::anyhow!(e))?;
+            }
             let f: &mut SchedClassifier = ebpf
                 .program_mut(prog_names::FLOOR_TC)
                 .context("TC floor program")?
@@ -572,20 +580,42 @@ fn packet(a: Args) -> Result<()> {
             let pass_in = tcp(pod.octets(), pod_port, CLIENT, 40001, false);
             let ingress = prog_names::POD_INGRESS;
             let egress = prog_names::POD_EGRESS;
-            let cases: [(&'static str, &str, &[u8], Option<Stat>); 5] = [
+            let node = prog_names::NODE_XDP;
+            // The node program (XDP): an external client's flow to the same frontend (as a node
+            // port or LoadBalancer IP would be), its backend on this node, so DNAT and pass.
+            let ext_syn = tcp(EXTERNAL, 40002, target.0.octets(), target.1, true);
+            let ext_est = tcp(EXTERNAL, 40002, target.0.octets(), target.1, false);
+            run(&mut ebpf, node, &ext_syn, 1, XDP_PASS)?;
+            let cases: [(&'static str, &str, &[u8], Option<Stat>); 8] = [
                 ("passthrough", ingress, &pass, None),
                 ("passthrough_egress", egress, &pass_in, None),
                 ("new_flow_syn", ingress, &syn, Some(Stat::NewFlows)),
                 ("established", ingress, &est, Some(Stat::CtForward)),
                 ("reply_revnat", egress, &reply, Some(Stat::CtReply)),
+                ("node_passthrough", node, &pass, None),
+                (
+                    "node_new_flow_syn",
+                    node,
+                    &ext_syn,
+                    Some(Stat::NodeNewLocal),
+                ),
+                (
+                    "node_established",
+                    node,
+                    &ext_est,
+                    Some(Stat::NodeTranslated),
+                ),
             ];
+            let verdict = |prog: &str| if prog == node { XDP_PASS } else { TC_NEXT };
             // Each case must take the path it is named after on every iteration.
             for (case, prog, pkt, stat) in &cases {
                 let before = loader::read_stats(&ebpf)?;
-                run_tc(&mut ebpf, prog, pkt, 1000)?;
+                run(&mut ebpf, prog, pkt, 1000, verdict(prog))?;
                 let after = loader::read_stats(&ebpf)?;
                 let seen = if *prog == egress {
                     Stat::EgressPackets
+                } else if *prog == node {
+                    Stat::NodePackets
                 } else {
                     Stat::Packets
                 };
@@ -618,7 +648,7 @@ fn packet(a: Args) -> Result<()> {
                     TC_ACT_OK,
                 )?);
                 for (i, (_, prog, pkt, _)) in cases.iter().enumerate() {
-                    samples[i].push(run_tc(&mut ebpf, prog, pkt, a.repeat)?);
+                    samples[i].push(run(&mut ebpf, prog, pkt, a.repeat, verdict(prog))?);
                 }
             }
             let floor_ns = median(&mut floor.clone());
