@@ -166,4 +166,15 @@ impl ServicePort {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServicePortName, ServicePort>,
+    /// LoadBalancer Services with externalTrafficPolicy Local, by (namespace, name): their
+    /// `healthCheckNodePort` and how many ready endpoints they have on this node (what the
+    /// port answers a load balancer's health check with).
+    pub health_checks: BTreeMap<(String, String), HealthCheck>,
+}
+
+/// One Service's health check node port (kube-proxy's service health server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub local_endpoints: usize,
 }

@@ -79,6 +79,7 @@ struct SpecDigest {
     cluster_ips: Option<Vec<String>>,
     external_ips: Option<Vec<String>>,
     external_traffic_policy: Option<String>,
+    health_check_node_port: Option<i32>,
     internal_traffic_policy: Option<String>,
     session_affinity: Option<String>,
     affinity_timeout_s: Option<i32>,
@@ -109,6 +110,7 @@ impl ServiceDigest {
                 cluster_ips: s.cluster_ips,
                 external_ips: s.external_ips,
                 external_traffic_policy: s.external_traffic_policy,
+                health_check_node_port: s.health_check_node_port,
                 internal_traffic_policy: s.internal_traffic_policy,
                 session_affinity: s.session_affinity,
                 affinity_timeout_s: s
@@ -156,6 +158,7 @@ impl ServiceDigest {
             cluster_ips: s.cluster_ips.clone(),
             external_ips: s.external_ips.clone(),
             external_traffic_policy: s.external_traffic_policy.clone(),
+            health_check_node_port: s.health_check_node_port,
             internal_traffic_policy: s.internal_traffic_policy.clone(),
             session_affinity: s.session_affinity.clone(),
             session_affinity_config: Some(SessionAffinityConfig {

@@ -31,7 +31,7 @@ use crate::{
     maps::{self, FailedFrontend, MapWriter},
     nodeaddr::NodeAddresses,
     nodeif::{self, NodeInterfaces},
-    serve::{self, Telemetry, metrics::MapUse},
+    serve::{self, Telemetry, metrics::MapUse, service_health::ServiceHealth},
     socklb::{self, SocketLb},
     source::{
         ClusterObjects, DirCache, SourceConfig,
@@ -288,6 +288,8 @@ struct Controller {
     node_addresses: NodeAddresses,
     /// XDP and egress reverse NAT on the node's external interfaces.
     node_interfaces: NodeInterfaces,
+    /// The health check node ports of LoadBalancer Services with a Local traffic policy.
+    service_health: ServiceHealth,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -316,6 +318,8 @@ impl Controller {
         }
         let started = Instant::now();
         let r = self.try_sync();
+        // What the maps now say, the health check ports say too.
+        self.service_health.sync(self.tracker.health_checks());
         match &r {
             Ok(()) => {
                 self.health.last_sync_ok = Some(SystemTime::now());
@@ -922,6 +926,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         collector_restart_at: None,
         node_addresses,
         node_interfaces,
+        service_health: ServiceHealth::default(),
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -16,6 +16,7 @@ use k8s_openapi::api::{
 use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING};
 
 use crate::{
+    desired::HealthCheck,
     digest::{self, DigestedObjects, ServiceDigest, SliceDigest},
     maps::{self, L4Addr, Target, TargetFrontend},
     source::ClusterObjects,
@@ -58,6 +59,8 @@ struct Translated {
     problems: Vec<String>,
     /// Service ports without a local endpoint under a Local policy: (internal, external).
     no_local: (usize, usize),
+    /// Its health check node port, if it has one.
+    health: Option<HealthCheck>,
 }
 
 #[derive(Default)]
@@ -87,6 +90,8 @@ pub struct ChangeTracker {
     slice_changes: u64,
     /// The node's addresses that serve node ports (each node port is a frontend on each).
     node_addresses: Vec<std::net::Ipv4Addr>,
+    /// Services with a health check node port.
+    health_checks: BTreeMap<ObjKey, HealthCheck>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
@@ -382,6 +387,7 @@ impl ChangeTracker {
                 backends: BTreeMap::new(),
                 problems: Vec::new(),
                 no_local: (0, 0),
+                health: None,
             };
         };
         let svc: Service = svc.to_object(&key.0, &key.1);
@@ -412,7 +418,13 @@ impl ChangeTracker {
             backends: t.backends,
             problems: tr.problems.into_iter().chain(target_problems).collect(),
             no_local,
+            health: tr.state.health_checks.values().next().copied(),
         }
+    }
+
+    /// Services with a health check node port: (namespace, name) -> port and local endpoints.
+    pub fn health_checks(&self) -> &BTreeMap<ObjKey, HealthCheck> {
+        &self.health_checks
     }
 
     fn merge(&mut self, key: ObjKey, new: Translated, changes: &mut Changes) {
@@ -422,7 +434,12 @@ impl ChangeTracker {
             backends,
             mut problems,
             no_local,
+            health,
         } = new;
+        match health {
+            Some(h) => self.health_checks.insert(key.clone(), h),
+            None => self.health_checks.remove(&key),
+        };
         for fe in &old.frontends {
             if let Some(w) = self.frontend_waiters.get_mut(fe) {
                 w.remove(&key);

@@ -362,6 +362,8 @@ struct ServiceInfo {
     external_local: bool,
     affinity_timeout_s: Option<u32>,
     lb_algorithm: Option<LbAlgorithm>,
+    /// A LoadBalancer Service with externalTrafficPolicy Local: its `healthCheckNodePort`.
+    health_check_node_port: Option<u16>,
 }
 
 impl ServiceInfo {
@@ -433,6 +435,25 @@ fn translate_service(
             continue;
         }
         state.services.insert(spn, service_port);
+    }
+    if let Some(port) = info.health_check_node_port {
+        // Ready endpoints on this node, each counted once whatever its ports (kube-proxy counts
+        // a Service's local endpoints).
+        let local: HashSet<IpAddr> = state
+            .services
+            .iter()
+            .filter(|(spn, _)| spn.namespace == namespace && spn.name == name)
+            .flat_map(|(_, sp)| sp.endpoints.iter())
+            .filter(|ep| ep.local && ep.ready)
+            .map(|ep| ep.addr)
+            .collect();
+        state.health_checks.insert(
+            (namespace.to_owned(), name.to_owned()),
+            crate::desired::HealthCheck {
+                port,
+                local_endpoints: local.len(),
+            },
+        );
     }
 }
 
@@ -570,8 +591,21 @@ fn service_info(
         }
     };
 
+    let is_lb = spec.type_.as_deref() == Some("LoadBalancer");
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(p) if is_lb && external_local => match u16::try_from(p) {
+            Ok(p) if p != 0 => Some(p),
+            _ => {
+                warnings.push(format!("healthCheckNodePort {p} out of range, not served"));
+                None
+            }
+        },
+        _ => None,
+    };
+
     Ok(Some(ServiceInfo {
         lb_algorithm,
+        health_check_node_port,
         cluster_ips,
         external_ips,
         lb_ips,
@@ -819,6 +853,7 @@ mod tests {
     use std::{fmt::Write as _, net::SocketAddr, path::Path};
 
     use super::*;
+    use crate::desired::HealthCheck;
     use crate::source;
 
     /// Strips the indentation common to all non-blank lines, so manifests can be written indented
@@ -1677,6 +1712,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A LoadBalancer Service with externalTrafficPolicy Local has a health check node port
+    /// answering with its local ready endpoints (one on worker-1, none on worker-3); with
+    /// Cluster, or as a NodePort, it has none.
+    #[test]
+    fn health_check_node_ports_count_local_ready_endpoints() {
+        let lb = WEB
+            .replace("type: ClusterIP", "type: LoadBalancer\n          externalTrafficPolicy: Local\n          healthCheckNodePort: 32100")
+            .replace("targetPort: http", "targetPort: http\n            nodePort: 31000");
+        let manifests = format!("{lb}---{WEB_SLICE}");
+        let key = ("shop".to_owned(), "web".to_owned());
+        let t = run(&manifests, "worker-1");
+        assert_eq!(
+            t.state.health_checks.get(&key),
+            Some(&HealthCheck {
+                port: 32100,
+                local_endpoints: 1
+            })
+        );
+        let t = run(&manifests, "worker-3");
+        assert_eq!(t.state.health_checks[&key].local_endpoints, 0);
+        let cluster = manifests.replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster",
+        );
+        assert!(run(&cluster, "worker-1").state.health_checks.is_empty());
+        let node_port = manifests.replace("type: LoadBalancer", "type: NodePort");
+        assert!(run(&node_port, "worker-1").state.health_checks.is_empty());
     }
 
     /// The seed scenario: simpleapi-service (10.102.82.168:80 -> 5000, app=backend), first with one

@@ -173,6 +173,9 @@ pub struct ServiceSpec {
     pub affinity_timeout: Option<u32>,
     /// `type: NodePort` with this `nodePort` on both ports (TCP and UDP), else ClusterIP.
     pub node_port: Option<u16>,
+    /// `type: LoadBalancer` with this `healthCheckNodePort` (set `external_local` and
+    /// `node_port` too, as the API server requires).
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServiceSpec {
@@ -202,6 +205,7 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         external_local,
         affinity_timeout,
         node_port,
+        health_check_node_port,
     } = spec;
     let affinity = match affinity_timeout {
         Some(t) => format!(
@@ -246,10 +250,14 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
             writeln!(items, "    namespace: {SERVICE_NAMESPACE}")?;
         }
     }
-    let (node_port_line, kind) = match node_port {
+    let (node_port_line, mut kind) = match node_port {
         Some(p) => (format!("    nodePort: {p}\n"), "NodePort"),
         None => (String::new(), "ClusterIP"),
     };
+    if let Some(p) = health_check_node_port {
+        kind = "LoadBalancer";
+        writeln!(external, "  healthCheckNodePort: {p}")?;
+    }
     // Block style needs the list on the next line; an empty list has to be written inline.
     let items = if items.is_empty() {
         " []\n".to_owned()
@@ -472,6 +480,7 @@ mod tests {
             external_local: true,
             affinity_timeout: Some(600),
             node_port: Some(30080),
+            health_check_node_port: None,
         };
         let yaml = service_spec_yaml(&spec).unwrap();
         let mut docs = serde_yaml_ng::Deserializer::from_str(&yaml);

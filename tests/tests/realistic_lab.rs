@@ -164,6 +164,7 @@ fn spec(name: &str, vip: Ipv4Addr, endpoints: Vec<Endpoint>) -> ServiceSpec {
         external_local: false,
         affinity_timeout: None,
         node_port: None,
+        health_check_node_port: None,
     }
 }
 
@@ -2278,4 +2279,83 @@ fn external_traffic_policy_local_keeps_the_client_address_and_only_local_pods_se
         "SNAT port {}",
         seen.port()
     );
+}
+
+/// One HTTP GET of `path` on `to` from namespace `ns`: the status code and the body.
+fn http_status(ns: &str, to: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    in_netns(ns, || -> anyhow::Result<(u16, String)> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no status line in {text:?}"))?;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        Ok((status, body))
+    })?
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local answers its healthCheckNodePort on
+/// every node as kube-proxy does: 200 and `"localEndpoints": 1` on the node running its pod,
+/// 503 and 0 on the other; when the pod moves, the answers follow, and when the Service goes
+/// the port closes.
+#[test]
+fn health_check_node_ports_say_which_nodes_have_local_endpoints() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const HEALTH_PORT: u16 = 32_100;
+    let mut lab = Lab::new();
+    let one = lab.cluster.add_pod(1).expect("pod on node 1");
+    let two = lab.cluster.add_pod(2).expect("pod on node 2");
+    let lb = ServiceSpec {
+        node_port: Some(30_083),
+        external_local: true,
+        health_check_node_port: Some(HEALTH_PORT),
+        ..spec("lb", VIP_A, pod_endpoints(&[&one]))
+    };
+    lab.service_spec(lb.clone());
+    lab.start_vipx(&[1, 2]);
+    lab.wait_ready(VIP_A, &[one.ip]);
+    let ext = lab.cluster.external();
+    let (node1, node2) = (lab.cluster.node(1).ip, lab.cluster.node(2).ip);
+    let at = |ip: Ipv4Addr| SocketAddr::from((ip, HEALTH_PORT));
+    let answer = |ip| http_status(&ext, at(ip), "/healthz");
+    poll(
+        READY,
+        "node 1's health check node port to answer 200",
+        || answer(node1).is_ok_and(|(s, _)| s == 200),
+    );
+    let (_, body) = answer(node1).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["localEndpoints"], 1, "{body}");
+    assert_eq!(json["service"]["name"], "lb", "{body}");
+    assert_eq!(json["service"]["namespace"], "default", "{body}");
+    let (status, body) = answer(node2).expect("node 2's health check node port");
+    assert_eq!(status, 503, "node 2 runs no pod of the Service: {body}");
+    assert!(body.contains(r#""localEndpoints":0"#), "{body}");
+
+    // The pod moves to node 2.
+    lab.service_spec(ServiceSpec {
+        endpoints: pod_endpoints(&[&two]),
+        ..lb.clone()
+    });
+    poll(READY, "the answers to follow the pod to node 2", || {
+        answer(node2).is_ok_and(|(s, _)| s == 200) && answer(node1).is_ok_and(|(s, _)| s == 503)
+    });
+    // The Service goes: the port closes.
+    std::fs::remove_file(lb.path(lab.manifests.path())).expect("deleting the Service");
+    poll(READY, "the health check node port to close", || {
+        matches!(
+            answer(node1),
+            Err(e) if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        )
+    });
 }

@@ -5,6 +5,7 @@
 
 pub mod health;
 pub mod metrics;
+pub mod service_health;
 
 use std::{
     net::{IpAddr, SocketAddr},
