@@ -542,12 +542,15 @@ pub enum Stat {
     NodeNoNeigh,
     /// External flows dropped: no free SNAT port towards their backend.
     NodeNoPort,
+    /// External packets dropped: the kernel's FIB gave no way to their backend or client that
+    /// XDP can take (no route, or through a tunnel or lightweight-tunnel route).
+    NodeFibFailed,
 }
 
 pub const STATS_LEN: u32 = 64;
 
 impl Stat {
-    pub const ALL: [Stat; 36] = [
+    pub const ALL: [Stat; 37] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -584,6 +587,7 @@ impl Stat {
         Stat::NodeTranslated,
         Stat::NodeNoNeigh,
         Stat::NodeNoPort,
+        Stat::NodeFibFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -624,6 +628,7 @@ impl Stat {
             Stat::NodeTranslated => "node_translated",
             Stat::NodeNoNeigh => "node_no_neigh",
             Stat::NodeNoPort => "node_no_port",
+            Stat::NodeFibFailed => "node_fib_failed",
         }
     }
 }

@@ -30,18 +30,19 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
     IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SnatValue4, Stat, SvcKey4, SvcValue, VIP_F_HAIRPIN, VipKey4,
-    defaults,
+    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_REJECT, SnatValue4, Stat, SvcKey4, SvcValue,
+    VIP_F_HAIRPIN, VipKey4, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
     L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2,
-    csum_replace4, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment, is_tcp_syn, pick_slot,
+    csum_replace4, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment, is_tcp_close,
+    is_tcp_syn, pick_slot,
 };
 
 use crate::{
-    CT4, REVNAT4, SVC4, VIP4, backend, count, ct_now, ct_put, ct_touch, maglev_pick, reply_revnat,
-    slot_backend,
+    CT4, REVNAT4, SVC4, VIP4, backend, count, ct_now, ct_put, ct_touch, flood_allows, maglev_pick,
+    reply_revnat, slot_backend,
 };
 
 /// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
@@ -211,13 +212,31 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
             if let Some(s) = SNAT4.get_ptr(ct_key) {
                 // SAFETY: value pointer from a successful lookup; copied out at once.
                 let s = unsafe { *s };
-                let nat = Nat {
-                    saddr: s.addr,
-                    sport: s.port,
-                    daddr: b.addr,
-                    dport: b.port,
+                // Its port must still answer to this client: if the LRU took the reply entry
+                // and another flow took the port, this flow selects afresh rather than send
+                // as that one.
+                let reply_key = CtKey4 {
+                    saddr: b.addr,
+                    daddr: s.addr,
+                    sport: b.port,
+                    dport: s.port,
+                    proto: p.proto,
+                    _pad: [0; 3],
                 };
-                return send_on(&ctx, &p, &nat);
+                let client = SnatValue4 {
+                    addr: p.saddr,
+                    port: p.sport,
+                    _pad: [0; 2],
+                };
+                if snat_client(&reply_key) == Some(client) {
+                    let nat = Nat {
+                        saddr: s.addr,
+                        sport: s.port,
+                        daddr: b.addr,
+                        dport: b.port,
+                    };
+                    return send_on(&ctx, &p, &nat);
+                }
             }
         }
     }
@@ -228,6 +247,20 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
 fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key: CtKey4) -> u32 {
     if svc.count == 0 {
         count(Stat::NoBackend);
+        if svc.flags & SVC_F_REJECT != 0 {
+            // No endpoints at all: kube-proxy rejects. On a node address nothing listens on
+            // the port, so the stack answers (TCP reset, ICMP port unreachable).
+            return xdp_action::XDP_PASS;
+        }
+        return xdp_action::XDP_DROP;
+    }
+    // A FIN or RST that found no entry (the flow ended, was collected, never existed): it must
+    // not leave entries behind. To a local backend it is translated untracked, as the pod
+    // program does; one for another node has no port to go out with.
+    let closing = p.proto == IPPROTO_TCP && !is_tcp_syn(p.tcp_flags) && is_tcp_close(p.tcp_flags);
+    if !closing && !flood_allows(p.saddr) {
+        // The client retransmits a dropped SYN; by then its window may have room again.
+        count(Stat::FloodDropped);
         return xdp_action::XDP_DROP;
     }
     let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
@@ -255,6 +288,13 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         flags: CT_F_FORWARD,
         seen: ct_now(),
     };
+    if closing {
+        count(Stat::CtUntracked);
+        if b.flags & BACKEND_F_LOCAL != 0 {
+            return to_local(ctx, p, &b);
+        }
+        return xdp_action::XDP_DROP;
+    }
     if b.flags & BACKEND_F_LOCAL != 0 {
         let reply_key = CtKey4 {
             saddr: b.addr,
@@ -312,24 +352,33 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         port: p.sport,
         _pad: [0; 2],
     };
-    for i in 0..SNAT_TRIES {
-        let candidate =
-            SNAT_PORT_MIN + (hash.wrapping_add(i.wrapping_mul(2_654_435_761)) % span) as u16;
-        reply_key.dport = candidate.to_be_bytes();
-        if SNAT4.insert(reply_key, client, BPF_NOEXIST as u64).is_ok() {
-            port = candidate;
-            break;
+    let reply = CtValue {
+        flags: CT_F_REPLY | CT_F_SNAT,
+        ..fwd
+    };
+    // This very flow (client tuple and frontend) holding a port already (a retransmitted SYN):
+    // the same one, as long as the port still answers to this client.
+    if let Some(held) = SNAT4.get_ptr(ct_key) {
+        // SAFETY: value pointer from a successful lookup; copied out at once.
+        let held = unsafe { *held };
+        reply_key.dport = held.port;
+        if held.addr == src && snat_client(&reply_key) == Some(client) {
+            port = u16::from_be_bytes(held.port);
         }
-        // Held by this very client tuple already (a retransmitted SYN), or left by a flow
-        // whose conntrack entry went (the LRU evicted it): take it.
-        if let Some(held) = SNAT4.get_ptr_mut(reply_key)
-            // SAFETY: value pointer from a successful lookup; read at once.
-            && (unsafe { *held } == client || CT4.get_ptr(reply_key).is_none())
-        {
-            // SAFETY: the same pointer; the entry is ours to rewrite.
-            unsafe { *held = client };
-            port = candidate;
-            break;
+    }
+    // Else a port chosen by the flow's hash, probing on. The conntrack reply entry is the lock:
+    // whoever inserts it owns the port, so two CPUs never share one, and a port whose flow's
+    // entries went (closed and collected, or evicted) is free again whatever SNAT4 still says.
+    if port == 0 {
+        for i in 0..SNAT_TRIES {
+            let candidate =
+                SNAT_PORT_MIN + (hash.wrapping_add(i.wrapping_mul(2_654_435_761)) % span) as u16;
+            reply_key.dport = candidate.to_be_bytes();
+            if CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
+                count(Stat::CtCreated);
+                port = candidate;
+                break;
+            }
         }
     }
     if port == 0 {
@@ -342,11 +391,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         daddr: b.addr,
         dport: b.port,
     };
-    let reply = CtValue {
-        flags: CT_F_REPLY | CT_F_SNAT,
-        ..fwd
-    };
-    if ct_put(&reply_key, &reply).is_err() {
+    if SNAT4.insert(reply_key, client, 0).is_err() || ct_put(&reply_key, &reply).is_err() {
         count(Stat::CtInsertFailed);
         return xdp_action::XDP_DROP;
     }
@@ -368,6 +413,14 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
     );
     count(Stat::NodeNewRemote);
     rewrite(ctx, p, &nat, &fib)
+}
+
+/// The client a SNAT port (as its reply key) answers to.
+#[inline(always)]
+fn snat_client(reply_key: &CtKey4) -> Option<SnatValue4> {
+    let v = SNAT4.get_ptr(reply_key)?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    Some(unsafe { *v })
 }
 
 /// An answer from another node's backend to a port this node translated a client's flow to.
@@ -449,10 +502,18 @@ fn fib_failed(ctx: &XdpContext, rc: i64, fib: &FibParams) -> u32 {
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // SAFETY: the kernel left the next hop in `ipv4_dst`.
         let nexthop = unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
-        let _ = NEIGHMISS4.insert(nexthop, ingress(ctx), 0);
+        // The interface the route leaves by (the kernel sets it before looking for the
+        // neighbour), which need not be the one the packet came in on.
+        let out = if fib.ifindex != 0 {
+            fib.ifindex
+        } else {
+            ingress(ctx)
+        };
+        let _ = NEIGHMISS4.insert(nexthop, out, 0);
         count(Stat::NodeNoNeigh);
     } else {
-        count(Stat::NoBackend);
+        // No route, or one XDP cannot follow (a tunnel, a lightweight-tunnel route).
+        count(Stat::NodeFibFailed);
     }
     xdp_action::XDP_DROP
 }

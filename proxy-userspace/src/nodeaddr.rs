@@ -30,9 +30,11 @@ pub fn local_ipv4() -> Result<Vec<(String, Ipv4Addr)>> {
             let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
             let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
             // SAFETY: getifaddrs gives every entry a NUL-terminated name.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-            if !addr.is_loopback() {
-                out.push((name.to_string_lossy().into_owned(), addr));
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                .to_string_lossy()
+                .into_owned();
+            if !addr.is_loopback() && !is_helper_device(&name) {
+                out.push((name, addr));
             }
         }
         cur = ifa.ifa_next;
@@ -40,6 +42,38 @@ pub fn local_ipv4() -> Result<Vec<(String, Ipv4Addr)>> {
     // SAFETY: the list getifaddrs returned, freed once.
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
+}
+
+/// Devices whose addresses are not the node's own: proxies', CNIs' and container runtimes'
+/// (kube-proxy's IPVS dummy holds every ClusterIP, NodeLocal DNSCache's the DNS ClusterIP),
+/// bridges and tunnels. A node port on each of their addresses would cost a frontend (and a
+/// Maglev table) per address for nothing, and XDP does not belong on them.
+fn is_helper_device(name: &str) -> bool {
+    const NAMES: [&str; 5] = [
+        "kube-ipvs0",
+        "nodelocaldns",
+        "docker0",
+        "cni0",
+        "kube-bridge",
+    ];
+    const PREFIXES: [&str; 8] = [
+        "cilium_", "flannel", "cali", "vxlan", "tunl", "wg", "genev", "virbr",
+    ];
+    if NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return true;
+    }
+    let sys = std::path::Path::new("/sys/class/net").join(name);
+    let devtype = std::fs::read_to_string(sys.join("uevent")).unwrap_or_default();
+    let kind = devtype
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVTYPE="))
+        .unwrap_or("");
+    // ARPHRD_ETHER: tunnels (IPIP, GRE, WireGuard, tun) are something else.
+    let ether = std::fs::read_to_string(sys.join("type")).map_or(true, |t| t.trim() == "1");
+    matches!(
+        kind,
+        "bridge" | "vxlan" | "wireguard" | "geneve" | "bond_slave"
+    ) || !ether
 }
 
 /// The addresses of `local` that `--nodeport-addresses` selects (none given: all of them, as
@@ -103,6 +137,23 @@ impl NodeAddresses {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn helper_devices_are_not_node_addresses() {
+        for name in [
+            "kube-ipvs0",
+            "nodelocaldns",
+            "cni0",
+            "flannel.1",
+            "cali12ab",
+            "tunl0",
+            "wg0",
+        ] {
+            assert!(is_helper_device(name), "{name}");
+        }
+        // A name this machine does not have: only the names decide.
+        assert!(!is_helper_device("vipx-test-no-such-if"));
+    }
 
     #[test]
     fn nodeport_addresses_select_by_cidr() {

@@ -191,6 +191,49 @@ fn pin_name(iface: &str) -> String {
     iface.replace('.', ":")
 }
 
+/// Keep the node's own sockets off the SNAT ports: adds `SNAT_PORT_MIN-SNAT_PORT_MAX` to
+/// `net.ipv4.ip_local_reserved_ports` of this network namespace (the kernel then never picks
+/// them for an unbound socket), and says so when the ephemeral range reaches into them. Best
+/// effort: a read-only /proc/sys (a container without it) is reported, not fatal.
+pub fn reserve_snat_ports() {
+    use proxy_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let ours = format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}");
+    match fs::read_to_string(RESERVED) {
+        Ok(now) if now.split(',').any(|r| r.trim() == ours) => {}
+        Ok(now) => {
+            let now = now.trim();
+            let new = if now.is_empty() {
+                ours.clone()
+            } else {
+                format!("{now},{ours}")
+            };
+            match fs::write(RESERVED, &new) {
+                Ok(()) => tracing::info!(ports = %ours, "SNAT ports reserved for external flows"),
+                Err(e) => tracing::warn!(
+                    "could not reserve the SNAT ports {ours} ({RESERVED}: {e}): the node's own \
+                     sockets may take one an external flow uses"
+                ),
+            }
+        }
+        Err(e) => tracing::warn!("reading {RESERVED}: {e}"),
+    }
+    if let Ok(range) = fs::read_to_string(RANGE)
+        && let Some(high) = range
+            .split_whitespace()
+            .nth(1)
+            .and_then(|h| h.parse::<u16>().ok())
+        && high >= SNAT_PORT_MIN
+    {
+        tracing::warn!(
+            "the ephemeral port range ({}) reaches into the SNAT ports {ours}: reserved ports \
+             keep sockets off them, but NAT rules (a CNI's masquerade with --random-fully) do not",
+            range.trim()
+        );
+    }
+}
+
 /// The interfaces to serve: those matching `globs` if any are given, else those holding one of
 /// `node_addresses`; never loopback or a pod interface.
 pub fn select(

@@ -614,11 +614,13 @@ impl Controller {
     /// Attach to new pod interfaces, forget gone ones, and re-read the node's addresses;
     /// returns whether those changed (a sync is due).
     fn scan_interfaces(&mut self) -> bool {
+        let mut addresses_read = true;
         let addresses_changed = match self.node_addresses.refresh() {
             Ok(Some(addresses)) => self.tracker.set_node_addresses(addresses),
             Ok(None) => false,
             Err(e) => {
                 tracing::warn!("node port addresses not refreshed: {e:#}");
+                addresses_read = false;
                 false
             }
         };
@@ -660,7 +662,10 @@ impl Controller {
             &self.opts.node_interfaces,
             &self.opts.pod_interfaces,
         );
-        self.node_interfaces.sync(&mut self.ebpf, &external);
+        // An unreadable address list says nothing about the interfaces: keep what is attached.
+        if addresses_read {
+            self.node_interfaces.sync(&mut self.ebpf, &external);
+        }
         self.node_interfaces.resolve_neighbours();
         for (name, index) in present {
             if self.attachments.is_attached(&name)
@@ -877,6 +882,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
     let node_interfaces = NodeInterfaces::new(&mut ebpf, &opts.pin_dir, opts.node_xdp_generic)?;
+    nodeif::reserve_snat_ports();
     match opts.socket_lb {
         SocketLb::Host => {
             let cgroup = match &opts.cgroup_root {

@@ -2592,3 +2592,127 @@ fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
     }
     assert_eq!(st.expired, 1, "{st:?}");
 }
+
+/// The node program (XDP on the node's interfaces) for a client outside the cluster whose
+/// backend runs on this node: DNAT (with checksums recomputed independently) and XDP_PASS for a
+/// SYN, the next packet of the flow and a UDP datagram (a zero UDP checksum stays zero); the
+/// pod's answer restored to the frontend by the pod egress program, as on the node interface's
+/// egress; a FIN that finds no entry translated without leaving one; a frontend without
+/// endpoints, and what is not to a frontend, handed to the stack untouched.
+#[test]
+fn node_program_dnats_external_flows_to_local_backends() {
+    use aya::programs::Xdp;
+    use proxy_common::BACKEND_F_LOCAL;
+    if !privileged() {
+        return;
+    }
+    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
+    const XDP_PASS: u32 = 2;
+    let mut l = load(&[BE1]);
+    // This node runs BE1: what the map writer sets from the endpoint's nodeName.
+    let mut backends: Array<MapData, Backend4> = Array::try_from(aya::maps::Map::Array(
+        MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
+    ))
+    .unwrap();
+    for id in 1..16u32 {
+        let mut b = backends.get(&id, 0).unwrap();
+        if b.addr == BE1 {
+            b.flags |= BACKEND_F_LOCAL;
+            backends.set(id, b, 0).unwrap();
+        }
+    }
+    let xdp: &mut Xdp = l
+        .ebpf
+        .program_mut(prog_names::NODE_XDP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    xdp.load().expect("verifying the node program");
+    let run_xdp = |l: &mut Loaded, input: &[u8]| -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = l
+            .ebpf
+            .program_mut(prog_names::NODE_XDP)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; input.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    };
+    let seen = |src, sport, dst, dport, csum| Seen {
+        src,
+        sport,
+        dst,
+        dport,
+        l4_csum_ok: csum,
+    };
+    for (what, input) in [
+        ("SYN", frame(EXTERNAL, 50000, VIP, 80, &SYN, &[])),
+        ("data", frame(EXTERNAL, 50000, VIP, 80, &DATA, &[])),
+    ] {
+        let (v, out) = run_xdp(&mut l, &input);
+        assert_eq!(v, XDP_PASS, "{what}");
+        assert_eq!(
+            inspect(&out),
+            seen(EXTERNAL, 50000, BE1, 5000, Some(true)),
+            "{what}"
+        );
+    }
+    assert_eq!(stat(&l, Stat::NodeNewLocal), 1);
+    assert_eq!(stat(&l, Stat::NodeTranslated), 1);
+    // The pod's answer, on its way out of the node.
+    let (v, out) = run_on(
+        &mut l,
+        EGRESS,
+        &frame(BE1, 5000, EXTERNAL, 50000, &SYNACK, &[]),
+    );
+    assert_eq!(v, NEXT);
+    assert_eq!(inspect(&out), seen(VIP, 80, EXTERNAL, 50000, Some(true)));
+
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    const UDP0: L4 = L4::Udp {
+        zero_csum: true,
+        payload: b"q",
+    };
+    let (v, out) = run_xdp(&mut l, &frame(EXTERNAL, 50001, VIP, 53, &UDP, &[]));
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(inspect(&out), seen(EXTERNAL, 50001, BE1, 5353, Some(true)));
+    let (_, out) = run_xdp(&mut l, &frame(EXTERNAL, 50002, VIP, 53, &UDP0, &[]));
+    assert_eq!(inspect(&out), seen(EXTERNAL, 50002, BE1, 5353, None));
+
+    // A FIN that finds nothing: translated, nothing tracked.
+    let fin = tcp_closing(EXTERNAL, 50003, VIP, 80, true, false);
+    let (v, out) = run_xdp(&mut l, &fin);
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(inspect(&out), seen(EXTERNAL, 50003, BE1, 5000, Some(true)));
+    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    assert!(
+        ct.get(&ct_key(EXTERNAL, 50003, VIP, 80, IPPROTO_TCP), 0)
+            .is_err()
+    );
+    assert!(
+        ct.get(&ct_key(BE1, 5000, EXTERNAL, 50003, IPPROTO_TCP), 0)
+            .is_err()
+    );
+
+    // Untouched: a frontend without endpoints (the stack refuses on a node address), and a
+    // packet to no frontend.
+    for input in [
+        frame(EXTERNAL, 50004, VIP_EMPTY, 80, &SYN, &[]),
+        frame(EXTERNAL, 50005, BE2, 80, &SYN, &[]),
+    ] {
+        let (v, out) = run_xdp(&mut l, &input);
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(out, input);
+    }
+}
