@@ -62,6 +62,8 @@ pub mod map_names {
     /// External flows sent to a backend on another node: the address and port each side is
     /// translated to (see `SnatValue4`). Pinned with conntrack.
     pub const SNAT4: &str = "VIPX_SNAT4";
+    /// `loadBalancerSourceRanges`: an LPM trie of {reverse-NAT id, source prefix} (pinned).
+    pub const SRCRANGE4: &str = "VIPX_SRCRANGE4";
     /// Next hops the node program found without a neighbour entry (userspace asks the kernel to
     /// resolve them; not pinned).
     pub const NEIGHMISS4: &str = "VIPX_NEIGHMISS4";
@@ -126,6 +128,8 @@ pub mod defaults {
     pub const SOCKNS_ENTRIES: u32 = 64;
     /// Next hops waiting for neighbour resolution.
     pub const NEIGHMISS4_ENTRIES: u32 = 256;
+    /// `loadBalancerSourceRanges` entries, all Services together.
+    pub const SRCRANGE4_ENTRIES: u32 = 16_384;
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -219,6 +223,10 @@ pub const SVC_F_REJECT: u16 = 1 << 6;
 /// Local`): the same key with `PROTO_EXTERNAL_VIEW` in its protocol, whose slots are this
 /// node's endpoints only.
 pub const SVC_F_EXTERNAL_VIEW: u16 = 1 << 8;
+/// `loadBalancerSourceRanges`: only sources in `SRCRANGE4` under this frontend's reverse-NAT id
+/// may reach it from outside.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 9;
+
 /// Set in `SvcKey4::proto` of an external view (see `SVC_F_EXTERNAL_VIEW`): no packet carries
 /// such a protocol, so only the node program, which asks for it, ever finds one.
 pub const PROTO_EXTERNAL_VIEW: u8 = 0x80;
@@ -542,6 +550,9 @@ pub enum Stat {
     NodeNoNeigh,
     /// External flows dropped: no free SNAT port towards their backend.
     NodeNoPort,
+    /// External packets from outside a LoadBalancer frontend's `loadBalancerSourceRanges`,
+    /// dropped.
+    SourceRangeDropped,
     /// External packets dropped: the kernel's FIB gave no way to their backend or client that
     /// XDP can take (no route, or through a tunnel or lightweight-tunnel route).
     NodeFibFailed,
@@ -550,7 +561,7 @@ pub enum Stat {
 pub const STATS_LEN: u32 = 64;
 
 impl Stat {
-    pub const ALL: [Stat; 37] = [
+    pub const ALL: [Stat; 38] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -587,6 +598,7 @@ impl Stat {
         Stat::NodeTranslated,
         Stat::NodeNoNeigh,
         Stat::NodeNoPort,
+        Stat::SourceRangeDropped,
         Stat::NodeFibFailed,
     ];
 
@@ -628,6 +640,7 @@ impl Stat {
             Stat::NodeTranslated => "node_translated",
             Stat::NodeNoNeigh => "node_no_neigh",
             Stat::NodeNoPort => "node_no_port",
+            Stat::SourceRangeDropped => "source_range_dropped",
             Stat::NodeFibFailed => "node_fib_failed",
         }
     }

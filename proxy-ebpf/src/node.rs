@@ -24,14 +24,14 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_redirect},
     macros::{map, xdp},
-    maps::LruHashMap,
+    maps::{LpmTrie, LruHashMap, lpm_trie::Key as LpmKey},
     programs::XdpContext,
 };
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
     IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_REJECT, SnatValue4, Stat, SvcKey4, SvcValue,
-    VIP_F_HAIRPIN, VipKey4, defaults,
+    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SnatValue4, Stat,
+    SvcKey4, SvcValue, VIP_F_HAIRPIN, VipKey4, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -48,6 +48,11 @@ use crate::{
 /// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
 #[map(name = "VIPX_SNAT4")]
 static SNAT4: LruHashMap<CtKey4, SnatValue4> = LruHashMap::pinned(defaults::CT4_ENTRIES, 0);
+
+/// `loadBalancerSourceRanges`: key data is the frontend's reverse-NAT id (big-endian, so the
+/// prefix covers it first) and the source address; the prefix length is 32 + the range's.
+#[map(name = "VIPX_SRCRANGE4")]
+static SRCRANGE4: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(defaults::SRCRANGE4_ENTRIES, 0);
 
 #[map(name = "VIPX_NEIGHMISS4")]
 static NEIGHMISS4: LruHashMap<[u8; 4], u32> =
@@ -190,6 +195,10 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
         };
         // SAFETY: value pointer from a successful lookup; copied out at once.
         svc = unsafe { *view };
+    }
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.rev_nat_id, p.saddr) {
+        count(Stat::SourceRangeDropped);
+        return xdp_action::XDP_DROP;
     }
     let syn = p.proto == IPPROTO_TCP && is_tcp_syn(p.tcp_flags);
     let ct_key = p.ct_key();
@@ -413,6 +422,16 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
     );
     count(Stat::NodeNewRemote);
     rewrite(ctx, p, &nat, &fib)
+}
+
+/// Whether `saddr` is in one of the `loadBalancerSourceRanges` of frontend `rev_nat_id`.
+#[inline(always)]
+fn source_allowed(rev_nat_id: u32, saddr: [u8; 4]) -> bool {
+    let id = rev_nat_id.to_be_bytes();
+    let data = [
+        id[0], id[1], id[2], id[3], saddr[0], saddr[1], saddr[2], saddr[3],
+    ];
+    SRCRANGE4.get(LpmKey::new(64, data)).is_some()
 }
 
 /// The client a SNAT port (as its reply key) answers to.

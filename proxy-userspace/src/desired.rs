@@ -117,6 +117,8 @@ pub struct ServicePort {
     pub external_local: bool,
     /// The Service's `vipx.io/lb-algorithm` annotation; `None`: the `--lb-algorithm` default.
     pub lb_algorithm: Option<LbAlgorithm>,
+    /// `loadBalancerSourceRanges` (IPv4): who may reach its LoadBalancer IPs (empty: anyone).
+    pub source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 /// How a new flow picks among a frontend's backends.

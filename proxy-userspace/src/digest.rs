@@ -80,6 +80,7 @@ struct SpecDigest {
     external_ips: Option<Vec<String>>,
     external_traffic_policy: Option<String>,
     health_check_node_port: Option<i32>,
+    load_balancer_source_ranges: Option<Vec<String>>,
     internal_traffic_policy: Option<String>,
     session_affinity: Option<String>,
     affinity_timeout_s: Option<i32>,
@@ -111,6 +112,7 @@ impl ServiceDigest {
                 external_ips: s.external_ips,
                 external_traffic_policy: s.external_traffic_policy,
                 health_check_node_port: s.health_check_node_port,
+                load_balancer_source_ranges: s.load_balancer_source_ranges,
                 internal_traffic_policy: s.internal_traffic_policy,
                 session_affinity: s.session_affinity,
                 affinity_timeout_s: s
@@ -159,6 +161,7 @@ impl ServiceDigest {
             external_ips: s.external_ips.clone(),
             external_traffic_policy: s.external_traffic_policy.clone(),
             health_check_node_port: s.health_check_node_port,
+            load_balancer_source_ranges: s.load_balancer_source_ranges.clone(),
             internal_traffic_policy: s.internal_traffic_policy.clone(),
             session_affinity: s.session_affinity.clone(),
             session_affinity_config: Some(SessionAffinityConfig {

@@ -10,6 +10,7 @@ pub mod maglev;
 pub mod maps;
 pub mod nodeaddr;
 pub mod nodeif;
+pub mod ranges;
 pub mod run;
 pub mod serve;
 pub mod socklb;

@@ -418,6 +418,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             "--max-conntrack",
         ),
         (
+            map_names::SRCRANGE4,
+            12,
+            1,
+            defaults::SRCRANGE4_ENTRIES,
+            "(a fixed size)",
+        ),
+        (
             map_names::SOCKREV4,
             size(size_of::<proxy_common::SockRevKey4>()),
             size(size_of::<proxy_common::SockRevValue4>()),
@@ -608,6 +615,13 @@ fn conntrack_entries_for(mem_bytes: u64) -> u32 {
 /// [`write_config`] and [`write_flood_limit`] no longer reach it afterwards.
 pub fn take_config(ebpf: &mut Ebpf) -> Result<Array<MapData, u32>> {
     take(ebpf, map_names::CONFIG)
+}
+
+/// Take the `loadBalancerSourceRanges` map out of a loaded object ([`crate::ranges`] keeps it).
+pub fn take_source_ranges(
+    ebpf: &mut Ebpf,
+) -> Result<aya::maps::lpm_trie::LpmTrie<MapData, [u8; 8], u8>> {
+    take(ebpf, map_names::SRCRANGE4)
 }
 
 /// Take the per-CPU counters out of a loaded object (metrics and conntrack collection share it).
@@ -994,6 +1008,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::AFFMATCH4,
             map_names::SOCKREV4,
             map_names::SNAT4,
+            map_names::SRCRANGE4,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -26,8 +26,8 @@ use proxy_common::{
     AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend4,
     IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL,
     SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW, SVC_F_LOAD_BALANCER,
-    SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
-    VIP_F_HAIRPIN, Vip4, VipKey4,
+    SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SvcKey4,
+    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
 };
 
 use crate::{
@@ -94,6 +94,9 @@ pub struct TargetFrontend {
     pub slots: Vec<L4Addr>,
     /// The Service's choice; `None`: the writer's default (`--lb-algorithm`).
     pub lb_algorithm: Option<LbAlgorithm>,
+    /// LoadBalancer frontends: the sources that may reach it (`SVC_F_SOURCE_RANGES` set; the
+    /// ranges go to `VIPX_SRCRANGE4`, see `crate::ranges`).
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// What a Service uses that this version does not program, gathered over its ports so that it
@@ -261,6 +264,16 @@ pub fn target_on(desired: &DesiredState, node_addresses: &[Ipv4Addr]) -> (Target
             if external_view {
                 flags |= SVC_F_EXTERNAL_VIEW;
             }
+            // loadBalancerSourceRanges restrict the LoadBalancer IPs only (kube-proxy's
+            // firewall chain); the node ports of the same Service stay open.
+            let source_ranges = if fe.kind == FrontendKind::LoadBalancer {
+                sp.source_ranges.clone()
+            } else {
+                Vec::new()
+            };
+            if !source_ranges.is_empty() {
+                flags |= SVC_F_SOURCE_RANGES;
+            }
             if sp.affinity_timeout_s.is_some() {
                 flags |= SVC_F_AFFINITY;
             }
@@ -284,6 +297,7 @@ pub fn target_on(desired: &DesiredState, node_addresses: &[Ipv4Addr]) -> (Target
                 affinity_timeout_s: sp.affinity_timeout_s.unwrap_or(0),
                 slots,
                 lb_algorithm: sp.lb_algorithm,
+                source_ranges,
             };
             if let Some(prev) = t.frontends.get(&key) {
                 problems.push(format!(
@@ -2229,6 +2243,7 @@ mod tests {
                 internal_local: false,
                 external_local: false,
                 lb_algorithm: None,
+                source_ranges: Vec::new(),
             },
         );
         let (t, problems) = target(&d);
@@ -2308,6 +2323,7 @@ mod tests {
                 internal_local: false,
                 external_local: true,
                 lb_algorithm: None,
+                source_ranges: Vec::new(),
             },
         );
         let (t, problems) = target_on(&d, &[Ipv4Addr::new(10, 1, 0, 5)]);
@@ -2353,6 +2369,7 @@ mod tests {
             internal_local: false,
             external_local: false,
             lb_algorithm: None,
+            source_ranges: Vec::new(),
         };
         let v6_ep = |a: &str| Endpoint {
             addr: a.parse().unwrap(),
@@ -2655,6 +2672,7 @@ mod tests {
                     affinity_timeout_s: 0,
                     slots: backends.iter().map(|b| be(*b)).collect(),
                     lb_algorithm: None,
+                    source_ranges: Vec::new(),
                 },
             );
         }

@@ -31,6 +31,7 @@ use crate::{
     maps::{self, FailedFrontend, MapWriter},
     nodeaddr::NodeAddresses,
     nodeif::{self, NodeInterfaces},
+    ranges::SourceRanges,
     serve::{self, Telemetry, metrics::MapUse, service_health::ServiceHealth},
     socklb::{self, SocketLb},
     source::{
@@ -290,6 +291,8 @@ struct Controller {
     node_interfaces: NodeInterfaces,
     /// The health check node ports of LoadBalancer Services with a Local traffic policy.
     service_health: ServiceHealth,
+    /// `loadBalancerSourceRanges` in the kernel.
+    source_ranges: SourceRanges,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -441,6 +444,11 @@ impl Controller {
             self.writer
                 .apply_keys(target, &changes.frontends, &changes.backends)
         };
+        // The ranges of whatever frontends the apply wrote (a failed one is retried with it).
+        if let Err(e) = self.source_ranges.sync(target, self.writer.programmed()) {
+            self.full = true;
+            return Err(e);
+        }
         // Whatever the apply managed to write: an apply that failed half-way changed some UDP
         // frontends already, and their flows to the backends that left are purged all the same.
         let purges = self.writer.take_udp_purges();
@@ -883,6 +891,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
     let node_interfaces = NodeInterfaces::new(&mut ebpf, &opts.pin_dir, opts.node_xdp_generic)?;
     nodeif::reserve_snat_ports();
+    let source_ranges = SourceRanges::new(loader::take_source_ranges(&mut ebpf)?);
     match opts.socket_lb {
         SocketLb::Host => {
             let cgroup = match &opts.cgroup_root {
@@ -933,6 +942,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         node_addresses,
         node_interfaces,
         service_health: ServiceHealth::default(),
+        source_ranges,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -364,6 +364,8 @@ struct ServiceInfo {
     lb_algorithm: Option<LbAlgorithm>,
     /// A LoadBalancer Service with externalTrafficPolicy Local: its `healthCheckNodePort`.
     health_check_node_port: Option<u16>,
+    /// `loadBalancerSourceRanges` of a LoadBalancer Service, IPv4.
+    source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 impl ServiceInfo {
@@ -603,9 +605,38 @@ fn service_info(
         _ => None,
     };
 
+    let mut source_ranges = Vec::new();
+    if is_lb {
+        for text in spec.load_balancer_source_ranges.iter().flatten() {
+            match text.parse::<crate::config::Cidr>() {
+                Ok(crate::config::Cidr {
+                    addr: IpAddr::V4(a),
+                    prefix,
+                }) => {
+                    // The network address: an LPM key must not carry host bits.
+                    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                    source_ranges.push((Ipv4Addr::from(u32::from(a) & mask), prefix));
+                }
+                // IPv6 ranges restrict IPv6 clients, which are not served yet.
+                Ok(_) => {}
+                Err(e) => warnings.push(format!("loadBalancerSourceRanges: {e}; ignored")),
+            }
+        }
+        if source_ranges.is_empty()
+            && spec
+                .load_balancer_source_ranges
+                .as_ref()
+                .is_some_and(|r| !r.is_empty())
+        {
+            // Every range was bad: fail closed rather than open the Service to everyone.
+            source_ranges.push((Ipv4Addr::BROADCAST, 32));
+        }
+    }
+
     Ok(Some(ServiceInfo {
         lb_algorithm,
         health_check_node_port,
+        source_ranges,
         cluster_ips,
         external_ips,
         lb_ips,
@@ -712,6 +743,7 @@ fn translate_port(
             internal_local: info.internal_local,
             external_local: info.external_local,
             lb_algorithm: info.lb_algorithm,
+            source_ranges: info.source_ranges.clone(),
         },
     ))
 }
@@ -1741,6 +1773,35 @@ mod tests {
         assert!(run(&cluster, "worker-1").state.health_checks.is_empty());
         let node_port = manifests.replace("type: LoadBalancer", "type: NodePort");
         assert!(run(&node_port, "worker-1").state.health_checks.is_empty());
+    }
+
+    /// loadBalancerSourceRanges of a LoadBalancer Service: IPv4 ranges as networks (host bits
+    /// cleared), IPv6 ones left to IPv6, a bad one reported; all bad: closed to everyone rather
+    /// than open; on a NodePort Service, ignored.
+    #[test]
+    fn load_balancer_source_ranges_are_parsed_and_fail_closed() {
+        let with = |ranges: &str, kind: &str| {
+            let svc = WEB
+                .replace(
+                    "type: ClusterIP",
+                    &format!("type: {kind}\n          loadBalancerSourceRanges: [{ranges}]"),
+                )
+                .replace(
+                    "targetPort: http",
+                    "targetPort: http\n            nodePort: 31000",
+                );
+            let t = run(&format!("{svc}---{WEB_SLICE}"), "worker-1");
+            let sp = t.state.services.values().next().unwrap().clone();
+            (sp.source_ranges, t.problems)
+        };
+        let (r, p) = with("198.51.100.7/24, 2001:db8::/32", "LoadBalancer");
+        assert_eq!(r, [(Ipv4Addr::new(198, 51, 100, 0), 24)]);
+        assert!(p.is_empty(), "{p:?}");
+        let (r, p) = with("not-a-cidr", "LoadBalancer");
+        assert_eq!(r, [(Ipv4Addr::BROADCAST, 32)], "closed, not open");
+        assert_eq!(p.len(), 1, "{p:?}");
+        let (r, _) = with("198.51.100.0/24", "NodePort");
+        assert!(r.is_empty());
     }
 
     /// The seed scenario: simpleapi-service (10.102.82.168:80 -> 5000, app=backend), first with one

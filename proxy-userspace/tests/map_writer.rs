@@ -111,6 +111,7 @@ fn target(services: &[(u8, &[u8])]) -> Target {
                 affinity_timeout_s: 0,
                 slots: backends.iter().map(|b| be(*b)).collect(),
                 lb_algorithm: None,
+                source_ranges: Vec::new(),
             },
         );
     }

@@ -104,6 +104,7 @@ fn frontend(name: &str, proto: Protocol, slots: Vec<L4Addr>) -> TargetFrontend {
         affinity_timeout_s: 0,
         slots,
         lb_algorithm: None,
+        source_ranges: Vec::new(),
     }
 }
 

@@ -176,6 +176,10 @@ pub struct ServiceSpec {
     /// `type: LoadBalancer` with this `healthCheckNodePort` (set `external_local` and
     /// `node_port` too, as the API server requires).
     pub health_check_node_port: Option<u16>,
+    /// `type: LoadBalancer` with this ingress IP in its status (set `node_port` too).
+    pub lb_ingress: Option<Ipv4Addr>,
+    /// `loadBalancerSourceRanges`, as written.
+    pub source_ranges: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -206,6 +210,8 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         affinity_timeout,
         node_port,
         health_check_node_port,
+        lb_ingress,
+        source_ranges,
     } = spec;
     let affinity = match affinity_timeout {
         Some(t) => format!(
@@ -258,6 +264,25 @@ pub fn service_spec_yaml(spec: &ServiceSpec) -> Result<String> {
         kind = "LoadBalancer";
         writeln!(external, "  healthCheckNodePort: {p}")?;
     }
+    let mut status = String::new();
+    if let Some(ip) = lb_ingress {
+        kind = "LoadBalancer";
+        write!(
+            status,
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n"
+        )?;
+    }
+    if !source_ranges.is_empty() {
+        writeln!(external, "  loadBalancerSourceRanges:")?;
+        for r in source_ranges {
+            ensure!(
+                r.bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b".:/".contains(&b)),
+                "{r:?} is not a CIDR"
+            );
+            writeln!(external, "  - {r}")?;
+        }
+    }
     // Block style needs the list on the next line; an empty list has to be written inline.
     let items = if items.is_empty() {
         " []\n".to_owned()
@@ -289,7 +314,7 @@ spec:
     protocol: UDP
     targetPort: {target_port}
 {node_port_line}{affinity}  type: {kind}
----
+{status}---
 addressType: IPv4
 apiVersion: discovery.k8s.io/v1
 endpoints:{items}kind: EndpointSlice
@@ -481,6 +506,8 @@ mod tests {
             affinity_timeout: Some(600),
             node_port: Some(30080),
             health_check_node_port: None,
+            lb_ingress: None,
+            source_ranges: Vec::new(),
         };
         let yaml = service_spec_yaml(&spec).unwrap();
         let mut docs = serde_yaml_ng::Deserializer::from_str(&yaml);

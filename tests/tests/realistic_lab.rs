@@ -165,6 +165,8 @@ fn spec(name: &str, vip: Ipv4Addr, endpoints: Vec<Endpoint>) -> ServiceSpec {
         affinity_timeout: None,
         node_port: None,
         health_check_node_port: None,
+        lb_ingress: None,
+        source_ranges: Vec::new(),
     }
 }
 
@@ -2358,4 +2360,66 @@ fn health_check_node_ports_say_which_nodes_have_local_endpoints() {
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
         )
     });
+}
+
+/// `loadBalancerSourceRanges`: the LoadBalancer IP answers a client inside the ranges and drops
+/// one outside them, while the same Service's node port stays open to it (kube-proxy restricts
+/// only the load balancer address); the ranges follow a change of the Service.
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_084;
+    const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 20);
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    let allowed = ServiceSpec {
+        node_port: Some(NODE_PORT),
+        lb_ingress: Some(LB_IP),
+        source_ranges: vec!["198.18.0.96/28".into()],
+        ..spec("lb", VIP_A, pod_endpoints(&[&pod]))
+    };
+    lab.service_spec(allowed.clone());
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    lab.vipx[0]
+        .wait_programmed(&format!("{LB_IP}:{SERVICE_PORT}/TCP"), READY, |_| true)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    lab.vipx[0]
+        .wait_log("node interface served", READY)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let lb = vip(LB_IP);
+    let node_port = SocketAddr::from((lab.cluster.node(1).ip, NODE_PORT));
+    // The client (198.18.0.100) is inside 198.18.0.96/28.
+    assert_external_answers(&lab, lb, &pod.name);
+
+    lab.service_spec(ServiceSpec {
+        source_ranges: vec!["198.18.1.0/24".into()],
+        ..allowed
+    });
+    let ext = lab.cluster.external();
+    poll(
+        READY,
+        "the LoadBalancer IP to drop a client outside its ranges",
+        || http_get(&ext, lb, Duration::from_millis(500)).is_err(),
+    );
+    for i in 0..3 {
+        let r = in_netns(&ext, || {
+            std::net::TcpStream::connect_timeout(&lb, Duration::from_millis(500))
+        })
+        .expect("entering the external client");
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "attempt {i} from outside the ranges: {r:?}"
+        );
+    }
+    assert!(
+        datapath_events(&lab).contains("source_range_dropped"),
+        "{}",
+        datapath_events(&lab)
+    );
+    // The node port of the same Service is not restricted.
+    assert_external_answers(&lab, node_port, &pod.name);
 }

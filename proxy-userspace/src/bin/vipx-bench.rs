@@ -326,6 +326,7 @@ fn ct_gc(a: GcArgs) -> Result<()> {
                 affinity_timeout_s: 0,
                 slots: vec![be],
                 lb_algorithm: None,
+                source_ranges: Vec::new(),
             },
         );
         writer.apply(&t)?;
@@ -521,6 +522,7 @@ fn packet(a: Args) -> Result<()> {
                         affinity_timeout_s: 0,
                         slots,
                         lb_algorithm: None,
+                        source_ranges: Vec::new(),
                     },
                 );
             }
