@@ -2423,3 +2423,79 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     // The node port of the same Service is not restricted.
     assert_external_answers(&lab, node_port, &pod.name);
 }
+
+/// A restart keeps external connections: the node program's XDP and egress links are adopted
+/// (the new programs swapped in, the pins unchanged), and keep-alive connections from the
+/// external client through the pod's node and through the other node (SNATed there, its
+/// translation in pinned maps) keep working across a restart of each node's vipx.
+#[test]
+fn a_restart_keeps_external_connections_through_both_nodes() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_085;
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    lab.service_spec(ServiceSpec {
+        node_port: Some(NODE_PORT),
+        ..spec("np", VIP_A, pod_endpoints(&[&pod]))
+    });
+    lab.start_vipx(&[1, 2]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    for vipx in &lab.vipx {
+        vipx.wait_log("node interface served", READY)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let ext = lab.cluster.external();
+    let through = |node: u8| SocketAddr::from((lab.cluster.node(node).ip, NODE_PORT));
+    // TCP retransmits a SYN dropped while a next hop is resolved.
+    let mut conns: Vec<vipx_lab::KeepAlive> = [1, 2]
+        .iter()
+        .map(|&n| {
+            vipx_lab::KeepAlive::connect(&ext, through(n))
+                .unwrap_or_else(|e| panic!("connecting through node {n}: {e:#}"))
+        })
+        .collect();
+    let links = |v: &Vipx| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(vipx::nodeif::link_dir(v.pin_dir()))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let before: Vec<Vec<String>> = lab.vipx.iter().map(links).collect();
+    for pins in &before {
+        assert_eq!(pins.len(), 2, "an XDP and an egress link: {pins:?}");
+    }
+    for (restarted, pins) in before.iter().enumerate() {
+        for (i, c) in conns.iter_mut().enumerate() {
+            assert_eq!(
+                c.request()
+                    .unwrap_or_else(|e| panic!("connection {i}: {e:#}"))
+                    .trim(),
+                pod.name
+            );
+        }
+        lab.vipx[restarted].restart().expect("restarting vipx");
+        // The log's fields may be coloured: the value alone.
+        lab.vipx[restarted]
+            .wait_log("\"adopted\"", READY)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(&links(&lab.vipx[restarted]), pins);
+        for (i, c) in conns.iter_mut().enumerate() {
+            let body = c.request().unwrap_or_else(|e| {
+                panic!(
+                    "connection {i} after restarting node {}'s vipx: {e:#}\n{}",
+                    restarted + 1,
+                    datapath_events(&lab)
+                )
+            });
+            assert_eq!(body.trim(), pod.name);
+        }
+    }
+}
