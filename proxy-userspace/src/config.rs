@@ -161,6 +161,7 @@ struct RawConfig {
     metrics_bind_address: Option<String>,
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: Option<String>,
+    node_port_addresses: Option<Vec<String>>,
     mode: Option<String>,
     iptables: Option<RawPeriods>,
     ipvs: Option<RawPeriods>,
@@ -177,6 +178,8 @@ pub struct FileConfig {
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub cluster_cidrs: Vec<Cidr>,
+    /// `nodePortAddresses` (CIDRs; empty: every node address).
+    pub node_port_addresses: Vec<Cidr>,
     /// `<mode>.syncPeriod` of the configured `mode` (iptables when unset); 0 means the default.
     pub sync_period: Duration,
     pub min_sync_period: Duration,
@@ -259,6 +262,16 @@ impl FileConfig {
             cluster_cidrs: parse_cidrs(raw.cluster_cidr.as_deref().unwrap_or(""))
                 .map_err(anyhow::Error::msg)
                 .context("clusterCIDR")?,
+            node_port_addresses: raw
+                .node_port_addresses
+                .iter()
+                .flatten()
+                .map(|s| s.parse::<Cidr>())
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)
+                .context(
+                    "nodePortAddresses (CIDRs; kube-proxy's \"primary\" is not supported yet)",
+                )?,
             sync_period: period(&periods.sync_period, DEFAULT_SYNC_PERIOD, "syncPeriod")?,
             min_sync_period: period(
                 &periods.min_sync_period,
@@ -359,6 +372,7 @@ nodePortAddresses: null
                 healthz_bind_address: "0.0.0.0:10256".parse().ok(),
                 metrics_bind_address: "127.0.0.1:10249".parse().ok(),
                 cluster_cidrs: parse_cidrs("10.244.0.0/16").unwrap(),
+                node_port_addresses: Vec::new(),
                 sync_period: DEFAULT_SYNC_PERIOD,
                 min_sync_period: DEFAULT_MIN_SYNC_PERIOD,
                 conntrack: FileConntrack::default(),
@@ -396,9 +410,17 @@ nodePortAddresses: null
             "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
              hostnameOverride: ' worker-1 '\nhealthzBindAddress: 0.0.0.0\n\
              metricsBindAddress: 0.0.0.0:9100\nmode: nftables\n\
-             iptables: {syncPeriod: 10s}\nnftables: {syncPeriod: 1m, minSyncPeriod: 250ms}\n",
+             iptables: {syncPeriod: 10s}\nnftables: {syncPeriod: 1m, minSyncPeriod: 250ms}\n\
+             nodePortAddresses: [198.18.0.0/24, 10.0.0.0/8]\n",
         )
         .unwrap();
+        assert_eq!(
+            c.node_port_addresses,
+            [
+                "198.18.0.0/24".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
         assert_eq!(c.hostname_override.as_deref(), Some("worker-1"));
         assert_eq!(c.healthz_bind_address, "0.0.0.0:10256".parse().ok());
         assert_eq!(c.metrics_bind_address, "0.0.0.0:9100".parse().ok());
@@ -429,6 +451,11 @@ nodePortAddresses: null
                 "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
                  healthzBindAddress: 'host:1'\n",
                 "healthzBindAddress",
+            ),
+            (
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+                 nodePortAddresses: [primary]\n",
+                "nodePortAddresses",
             ),
         ] {
             let err = format!("{:#}", FileConfig::parse(text).expect_err(text));

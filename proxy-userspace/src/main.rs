@@ -341,7 +341,7 @@ fn real_main() -> Result<()> {
                 cluster_cidrs: settings.cluster_cidrs,
                 socket_lb: a.socket_lb,
                 cgroup_root: a.cgroup_root,
-                nodeport_addresses: a.nodeport_addresses,
+                nodeport_addresses: settings.nodeport_addresses.clone(),
                 node_interfaces,
                 node_xdp_generic: a.node_xdp_mode == "generic",
             };
@@ -442,6 +442,7 @@ struct Settings {
     healthz_bind: Option<std::net::SocketAddr>,
     metrics_bind: Option<std::net::SocketAddr>,
     cluster_cidrs: Vec<config::Cidr>,
+    nodeport_addresses: Vec<config::Cidr>,
     sync_period: Duration,
     min_sync_period: Duration,
     /// With `--config`: its conntrack timeouts, which replace the flags as in kube-proxy.
@@ -486,6 +487,7 @@ impl Settings {
                 )?,
                 cluster_cidrs: config::parse_cidrs(a.cluster_cidr.as_deref().unwrap_or(""))
                     .map_err(anyhow::Error::msg)?,
+                nodeport_addresses: a.nodeport_addresses.clone(),
                 sync_period: a.sync_period.unwrap_or(config::DEFAULT_SYNC_PERIOD),
                 min_sync_period: a.min_sync_period.unwrap_or(config::DEFAULT_MIN_SYNC_PERIOD),
                 file_conntrack: None,
@@ -497,6 +499,7 @@ impl Settings {
             ("--healthz-bind-address", a.healthz_bind_address.is_some()),
             ("--metrics-bind-address", a.metrics_bind_address.is_some()),
             ("--cluster-cidr", a.cluster_cidr.is_some()),
+            ("--nodeport-addresses", !a.nodeport_addresses.is_empty()),
             ("--sync-period", a.sync_period.is_some()),
             ("--min-sync-period", a.min_sync_period.is_some()),
             (
@@ -535,6 +538,7 @@ impl Settings {
             healthz_bind: file.healthz_bind_address,
             metrics_bind: file.metrics_bind_address,
             cluster_cidrs: file.cluster_cidrs,
+            nodeport_addresses: file.node_port_addresses,
             sync_period: file.sync_period,
             min_sync_period: file.min_sync_period,
             file_conntrack: Some(file.conntrack),
@@ -714,6 +718,7 @@ mod tests {
                 healthz_bind: "0.0.0.0:10256".parse().ok(),
                 metrics_bind: "127.0.0.1:10249".parse().ok(),
                 cluster_cidrs: vec![],
+                nodeport_addresses: vec![],
                 sync_period: Duration::from_secs(30),
                 min_sync_period: Duration::from_secs(1),
                 file_conntrack: None,
