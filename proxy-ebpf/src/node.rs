@@ -31,7 +31,7 @@ use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
     IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
     SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SnatValue4, Stat,
-    SvcKey4, SvcValue, VIP_F_HAIRPIN, VipKey4, defaults,
+    SvcKey4, SvcValue, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -41,7 +41,7 @@ use vipx_ebpf::{
 };
 
 use crate::{
-    CT4, REVNAT4, SVC4, VIP4, backend, count, ct_now, ct_put, ct_touch, flood_allows, maglev_pick,
+    CT4, REVNAT4, SVC4, backend, count, ct_now, ct_put, ct_touch, flood_allows, maglev_pick,
     reply_revnat, slot_backend,
 };
 
@@ -172,13 +172,9 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
     {
         return verdict;
     }
-    let Some(vip) = VIP4.get_ptr(VipKey4 { addr: p.daddr }) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: value pointer from a successful lookup; read at once.
-    if unsafe { (*vip).flags } & VIP_F_HAIRPIN != 0 {
-        return xdp_action::XDP_PASS;
-    }
+    // The service map directly, not the address map first as the pod program does: from
+    // outside, the address map's extra answers (a ClusterIP's unserved port, the hairpin
+    // address) do not apply, and one lookup is cheaper than two for every frontend packet.
     let mut svc_key = SvcKey4::from_wire(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
         // Not a port of a frontend on this address: the stack answers as it would.
