@@ -30,8 +30,8 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
     IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SnatValue4, Stat,
-    SvcKey4, SvcValue, defaults,
+    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES,
+    SnatValue4, Stat, SvcKey4, SvcValue, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -234,13 +234,24 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
                     _pad: [0; 2],
                 };
                 if snat_client(&reply_key) == Some(client) {
-                    let nat = Nat {
-                        saddr: s.addr,
-                        sport: s.port,
-                        daddr: b.addr,
-                        dport: b.port,
+                    // The LRU may have taken the reply entry (the port's lock) alone: take it
+                    // back, or the answers would find nothing.
+                    let reply = CtValue {
+                        flags: CT_F_REPLY | CT_F_SNAT | CT_F_REPLIED,
+                        ..ct
                     };
-                    return send_on(&ctx, &p, &nat);
+                    // (Another flow took the port meanwhile: this one selects afresh below.)
+                    if CT4.get_ptr(reply_key).is_some()
+                        || CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok()
+                    {
+                        let nat = Nat {
+                            saddr: s.addr,
+                            sport: s.port,
+                            daddr: b.addr,
+                            dport: b.port,
+                        };
+                        return send_on(&ctx, &p, &nat);
+                    }
                 }
             }
         }
@@ -252,9 +263,10 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
 fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key: CtKey4) -> u32 {
     if svc.count == 0 {
         count(Stat::NoBackend);
-        if svc.flags & SVC_F_REJECT != 0 {
+        if svc.flags & SVC_F_REJECT != 0 && svc.flags & SVC_F_NODE_PORT != 0 {
             // No endpoints at all: kube-proxy rejects. On a node address nothing listens on
-            // the port, so the stack answers (TCP reset, ICMP port unreachable).
+            // the port, so the stack answers (TCP reset, ICMP port unreachable). An LB or
+            // external IP is not the node's: the stack would forward it on, so it is dropped.
             return xdp_action::XDP_PASS;
         }
         return xdp_action::XDP_DROP;
@@ -367,7 +379,13 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         // SAFETY: value pointer from a successful lookup; copied out at once.
         let held = unsafe { *held };
         reply_key.dport = held.port;
-        if held.addr == src && snat_client(&reply_key) == Some(client) {
+        // Its reply entry (the lock) may be gone (collected between two SYNs): taken again,
+        // unless another flow holds the port by now.
+        if held.addr == src
+            && snat_client(&reply_key) == Some(client)
+            && (CT4.get_ptr(reply_key).is_some()
+                || CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok())
+        {
             port = u16::from_be_bytes(held.port);
         }
     }

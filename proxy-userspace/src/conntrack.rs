@@ -193,7 +193,7 @@ pub struct Tables {
     /// The hairpin SNAT address: a hairpin flow's reply entry is keyed by it.
     pub hairpin: Option<[u8; 4]>,
     /// The translations of external flows sent to other nodes (`None`: pins of a build without
-    /// it). Their conntrack entries pair through it, and its entries go with theirs.
+    /// it). Their conntrack entries pair through it.
     pub snat: Option<HashMap<MapData, CtKey4, SnatValue4>>,
 }
 
@@ -396,8 +396,6 @@ const RECHECK_CHUNK: usize = 256;
 fn delete_unchanged(tables: &Tables, doomed: &[Doomed], st: &mut PassStats) -> io::Result<()> {
     let ct = &tables.ct;
     let fd = raw_fd(ct);
-    // SNAT entries of the flows deleted: their ports are free again.
-    let mut snat: Vec<CtKey4> = Vec::new();
     let mut chunk: Vec<CtKey4> = Vec::with_capacity(RECHECK_CHUNK + 2);
     let mut keep: [CtKey4; 2] = [CtKey4::default(); 2];
     for d in doomed {
@@ -408,9 +406,6 @@ fn delete_unchanged(tables: &Tables, doomed: &[Doomed], st: &mut PassStats) -> i
                 Some(v) if expect.holds(&v) => {
                     keep[present] = *k;
                     present += 1;
-                    if v.flags & CT_F_SNAT != 0 {
-                        snat.push(*k);
-                    }
                 }
                 Some(_) => {
                     moved = true;
@@ -437,9 +432,9 @@ fn delete_unchanged(tables: &Tables, doomed: &[Doomed], st: &mut PassStats) -> i
         }
     }
     st.deleted += delete(ct, &chunk)?;
-    if let Some(map) = &tables.snat {
-        delete(map, &snat)?;
-    }
+    // A SNATed flow's `VIPX_SNAT4` entries stay: its conntrack reply entry was the port's lock,
+    // so the port is free now, and a new flow that takes it overwrites them. Deleting them here,
+    // after the fact, could delete the entries of that new flow.
     Ok(())
 }
 

@@ -1470,7 +1470,7 @@ impl<M: MapStore> MapWriter<M> {
         self.maglev.starved.remove(fe);
         self.maglev.retire(old.maglev_table, Instant::now());
         st.frontends_removed += 1;
-        if fe.proto == IPPROTO_UDP {
+        if fe.proto & !PROTO_EXTERNAL_VIEW == IPPROTO_UDP {
             // As kube-proxy clears the UDP conntrack entries of a deleted Service port: a UDP
             // flow has no end to wait for, and draining would keep a client that sends every
             // few seconds on the old backend for the whole grace period, while a re-created
@@ -2005,7 +2005,7 @@ impl<M: MapStore> MapWriter<M> {
             *self.backend_refs.entry(*id).or_default() += 1;
         }
         if let Some(old) = &old {
-            if fe.proto == IPPROTO_UDP {
+            if fe.proto & !PROTO_EXTERNAL_VIEW == IPPROTO_UDP {
                 // The old slots still hold their ids (unref below releases them): the generation
                 // is that of the backend that left.
                 let purges: Vec<_> = old

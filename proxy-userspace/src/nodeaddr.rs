@@ -10,7 +10,8 @@ use anyhow::{Context as _, Result};
 use crate::config::Cidr;
 
 /// Every IPv4 address on this network namespace's interfaces but loopback ones (the programs
-/// treat 127.0.0.0/8 on their own, for the node's sockets only), with its interface.
+/// treat 127.0.0.0/8 on their own, for the node's sockets only), with its interface; helper
+/// devices' too (see [`is_helper_device`]: [`NodeAddresses`] leaves them out by default).
 pub fn local_ipv4() -> Result<Vec<(String, Ipv4Addr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
@@ -33,7 +34,7 @@ pub fn local_ipv4() -> Result<Vec<(String, Ipv4Addr)>> {
             let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
                 .to_string_lossy()
                 .into_owned();
-            if !addr.is_loopback() && !is_helper_device(&name) {
+            if !addr.is_loopback() {
                 out.push((name, addr));
             }
         }
@@ -45,9 +46,10 @@ pub fn local_ipv4() -> Result<Vec<(String, Ipv4Addr)>> {
 }
 
 /// Devices whose addresses are not the node's own: proxies', CNIs' and container runtimes'
-/// (kube-proxy's IPVS dummy holds every ClusterIP, NodeLocal DNSCache's the DNS ClusterIP),
-/// bridges and tunnels. A node port on each of their addresses would cost a frontend (and a
-/// Maglev table) per address for nothing, and XDP does not belong on them.
+/// (kube-proxy's IPVS dummy holds every ClusterIP, NodeLocal DNSCache's the DNS ClusterIP) and
+/// tunnels. A node port on each of their addresses would cost a frontend (and a Maglev table)
+/// per address for nothing, and XDP does not belong on them. Bridges are not excluded as such:
+/// a bare-metal node's address often sits on one (`br0`, `vmbr0`).
 fn is_helper_device(name: &str) -> bool {
     const NAMES: [&str; 5] = [
         "kube-ipvs0",
@@ -70,10 +72,7 @@ fn is_helper_device(name: &str) -> bool {
         .unwrap_or("");
     // ARPHRD_ETHER: tunnels (IPIP, GRE, WireGuard, tun) are something else.
     let ether = std::fs::read_to_string(sys.join("type")).map_or(true, |t| t.trim() == "1");
-    matches!(
-        kind,
-        "bridge" | "vxlan" | "wireguard" | "geneve" | "bond_slave"
-    ) || !ether
+    matches!(kind, "vxlan" | "wireguard" | "geneve") || !ether
 }
 
 /// The addresses of `local` that `--nodeport-addresses` selects (none given: all of them, as
@@ -119,7 +118,13 @@ impl NodeAddresses {
     /// Read the interfaces again: the selected addresses when they changed (or on the first
     /// read), else `None`.
     pub fn refresh(&mut self) -> Result<Option<Vec<Ipv4Addr>>> {
-        self.by_interface = local_ipv4()?;
+        // Without --nodeport-addresses, helper devices' addresses are not the node's; CIDRs
+        // given select whatever they cover.
+        let explicit = !self.cidrs.is_empty();
+        self.by_interface = local_ipv4()?
+            .into_iter()
+            .filter(|(name, _)| explicit || !is_helper_device(name))
+            .collect();
         let now = select(self.by_interface.iter().map(|(_, a)| a), &self.cidrs);
         if self.last.as_ref() == Some(&now) {
             return Ok(None);

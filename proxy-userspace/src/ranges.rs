@@ -3,8 +3,9 @@
 //! node program checks for frontends with `SVC_F_SOURCE_RANGES`.
 //!
 //! Written after each apply, once the frontends have their reverse-NAT ids: a frontend new with
-//! ranges refuses everyone until then (closed, never open), and ranges are added before stale
-//! ones are removed, so a change never lets a source through that neither version allows.
+//! ranges refuses everyone until then (closed, never open). Stale entries go before new ones
+//! come: a removal only closes what should be closed, and a full map then still removes what
+//! was revoked.
 
 use std::collections::BTreeSet;
 
@@ -37,16 +38,19 @@ impl SourceRanges {
     /// Make the map hold exactly the ranges `target` gives the frontends `programmed` holds.
     pub fn sync(&mut self, target: &Target, programmed: &Programmed) -> Result<()> {
         let want = wanted(target, programmed);
-        for e in want.difference(&self.written) {
+        let stale: Vec<Entry> = self.written.difference(&want).copied().collect();
+        for e in stale {
+            // Gone already (a map recreated by hand) is fine.
+            let _ = self.map.remove(&Key::new(e.0, e.1));
+            self.written.remove(&e);
+        }
+        let new: Vec<Entry> = want.difference(&self.written).copied().collect();
+        for e in new {
             self.map
                 .insert(&Key::new(e.0, e.1), 1, 0)
                 .with_context(|| format!("writing a loadBalancerSourceRanges entry {e:?}"))?;
+            self.written.insert(e);
         }
-        for e in self.written.difference(&want) {
-            // Gone already (a map recreated by hand) is fine.
-            let _ = self.map.remove(&Key::new(e.0, e.1));
-        }
-        self.written = want;
         Ok(())
     }
 }

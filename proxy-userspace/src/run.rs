@@ -321,8 +321,9 @@ impl Controller {
         }
         let started = Instant::now();
         let r = self.try_sync();
-        // What the maps now say, the health check ports say too.
-        self.service_health.sync(self.tracker.health_checks());
+        // What the maps now say, the health check ports say too (503 while a sync fails).
+        self.service_health
+            .sync(self.tracker.health_checks(), r.is_ok());
         match &r {
             Ok(()) => {
                 self.health.last_sync_ok = Some(SystemTime::now());

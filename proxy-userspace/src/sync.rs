@@ -13,7 +13,7 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING};
+use proxy_common::{BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, PROTO_EXTERNAL_VIEW};
 
 use crate::{
     desired::HealthCheck,
@@ -457,6 +457,18 @@ impl ChangeTracker {
         }
         let wanted: Vec<L4Addr> = frontends.keys().copied().collect();
         for (fe, tf) in frontends {
+            // An external view belongs to whoever owns its frontend (which sorts before it):
+            // never to a Service whose frontend was refused, or its clients would reach that
+            // Service's pods through the owner's frontend.
+            if fe.proto & PROTO_EXTERNAL_VIEW != 0 {
+                let base = L4Addr {
+                    proto: fe.proto & !PROTO_EXTERNAL_VIEW,
+                    ..fe
+                };
+                if self.frontend_owner.get(&base) != Some(&key) {
+                    continue;
+                }
+            }
             match self.frontend_owner.get(&fe) {
                 Some(owner) if *owner != key => {
                     problems.push(format!(
@@ -613,6 +625,57 @@ spec:
         let full = translate::translate(&ClusterInput::from(o), "node-a");
         let (target, _) = maps::target(&full.state);
         assert_eq!(t.target(), &target);
+    }
+
+    /// Two Services claim one external IP and port: the external view of the frontend (Local
+    /// policy) belongs to whoever owns the frontend, never to the one refused it.
+    #[test]
+    fn an_external_view_goes_with_its_frontend() {
+        let with_ip = |name: &str, cip: &str, policy: &str| {
+            SVC.replace("web", name).replace("10.96.0.10", cip).replace(
+                "ports: [{name: http, port: 80, targetPort: 8080}]",
+                &format!(
+                    "externalIPs: [198.18.250.1]\n  externalTrafficPolicy: {policy}\n  \
+                     ports: [{{name: http, port: 80, targetPort: 8080}}]"
+                ),
+            )
+        };
+        let slices = |names: &[&str]| -> Vec<String> {
+            names
+                .iter()
+                .map(|n| {
+                    slice(&format!("{n}-a"), &["10.0.0.1"])
+                        .replace("service-name: web", &format!("service-name: {n}"))
+                })
+                .collect()
+        };
+        let mut docs = vec![
+            with_ip("aaa", "10.96.0.11", "Cluster"),
+            with_ip("bbb", "10.96.0.12", "Local"),
+        ];
+        docs.extend(slices(&["aaa", "bbb"]));
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(objs(&docs));
+        t.flush();
+        let view = L4Addr {
+            addr: "198.18.250.1".parse().unwrap(),
+            port: 80,
+            proto: proxy_common::IPPROTO_TCP | PROTO_EXTERNAL_VIEW,
+        };
+        let base = L4Addr {
+            proto: proxy_common::IPPROTO_TCP,
+            ..view
+        };
+        assert_eq!(t.target().frontends[&base].service.name, "aaa");
+        assert!(
+            !t.target().frontends.contains_key(&view),
+            "bbb's view of aaa's frontend"
+        );
+        // aaa turns Local: its own view.
+        docs[0] = with_ip("aaa", "10.96.0.11", "Local");
+        t.replace_all(objs(&docs));
+        t.flush();
+        assert_eq!(t.target().frontends[&view].service.name, "aaa");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! kube-proxy's service health server: every LoadBalancer Service with externalTrafficPolicy
 //! Local has a `healthCheckNodePort`, which cloud load balancers probe on every node to send
-//! traffic only to nodes with a local endpoint. Each such port answers any request, on every
-//! node address, with kube-proxy's JSON: 200 while the node has local endpoints for the
-//! Service, 503 while it has none (`X-Load-Balancing-Endpoint-Weight`: their count).
+//! traffic only to nodes with a local endpoint. Each such port answers any request with
+//! kube-proxy's JSON: 200 while the node has local endpoints for the Service and the last sync
+//! succeeded, else 503 (`X-Load-Balancing-Endpoint-Weight`: the count). It listens on every
+//! address (kube-proxy binds the `--nodeport-addresses` ones).
 //!
 //! The listeners follow the translated state at every sync: a port is opened when its Service
 //! appears, answers the current count, and closes when the Service goes or changes port.
@@ -30,6 +31,9 @@ struct Answer {
     namespace: String,
     name: String,
     local_endpoints: usize,
+    /// The last sync succeeded: the maps say what the count says (kube-proxy answers 503 while
+    /// it is unhealthy).
+    proxy_healthy: bool,
 }
 
 struct Port {
@@ -54,8 +58,9 @@ impl Drop for ServiceHealth {
 }
 
 impl ServiceHealth {
-    /// Open, update and close ports to match `checks`. Must run inside the tokio runtime.
-    pub fn sync(&mut self, checks: &BTreeMap<ObjKey, HealthCheck>) {
+    /// Open, update and close ports to match `checks`; `healthy`: the last sync programmed them.
+    /// Must run inside the tokio runtime.
+    pub fn sync(&mut self, checks: &BTreeMap<ObjKey, HealthCheck>, healthy: bool) {
         let mut wanted: BTreeMap<u16, Answer> = BTreeMap::new();
         for ((namespace, name), hc) in checks {
             // Two Services claiming one port: the first keeps it (the API server refuses this).
@@ -63,6 +68,7 @@ impl ServiceHealth {
                 namespace: namespace.clone(),
                 name: name.clone(),
                 local_endpoints: hc.local_endpoints,
+                proxy_healthy: healthy,
             });
         }
         self.ports.retain(|port, p| {
@@ -127,7 +133,7 @@ async fn respond(State(answer): State<Arc<Mutex<Answer>>>) -> Response {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let status = if a.local_endpoints > 0 {
+    let status = if a.local_endpoints > 0 && a.proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -135,7 +141,7 @@ async fn respond(State(answer): State<Arc<Mutex<Answer>>>) -> Response {
     let body = serde_json::json!({
         "service": {"namespace": a.namespace, "name": a.name},
         "localEndpoints": a.local_endpoints,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": a.proxy_healthy,
     })
     .to_string();
     let mut r = (status, body).into_response();
