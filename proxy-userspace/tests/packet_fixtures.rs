@@ -2714,3 +2714,208 @@ fn node_program_dnats_external_flows_to_local_backends() {
     assert_eq!(v, XDP_PASS);
     assert_eq!(out, input);
 }
+
+/// A network namespace for the node program's FIB lookups: interface `fx0` (198.18.0.2/24,
+/// forwarding on) with static neighbours for node 1 (198.18.0.1, which routes the pods'
+/// 198.18.64.0/24) and the external client (198.18.0.100). Removed on drop.
+struct FibNs {
+    name: String,
+}
+
+const FIB_NODE1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+const FIB_CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x64];
+
+impl FibNs {
+    fn create() -> Self {
+        let name = format!("vipx-fx-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("running ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        // One left by a crashed run of this very process id.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        let n = ns.name.as_str();
+        ip(&[
+            "-n", n, "link", "add", "fx0", "type", "veth", "peer", "name", "fx1",
+        ]);
+        ip(&["-n", n, "link", "set", "fx0", "up"]);
+        ip(&["-n", n, "link", "set", "fx1", "up"]);
+        ip(&["-n", n, "addr", "add", "198.18.0.2/24", "dev", "fx0"]);
+        ip(&[
+            "-n",
+            n,
+            "route",
+            "add",
+            "198.18.64.0/24",
+            "via",
+            "198.18.0.1",
+            "dev",
+            "fx0",
+        ]);
+        for (addr, mac) in [
+            ("198.18.0.1", FIB_NODE1_MAC),
+            ("198.18.0.100", FIB_CLIENT_MAC),
+        ] {
+            let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+            ip(&[
+                "-n",
+                n,
+                "neigh",
+                "add",
+                addr,
+                "lladdr",
+                &mac.join(":"),
+                "dev",
+                "fx0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        ns.run(|| std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1"))
+            .expect("forwarding on");
+        ns
+    }
+
+    /// `f` on a thread inside the namespace.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(&path).expect("opening the namespace");
+                // SAFETY: setns on this thread only, with a namespace file we hold open.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("the namespace thread")
+        })
+    }
+
+    fn ifindex(&self, name: &str) -> u32 {
+        let name = std::ffi::CString::new(name).unwrap();
+        // SAFETY: NUL-terminated name we own.
+        self.run(|| unsafe { libc::if_nametoindex(name.as_ptr()) })
+    }
+}
+
+impl Drop for FibNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The node program for an external client whose backend runs on another node: DNAT and SNAT
+/// to this node's address and a port of the SNAT range, MACs from the FIB, sent back out
+/// (XDP_TX); the backend's answer translated back to the client from the frontend and sent out
+/// the same way. Checksums recomputed independently, TCP and UDP (a zero UDP checksum stays
+/// zero), as a node sees them (a NIC hands XDP finished checksums).
+#[test]
+fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
+    use aya::programs::Xdp;
+    if !privileged() {
+        return;
+    }
+    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
+    const NODE: [u8; 4] = [198, 18, 0, 2];
+    const XDP_TX: u32 = 3;
+    let ns = FibNs::create();
+    let ifindex = ns.ifindex("fx0");
+    assert_ne!(ifindex, 0);
+    // BE1 runs on another node (the map writer's default: no BACKEND_F_LOCAL).
+    let mut l = load(&[BE1]);
+    let xdp: &mut Xdp = l
+        .ebpf
+        .program_mut(prog_names::NODE_XDP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    xdp.load().expect("verifying the node program");
+    let run_xdp = |l: &mut Loaded, input: &[u8]| -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = l
+            .ebpf
+            .program_mut(prog_names::NODE_XDP)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: [u32; 6] = [0, input.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut out = vec![0u8; input.len() + 256];
+        let r = ns
+            .run(|| {
+                prog.test_run(TestRunOptions {
+                    data_in: Some(input),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..TestRunOptions::default()
+                })
+            })
+            .expect("test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    };
+    let macs = |frame: &[u8]| -> ([u8; 6], [u8; 6]) {
+        let (eth, _) = Ethernet2Header::from_slice(frame).unwrap();
+        (eth.destination, eth.source)
+    };
+    const UDP0: L4 = L4::Udp {
+        zero_csum: true,
+        payload: b"q",
+    };
+    for (what, proto, dport, bport, l4, csum) in [
+        ("TCP", IPPROTO_TCP, 80u16, 5000u16, &SYN, Some(true)),
+        ("UDP, zero checksum", IPPROTO_UDP, 53, 5353, &UDP0, None),
+    ] {
+        let (v, out) = run_xdp(&mut l, &frame(EXTERNAL, 50000, VIP, dport, l4, &[]));
+        assert_eq!(v, XDP_TX, "{what}: sent back out");
+        let seen = inspect(&out);
+        assert_eq!(
+            (seen.src, seen.dst, seen.dport),
+            (NODE, BE1, bport),
+            "{what}"
+        );
+        assert!(
+            (proxy_common::SNAT_PORT_MIN..=proxy_common::SNAT_PORT_MAX).contains(&seen.sport),
+            "{what}: SNAT port {}",
+            seen.sport
+        );
+        assert_eq!(seen.l4_csum_ok, csum, "{what}: L4 checksum");
+        assert_eq!(
+            macs(&out).0,
+            FIB_NODE1_MAC,
+            "{what}: to node 1, the next hop"
+        );
+        // The answer, to the SNAT port.
+        let answer = if proto == IPPROTO_TCP { SYNACK } else { UDP0 };
+        let (v, out) = run_xdp(&mut l, &frame(BE1, bport, NODE, seen.sport, &answer, &[]));
+        assert_eq!(v, XDP_TX, "{what}: answer sent back out");
+        assert_eq!(
+            inspect(&out),
+            Seen {
+                src: VIP,
+                sport: dport,
+                dst: EXTERNAL,
+                dport: 50000,
+                l4_csum_ok: csum,
+            },
+            "{what}: answer restored"
+        );
+        assert_eq!(macs(&out).0, FIB_CLIENT_MAC, "{what}: to the client");
+    }
+    assert_eq!(stat(&l, Stat::NodeNewRemote), 2);
+    assert_eq!(stat(&l, Stat::NodeTranslated), 2);
+}
