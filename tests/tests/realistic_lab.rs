@@ -995,12 +995,20 @@ fn the_data_path_outlives_vipx() {
         };
         // A started vipx has taken over once its programs replaced the previous ones in the
         // pinned links (new ids, still one program per direction).
-        let swapped = |before: &[u32], what: &str| {
-            poll(READY, what, || {
+        let swapped = |before: &[u32], what: &str| -> Result<Vec<u32>, String> {
+            let deadline = Instant::now() + READY;
+            loop {
                 let now = tcx_ids(&node1, &client_if);
-                now.len() == 2 && now.iter().all(|id| !before.contains(id))
-            });
-            tcx_ids(&node1, &client_if)
+                if now.len() == 2 && now.iter().all(|id| !before.contains(id)) {
+                    return Ok(now);
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "timed out after {READY:?} waiting for {what} ({now:?})"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         };
         let run = || -> Result<(), String> {
             let ids = tcx_ids(&node1, &client_if);
@@ -1008,17 +1016,20 @@ fn the_data_path_outlives_vipx() {
             lab.vipx[0].stop().map_err(|e| format!("{e:#}"))?;
             progress("traffic while vipx is stopped (SIGTERM)")?;
             lab.vipx[0].restart().map_err(|e| format!("{e:#}"))?;
-            let ids = swapped(&ids, "the restarted vipx to swap its programs in");
+            let ids = swapped(&ids, "the restarted vipx to swap its programs in")
+                .map_err(|e| format!("{e}; its log:\n{}", lab.vipx[0].log()))?;
             progress("traffic after the restart")?;
             lab.vipx[0].kill().map_err(|e| format!("{e:#}"))?;
             progress("traffic while vipx is killed (SIGKILL)")?;
             lab.vipx[0].restart().map_err(|e| format!("{e:#}"))?;
-            let ids = swapped(&ids, "vipx restarted after SIGKILL to swap its programs in");
+            let ids = swapped(&ids, "vipx restarted after SIGKILL to swap its programs in")
+                .map_err(|e| format!("{e}; its log:\n{}", lab.vipx[0].log()))?;
             progress("traffic after the second restart")?;
             lab.vipx[0]
                 .replace_with(&new_build)
                 .map_err(|e| format!("{e:#}"))?;
-            swapped(&ids, "the other binary to swap its programs in");
+            swapped(&ids, "the other binary to swap its programs in")
+                .map_err(|e| format!("{e}; its log:\n{}", lab.vipx[0].log()))?;
             progress("traffic after the upgrade")?;
             lab.vipx[0].ensure_running().map_err(|e| format!("{e:#}"))
         };
