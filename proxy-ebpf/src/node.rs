@@ -86,6 +86,16 @@ impl Pkt {
         }
     }
 
+    /// The client's side of the flow, as `SNAT4` keeps it under a reply key.
+    #[inline(always)]
+    fn client(&self) -> SnatValue4 {
+        SnatValue4 {
+            addr: self.saddr,
+            port: self.sport,
+            _pad: [0; 2],
+        }
+    }
+
     #[inline(always)]
     fn ct_state(&self) -> u32 {
         if self.proto == IPPROTO_TCP {
@@ -228,11 +238,7 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
                     proto: p.proto,
                     _pad: [0; 3],
                 };
-                let client = SnatValue4 {
-                    addr: p.saddr,
-                    port: p.sport,
-                    _pad: [0; 2],
-                };
+                let client = p.client();
                 if snat_client(&reply_key) == Some(client) {
                     // The LRU may have taken the reply entry (the port's lock) alone: take it
                     // back, or the answers would find nothing.
@@ -364,11 +370,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         _pad: [0; 3],
     };
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-    let client = SnatValue4 {
-        addr: p.saddr,
-        port: p.sport,
-        _pad: [0; 2],
-    };
+    let client = p.client();
     let reply = CtValue {
         flags: CT_F_REPLY | CT_F_SNAT,
         ..fwd

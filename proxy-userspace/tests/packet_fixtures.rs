@@ -2592,6 +2592,42 @@ fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
     assert_eq!(st.expired, 1, "{st:?}");
 }
 
+fn node_program(l: &mut Loaded) -> &mut aya::programs::Xdp {
+    l.ebpf
+        .program_mut(prog_names::NODE_XDP)
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+/// One run of the node program on `input` (as received on interface `ifindex`, whose namespace's
+/// FIB the program then asks; the calling thread must be in it): verdict and output frame.
+fn run_node_program(
+    prog: &mut aya::programs::Xdp,
+    input: &[u8],
+    ifindex: Option<u32>,
+) -> (u32, Vec<u8>) {
+    // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let ctx: Option<Vec<u8>> = ifindex.map(|i| {
+        [0, input.len() as u32, 0, i, 0, 0]
+            .iter()
+            .flat_map(|v: &u32| v.to_ne_bytes())
+            .collect()
+    });
+    let mut out = vec![0u8; input.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: ctx.as_deref(),
+            ..TestRunOptions::default()
+        })
+        .expect("test run");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 /// The node program (XDP on the node's interfaces) for a client outside the cluster whose
 /// backend runs on this node: DNAT (with checksums recomputed independently) and XDP_PASS for a
 /// SYN, the next packet of the flow and a UDP datagram (a zero UDP checksum stays zero); the
@@ -2600,7 +2636,6 @@ fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
 /// endpoints, and what is not to a frontend, handed to the stack untouched.
 #[test]
 fn node_program_dnats_external_flows_to_local_backends() {
-    use aya::programs::Xdp;
     use proxy_common::BACKEND_F_LOCAL;
     if !privileged() {
         return;
@@ -2620,31 +2655,10 @@ fn node_program_dnats_external_flows_to_local_backends() {
             backends.set(id, b, 0).unwrap();
         }
     }
-    let xdp: &mut Xdp = l
-        .ebpf
-        .program_mut(prog_names::NODE_XDP)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    xdp.load().expect("verifying the node program");
-    let run_xdp = |l: &mut Loaded, input: &[u8]| -> (u32, Vec<u8>) {
-        let prog: &mut Xdp = l
-            .ebpf
-            .program_mut(prog_names::NODE_XDP)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut out = vec![0u8; input.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("test run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    };
+    node_program(&mut l)
+        .load()
+        .expect("verifying the node program");
+    let run_xdp = |l: &mut Loaded, input: &[u8]| run_node_program(node_program(l), input, None);
     let seen = |src, sport, dst, dport, csum| Seen {
         src,
         sport,
@@ -2824,7 +2838,6 @@ impl Drop for FibNs {
 /// zero), as a node sees them (a NIC hands XDP finished checksums).
 #[test]
 fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
-    use aya::programs::Xdp;
     if !privileged() {
         return;
     }
@@ -2836,37 +2849,13 @@ fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
     assert_ne!(ifindex, 0);
     // BE1 runs on another node (the map writer's default: no BACKEND_F_LOCAL).
     let mut l = load(&[BE1]);
-    let xdp: &mut Xdp = l
-        .ebpf
-        .program_mut(prog_names::NODE_XDP)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    xdp.load().expect("verifying the node program");
-    let run_xdp = |l: &mut Loaded, input: &[u8]| -> (u32, Vec<u8>) {
-        let prog: &mut Xdp = l
-            .ebpf
-            .program_mut(prog_names::NODE_XDP)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let md: [u32; 6] = [0, input.len() as u32, 0, ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut out = vec![0u8; input.len() + 256];
-        let r = ns
-            .run(|| {
-                prog.test_run(TestRunOptions {
-                    data_in: Some(input),
-                    data_out: Some(&mut out),
-                    ctx_in: Some(&ctx),
-                    ..TestRunOptions::default()
-                })
-            })
-            .expect("test run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+    node_program(&mut l)
+        .load()
+        .expect("verifying the node program");
+    // The FIB it asks is the namespace of the interface the packet "came in on".
+    let run_xdp = |l: &mut Loaded, input: &[u8]| {
+        let prog = node_program(l);
+        ns.run(|| run_node_program(prog, input, Some(ifindex)))
     };
     let macs = |frame: &[u8]| -> ([u8; 6], [u8; 6]) {
         let (eth, _) = Ethernet2Header::from_slice(frame).unwrap();

@@ -2097,6 +2097,22 @@ fn assert_external_answers(lab: &Lab, to: SocketAddr, expected: &str) {
     }
 }
 
+/// The external tests' lab: one pod on node 1 behind `make(&pod)` (a Service at `VIP_A`), vipx
+/// on `nodes`, each ready and serving its node interface.
+fn external_lab(nodes: &[u8], make: impl FnOnce(&Pod) -> ServiceSpec) -> (Lab, Pod, ServiceSpec) {
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    let spec = make(&pod);
+    lab.service_spec(spec.clone());
+    lab.start_vipx(nodes);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    for vipx in &lab.vipx {
+        vipx.wait_log("node interface served", READY)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    (lab, pod, spec)
+}
+
 /// A NodePort Service answers a client outside the cluster on every node: on node 1, which
 /// runs its pod (DNAT in XDP, the pod's answer restored on its way out), and on node 2, which
 /// runs none (DNAT and SNAT in XDP, sent on to node 1; node 1's pod answers node 2, which
@@ -2108,19 +2124,13 @@ fn an_external_client_reaches_a_node_port_through_every_node() {
     }
     let _serial = serial();
     const NODE_PORT: u16 = 30_081;
-    let mut lab = Lab::new();
-    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
-    lab.service_spec(ServiceSpec {
+    let (mut lab, pod, _) = external_lab(&[1, 2], |pod| ServiceSpec {
         node_port: Some(NODE_PORT),
-        ..spec("np", VIP_A, pod_endpoints(&[&pod]))
+        ..spec("np", VIP_A, pod_endpoints(&[pod]))
     });
-    lab.start_vipx(&[1, 2]);
-    lab.wait_ready(VIP_A, &[pod.ip]);
     let (node1, node2) = (lab.cluster.node(1).clone(), lab.cluster.node(2).clone());
     for (vipx, node) in lab.vipx.iter_mut().zip([&node1, &node2]) {
         vipx.wait_programmed(&format!("{}:{NODE_PORT}/UDP", node.ip), READY, |_| true)
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        vipx.wait_log("node interface served", READY)
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
     assert_external_answers(&lab, SocketAddr::from((node1.ip, NODE_PORT)), &pod.name);
@@ -2446,18 +2456,10 @@ fn a_restart_keeps_external_connections_through_both_nodes() {
     }
     let _serial = serial();
     const NODE_PORT: u16 = 30_085;
-    let mut lab = Lab::new();
-    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
-    lab.service_spec(ServiceSpec {
+    let (mut lab, pod, _) = external_lab(&[1, 2], |pod| ServiceSpec {
         node_port: Some(NODE_PORT),
-        ..spec("np", VIP_A, pod_endpoints(&[&pod]))
+        ..spec("np", VIP_A, pod_endpoints(&[pod]))
     });
-    lab.start_vipx(&[1, 2]);
-    lab.wait_ready(VIP_A, &[pod.ip]);
-    for vipx in &lab.vipx {
-        vipx.wait_log("node interface served", READY)
-            .unwrap_or_else(|e| panic!("{e:#}"));
-    }
     let ext = lab.cluster.external();
     let through = |node: u8| SocketAddr::from((lab.cluster.node(node).ip, NODE_PORT));
     // TCP retransmits a SYN dropped while a next hop is resolved.

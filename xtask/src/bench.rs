@@ -807,6 +807,19 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
     })
 }
 
+/// One per-packet figure of `rows` for `n` services: "ns (ratio to the floor)", or "-".
+fn packet_cell(rows: &[Value], n: u64, case: &str) -> String {
+    rows.iter()
+        .find(|x| x["services"].as_u64() == Some(n) && x["case"] == case)
+        .map_or(String::from("-"), |x| {
+            format!(
+                "{:.0} ({:.1}x)",
+                x["ns_per_packet"].as_f64().unwrap_or(0.0),
+                x["ratio_to_floor"].as_f64().unwrap_or(0.0)
+            )
+        })
+}
+
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Machine: {}. Command: `{}`.\n", r.machine, r.command);
@@ -823,17 +836,7 @@ fn markdown(r: &Report) -> String {
     let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
     counts.dedup();
     for n in counts {
-        let get = |case: &str| {
-            rows.iter()
-                .find(|x| x["services"].as_u64() == Some(n) && x["case"] == case)
-                .map_or(String::from("-"), |x| {
-                    format!(
-                        "{:.0} ({:.1}x)",
-                        x["ns_per_packet"].as_f64().unwrap_or(0.0),
-                        x["ratio_to_floor"].as_f64().unwrap_or(0.0)
-                    )
-                })
-        };
+        let get = |case: &str| packet_cell(&rows, n, case);
         let _ = writeln!(
             s,
             "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -860,17 +863,7 @@ fn markdown(r: &Report) -> String {
     let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
     counts.dedup();
     for n in counts {
-        let get = |case: &str| {
-            rows.iter()
-                .find(|x| x["services"].as_u64() == Some(n) && x["case"] == case)
-                .map_or(String::from("-"), |x| {
-                    format!(
-                        "{:.0} ({:.1}x)",
-                        x["ns_per_packet"].as_f64().unwrap_or(0.0),
-                        x["ratio_to_floor"].as_f64().unwrap_or(0.0)
-                    )
-                })
-        };
+        let get = |case: &str| packet_cell(&rows, n, case);
         let _ = writeln!(
             s,
             "| {n} | {} | {} | {} | {} |",
