@@ -82,6 +82,8 @@ pub struct RuleService {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// A NodePort Service's node port (externalTrafficPolicy Cluster); `None` for a ClusterIP.
+    pub node_port: Option<u16>,
 }
 
 impl RuleService {
@@ -122,6 +124,7 @@ pub fn synthetic_services(
             vip: synthetic_vip(i),
             port: synthetic_port(i),
             endpoints: endpoints(i),
+            node_port: None,
         })
         .collect()
 }
@@ -230,6 +233,12 @@ pub fn service_chain_name(service_port_name: &str, protocol: &str) -> String {
     format!("KUBE-SVC-{}", port_proto_hash(service_port_name, protocol))
 }
 
+/// `servicePortExternalChainName`: `KUBE-EXT-` + [`port_proto_hash`], e.g.
+/// `KUBE-EXT-X27LE4BHSL4DOUIK` for (`ns3/svc3:p80`, `tcp`).
+pub fn external_chain_name(service_port_name: &str, protocol: &str) -> String {
+    format!("KUBE-EXT-{}", port_proto_hash(service_port_name, protocol))
+}
+
 /// `servicePortEndpointChainName`: `KUBE-SEP-` + the first 16 characters of
 /// base32(sha256(`service_port_name` + `protocol` + `endpoint`)), `endpoint` being `IP:port`.
 pub fn endpoint_chain_name(service_port_name: &str, protocol: &str, endpoint: &str) -> String {
@@ -261,6 +270,12 @@ pub fn nft_service_chain_name(svc: &RuleService, protocol: &str) -> String {
             svc.namespace, svc.name, svc.port_name
         ))
     )
+}
+
+/// nftables `servicePortChainNameBase` with the `external-` prefix, e.g.
+/// `external-4AT6LBPK-ns3/svc3/tcp/p80`.
+pub fn nft_external_chain_name(svc: &RuleService, protocol: &str) -> String {
+    nft_service_chain_name(svc, protocol).replacen("service-", "external-", 1)
 }
 
 /// nftables `servicePortEndpointChainNameBase` with the `endpoint-` prefix, e.g.
@@ -359,6 +374,13 @@ pub fn iptables_restore_input_with(svcs: &[RuleService], o: &KubeProxyOptions) -
                 "-A KUBE-SERVICES -m comment --comment \"{name} has no endpoints\" \
                  -m {PROTO} -p {PROTO} -d {vip} --dport {port} -j REJECT"
             );
+            if let Some(node_port) = svc.node_port {
+                let _ = writeln!(
+                    filter_rules,
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"{name} has no endpoints\" \
+                     -m addrtype --dst-type LOCAL -m {PROTO} -p {PROTO} --dport {node_port} -j REJECT"
+                );
+            }
             continue;
         }
         let svc_chain = service_chain_name(&name, PROTO);
@@ -373,6 +395,22 @@ pub fn iptables_restore_input_with(svcs: &[RuleService], o: &KubeProxyOptions) -
              -m {PROTO} -p {PROTO} -d {vip} --dport {port} ! -s {cidr} -j KUBE-MARK-MASQ"
         );
         chain_line(&mut nat_chains, &svc_chain);
+        if let Some(node_port) = svc.node_port {
+            // externalTrafficPolicy Cluster: the external chain masquerades (the endpoint may be
+            // on another node) and falls through to the cluster policy chain.
+            let ext_chain = external_chain_name(&name, PROTO);
+            chain_line(&mut nat_chains, &ext_chain);
+            let _ = writeln!(
+                nat_rules,
+                "-A KUBE-NODEPORTS -m comment --comment {name} \
+                 -m {PROTO} -p {PROTO} --dport {node_port} -j {ext_chain}"
+            );
+            let _ = writeln!(
+                nat_rules,
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {name} external \
+                 destinations\" -j KUBE-MARK-MASQ\n-A {ext_chain} -j {svc_chain}"
+            );
+        }
 
         let sep_chains: Vec<String> = eps
             .iter()
@@ -756,6 +794,13 @@ pub fn nft_input_with(svcs: &[RuleService], o: &KubeProxyOptions) -> String {
                 "add element {t} no-endpoint-services {{ {vip} . {PROTO} . {port} comment \"{}\" : goto reject-chain }}",
                 svc.service_port_name()
             );
+            if let Some(node_port) = svc.node_port {
+                let _ = writeln!(
+                    out,
+                    "add element {t} no-endpoint-nodeports {{ {PROTO} . {node_port} comment \"{}\" : goto reject-chain }}",
+                    svc.service_port_name()
+                );
+            }
             continue;
         }
         let _ = writeln!(
@@ -777,6 +822,16 @@ pub fn nft_input_with(svcs: &[RuleService], o: &KubeProxyOptions) -> String {
             let _ = write!(out, "{i} : goto {chain}{sep} ");
         }
         out.push_str("}\n");
+        if let Some(node_port) = svc.node_port {
+            let ext_chain = nft_external_chain_name(svc, PROTO);
+            ensure_chain(&mut out, &ext_chain);
+            let _ = writeln!(
+                out,
+                "add rule {t} {ext_chain} jump mark-for-masquerade\n\
+                 add rule {t} {ext_chain} goto {svc_chain}\n\
+                 add element {t} service-nodeports {{ {PROTO} . {node_port} : goto {ext_chain} }}"
+            );
+        }
         for ((ip, p), chain) in eps.iter().zip(&ep_chains) {
             let _ = writeln!(
                 out,
@@ -1217,7 +1272,50 @@ mod tests {
                 .iter()
                 .map(|&ip| (Ipv4Addr::from(ip), 80))
                 .collect(),
+            node_port: None,
         }
+    }
+
+    /// Upstream's ns3/svc3: a NodePort Service (3003, externalTrafficPolicy Cluster) with one
+    /// endpoint; its node-port lines, verbatim from `TestOverallIPTablesRules` and
+    /// `TestOverallNFTablesRules`.
+    #[test]
+    fn node_ports_match_upstream() {
+        let svc3 = RuleService {
+            node_port: Some(3003),
+            ..svc("ns3", "svc3", [172, 30, 0, 43], &[[10, 180, 0, 3]])
+        };
+        let ipt = iptables_restore_input_with(std::slice::from_ref(&svc3), &upstream_options());
+        for line in [
+            ":KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]",
+            "-A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK",
+            "-A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment \"masquerade traffic for ns3/svc3:p80 external destinations\" -j KUBE-MARK-MASQ",
+            "-A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK",
+        ] {
+            assert!(ipt.lines().any(|l| l == line), "missing {line:?} in\n{ipt}");
+        }
+        let nft = nft_input_with(std::slice::from_ref(&svc3), &upstream_options());
+        for line in [
+            "add chain ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80",
+            "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 jump mark-for-masquerade",
+            "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 goto service-4AT6LBPK-ns3/svc3/tcp/p80",
+            "add element ip kube-proxy service-nodeports { tcp . 3003 : goto external-4AT6LBPK-ns3/svc3/tcp/p80 }",
+        ] {
+            assert!(nft.lines().any(|l| l == line), "missing {line:?} in\n{nft}");
+        }
+
+        let empty = RuleService {
+            endpoints: vec![],
+            ..svc3
+        };
+        let ipt = iptables_restore_input_with(std::slice::from_ref(&empty), &upstream_options());
+        assert!(ipt.contains(
+            "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"ns3/svc3:p80 has no endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3003 -j REJECT"
+        ), "{ipt}");
+        let nft = nft_input_with(std::slice::from_ref(&empty), &upstream_options());
+        assert!(nft.contains(
+            "add element ip kube-proxy no-endpoint-nodeports { tcp . 3003 comment \"ns3/svc3:p80\" : goto reject-chain }"
+        ), "{nft}");
     }
 
     /// The ClusterIP parts of upstream's `TestOverallIPTablesRules` / `TestOverallNFTablesRules`:

@@ -95,7 +95,7 @@ pub fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
 
 /// Writes sysctls inside `ns`. /proc/sys/net shows the namespace of the thread that opens it, so
 /// plain file writes from [`in_netns`] reach the right namespace without a `sysctl` process.
-pub(crate) fn sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
+pub fn sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
     in_netns(ns, || {
         settings.iter().try_for_each(|(key, value)| {
             let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));

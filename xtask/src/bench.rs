@@ -36,7 +36,7 @@ use vipx_lab::{
     pod_server::SINK_PORT,
 };
 
-use crate::{cargo, root, status, step, target_dir};
+use crate::{cargo, node_port_bench, root, status, step, target_dir};
 
 /// The measured Service: the seed's VIP in front of the lab's 10 backend pods.
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -46,17 +46,17 @@ const CLUSTER_CIDR: &str = "198.18.64.0/18";
 /// is charged only to the contenders that switch it on themselves (kube-proxy's rules load their
 /// own INVALID-drop), so the node namespaces start without it, and without rp_filter, whose FIB
 /// lookup per packet would tax every contender alike and blur the ratios.
-const BENCH_REALISM: Realism = Realism::Off {
+pub(crate) const BENCH_REALISM: Realism = Realism::Off {
     reason: "bench: each contender pays only for the netfilter state it switches on itself",
 };
 
-struct Plan {
+pub(crate) struct Plan {
     packet_services: &'static str,
-    e2e_services: &'static [usize],
-    reps: usize,
-    crr: Duration,
-    rr: Duration,
-    bulk: Duration,
+    pub(crate) e2e_services: &'static [usize],
+    pub(crate) reps: usize,
+    pub(crate) crr: Duration,
+    pub(crate) rr: Duration,
+    pub(crate) bulk: Duration,
     control_plane_services: usize,
 }
 
@@ -148,10 +148,11 @@ struct Report {
     packet: Value,
     maglev: Value,
     e2e: Vec<E2eRow>,
+    node_ports: Vec<node_port_bench::Row>,
     control_plane: ControlPlane,
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("\x1b[36mbench:\x1b[0m {msg}");
 }
 
@@ -170,7 +171,7 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}, kernel {}", kernel.trim())
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() { 0.0 } else { s[s.len() / 2] }
@@ -178,7 +179,7 @@ fn median(v: &[f64]) -> f64 {
 
 /// `n` services; the middle one is the measured VIP in front of the lab's pods, the others
 /// point at addresses no one answers (they only fill the tables).
-fn services(n: usize, pods: &[(String, Ipv4Addr)]) -> Vec<RuleService> {
+pub(crate) fn services(n: usize, pods: &[(String, Ipv4Addr)]) -> Vec<RuleService> {
     let measured = n / 2;
     (0..n)
         .map(|i| {
@@ -190,6 +191,7 @@ fn services(n: usize, pods: &[(String, Ipv4Addr)]) -> Vec<RuleService> {
                     vip: VIP,
                     port: 80,
                     endpoints: pods.iter().map(|(_, ip)| (*ip, 5000)).collect(),
+                    node_port: None,
                 };
             }
             // VIPs from 198.19.1.0 on (198.19.0.10 is the measured one), 10 endpoints each
@@ -211,6 +213,7 @@ fn services(n: usize, pods: &[(String, Ipv4Addr)]) -> Vec<RuleService> {
                 vip,
                 port: 80,
                 endpoints,
+                node_port: None,
             }
         })
         .collect()
@@ -218,7 +221,7 @@ fn services(n: usize, pods: &[(String, Ipv4Addr)]) -> Vec<RuleService> {
 
 /// The same services as manifests for vipx: one Service and one EndpointSlice per Service,
 /// with every port the rule sets carry for it.
-fn write_manifests(dir: &Path, svcs: &[RuleService], node: &str) -> Result<()> {
+pub(crate) fn write_manifests(dir: &Path, svcs: &[RuleService], node: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let mut groups: Vec<(&str, &str, Vec<&RuleService>)> = Vec::new();
@@ -234,12 +237,20 @@ fn write_manifests(dir: &Path, svcs: &[RuleService], node: &str) -> Result<()> {
     let mut out = String::new();
     for (ns, name, ports) in groups {
         let first = ports[0];
+        let kind = if ports.iter().any(|p| p.node_port.is_some()) {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
         let target = |p: &RuleService| p.endpoints.first().map_or(5000, |e| e.1);
         let svc_ports: String = ports
             .iter()
             .map(|p| {
+                let node_port = p
+                    .node_port
+                    .map_or_else(String::new, |np| format!(", nodePort: {np}"));
                 format!(
-                    "  - {{name: {}, port: {}, protocol: TCP, targetPort: {}}}\n",
+                    "  - {{name: {}, port: {}, protocol: TCP, targetPort: {}{node_port}}}\n",
                     p.port_name,
                     p.port,
                     target(p)
@@ -268,7 +279,7 @@ fn write_manifests(dir: &Path, svcs: &[RuleService], node: &str) -> Result<()> {
         write!(
             out,
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-             spec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ports:\n{svc_ports}\
+             spec:\n  type: {kind}\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ports:\n{svc_ports}\
              ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-bench\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\n\
              addressType: IPv4\nports:\n{slice_ports}endpoints:\n{eps}",
             vip = first.vip,
@@ -278,7 +289,7 @@ fn write_manifests(dir: &Path, svcs: &[RuleService], node: &str) -> Result<()> {
     Ok(())
 }
 
-struct Vipx {
+pub(crate) struct Vipx {
     child: Child,
     pin_dir: PathBuf,
     /// Syncs logged so far, no-op resyncs included.
@@ -297,7 +308,7 @@ impl Drop for Vipx {
 /// Start vipx in `node_ns` on `source` (`("--manifests", dir)` or `("--kubeconfig", file)`;
 /// `extra`: more `vipx run` arguments); returns once the first sync is logged, with the time
 /// from spawn to that moment.
-fn start_vipx(
+pub(crate) fn start_vipx(
     node_ns: &str,
     node: &str,
     source: (&str, &Path),
@@ -948,6 +959,9 @@ fn markdown(r: &Report) -> String {
             bulk
         );
     }
+    if !r.node_ports.is_empty() {
+        let _ = write!(s, "\n{}", node_port_bench::markdown(&r.node_ports));
+    }
     let cp = &r.control_plane;
     let _ = writeln!(
         s,
@@ -1012,8 +1026,7 @@ fn markdown(r: &Report) -> String {
     s
 }
 
-pub fn bench(quick: bool) -> Result<()> {
-    let plan = if quick { &QUICK } else { &FULL };
+fn build_release() -> Result<()> {
     step("building vipx, vipx-bench and lab-pod (release)");
     status(cargo().args([
         "build",
@@ -1023,11 +1036,48 @@ pub fn bench(quick: bool) -> Result<()> {
         "-p",
         "vipx-tests",
         "--bins",
-    ]))?;
+    ]))
+}
+
+fn results_dir(quick: bool) -> Result<PathBuf> {
     let results = root()
         .join("results")
         .join(if quick { "quick" } else { "latest" });
     std::fs::create_dir_all(&results)?;
+    Ok(results)
+}
+
+/// The node-port rows as `node-ports.json` and `node-ports.md` in `results`; returns the markdown.
+fn write_node_ports(results: &Path, rows: &[node_port_bench::Row], header: &str) -> Result<String> {
+    let md = format!("{header}\n{}", node_port_bench::markdown(rows));
+    std::fs::write(
+        results.join("node-ports.json"),
+        serde_json::to_vec_pretty(rows)?,
+    )?;
+    std::fs::write(results.join("node-ports.md"), &md)?;
+    Ok(md)
+}
+
+/// Only the end-to-end run through a node port (`cargo xtask bench --node-ports`).
+pub fn node_ports(quick: bool) -> Result<()> {
+    let plan = if quick { &QUICK } else { &FULL };
+    build_release()?;
+    let results = results_dir(quick)?;
+    let rows = node_port_bench::run(plan)?;
+    let header = format!(
+        "Machine: {}. Command: `cargo xtask bench --node-ports{}`.\n",
+        machine(),
+        if quick { " --quick" } else { "" }
+    );
+    println!("{}", write_node_ports(&results, &rows, &header)?);
+    step(&format!("results in {}", results.display()));
+    Ok(())
+}
+
+pub fn bench(quick: bool) -> Result<()> {
+    let plan = if quick { &QUICK } else { &FULL };
+    build_release()?;
+    let results = results_dir(quick)?;
 
     progress(&format!(
         "per-packet cost: {} services x 10 backends",
@@ -1061,6 +1111,7 @@ pub fn bench(quick: bool) -> Result<()> {
     let maglev: Value = serde_json::from_slice(&std::fs::read(&maglev_json)?)?;
     let mut loads = RuleLoads::new();
     let e2e = e2e(plan, &mut loads)?;
+    let node_ports = node_port_bench::run(plan)?;
     let control_plane = control_plane(plan, &results, &loads)?;
     let report = Report {
         machine: machine(),
@@ -1068,8 +1119,17 @@ pub fn bench(quick: bool) -> Result<()> {
         packet,
         maglev,
         e2e,
+        node_ports,
         control_plane,
     };
+    write_node_ports(
+        &results,
+        &report.node_ports,
+        &format!(
+            "Machine: {}. Command: `{}`.\n",
+            report.machine, report.command
+        ),
+    )?;
     std::fs::write(
         results.join("bench.json"),
         serde_json::to_vec_pretty(&report)?,

@@ -21,6 +21,7 @@ use vipx_lab::{Lab, LabConfig, Realism, SERVICE_PORT, SERVICE_VIP};
 mod bench;
 mod chart;
 mod cluster_demo;
+mod node_port_bench;
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const DEMO_TAG: &str = "demo";
@@ -63,6 +64,11 @@ enum Cmd {
         /// first sync and steady (after 3 resyncs 1 s apart). Printed; results/ is left alone.
         #[arg(long)]
         memory: bool,
+        /// Only the end-to-end run through a node port: an external client through a node that
+        /// runs none of the Service's pods, vipx (native and generic XDP) beside kube-proxy's
+        /// iptables and nftables NodePort rules. Writes node-ports.{json,md} under results/.
+        #[arg(long, conflicts_with = "memory")]
+        node_ports: bool,
     },
     /// Run every test layer: unit, packet fixtures (BPF_PROG_TEST_RUN), namespace lab.
     Test {
@@ -88,10 +94,16 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Scale { replicas } => scale(replicas),
-        Cmd::Bench { quick, memory } => {
+        Cmd::Bench {
+            quick,
+            memory,
+            node_ports,
+        } => {
             setup()?;
             if memory {
                 bench::memory(quick)
+            } else if node_ports {
+                bench::node_ports(quick)
             } else {
                 bench::bench(quick)
             }
