@@ -124,8 +124,9 @@ pub mod defaults {
     /// Translated sockets remembered for `getpeername`/`recvmsg` (an LRU, as Cilium's
     /// `lb4_reverse_sk`).
     pub const SOCKREV4_ENTRIES: u32 = 262_144;
-    /// Network namespaces one vipx translates sockets of.
-    pub const SOCKNS_ENTRIES: u32 = 64;
+    /// Network namespaces one vipx translates sockets of: its own and, with `--socket-lb all`,
+    /// its pods' (kubelet's default is 110 pods a node; large nodes run a few hundred).
+    pub const SOCKNS_ENTRIES: u32 = 1024;
     /// Next hops waiting for neighbour resolution.
     pub const NEIGHMISS4_ENTRIES: u32 = 256;
     /// `loadBalancerSourceRanges` entries, all Services together.

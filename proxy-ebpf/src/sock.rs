@@ -1,5 +1,5 @@
 //! Socket-level load balancing for the node's own processes (host network: `curl <ClusterIP>`,
-//! kubelet probes, hostNetwork pods). cgroup hooks translate the address a socket connects or
+//! kubelet probes, hostNetwork pods), and with `--socket-lb all` for its pods. cgroup hooks translate the address a socket connects or
 //! sends to, once per connection (or datagram) instead of once per packet, so no packet of theirs
 //! is rewritten and nothing on the way (rp_filter, netfilter, a CNI) ever sees the frontend:
 //! - `connect4` (TCP, connected UDP) and `sendmsg4` (unconnected UDP): a frontend address becomes
@@ -75,11 +75,14 @@ pub fn vipx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The affinity client of the socket's namespace if this vipx serves it: [`NODE_CLIENT`] for the
+/// node's own, the pod's address for a pod's (`--socket-lb all`).
 #[inline(always)]
-fn served(ctx: &SockAddrContext) -> bool {
+fn served(ctx: &SockAddrContext) -> Option<[u8; 4]> {
     // SAFETY: plain helper call on the hook's context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    SOCKNS.get_ptr(netns).is_some()
+    // SAFETY: value pointer from a successful lookup; read at once.
+    SOCKNS.get_ptr(netns).map(|c| unsafe { *c }.to_ne_bytes())
 }
 
 /// Fail the system call with `errno`.
@@ -93,9 +96,9 @@ fn refuse(errno: i32) -> i32 {
 /// connect4 and sendmsg4: a frontend becomes one of its backends.
 #[inline(always)]
 fn forward(ctx: &SockAddrContext) -> i32 {
-    if !served(ctx) {
+    let Some(client) = served(ctx) else {
         return ALLOW;
-    }
+    };
     let sa = ctx.sock_addr;
     // SAFETY: the hook's context; these fields are readable in connect4 and sendmsg4.
     let (protocol, ip4, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
@@ -109,9 +112,9 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     let port = (port as u16).to_ne_bytes();
     let mut svc_key = SvcKey4::from_wire(addr, port, proto, SCOPE_EXTERNAL, 0);
     let mut svc = SVC4.get_ptr(svc_key);
-    if svc.is_none() && addr[0] == 127 {
-        // Loopback: node ports answer there too (the node's addresses have frontends of their
-        // own), on the wildcard frontend.
+    if svc.is_none() && addr[0] == 127 && client == NODE_CLIENT {
+        // The node's loopback: node ports answer there too (the node's addresses have frontends
+        // of their own), on the wildcard frontend. A pod's loopback is its own.
         svc_key = SvcKey4::from_wire([0; 4], port, proto, SCOPE_EXTERNAL, 0);
         svc = SVC4.get_ptr(svc_key);
     }
@@ -141,7 +144,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
     let kept = if affinity {
-        affine(svc.rev_nat_id, svc.affinity_timeout_s, rev_nat_gen)
+        affine(client, svc.rev_nat_id, svc.affinity_timeout_s, rev_nat_gen)
     } else {
         None
     };
@@ -185,7 +188,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
             slot: 0,
             _pad: 0,
         };
-        let _ = AFFINITY4.insert(affinity_key(svc.rev_nat_id), v, 0);
+        let _ = AFFINITY4.insert(affinity_key(client, svc.rev_nat_id), v, 0);
     }
     // The way back first: without it the socket would report the backend as its peer, and a
     // UDP client that checks where its answer comes from would drop it.
@@ -209,19 +212,21 @@ fn forward(ctx: &SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn affinity_key(rev_nat_id: u32) -> AffinityKey4 {
-    AffinityKey4 {
-        client: NODE_CLIENT,
-        rev_nat_id,
-    }
+fn affinity_key(client: [u8; 4], rev_nat_id: u32) -> AffinityKey4 {
+    AffinityKey4 { client, rev_nat_id }
 }
 
 /// The backend the node's sockets have affinity to on this frontend, if that is still fresh, for
 /// the same frontend, and the backend still one of its own with the same generation (as the pod
 /// program checks it).
 #[inline(always)]
-fn affine(rev_nat_id: u32, timeout_s: u32, rev_nat_gen: u32) -> Option<(u32, Backend4)> {
-    let a = AFFINITY4.get_ptr(affinity_key(rev_nat_id))?;
+fn affine(
+    client: [u8; 4],
+    rev_nat_id: u32,
+    timeout_s: u32,
+    rev_nat_gen: u32,
+) -> Option<(u32, Backend4)> {
+    let a = AFFINITY4.get_ptr(affinity_key(client, rev_nat_id))?;
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let a = unsafe { *a };
     // SAFETY: plain helper call.
@@ -259,7 +264,7 @@ fn sock_rev_key(ctx: &SockAddrContext, b: &Backend4) -> SockRevKey4 {
 /// frontend exists (same reverse-NAT id and generation).
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext) {
-    if !served(ctx) {
+    if served(ctx).is_none() {
         return;
     }
     let sa = ctx.sock_addr;

@@ -224,7 +224,9 @@ struct RunArgs {
     /// Socket-level load balancing: `host` translates Service addresses for the sockets of the
     /// node's own network namespace (`curl <ClusterIP>` from the node, kubelet probes,
     /// hostNetwork pods) when they connect or send, so they reach Services and see the VIP as
-    /// their peer; `off` leaves them alone. Needs cgroup v2.
+    /// their peer; `all` does the same inside the pods this vipx serves (found from
+    /// --pod-interfaces), so their connections to Services need no per-packet translation;
+    /// `off` leaves sockets alone. Needs cgroup v2.
     #[arg(long, default_value = "host", value_parser = socket_lb_arg)]
     socket_lb: SocketLb,
     /// The cgroup v2 directory the socket programs attach to; they act only for this node's
@@ -253,7 +255,7 @@ fn cidr_arg(s: &str) -> Result<config::Cidr, String> {
 }
 
 fn socket_lb_arg(s: &str) -> Result<SocketLb, String> {
-    SocketLb::parse(s).ok_or_else(|| format!("unknown socket-lb mode {s:?} (host or off)"))
+    SocketLb::parse(s).ok_or_else(|| format!("unknown socket-lb mode {s:?} (host, all or off)"))
 }
 
 fn lb_algorithm_arg(s: &str) -> Result<LbAlgorithm, String> {

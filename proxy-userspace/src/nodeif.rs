@@ -16,11 +16,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
@@ -29,6 +28,7 @@ use aya::{
 use proxy_common::{map_names, prog_names};
 
 use crate::loader::{attach_pinned, replace_program, update_link};
+use crate::netlink;
 
 pub fn link_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("node-links")
@@ -266,83 +266,17 @@ fn neigh_use(ifindex: u32, addr: Ipv4Addr) -> Result<()> {
     const NDA_DST: u16 = 1;
     const NTF_USE: u8 = 0x01;
     const NUD_NONE: u16 = 0;
-    /// `nlmsghdr` + `ndmsg` + one `rtattr` holding the address.
-    #[repr(C)]
-    struct Request {
-        len: u32,
-        kind: u16,
-        flags: u16,
-        seq: u32,
-        pid: u32,
-        family: u8,
-        pad1: u8,
-        pad2: u16,
-        ifindex: i32,
-        state: u16,
-        ndm_flags: u8,
-        ndm_type: u8,
-        rta_len: u16,
-        rta_type: u16,
-        dst: [u8; 4],
-    }
-    // SAFETY: plain socket(2); owned at once.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a netlink socket");
-    }
-    // SAFETY: a descriptor we just opened and own.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    let req = Request {
-        len: size_of::<Request>() as u32,
-        kind: RTM_NEWNEIGH,
-        flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE)
-            as u16,
-        seq: 1,
-        pid: 0,
-        family: libc::AF_INET as u8,
-        pad1: 0,
-        pad2: 0,
-        ifindex: i32::try_from(ifindex).context("interface index")?,
-        state: NUD_NONE,
-        ndm_flags: NTF_USE,
-        ndm_type: 0,
-        rta_len: 8,
-        rta_type: NDA_DST,
-        dst: addr.octets(),
-    };
-    // SAFETY: sends the request struct we own, of its own size.
-    let sent = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            std::ptr::from_ref(&req).cast(),
-            size_of::<Request>(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error()).context("sending RTM_NEWNEIGH");
-    }
-    let mut buf = [0u8; 256];
-    // SAFETY: receives into a buffer we own, of its size.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error()).context("reading the netlink answer");
-    }
-    // An `NLMSG_ERROR` answer: its error code follows the 16-byte header (0: acknowledged).
-    if n >= 20 {
-        let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        if code != 0 {
-            bail!(
-                "the kernel refused: {}",
-                std::io::Error::from_raw_os_error(-code)
-            );
-        }
-    }
+    // `ndmsg`: family, two pad fields, ifindex, state, flags, type; then the address.
+    let mut body = vec![libc::AF_INET as u8, 0, 0, 0];
+    body.extend_from_slice(
+        &i32::try_from(ifindex)
+            .context("interface index")?
+            .to_ne_bytes(),
+    );
+    body.extend_from_slice(&NUD_NONE.to_ne_bytes());
+    body.extend_from_slice(&[NTF_USE, 0]);
+    body.extend(netlink::attribute(NDA_DST, &addr.octets()));
+    let flags = libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE;
+    netlink::Rtnl::open()?.request(RTM_NEWNEIGH, flags as u16, &body)?;
     Ok(())
 }

@@ -31,6 +31,7 @@ use crate::{
     maps::{self, FailedFrontend, MapWriter},
     nodeaddr::NodeAddresses,
     nodeif::{self, NodeInterfaces},
+    podns::PodNamespaces,
     ranges::SourceRanges,
     serve::{self, Telemetry, metrics::MapUse, service_health::ServiceHealth},
     socklb::{self, SocketLb},
@@ -293,6 +294,8 @@ struct Controller {
     service_health: ServiceHealth,
     /// `loadBalancerSourceRanges` in the kernel.
     source_ranges: SourceRanges,
+    /// `--socket-lb all`: the pods' namespaces the socket programs serve.
+    pod_namespaces: Option<PodNamespaces>,
 }
 
 /// Hands the memory a re-read of the manifests freed back to the kernel. glibc's malloc keeps
@@ -662,6 +665,9 @@ impl Controller {
         for e in self.attachments.prune(&served, &present, index_of) {
             tracing::warn!("{e:#}");
         }
+        if let Some(pods) = &mut self.pod_namespaces {
+            pods.sync(&mut self.ebpf, &served);
+        }
         self.refused
             .retain(|name| present.iter().any(|(n, _)| n == name));
         let external = nodeif::select(
@@ -893,8 +899,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let node_interfaces = NodeInterfaces::new(&mut ebpf, &opts.pin_dir, opts.node_xdp_generic)?;
     nodeif::reserve_snat_ports();
     let source_ranges = SourceRanges::new(loader::take_source_ranges(&mut ebpf)?);
+    let pod_namespaces = (opts.socket_lb == SocketLb::All).then(PodNamespaces::default);
     match opts.socket_lb {
-        SocketLb::Host => {
+        SocketLb::Host | SocketLb::All => {
             let cgroup = match &opts.cgroup_root {
                 Some(p) => p.clone(),
                 None => socklb::cgroup2_mount()?,
@@ -944,6 +951,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         node_interfaces,
         service_health: ServiceHealth::default(),
         source_ranges,
+        pod_namespaces,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -34,6 +34,9 @@ use crate::loader::update_link;
 pub enum SocketLb {
     /// Sockets of the node's own network namespace (host-network processes and pods).
     Host,
+    /// Those and the sockets of the pods this vipx serves (the namespaces behind its pod
+    /// interfaces, see `podns`).
+    All,
     /// None: host processes cannot reach Services (as with kube-proxy, only if something else
     /// routes the VIPs).
     Off,
@@ -43,6 +46,7 @@ impl SocketLb {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "host" => Some(Self::Host),
+            "all" => Some(Self::All),
             "off" => Some(Self::Off),
             _ => None,
         }
@@ -133,7 +137,8 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
         ebpf.map_mut(map_names::SOCKNS)
             .context("map VIPX_SOCKNS missing from the object")?,
     )?;
-    netns.insert(cookie, 1, 0).context("writing VIPX_SOCKNS")?;
+    // The value is the namespace's affinity client: the node's processes are one, 0.0.0.0.
+    netns.insert(cookie, 0, 0).context("writing VIPX_SOCKNS")?;
 
     let links = link_dir(pin_dir);
     fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;

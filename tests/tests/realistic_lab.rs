@@ -2512,3 +2512,140 @@ fn a_restart_keeps_external_connections_through_both_nodes() {
         }
     }
 }
+
+/// One datapath event counter of node `node`'s vipx.
+fn event(lab: &Lab, node: u8, reason: &str) -> f64 {
+    let m = node_metrics(lab, node);
+    vipx_lab::metric_sample(
+        &m,
+        &format!("vipx_datapath_events_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// `--socket-lb all`: the sockets of this node's pods are translated when they connect, as the
+/// node's own are. The connected socket's peer is the VIP, the backend sees the pod's own
+/// address, and the pod program translates none of their packets (no new flow). Another node's
+/// pods are not this vipx's: node 2's vipx (`host`) leaves its pods' sockets alone and its pod
+/// program translates their packets, and node 1's socket programs count none of them.
+#[test]
+fn socket_lb_all_serves_this_nodes_pods_and_no_others() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let local = lab.cluster.add_pod(1).expect("pod on node 1");
+    let remote = lab.cluster.add_pod(2).expect("pod on node 2");
+    let other_client = lab.cluster.add_pod(2).expect("client pod on node 2");
+    const NODE_PORT: u16 = 30_082;
+    lab.service_spec(ServiceSpec {
+        node_port: Some(NODE_PORT),
+        ..spec("svc-a", VIP_A, pod_endpoints(&[&local, &remote]))
+    });
+    lab.start_vipx_with(&[1], &["--socket-lb", "all"]);
+    lab.start_vipx(&[2]);
+    lab.wait_ready(VIP_A, &[local.ip, remote.ip]);
+    let client = lab.cluster.client().clone();
+    lab.vipx[0]
+        .wait_programmed(&format!("0.0.0.0:{NODE_PORT}/TCP"), READY, |_| true)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    lab.vipx[0]
+        .wait_log(
+            &format!(
+                "socket-level load balancing on for the pod behind {}",
+                client.host_if
+            ),
+            READY,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    let names = [local.name.clone(), remote.name.clone()];
+    let (translated, new_flows) = (
+        event(&lab, 1, "sock_translated"),
+        event(&lab, 1, "new_flows"),
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let (peer, body) = in_netns(&client.netns, || -> anyhow::Result<(SocketAddr, String)> {
+            let mut conn = std::net::TcpStream::connect_timeout(&vip(VIP_A), TIMEOUT)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            let peer = conn.peer_addr()?;
+            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
+            let body = read_response(&mut std::io::BufReader::new(conn))?;
+            Ok((peer, body))
+        })
+        .expect("entering the client pod")
+        .unwrap_or_else(|e| panic!("TCP {i} from the client pod to {}: {e:#}", vip(VIP_A)));
+        assert_eq!(peer, vip(VIP_A), "TCP {i}: the connected socket's peer");
+        let body = body.trim().to_owned();
+        assert!(names.contains(&body), "TCP {i} answered by {body:?}");
+        seen.insert(body);
+    }
+    assert_eq!(seen.len(), 2, "20 connections all went to {seen:?}");
+    // The node's address and node port from the pod: served, the peer as dialled. The pod's own
+    // loopback is its own, not the node's: nothing listens there.
+    let node_port = SocketAddr::from((lab.cluster.node(1).ip, NODE_PORT));
+    let (peer, loopback) = in_netns(&client.netns, || {
+        let peer =
+            std::net::TcpStream::connect_timeout(&node_port, TIMEOUT).and_then(|c| c.peer_addr());
+        let loopback = std::net::TcpStream::connect_timeout(
+            &SocketAddr::from((Ipv4Addr::LOCALHOST, NODE_PORT)),
+            TIMEOUT,
+        );
+        (peer, loopback)
+    })
+    .expect("entering the client pod");
+    assert_eq!(peer.expect("the node port from the pod"), node_port);
+    assert_eq!(
+        loopback.map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "127.0.0.1:{NODE_PORT} in a pod reached the node port"
+    );
+    for i in 0..REQUESTS {
+        let reply = vipx_lab::udp_exchange(&client.netns, vip(VIP_A), b"peer", TIMEOUT)
+            .unwrap_or_else(|e| panic!("UDP {i} from the client pod: {e:#}"));
+        let seen_as: SocketAddr = String::from_utf8_lossy(&reply)
+            .parse()
+            .expect("a pod's peer answer");
+        assert_eq!(
+            seen_as.ip(),
+            IpAddr::V4(client.ip),
+            "UDP {i}: the backend sees the pod's own address"
+        );
+    }
+    assert!(
+        event(&lab, 1, "sock_translated") >= translated + 20.0 + REQUESTS as f64,
+        "node 1's socket programs translated the pod's connections: {}",
+        datapath_events(&lab)
+    );
+    assert_eq!(
+        event(&lab, 1, "new_flows"),
+        new_flows,
+        "node 1's pod program translated packets of a pod its socket programs serve: {}",
+        datapath_events(&lab)
+    );
+
+    let (translated, node2_flows) = (
+        event(&lab, 1, "sock_translated"),
+        event(&lab, 2, "new_flows"),
+    );
+    for i in 0..REQUESTS {
+        let body = http_get(&other_client.netns, vip(VIP_A), TIMEOUT)
+            .unwrap_or_else(|e| panic!("HTTP {i} from node 2's pod: {e:#}"));
+        assert!(
+            names.contains(&body.trim().to_owned()),
+            "answered by {body:?}"
+        );
+    }
+    assert_eq!(
+        event(&lab, 1, "sock_translated"),
+        translated,
+        "node 1's socket programs translated a socket of node 2's pod"
+    );
+    assert!(
+        event(&lab, 2, "new_flows") >= node2_flows + REQUESTS as f64,
+        "node 2's pod program did not translate its pod's connections: {}",
+        datapath_events(&lab)
+    );
+}
