@@ -5,9 +5,9 @@
 //!
 //! One two-node cluster lab per contender, so that netfilter conntrack, which kube-proxy's rules
 //! switch on, taxes only them:
-//! - `routed`: no proxy; the client routes node 2's pod range via node 1 and dials a pod. Node 1
-//!   forwards without translation and the pod answers the client straight across the segment, so
-//!   this is a floor with one hop fewer on the way back than any proxy.
+//! - `routed`: no proxy; the client routes node 2's pod range via node 1 and dials a pod, and
+//!   node 2 routes the client via node 1: the same hops both ways as through a proxy (client,
+//!   node 1, node 2, pod), forwarded without translation. The floor the ratios are taken to.
 //! - `vipx-native` / `vipx-generic`: vipx on node 1 with its node program in native or generic
 //!   XDP on node 1's uplink.
 //! - `iptables` / `nftables`: kube-proxy's rules for the same Services in node 1's namespace
@@ -136,7 +136,13 @@ impl Lab {
         )?;
         if contender == Contender::Routed {
             let pods = cluster.node(POD_NODE).pod_cidr.clone();
-            ip_in(&ext, &["route", "add", &pods, "via", &entry.ip.to_string()])?;
+            let via = entry.ip.to_string();
+            ip_in(&ext, &["route", "add", &pods, "via", &via])?;
+            let client = format!("{}/32", vipx_lab::cluster::EXTERNAL_CLIENT_IP);
+            ip_in(
+                cluster.node(POD_NODE).netns(),
+                &["route", "add", &client, "via", &via],
+            )?;
         }
         Ok(Self { contender, cluster })
     }
