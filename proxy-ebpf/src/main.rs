@@ -672,6 +672,62 @@ fn reply_revnat(ct: &CtValue) -> Option<RevNat4> {
     }
 }
 
+/// The backend `client` has affinity to on frontend `rev_nat_id` (sessionAffinity ClientIP):
+/// its last choice, while that is fresher than `timeout_s`, for this very frontend (same
+/// generation), and still one of its backends (userspace keeps `AFFMATCH4` to its slots) with
+/// the same generation, however its slots or Maglev table were rearranged since: as kube-proxy,
+/// whose `recent` list lives as long as the endpoint's chain. Shared by the pod, node and socket
+/// programs, so a client keeps its backend whichever path its flows take.
+#[inline(always)]
+fn affine(
+    client: [u8; 4],
+    rev_nat_id: u32,
+    timeout_s: u32,
+    rev_nat_gen: u32,
+    now: u64,
+) -> Option<(u32, Backend4)> {
+    let a = AFFINITY4.get_ptr(AffinityKey4 { client, rev_nat_id })?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let a = unsafe { *a };
+    if now.wrapping_sub(a.last_ns) >= u64::from(timeout_s) * 1_000_000_000
+        || a.rev_nat_gen != rev_nat_gen
+    {
+        return None;
+    }
+    let member = AffinityMatchKey4 {
+        rev_nat_id,
+        backend_id: a.backend_id,
+    };
+    AFFMATCH4.get_ptr(member)?;
+    let kept = backend(a.backend_id)?;
+    if kept.generation != a.backend_gen {
+        return None;
+    }
+    count(Stat::AffinityHit);
+    Some((a.backend_id, kept))
+}
+
+/// Remembers `client`'s choice on frontend `rev_nat_id` for [`affine`].
+#[inline(always)]
+fn remember_affinity(
+    client: [u8; 4],
+    rev_nat_id: u32,
+    (backend_id, b): (u32, &Backend4),
+    rev_nat_gen: u32,
+    now: u64,
+    slot: u16,
+) {
+    let v = AffinityValue {
+        backend_id,
+        backend_gen: b.generation,
+        last_ns: now,
+        rev_nat_gen,
+        slot,
+        _pad: 0,
+    };
+    let _ = AFFINITY4.insert(AffinityKey4 { client, rev_nat_id }, v, 0);
+}
+
 /// The backend in slot `slot` of a frontend, with its id.
 #[inline(always)]
 fn slot_backend(svc_key: SvcKey4, slot: u16) -> Option<(u32, Backend4)> {
@@ -867,33 +923,19 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     } else {
         0
     };
-    let affinity_key = AffinityKey4 {
-        client: flow.saddr,
-        rev_nat_id: svc.rev_nat_id,
-    };
-    if affinity && let Some(a) = AFFINITY4.get_ptr(affinity_key) {
-        // SAFETY: value pointer from a successful lookup; copied out at once.
-        let a = unsafe { *a };
-        let fresh = now.wrapping_sub(a.last_ns) < u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-        if fresh && a.rev_nat_gen == rev_nat_gen {
-            // Still a backend of this frontend (userspace keeps `AFFMATCH4` to its slots) with
-            // the same generation, however its slots or Maglev table were rearranged since: as
-            // kube-proxy, whose `recent` list lives as long as the endpoint's chain.
-            let member = AffinityMatchKey4 {
-                rev_nat_id: svc.rev_nat_id,
-                backend_id: a.backend_id,
-            };
-            if AFFMATCH4.get_ptr(member).is_some()
-                && let Some(kept) = backend(a.backend_id)
-                && kept.generation == a.backend_gen
-            {
-                count(Stat::AffinityHit);
-                (backend_id, b) = (a.backend_id, kept);
-                // No slot or table position chose it (the hairpin rule below picks by slot).
-                slot = 0;
-                pos = 0;
-            }
-        }
+    if affinity
+        && let Some(kept) = affine(
+            flow.saddr,
+            svc.rev_nat_id,
+            svc.affinity_timeout_s,
+            rev_nat_gen,
+            now,
+        )
+    {
+        (backend_id, b) = kept;
+        // No slot or table position chose it (the hairpin rule below picks by slot).
+        slot = 0;
+        pos = 0;
     }
     // A pod sent to itself through its own Service (hairpin) would get its answer from its own
     // address and drop it: take the next slot while another backend exists. Deterministic, so
@@ -970,15 +1012,14 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // it the backend's answer would reach the client from the backend's own address: fail
     // closed instead (the client retransmits).
     if affinity {
-        let v = AffinityValue {
-            backend_id,
-            backend_gen: b.generation,
-            last_ns: now,
+        remember_affinity(
+            flow.saddr,
+            svc.rev_nat_id,
+            (backend_id, &b),
             rev_nat_gen,
-            slot: if pos != 0 { pos } else { slot },
-            _pad: 0,
-        };
-        let _ = AFFINITY4.insert(affinity_key, v, 0);
+            now,
+            if pos != 0 { pos } else { slot },
+        );
     }
     if ct_put(&reply_key, &reply).is_err() {
         count(Stat::CtInsertFailed);

@@ -22,7 +22,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     macros::{map, xdp},
     maps::{LpmTrie, LruHashMap, lpm_trie::Key as LpmKey},
     programs::XdpContext,
@@ -30,8 +30,8 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
     IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES,
-    SnatValue4, Stat, SvcKey4, SvcValue, defaults,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT,
+    SVC_F_SOURCE_RANGES, SnatValue4, Stat, SvcKey4, SvcValue, defaults,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -41,8 +41,8 @@ use vipx_ebpf::{
 };
 
 use crate::{
-    CT4, REVNAT4, SVC4, backend, count, ct_now, ct_put, ct_touch, flood_allows, maglev_pick,
-    reply_revnat, slot_backend,
+    CT4, REVNAT4, SVC4, affine, backend, count, ct_now, ct_put, ct_touch, flood_allows,
+    maglev_pick, remember_affinity, reply_revnat, slot_backend,
 };
 
 /// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
@@ -287,22 +287,53 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         return xdp_action::XDP_DROP;
     }
     let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
-    let table = if svc.flags & SVC_F_MAGLEV != 0 {
-        svc.backend_id
+    let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
+    // sessionAffinity ClientIP holds for external clients too, by their own address (which
+    // the node program sees, SNAT or not).
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let now = if affinity {
+        // SAFETY: plain helper call.
+        unsafe { bpf_ktime_get_ns() }
     } else {
         0
     };
-    let chosen = match maglev_pick(table, hash) {
-        Some((_, id, b)) => Some((id, b)),
-        None => {
-            slot_backend(svc_key, pick_slot(hash, svc.count)).or_else(|| slot_backend(svc_key, 1))
-        }
+    let kept = if affinity {
+        affine(
+            p.saddr,
+            svc.rev_nat_id,
+            svc.affinity_timeout_s,
+            rev_nat_gen,
+            now,
+        )
+    } else {
+        None
     };
+    let chosen = kept.or_else(|| {
+        let table = if svc.flags & SVC_F_MAGLEV != 0 {
+            svc.backend_id
+        } else {
+            0
+        };
+        match maglev_pick(table, hash) {
+            Some((_, id, b)) => Some((id, b)),
+            None => slot_backend(svc_key, pick_slot(hash, svc.count))
+                .or_else(|| slot_backend(svc_key, 1)),
+        }
+    });
     let Some((backend_id, b)) = chosen else {
         count(Stat::NoBackend);
         return xdp_action::XDP_DROP;
     };
-    let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
+    if affinity && !closing {
+        remember_affinity(
+            p.saddr,
+            svc.rev_nat_id,
+            (backend_id, &b),
+            rev_nat_gen,
+            now,
+            0,
+        );
+    }
     let fwd = CtValue {
         backend_id,
         backend_gen: b.generation,

@@ -23,13 +23,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_F_ACTIVE, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, SockRevKey4,
-    SockRevValue4, Stat, SvcKey4, VIP_F_CLUSTER_IP, VipKey4, defaults,
+    Backend4, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, SCOPE_EXTERNAL, SVC_F_AFFINITY,
+    SVC_F_MAGLEV, SVC_F_REJECT, SockRevKey4, SockRevValue4, Stat, SvcKey4, VIP_F_CLUSTER_IP,
+    VipKey4, defaults,
 };
 use vipx_ebpf::pick_slot;
 
-use crate::{AFFINITY4, AFFMATCH4, REVNAT4, SVC4, VIP4, backend, count, maglev_pick, slot_backend};
+use crate::{REVNAT4, SVC4, VIP4, affine, count, maglev_pick, remember_affinity, slot_backend};
 
 /// Pinned: sockets opened before a restart keep reporting the frontend they dialled.
 #[map(name = "VIPX_SOCKREV4")]
@@ -144,7 +144,14 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
     let kept = if affinity {
-        affine(client, svc.rev_nat_id, svc.affinity_timeout_s, rev_nat_gen)
+        // SAFETY: plain helper call.
+        affine(
+            client,
+            svc.rev_nat_id,
+            svc.affinity_timeout_s,
+            rev_nat_gen,
+            unsafe { bpf_ktime_get_ns() },
+        )
     } else {
         None
     };
@@ -179,16 +186,15 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         }
     };
     if affinity {
-        let v = AffinityValue {
-            backend_id,
-            backend_gen: b.generation,
-            // SAFETY: plain helper call.
-            last_ns: unsafe { bpf_ktime_get_ns() },
+        remember_affinity(
+            client,
+            svc.rev_nat_id,
+            (backend_id, &b),
             rev_nat_gen,
-            slot: 0,
-            _pad: 0,
-        };
-        let _ = AFFINITY4.insert(affinity_key(client, svc.rev_nat_id), v, 0);
+            // SAFETY: plain helper call.
+            unsafe { bpf_ktime_get_ns() },
+            0,
+        );
     }
     // The way back first: without it the socket would report the backend as its peer, and a
     // UDP client that checks where its answer comes from would drop it.
@@ -209,44 +215,6 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     }
     count(Stat::SockTranslated);
     ALLOW
-}
-
-#[inline(always)]
-fn affinity_key(client: [u8; 4], rev_nat_id: u32) -> AffinityKey4 {
-    AffinityKey4 { client, rev_nat_id }
-}
-
-/// The backend the node's sockets have affinity to on this frontend, if that is still fresh, for
-/// the same frontend, and the backend still one of its own with the same generation (as the pod
-/// program checks it).
-#[inline(always)]
-fn affine(
-    client: [u8; 4],
-    rev_nat_id: u32,
-    timeout_s: u32,
-    rev_nat_gen: u32,
-) -> Option<(u32, Backend4)> {
-    let a = AFFINITY4.get_ptr(affinity_key(client, rev_nat_id))?;
-    // SAFETY: value pointer from a successful lookup; copied out at once.
-    let a = unsafe { *a };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(a.last_ns) >= u64::from(timeout_s) * 1_000_000_000
-        || a.rev_nat_gen != rev_nat_gen
-    {
-        return None;
-    }
-    let member = AffinityMatchKey4 {
-        rev_nat_id,
-        backend_id: a.backend_id,
-    };
-    AFFMATCH4.get_ptr(member)?;
-    let kept = backend(a.backend_id)?;
-    if kept.generation != a.backend_gen {
-        return None;
-    }
-    count(Stat::AffinityHit);
-    Some((a.backend_id, kept))
 }
 
 #[inline(always)]

@@ -2649,3 +2649,57 @@ fn socket_lb_all_serves_this_nodes_pods_and_no_others() {
         datapath_events(&lab)
     );
 }
+
+/// sessionAffinity ClientIP holds for a client outside the cluster, as kube-proxy's `recent`
+/// match does on every node: through node 1 (DNAT, one of the pods is local) and through node 2
+/// (DNAT and SNAT), each new connection of the client reaches the same pod as its first.
+#[test]
+fn session_affinity_holds_for_external_clients_through_every_node() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_083;
+    let mut lab = Lab::new();
+    let pods = [
+        lab.cluster.add_pod(1).expect("pod on node 1"),
+        lab.cluster.add_pod(1).expect("pod on node 1"),
+        lab.cluster.add_pod(2).expect("pod on node 2"),
+    ];
+    lab.service_spec(ServiceSpec {
+        node_port: Some(NODE_PORT),
+        affinity_timeout: Some(600),
+        ..spec("sticky", VIP_A, pod_endpoints(&[&pods[0], &pods[1], &pods[2]]))
+    });
+    lab.start_vipx(&[1, 2]);
+    lab.wait_ready(VIP_A, &[pods[0].ip, pods[1].ip, pods[2].ip]);
+    let nodes = [lab.cluster.node(1).clone(), lab.cluster.node(2).clone()];
+    for (vipx, node) in lab.vipx.iter_mut().zip(&nodes) {
+        vipx.wait_programmed(&format!("{}:{NODE_PORT}/TCP", node.ip), READY, |_| true)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let ext = lab.cluster.external();
+    for node in &nodes {
+        let to = SocketAddr::from((node.ip, NODE_PORT));
+        let seen: std::collections::BTreeSet<String> = (0..15)
+            .map(|i| {
+                http_get(&ext, to, TIMEOUT)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "external HTTP {i} to {to}: {e:#} [{}]\n{}",
+                            lab.cluster.drops(),
+                            datapath_events(&lab)
+                        )
+                    })
+                    .trim()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            seen.len(),
+            1,
+            "15 connections of one client through node {} reached {seen:?}",
+            node.index
+        );
+    }
+}
