@@ -14,6 +14,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::bpf_sock_addr,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval,
@@ -54,25 +55,107 @@ const NODE_CLIENT: [u8; 4] = [0; 4];
 
 #[cgroup_sock_addr(connect4)]
 pub fn vipx_sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    forward::<V4>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn vipx_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    forward::<V4>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn vipx_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+    reverse::<V4>(&ctx);
     // The kernel accepts nothing else from this hook.
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn vipx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx);
+    reverse::<V4>(&ctx);
     ALLOW
+}
+
+// A dual-stack socket dialling an IPv4 address does so through its v4-mapped form: the kernel
+// runs these hooks, not the IPv4 ones, for its connect (TCP and UDP), getpeername and received
+// datagrams. Only mapped addresses are translated; IPv6 Services are not served yet.
+
+#[cgroup_sock_addr(connect6)]
+pub fn vipx_sock_connect6(ctx: SockAddrContext) -> i32 {
+    forward::<V6Mapped>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn vipx_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward::<V6Mapped>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn vipx_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse::<V6Mapped>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn vipx_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse::<V6Mapped>(&ctx);
+    ALLOW
+}
+
+/// Where a hook's context holds the IPv4 address: `user_ip4`, or the low word of `user_ip6` in
+/// its v4-mapped form. A type per family, so each program reads only the fields its hook may
+/// (the verifier rejects `user_ip4` in an IPv6 hook and the reverse).
+trait Family {
+    /// The IPv4 address (bytes as on the wire), if the context holds one.
+    ///
+    /// # Safety
+    /// `sa` is the hook's `bpf_sock_addr`.
+    unsafe fn read(sa: *const bpf_sock_addr) -> Option<[u8; 4]>;
+    /// # Safety
+    /// `sa` is the hook's `bpf_sock_addr`, of a hook that may rewrite the address.
+    unsafe fn write(sa: *mut bpf_sock_addr, addr: [u8; 4]);
+}
+
+struct V4;
+struct V6Mapped;
+
+/// `::ffff:0:0/96`: the third word of a v4-mapped address, as stored (network order).
+const V4_MAPPED_WORD: [u8; 4] = [0, 0, 0xff, 0xff];
+
+impl Family for V4 {
+    #[inline(always)]
+    unsafe fn read(sa: *const bpf_sock_addr) -> Option<[u8; 4]> {
+        // SAFETY: the caller's contract.
+        Some(unsafe { (*sa).user_ip4 }.to_ne_bytes())
+    }
+
+    #[inline(always)]
+    unsafe fn write(sa: *mut bpf_sock_addr, addr: [u8; 4]) {
+        // SAFETY: the caller's contract.
+        unsafe { (*sa).user_ip4 = u32::from_ne_bytes(addr) };
+    }
+}
+
+impl Family for V6Mapped {
+    #[inline(always)]
+    unsafe fn read(sa: *const bpf_sock_addr) -> Option<[u8; 4]> {
+        // SAFETY: the caller's contract; 4-byte reads of `user_ip6`, as the verifier wants.
+        let w = unsafe {
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ]
+        };
+        (w[0] == 0 && w[1] == 0 && w[2].to_ne_bytes() == V4_MAPPED_WORD).then(|| w[3].to_ne_bytes())
+    }
+
+    #[inline(always)]
+    unsafe fn write(sa: *mut bpf_sock_addr, addr: [u8; 4]) {
+        // SAFETY: the caller's contract; the prefix stays mapped.
+        unsafe { (*sa).user_ip6[3] = u32::from_ne_bytes(addr) };
+    }
 }
 
 /// The affinity client of the socket's namespace if this vipx serves it: [`NODE_CLIENT`] for the
@@ -93,22 +176,25 @@ fn refuse(errno: i32) -> i32 {
     REFUSE
 }
 
-/// connect4 and sendmsg4: a frontend becomes one of its backends.
+/// connect and sendmsg: a frontend becomes one of its backends.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext) -> i32 {
+fn forward<F: Family>(ctx: &SockAddrContext) -> i32 {
     let Some(client) = served(ctx) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
-    // SAFETY: the hook's context; these fields are readable in connect4 and sendmsg4.
-    let (protocol, ip4, port) = unsafe { ((*sa).protocol, (*sa).user_ip4, (*sa).user_port) };
+    // SAFETY: the hook's context; these fields are readable in connect and sendmsg.
+    let (protocol, port) = unsafe { ((*sa).protocol, (*sa).user_port) };
+    // SAFETY: the hook's context.
+    let Some(addr) = (unsafe { F::read(sa) }) else {
+        return ALLOW;
+    };
     let proto = match protocol {
         6 => IPPROTO_TCP,
         17 => IPPROTO_UDP,
         _ => return ALLOW,
     };
-    // Both fields hold network byte order as stored; `user_port` in its low 16 bits.
-    let addr = ip4.to_ne_bytes();
+    // Network byte order as stored; `user_port` in its low 16 bits.
     let port = (port as u16).to_ne_bytes();
     let mut svc_key = SvcKey4::from_wire(addr, port, proto, SCOPE_EXTERNAL, 0);
     let mut svc = SVC4.get_ptr(svc_key);
@@ -208,9 +294,9 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     if SOCKREV4.insert(sock_rev_key(ctx, &b), rev, 0).is_err() {
         return refuse(ENOMEM);
     }
-    // SAFETY: the hook's context; connect4 and sendmsg4 may rewrite the destination.
+    // SAFETY: the hook's context; connect and sendmsg may rewrite the destination.
     unsafe {
-        (*sa).user_ip4 = u32::from_ne_bytes(b.addr);
+        F::write(sa, b.addr);
         (*sa).user_port = u32::from(u16::from_ne_bytes(b.port));
     }
     count(Stat::SockTranslated);
@@ -231,17 +317,21 @@ fn sock_rev_key(ctx: &SockAddrContext, b: &Backend4) -> SockRevKey4 {
 /// A backend address this socket was translated to reads as the frontend it dialled, while that
 /// frontend exists (same reverse-NAT id and generation).
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext) {
+fn reverse<F: Family>(ctx: &SockAddrContext) {
     if served(ctx).is_none() {
         return;
     }
     let sa = ctx.sock_addr;
-    // SAFETY: the hook's context; readable in recvmsg4 and getpeername4.
-    let (ip4, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    // SAFETY: the hook's context; readable in recvmsg and getpeername.
+    let port = unsafe { (*sa).user_port };
+    // SAFETY: the hook's context.
+    let Some(addr) = (unsafe { F::read(sa) }) else {
+        return;
+    };
     let key = SockRevKey4 {
         // SAFETY: plain helper call on the hook's context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr: ip4.to_ne_bytes(),
+        addr,
         port: (port as u16).to_ne_bytes(),
         _pad: [0; 2],
     };
@@ -254,9 +344,9 @@ fn reverse(ctx: &SockAddrContext) {
         Some(r) if r.flags & REVNAT_F_ACTIVE != 0 && r.generation == rev.rev_nat_gen => {}
         _ => return,
     }
-    // SAFETY: the hook's context; recvmsg4 and getpeername4 may rewrite the address reported.
+    // SAFETY: the hook's context; recvmsg and getpeername may rewrite the address reported.
     unsafe {
-        (*sa).user_ip4 = u32::from_ne_bytes(rev.addr);
+        F::write(sa, rev.addr);
         (*sa).user_port = u32::from(u16::from_ne_bytes(rev.port));
     }
     count(Stat::SockReversed);

@@ -2669,7 +2669,11 @@ fn session_affinity_holds_for_external_clients_through_every_node() {
     lab.service_spec(ServiceSpec {
         node_port: Some(NODE_PORT),
         affinity_timeout: Some(600),
-        ..spec("sticky", VIP_A, pod_endpoints(&[&pods[0], &pods[1], &pods[2]]))
+        ..spec(
+            "sticky",
+            VIP_A,
+            pod_endpoints(&[&pods[0], &pods[1], &pods[2]]),
+        )
     });
     lab.start_vipx(&[1, 2]);
     lab.wait_ready(VIP_A, &[pods[0].ip, pods[1].ip, pods[2].ip]);
@@ -2700,6 +2704,67 @@ fn session_affinity_holds_for_external_clients_through_every_node() {
             1,
             "15 connections of one client through node {} reached {seen:?}",
             node.index
+        );
+    }
+}
+
+/// A dual-stack (AF_INET6) socket on the node dialling a ClusterIP through its v4-mapped form
+/// (`::ffff:198.19.0.20`, as Java and other runtimes do by default) is translated as an IPv4 one:
+/// TCP connects, its peer reads as the mapped VIP; connected and unconnected UDP get answers
+/// from it.
+#[test]
+fn the_node_itself_reaches_a_cluster_ip_through_a_dual_stack_socket() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let local = lab.cluster.add_pod(1).expect("pod on node 1");
+    let remote = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&local, &remote]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[local.ip, remote.ip]);
+    let node = lab.cluster.node(1).netns().to_owned();
+    let names = [local.name.clone(), remote.name.clone()];
+    let mapped = SocketAddr::from((VIP_A.to_ipv6_mapped(), SERVICE_PORT));
+    for i in 0..REQUESTS {
+        let (peer, body) = in_netns(&node, || -> anyhow::Result<(SocketAddr, String)> {
+            let mut conn = std::net::TcpStream::connect_timeout(&mapped, TIMEOUT)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            let peer = conn.peer_addr()?;
+            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
+            Ok((peer, read_response(&mut std::io::BufReader::new(conn))?))
+        })
+        .expect("entering node 1")
+        .unwrap_or_else(|e| panic!("TCP {i} from node 1 to {mapped}: {e:#}"));
+        assert_eq!(peer, mapped, "TCP {i}: the connected socket's peer");
+        assert!(names.contains(&body.trim().to_owned()), "TCP {i}: {body:?}");
+
+        let (connected, unconnected) = in_netns(&node, || -> std::io::Result<_> {
+            let socket = UdpSocket::bind("[::]:0")?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            let mut buf = [0u8; 256];
+            socket.send_to(b"ping", mapped)?;
+            let (n, from) = socket.recv_from(&mut buf)?;
+            let unconnected = (from, String::from_utf8_lossy(&buf[..n]).into_owned());
+            socket.connect(mapped)?;
+            socket.send(b"ping")?;
+            let n = socket.recv(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), unconnected))
+        })
+        .expect("entering node 1")
+        .unwrap_or_else(|e| panic!("UDP {i} from node 1 to {mapped}: {e}"));
+        assert_eq!(
+            unconnected.0, mapped,
+            "unconnected UDP {i}: the answer's source"
+        );
+        assert!(
+            names.contains(&unconnected.1),
+            "unconnected UDP {i}: {unconnected:?}"
+        );
+        assert!(
+            names.contains(&connected),
+            "connected UDP {i}: {connected:?}"
         );
     }
 }
