@@ -397,7 +397,9 @@ fn delete_unchanged(tables: &Tables, doomed: &[Doomed], st: &mut PassStats) -> i
     let ct = &tables.ct;
     let fd = raw_fd(ct);
     let mut chunk: Vec<CtKey4> = Vec::with_capacity(RECHECK_CHUNK + 2);
+    let mut snat_chunk: Vec<CtKey4> = Vec::new();
     let mut keep: [CtKey4; 2] = [CtKey4::default(); 2];
+    let mut keep_snat: [bool; 2] = [false; 2];
     for d in doomed {
         let mut present = 0;
         let mut moved = false;
@@ -405,6 +407,7 @@ fn delete_unchanged(tables: &Tables, doomed: &[Doomed], st: &mut PassStats) -> i
             match lookup(fd, k)? {
                 Some(v) if expect.holds(&v) => {
                     keep[present] = *k;
+                    keep_snat[present] = v.flags & CT_F_SNAT != 0;
                     present += 1;
                 }
                 Some(_) => {
@@ -426,15 +429,39 @@ fn delete_unchanged(tables: &Tables, doomed: &[Doomed], st: &mut PassStats) -> i
             Why::Purged => st.purged += present as u64,
         }
         chunk.extend_from_slice(&keep[..present]);
+        snat_chunk.extend(
+            keep[..present]
+                .iter()
+                .zip(keep_snat)
+                .filter(|(_, snat)| *snat)
+                .map(|(k, _)| *k),
+        );
         if chunk.len() >= RECHECK_CHUNK {
-            st.deleted += delete(ct, &chunk)?;
-            chunk.clear();
+            delete_flows(tables, &mut chunk, &mut snat_chunk, st)?;
         }
     }
-    st.deleted += delete(ct, &chunk)?;
-    // A SNATed flow's `VIPX_SNAT4` entries stay: its conntrack reply entry was the port's lock,
-    // so the port is free now, and a new flow that takes it overwrites them. Deleting them here,
-    // after the fact, could delete the entries of that new flow.
+    delete_flows(tables, &mut chunk, &mut snat_chunk, st)
+}
+
+/// Deletes conntrack entries `keys`, the `VIPX_SNAT4` entries of the SNATed ones among them
+/// (`snat_keys`) first. A SNATed flow's conntrack reply entry is its port's lock: while it
+/// stands no other flow can own the port, so its SNAT entries are surely this flow's; once it
+/// goes, a new flow may take the port and write entries that must stay. Left behind, they
+/// would fill the map and push live flows' entries out of its LRU.
+fn delete_flows(
+    tables: &Tables,
+    keys: &mut Vec<CtKey4>,
+    snat_keys: &mut Vec<CtKey4>,
+    st: &mut PassStats,
+) -> io::Result<()> {
+    if let Some(snat) = &tables.snat
+        && !snat_keys.is_empty()
+    {
+        delete(snat, snat_keys)?;
+    }
+    snat_keys.clear();
+    st.deleted += delete(&tables.ct, keys)?;
+    keys.clear();
     Ok(())
 }
 
@@ -623,6 +650,11 @@ pub fn pass_with_pause(
                 }
             }
             let Some(partner) = ids.partner(k, v) else {
+                // The node program locks a SNAT port with the reply entry before it writes the
+                // SNAT entries that name the partner: a moment without them is not staleness.
+                if v.flags & CT_F_SNAT != 0 && idle(now, v.seen) < SNAT_SETTLE {
+                    continue;
+                }
                 doom(Why::Stale, &[(*k, Expect::Same(*v))]);
                 continue;
             };
@@ -680,6 +712,9 @@ pub fn pass_with_pause(
 
 type FastMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
+/// A SNATed entry idle for less than this is not stale for lacking its SNAT entries yet.
+const SNAT_SETTLE: Duration = Duration::from_secs(2);
 
 /// Candidates held for pairing; about 50 bytes each with the table's overhead, so a pass over a
 /// table of 1M idle entries holds about 50 MB while it runs.

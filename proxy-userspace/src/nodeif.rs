@@ -60,6 +60,15 @@ impl NodeInterfaces {
             ebpf.take_map(map_names::NEIGHMISS4)
                 .context("map VIPX_NEIGHMISS4 missing from the object")?,
         )?;
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        if kernel_older_than(&release, (6, 7)) {
+            tracing::error!(
+                kernel = release.trim(),
+                "external traffic to a backend on another node needs Linux 6.7 (bpf_fib_lookup \
+                 with BPF_FIB_LOOKUP_SRC): on this kernel such flows are dropped and counted as \
+                 node_fib_failed; backends on this node are served"
+            );
+        }
         Ok(Self {
             attached: BTreeMap::new(),
             refused: BTreeSet::new(),
@@ -259,6 +268,19 @@ pub fn select(
         .collect()
 }
 
+/// Whether kernel `release` (`uname -r`) is older than `(major, minor)`; an unreadable release
+/// is taken as new enough.
+fn kernel_older_than(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => (a, b) < (major, minor),
+        _ => false,
+    }
+}
+
 /// `RTM_NEWNEIGH` with `NTF_USE` for `addr` on `ifindex`: the kernel starts resolving it (an
 /// entry is created if there is none) and reports nothing else.
 fn neigh_use(ifindex: u32, addr: Ipv4Addr) -> Result<()> {
@@ -279,4 +301,20 @@ fn neigh_use(ifindex: u32, addr: Ipv4Addr) -> Result<()> {
     let flags = libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE;
     netlink::Rtnl::open()?.request(RTM_NEWNEIGH, flags as u16, &body)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(kernel_older_than("6.6.58-amd64\n", (6, 7)));
+        assert!(kernel_older_than("5.15.0-1064-azure", (6, 7)));
+        assert!(!kernel_older_than("6.7.0", (6, 7)));
+        assert!(!kernel_older_than("6.18.44-fc-v595", (6, 7)));
+        assert!(!kernel_older_than("7.0-rc1", (6, 7)));
+        assert!(!kernel_older_than("", (6, 7)));
+        assert!(!kernel_older_than("garbage", (6, 7)));
+    }
 }

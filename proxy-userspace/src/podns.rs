@@ -15,6 +15,7 @@ use std::{
     net::Ipv4Addr,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -171,7 +172,15 @@ pub fn find(ifindexes: impl Iterator<Item = u32>) -> Result<HashMap<u32, PodName
                         found.insert(ifindex, ns);
                     }
                 }
-                Err(e) => tracing::debug!(path = %path.display(), "pod namespace not read: {e:#}"),
+                Err(e) => {
+                    // Said once: a missing capability fails every pod alike.
+                    static SAID: AtomicBool = AtomicBool::new(false);
+                    if !SAID.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(path = %path.display(), "pod namespace not read: {e:#}");
+                    } else {
+                        tracing::debug!(path = %path.display(), "pod namespace not read: {e:#}");
+                    }
+                }
             }
         }
     }
@@ -244,7 +253,8 @@ fn enter(file: &fs::File) -> Result<PodNamespace> {
         s.spawn(move || -> Result<PodNamespace> {
             // SAFETY: setns(2) on a descriptor we own, for this thread only.
             if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error()).context("entering the namespace");
+                return Err(std::io::Error::last_os_error())
+                    .context("entering the namespace (setns needs CAP_SYS_ADMIN)");
             }
             let cookie = crate::socklb::netns_cookie()?;
             let client = first_ipv4()?.context("the namespace has no IPv4 address yet")?;

@@ -2520,9 +2520,10 @@ fn remove_web_slot(l: &Loaded, slot: u16) {
 }
 
 /// An external flow sent on to another node's backend (DNAT + SNAT in the node program) pairs
-/// its two conntrack entries through the SNAT map: closed both ways, it goes whole (its port,
-/// locked by the reply entry, is free again; the SNAT entries stay until a new flow takes the
-/// port and overwrites them); an established one stays.
+/// its two conntrack entries through the SNAT map: closed both ways, it goes whole with its SNAT
+/// entries (its port, locked by the reply entry, is free again; SNAT entries left behind would
+/// fill the map and push live flows' out of its LRU); an established one stays; a reply entry
+/// just written, whose SNAT entries the node program has not written yet, is not stale.
 #[test]
 fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
     use proxy_common::{CT_F_SNAT, SnatValue4};
@@ -2569,6 +2570,18 @@ fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
         snat.insert(fwd(p), leave_as, 0).unwrap();
         snat.insert(rep(p), client, 0).unwrap();
     }
+    // A port just locked (the node program is between the two inserts).
+    let young = ct_key(BE1, 5000, NODE, 61_999, IPPROTO_TCP);
+    ct.insert(
+        young,
+        CtValue {
+            flags: CT_F_REPLY | CT_F_SNAT,
+            seen: now,
+            ..ids
+        },
+        0,
+    )
+    .unwrap();
     let timeouts = Timeouts {
         tcp_established: Duration::from_secs(1000),
         tcp_close_wait: Duration::from_secs(100),
@@ -2582,7 +2595,15 @@ fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
     let in_snat = |k: &CtKey4| tables.snat.as_ref().unwrap().get(k, 0).is_ok();
     for k in [fwd(50001), rep(50001)] {
         assert!(!in_ct(&k), "closed SNAT flow left {k:?} ({st:?})");
+        assert!(
+            !in_snat(&k),
+            "closed SNAT flow left its SNAT entry {k:?} ({st:?})"
+        );
     }
+    assert!(
+        in_ct(&young),
+        "a port being locked was taken for stale ({st:?})"
+    );
     for k in [fwd(50002), rep(50002)] {
         assert!(
             in_ct(&k) && in_snat(&k),

@@ -156,6 +156,10 @@ struct Args {
     /// How the services pick backends (`maglev` or `hash`); a SYN's cost depends on it.
     #[arg(long, default_value = "maglev", value_parser = lb_algorithm_arg)]
     lb_algorithm: LbAlgorithm,
+    /// Only these cases (comma-separated names, e.g. `node_established`), beside the floors:
+    /// for profiling one path (`perf record -a` around the run) [default: every case].
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn lb_algorithm_arg(s: &str) -> Result<LbAlgorithm, String> {
@@ -609,6 +613,7 @@ fn packet(a: Args) -> Result<()> {
                 ),
             ];
             let verdict = |prog: &str| if prog == node { XDP_PASS } else { TC_NEXT };
+            let wanted = |case: &str| a.only.is_empty() || a.only.iter().any(|o| o == case);
             // Each case must take the path it is named after on every iteration.
             for (case, prog, pkt, stat) in &cases {
                 let before = loader::read_stats(&ebpf)?;
@@ -649,12 +654,17 @@ fn packet(a: Args) -> Result<()> {
                     a.repeat,
                     TC_ACT_OK,
                 )?);
-                for (i, (_, prog, pkt, _)) in cases.iter().enumerate() {
-                    samples[i].push(run(&mut ebpf, prog, pkt, a.repeat, verdict(prog))?);
+                for (i, (case, prog, pkt, _)) in cases.iter().enumerate() {
+                    if wanted(case) {
+                        samples[i].push(run(&mut ebpf, prog, pkt, a.repeat, verdict(prog))?);
+                    }
                 }
             }
             let floor_ns = median(&mut floor.clone());
             for (i, (case, _, _, _)) in cases.iter().enumerate() {
+                if !wanted(case) {
+                    continue;
+                }
                 let ns = median(&mut samples[i].clone());
                 rows.push(Row {
                     services: n,
@@ -673,6 +683,9 @@ fn packet(a: Args) -> Result<()> {
             let mut distinct = Vec::new();
             let mut floor_single = Vec::new();
             for rep in 0..a.reps {
+                if !wanted("new_flow_distinct") {
+                    break;
+                }
                 let src = [198, 18, 201, rep as u8];
                 let (mut sum, mut sum_floor) = (0.0, 0.0);
                 for k in 0..DISTINCT_FLOWS {
@@ -683,25 +696,27 @@ fn packet(a: Args) -> Result<()> {
                 distinct.push(sum / f64::from(DISTINCT_FLOWS));
                 floor_single.push(sum_floor / f64::from(DISTINCT_FLOWS));
             }
-            let single_ns = median(&mut floor_single.clone());
-            rows.push(Row {
-                services: n,
-                backends_per_service: a.backends,
-                case: "new_flow_distinct",
-                ns_per_packet: median(&mut distinct.clone()),
-                floor_ns: single_ns,
-                ratio_to_floor: median(&mut distinct.clone()) / single_ns,
-                samples_ns: distinct,
-            });
-            rows.push(Row {
-                services: n,
-                backends_per_service: a.backends,
-                case: "floor_xdp_single_run",
-                ns_per_packet: single_ns,
-                floor_ns: single_ns,
-                ratio_to_floor: 1.0,
-                samples_ns: floor_single,
-            });
+            if !distinct.is_empty() {
+                let single_ns = median(&mut floor_single.clone());
+                rows.push(Row {
+                    services: n,
+                    backends_per_service: a.backends,
+                    case: "new_flow_distinct",
+                    ns_per_packet: median(&mut distinct.clone()),
+                    floor_ns: single_ns,
+                    ratio_to_floor: median(&mut distinct.clone()) / single_ns,
+                    samples_ns: distinct,
+                });
+                rows.push(Row {
+                    services: n,
+                    backends_per_service: a.backends,
+                    case: "floor_xdp_single_run",
+                    ns_per_packet: single_ns,
+                    floor_ns: single_ns,
+                    ratio_to_floor: 1.0,
+                    samples_ns: floor_single,
+                });
+            }
             let tc_ns = median(&mut floor_tc.clone());
             rows.push(Row {
                 services: n,
