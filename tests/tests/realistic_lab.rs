@@ -2706,6 +2706,53 @@ fn session_affinity_holds_for_external_clients_through_every_node() {
             node.index
         );
     }
+    // Per client, not one backend for everyone: ten more client addresses on the external
+    // machine, each sticking to its pod over fresh UDP sockets, not all to the same one (all ten
+    // on one pod of three by chance: 5 in 100,000).
+    let clients: Vec<Ipv4Addr> = (101..=110).map(|h| Ipv4Addr::new(198, 18, 0, h)).collect();
+    for ip in &clients {
+        vipx_lab::netns::ip_in(&ext, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+            .expect("adding a client address");
+    }
+    for node in &nodes {
+        let to = SocketAddr::from((node.ip, NODE_PORT));
+        let mut chosen = std::collections::BTreeSet::new();
+        for ip in &clients {
+            let ask = |wait: Duration| {
+                in_netns(&ext, || -> std::io::Result<String> {
+                    let socket = UdpSocket::bind((*ip, 0))?;
+                    socket.set_read_timeout(Some(wait))?;
+                    socket.connect(to)?;
+                    socket.send(b"ping")?;
+                    let mut buf = [0u8; 256];
+                    let n = socket.recv(&mut buf)?;
+                    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+                })
+                .expect("entering the external client")
+            };
+            let answers: std::collections::BTreeSet<String> = (0..3)
+                .map(|i| {
+                    // A new client's first answer may be dropped while the node resolves the
+                    // client's address (as a resolver would, the client asks again).
+                    ask(Duration::from_millis(500))
+                        .or_else(|_| ask(TIMEOUT))
+                        .unwrap_or_else(|e| panic!("UDP {i} from {ip} to {to}: {e}"))
+                })
+                .collect();
+            assert_eq!(
+                answers.len(),
+                1,
+                "client {ip} through node {}: {answers:?}",
+                node.index
+            );
+            chosen.extend(answers);
+        }
+        assert!(
+            chosen.len() > 1,
+            "ten clients through node {} all reached {chosen:?}",
+            node.index
+        );
+    }
 }
 
 /// A dual-stack (AF_INET6) socket on the node dialling a ClusterIP through its v4-mapped form
