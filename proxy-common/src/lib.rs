@@ -563,12 +563,15 @@ pub enum Stat {
     /// External packets dropped: the kernel's FIB gave no way to their backend or client that
     /// XDP can take (no route, or through a tunnel or lightweight-tunnel route).
     NodeFibFailed,
+    /// External packets the node program would forward with a TTL of 1 or 0, dropped as a router
+    /// drops them (no ICMP "time exceeded" is sent).
+    NodeTtlExceeded,
 }
 
 pub const STATS_LEN: u32 = 64;
 
 impl Stat {
-    pub const ALL: [Stat; 38] = [
+    pub const ALL: [Stat; 39] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -607,6 +610,7 @@ impl Stat {
         Stat::NodeNoPort,
         Stat::SourceRangeDropped,
         Stat::NodeFibFailed,
+        Stat::NodeTtlExceeded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -649,6 +653,7 @@ impl Stat {
             Stat::NodeNoPort => "node_no_port",
             Stat::SourceRangeDropped => "source_range_dropped",
             Stat::NodeFibFailed => "node_fib_failed",
+            Stat::NodeTtlExceeded => "node_ttl_exceeded",
         }
     }
 }

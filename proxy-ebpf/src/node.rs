@@ -58,6 +58,9 @@ static SRCRANGE4: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(defaults::SRCRANGE4_ENT
 static NEIGHMISS4: LruHashMap<[u8; 4], u32> =
     LruHashMap::with_max_entries(defaults::NEIGHMISS4_ENTRIES, 0);
 
+/// The IPv4 header's TTL (the protocol follows it).
+const IP_TTL_OFF: usize = 8;
+
 /// SNAT ports tried for one new flow before it is dropped: with the range a fraction f busy, a
 /// new flow fails with probability f^32 (0.1% at f = 0.8), where 8 tries gave 17%.
 const SNAT_TRIES: u32 = 32;
@@ -585,10 +588,29 @@ fn fib_failed(ctx: &XdpContext, rc: i64, fib: &FibParams) -> u32 {
     xdp_action::XDP_DROP
 }
 
-/// Rewrite addresses, ports and MACs, then transmit: back out of the interface it came in on,
-/// or redirected to the one the route names.
+/// Rewrite addresses, ports and MACs and take one off the TTL, as the router the node is here,
+/// then transmit: back out of the interface it came in on, or redirected to the one the route
+/// names.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, p: &Pkt, nat: &Nat, fib: &FibParams) -> u32 {
+    let Some(ip) = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: bounds checked by ptr_at; the packet is ours to write.
+    let ip = unsafe { &mut *ip };
+    let ttl = ip[IP_TTL_OFF];
+    if ttl <= 1 {
+        count(Stat::NodeTtlExceeded);
+        return xdp_action::XDP_DROP;
+    }
+    // TTL and protocol share a 16-bit word of the header sum.
+    let ip_csum = csum_replace2(
+        [ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]],
+        [ttl, ip[IP_TTL_OFF + 1]],
+        [ttl - 1, ip[IP_TTL_OFF + 1]],
+    );
+    ip[IP_TTL_OFF] = ttl - 1;
+    ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum);
     if write_nat(ctx, p, nat).is_none() {
         return xdp_action::XDP_DROP;
     }

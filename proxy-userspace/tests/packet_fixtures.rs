@@ -2865,6 +2865,9 @@ fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
     const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
     const NODE: [u8; 4] = [198, 18, 0, 2];
     const XDP_TX: u32 = 3;
+    const XDP_DROP: u32 = 1;
+    // The IPv4 TTL's offset in a frame.
+    const IP_TTL: usize = 14 + 8;
     let ns = FibNs::create();
     let ifindex = ns.ifindex("fx0");
     assert_ne!(ifindex, 0);
@@ -2898,6 +2901,8 @@ fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
             (NODE, BE1, bport),
             "{what}"
         );
+        // Forwarded as a router would: one off the TTL (64), the header sum checked by inspect.
+        assert_eq!(out[IP_TTL], 63, "{what}: TTL");
         assert!(
             (proxy_common::SNAT_PORT_MIN..=proxy_common::SNAT_PORT_MAX).contains(&seen.sport),
             "{what}: SNAT port {}",
@@ -2925,7 +2930,14 @@ fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
             "{what}: answer restored"
         );
         assert_eq!(macs(&out).0, FIB_CLIENT_MAC, "{what}: to the client");
+        assert_eq!(out[IP_TTL], 63, "{what}: answer's TTL");
     }
     assert_eq!(stat(&l, Stat::NodeNewRemote), 2);
     assert_eq!(stat(&l, Stat::NodeTranslated), 2);
+    // A packet that would leave with a TTL of 0 is dropped, as a router drops it.
+    let mut spent = frame(EXTERNAL, 50001, VIP, 80, &SYN, &[]);
+    spent[IP_TTL] = 1;
+    let (v, _) = run_xdp(&mut l, &spent);
+    assert_eq!(v, XDP_DROP, "TTL 1");
+    assert_eq!(stat(&l, Stat::NodeTtlExceeded), 1);
 }
