@@ -2815,3 +2815,61 @@ fn the_node_itself_reaches_a_cluster_ip_through_a_dual_stack_socket() {
         );
     }
 }
+
+/// An idle external connection sent on to another node's pod (SNAT) outlives a churn of many
+/// more short connections than the SNAT map holds: the collector frees a closed flow's SNAT
+/// entries with its conntrack entries, so the map holds live flows only and the LRU never has
+/// to push out the idle one's (which would leave its answers untranslatable).
+#[test]
+fn an_idle_snat_connection_outlives_a_churn_larger_than_the_snat_map() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_084;
+    const ENTRIES: usize = 4096;
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    lab.service_spec(ServiceSpec {
+        node_port: Some(NODE_PORT),
+        ..spec("churn", VIP_A, pod_endpoints(&[&pod]))
+    });
+    lab.start_vipx(&[1]);
+    lab.start_vipx_with(
+        &[2],
+        &[
+            "--max-conntrack",
+            &ENTRIES.to_string(),
+            "--conntrack-gc-interval",
+            "200ms",
+            "--conntrack-tcp-timeout-closed",
+            "1s",
+        ],
+    );
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    let node2 = lab.cluster.node(2).clone();
+    lab.vipx[1]
+        .wait_programmed(&format!("{}:{NODE_PORT}/TCP", node2.ip), READY, |_| true)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let ext = lab.cluster.external();
+    let to = SocketAddr::from((node2.ip, NODE_PORT));
+    // The first SYN may wait for node 2 to resolve node 1.
+    let mut idle = vipx_lab::KeepAlive::connect_timeout(&ext, to, Duration::from_secs(5))
+        .expect("keep-alive connection through node 2");
+    assert_eq!(idle.request().expect("first request").trim(), pod.name);
+    // Each short flow takes a SNAT entry of its own (its client's port) and one of its SNAT
+    // port's: about three times the map.
+    for i in 0..ENTRIES * 2 {
+        http_get(&ext, to, TIMEOUT)
+            .unwrap_or_else(|e| panic!("short connection {i}: {e:#}\n{}", datapath_events(&lab)));
+    }
+    assert_eq!(
+        idle.request()
+            .unwrap_or_else(|e| panic!(
+                "the idle connection after the churn: {e:#}\n{}",
+                datapath_events(&lab)
+            ))
+            .trim(),
+        pod.name
+    );
+}
