@@ -2418,7 +2418,7 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
 
     lab.service_spec(ServiceSpec {
         source_ranges: vec!["198.18.1.0/24".into()],
-        ..allowed
+        ..allowed.clone()
     });
     let ext = lab.cluster.external();
     poll(
@@ -2443,6 +2443,45 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     );
     // The node port of the same Service is not restricted.
     assert_external_answers(&lab, node_port, &pod.name);
+
+    // Under externalTrafficPolicy Local the LoadBalancer IP is served through its external view
+    // (a frontend of its own): the ranges hold there too, both ways.
+    lab.service_spec(ServiceSpec {
+        source_ranges: vec!["198.18.1.0/24".into()],
+        external_local: true,
+        ..allowed.clone()
+    });
+    lab.vipx[0]
+        .wait_programmed(
+            &format!("{LB_IP}:{SERVICE_PORT}/TCP+external"),
+            READY,
+            |_| true,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let dropped = |lab: &Lab| {
+        let m = node_metrics(lab, 1);
+        vipx_lab::metric_sample(
+            &m,
+            "vipx_datapath_events_total{reason=\"source_range_dropped\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = dropped(&lab);
+    assert!(
+        http_get(&ext, lb, Duration::from_millis(500)).is_err(),
+        "a client outside the ranges reached the Local LoadBalancer IP"
+    );
+    assert!(dropped(&lab) > before, "{}", datapath_events(&lab));
+    lab.service_spec(ServiceSpec {
+        external_local: true,
+        ..allowed
+    });
+    poll(
+        READY,
+        "the Local LoadBalancer IP to serve its range",
+        || http_get(&ext, lb, Duration::from_millis(500)).is_ok(),
+    );
+    assert_external_answers(&lab, lb, &pod.name);
 }
 
 /// A restart keeps external connections: the node program's XDP and egress links are adopted
@@ -2614,8 +2653,10 @@ fn socket_lb_all_serves_this_nodes_pods_and_no_others() {
             "UDP {i}: the backend sees the pod's own address"
         );
     }
+    // Every one of them: 20 TCP connections, the node port's and the UDP requests (the pod
+    // program would serve them as well, so only the count tells who did).
     assert!(
-        event(&lab, 1, "sock_translated") >= translated + 20.0 + REQUESTS as f64,
+        event(&lab, 1, "sock_translated") >= translated + 21.0 + REQUESTS as f64,
         "node 1's socket programs translated the pod's connections: {}",
         datapath_events(&lab)
     );
