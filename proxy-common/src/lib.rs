@@ -102,6 +102,8 @@ pub mod prog_names {
     /// XDP on the node's external interfaces: node ports, LoadBalancer and external IPs for
     /// clients outside the cluster.
     pub const NODE_XDP: &str = "vipx_node_xdp";
+    /// The same program at TC ingress, where native XDP cannot attach.
+    pub const NODE_TC: &str = "vipx_node_tc";
 }
 
 /// Default map sizes; userspace overrides them from config before load.

@@ -19,13 +19,14 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC,
         bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{LpmTrie, LruHashMap, lpm_trie::Key as LpmKey},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
@@ -120,12 +121,125 @@ struct Nat {
 
 /// The interface the packet came in on.
 #[inline(always)]
-fn ingress(ctx: &XdpContext) -> u32 {
-    ctx.ingress_ifindex() as u32
+fn ingress<C: Frame>(ctx: &C) -> u32 {
+    ctx.ingress()
+}
+
+/// What the pipeline decided; the hook carries it out.
+#[derive(Clone, Copy)]
+enum Act {
+    /// On to the stack (what is not ours, or DNATed to a pod on this node).
+    Pass,
+    Drop,
+    /// Back out of the interface it came in on.
+    Tx,
+    /// Out of another interface.
+    Redirect(u32),
+}
+
+/// The packet under a hook: XDP, or TC ingress where native XDP cannot attach. Both give
+/// direct access to the frame from its Ethernet header; they differ in how a rewrite keeps the
+/// L4 checksum right.
+trait Frame: EbpfContext {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn ingress(&self) -> u32;
+    /// Write `nat`'s addresses and ports, with the IPv4 and L4 checksums updated.
+    fn write_nat(&self, p: &Pkt, nat: &Nat) -> Option<()>;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn ingress(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn write_nat(&self, p: &Pkt, nat: &Nat) -> Option<()> {
+        write_nat_finished(self, p, nat)
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn ingress(&self) -> u32 {
+        // SAFETY: the hook's own context, readable in a TC program.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+
+    /// The IPv4 header's sum is always whole: updated in place. The L4 sum goes through the
+    /// kernel's helper, which knows how the skb carries it: a partial sum (the pseudo header
+    /// only) takes the address changes and not the port changes, a complete one also has
+    /// `skb->csum` adjusted. A UDP sum of 0 stays 0.
+    #[inline(always)]
+    fn write_nat(&self, p: &Pkt, nat: &Nat) -> Option<()> {
+        let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(self, ETH_HLEN)?;
+        let ports = ptr_at::<[u8; 4]>(self, p.l4_off)?;
+        // SAFETY: bounds checked by ptr_at after the last helper call that could move packet
+        // data; TC programs may write packet data directly.
+        unsafe {
+            let ip = &mut *ip;
+            let ports = &mut *ports;
+            let mut ip_csum = [ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]];
+            ip_csum = csum_replace4(ip_csum, p.saddr, nat.saddr);
+            ip_csum = csum_replace4(ip_csum, p.daddr, nat.daddr);
+            ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr);
+            ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr);
+            ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum);
+            ports[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport);
+            ports[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport);
+        }
+        let (csum_off, mangled0) = if p.proto == IPPROTO_TCP {
+            (p.l4_off + TCP_CSUM_OFF, 0)
+        } else {
+            (p.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+        };
+        let addr = |from: [u8; 4], to: [u8; 4]| {
+            self.l4_csum_replace(
+                csum_off,
+                u64::from(u32::from_ne_bytes(from)),
+                u64::from(u32::from_ne_bytes(to)),
+                BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
+            )
+        };
+        let port = |from: [u8; 2], to: [u8; 2]| {
+            self.l4_csum_replace(
+                csum_off,
+                u64::from(u16::from_ne_bytes(from)),
+                u64::from(u16::from_ne_bytes(to)),
+                mangled0 | 2,
+            )
+        };
+        addr(p.saddr, nat.saddr).ok()?;
+        addr(p.daddr, nat.daddr).ok()?;
+        port(p.sport, nat.sport).ok()?;
+        port(p.dport, nat.dport).ok()?;
+        Some(())
+    }
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+fn ptr_at<T>(ctx: &impl Frame, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -136,7 +250,7 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 
 /// IPv4 TCP/UDP, not a fragment, with its L4 header whole; anything else is not for this program.
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Option<Pkt> {
+fn parse<C: Frame>(ctx: &C) -> Option<Pkt> {
     let ethertype = ptr_at::<[u8; 2]>(ctx, 12)?;
     // SAFETY: bounds checked by ptr_at.
     if u16::from_be_bytes(unsafe { *ethertype }) != ETH_P_IP {
@@ -175,14 +289,47 @@ fn parse(ctx: &XdpContext) -> Option<Pkt> {
 
 #[xdp]
 pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
+    match node(&ctx) {
+        Act::Pass => xdp_action::XDP_PASS,
+        Act::Drop => xdp_action::XDP_DROP,
+        Act::Tx => xdp_action::XDP_TX,
+        // SAFETY: plain helper call.
+        Act::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+    }
+}
+
+/// The same work at TC ingress, for interfaces where native XDP cannot attach: the kernel's
+/// checksum helpers keep partial (`CHECKSUM_PARTIAL`) and complete (`CHECKSUM_COMPLETE`) sums
+/// right, which generic XDP cannot. "Back out" is a redirect to the interface's own egress.
+#[classifier]
+pub fn vipx_node_tc(ctx: TcContext) -> i32 {
+    // Headers beyond the linear part (GRO, some drivers): pulled in once, as the pod program
+    // does.
+    let want = ETH_HLEN + 60 + TCP_MIN_HLEN;
+    let linear = ctx.data_end() - ctx.data();
+    if linear < want && (ctx.len() as usize) > linear {
+        let _ = ctx.pull_data(want.min(ctx.len() as usize) as u32);
+    }
+    match node(&ctx) {
+        Act::Pass => TC_ACT_UNSPEC,
+        Act::Drop => TC_ACT_SHOT,
+        // SAFETY: plain helper calls; redirecting to a device's egress from its ingress.
+        Act::Tx => unsafe { bpf_redirect(Frame::ingress(&ctx), 0) as i32 },
+        Act::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+    }
+}
+
+/// The node pipeline, whichever hook runs it.
+#[inline(always)]
+fn node<C: Frame>(ctx: &C) -> Act {
     count(Stat::NodePackets);
-    let Some(p) = parse(&ctx) else {
-        return xdp_action::XDP_PASS;
+    let Some(p) = parse(ctx) else {
+        return Act::Pass;
     };
     // An answer to a flow this node sent to another node's backend: back to its client.
     let dport = u16::from_be_bytes(p.dport);
     if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dport)
-        && let Some(verdict) = snat_reply(&ctx, &p)
+        && let Some(verdict) = snat_reply(ctx, &p)
     {
         return verdict;
     }
@@ -192,7 +339,7 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
     let mut svc_key = SvcKey4::from_wire(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
         // Not a port of a frontend on this address: the stack answers as it would.
-        return xdp_action::XDP_PASS;
+        return Act::Pass;
     };
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let mut svc = unsafe { *svc };
@@ -201,14 +348,14 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
         svc_key.proto |= PROTO_EXTERNAL_VIEW;
         let Some(view) = SVC4.get_ptr(svc_key) else {
             count(Stat::NoBackend);
-            return xdp_action::XDP_DROP;
+            return Act::Drop;
         };
         // SAFETY: value pointer from a successful lookup; copied out at once.
         svc = unsafe { *view };
     }
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.rev_nat_id, p.saddr) {
         count(Stat::SourceRangeDropped);
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     let syn = p.proto == IPPROTO_TCP && is_tcp_syn(p.tcp_flags);
     let ct_key = p.ct_key();
@@ -226,7 +373,7 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
             ct_touch(entry, &ct, p.ct_state());
             count(Stat::NodeTranslated);
             if ct.flags & CT_F_SNAT == 0 {
-                return to_local(&ctx, &p, &b);
+                return to_local(ctx, &p, &b);
             }
             if let Some(s) = SNAT4.get_ptr(ct_key) {
                 // SAFETY: value pointer from a successful lookup; copied out at once.
@@ -260,26 +407,26 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
                             daddr: b.addr,
                             dport: b.port,
                         };
-                        return send_on(&ctx, &p, &nat);
+                        return send_on(ctx, &p, &nat);
                     }
                 }
             }
         }
     }
-    new_flow(&ctx, &p, svc_key, &svc, ct_key)
+    new_flow(ctx, &p, svc_key, &svc, ct_key)
 }
 
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key: CtKey4) -> u32 {
+fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key: CtKey4) -> Act {
     if svc.count == 0 {
         count(Stat::NoBackend);
         if svc.flags & SVC_F_REJECT != 0 && svc.flags & SVC_F_NODE_PORT != 0 {
             // No endpoints at all: kube-proxy rejects. On a node address nothing listens on
             // the port, so the stack answers (TCP reset, ICMP port unreachable). An LB or
             // external IP is not the node's: the stack would forward it on, so it is dropped.
-            return xdp_action::XDP_PASS;
+            return Act::Pass;
         }
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     // A FIN or RST that found no entry (the flow ended, was collected, never existed): it must
     // not leave entries behind. To a local backend it is translated untracked, as the pod
@@ -288,7 +435,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
     if !closing && !flood_allows(p.saddr) {
         // The client retransmits a dropped SYN; by then its window may have room again.
         count(Stat::FloodDropped);
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
     let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
@@ -326,7 +473,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
     });
     let Some((backend_id, b)) = chosen else {
         count(Stat::NoBackend);
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     };
     if affinity && !closing {
         remember_affinity(
@@ -351,7 +498,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         if b.flags & BACKEND_F_LOCAL != 0 {
             return to_local(ctx, p, &b);
         }
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     if b.flags & BACKEND_F_LOCAL != 0 {
         let reply_key = CtKey4 {
@@ -370,7 +517,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
         // not be restored.
         if ct_put(&reply_key, &reply).is_err() {
             count(Stat::CtInsertFailed);
-            return xdp_action::XDP_DROP;
+            return Act::Drop;
         }
         let _ = ct_put(&ct_key, &fwd);
         count(Stat::NodeNewLocal);
@@ -443,7 +590,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
     }
     if port == 0 {
         count(Stat::NodeNoPort);
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     let nat = Nat {
         saddr: src,
@@ -453,7 +600,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
     };
     if SNAT4.insert(reply_key, client, 0).is_err() || ct_put(&reply_key, &reply).is_err() {
         count(Stat::CtInsertFailed);
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     let leave_as = SnatValue4 {
         addr: src,
@@ -462,7 +609,7 @@ fn new_flow(ctx: &XdpContext, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key:
     };
     if SNAT4.insert(ct_key, leave_as, 0).is_err() {
         count(Stat::CtInsertFailed);
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     let _ = ct_put(
         &ct_key,
@@ -496,7 +643,7 @@ fn snat_client(reply_key: &CtKey4) -> Option<SnatValue4> {
 /// An answer from another node's backend to a port this node translated a client's flow to.
 /// `None`: not one (the packet goes on through the program).
 #[inline(always)]
-fn snat_reply(ctx: &XdpContext, p: &Pkt) -> Option<u32> {
+fn snat_reply<C: Frame>(ctx: &C, p: &Pkt) -> Option<Act> {
     let key = p.ct_key();
     let entry = CT4.get_ptr_mut(key)?;
     // SAFETY: value pointer from a successful lookup; copied out at once.
@@ -521,17 +668,17 @@ fn snat_reply(ctx: &XdpContext, p: &Pkt) -> Option<u32> {
 
 /// DNAT to a backend on this node; the stack delivers it.
 #[inline(always)]
-fn to_local(ctx: &XdpContext, p: &Pkt, b: &Backend4) -> u32 {
+fn to_local<C: Frame>(ctx: &C, p: &Pkt, b: &Backend4) -> Act {
     let nat = Nat {
         saddr: p.saddr,
         sport: p.sport,
         daddr: b.addr,
         dport: b.port,
     };
-    if write_nat(ctx, p, &nat).is_none() {
-        return xdp_action::XDP_DROP;
+    if ctx.write_nat(p, &nat).is_none() {
+        return Act::Drop;
     }
-    xdp_action::XDP_PASS
+    Act::Pass
 }
 
 #[inline(always)]
@@ -549,7 +696,7 @@ fn fib_params(p: &Pkt, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> FibParams {
 
 /// Rewrite per `nat` and send the packet where the kernel's FIB says `nat.daddr` lives.
 #[inline(always)]
-fn send_on(ctx: &XdpContext, p: &Pkt, nat: &Nat) -> u32 {
+fn send_on<C: Frame>(ctx: &C, p: &Pkt, nat: &Nat) -> Act {
     let mut fib = fib_params(p, nat.saddr, nat.daddr, ingress(ctx));
     // SAFETY: plain helper call with parameters we own.
     let rc = unsafe {
@@ -568,7 +715,7 @@ fn send_on(ctx: &XdpContext, p: &Pkt, nat: &Nat) -> u32 {
 
 /// No way out yet: record a next hop that needs resolving, and drop (the client retransmits).
 #[inline(always)]
-fn fib_failed(ctx: &XdpContext, rc: i64, fib: &FibParams) -> u32 {
+fn fib_failed<C: Frame>(ctx: &C, rc: i64, fib: &FibParams) -> Act {
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // SAFETY: the kernel left the next hop in `ipv4_dst`.
         let nexthop = unsafe { fib.__bindgen_anon_4.ipv4_dst }.to_ne_bytes();
@@ -585,23 +732,23 @@ fn fib_failed(ctx: &XdpContext, rc: i64, fib: &FibParams) -> u32 {
         // No route, or one XDP cannot follow (a tunnel, a lightweight-tunnel route).
         count(Stat::NodeFibFailed);
     }
-    xdp_action::XDP_DROP
+    Act::Drop
 }
 
 /// Rewrite addresses, ports and MACs and take one off the TTL, as the router the node is here,
 /// then transmit: back out of the interface it came in on, or redirected to the one the route
 /// names.
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, p: &Pkt, nat: &Nat, fib: &FibParams) -> u32 {
+fn rewrite<C: Frame>(ctx: &C, p: &Pkt, nat: &Nat, fib: &FibParams) -> Act {
     let Some(ip) = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN) else {
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     };
     // SAFETY: bounds checked by ptr_at; the packet is ours to write.
     let ip = unsafe { &mut *ip };
     let ttl = ip[IP_TTL_OFF];
     if ttl <= 1 {
         count(Stat::NodeTtlExceeded);
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     }
     // TTL and protocol share a 16-bit word of the header sum.
     let ip_csum = csum_replace2(
@@ -611,21 +758,20 @@ fn rewrite(ctx: &XdpContext, p: &Pkt, nat: &Nat, fib: &FibParams) -> u32 {
     );
     ip[IP_TTL_OFF] = ttl - 1;
     ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum);
-    if write_nat(ctx, p, nat).is_none() {
-        return xdp_action::XDP_DROP;
+    if ctx.write_nat(p, nat).is_none() {
+        return Act::Drop;
     }
     let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
-        return xdp_action::XDP_DROP;
+        return Act::Drop;
     };
     // SAFETY: bounds checked by ptr_at.
     let eth = unsafe { &mut *eth };
     eth[..6].copy_from_slice(&fib.dmac);
     eth[6..].copy_from_slice(&fib.smac);
     if fib.ifindex == ingress(ctx) {
-        return xdp_action::XDP_TX;
+        return Act::Tx;
     }
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+    Act::Redirect(fib.ifindex)
 }
 
 /// Write the addresses and ports of `nat` into the packet with the IPv4 and L4 checksums updated
@@ -633,7 +779,7 @@ fn rewrite(ctx: &XdpContext, p: &Pkt, nat: &Nat, fib: &FibParams) -> u32 {
 /// (none) stays 0. Every field is written, changed or not: no branches, and the same work
 /// whatever the rewrite (replacing a value by itself leaves a sum as it was).
 #[inline(always)]
-fn write_nat(ctx: &XdpContext, p: &Pkt, nat: &Nat) -> Option<()> {
+fn write_nat_finished<C: Frame>(ctx: &C, p: &Pkt, nat: &Nat) -> Option<()> {
     let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
     let csum_off = if p.proto == IPPROTO_TCP {
         TCP_CSUM_OFF

@@ -244,9 +244,10 @@ struct RunArgs {
     /// holding the node port addresses, but loopback and pod interfaces].
     #[arg(long, value_delimiter = ',')]
     node_interfaces: Vec<String>,
-    /// XDP mode on the node's interfaces: `native` (in the driver; generic where the driver has
-    /// none) or `generic` (in the stack, on every driver).
-    #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
+    /// How the node program meets the node's interfaces: `native` XDP (in the driver; where the
+    /// driver refuses it, TC ingress), `tc` (TC ingress only) or `generic` XDP (in the stack, on
+    /// every driver; only right for packets whose checksums are finished, see the README).
+    #[arg(long, default_value = "native", value_parser = ["native", "generic", "tc"])]
     node_xdp_mode: String,
 }
 
@@ -345,7 +346,8 @@ fn real_main() -> Result<()> {
                 cgroup_root: a.cgroup_root,
                 nodeport_addresses: settings.nodeport_addresses.clone(),
                 node_interfaces,
-                node_xdp_generic: a.node_xdp_mode == "generic",
+                node_mode: vipx::nodeif::NodeMode::parse(&a.node_xdp_mode)
+                    .expect("clap checked the value"),
             };
             // Two workers: a sync blocks its thread (1 s at 10k Services), and /healthz, /livez
             // and /metrics must answer meanwhile (probes and cloud load balancers time out).

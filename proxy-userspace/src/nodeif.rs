@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{TcAttachType, Xdp, XdpMode, links::FdLink},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink},
 };
 use proxy_common::{map_names, prog_names};
 
@@ -42,17 +42,44 @@ pub struct NodeInterfaces {
     refused: BTreeSet<String>,
     link_dir: PathBuf,
     neighmiss: HashMap<MapData, [u8; 4], u32>,
-    /// Generic XDP only (`--node-xdp-mode generic`), else native with generic as the fallback.
-    generic: bool,
+    mode: NodeMode,
+}
+
+/// How the node program meets an interface (`--node-xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeMode {
+    /// Native XDP, in the driver; where the driver refuses it, the same program at TC ingress.
+    Native,
+    /// Generic XDP (in the stack, on every driver): only right for packets with finished
+    /// checksums (see the README).
+    Generic,
+    /// TC ingress only.
+    Tc,
+}
+
+impl NodeMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "native" => Some(Self::Native),
+            "generic" => Some(Self::Generic),
+            "tc" => Some(Self::Tc),
+            _ => None,
+        }
+    }
 }
 
 impl NodeInterfaces {
     /// Verify the XDP program (the egress program is verified with the pod programs) and take the
     /// next-hop map.
-    pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, generic: bool) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, mode: NodeMode) -> Result<Self> {
         xdp(ebpf)?
             .load()
             .context("verifying the node XDP program")?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(prog_names::NODE_TC)
+            .with_context(|| format!("program {} missing from the object", prog_names::NODE_TC))?
+            .try_into()?;
+        tc.load().context("verifying the node TC program")?;
         let link_dir = link_dir(pin_dir);
         fs::create_dir_all(&link_dir)
             .with_context(|| format!("creating {}", link_dir.display()))?;
@@ -74,7 +101,7 @@ impl NodeInterfaces {
             refused: BTreeSet::new(),
             link_dir,
             neighmiss,
-            generic,
+            mode,
         })
     }
 
@@ -110,7 +137,7 @@ impl NodeInterfaces {
             match self.attach(ebpf, name, *index) {
                 Ok(mode) => {
                     self.refused.remove(name);
-                    tracing::info!(interface = %name, xdp = mode, "node interface served");
+                    tracing::info!(interface = %name, mode, "node interface served");
                     self.attached.insert(name.clone(), (*index, mode));
                 }
                 Err(e) => {
@@ -122,8 +149,9 @@ impl NodeInterfaces {
         }
     }
 
-    /// XDP (native, else generic) and the egress reverse NAT, each adopted from its pin when an
-    /// earlier vipx left one for this interface. Returns the XDP mode.
+    /// The node program (native XDP, else TC ingress; or as `--node-xdp-mode` says) and the
+    /// egress reverse NAT, each adopted from its pin when an earlier vipx left one for this
+    /// interface. Returns how the node program is attached.
     fn attach(&mut self, ebpf: &mut Ebpf, iface: &str, ifindex: u32) -> Result<&'static str> {
         let base = format!("{}@{ifindex}", pin_name(iface));
         let egress = self.link_dir.join(format!("{base}-egress"));
@@ -140,30 +168,56 @@ impl NodeInterfaces {
             .context("attaching the reverse NAT at egress")?;
         }
         let path = self.link_dir.join(format!("{base}-xdp"));
+        let tc_path = self.link_dir.join(format!("{base}-tc"));
         let prog = xdp(ebpf)?;
         if path.exists() {
             match update_link(&path, prog.fd()?.as_fd()) {
-                Ok(()) => return Ok("adopted"),
+                Ok(()) => return Ok("xdp, adopted"),
                 Err(e) => {
                     tracing::info!(interface = %iface, "pinned XDP link not reusable, attaching afresh: {e:#}");
                     fs::remove_file(&path)?;
                 }
             }
         }
-        let native = if self.generic {
-            Err(anyhow::anyhow!("--node-xdp-mode generic"))
-        } else {
-            prog.attach_to_if_index(ifindex, XdpMode::Driver)
-                .map_err(anyhow::Error::from)
-        };
-        let (id, mode) = match native {
-            Ok(id) => (id, "native"),
-            Err(native) => {
-                let id = prog
-                    .attach_to_if_index(ifindex, XdpMode::Skb)
-                    .with_context(|| format!("attaching XDP (native failed too: {native})"))?;
-                (id, "generic")
+        if tc_path.exists() {
+            match replace_program(ebpf, prog_names::NODE_TC, &tc_path) {
+                Ok(()) => return Ok("tc, adopted"),
+                Err(e) => {
+                    tracing::info!(interface = %iface, "pinned TC link not reusable, attaching afresh: {e:#}");
+                    fs::remove_file(&tc_path)?;
+                }
             }
+        }
+        let attach_tc = |ebpf: &mut Ebpf| {
+            attach_pinned(
+                ebpf,
+                prog_names::NODE_TC,
+                iface,
+                TcAttachType::Ingress,
+                &tc_path,
+            )
+        };
+        let prog = xdp(ebpf)?;
+        let (id, mode) = match self.mode {
+            NodeMode::Tc => {
+                attach_tc(ebpf).context("attaching the node program at TC ingress")?;
+                return Ok("tc");
+            }
+            NodeMode::Generic => (
+                prog.attach_to_if_index(ifindex, XdpMode::Skb)
+                    .context("attaching generic XDP")?,
+                "generic xdp",
+            ),
+            NodeMode::Native => match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+                Ok(id) => (id, "native xdp"),
+                Err(native) => {
+                    attach_tc(ebpf).with_context(|| {
+                        format!("attaching at TC ingress (native XDP failed: {native})")
+                    })?;
+                    tracing::info!(interface = %iface, "native XDP refused ({native}): the node program runs at TC ingress");
+                    return Ok("tc");
+                }
+            },
         };
         let link = FdLink::try_from(prog.take_link(id)?)
             .context("XDP attached without a link (kernel < 5.9): not supported")?;

@@ -77,7 +77,7 @@ pub struct RunOptions {
     /// The node's external interfaces (empty: those holding a node port address).
     pub node_interfaces: Vec<glob::Pattern>,
     /// Generic XDP on the node's interfaces instead of native.
-    pub node_xdp_generic: bool,
+    pub node_mode: crate::nodeif::NodeMode,
 }
 
 /// Names of what is programmed, by reverse-NAT id, so `vipx services` can label what it reads
@@ -896,7 +896,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
-    let node_interfaces = NodeInterfaces::new(&mut ebpf, &opts.pin_dir, opts.node_xdp_generic)?;
+    let node_interfaces = NodeInterfaces::new(&mut ebpf, &opts.pin_dir, opts.node_mode)?;
     nodeif::reserve_snat_ports();
     let source_ranges = SourceRanges::new(loader::take_source_ranges(&mut ebpf)?);
     let pod_namespaces = (opts.socket_lb == SocketLb::All).then(PodNamespaces::default);
