@@ -2941,3 +2941,89 @@ fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
     assert_eq!(v, XDP_DROP, "TTL 1");
     assert_eq!(stat(&l, Stat::NodeTtlExceeded), 1);
 }
+
+/// The node program at TC ingress (where native XDP cannot attach): the same DNAT to a local
+/// backend, its L4 checksum updated through the kernel's helper (checked independently here,
+/// for the whole sums a test run carries), TCP and UDP, a zero UDP checksum kept zero, and the
+/// packet handed on to the stack.
+#[test]
+fn node_program_at_tc_ingress_dnats_external_flows_to_local_backends() {
+    use proxy_common::BACKEND_F_LOCAL;
+    if !privileged() {
+        return;
+    }
+    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
+    let mut l = load(&[BE1]);
+    let mut backends: Array<MapData, Backend4> = Array::try_from(aya::maps::Map::Array(
+        MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
+    ))
+    .unwrap();
+    for id in 1..16u32 {
+        let mut b = backends.get(&id, 0).unwrap();
+        if b.addr == BE1 {
+            b.flags |= BACKEND_F_LOCAL;
+            backends.set(id, b, 0).unwrap();
+        }
+    }
+    let tc: &mut SchedClassifier = l
+        .ebpf
+        .program_mut(prog_names::NODE_TC)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    tc.load().expect("verifying the node program at TC");
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    const UDP0: L4 = L4::Udp {
+        zero_csum: true,
+        payload: b"q",
+    };
+    for (what, input, sport, bport, csum) in [
+        (
+            "SYN",
+            frame(EXTERNAL, 50000, VIP, 80, &SYN, &[]),
+            50000,
+            5000,
+            Some(true),
+        ),
+        (
+            "data",
+            frame(EXTERNAL, 50000, VIP, 80, &DATA, &[]),
+            50000,
+            5000,
+            Some(true),
+        ),
+        (
+            "UDP",
+            frame(EXTERNAL, 50001, VIP, 53, &UDP, &[]),
+            50001,
+            5353,
+            Some(true),
+        ),
+        (
+            "UDP, zero checksum",
+            frame(EXTERNAL, 50002, VIP, 53, &UDP0, &[]),
+            50002,
+            5353,
+            None,
+        ),
+    ] {
+        let (v, out) = run_on(&mut l, prog_names::NODE_TC, &input);
+        assert_eq!(v, NEXT, "{what}: on to the stack");
+        assert_eq!(
+            inspect(&out),
+            Seen {
+                src: EXTERNAL,
+                sport,
+                dst: BE1,
+                dport: bport,
+                l4_csum_ok: csum,
+            },
+            "{what}"
+        );
+    }
+    assert_eq!(stat(&l, Stat::NodeNewLocal), 3);
+    assert_eq!(stat(&l, Stat::NodeTranslated), 1);
+}
