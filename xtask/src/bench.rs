@@ -863,24 +863,28 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n### The node program (XDP on the node's interfaces; external client, backend on this \
-         node; ns/packet, median; x = ratio to the XDP floor)\n"
+        "\n### The node program (native XDP on the node's interfaces, and the same at TC ingress \
+         where native XDP cannot attach; external client, backend on this node; ns/packet, \
+         median; x = ratio to the XDP floor)\n"
     );
     let _ = writeln!(
         s,
-        "| services x 10 | passthrough | new flow (SYN, replayed) | established | XDP floor |"
+        "| services x 10 | passthrough | new flow (SYN, replayed) | established | TC: passthrough | TC: new flow | TC: established | XDP floor |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
     counts.dedup();
     for n in counts {
         let get = |case: &str| packet_cell(&rows, n, case);
         let _ = writeln!(
             s,
-            "| {n} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} |",
             get("node_passthrough"),
             get("node_new_flow_syn"),
             get("node_established"),
+            get("node_tc_passthrough"),
+            get("node_tc_new_flow_syn"),
+            get("node_tc_established"),
             get("floor_xdp")
         );
     }

@@ -552,7 +552,11 @@ fn packet(a: Args) -> Result<()> {
                 a.backends,
                 started.elapsed().as_secs_f64() * 1e3
             );
-            for name in [prog_names::POD_INGRESS, prog_names::POD_EGRESS] {
+            for name in [
+                prog_names::POD_INGRESS,
+                prog_names::POD_EGRESS,
+                prog_names::NODE_TC,
+            ] {
                 let p: &mut SchedClassifier = ebpf
                     .program_mut(name)
                     .with_context(|| format!("program {name}"))?
@@ -592,7 +596,8 @@ fn packet(a: Args) -> Result<()> {
             let ext_syn = tcp(EXTERNAL, 40002, target.0.octets(), target.1, true);
             let ext_est = tcp(EXTERNAL, 40002, target.0.octets(), target.1, false);
             run(&mut ebpf, node, &ext_syn, 1, XDP_PASS)?;
-            let cases: [(&'static str, &str, &[u8], Option<Stat>); 8] = [
+            let node_tc = prog_names::NODE_TC;
+            let cases: [(&'static str, &str, &[u8], Option<Stat>); 11] = [
                 ("passthrough", ingress, &pass, None),
                 ("passthrough_egress", egress, &pass_in, None),
                 ("new_flow_syn", ingress, &syn, Some(Stat::NewFlows)),
@@ -611,6 +616,20 @@ fn packet(a: Args) -> Result<()> {
                     &ext_est,
                     Some(Stat::NodeTranslated),
                 ),
+                // The same program at TC ingress (where native XDP cannot attach).
+                ("node_tc_passthrough", node_tc, &pass, None),
+                (
+                    "node_tc_new_flow_syn",
+                    node_tc,
+                    &ext_syn,
+                    Some(Stat::NodeNewLocal),
+                ),
+                (
+                    "node_tc_established",
+                    node_tc,
+                    &ext_est,
+                    Some(Stat::NodeTranslated),
+                ),
             ];
             let verdict = |prog: &str| if prog == node { XDP_PASS } else { TC_NEXT };
             let wanted = |case: &str| a.only.is_empty() || a.only.iter().any(|o| o == case);
@@ -621,7 +640,7 @@ fn packet(a: Args) -> Result<()> {
                 let after = loader::read_stats(&ebpf)?;
                 let seen = if *prog == egress {
                     Stat::EgressPackets
-                } else if *prog == node {
+                } else if *prog == node || *prog == node_tc {
                     Stat::NodePackets
                 } else {
                     Stat::Packets
