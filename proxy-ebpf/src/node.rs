@@ -230,10 +230,19 @@ impl Frame for TcContext {
                 mangled0 | 2,
             )
         };
-        addr(p.saddr, nat.saddr).ok()?;
-        addr(p.daddr, nat.daddr).ok()?;
-        port(p.sport, nat.sport).ok()?;
-        port(p.dport, nat.dport).ok()?;
+        // A helper call each, so only for what changes (a DNAT keeps the source).
+        if p.saddr != nat.saddr {
+            addr(p.saddr, nat.saddr).ok()?;
+        }
+        if p.daddr != nat.daddr {
+            addr(p.daddr, nat.daddr).ok()?;
+        }
+        if p.sport != nat.sport {
+            port(p.sport, nat.sport).ok()?;
+        }
+        if p.dport != nat.dport {
+            port(p.dport, nat.dport).ok()?;
+        }
         Some(())
     }
 }
