@@ -2136,6 +2136,19 @@ fn an_external_client_reaches_a_node_port_through_every_node() {
     }
     assert_external_answers(&lab, SocketAddr::from((node1.ip, NODE_PORT)), &pod.name);
     assert_external_answers(&lab, SocketAddr::from((node2.ip, NODE_PORT)), &pod.name);
+
+    // Released (the Service back to ClusterIP): no node answers on the port any more; the
+    // node's stack, where nothing listens, refuses.
+    lab.service_spec(spec("np", VIP_A, pod_endpoints(&[&pod])));
+    let ext = lab.cluster.external();
+    for node in [&node1, &node2] {
+        let to = SocketAddr::from((node.ip, NODE_PORT));
+        poll(READY, "the released node port to be refused", || {
+            in_netns(&ext, || std::net::TcpStream::connect_timeout(&to, TIMEOUT))
+                .expect("entering the external client")
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        });
+    }
 }
 
 /// An external IP (routed by the client to node 1) whose only pod runs on node 2: node 1
