@@ -93,10 +93,10 @@ pub mod prog_names {
     pub const SOCK_RECVMSG4: &str = "vipx_sock_recvmsg4";
     /// cgroup `getpeername4`: a translated socket's peer is the frontend dialled.
     pub const SOCK_GETPEERNAME4: &str = "vipx_sock_getpeername4";
-    /// The same four for dual-stack (AF_INET6) sockets dialling IPv4 through v4-mapped
-    /// addresses (`::ffff:a.b.c.d`), as Java and other runtimes do by default.
+    /// connect, recvmsg and getpeername for dual-stack (AF_INET6) sockets dialling IPv4 through
+    /// v4-mapped addresses (`::ffff:a.b.c.d`), as Java and other runtimes do by default (their
+    /// unconnected datagrams take the IPv4 path and its sendmsg4 hook).
     pub const SOCK_CONNECT6: &str = "vipx_sock_connect6";
-    pub const SOCK_SENDMSG6: &str = "vipx_sock_sendmsg6";
     pub const SOCK_RECVMSG6: &str = "vipx_sock_recvmsg6";
     pub const SOCK_GETPEERNAME6: &str = "vipx_sock_getpeername6";
     /// XDP on the node's external interfaces: node ports, LoadBalancer and external IPs for

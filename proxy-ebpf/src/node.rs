@@ -312,11 +312,21 @@ pub fn vipx_node_xdp(ctx: XdpContext) -> u32 {
 /// right, which generic XDP cannot. "Back out" is a redirect to the interface's own egress.
 #[classifier]
 pub fn vipx_node_tc(ctx: TcContext) -> i32 {
-    // Headers beyond the linear part (GRO, some drivers): pulled in once, as the pod program
-    // does.
+    // SAFETY: the hook's own context, readable in a TC program.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        // The kernel took the 802.1Q tag off before TC: this packet belongs to a VLAN device
+        // (XDP saw the tag and passed it); its own interface serves it.
+        return TC_ACT_UNSPEC;
+    }
+    // IPv4 headers beyond the linear part (GRO, some drivers): pulled in, and only those (a
+    // pull may copy the packet).
     let want = ETH_HLEN + 60 + TCP_MIN_HLEN;
     let linear = ctx.data_end() - ctx.data();
-    if linear < want && (ctx.len() as usize) > linear {
+    if linear < want
+        && (ctx.len() as usize) > linear
+        // SAFETY: bounds checked by ptr_at.
+        && ptr_at::<[u8; 2]>(&ctx, 12).is_some_and(|t| u16::from_be_bytes(unsafe { *t }) == ETH_P_IP)
+    {
         let _ = ctx.pull_data(want.min(ctx.len() as usize) as u32);
     }
     match node(&ctx) {

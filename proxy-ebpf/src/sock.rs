@@ -78,15 +78,12 @@ pub fn vipx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 
 // A dual-stack socket dialling an IPv4 address does so through its v4-mapped form: the kernel
 // runs these hooks, not the IPv4 ones, for its connect (TCP and UDP), getpeername and received
-// datagrams. Only mapped addresses are translated; IPv6 Services are not served yet.
+// datagrams. Only mapped addresses are translated; IPv6 Services are not served yet. An
+// unconnected datagram to a mapped address needs no hook of its own: the kernel hands it to
+// the IPv4 path, whose sendmsg4 hook runs.
 
 #[cgroup_sock_addr(connect6)]
 pub fn vipx_sock_connect6(ctx: SockAddrContext) -> i32 {
-    forward::<V6Mapped>(&ctx)
-}
-
-#[cgroup_sock_addr(sendmsg6)]
-pub fn vipx_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
     forward::<V6Mapped>(&ctx)
 }
 

@@ -169,26 +169,52 @@ impl NodeInterfaces {
         }
         let path = self.link_dir.join(format!("{base}-xdp"));
         let tc_path = self.link_dir.join(format!("{base}-tc"));
-        let prog = xdp(ebpf)?;
+        // What an earlier vipx left is adopted only where it is what this mode asks for: an
+        // upgrade from a generic-XDP fallback, or a mode changed between runs, ends with the
+        // hook asked for and no second copy of the program.
+        let wanted = match self.mode {
+            NodeMode::Native => Some(XdpKind::Driver),
+            NodeMode::Generic => Some(XdpKind::Generic),
+            NodeMode::Tc => None,
+        };
         if path.exists() {
-            match update_link(&path, prog.fd()?.as_fd()) {
-                Ok(()) => return Ok("xdp, adopted"),
-                Err(e) => {
-                    tracing::info!(interface = %iface, "pinned XDP link not reusable, attaching afresh: {e:#}");
-                    fs::remove_file(&path)?;
+            let kind = xdp_kind(ifindex).unwrap_or_else(|e| {
+                tracing::info!(interface = %iface, "XDP mode not read: {e:#}");
+                None
+            });
+            if kind.is_some() && kind == wanted {
+                match update_link(&path, xdp(ebpf)?.fd()?.as_fd()) {
+                    Ok(()) => {
+                        unpin(&tc_path)?;
+                        return Ok("xdp, adopted");
+                    }
+                    Err(e) => {
+                        tracing::info!(interface = %iface, "pinned XDP link not reusable, attaching afresh: {e:#}")
+                    }
+                }
+            }
+            if self.mode != NodeMode::Tc {
+                // A device runs one XDP mode at a time: the other kind goes first. The kernel
+                // releases an unpinned link a moment later (deferred work), so wait for it.
+                unpin(&path)?;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while xdp_kind(ifindex).is_ok_and(|k| k.is_some())
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }
         }
-        if tc_path.exists() {
-            match replace_program(ebpf, prog_names::NODE_TC, &tc_path) {
-                Ok(()) => return Ok("tc, adopted"),
-                Err(e) => {
-                    tracing::info!(interface = %iface, "pinned TC link not reusable, attaching afresh: {e:#}");
-                    fs::remove_file(&tc_path)?;
+        let tc = |ebpf: &mut Ebpf| -> Result<&'static str> {
+            if tc_path.exists() {
+                match replace_program(ebpf, prog_names::NODE_TC, &tc_path) {
+                    Ok(()) => return Ok("tc, adopted"),
+                    Err(e) => {
+                        tracing::info!(interface = %iface, "pinned TC link not reusable, attaching afresh: {e:#}");
+                        unpin(&tc_path)?;
+                    }
                 }
             }
-        }
-        let attach_tc = |ebpf: &mut Ebpf| {
             attach_pinned(
                 ebpf,
                 prog_names::NODE_TC,
@@ -196,26 +222,28 @@ impl NodeInterfaces {
                 TcAttachType::Ingress,
                 &tc_path,
             )
+            .context("attaching the node program at TC ingress")?;
+            Ok("tc")
         };
+        if self.mode == NodeMode::Tc {
+            let mode = tc(ebpf)?;
+            // TC serves first; then the XDP link goes.
+            unpin(&path)?;
+            return Ok(mode);
+        }
         let prog = xdp(ebpf)?;
         let (id, mode) = match self.mode {
-            NodeMode::Tc => {
-                attach_tc(ebpf).context("attaching the node program at TC ingress")?;
-                return Ok("tc");
-            }
             NodeMode::Generic => (
                 prog.attach_to_if_index(ifindex, XdpMode::Skb)
                     .context("attaching generic XDP")?,
                 "generic xdp",
             ),
-            NodeMode::Native => match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+            _ => match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
                 Ok(id) => (id, "native xdp"),
                 Err(native) => {
-                    attach_tc(ebpf).with_context(|| {
-                        format!("attaching at TC ingress (native XDP failed: {native})")
-                    })?;
+                    let mode = tc(ebpf).with_context(|| format!("native XDP failed: {native}"))?;
                     tracing::info!(interface = %iface, "native XDP refused ({native}): the node program runs at TC ingress");
-                    return Ok("tc");
+                    return Ok(mode);
                 }
             },
         };
@@ -223,6 +251,8 @@ impl NodeInterfaces {
             .context("XDP attached without a link (kernel < 5.9): not supported")?;
         link.pin(&path)
             .with_context(|| format!("pinning the link at {}", path.display()))?;
+        // XDP serves first; then a TC link an earlier run left goes.
+        unpin(&tc_path)?;
         Ok(mode)
     }
 
@@ -247,6 +277,47 @@ fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .program_mut(prog_names::NODE_XDP)
         .with_context(|| format!("program {} missing from the object", prog_names::NODE_XDP))?;
     Ok(p.try_into()?)
+}
+
+/// Removes a link's pin, which detaches the link (nothing else holds it); no pin, nothing to do.
+fn unpin(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// How an XDP program is attached to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum XdpKind {
+    Driver,
+    Generic,
+    Other,
+}
+
+/// The kind of XDP program on interface `ifindex` (`IFLA_XDP_ATTACHED`), `None` without one.
+fn xdp_kind(ifindex: u32) -> Result<Option<XdpKind>> {
+    const RTM_GETLINK: u16 = 18;
+    const IFLA_XDP: u16 = 43;
+    const IFLA_XDP_ATTACHED: u16 = 2;
+    let mut body = [0u8; 16];
+    body[4..8].copy_from_slice(&i32::try_from(ifindex)?.to_ne_bytes());
+    let mut rtnl = netlink::Rtnl::open()?;
+    let answer = rtnl.request(RTM_GETLINK, 0, &body)?;
+    let Some((_, xdp)) = netlink::attributes(answer, 16).find(|(k, _)| *k == IFLA_XDP) else {
+        return Ok(None);
+    };
+    let attached = netlink::attributes(xdp, 0)
+        .find(|(k, _)| *k == IFLA_XDP_ATTACHED)
+        .and_then(|(_, v)| v.first().copied());
+    Ok(match attached {
+        None | Some(0) => None,
+        Some(1) => Some(XdpKind::Driver),
+        Some(2) => Some(XdpKind::Generic),
+        Some(_) => Some(XdpKind::Other),
+    })
 }
 
 /// As the pod links' pin names: bpffs refuses dots, interface names may have them.

@@ -54,7 +54,7 @@ impl SocketLb {
 }
 
 /// The hooks, ways back first: once a socket can be translated, its peer must read as the VIP.
-const PROGRAMS: [(&str, &str); 8] = [
+const PROGRAMS: [(&str, &str); 7] = [
     (prog_names::SOCK_GETPEERNAME4, "getpeername4"),
     (prog_names::SOCK_RECVMSG4, "recvmsg4"),
     (prog_names::SOCK_CONNECT4, "connect4"),
@@ -62,7 +62,6 @@ const PROGRAMS: [(&str, &str); 8] = [
     (prog_names::SOCK_GETPEERNAME6, "getpeername6"),
     (prog_names::SOCK_RECVMSG6, "recvmsg6"),
     (prog_names::SOCK_CONNECT6, "connect6"),
-    (prog_names::SOCK_SENDMSG6, "sendmsg6"),
 ];
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;

@@ -262,6 +262,13 @@ impl Vipx {
         self.spawn()
     }
 
+    /// [`Self::restart`] with other extra arguments from now on (an operator changing a flag).
+    pub fn restart_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.stop()?;
+        self.extra_args = extra.iter().map(|a| (*a).to_owned()).collect();
+        self.spawn()
+    }
+
     /// `vipx services` for this instance: what is programmed, one frontend per line.
     pub fn services(&self) -> Result<String> {
         let out = self.complete("services")?;
