@@ -50,6 +50,7 @@ pub(crate) const BENCH_REALISM: Realism = Realism::Off {
     reason: "bench: each contender pays only for the netfilter state it switches on itself",
 };
 
+#[derive(Clone, Copy)]
 pub(crate) struct Plan {
     packet_services: &'static str,
     pub(crate) e2e_services: &'static [usize],
@@ -1063,16 +1064,43 @@ fn write_node_ports(results: &Path, rows: &[node_port_bench::Row], header: &str)
 }
 
 /// Only the end-to-end run through a node port (`cargo xtask bench --node-ports`).
-pub fn node_ports(quick: bool) -> Result<()> {
-    let plan = if quick { &QUICK } else { &FULL };
+/// `services` and `reps` replace the plan's (empty / `None`: the plan's own).
+pub fn node_ports(quick: bool, services: Vec<usize>, reps: Option<usize>) -> Result<()> {
+    let base = if quick { QUICK } else { FULL };
+    let command = format!(
+        "cargo xtask bench --node-ports{}{}{}",
+        if quick { " --quick" } else { "" },
+        if services.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " --services {}",
+                services
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        },
+        reps.map_or_else(String::new, |r| format!(" --reps {r}"))
+    );
+    let plan = Plan {
+        e2e_services: if services.is_empty() {
+            base.e2e_services
+        } else {
+            // One plan per process: leaking it is the simplest 'static.
+            Box::leak(services.into_boxed_slice())
+        },
+        reps: reps.unwrap_or(base.reps),
+        ..base
+    };
     build_release()?;
     let results = results_dir(quick)?;
-    let rows = node_port_bench::run(plan)?;
-    let header = format!(
-        "Machine: {}. Command: `cargo xtask bench --node-ports{}`.\n",
-        machine(),
-        if quick { " --quick" } else { "" }
-    );
+    let header = format!("Machine: {}. Command: `{command}`.\n", machine());
+    // Written after every service count, so a run cut short keeps what it measured.
+    let rows = node_port_bench::run(&plan, |rows| {
+        write_node_ports(&results, rows, &header).map(|_| ())
+    })?;
     println!("{}", write_node_ports(&results, &rows, &header)?);
     step(&format!("results in {}", results.display()));
     Ok(())
@@ -1115,7 +1143,7 @@ pub fn bench(quick: bool) -> Result<()> {
     let maglev: Value = serde_json::from_slice(&std::fs::read(&maglev_json)?)?;
     let mut loads = RuleLoads::new();
     let e2e = e2e(plan, &mut loads)?;
-    let node_ports = node_port_bench::run(plan)?;
+    let node_ports = node_port_bench::run(plan, |_| Ok(()))?;
     let control_plane = control_plane(plan, &results, &loads)?;
     let report = Report {
         machine: machine(),

@@ -69,6 +69,12 @@ enum Cmd {
         /// iptables and nftables NodePort rules. Writes node-ports.{json,md} under results/.
         #[arg(long, conflicts_with = "memory")]
         node_ports: bool,
+        /// With --node-ports: these service counts instead of the plan's (comma-separated).
+        #[arg(long, value_delimiter = ',', requires = "node_ports")]
+        services: Vec<usize>,
+        /// With --node-ports: runs per contender instead of the plan's (odd: a true median).
+        #[arg(long, requires = "node_ports")]
+        reps: Option<usize>,
     },
     /// Run every test layer: unit, packet fixtures (BPF_PROG_TEST_RUN), namespace lab.
     Test {
@@ -98,12 +104,14 @@ fn main() -> Result<()> {
             quick,
             memory,
             node_ports,
+            services,
+            reps,
         } => {
             setup()?;
             if memory {
                 bench::memory(quick)
             } else if node_ports {
-                bench::node_ports(quick)
+                bench::node_ports(quick, services, reps)
             } else {
                 bench::bench(quick)
             }

@@ -235,7 +235,8 @@ fn kube_proxy_options(lab: &Lab) -> KubeProxyOptions {
     }
 }
 
-pub fn run(plan: &Plan) -> Result<Vec<Row>> {
+/// The runs of `plan`; `done` gets every row so far after each service count.
+pub fn run(plan: &Plan, mut done: impl FnMut(&[Row]) -> Result<()>) -> Result<Vec<Row>> {
     kube_rules::ensure_tools()?;
     load::ensure_tools()?;
     progress(&format!(
@@ -352,6 +353,7 @@ pub fn run(plan: &Plan) -> Result<Vec<Row>> {
         }
         kube_rules::flush_iptables(get(Contender::Iptables).entry_ns())?;
         kube_rules::flush_nft(get(Contender::Nftables).entry_ns())?;
+        done(&rows)?;
     }
     Ok(rows)
 }
