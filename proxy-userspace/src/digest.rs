@@ -447,6 +447,10 @@ impl DigestedObjects {
             if let Some(taints) = n.spec.and_then(|s| s.taints) {
                 node.spec.get_or_insert_default().taints = Some(taints);
             }
+            // The node's own addresses: the default node port addresses.
+            if let Some(addresses) = n.status.and_then(|s| s.addresses) {
+                node.status.get_or_insert_default().addresses = Some(addresses);
+            }
             node
         }));
     }

@@ -1,11 +1,13 @@
 //! The node's addresses that serve node ports (`--nodeport-addresses`, kube-proxy's flag): each
-//! node port becomes a frontend on each of them (`maps::target_on`). Read from the node's
-//! interfaces at every interface scan, so an address added or removed later (DHCP, a new NIC)
-//! follows within a scan.
+//! node port becomes a frontend on each of them (`maps::target_on`). Without the flag, the
+//! addresses of this node's Node object when it names any, else those on the node's interfaces,
+//! read at every interface scan, so an address added or removed later (DHCP, a new NIC) follows
+//! within a scan.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result};
+use k8s_openapi::api::core::v1::Node;
 
 use crate::config::Cidr;
 
@@ -91,6 +93,8 @@ pub fn select<'a>(
 /// The selected node addresses, as last read.
 pub struct NodeAddresses {
     cidrs: Vec<Cidr>,
+    /// The IPv4 `InternalIP`/`ExternalIP` addresses of this node's Node object.
+    from_node: BTreeSet<Ipv4Addr>,
     last: Option<BTreeSet<Ipv4Addr>>,
     /// Every address of the last read, with its interface.
     by_interface: Vec<(String, Ipv4Addr)>,
@@ -100,9 +104,25 @@ impl NodeAddresses {
     pub fn new(cidrs: Vec<Cidr>) -> Self {
         Self {
             cidrs,
+            from_node: BTreeSet::new(),
             last: None,
             by_interface: Vec::new(),
         }
+    }
+
+    /// This node's Node object as last seen (`None`: none). Without `--nodeport-addresses`, its
+    /// IPv4 `InternalIP` and `ExternalIP` addresses are the node port addresses, as the issue
+    /// asks (kube-proxy's nftables mode takes the node's primary IPs); a Node object without
+    /// any leaves every interface address. Taken at the next [`Self::refresh`].
+    pub fn set_node(&mut self, node: Option<&Node>) {
+        self.from_node = node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            .collect();
     }
 
     /// The selected addresses as last read.
@@ -125,7 +145,11 @@ impl NodeAddresses {
             .into_iter()
             .filter(|(name, _)| explicit || !is_helper_device(name))
             .collect();
-        let now = select(self.by_interface.iter().map(|(_, a)| a), &self.cidrs);
+        let now = if explicit || self.from_node.is_empty() {
+            select(self.by_interface.iter().map(|(_, a)| a), &self.cidrs)
+        } else {
+            self.from_node.clone()
+        };
         if self.last.as_ref() == Some(&now) {
             return Ok(None);
         }
@@ -142,6 +166,39 @@ impl NodeAddresses {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without CIDRs, the Node object's IPv4 InternalIP and ExternalIP addresses (not its
+    /// hostname, not IPv6) are the node port addresses; without a Node object, or with CIDRs
+    /// given, the interfaces decide.
+    #[test]
+    fn the_node_objects_addresses_are_the_default() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "198.18.0.1"},
+                {"type": "Hostname", "address": "n1"},
+                {"type": "ExternalIP", "address": "198.18.9.9"},
+                {"type": "InternalIP", "address": "2001:db8::1"},
+            ]},
+        }))
+        .unwrap();
+        let ours = vec![Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 9, 9)];
+        let mut a = NodeAddresses::new(Vec::new());
+        a.set_node(Some(&node));
+        assert_eq!(a.refresh().unwrap(), Some(ours.clone()));
+        assert_eq!(a.refresh().unwrap(), None, "unchanged");
+        a.set_node(None);
+        let interfaces = a.refresh().unwrap().expect("back to the interfaces");
+        assert!(!interfaces.contains(&ours[1]), "{interfaces:?}");
+
+        let mut b = NodeAddresses::new(vec!["198.18.9.0/24".parse().unwrap()]);
+        b.set_node(Some(&node));
+        let chosen = b.refresh().unwrap().unwrap_or_default();
+        assert!(
+            !chosen.contains(&ours[1]),
+            "CIDRs select interface addresses: {chosen:?}"
+        );
+    }
 
     #[test]
     fn helper_devices_are_not_node_addresses() {

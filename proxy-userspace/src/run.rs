@@ -538,13 +538,15 @@ impl Controller {
     }
 
     /// `/healthz` fails while this node's Node object says it is being deleted (kube-proxy's
-    /// `SyncNode`). Without a Node object nothing says so.
-    fn note_node_deletion(&self, nodes: &[Node]) {
+    /// `SyncNode`). Without a Node object nothing says so. Its addresses are the default node
+    /// port addresses.
+    fn note_node_deletion(&mut self, nodes: &[Node]) {
         let node = nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.opts.node_name.as_str()));
         let eligible = node.is_none_or(serve::health::node_eligible);
         self.telemetry.health.set_node_eligible(eligible);
+        self.node_addresses.set_node(node);
     }
 
     /// Tell health and metrics that the maps now say what the source says.

@@ -3014,3 +3014,55 @@ fn uplink_xdp(ns: &str) -> Option<String> {
         .find(|w| w.starts_with("xdp"))
         .map(str::to_owned)
 }
+
+/// Without `--nodeport-addresses`, a Node object naming this node's addresses decides which of
+/// them serve node ports (the issue's default; kube-proxy's nftables mode takes the node's
+/// primary IPs): node 1's Node object lists only its uplink address, so its pod gateway address
+/// gets no node port frontend, and the node port answers the external client on the address
+/// listed.
+#[test]
+fn the_node_objects_addresses_are_the_default_node_port_addresses() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    const NODE_PORT: u16 = 30_087;
+    let mut lab = Lab::new();
+    let pod = lab.cluster.add_pod(1).expect("pod on node 1");
+    let node1 = lab.cluster.node(1).clone();
+    std::fs::write(
+        lab.manifests.path().join("node1.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - \
+             {{type: InternalIP, address: \"{}\"}}\n  - {{type: Hostname, address: node1}}\n",
+            node1.name, node1.ip
+        ),
+    )
+    .expect("writing the Node object");
+    lab.service_spec(ServiceSpec {
+        node_port: Some(NODE_PORT),
+        ..spec("np", VIP_A, pod_endpoints(&[&pod]))
+    });
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[pod.ip]);
+    lab.vipx[0]
+        .wait_programmed(&format!("{}:{NODE_PORT}/TCP", node1.ip), READY, |_| true)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // The first sync may come before the Node object is read (the interfaces decide until
+    // then); the frontend goes once it is.
+    let gateway = format!("{}:{NODE_PORT}", node1.gateway);
+    let deadline = Instant::now() + READY;
+    loop {
+        let services = lab.vipx[0].services().expect("vipx services");
+        if !services.contains(&gateway) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod gateway address, not in the Node object, serves the node port:\n{services}\n{}",
+            lab.vipx[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_external_answers(&lab, SocketAddr::from((node1.ip, NODE_PORT)), &pod.name);
+}
