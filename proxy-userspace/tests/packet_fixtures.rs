@@ -2657,25 +2657,13 @@ fn run_node_program(
 /// endpoints, and what is not to a frontend, handed to the stack untouched.
 #[test]
 fn node_program_dnats_external_flows_to_local_backends() {
-    use proxy_common::BACKEND_F_LOCAL;
     if !privileged() {
         return;
     }
     const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
     const XDP_PASS: u32 = 2;
     let mut l = load(&[BE1]);
-    // This node runs BE1: what the map writer sets from the endpoint's nodeName.
-    let mut backends: Array<MapData, Backend4> = Array::try_from(aya::maps::Map::Array(
-        MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
-    ))
-    .unwrap();
-    for id in 1..16u32 {
-        let mut b = backends.get(&id, 0).unwrap();
-        if b.addr == BE1 {
-            b.flags |= BACKEND_F_LOCAL;
-            backends.set(id, b, 0).unwrap();
-        }
-    }
+    mark_local(&l, BE1);
     node_program(&mut l)
         .load()
         .expect("verifying the node program");
@@ -2948,23 +2936,12 @@ fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
 /// packet handed on to the stack.
 #[test]
 fn node_program_at_tc_ingress_dnats_external_flows_to_local_backends() {
-    use proxy_common::BACKEND_F_LOCAL;
     if !privileged() {
         return;
     }
     const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
     let mut l = load(&[BE1]);
-    let mut backends: Array<MapData, Backend4> = Array::try_from(aya::maps::Map::Array(
-        MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
-    ))
-    .unwrap();
-    for id in 1..16u32 {
-        let mut b = backends.get(&id, 0).unwrap();
-        if b.addr == BE1 {
-            b.flags |= BACKEND_F_LOCAL;
-            backends.set(id, b, 0).unwrap();
-        }
-    }
+    mark_local(&l, BE1);
     let tc: &mut SchedClassifier = l
         .ebpf
         .program_mut(prog_names::NODE_TC)
@@ -3026,4 +3003,19 @@ fn node_program_at_tc_ingress_dnats_external_flows_to_local_backends() {
     }
     assert_eq!(stat(&l, Stat::NodeNewLocal), 3);
     assert_eq!(stat(&l, Stat::NodeTranslated), 1);
+}
+
+/// Backend `addr` runs on this node: what the map writer sets from the endpoint's nodeName.
+fn mark_local(l: &Loaded, addr: [u8; 4]) {
+    let mut backends: Array<MapData, Backend4> = Array::try_from(aya::maps::Map::Array(
+        MapData::from_pin(l.pin_dir.join(map_names::BACKEND4)).unwrap(),
+    ))
+    .unwrap();
+    for id in 1..16u32 {
+        let mut b = backends.get(&id, 0).unwrap();
+        if b.addr == addr {
+            b.flags |= proxy_common::BACKEND_F_LOCAL;
+            backends.set(id, b, 0).unwrap();
+        }
+    }
 }

@@ -1831,16 +1831,8 @@ fn the_node_itself_reaches_a_cluster_ip_and_sees_the_vip_as_its_peer() {
     let names = [local.name.clone(), remote.name.clone()];
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..20 {
-        let (peer, body) = in_netns(&node, || -> anyhow::Result<(SocketAddr, String)> {
-            let mut conn = std::net::TcpStream::connect_timeout(&vip(VIP_A), TIMEOUT)?;
-            conn.set_read_timeout(Some(TIMEOUT))?;
-            let peer = conn.peer_addr()?;
-            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
-            let body = read_response(&mut std::io::BufReader::new(conn))?;
-            Ok((peer, body))
-        })
-        .expect("entering node 1")
-        .unwrap_or_else(|e| panic!("TCP {i} from node 1 to {}: {e:#}", vip(VIP_A)));
+        let (peer, body) = tcp_get_with_peer(&node, vip(VIP_A))
+            .unwrap_or_else(|e| panic!("TCP {i} from node 1 to {}: {e:#}", vip(VIP_A)));
         assert_eq!(peer, vip(VIP_A), "TCP {i}: the connected socket's peer");
         let body = body.trim().to_owned();
         assert!(names.contains(&body), "TCP {i} answered by {body:?}");
@@ -2000,15 +1992,8 @@ fn the_node_itself_reaches_a_node_port_on_its_addresses_and_localhost() {
         (node2.netns(), Ipv4Addr::new(127, 0, 0, 2)),
     ] {
         let to = SocketAddr::from((addr, NODE_PORT));
-        let (peer, body) = in_netns(ns, || -> anyhow::Result<(SocketAddr, String)> {
-            let mut conn = std::net::TcpStream::connect_timeout(&to, TIMEOUT)?;
-            conn.set_read_timeout(Some(TIMEOUT))?;
-            let peer = conn.peer_addr()?;
-            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
-            Ok((peer, read_response(&mut std::io::BufReader::new(conn))?))
-        })
-        .expect("entering the node")
-        .unwrap_or_else(|e| panic!("TCP from {ns} to {to}: {e:#}"));
+        let (peer, body) =
+            tcp_get_with_peer(ns, to).unwrap_or_else(|e| panic!("TCP from {ns} to {to}: {e:#}"));
         assert_eq!(peer, to, "TCP from {ns}: the socket's peer");
         assert!(
             names.contains(&body.trim().to_owned()),
@@ -2620,16 +2605,8 @@ fn socket_lb_all_serves_this_nodes_pods_and_no_others() {
     );
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..20 {
-        let (peer, body) = in_netns(&client.netns, || -> anyhow::Result<(SocketAddr, String)> {
-            let mut conn = std::net::TcpStream::connect_timeout(&vip(VIP_A), TIMEOUT)?;
-            conn.set_read_timeout(Some(TIMEOUT))?;
-            let peer = conn.peer_addr()?;
-            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
-            let body = read_response(&mut std::io::BufReader::new(conn))?;
-            Ok((peer, body))
-        })
-        .expect("entering the client pod")
-        .unwrap_or_else(|e| panic!("TCP {i} from the client pod to {}: {e:#}", vip(VIP_A)));
+        let (peer, body) = tcp_get_with_peer(&client.netns, vip(VIP_A))
+            .unwrap_or_else(|e| panic!("TCP {i} from the client pod to {}: {e:#}", vip(VIP_A)));
         assert_eq!(peer, vip(VIP_A), "TCP {i}: the connected socket's peer");
         let body = body.trim().to_owned();
         assert!(names.contains(&body), "TCP {i} answered by {body:?}");
@@ -2831,15 +2808,8 @@ fn the_node_itself_reaches_a_cluster_ip_through_a_dual_stack_socket() {
     let names = [local.name.clone(), remote.name.clone()];
     let mapped = SocketAddr::from((VIP_A.to_ipv6_mapped(), SERVICE_PORT));
     for i in 0..REQUESTS {
-        let (peer, body) = in_netns(&node, || -> anyhow::Result<(SocketAddr, String)> {
-            let mut conn = std::net::TcpStream::connect_timeout(&mapped, TIMEOUT)?;
-            conn.set_read_timeout(Some(TIMEOUT))?;
-            let peer = conn.peer_addr()?;
-            std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
-            Ok((peer, read_response(&mut std::io::BufReader::new(conn))?))
-        })
-        .expect("entering node 1")
-        .unwrap_or_else(|e| panic!("TCP {i} from node 1 to {mapped}: {e:#}"));
+        let (peer, body) = tcp_get_with_peer(&node, mapped)
+            .unwrap_or_else(|e| panic!("TCP {i} from node 1 to {mapped}: {e:#}"));
         assert_eq!(peer, mapped, "TCP {i}: the connected socket's peer");
         assert!(names.contains(&body.trim().to_owned()), "TCP {i}: {body:?}");
 
@@ -3069,4 +3039,16 @@ fn the_node_objects_addresses_are_the_default_node_port_addresses() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_external_answers(&lab, SocketAddr::from((node1.ip, NODE_PORT)), &pod.name);
+}
+
+/// One HTTP/1.0 request over a fresh TCP connection from namespace `ns` to `to`: the connected
+/// socket's peer and the answer.
+fn tcp_get_with_peer(ns: &str, to: SocketAddr) -> anyhow::Result<(SocketAddr, String)> {
+    in_netns(ns, || -> anyhow::Result<(SocketAddr, String)> {
+        let mut conn = std::net::TcpStream::connect_timeout(&to, TIMEOUT)?;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        let peer = conn.peer_addr()?;
+        std::io::Write::write_all(&mut conn, b"GET / HTTP/1.0\r\n\r\n")?;
+        Ok((peer, read_response(&mut std::io::BufReader::new(conn))?))
+    })?
 }
