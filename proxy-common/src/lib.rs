@@ -67,6 +67,9 @@ pub mod map_names {
     /// Next hops the node program found without a neighbour entry (userspace asks the kernel to
     /// resolve them; not pinned).
     pub const NEIGHMISS4: &str = "VIPX_NEIGHMISS4";
+    /// The ports frontends use, one bit each (not pinned: written whole before the node program
+    /// is attached; see `PORTS_WORDS`).
+    pub const PORTS: &str = "VIPX_PORTS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -84,6 +87,8 @@ pub mod prog_names {
     pub const FLOOR: &str = "vipx_floor";
     /// The same trivial program at the TC hook (bench only).
     pub const FLOOR_TC: &str = "vipx_floor_tc";
+    /// Run once (`BPF_PROG_TEST_RUN`) to read jiffies: never attached.
+    pub const CLOCK: &str = "vipx_clock";
     /// cgroup `connect4`: a socket of a served network namespace connecting to a frontend is
     /// connected to a backend instead (TCP, and connected UDP).
     pub const SOCK_CONNECT4: &str = "vipx_sock_connect4";
@@ -141,6 +146,17 @@ pub mod defaults {
     pub const SRCRANGE4_ENTRIES: u32 = 16_384;
 }
 
+/// `VIPX_PORTS`: one bit per L4 port (TCP and UDP alike), set while any frontend or draining
+/// reverse-NAT entry uses the port. The node program passes a packet to any other port
+/// without a hash lookup: most of what reaches a node (its own connections, pod traffic routed
+/// through it) is none of vipx's business.
+pub const PORTS_WORDS: u32 = 65_536 / 64;
+
+/// The word of `VIPX_PORTS` holding `port`'s bit, and the bit.
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1 << (port & 63))
+}
+
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -152,7 +168,7 @@ pub const SCOPE_EXTERNAL: u8 = 0;
 pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Key of `SVC4`. Addresses and ports are in network byte order, exactly as on the wire.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct SvcKey4 {
     pub addr: [u8; 4],
@@ -187,7 +203,7 @@ impl SvcKey4 {
 }
 
 /// Key of `VIP4`: a frontend address, network byte order.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct VipKey4 {
     pub addr: [u8; 4],
@@ -206,7 +222,32 @@ pub const CONFIG_HAIRPIN_ADDR: u32 = 0;
 /// (about 1.07 s); beyond it its new flows are dropped, so one source cannot churn everyone
 /// else's entries out of the conntrack LRU. 0 disables the guard.
 pub const CONFIG_FLOOD_LIMIT: u32 = 1;
-pub const CONFIG_LEN: u32 = 4;
+/// Indexes of `CONFIG`: the programs' conntrack clock, `seen = (jiffies * MULT >> 32) - BASE`,
+/// in `ct_seen` units of the monotonic clock. Jiffies are read with one load (the verifier
+/// inlines `bpf_jiffies64`), where a clock helper is a call on every tracked packet. MULT 0:
+/// not written yet, the programs read the coarse clock instead.
+pub const CONFIG_CLOCK_MULT: u32 = 2;
+pub const CONFIG_CLOCK_BASE: u32 = 3;
+/// Indexes of `CONFIG`: where `vipx_clock` leaves jiffies (low and high halves) for userspace
+/// to derive `CONFIG_CLOCK_BASE` from.
+pub const CONFIG_JIFFIES_LO: u32 = 4;
+pub const CONFIG_JIFFIES_HI: u32 = 5;
+pub const CONFIG_LEN: u32 = 6;
+
+/// `CONFIG_CLOCK_MULT` for a kernel tick of `tick_ns` (the coarse clock's resolution): a jiffy
+/// is `tick_ns` ns, and a `ct_seen` unit 2^30 ns, so `jiffies * tick_ns >> 30` is
+/// `jiffies * 4 tick_ns >> 32`. `None`: a tick no kernel has (not 1-10 ms, HZ 100-1000).
+pub const fn clock_mult(tick_ns: u64) -> Option<u32> {
+    if tick_ns < 1_000_000 || tick_ns > 10_000_000 {
+        return None;
+    }
+    Some((tick_ns * 4) as u32)
+}
+
+/// `CtValue::seen` from jiffies, as the programs compute it.
+pub const fn seen_of_jiffies(jiffies: u64, mult: u32, base: u32) -> u32 {
+    ((jiffies.wrapping_mul(mult as u64) >> 32) as u32).wrapping_sub(base)
+}
 
 /// Value of `VIP4`.
 #[repr(C)]
@@ -301,7 +342,7 @@ pub struct RevNat4 {
 }
 
 /// Key of `CT4`: the 5-tuple exactly as the packet carries it when it reaches the program.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct CtKey4 {
     pub saddr: [u8; 4],
@@ -309,7 +350,10 @@ pub struct CtKey4 {
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not `[u8; 3]`: an unaligned 3-byte array is zeroed through a `memset` call in
+    // BPF (a subprogram call on every key built); these are plain stores.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 /// Forward entry: client -> frontend; DNAT to `backend_id`.
@@ -335,7 +379,7 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 /// Value of `SNAT4`. Under a forward key (client -> frontend): the source the packet leaves
 /// with (this node's address, a SNAT port). Under a reply key (backend -> node, SNAT port): the
 /// client the answer goes back to.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct SnatValue4 {
     pub addr: [u8; 4],
@@ -387,7 +431,7 @@ pub struct FloodValue {
 }
 
 /// Key of `FRAG4`: what identifies the fragments of one datagram (RFC 791).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FragKey4 {
     pub saddr: [u8; 4],
@@ -443,7 +487,7 @@ pub const FRAG_DIR_INGRESS: u8 = 0;
 pub const FRAG_DIR_EGRESS: u8 = 1;
 
 /// Value of `FRAG4`: the L4 ports of the datagram as its first fragment carried them.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FragValue {
     pub sport: [u8; 2],
@@ -731,7 +775,8 @@ mod tests {
             sport: 40000u16.to_be_bytes(),
             dport: 80u16.to_be_bytes(),
             proto: IPPROTO_UDP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         assert_eq!(
             bytemuck::bytes_of(&k),

@@ -200,6 +200,28 @@ pub const fn csum_replace2(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2
     (!(sum as u16)).to_be_bytes()
 }
 
+/// [`csum_replace4`] on values as they sit in memory, read as native integers: the ones'
+/// complement sum does not depend on byte order (RFC 1071, 2.B), so no byte is swapped. `check`
+/// and the result are the checksum field's two bytes read and written the same way.
+#[inline(always)]
+pub const fn csum_replace4_raw(check: u16, old: u32, new: u32) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32;
+    sum += (new as u16) as u32 + (new >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// [`csum_replace2`] on raw values, as [`csum_replace4_raw`].
+#[inline(always)]
+pub const fn csum_replace2_raw(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 /// Ones' complement sum over 16-bit big-endian words, folded (RFC 1071). Used by host tests to
 /// check checksums independently of the kernel helpers.
 pub fn csum_fold(data: &[u8], initial: u32) -> u16 {
@@ -304,6 +326,36 @@ mod tests {
             hdr[16..20].copy_from_slice(&new);
             hdr[10..12].copy_from_slice(&check);
             assert_eq!(csum_fold(&hdr, 0), 0, "after rewriting to {new:?}");
+        }
+    }
+
+    #[test]
+    fn raw_incremental_csums_match_the_network_order_ones() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..100_000 {
+            let r = next();
+            let check = [r as u8, (r >> 8) as u8];
+            let old = ((r >> 16) as u32).to_ne_bytes();
+            let new = (next() as u32).to_ne_bytes();
+            let raw = csum_replace4_raw(
+                u16::from_ne_bytes(check),
+                u32::from_ne_bytes(old),
+                u32::from_ne_bytes(new),
+            );
+            assert_eq!(raw.to_ne_bytes(), csum_replace4(check, old, new));
+            let (o2, n2) = ([old[0], old[1]], [new[2], new[3]]);
+            let raw = csum_replace2_raw(
+                u16::from_ne_bytes(check),
+                u16::from_ne_bytes(o2),
+                u16::from_ne_bytes(n2),
+            );
+            assert_eq!(raw.to_ne_bytes(), csum_replace2(check, o2, n2));
         }
     }
 

@@ -25,20 +25,21 @@ use aya_ebpf::{
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map, xdp},
-    maps::{LpmTrie, LruHashMap, lpm_trie::Key as LpmKey},
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key as LpmKey},
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_AFFINITY, SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT,
-    SVC_F_SOURCE_RANGES, SnatValue4, Stat, SvcKey4, SvcValue, defaults,
+    IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE, SCOPE_EXTERNAL,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_AFFINITY, SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV,
+    SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SnatValue4, Stat, SvcKey4, SvcValue,
+    defaults, port_bit,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
     L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2,
-    csum_replace4, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment, is_tcp_close,
-    is_tcp_syn, pick_slot,
+    csum_replace2_raw, csum_replace4_raw, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment,
+    is_tcp_close, is_tcp_syn, pick_slot,
 };
 
 use crate::{
@@ -55,6 +56,10 @@ static SNAT4: LruHashMap<CtKey4, SnatValue4> = LruHashMap::pinned(defaults::CT4_
 #[map(name = "VIPX_SRCRANGE4")]
 static SRCRANGE4: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(defaults::SRCRANGE4_ENTRIES, 0);
 
+/// Not pinned: userspace writes it whole before a program that reads it is attached.
+#[map(name = "VIPX_PORTS")]
+static PORTS: Array<u64> = Array::with_max_entries(PORTS_WORDS, 0);
+
 #[map(name = "VIPX_NEIGHMISS4")]
 static NEIGHMISS4: LruHashMap<[u8; 4], u32> =
     LruHashMap::with_max_entries(defaults::NEIGHMISS4_ENTRIES, 0);
@@ -67,13 +72,15 @@ const IP_TTL_OFF: usize = 8;
 const SNAT_TRIES: u32 = 32;
 const AF_INET: u8 = 2;
 
-/// The headers the node program needs, copied out of the packet.
+/// The headers the node program needs, copied out of the packet. Addresses and ports are
+/// their bytes as on the wire read as native integers ("raw"): one register each, stored into
+/// a key in one instruction, where byte arrays are taken apart and put together byte by byte.
 struct Pkt {
     l4_off: usize,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: [u8; 2],
-    dport: [u8; 2],
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
     proto: u8,
     tcp_flags: u8,
 }
@@ -82,12 +89,13 @@ impl Pkt {
     #[inline(always)]
     fn ct_key(&self) -> CtKey4 {
         CtKey4 {
-            saddr: self.saddr,
-            daddr: self.daddr,
-            sport: self.sport,
-            dport: self.dport,
+            saddr: self.saddr.to_ne_bytes(),
+            daddr: self.daddr.to_ne_bytes(),
+            sport: self.sport.to_ne_bytes(),
+            dport: self.dport.to_ne_bytes(),
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 
@@ -95,8 +103,8 @@ impl Pkt {
     #[inline(always)]
     fn client(&self) -> SnatValue4 {
         SnatValue4 {
-            addr: self.saddr,
-            port: self.sport,
+            addr: self.saddr.to_ne_bytes(),
+            port: self.sport.to_ne_bytes(),
             _pad: [0; 2],
         }
     }
@@ -111,12 +119,26 @@ impl Pkt {
     }
 }
 
-/// A rewrite of both endpoints of a packet (what is unchanged is given as it was).
+/// A rewrite of both endpoints of a packet (what is unchanged is given as it was), raw as in
+/// [`Pkt`].
 struct Nat {
-    saddr: [u8; 4],
-    sport: [u8; 2],
-    daddr: [u8; 4],
-    dport: [u8; 2],
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport: u16,
+}
+
+impl Nat {
+    /// To `addr`:`port` from `from`:`from_port`, both as map values hold them.
+    #[inline(always)]
+    fn of(from: [u8; 4], from_port: [u8; 2], to: [u8; 4], to_port: [u8; 2]) -> Self {
+        Self {
+            saddr: u32::from_ne_bytes(from),
+            sport: u16::from_ne_bytes(from_port),
+            daddr: u32::from_ne_bytes(to),
+            dport: u16::from_ne_bytes(to_port),
+        }
+    }
 }
 
 /// The interface the packet came in on.
@@ -200,35 +222,30 @@ impl Frame for TcContext {
         unsafe {
             let ip = &mut *ip;
             let ports = &mut *ports;
-            let mut ip_csum = [ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]];
-            ip_csum = csum_replace4(ip_csum, p.saddr, nat.saddr);
-            ip_csum = csum_replace4(ip_csum, p.daddr, nat.daddr);
-            ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr);
-            ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr);
-            ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum);
-            ports[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport);
-            ports[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport);
+            let mut ip_csum = u16::from_ne_bytes([ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]]);
+            ip_csum = csum_replace4_raw(ip_csum, p.saddr, nat.saddr);
+            ip_csum = csum_replace4_raw(ip_csum, p.daddr, nat.daddr);
+            ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr.to_ne_bytes());
+            ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr.to_ne_bytes());
+            ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum.to_ne_bytes());
+            ports[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport.to_ne_bytes());
+            ports[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport.to_ne_bytes());
         }
         let (csum_off, mangled0) = if p.proto == IPPROTO_TCP {
             (p.l4_off + TCP_CSUM_OFF, 0)
         } else {
             (p.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
         };
-        let addr = |from: [u8; 4], to: [u8; 4]| {
+        let addr = |from: u32, to: u32| {
             self.l4_csum_replace(
                 csum_off,
-                u64::from(u32::from_ne_bytes(from)),
-                u64::from(u32::from_ne_bytes(to)),
+                u64::from(from),
+                u64::from(to),
                 BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
             )
         };
-        let port = |from: [u8; 2], to: [u8; 2]| {
-            self.l4_csum_replace(
-                csum_off,
-                u64::from(u16::from_ne_bytes(from)),
-                u64::from(u16::from_ne_bytes(to)),
-                mangled0 | 2,
-            )
+        let port = |from: u16, to: u16| {
+            self.l4_csum_replace(csum_off, u64::from(from), u64::from(to), mangled0 | 2)
         };
         // A helper call each, so only for what changes (a DNAT keeps the source).
         if p.saddr != nat.saddr {
@@ -287,10 +304,10 @@ fn parse<C: Frame>(ctx: &C) -> Option<Pkt> {
     let ports = unsafe { *ports };
     Some(Pkt {
         l4_off,
-        saddr: [ip[12], ip[13], ip[14], ip[15]],
-        daddr: [ip[16], ip[17], ip[18], ip[19]],
-        sport: [ports[0], ports[1]],
-        dport: [ports[2], ports[3]],
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport: u16::from_ne_bytes([ports[0], ports[1]]),
+        dport: u16::from_ne_bytes([ports[2], ports[3]]),
         proto,
         tcp_flags,
     })
@@ -346,16 +363,36 @@ fn node<C: Frame>(ctx: &C) -> Act {
         return Act::Pass;
     };
     // An answer to a flow this node sent to another node's backend: back to its client.
-    let dport = u16::from_be_bytes(p.dport);
+    let dport = u16::from_be(p.dport);
     if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dport)
         && let Some(verdict) = snat_reply(ctx, &p)
     {
         return verdict;
     }
+    // A port no frontend uses: not ours, decided without a hash lookup.
+    if !frontend_port(dport) {
+        return Act::Pass;
+    }
+    let syn = p.proto == IPPROTO_TCP && is_tcp_syn(p.tcp_flags);
+    let ct_key = p.ct_key();
+    // Established flows first, by their conntrack entry alone (one lookup): the entry is
+    // checked against the frontend it was made for through its reverse-NAT entry, which
+    // names the frontend's address and port and lives as long as the frontend (and its
+    // drain). A SYN selects afresh (deterministically: a retransmission lands on the same
+    // backend).
+    if !syn && let Some(verdict) = established(ctx, &p, ct_key) {
+        return verdict;
+    }
     // The service map directly, not the address map first as the pod program does: from
     // outside, the address map's extra answers (a ClusterIP's unserved port, the hairpin
     // address) do not apply, and one lookup is cheaper than two for every frontend packet.
-    let mut svc_key = SvcKey4::from_wire(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, 0);
+    let mut svc_key = SvcKey4::from_wire(
+        p.daddr.to_ne_bytes(),
+        p.dport.to_ne_bytes(),
+        p.proto,
+        SCOPE_EXTERNAL,
+        0,
+    );
     let Some(svc) = SVC4.get_ptr(svc_key) else {
         // Not a port of a frontend on this address: the stack answers as it would.
         return Act::Pass;
@@ -372,67 +409,82 @@ fn node<C: Frame>(ctx: &C) -> Act {
         // SAFETY: value pointer from a successful lookup; copied out at once.
         svc = unsafe { *view };
     }
-    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.rev_nat_id, p.saddr) {
+    if svc.flags & SVC_F_SOURCE_RANGES != 0
+        && !source_allowed(svc.rev_nat_id, p.saddr.to_ne_bytes())
+    {
         count(Stat::SourceRangeDropped);
         return Act::Drop;
     }
-    let syn = p.proto == IPPROTO_TCP && is_tcp_syn(p.tcp_flags);
-    let ct_key = p.ct_key();
-
-    // Established: followed while the entry is for this frontend and its backend unchanged. A
-    // SYN selects afresh (deterministically: a retransmission lands on the same backend).
-    if !syn && let Some(entry) = CT4.get_ptr_mut(ct_key) {
-        // SAFETY: value pointer from a successful lookup; copied out at once.
-        let ct = unsafe { *entry };
-        if ct.flags & CT_F_FORWARD != 0
-            && ct.rev_nat_id == svc.rev_nat_id
-            && let Some(b) = backend(ct.backend_id)
-            && b.generation == ct.backend_gen
-        {
-            ct_touch(entry, &ct, p.ct_state());
-            count(Stat::NodeTranslated);
-            if ct.flags & CT_F_SNAT == 0 {
-                return to_local(ctx, &p, &b);
-            }
-            if let Some(s) = SNAT4.get_ptr(ct_key) {
-                // SAFETY: value pointer from a successful lookup; copied out at once.
-                let s = unsafe { *s };
-                // Its port must still answer to this client: if the LRU took the reply entry
-                // and another flow took the port, this flow selects afresh rather than send
-                // as that one.
-                let reply_key = CtKey4 {
-                    saddr: b.addr,
-                    daddr: s.addr,
-                    sport: b.port,
-                    dport: s.port,
-                    proto: p.proto,
-                    _pad: [0; 3],
-                };
-                let client = p.client();
-                if snat_client(&reply_key) == Some(client) {
-                    // The LRU may have taken the reply entry (the port's lock) alone: take it
-                    // back, or the answers would find nothing.
-                    let reply = CtValue {
-                        flags: CT_F_REPLY | CT_F_SNAT | CT_F_REPLIED,
-                        ..ct
-                    };
-                    // (Another flow took the port meanwhile: this one selects afresh below.)
-                    if CT4.get_ptr(reply_key).is_some()
-                        || CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok()
-                    {
-                        let nat = Nat {
-                            saddr: s.addr,
-                            sport: s.port,
-                            daddr: b.addr,
-                            dport: b.port,
-                        };
-                        return send_on(ctx, &p, &nat);
-                    }
-                }
-            }
-        }
-    }
     new_flow(ctx, &p, svc_key, &svc, ct_key)
+}
+
+/// Whether some frontend (or a draining one) uses `port` (`VIPX_PORTS`).
+#[inline(always)]
+fn frontend_port(port: u16) -> bool {
+    let (word, bit) = port_bit(port);
+    PORTS.get(word).is_some_and(|w| *w & bit != 0)
+}
+
+/// A packet of a flow with a forward entry still valid: its frontend's reverse-NAT entry
+/// active with the generation the entry was made with, at this packet's address and port, and
+/// its backend the same. `None`: not one (a new flow, or one whose entry went stale).
+/// Established flows are not checked against `loadBalancerSourceRanges` or a change of
+/// externalTrafficPolicy again, as netfilter conntrack keeps them behind kube-proxy.
+#[inline(always)]
+fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
+    let entry = CT4.get_ptr_mut(ct_key)?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let ct = unsafe { *entry };
+    if ct.flags & CT_F_FORWARD == 0 {
+        return None;
+    }
+    match REVNAT4.get(ct.rev_nat_id) {
+        Some(r)
+            if r.flags & REVNAT_F_ACTIVE != 0
+                && r.generation == ct.rev_nat_gen
+                && u32::from_ne_bytes(r.addr) == p.daddr
+                && u16::from_ne_bytes(r.port) == p.dport => {}
+        _ => return None,
+    }
+    let b = backend(ct.backend_id)?;
+    if b.generation != ct.backend_gen {
+        return None;
+    }
+    ct_touch(entry, &ct, p.ct_state());
+    count(Stat::NodeTranslated);
+    if ct.flags & CT_F_SNAT == 0 {
+        return Some(to_local(ctx, p, &b));
+    }
+    let s = SNAT4.get_ptr(ct_key)?;
+    // SAFETY: value pointer from a successful lookup; copied out at once.
+    let s = unsafe { *s };
+    // Its port must still answer to this client: if the LRU took the reply entry and another
+    // flow took the port, this flow selects afresh rather than send as that one.
+    let reply_key = CtKey4 {
+        saddr: b.addr,
+        daddr: s.addr,
+        sport: b.port,
+        dport: s.port,
+        proto: p.proto,
+        _pad: 0,
+        _pad2: 0,
+    };
+    if snat_client(&reply_key) != Some(p.client()) {
+        return None;
+    }
+    // The LRU may have taken the reply entry (the port's lock) alone: take it back, or the
+    // answers would find nothing. (Another flow took the port meanwhile: this one selects
+    // afresh.)
+    let reply = CtValue {
+        flags: CT_F_REPLY | CT_F_SNAT | CT_F_REPLIED,
+        ..ct
+    };
+    if CT4.get_ptr(reply_key).is_none() && CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_err()
+    {
+        return None;
+    }
+    let nat = Nat::of(s.addr, s.port, b.addr, b.port);
+    Some(send_on(ctx, p, &nat))
 }
 
 #[inline(always)]
@@ -451,12 +503,18 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
     // not leave entries behind. To a local backend it is translated untracked, as the pod
     // program does; one for another node has no port to go out with.
     let closing = p.proto == IPPROTO_TCP && !is_tcp_syn(p.tcp_flags) && is_tcp_close(p.tcp_flags);
-    if !closing && !flood_allows(p.saddr) {
+    if !closing && !flood_allows(p.saddr.to_ne_bytes()) {
         // The client retransmits a dropped SYN; by then its window may have room again.
         count(Stat::FloodDropped);
         return Act::Drop;
     }
-    let hash = flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto);
+    let hash = flow_hash(
+        p.saddr.to_ne_bytes(),
+        p.daddr.to_ne_bytes(),
+        p.sport.to_ne_bytes(),
+        p.dport.to_ne_bytes(),
+        p.proto,
+    );
     let rev_nat_gen = REVNAT4.get(svc.rev_nat_id).map_or(0, |r| r.generation);
     // sessionAffinity ClientIP holds for external clients too, by their own address (which
     // the node program sees, SNAT or not).
@@ -469,7 +527,7 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
     };
     let kept = if affinity {
         affine(
-            p.saddr,
+            p.saddr.to_ne_bytes(),
             svc.rev_nat_id,
             svc.affinity_timeout_s,
             rev_nat_gen,
@@ -496,7 +554,7 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
     };
     if affinity && !closing {
         remember_affinity(
-            p.saddr,
+            p.saddr.to_ne_bytes(),
             svc.rev_nat_id,
             (backend_id, &b),
             rev_nat_gen,
@@ -522,11 +580,12 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
     if b.flags & BACKEND_F_LOCAL != 0 {
         let reply_key = CtKey4 {
             saddr: b.addr,
-            daddr: p.saddr,
+            daddr: p.saddr.to_ne_bytes(),
             sport: b.port,
-            dport: p.sport,
+            dport: p.sport.to_ne_bytes(),
             proto: p.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         let reply = CtValue {
             flags: CT_F_REPLY,
@@ -568,7 +627,8 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
         sport: b.port,
         dport: [0; 2],
         proto: p.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
     let client = p.client();
@@ -611,19 +671,14 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
         count(Stat::NodeNoPort);
         return Act::Drop;
     }
-    let nat = Nat {
-        saddr: src,
-        sport: port.to_be_bytes(),
-        daddr: b.addr,
-        dport: b.port,
-    };
+    let nat = Nat::of(src, port.to_be_bytes(), b.addr, b.port);
     if SNAT4.insert(reply_key, client, 0).is_err() || ct_put(&reply_key, &reply).is_err() {
         count(Stat::CtInsertFailed);
         return Act::Drop;
     }
     let leave_as = SnatValue4 {
         addr: src,
-        port: nat.sport,
+        port: nat.sport.to_ne_bytes(),
         _pad: [0; 2],
     };
     if SNAT4.insert(ct_key, leave_as, 0).is_err() {
@@ -676,12 +731,7 @@ fn snat_reply<C: Frame>(ctx: &C, p: &Pkt) -> Option<Act> {
     let client = unsafe { *client };
     ct_touch(entry, &ct, CT_F_REPLIED | p.ct_state());
     count(Stat::NodeTranslated);
-    let nat = Nat {
-        saddr: rev.addr,
-        sport: rev.port,
-        daddr: client.addr,
-        dport: client.port,
-    };
+    let nat = Nat::of(rev.addr, rev.port, client.addr, client.port);
     Some(send_on(ctx, p, &nat))
 }
 
@@ -691,8 +741,8 @@ fn to_local<C: Frame>(ctx: &C, p: &Pkt, b: &Backend4) -> Act {
     let nat = Nat {
         saddr: p.saddr,
         sport: p.sport,
-        daddr: b.addr,
-        dport: b.port,
+        daddr: u32::from_ne_bytes(b.addr),
+        dport: u16::from_ne_bytes(b.port),
     };
     if ctx.write_nat(p, &nat).is_none() {
         return Act::Drop;
@@ -716,7 +766,12 @@ fn fib_params(p: &Pkt, src: [u8; 4], dst: [u8; 4], ifindex: u32) -> FibParams {
 /// Rewrite per `nat` and send the packet where the kernel's FIB says `nat.daddr` lives.
 #[inline(always)]
 fn send_on<C: Frame>(ctx: &C, p: &Pkt, nat: &Nat) -> Act {
-    let mut fib = fib_params(p, nat.saddr, nat.daddr, ingress(ctx));
+    let mut fib = fib_params(
+        p,
+        nat.saddr.to_ne_bytes(),
+        nat.daddr.to_ne_bytes(),
+        ingress(ctx),
+    );
     // SAFETY: plain helper call with parameters we own.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -799,39 +854,50 @@ fn rewrite<C: Frame>(ctx: &C, p: &Pkt, nat: &Nat, fib: &FibParams) -> Act {
 /// whatever the rewrite (replacing a value by itself leaves a sum as it was).
 #[inline(always)]
 fn write_nat_finished<C: Frame>(ctx: &C, p: &Pkt, nat: &Nat) -> Option<()> {
-    let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
-    let csum_off = if p.proto == IPPROTO_TCP {
-        TCP_CSUM_OFF
+    if p.proto == IPPROTO_TCP {
+        write_nat_l4::<C, TCP_MIN_HLEN, TCP_CSUM_OFF>(ctx, p, nat)
     } else {
-        UDP_CSUM_OFF
-    };
-    let l4 = ptr_at::<[u8; 2]>(ctx, p.l4_off + csum_off)?;
-    let ports = ptr_at::<[u8; 4]>(ctx, p.l4_off)?;
-    // SAFETY: every pointer bounds checked by ptr_at above; the packet is ours to write.
+        write_nat_l4::<C, UDP_HLEN, UDP_CSUM_OFF>(ctx, p, nat)
+    }
+}
+
+/// `write_nat_finished` for an L4 header of `N` bytes with its checksum at `CSUM`: one pointer
+/// for the whole header, so the verifier sees every access under one bounds check (LLVM drops
+/// a second check another one implies, and the verifier cannot follow that).
+#[inline(always)]
+fn write_nat_l4<C: Frame, const N: usize, const CSUM: usize>(
+    ctx: &C,
+    p: &Pkt,
+    nat: &Nat,
+) -> Option<()> {
+    let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN)?;
+    let l4 = ptr_at::<[u8; N]>(ctx, p.l4_off)?;
+    // SAFETY: both pointers bounds checked by ptr_at above; the packet is ours to write.
     unsafe {
         let ip = &mut *ip;
-        let ports = &mut *ports;
         let l4 = &mut *l4;
-        let mut ip_csum = [ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]];
-        let mut l4_csum = *l4;
-        let udp_none = p.proto == IPPROTO_UDP && l4_csum == [0, 0];
-        ip_csum = csum_replace4(ip_csum, p.saddr, nat.saddr);
-        l4_csum = csum_replace4(l4_csum, p.saddr, nat.saddr);
-        ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr);
-        ip_csum = csum_replace4(ip_csum, p.daddr, nat.daddr);
-        l4_csum = csum_replace4(l4_csum, p.daddr, nat.daddr);
-        ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr);
-        l4_csum = csum_replace2(l4_csum, p.sport, nat.sport);
-        ports[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport);
-        l4_csum = csum_replace2(l4_csum, p.dport, nat.dport);
-        ports[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport);
-        ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum);
+        let mut ip_csum = u16::from_ne_bytes([ip[IP_CSUM_OFF], ip[IP_CSUM_OFF + 1]]);
+        let mut l4_csum = u16::from_ne_bytes([l4[CSUM], l4[CSUM + 1]]);
+        let udp_none = p.proto == IPPROTO_UDP && l4_csum == 0;
+        // The address words are summed into both checksums at once: the L4 pseudo header
+        // covers the same addresses.
+        ip_csum = csum_replace4_raw(ip_csum, p.saddr, nat.saddr);
+        ip_csum = csum_replace4_raw(ip_csum, p.daddr, nat.daddr);
+        l4_csum = csum_replace4_raw(l4_csum, p.saddr, nat.saddr);
+        l4_csum = csum_replace4_raw(l4_csum, p.daddr, nat.daddr);
+        l4_csum = csum_replace2_raw(l4_csum, p.sport, nat.sport);
+        l4_csum = csum_replace2_raw(l4_csum, p.dport, nat.dport);
+        ip[IP_SADDR_OFF..IP_SADDR_OFF + 4].copy_from_slice(&nat.saddr.to_ne_bytes());
+        ip[IP_DADDR_OFF..IP_DADDR_OFF + 4].copy_from_slice(&nat.daddr.to_ne_bytes());
+        l4[L4_SPORT_OFF..L4_SPORT_OFF + 2].copy_from_slice(&nat.sport.to_ne_bytes());
+        l4[L4_DPORT_OFF..L4_DPORT_OFF + 2].copy_from_slice(&nat.dport.to_ne_bytes());
+        ip[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&ip_csum.to_ne_bytes());
         if !udp_none {
             // A UDP sum that comes out 0 is sent as all ones (0 means "none").
-            if p.proto == IPPROTO_UDP && l4_csum == [0, 0] {
-                l4_csum = [0xff, 0xff];
+            if p.proto == IPPROTO_UDP && l4_csum == 0 {
+                l4_csum = 0xffff;
             }
-            *l4 = l4_csum;
+            l4[CSUM..CSUM + 2].copy_from_slice(&l4_csum.to_ne_bytes());
         }
     }
     Some(())

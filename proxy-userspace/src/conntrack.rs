@@ -520,7 +520,8 @@ impl Ids<'_> {
                     sport: b.port,
                     dport: other.port,
                     proto: key.proto,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    _pad2: 0,
                 }
             } else {
                 CtKey4 {
@@ -529,7 +530,8 @@ impl Ids<'_> {
                     sport: other.port,
                     dport: r.port,
                     proto: key.proto,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    _pad2: 0,
                 }
             });
         }
@@ -549,7 +551,8 @@ impl Ids<'_> {
                 sport: b.port,
                 dport: key.sport,
                 proto: key.proto,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             })
         } else if v.flags & CT_F_REPLY != 0 {
             self.backend(v.backend_id, v.backend_gen)?;
@@ -566,7 +569,8 @@ impl Ids<'_> {
                 sport: key.dport,
                 dport: r.port,
                 proto: key.proto,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             })
         } else {
             None

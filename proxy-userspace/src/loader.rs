@@ -12,10 +12,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRunOptions,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, Xdp,
         links::{FdLink, PinnedLink},
         tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
@@ -503,6 +503,7 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         maglev_mem: None,
         maglev: take(ebpf, map_names::MAGLEV4)?,
         affmatch: Some(take(ebpf, map_names::AFFMATCH4)?),
+        ports: Some(take(ebpf, map_names::PORTS)?),
     }
     .with_maglev_mem())
 }
@@ -533,6 +534,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         maglev_mem: None,
         // Absent in pins of a build before it: `vipx services` still reads the rest.
         affmatch: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::AFFMATCH4).ok(),
+        ports: None,
     }
     .with_maglev_mem())
 }
@@ -549,6 +551,60 @@ pub fn write_config(ebpf: &mut Ebpf, hairpin: Option<std::net::Ipv4Addr>) -> Res
     config
         .set(proxy_common::CONFIG_HAIRPIN_ADDR, addr, 0)
         .context("writing the hairpin address")?;
+    Ok(())
+}
+
+/// Point the programs' conntrack clock at jiffies (see `CONFIG_CLOCK_MULT`): the tick from the
+/// coarse clock's resolution, the offset from one run of `vipx_clock` beside a read of the
+/// coarse clock, so entries keep the units and origin of [`crate::conntrack::now_seen`] (and of
+/// what an earlier build left in pinned entries). Before the programs are attached; a kernel
+/// whose tick cannot be read keeps the coarse clock in the programs.
+pub fn write_clock(ebpf: &mut Ebpf) -> Result<()> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes the timespec it is given.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+    let tick_ns = u64::try_from(res.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(res.tv_nsec).unwrap_or(0);
+    let Some(mult) = proxy_common::clock_mult(tick_ns) else {
+        tracing::warn!(
+            tick_ns,
+            "the kernel tick is not 1-10 ms: the programs read the slower coarse clock"
+        );
+        return Ok(());
+    };
+    let prog: &mut Xdp = ebpf
+        .program_mut(prog_names::CLOCK)
+        .context("the clock program is missing from the object")?
+        .try_into()?;
+    prog.load().context("loading the clock program")?;
+    let pkt = [0u8; 64];
+    let ran = prog.test_run(TestRunOptions {
+        data_in: Some(&pkt),
+        repeat: 1,
+        ..TestRunOptions::default()
+    });
+    let now = crate::conntrack::now_seen();
+    let unloaded = prog.unload();
+    ran.context("running the clock program")?;
+    unloaded.context("unloading the clock program")?;
+    let mut config: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(map_names::CONFIG)
+            .context("the CONFIG map is missing from the object")?,
+    )?;
+    let lo = config.get(&proxy_common::CONFIG_JIFFIES_LO, 0)?;
+    let hi = config.get(&proxy_common::CONFIG_JIFFIES_HI, 0)?;
+    let jiffies = u64::from(hi) << 32 | u64::from(lo);
+    let base = proxy_common::seen_of_jiffies(jiffies, mult, 0).wrapping_sub(now);
+    // The base first: the programs switch clocks when MULT becomes non-zero.
+    config
+        .set(proxy_common::CONFIG_CLOCK_BASE, base, 0)
+        .context("writing the clock offset")?;
+    config
+        .set(proxy_common::CONFIG_CLOCK_MULT, mult, 0)
+        .context("writing the clock scale")?;
     Ok(())
 }
 

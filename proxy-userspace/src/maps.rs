@@ -24,10 +24,11 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend4,
-    IPPROTO_TCP, IPPROTO_UDP, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL,
-    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW, SVC_F_LOAD_BALANCER,
-    SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SvcKey4,
-    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
+    IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE, RevNat4,
+    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW,
+    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT,
+    SVC_F_SOURCE_RANGES, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
+    port_bit,
 };
 
 use crate::{
@@ -473,6 +474,8 @@ pub struct ServiceMaps {
     /// Backends of frontends with session affinity (`None`: pins of a build without it, opened
     /// read-only by `vipx services`).
     pub affmatch: Option<HashMap<MapData, AffinityMatchKey4, u32>>,
+    /// The ports frontends use (`None`: opened from pins, where it is not: it is not pinned).
+    pub ports: Option<Array<MapData, u64>>,
 }
 
 /// `VIPX_MAGLEV4` mapped read-write: tables are written and read with plain memory accesses.
@@ -587,9 +590,18 @@ pub trait MapStore {
     fn affmatch_set(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()>;
     /// Remove; an absent pair is not an error.
     fn affmatch_remove(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()>;
+    /// Write word `word` of the port bitmap (see `proxy_common::PORTS_WORDS`).
+    fn ports_set(&mut self, word: u32, bits: u64) -> Result<()>;
 }
 
 impl MapStore for ServiceMaps {
+    fn ports_set(&mut self, word: u32, bits: u64) -> Result<()> {
+        match &mut self.ports {
+            Some(m) => Ok(m.set(word, bits, 0)?),
+            None => Ok(()),
+        }
+    }
+
     fn svc_insert(&mut self, key: SvcKey4, value: SvcValue) -> Result<()> {
         Ok(self.svc.insert(key, value, 0)?)
     }
@@ -928,6 +940,48 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     /// path). Kept here, not in what an apply returns, so an apply that fails after writing
     /// some frontends does not lose theirs (see [`Self::take_udp_purges`]).
     udp_purges: Vec<crate::conntrack::Purge>,
+    ports: PortBits,
+}
+
+/// The port bitmap (`VIPX_PORTS`): how many reverse-NAT entries use each port (every programmed
+/// frontend has one, and a draining frontend keeps its own), and the words as written. A bit is
+/// set before the entry that needs it is written and cleared after the last one went, so the
+/// node program never passes a packet of a frontend for its port.
+struct PortBits {
+    refs: Vec<u32>,
+    written: Vec<u64>,
+    /// Words whose references changed since they were last settled.
+    dirty: BTreeSet<u32>,
+}
+
+impl PortBits {
+    /// Every word dirty: the map is written whole once, whatever it held.
+    fn new() -> Self {
+        Self {
+            refs: vec![0; 1 << 16],
+            written: vec![0; PORTS_WORDS as usize],
+            dirty: (0..PORTS_WORDS).collect(),
+        }
+    }
+
+    fn add(&mut self, port: u16) {
+        self.refs[usize::from(port)] += 1;
+        self.dirty.insert(port_bit(port).0);
+    }
+
+    fn remove(&mut self, port: u16) {
+        let r = &mut self.refs[usize::from(port)];
+        *r = r.saturating_sub(1);
+        self.dirty.insert(port_bit(port).0);
+    }
+
+    /// What word `word` should hold.
+    fn want(&self, word: u32) -> u64 {
+        let base = word as usize * 64;
+        (0..64)
+            .filter(|i| self.refs[base + i] != 0)
+            .fold(0, |w, i| w | 1 << i)
+    }
 }
 
 /// The Maglev table space: which tables are free, which wait out their quarantine.
@@ -1063,7 +1117,13 @@ impl<M: MapStore> MapWriter<M> {
             draining: BTreeMap::new(),
             orphans: BTreeMap::new(),
             udp_purges: Vec::new(),
+            ports: PortBits::new(),
         };
+        for fe in w.cur.revnat.values() {
+            w.ports.add(fe.port);
+        }
+        // Before any program is attached, like the addresses below.
+        w.settle_ports()?;
 
         let named: std::collections::HashSet<u32> = w.revnat_ids.values().copied().collect();
         let orphan_deadline = Instant::now() + DEFAULT_ENDPOINT_GRACE;
@@ -1150,6 +1210,36 @@ impl<M: MapStore> MapWriter<M> {
             );
         }
         Ok(())
+    }
+
+    /// Set `port`'s bit if it is not (before a reverse-NAT entry for it is written).
+    fn ensure_port(&mut self, port: u16) -> Result<()> {
+        let (word, bit) = port_bit(port);
+        let have = self.ports.written[word as usize];
+        if have & bit == 0 {
+            self.maps
+                .ports_set(word, have | bit)
+                .with_context(|| format!("writing the port bitmap (port {port})"))?;
+            self.ports.written[word as usize] = have | bit;
+        }
+        Ok(())
+    }
+
+    /// Write the bitmap words whose references changed; returns the writes.
+    fn settle_ports(&mut self) -> Result<usize> {
+        let mut writes = 0;
+        for word in std::mem::take(&mut self.ports.dirty) {
+            let want = self.ports.want(word);
+            if want != self.ports.written[word as usize] {
+                if let Err(e) = self.maps.ports_set(word, want) {
+                    self.ports.dirty.insert(word);
+                    return Err(e).context("writing the port bitmap");
+                }
+                self.ports.written[word as usize] = want;
+                writes += 1;
+            }
+        }
+        Ok(writes)
     }
 
     /// Make the address entry of `addr` say what its programmed frontends call for.
@@ -1426,6 +1516,8 @@ impl<M: MapStore> MapWriter<M> {
                 st.map_writes += 1;
             }
         }
+        // 6. Ports no reverse-NAT entry uses any more.
+        st.map_writes += self.settle_ports()?;
         Ok(st)
     }
 
@@ -1731,7 +1823,9 @@ impl<M: MapStore> MapWriter<M> {
                 },
             )
             .with_context(|| format!("clearing reverse-NAT {id}"))?;
-        self.cur.revnat.remove(&id);
+        if let Some(fe) = self.cur.revnat.remove(&id) {
+            self.ports.remove(fe.port);
+        }
         self.revnat_space.release(id);
         Ok(())
     }
@@ -1880,11 +1974,13 @@ impl<M: MapStore> MapWriter<M> {
                 generation,
                 ..RevNat4::default()
             };
-            let write = if new_revnat.is_some() {
-                self.maps.revnat_set(rev_nat_id, retire)
-            } else {
-                Ok(())
-            };
+            let write = self.ensure_port(fe.port).and_then(|()| {
+                if new_revnat.is_some() {
+                    self.maps.revnat_set(rev_nat_id, retire)
+                } else {
+                    Ok(())
+                }
+            });
             if let Err(e) = write.and_then(|()| self.maps.revnat_set(rev_nat_id, v)) {
                 if let Some((_, id)) = new_revnat {
                     self.revnat_ids.remove(fe);
@@ -1894,9 +1990,14 @@ impl<M: MapStore> MapWriter<M> {
                 return Err(e).with_context(|| format!("writing reverse-NAT {rev_nat_id} ({fe})"));
             }
             st.map_writes += 1;
-            self.cur
+            if let Some(old) = self
+                .cur
                 .revnat
-                .insert(rev_nat_id, L4Addr { proto: 0, ..*fe });
+                .insert(rev_nat_id, L4Addr { proto: 0, ..*fe })
+            {
+                self.ports.remove(old.port);
+            }
+            self.ports.add(fe.port);
         }
 
         let wants_maglev = self.maglev.m != 0
@@ -2433,6 +2534,7 @@ mod tests {
         affmatch: BTreeSet<(u32, u32)>,
         /// Adding a pair fails beyond this many (a full map).
         affmatch_max: usize,
+        ports: Vec<u64>,
     }
 
     impl FakeMaps {
@@ -2450,7 +2552,13 @@ mod tests {
                 fail_clearing: None,
                 affmatch: BTreeSet::new(),
                 affmatch_max: usize::MAX,
+                ports: vec![0; PORTS_WORDS as usize],
             }
+        }
+
+        fn port_set(&self, port: [u8; 2]) -> bool {
+            let (word, bit) = port_bit(u16::from_be_bytes(port));
+            self.ports[word as usize] & bit != 0
         }
 
         fn with_maglev(mut self, m: u32, tables: usize) -> Self {
@@ -2507,6 +2615,20 @@ mod tests {
                     );
                 }
             }
+            // Exactly the ports of active reverse-NAT entries have their bit.
+            let mut want = vec![0u64; PORTS_WORDS as usize];
+            for r in self
+                .revnat
+                .iter()
+                .filter(|r| r.flags & REVNAT_F_ACTIVE != 0)
+            {
+                let (word, bit) = port_bit(u16::from_be_bytes(r.port));
+                want[word as usize] |= bit;
+            }
+            assert!(
+                want == self.ports,
+                "port bitmap differs from the reverse-NAT ports"
+            );
         }
 
         fn active_backends(&self) -> usize {
@@ -2515,10 +2637,19 @@ mod tests {
     }
 
     impl MapStore for FakeMaps {
+        fn ports_set(&mut self, word: u32, bits: u64) -> Result<()> {
+            self.ports[word as usize] = bits;
+            Ok(())
+        }
+
         fn svc_insert(&mut self, key: SvcKey4, value: SvcValue) -> Result<()> {
             if !self.svc.contains_key(&key) && self.svc.len() >= self.svc_max {
                 bail!("map full (E2BIG)");
             }
+            assert!(
+                self.port_set(key.port),
+                "{key:?} written before its port bit"
+            );
             if key.slot == 0 && value.flags & SVC_F_MAGLEV != 0 && value.backend_id != 0 {
                 // Slot 0 names only a table already written whole, of live backends.
                 let t = &self.maglev[value.backend_id as usize - 1];
@@ -2565,6 +2696,10 @@ mod tests {
         }
 
         fn revnat_set(&mut self, id: u32, value: RevNat4) -> Result<()> {
+            assert!(
+                value.flags & REVNAT_F_ACTIVE == 0 || self.port_set(value.port),
+                "reverse-NAT {id} written before its port bit"
+            );
             let entry = self
                 .revnat
                 .get_mut(id as usize)

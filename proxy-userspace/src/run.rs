@@ -845,6 +845,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // started again).
     let mut legacy_guard = loader::LegacyConntrackGuard::new(&opts.pin_dir, legacy_moved);
     loader::write_config(&mut ebpf, opts.hairpin)?;
+    loader::write_clock(&mut ebpf)?;
     let flood_limit = opts.conntrack.flood_limit(opts.sizes.conntrack);
     tracing::info!(
         conntrack_entries = opts.sizes.conntrack,

@@ -302,6 +302,8 @@ fn ct_gc(a: GcArgs) -> Result<()> {
             maglev_tables: 0,
         };
         let mut ebpf = loader::load(&pin_dir, sizes)?;
+        // The clock the programs read in production (jiffies), not the fallback.
+        loader::write_clock(&mut ebpf)?;
         let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
         let (vaddr, vport) = vip(0);
         let (baddr, bport) = backend(0, 0, 1);
@@ -357,7 +359,8 @@ fn ct_gc(a: GcArgs) -> Result<()> {
                     sport: sport.to_be_bytes(),
                     dport: vport.to_be_bytes(),
                     proto: IPPROTO_TCP,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    _pad2: 0,
                 },
                 CtKey4 {
                     saddr: baddr.octets(),
@@ -365,7 +368,8 @@ fn ct_gc(a: GcArgs) -> Result<()> {
                     sport: bport.to_be_bytes(),
                     dport: sport.to_be_bytes(),
                     proto: IPPROTO_TCP,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    _pad2: 0,
                 },
             )
         };
@@ -488,6 +492,8 @@ fn packet(a: Args) -> Result<()> {
         };
         let result = (|| -> Result<()> {
             let mut ebpf = loader::load(&pin_dir, sizes)?;
+            // The clock the programs read in production (jiffies), not the fallback.
+            loader::write_clock(&mut ebpf)?;
             // The flood guard as vipx runs it while conntrack is below half full: off (its
             // check is one CONFIG read). Engaged (a limit no replayed packet reaches), it adds
             // its FLOOD4 lookup and atomic add, ~90-150 ns, to every new flow.
@@ -867,6 +873,8 @@ fn control_plane(a: CpArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&pin_dir);
         let r = (|| -> Result<()> {
             let mut ebpf = loader::load(&pin_dir, sizes)?;
+            // The clock the programs read in production (jiffies), not the fallback.
+            loader::write_clock(&mut ebpf)?;
             let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
             // Full: every object is new, as at start-up or after a relist.
             let objs = ClusterObjects {
