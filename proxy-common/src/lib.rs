@@ -67,8 +67,8 @@ pub mod map_names {
     /// Next hops the node program found without a neighbour entry (userspace asks the kernel to
     /// resolve them; not pinned).
     pub const NEIGHMISS4: &str = "VIPX_NEIGHMISS4";
-    /// The ports frontends use, one bit each (not pinned: written whole before the node program
-    /// is attached; see `PORTS_WORDS`).
+    /// The ports frontends use, one bit each (pinned, and written whole at every start before
+    /// the node program is attached; see `PORTS_WORDS`).
     pub const PORTS: &str = "VIPX_PORTS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
@@ -222,21 +222,23 @@ pub const CONFIG_HAIRPIN_ADDR: u32 = 0;
 /// (about 1.07 s); beyond it its new flows are dropped, so one source cannot churn everyone
 /// else's entries out of the conntrack LRU. 0 disables the guard.
 pub const CONFIG_FLOOD_LIMIT: u32 = 1;
-/// Indexes of `CONFIG`: the programs' conntrack clock, `seen = (jiffies * MULT >> 32) - BASE`,
-/// in `ct_seen` units of the monotonic clock. Jiffies are read with one load (the verifier
-/// inlines `bpf_jiffies64`), where a clock helper is a call on every tracked packet. MULT 0:
-/// not written yet, the programs read the coarse clock instead.
+/// Indexes of `CONFIG`: the programs' conntrack clock, `seen = (jiffies * MULT - BASE) >> 32`
+/// (BASE a u64 in two halves), in `ct_seen` units of the coarse monotonic clock, whose ticks
+/// jiffies count. Jiffies are read with one load (the verifier inlines `bpf_jiffies64`), where
+/// a clock helper is a call on every tracked packet. MULT 0: not written yet, the programs read
+/// the coarse clock instead.
 pub const CONFIG_CLOCK_MULT: u32 = 2;
-pub const CONFIG_CLOCK_BASE: u32 = 3;
+pub const CONFIG_CLOCK_BASE_LO: u32 = 3;
+pub const CONFIG_CLOCK_BASE_HI: u32 = 4;
 /// Indexes of `CONFIG`: where `vipx_clock` leaves jiffies (low and high halves) for userspace
-/// to derive `CONFIG_CLOCK_BASE` from.
-pub const CONFIG_JIFFIES_LO: u32 = 4;
-pub const CONFIG_JIFFIES_HI: u32 = 5;
-pub const CONFIG_LEN: u32 = 6;
+/// to derive the base from.
+pub const CONFIG_JIFFIES_LO: u32 = 5;
+pub const CONFIG_JIFFIES_HI: u32 = 6;
+pub const CONFIG_LEN: u32 = 7;
 
 /// `CONFIG_CLOCK_MULT` for a kernel tick of `tick_ns` (the coarse clock's resolution): a jiffy
-/// is `tick_ns` ns, and a `ct_seen` unit 2^30 ns, so `jiffies * tick_ns >> 30` is
-/// `jiffies * 4 tick_ns >> 32`. `None`: a tick no kernel has (not 1-10 ms, HZ 100-1000).
+/// is `tick_ns` ns, and a `ct_seen` unit 2^30 ns, so `ns >> 30` is `4 ns >> 32`, with
+/// `4 ns = jiffies * 4 tick_ns - BASE`. `None`: a tick no kernel has (not 1-10 ms, HZ 100-1000).
 pub const fn clock_mult(tick_ns: u64) -> Option<u32> {
     if tick_ns < 1_000_000 || tick_ns > 10_000_000 {
         return None;
@@ -245,8 +247,16 @@ pub const fn clock_mult(tick_ns: u64) -> Option<u32> {
 }
 
 /// `CtValue::seen` from jiffies, as the programs compute it.
-pub const fn seen_of_jiffies(jiffies: u64, mult: u32, base: u32) -> u32 {
-    ((jiffies.wrapping_mul(mult as u64) >> 32) as u32).wrapping_sub(base)
+pub const fn seen_of_jiffies(jiffies: u64, mult: u32, base: u64) -> u32 {
+    (jiffies.wrapping_mul(mult as u64).wrapping_sub(base) >> 32) as u32
+}
+
+/// The `CONFIG_CLOCK_BASE` that makes [`seen_of_jiffies`] agree with `ct_seen(coarse_ns)` to a
+/// tick, from `jiffies` and the coarse clock read together.
+pub const fn clock_base(jiffies: u64, mult: u32, coarse_ns: u64) -> u64 {
+    jiffies
+        .wrapping_mul(mult as u64)
+        .wrapping_sub(coarse_ns.wrapping_mul(4))
 }
 
 /// Value of `VIP4`.
@@ -328,6 +338,10 @@ impl Backend4 {
 }
 
 pub const REVNAT_F_ACTIVE: u16 = 1;
+/// The frontend has `loadBalancerSourceRanges`: the node program checks every packet of its
+/// established flows against them too (narrowed ranges end the flows outside them, as in
+/// Cilium; kube-proxy checks new connections only).
+pub const REVNAT_F_SOURCE_RANGES: u16 = 1 << 1;
 
 /// Value of `REVNAT4` (array indexed by reverse-NAT id): the frontend a reply's source is
 /// rewritten back to.
@@ -370,6 +384,9 @@ pub const CT_F_RST: u32 = 1 << 4;
 /// node's address and a port of [`SNAT_PORT_MIN`]..=[`SNAT_PORT_MAX`]); `SNAT4` holds, under the
 /// same key, the other side's address and port.
 pub const CT_F_SNAT: u32 = 1 << 6;
+/// A forward entry the node program made (an external client's flow): the node program follows
+/// only these, the pod program never does, so one's flows cannot be taken for the other's.
+pub const CT_F_NODE: u32 = 1 << 7;
 
 /// Source ports of external flows sent to backends on other nodes: above Linux's default
 /// ephemeral range (32768-60999), so they do not collide with the node's own connections.
@@ -573,8 +590,6 @@ pub enum Stat {
     /// Packets of hairpin flows (a pod landing on itself through its Service) SNATed to the
     /// hairpin address and back, both directions.
     Hairpin,
-    /// Packets of established flows whose frontend was removed, translated while it drains.
-    CtDrained,
     /// New flows of a Maglev frontend that has no table (table space exhausted) or whose table
     /// entry named no live backend: chosen by slot hashing instead.
     MaglevFallback,
@@ -617,7 +632,7 @@ pub enum Stat {
 pub const STATS_LEN: u32 = 64;
 
 impl Stat {
-    pub const ALL: [Stat; 39] = [
+    pub const ALL: [Stat; 38] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -642,7 +657,6 @@ impl Stat {
         Stat::CtRemoved,
         Stat::CtUntracked,
         Stat::Hairpin,
-        Stat::CtDrained,
         Stat::MaglevFallback,
         Stat::FloodDropped,
         Stat::SockTranslated,
@@ -685,7 +699,6 @@ impl Stat {
             Stat::CtRemoved => "ct_removed",
             Stat::CtUntracked => "ct_untracked",
             Stat::Hairpin => "hairpin",
-            Stat::CtDrained => "ct_drained",
             Stat::MaglevFallback => "maglev_fallback",
             Stat::FloodDropped => "flood_dropped",
             Stat::SockTranslated => "sock_translated",
@@ -784,5 +797,26 @@ mod tests {
                 198, 18, 64, 2, 198, 19, 0, 10, 0x9c, 0x40, 0, 80, 17, 0, 0, 0
             ]
         );
+    }
+
+    /// The programs' jiffies clock agrees with `ct_seen` of the coarse clock exactly, whatever
+    /// the tick, from jiffies' start value (300 s before wrapping 32 bits) on.
+    #[test]
+    fn the_jiffies_clock_agrees_with_the_coarse_clock() {
+        for hz in [100u64, 250, 300, 1000] {
+            let tick = (1_000_000_000 + hz / 2) / hz;
+            let mult = clock_mult(tick).unwrap();
+            let j0 = (u64::from(u32::MAX) + 1) - 300 * hz + 12_345;
+            let coarse0 = 987_654_321_000;
+            let base = clock_base(j0, mult, coarse0);
+            for n in [0u64, 1, 2, hz, 7 * hz + 3, 86_400 * hz, 400 * 86_400 * hz] {
+                assert_eq!(
+                    seen_of_jiffies(j0 + n, mult, base),
+                    ct_seen(coarse0 + n * tick),
+                    "HZ {hz}, {n} jiffies on"
+                );
+            }
+        }
+        assert_eq!(clock_mult(1_000), None);
     }
 }

@@ -34,13 +34,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, CONFIG_CLOCK_BASE, CONFIG_CLOCK_MULT,
-    CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR, CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN,
-    CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS,
-    FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
-    SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen,
-    defaults, seen_of_jiffies,
+    AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, CONFIG_CLOCK_BASE_HI,
+    CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR,
+    CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_NODE,
+    CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue,
+    FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4,
+    SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue,
+    VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen, defaults, seen_of_jiffies,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -129,10 +129,13 @@ fn count(stat: Stat) {
 /// (14 ns a packet measured here); the coarse clock until userspace wrote the scale.
 #[inline(always)]
 fn ct_now() -> u32 {
-    if let (Some(&mult), Some(&base)) =
-        (CONFIG.get(CONFIG_CLOCK_MULT), CONFIG.get(CONFIG_CLOCK_BASE))
-        && mult != 0
+    if let (Some(&mult), Some(&lo), Some(&hi)) = (
+        CONFIG.get(CONFIG_CLOCK_MULT),
+        CONFIG.get(CONFIG_CLOCK_BASE_LO),
+        CONFIG.get(CONFIG_CLOCK_BASE_HI),
+    ) && mult != 0
     {
+        let base = u64::from(hi) << 32 | u64::from(lo);
         // SAFETY: plain helper call (inlined by the verifier).
         return seen_of_jiffies(unsafe { aya_ebpf::helpers::bpf_jiffies64() }, mult, base);
     }
@@ -803,12 +806,17 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     if vip_flags & VIP_F_HAIRPIN != 0 {
         return hairpin_reply(&mut ctx, &flow);
     }
+    // Established flows by their conntrack entry alone, one hash lookup fewer than through the
+    // frontend: the entry's reverse-NAT entry vouches that it was made for this frontend
+    // (active, same generation, this address and port), which also keeps a removed frontend's
+    // flows while it drains. A SYN always selects afresh (as in Katran): the hash is
+    // deterministic, so a retransmitted SYN lands on the same backend, and a new connection
+    // reusing a port is balanced over the current backends.
+    if !syn && let Some(verdict) = established_flow(&mut ctx, &flow) {
+        return verdict;
+    }
     let svc_key = SvcKey4::from_wire(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
-        // A removed frontend keeps its established flows while its reverse-NAT entry drains.
-        if !syn && let Some(verdict) = drained_flow(&mut ctx, &flow) {
-            return verdict;
-        }
         if vip_flags & VIP_F_CLUSTER_IP != 0 {
             // A ClusterIP on a port no Service port serves: refused, as kube-proxy's nftables
             // mode does, rather than sent to a host that has no such address.
@@ -820,40 +828,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let svc = unsafe { *svc };
 
-    // Established flows. A SYN always selects afresh (as in Katran): the hash is deterministic,
-    // so a retransmitted SYN lands on the same backend, and a new connection reusing a port is
-    // balanced over the current backends.
     let ct_key = flow.ct_key();
-    let tcp_state = flow.ct_state();
-    if !syn && let Some(entry) = CT4.get_ptr_mut(ct_key) {
-        // SAFETY: value pointer from a successful lookup; copied out at once.
-        let ct = unsafe { *entry };
-        if ct.flags & CT_F_FORWARD != 0 && ct.rev_nat_id == svc.rev_nat_id {
-            match backend(ct.backend_id) {
-                Some(b) if b.generation == ct.backend_gen => {
-                    ct_touch(entry, &ct, tcp_state);
-                    count(if flow.frag == FRAG_LATER {
-                        Stat::FragTranslated
-                    } else {
-                        Stat::CtForward
-                    });
-                    if ct.flags & CT_F_HAIRPIN != 0
-                        && let Some(hp) = hairpin_addr()
-                    {
-                        return hairpin_forward(&mut ctx, &flow, &b, hp);
-                    }
-                    return dnat(&mut ctx, &flow, &b);
-                }
-                // The id now names another backend: never follow it.
-                Some(_) => count(Stat::CtStale),
-                // The backend went away: pick a live one.
-                None => count(Stat::BackendGone),
-            }
-        } else {
-            // Made for another frontend that had this address before.
-            count(Stat::CtStale);
-        }
-    }
     if flow.frag == FRAG_LATER {
         // Its first fragment would have made the entry; without it there is nothing to follow.
         return NEXT;
@@ -1048,17 +1023,18 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
 }
 
-/// A packet of an established flow whose frontend was removed (or is being re-created): its
-/// forward entry is followed while the reverse-NAT id it names still means this very frontend
-/// (active, same generation, same address and port) and its backend is the same one. `None`:
-/// not such a flow.
+/// A packet of an established flow: its forward entry is followed while the reverse-NAT id it
+/// names still means this very frontend (active, same generation, same address and port), so
+/// also while a removed frontend drains or is re-created, and its backend is the same one.
+/// `None`: not such a flow (a new one, or one whose entry went stale: it selects afresh).
 #[inline(always)]
-fn drained_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
+fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
     let key = flow.ct_key();
     let entry = CT4.get_ptr_mut(key)?;
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let ct = unsafe { *entry };
-    if ct.flags & CT_F_FORWARD == 0 {
+    // (The node program's own entries are an external client's flows, never a pod's.)
+    if ct.flags & (CT_F_FORWARD | CT_F_NODE) != CT_F_FORWARD {
         return None;
     }
     match REVNAT4.get(ct.rev_nat_id) {
@@ -1067,15 +1043,31 @@ fn drained_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
                 && r.generation == ct.rev_nat_gen
                 && r.addr == flow.daddr
                 && r.port == flow.dport => {}
-        _ => return None,
+        _ => {
+            // Made for another frontend that had this address before, or one that is gone.
+            count(Stat::CtStale);
+            return None;
+        }
     }
     let b = match backend(ct.backend_id) {
         Some(b) if b.generation == ct.backend_gen => b,
-        _ => return None,
+        // The id now names another backend: never follow it.
+        Some(_) => {
+            count(Stat::CtStale);
+            return None;
+        }
+        // The backend went away: pick a live one.
+        None => {
+            count(Stat::BackendGone);
+            return None;
+        }
     };
-    let state = flow.ct_state();
-    ct_touch(entry, &ct, state);
-    count(Stat::CtDrained);
+    ct_touch(entry, &ct, flow.ct_state());
+    count(if flow.frag == FRAG_LATER {
+        Stat::FragTranslated
+    } else {
+        Stat::CtForward
+    });
     if ct.flags & CT_F_HAIRPIN != 0
         && let Some(hp) = hairpin_addr()
     {

@@ -29,11 +29,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CtKey4, CtValue,
-    IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE, SCOPE_EXTERNAL,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_AFFINITY, SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV,
-    SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SnatValue4, Stat, SvcKey4, SvcValue,
-    defaults, port_bit,
+    BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_NODE, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT,
+    CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE,
+    REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_AFFINITY,
+    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES,
+    SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -56,9 +56,10 @@ static SNAT4: LruHashMap<CtKey4, SnatValue4> = LruHashMap::pinned(defaults::CT4_
 #[map(name = "VIPX_SRCRANGE4")]
 static SRCRANGE4: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(defaults::SRCRANGE4_ENTRIES, 0);
 
-/// Not pinned: userspace writes it whole before a program that reads it is attached.
+/// Pinned: a node program a restart left attached (its interfaces not rescanned yet) keeps
+/// seeing the frontends userspace writes. Written whole at every start.
 #[map(name = "VIPX_PORTS")]
-static PORTS: Array<u64> = Array::with_max_entries(PORTS_WORDS, 0);
+static PORTS: Array<u64> = Array::pinned(PORTS_WORDS, 0);
 
 #[map(name = "VIPX_NEIGHMISS4")]
 static NEIGHMISS4: LruHashMap<[u8; 4], u32> =
@@ -428,31 +429,41 @@ fn frontend_port(port: u16) -> bool {
 /// A packet of a flow with a forward entry still valid: its frontend's reverse-NAT entry
 /// active with the generation the entry was made with, at this packet's address and port, and
 /// its backend the same. `None`: not one (a new flow, or one whose entry went stale).
-/// Established flows are not checked against `loadBalancerSourceRanges` or a change of
-/// externalTrafficPolicy again, as netfilter conntrack keeps them behind kube-proxy.
+/// The frontend's `loadBalancerSourceRanges` hold for every packet (its reverse-NAT entry says
+/// whether it has some); a change of externalTrafficPolicy leaves established flows where they
+/// are, as netfilter conntrack keeps them behind kube-proxy.
 #[inline(always)]
 fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     let entry = CT4.get_ptr_mut(ct_key)?;
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let ct = unsafe { *entry };
-    if ct.flags & CT_F_FORWARD == 0 {
+    // Only this program's own forward entries: a pod's flow with the same tuple (routable pod
+    // addresses) was never checked as an external one.
+    if ct.flags & (CT_F_FORWARD | CT_F_NODE) != CT_F_FORWARD | CT_F_NODE {
         return None;
     }
-    match REVNAT4.get(ct.rev_nat_id) {
+    let ranges = match REVNAT4.get(ct.rev_nat_id) {
         Some(r)
             if r.flags & REVNAT_F_ACTIVE != 0
                 && r.generation == ct.rev_nat_gen
                 && u32::from_ne_bytes(r.addr) == p.daddr
-                && u16::from_ne_bytes(r.port) == p.dport => {}
+                && u16::from_ne_bytes(r.port) == p.dport =>
+        {
+            r.flags & REVNAT_F_SOURCE_RANGES != 0
+        }
         _ => return None,
-    }
+    };
     let b = backend(ct.backend_id)?;
     if b.generation != ct.backend_gen {
         return None;
     }
-    ct_touch(entry, &ct, p.ct_state());
-    count(Stat::NodeTranslated);
+    if ranges && !source_allowed(ct.rev_nat_id, p.saddr.to_ne_bytes()) {
+        count(Stat::SourceRangeDropped);
+        return Some(Act::Drop);
+    }
     if ct.flags & CT_F_SNAT == 0 {
+        ct_touch(entry, &ct, p.ct_state());
+        count(Stat::NodeTranslated);
         return Some(to_local(ctx, p, &b));
     }
     let s = SNAT4.get_ptr(ct_key)?;
@@ -483,6 +494,8 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     {
         return None;
     }
+    ct_touch(entry, &ct, p.ct_state());
+    count(Stat::NodeTranslated);
     let nat = Nat::of(s.addr, s.port, b.addr, b.port);
     Some(send_on(ctx, p, &nat))
 }
@@ -567,7 +580,7 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
         backend_gen: b.generation,
         rev_nat_id: svc.rev_nat_id,
         rev_nat_gen,
-        flags: CT_F_FORWARD,
+        flags: CT_F_FORWARD | CT_F_NODE,
         seen: ct_now(),
     };
     if closing {
@@ -688,7 +701,7 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
     let _ = ct_put(
         &ct_key,
         &CtValue {
-            flags: CT_F_FORWARD | CT_F_SNAT,
+            flags: CT_F_FORWARD | CT_F_NODE | CT_F_SNAT,
             ..fwd
         },
     );

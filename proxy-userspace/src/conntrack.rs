@@ -115,18 +115,21 @@ impl Timeouts {
 /// The partner's FIN bit, moved out of the way when two entries' flags are merged.
 const FIN_OTHER: u32 = 1 << 31;
 
-/// `CtValue::seen` now, on the clock the programs read (`bpf_ktime_get_coarse_ns` is
-/// `CLOCK_MONOTONIC_COARSE`).
+/// `CtValue::seen` now, on the clock the programs keep: `CLOCK_MONOTONIC_COARSE`, which they read
+/// as jiffies scaled onto it (`loader::write_clock`), or through `bpf_ktime_get_coarse_ns`.
 pub fn now_seen() -> u32 {
+    ct_seen(coarse_ns())
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds.
+pub fn coarse_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
-        + u64::try_from(ts.tv_nsec).unwrap_or(0);
-    ct_seen(ns)
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// `seen` units (2^30 ns) an entry has been idle, as a duration.

@@ -425,6 +425,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             "(a fixed size)",
         ),
         (
+            map_names::PORTS,
+            4,
+            8,
+            proxy_common::PORTS_WORDS,
+            "(a fixed size)",
+        ),
+        (
             map_names::SOCKREV4,
             size(size_of::<proxy_common::SockRevKey4>()),
             size(size_of::<proxy_common::SockRevValue4>()),
@@ -534,7 +541,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         maglev_mem: None,
         // Absent in pins of a build before it: `vipx services` still reads the rest.
         affmatch: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::AFFMATCH4).ok(),
-        ports: None,
+        ports: from_pin::<Array<MapData, _>>(pin_dir, map_names::PORTS).ok(),
     }
     .with_maglev_mem())
 }
@@ -586,7 +593,7 @@ pub fn write_clock(ebpf: &mut Ebpf) -> Result<()> {
         repeat: 1,
         ..TestRunOptions::default()
     });
-    let now = crate::conntrack::now_seen();
+    let now_ns = crate::conntrack::coarse_ns();
     let unloaded = prog.unload();
     ran.context("running the clock program")?;
     unloaded.context("unloading the clock program")?;
@@ -597,10 +604,15 @@ pub fn write_clock(ebpf: &mut Ebpf) -> Result<()> {
     let lo = config.get(&proxy_common::CONFIG_JIFFIES_LO, 0)?;
     let hi = config.get(&proxy_common::CONFIG_JIFFIES_HI, 0)?;
     let jiffies = u64::from(hi) << 32 | u64::from(lo);
-    let base = proxy_common::seen_of_jiffies(jiffies, mult, 0).wrapping_sub(now);
+    // Jiffies and the coarse clock advance together, a tick at a time: this base makes the
+    // programs' clock agree with the coarse one to a tick.
+    let base = proxy_common::clock_base(jiffies, mult, now_ns);
     // The base first: the programs switch clocks when MULT becomes non-zero.
     config
-        .set(proxy_common::CONFIG_CLOCK_BASE, base, 0)
+        .set(proxy_common::CONFIG_CLOCK_BASE_LO, base as u32, 0)
+        .context("writing the clock offset")?;
+    config
+        .set(proxy_common::CONFIG_CLOCK_BASE_HI, (base >> 32) as u32, 0)
         .context("writing the clock offset")?;
     config
         .set(proxy_common::CONFIG_CLOCK_MULT, mult, 0)
@@ -1065,6 +1077,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::SOCKREV4,
             map_names::SNAT4,
             map_names::SRCRANGE4,
+            map_names::PORTS,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -24,11 +24,11 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
     AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend4,
-    IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE, RevNat4,
-    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW,
-    SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT,
-    SVC_F_SOURCE_RANGES, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4,
-    port_bit,
+    IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE,
+    REVNAT_F_SOURCE_RANGES, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
+    SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV,
+    SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
+    VIP_F_HAIRPIN, Vip4, VipKey4, port_bit,
 };
 
 use crate::{
@@ -77,6 +77,8 @@ pub struct Programmed {
     pub backends: BTreeMap<u32, (L4Addr, u8)>,
     /// Reverse-NAT id -> frontend it restores.
     pub revnat: BTreeMap<u32, L4Addr>,
+    /// Reverse-NAT id -> its flags (`REVNAT_F_*`), for the same ids.
+    pub revnat_flags: BTreeMap<u32, u16>,
 }
 
 /// The desired state resolved to map-level terms (no ids yet).
@@ -474,7 +476,7 @@ pub struct ServiceMaps {
     /// Backends of frontends with session affinity (`None`: pins of a build without it, opened
     /// read-only by `vipx services`).
     pub affmatch: Option<HashMap<MapData, AffinityMatchKey4, u32>>,
-    /// The ports frontends use (`None`: opened from pins, where it is not: it is not pinned).
+    /// The ports frontends use (`None`: pins of a build without it, opened read-only).
     pub ports: Option<Array<MapData, u64>>,
 }
 
@@ -879,14 +881,16 @@ fn decode(
     }
     for (id, r) in revnat.iter().enumerate() {
         if r.flags & REVNAT_F_ACTIVE != 0 {
+            let id = u32::try_from(id)?;
             p.revnat.insert(
-                u32::try_from(id)?,
+                id,
                 L4Addr {
                     addr: Ipv4Addr::from(r.addr),
                     port: u16::from_be_bytes(r.port),
                     proto: 0,
                 },
             );
+            p.revnat_flags.insert(id, r.flags);
         }
     }
     Ok(ReadBack {
@@ -955,11 +959,12 @@ struct PortBits {
 }
 
 impl PortBits {
-    /// Every word dirty: the map is written whole once, whatever it held.
+    /// Every word dirty and unlike anything wanted: the map (pinned) is written whole once,
+    /// whatever a previous run left in it.
     fn new() -> Self {
         Self {
             refs: vec![0; 1 << 16],
-            written: vec![0; PORTS_WORDS as usize],
+            written: vec![u64::MAX; PORTS_WORDS as usize],
             dirty: (0..PORTS_WORDS).collect(),
         }
     }
@@ -1122,8 +1127,23 @@ impl<M: MapStore> MapWriter<M> {
         for fe in w.cur.revnat.values() {
             w.ports.add(fe.port);
         }
+        // Adopted frontends whose reverse-NAT entry is not active (a run stopped half-way)
+        // keep their port open until the first apply writes that entry or drops them.
+        let unnamed: Vec<u16> = w
+            .cur
+            .frontends
+            .iter()
+            .filter(|(_, f)| !w.cur.revnat.contains_key(&f.rev_nat_id))
+            .map(|(a, _)| a.port)
+            .collect();
+        for port in &unnamed {
+            w.ports.add(*port);
+        }
         // Before any program is attached, like the addresses below.
         w.settle_ports()?;
+        for port in unnamed {
+            w.ports.remove(port);
+        }
 
         let named: std::collections::HashSet<u32> = w.revnat_ids.values().copied().collect();
         let orphan_deadline = Instant::now() + DEFAULT_ENDPOINT_GRACE;
@@ -1826,6 +1846,7 @@ impl<M: MapStore> MapWriter<M> {
         if let Some(fe) = self.cur.revnat.remove(&id) {
             self.ports.remove(fe.port);
         }
+        self.cur.revnat_flags.remove(&id);
         self.revnat_space.release(id);
         Ok(())
     }
@@ -1961,12 +1982,22 @@ impl<M: MapStore> MapWriter<M> {
                 id
             }
         };
-        if self.cur.revnat.get(&rev_nat_id).map(|a| (a.addr, a.port)) != Some((fe.addr, fe.port)) {
+        // The node program checks the established flows of a frontend with source ranges against
+        // them; its reverse-NAT entry says so. (Flipped in place when the ranges come or go:
+        // one byte, no torn read.)
+        let revnat_flags = if t.flags & SVC_F_SOURCE_RANGES != 0 {
+            REVNAT_F_ACTIVE | REVNAT_F_SOURCE_RANGES
+        } else {
+            REVNAT_F_ACTIVE
+        };
+        if self.cur.revnat.get(&rev_nat_id).map(|a| (a.addr, a.port)) != Some((fe.addr, fe.port))
+            || self.cur.revnat_flags.get(&rev_nat_id) != Some(&revnat_flags)
+        {
             let generation = self.revnat_space.generation(rev_nat_id);
             let v = RevNat4 {
                 addr: fe.addr.octets(),
                 port: fe.port.to_be_bytes(),
-                flags: REVNAT_F_ACTIVE,
+                flags: revnat_flags,
                 generation,
             };
             // A reused id: the new generation first, inactive (see `alloc_backend`).
@@ -1998,6 +2029,7 @@ impl<M: MapStore> MapWriter<M> {
                 self.ports.remove(old.port);
             }
             self.ports.add(fe.port);
+            self.cur.revnat_flags.insert(rev_nat_id, revnat_flags);
         }
 
         let wants_maglev = self.maglev.m != 0
@@ -2593,6 +2625,12 @@ mod tests {
                     "{k:?}: reverse-NAT {} inactive",
                     v.rev_nat_id
                 );
+                // The node program checks established flows against source ranges by it.
+                assert_eq!(
+                    self.revnat[v.rev_nat_id as usize].flags & REVNAT_F_SOURCE_RANGES != 0,
+                    v.flags & SVC_F_SOURCE_RANGES != 0,
+                    "{k:?}: reverse-NAT source-ranges flag"
+                );
                 if v.flags & SVC_F_MAGLEV != 0 && v.backend_id != 0 {
                     // The table is whole and names exactly the frontend's slot backends.
                     let table = &self.maglev[v.backend_id as usize - 1];
@@ -2812,6 +2850,44 @@ mod tests {
             );
         }
         t
+    }
+
+    /// Review finding: the node program follows established flows by their conntrack entry, so
+    /// a frontend's reverse-NAT entry must say whether it has source ranges. The flag follows
+    /// the ranges in place (same id, same generation: its flows stay valid), and the port bitmap
+    /// holds exactly the frontends' ports throughout (`assert_consistent`).
+    #[test]
+    fn the_reverse_nat_entry_says_whether_its_frontend_has_source_ranges() {
+        let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
+        let with_ranges = |on: bool| {
+            let mut t = target_of(&[(1, &[1, 2])]);
+            for f in t.frontends.values_mut() {
+                if on {
+                    f.flags |= SVC_F_SOURCE_RANGES;
+                    f.source_ranges = vec![(Ipv4Addr::new(198, 18, 0, 0), 15)];
+                }
+            }
+            t
+        };
+        let flags = |w: &MapWriter<FakeMaps>| {
+            let id = w.programmed().frontends[&vip(1)].rev_nat_id;
+            (id, w.maps().revnat[id as usize])
+        };
+        w.apply(&with_ranges(false)).unwrap();
+        w.maps().assert_consistent();
+        let (id, before) = flags(&w);
+        assert_eq!(before.flags, REVNAT_F_ACTIVE);
+        w.apply(&with_ranges(true)).unwrap();
+        w.maps().assert_consistent();
+        let (same, on) = flags(&w);
+        assert_eq!((same, on.generation), (id, before.generation));
+        assert_eq!(on.flags, REVNAT_F_ACTIVE | REVNAT_F_SOURCE_RANGES);
+        w.apply(&with_ranges(false)).unwrap();
+        w.maps().assert_consistent();
+        assert_eq!(flags(&w), (id, before));
+        // A restart adopts the flags: nothing to rewrite.
+        let mut w = MapWriter::new(w.into_maps()).unwrap();
+        assert_eq!(w.apply(&with_ranges(false)).unwrap().map_writes, 0);
     }
 
     /// Review finding: affinity was checked by the Maglev table position, so adding a backend

@@ -845,7 +845,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // started again).
     let mut legacy_guard = loader::LegacyConntrackGuard::new(&opts.pin_dir, legacy_moved);
     loader::write_config(&mut ebpf, opts.hairpin)?;
-    loader::write_clock(&mut ebpf)?;
+    if let Err(e) = loader::write_clock(&mut ebpf) {
+        // The programs keep the coarse clock helper: slower, as correct.
+        tracing::warn!("the programs' jiffies clock: {e:#}; they read the coarse clock instead");
+    }
     let flood_limit = opts.conntrack.flood_limit(opts.sizes.conntrack);
     tracing::info!(
         conntrack_entries = opts.sizes.conntrack,

@@ -1361,8 +1361,8 @@ fn tcp_closing(
 }
 
 /// `CtValue::seen` now, as userspace reads it (the coarse clock). The programs read jiffies
-/// scaled onto it (`loader::write_clock`): the two agree to a unit, a tick either way at the
-/// moment a unit turns.
+/// scaled onto it (`loader::write_clock`): the two agree to a tick, so a unit either way only
+/// when one turns between the two reads.
 fn ct_now() -> u32 {
     vipx::conntrack::now_seen()
 }
@@ -2032,7 +2032,7 @@ fn a_removed_frontend_drains_its_flows_and_a_recreated_one_keeps_them() {
     );
     let (v, out) = run_on(&mut l, EGRESS, &frame(BE1, 5000, CLIENT, 44000, &DATA, &[]));
     assert_eq!((v, inspect(&out).src), (NEXT, VIP), "and its replies");
-    assert_eq!(stat(&l, Stat::CtDrained), 1);
+    assert_eq!(stat(&l, Stat::CtForward), 1, "followed by its entry");
     let syn = frame(CLIENT, 44001, VIP, 80, &SYN, &[]);
     let (v, out) = run(&mut l, &syn);
     assert_eq!((v, &out), (NEXT, &syn), "a new connection is not served");
@@ -2742,6 +2742,19 @@ fn node_program_dnats_external_flows_to_local_backends() {
     assert_eq!(v, XDP_PASS);
     assert_eq!(out, input);
 
+    // A pod's flow on the same tuple (its entry made by the pod program) is not the node
+    // program's to follow as established: it is balanced as a new external flow.
+    let (v, _) = run(&mut l, &frame(CLIENT, 42000, VIP, 80, &SYN, &[]));
+    assert_eq!(v, NEXT);
+    let translated = stat(&l, Stat::NodeTranslated);
+    let new_local = stat(&l, Stat::NodeNewLocal);
+    run_xdp(&mut l, &frame(CLIENT, 42000, VIP, 80, &DATA, &[]));
+    assert_eq!(
+        (stat(&l, Stat::NodeTranslated), stat(&l, Stat::NodeNewLocal)),
+        (translated, new_local + 1),
+        "a pod's conntrack entry followed by the node program"
+    );
+
     // Every Service goes. The flow established above is followed by its conntrack entry alone
     // while its frontend drains, as the pod program does; a new connection is not served.
     l.writer.apply(&Target::default()).unwrap();
@@ -2770,6 +2783,71 @@ fn node_program_dnats_external_flows_to_local_backends() {
     let data = frame(EXTERNAL, 50000, VIP, 80, &DATA, &[]);
     let (v, out) = run_xdp(&mut l, &data);
     assert_eq!((v, &out), (XDP_PASS, &data), "after the drain");
+}
+
+/// `loadBalancerSourceRanges` hold for every packet of a flow from outside, not only its first:
+/// narrowed so that the client is outside them, its established flow is dropped; with the
+/// ranges gone, the flow is followed as it was (not balanced afresh).
+#[test]
+fn node_program_checks_established_flows_against_source_ranges() {
+    if !privileged() {
+        return;
+    }
+    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
+    const LB: [u8; 4] = [198, 19, 250, 1];
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+    let mut l = load(&[BE1]);
+    node_program(&mut l)
+        .load()
+        .expect("verifying the node program");
+    let trie =
+        aya::maps::LpmTrie::try_from(l.ebpf.take_map(map_names::SRCRANGE4).unwrap()).unwrap();
+    let mut ranges = vipx::ranges::SourceRanges::new(trie);
+    let be = addr(BE1, 5000, IPPROTO_TCP);
+    let lb = addr(LB, 80, IPPROTO_TCP);
+    let mut program = |l: &mut Loaded, allowed: Vec<(Ipv4Addr, u8)>| {
+        let mut t = Target::default();
+        t.backends
+            .insert(be, BACKEND_F_ACTIVE | proxy_common::BACKEND_F_LOCAL);
+        let mut f = frontend("lb", Protocol::Tcp, vec![be]);
+        f.flags = proxy_common::SVC_F_LOAD_BALANCER;
+        if !allowed.is_empty() {
+            f.flags |= proxy_common::SVC_F_SOURCE_RANGES;
+        }
+        f.source_ranges = allowed;
+        t.frontends.insert(lb, f);
+        l.writer.apply(&t).unwrap();
+        ranges.sync(&t, l.writer.programmed()).unwrap();
+    };
+    let run_xdp = |l: &mut Loaded, input: &[u8]| run_node_program(node_program(l), input, None);
+    program(&mut l, vec![(Ipv4Addr::from(EXTERNAL), 32)]);
+    for (what, input) in [
+        ("SYN", frame(EXTERNAL, 51000, LB, 80, &SYN, &[])),
+        ("data", frame(EXTERNAL, 51000, LB, 80, &DATA, &[])),
+    ] {
+        let (v, out) = run_xdp(&mut l, &input);
+        assert_eq!(
+            (v, inspect(&out).dst),
+            (XDP_PASS, BE1),
+            "{what} inside the ranges"
+        );
+    }
+    program(&mut l, vec![(Ipv4Addr::new(198, 18, 9, 0), 24)]);
+    let (v, _) = run_xdp(&mut l, &frame(EXTERNAL, 51000, LB, 80, &DATA, &[]));
+    assert_eq!(
+        v, XDP_DROP,
+        "an established flow from outside narrowed ranges"
+    );
+    assert_eq!(stat(&l, Stat::SourceRangeDropped), 1);
+    program(&mut l, Vec::new());
+    let (v, out) = run_xdp(&mut l, &frame(EXTERNAL, 51000, LB, 80, &DATA, &[]));
+    assert_eq!((v, inspect(&out).dst), (XDP_PASS, BE1), "the ranges gone");
+    assert_eq!(
+        stat(&l, Stat::NodeNewLocal),
+        1,
+        "followed, not balanced afresh"
+    );
 }
 
 /// A network namespace for the node program's FIB lookups: interface `fx0` (198.18.0.2/24,
