@@ -70,6 +70,8 @@ pub mod map_names {
     /// The ports frontends use, one bit each (pinned, and written whole at every start before
     /// the node program is attached; see `PORTS_WORDS`).
     pub const PORTS: &str = "VIPX_PORTS";
+    /// The frontend address filter (pinned, written whole at every start; see `VIPBITS_WORDS`).
+    pub const VIPBITS: &str = "VIPX_VIPBITS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -155,6 +157,19 @@ pub const PORTS_WORDS: u32 = 65_536 / 64;
 /// The word of `VIPX_PORTS` holding `port`'s bit, and the bit.
 pub const fn port_bit(port: u16) -> (u32, u64) {
     ((port >> 6) as u32, 1 << (port & 63))
+}
+
+/// `VIPX_VIPBITS`: a filter of the frontend addresses in `VIPX_VIP4`, one bit per hash of an
+/// address (2^20 bits, 128 KiB: 100,000 addresses set under 10% of them). The pod program
+/// passes a packet whose destination's bit is clear without the address map's hash lookup.
+pub const VIPBITS_LOG2: u32 = 20;
+pub const VIPBITS_WORDS: u32 = 1 << (VIPBITS_LOG2 - 6);
+
+/// The word of `VIPX_VIPBITS` holding `addr`'s bit, and the bit. The address is hashed as the
+/// programs read it, its wire bytes as a native `u32` (a multiplicative hash: one multiply).
+pub const fn addr_bit(addr: [u8; 4]) -> (u32, u64) {
+    let h = u32::from_ne_bytes(addr).wrapping_mul(0x9e37_79b1) >> (32 - VIPBITS_LOG2);
+    (h >> 6, 1 << (h & 63))
 }
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -384,9 +399,13 @@ pub const CT_F_RST: u32 = 1 << 4;
 /// node's address and a port of [`SNAT_PORT_MIN`]..=[`SNAT_PORT_MAX`]); `SNAT4` holds, under the
 /// same key, the other side's address and port.
 pub const CT_F_SNAT: u32 = 1 << 6;
-/// A forward entry the node program made (an external client's flow): the node program follows
-/// only these, the pod program never does, so one's flows cannot be taken for the other's.
+/// A forward entry the node program made (an external client's flow): the pod program never
+/// follows it.
 pub const CT_F_NODE: u32 = 1 << 7;
+/// A forward entry the pod program made (a pod's flow): the node program never follows it, so a
+/// packet from outside with a pod's tuple (routable pod addresses) is not taken for the pod's.
+/// (Entries of builds before these two flags carry neither, and both programs follow them.)
+pub const CT_F_POD: u32 = 1 << 8;
 
 /// Source ports of external flows sent to backends on other nodes: above Linux's default
 /// ephemeral range (32768-60999), so they do not collide with the node's own connections.

@@ -37,10 +37,11 @@ use proxy_common::{
     AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, CONFIG_CLOCK_BASE_HI,
     CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR,
     CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_NODE,
-    CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue,
-    FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4,
-    SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue,
-    VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, Vip4, VipKey4, ct_seen, defaults, seen_of_jiffies,
+    CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
+    FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
+    RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4,
+    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, ct_seen,
+    defaults, seen_of_jiffies,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -104,6 +105,10 @@ static AFFMATCH4: HashMap<AffinityMatchKey4, u32> = HashMap::pinned(defaults::SV
 #[map(name = "VIPX_FLOOD4")]
 static FLOOD4: LruHashMap<[u8; 4], FloodValue> =
     LruHashMap::with_max_entries(defaults::FLOOD4_ENTRIES, 0);
+
+/// Pinned like the address map it filters (see `VIPBITS_WORDS`).
+#[map(name = "VIPX_VIPBITS")]
+static VIPBITS: Array<u64> = Array::pinned(VIPBITS_WORDS, 0);
 
 #[map(name = "VIPX_CONFIG")]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
@@ -797,7 +802,12 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     let syn = flow.proto == IPPROTO_TCP && is_tcp_syn(flow.tcp_flags);
 
     // The frontend first (as Katran and Cilium do): a conntrack entry is only trusted for the
-    // frontend it was made for. Its address first: most packets go to no frontend address.
+    // frontend it was made for. Its address first: most packets go to no frontend address,
+    // which the address filter says for most of them without a hash lookup.
+    let (word, bit) = addr_bit(flow.daddr);
+    if VIPBITS.get(word).is_none_or(|w| *w & bit == 0) {
+        return not_to_a_frontend(&flow, syn);
+    }
     let Some(vip) = VIP4.get_ptr(VipKey4 { addr: flow.daddr }) else {
         return not_to_a_frontend(&flow, syn);
     };
@@ -976,7 +986,7 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
         backend_gen: b.generation,
         rev_nat_id: svc.rev_nat_id,
         rev_nat_gen,
-        flags: CT_F_FORWARD | hairpin_flag,
+        flags: CT_F_FORWARD | CT_F_POD | hairpin_flag,
         seen: ct_now(),
     };
     let reply_key = CtKey4 {

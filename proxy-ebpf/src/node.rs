@@ -29,11 +29,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_NODE, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT,
-    CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE,
-    REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES,
-    SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit,
+    BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_NODE, CT_F_POD, CT_F_REPLIED, CT_F_REPLY,
+    CT_F_SNAT, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW,
+    REVNAT_F_ACTIVE, REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT,
+    SVC_F_SOURCE_RANGES, SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -437,9 +437,9 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     let entry = CT4.get_ptr_mut(ct_key)?;
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let ct = unsafe { *entry };
-    // Only this program's own forward entries: a pod's flow with the same tuple (routable pod
-    // addresses) was never checked as an external one.
-    if ct.flags & (CT_F_FORWARD | CT_F_NODE) != CT_F_FORWARD | CT_F_NODE {
+    // Not a pod's forward entry: a pod's flow with the same tuple (routable pod addresses) was
+    // never checked as an external one.
+    if ct.flags & (CT_F_FORWARD | CT_F_POD) != CT_F_FORWARD {
         return None;
     }
     let ranges = match REVNAT4.get(ct.rev_nat_id) {

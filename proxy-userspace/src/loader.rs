@@ -432,6 +432,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             "(a fixed size)",
         ),
         (
+            map_names::VIPBITS,
+            4,
+            8,
+            proxy_common::VIPBITS_WORDS,
+            "(a fixed size)",
+        ),
+        (
             map_names::SOCKREV4,
             size(size_of::<proxy_common::SockRevKey4>()),
             size(size_of::<proxy_common::SockRevValue4>()),
@@ -511,6 +518,7 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         maglev: take(ebpf, map_names::MAGLEV4)?,
         affmatch: Some(take(ebpf, map_names::AFFMATCH4)?),
         ports: Some(take(ebpf, map_names::PORTS)?),
+        vipbits: Some(take(ebpf, map_names::VIPBITS)?),
     }
     .with_maglev_mem())
 }
@@ -542,6 +550,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         // Absent in pins of a build before it: `vipx services` still reads the rest.
         affmatch: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::AFFMATCH4).ok(),
         ports: from_pin::<Array<MapData, _>>(pin_dir, map_names::PORTS).ok(),
+        vipbits: from_pin::<Array<MapData, _>>(pin_dir, map_names::VIPBITS).ok(),
     }
     .with_maglev_mem())
 }
@@ -1078,6 +1087,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::SNAT4,
             map_names::SRCRANGE4,
             map_names::PORTS,
+            map_names::VIPBITS,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -28,7 +28,7 @@ use proxy_common::{
     REVNAT_F_SOURCE_RANGES, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
     SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV,
     SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
-    VIP_F_HAIRPIN, Vip4, VipKey4, port_bit,
+    VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, port_bit,
 };
 
 use crate::{
@@ -478,6 +478,26 @@ pub struct ServiceMaps {
     pub affmatch: Option<HashMap<MapData, AffinityMatchKey4, u32>>,
     /// The ports frontends use (`None`: pins of a build without it, opened read-only).
     pub ports: Option<Array<MapData, u64>>,
+    /// The frontend address filter (`None` likewise).
+    pub vipbits: Option<Array<MapData, u64>>,
+}
+
+/// The bitmaps the writer keeps (see `Bits`).
+#[derive(Clone, Copy, Debug)]
+pub enum BitMap {
+    /// `VIPX_PORTS`.
+    Ports,
+    /// `VIPX_VIPBITS`.
+    Addrs,
+}
+
+impl BitMap {
+    fn words(self) -> u32 {
+        match self {
+            Self::Ports => PORTS_WORDS,
+            Self::Addrs => VIPBITS_WORDS,
+        }
+    }
 }
 
 /// `VIPX_MAGLEV4` mapped read-write: tables are written and read with plain memory accesses.
@@ -592,13 +612,17 @@ pub trait MapStore {
     fn affmatch_set(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()>;
     /// Remove; an absent pair is not an error.
     fn affmatch_remove(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()>;
-    /// Write word `word` of the port bitmap (see `proxy_common::PORTS_WORDS`).
-    fn ports_set(&mut self, word: u32, bits: u64) -> Result<()>;
+    /// Write word `word` of a bitmap (see `proxy_common::PORTS_WORDS`, `VIPBITS_WORDS`).
+    fn bits_set(&mut self, map: BitMap, word: u32, bits: u64) -> Result<()>;
 }
 
 impl MapStore for ServiceMaps {
-    fn ports_set(&mut self, word: u32, bits: u64) -> Result<()> {
-        match &mut self.ports {
+    fn bits_set(&mut self, map: BitMap, word: u32, bits: u64) -> Result<()> {
+        let m = match map {
+            BitMap::Ports => &mut self.ports,
+            BitMap::Addrs => &mut self.vipbits,
+        };
+        match m {
             Some(m) => Ok(m.set(word, bits, 0)?),
             None => Ok(()),
         }
@@ -944,47 +968,62 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     /// path). Kept here, not in what an apply returns, so an apply that fails after writing
     /// some frontends does not lose theirs (see [`Self::take_udp_purges`]).
     udp_purges: Vec<crate::conntrack::Purge>,
-    ports: PortBits,
+    ports: Bits,
+    vipbits: Bits,
 }
 
-/// The port bitmap (`VIPX_PORTS`): how many reverse-NAT entries use each port (every programmed
-/// frontend has one, and a draining frontend keeps its own), and the words as written. A bit is
-/// set before the entry that needs it is written and cleared after the last one went, so the
-/// node program never passes a packet of a frontend for its port.
-struct PortBits {
-    refs: Vec<u32>,
-    written: Vec<u64>,
-    /// Words whose references changed since they were last settled.
+/// A bitmap the programs read to pass what is none of vipx's business without a hash lookup:
+/// `VIPX_PORTS` (one bit per port an active reverse-NAT entry names: every programmed frontend
+/// has one, and a draining frontend keeps its own) and `VIPX_VIPBITS` (a filter of the frontend
+/// addresses in `VIPX_VIP4`). How many holders each bit has, and the words as written. A bit is
+/// set before what needs it is written and cleared after the last holder went, so no program
+/// passes a packet a frontend would have taken.
+struct Bits {
+    map: BitMap,
+    /// Bit index (word * 64 + bit) -> holders.
+    refs: StdHashMap<u32, u32>,
+    /// `None`: not written by this process (a pinned map holds whatever a previous run left).
+    written: Vec<Option<u64>>,
+    /// Words whose holders changed since they were last settled.
     dirty: BTreeSet<u32>,
 }
 
-impl PortBits {
-    /// Every word dirty and unlike anything wanted: the map (pinned) is written whole once,
-    /// whatever a previous run left in it.
-    fn new() -> Self {
+impl Bits {
+    /// Every word dirty and unknown: the map (pinned) is written whole once, whatever a
+    /// previous run left in it.
+    fn new(map: BitMap) -> Self {
+        let words = map.words();
         Self {
-            refs: vec![0; 1 << 16],
-            written: vec![u64::MAX; PORTS_WORDS as usize],
-            dirty: (0..PORTS_WORDS).collect(),
+            map,
+            refs: StdHashMap::new(),
+            written: vec![None; words as usize],
+            dirty: (0..words).collect(),
         }
     }
 
-    fn add(&mut self, port: u16) {
-        self.refs[usize::from(port)] += 1;
-        self.dirty.insert(port_bit(port).0);
+    fn add(&mut self, (word, bit): (u32, u64)) {
+        *self
+            .refs
+            .entry(word * 64 + bit.trailing_zeros())
+            .or_default() += 1;
+        self.dirty.insert(word);
     }
 
-    fn remove(&mut self, port: u16) {
-        let r = &mut self.refs[usize::from(port)];
-        *r = r.saturating_sub(1);
-        self.dirty.insert(port_bit(port).0);
+    fn remove(&mut self, (word, bit): (u32, u64)) {
+        let idx = word * 64 + bit.trailing_zeros();
+        if let Some(n) = self.refs.get_mut(&idx) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(&idx);
+            }
+        }
+        self.dirty.insert(word);
     }
 
     /// What word `word` should hold.
     fn want(&self, word: u32) -> u64 {
-        let base = word as usize * 64;
         (0..64)
-            .filter(|i| self.refs[base + i] != 0)
+            .filter(|i| self.refs.contains_key(&(word * 64 + i)))
             .fold(0, |w, i| w | 1 << i)
     }
 }
@@ -1122,10 +1161,11 @@ impl<M: MapStore> MapWriter<M> {
             draining: BTreeMap::new(),
             orphans: BTreeMap::new(),
             udp_purges: Vec::new(),
-            ports: PortBits::new(),
+            ports: Bits::new(BitMap::Ports),
+            vipbits: Bits::new(BitMap::Addrs),
         };
         for fe in w.cur.revnat.values() {
-            w.ports.add(fe.port);
+            w.ports.add(port_bit(fe.port));
         }
         // Adopted frontends whose reverse-NAT entry is not active (a run stopped half-way)
         // keep their port open until the first apply writes that entry or drops them.
@@ -1137,12 +1177,15 @@ impl<M: MapStore> MapWriter<M> {
             .map(|(a, _)| a.port)
             .collect();
         for port in &unnamed {
-            w.ports.add(*port);
+            w.ports.add(port_bit(*port));
+        }
+        for addr in w.vips.keys() {
+            w.vipbits.add(addr_bit(addr.octets()));
         }
         // Before any program is attached, like the addresses below.
-        w.settle_ports()?;
+        w.settle_bits()?;
         for port in unnamed {
-            w.ports.remove(port);
+            w.ports.remove(port_bit(port));
         }
 
         let named: std::collections::HashSet<u32> = w.revnat_ids.values().copied().collect();
@@ -1154,6 +1197,11 @@ impl<M: MapStore> MapWriter<M> {
             .filter(|id| !named.contains(id))
             .map(|id| (*id, orphan_deadline))
             .collect();
+        // Orphans drain with no ranges (the first sync of the ranges drops theirs).
+        let orphans: Vec<u32> = w.orphans.keys().copied().collect();
+        for id in orphans {
+            w.set_source_ranges_flag(id, false)?;
+        }
         // Before any program is attached: maps pinned by a build without the address map (or a
         // crash between writes) leave it behind the frontends, and a frontend whose address is
         // missing is unreachable.
@@ -1181,6 +1229,8 @@ impl<M: MapStore> MapWriter<M> {
             w.sync_affmatch(f.rev_nat_id, Some(f), true)?;
         }
         w.sweep_affmatch()?;
+        // The bits of addresses removed above.
+        w.settle_bits()?;
         Ok(w)
     }
 
@@ -1232,31 +1282,96 @@ impl<M: MapStore> MapWriter<M> {
         Ok(())
     }
 
+    /// Check the established flows of every programmed frontend with source ranges against them
+    /// from now on, for those whose ranges the trie holds (`ranged`: their reverse-NAT ids,
+    /// after `SourceRanges::sync` wrote them all); returns the map writes.
+    pub fn flag_source_ranges(&mut self, ranged: &BTreeSet<u32>) -> Result<usize> {
+        let wanted: Vec<(u32, bool)> = self
+            .cur
+            .frontends
+            .values()
+            .map(|f| {
+                (
+                    f.rev_nat_id,
+                    f.flags & SVC_F_SOURCE_RANGES != 0 && ranged.contains(&f.rev_nat_id),
+                )
+            })
+            .collect();
+        let mut writes = 0;
+        for (id, on) in wanted {
+            writes += self.set_source_ranges_flag(id, on)?;
+        }
+        Ok(writes)
+    }
+
+    /// Flip `REVNAT_F_SOURCE_RANGES` of an active reverse-NAT entry in place (the other bytes
+    /// stay: a torn read sees the old flags or the new); returns the map writes.
+    fn set_source_ranges_flag(&mut self, id: u32, on: bool) -> Result<usize> {
+        let (Some(fe), Some(&flags)) = (self.cur.revnat.get(&id), self.cur.revnat_flags.get(&id))
+        else {
+            return Ok(0);
+        };
+        let want = if on {
+            flags | REVNAT_F_SOURCE_RANGES
+        } else {
+            flags & !REVNAT_F_SOURCE_RANGES
+        };
+        if want == flags {
+            return Ok(0);
+        }
+        let v = RevNat4 {
+            addr: fe.addr.octets(),
+            port: fe.port.to_be_bytes(),
+            flags: want,
+            generation: self.revnat_space.generation(id),
+        };
+        self.maps
+            .revnat_set(id, v)
+            .with_context(|| format!("writing reverse-NAT {id} ({fe})"))?;
+        self.cur.revnat_flags.insert(id, want);
+        Ok(1)
+    }
+
     /// Set `port`'s bit if it is not (before a reverse-NAT entry for it is written).
     fn ensure_port(&mut self, port: u16) -> Result<()> {
-        let (word, bit) = port_bit(port);
-        let have = self.ports.written[word as usize];
-        if have & bit == 0 {
-            self.maps
-                .ports_set(word, have | bit)
-                .with_context(|| format!("writing the port bitmap (port {port})"))?;
-            self.ports.written[word as usize] = have | bit;
+        Self::ensure_bit(&mut self.maps, &mut self.ports, port_bit(port))
+            .with_context(|| format!("writing the port bitmap (port {port})"))
+    }
+
+    /// Set `addr`'s bit if it is not (before the address map gets it).
+    fn ensure_vipbit(&mut self, addr: Ipv4Addr) -> Result<()> {
+        Self::ensure_bit(&mut self.maps, &mut self.vipbits, addr_bit(addr.octets()))
+            .with_context(|| format!("writing the frontend address filter ({addr})"))
+    }
+
+    fn ensure_bit(maps: &mut M, bits: &mut Bits, (word, bit): (u32, u64)) -> Result<()> {
+        let have = bits.written[word as usize];
+        if have.is_none_or(|h| h & bit == 0) {
+            // An unknown word gets what is wanted of it besides: nothing is lost.
+            let v = have.unwrap_or_else(|| bits.want(word)) | bit;
+            maps.bits_set(bits.map, word, v)?;
+            bits.written[word as usize] = Some(v);
         }
         Ok(())
     }
 
-    /// Write the bitmap words whose references changed; returns the writes.
-    fn settle_ports(&mut self) -> Result<usize> {
+    /// Write the bitmap words whose holders changed; returns the writes.
+    fn settle_bits(&mut self) -> Result<usize> {
         let mut writes = 0;
-        for word in std::mem::take(&mut self.ports.dirty) {
-            let want = self.ports.want(word);
-            if want != self.ports.written[word as usize] {
-                if let Err(e) = self.maps.ports_set(word, want) {
-                    self.ports.dirty.insert(word);
-                    return Err(e).context("writing the port bitmap");
+        for bits in [&mut self.ports, &mut self.vipbits] {
+            let mut dirty = std::mem::take(&mut bits.dirty).into_iter();
+            while let Some(word) = dirty.next() {
+                let want = bits.want(word);
+                if bits.written[word as usize] != Some(want) {
+                    if let Err(e) = self.maps.bits_set(bits.map, word, want) {
+                        // This word and the rest wait for the next settle.
+                        bits.dirty.insert(word);
+                        bits.dirty.extend(dirty);
+                        return Err(e).with_context(|| format!("writing {:?}", bits.map));
+                    }
+                    bits.written[word as usize] = Some(want);
+                    writes += 1;
                 }
-                self.ports.written[word as usize] = want;
-                writes += 1;
             }
         }
         Ok(writes)
@@ -1270,16 +1385,21 @@ impl<M: MapStore> MapWriter<M> {
         }
         match want {
             Some(flags) => {
+                self.ensure_vipbit(addr)?;
                 self.maps
                     .vip_set(addr, flags)
                     .with_context(|| format!("writing frontend address {addr}"))?;
-                self.vips.insert(addr, flags);
+                if self.vips.insert(addr, flags).is_none() {
+                    self.vipbits.add(addr_bit(addr.octets()));
+                }
             }
             None => {
                 self.maps
                     .vip_remove(addr)
                     .with_context(|| format!("removing frontend address {addr}"))?;
-                self.vips.remove(&addr);
+                if self.vips.remove(&addr).is_some() {
+                    self.vipbits.remove(addr_bit(addr.octets()));
+                }
             }
         }
         Ok(())
@@ -1293,10 +1413,13 @@ impl<M: MapStore> MapWriter<M> {
         if have == Some(want) {
             return Ok(0);
         }
+        self.ensure_vipbit(addr)?;
         self.maps
             .vip_set(addr, want)
             .with_context(|| format!("writing frontend address {addr}"))?;
-        self.vips.insert(addr, want);
+        if self.vips.insert(addr, want).is_none() {
+            self.vipbits.add(addr_bit(addr.octets()));
+        }
         Ok(1)
     }
 
@@ -1371,6 +1494,7 @@ impl<M: MapStore> MapWriter<M> {
             self.settle_vip(addr)?;
             st.map_writes += 1;
         }
+        st.map_writes += self.settle_bits()?;
         st.map_writes += self.sweep_affmatch()?;
         Ok(st)
     }
@@ -1537,7 +1661,7 @@ impl<M: MapStore> MapWriter<M> {
             }
         }
         // 6. Ports no reverse-NAT entry uses any more.
-        st.map_writes += self.settle_ports()?;
+        st.map_writes += self.settle_bits()?;
         Ok(st)
     }
 
@@ -1574,6 +1698,9 @@ impl<M: MapStore> MapWriter<M> {
         // First: a failure then changes nothing (the frontend is retried whole), and a frontend
         // going away takes no new affinity flows anyway.
         st.map_writes += self.sync_affmatch(old.rev_nat_id, None, true)?;
+        // Its ranges go with it (`ranges.rs` keeps those of programmed frontends): its draining
+        // flows are not checked against them any more, rather than against nothing.
+        st.map_writes += self.set_source_ranges_flag(old.rev_nat_id, false)?;
         self.maps
             .svc_remove(&svc_key(fe, 0))
             .with_context(|| format!("removing frontend {fe}"))?;
@@ -1844,7 +1971,7 @@ impl<M: MapStore> MapWriter<M> {
             )
             .with_context(|| format!("clearing reverse-NAT {id}"))?;
         if let Some(fe) = self.cur.revnat.remove(&id) {
-            self.ports.remove(fe.port);
+            self.ports.remove(port_bit(fe.port));
         }
         self.cur.revnat_flags.remove(&id);
         self.revnat_space.release(id);
@@ -1983,9 +2110,15 @@ impl<M: MapStore> MapWriter<M> {
             }
         };
         // The node program checks the established flows of a frontend with source ranges against
-        // them; its reverse-NAT entry says so. (Flipped in place when the ranges come or go:
-        // one byte, no torn read.)
-        let revnat_flags = if t.flags & SVC_F_SOURCE_RANGES != 0 {
+        // them when its reverse-NAT entry says so. Set only once the ranges are in the trie
+        // (`flag_source_ranges`, after they are written); kept while the frontend has ranges,
+        // cleared here, before the ranges go, when it has none any more.
+        let had = self
+            .cur
+            .revnat_flags
+            .get(&rev_nat_id)
+            .is_some_and(|f| f & REVNAT_F_SOURCE_RANGES != 0);
+        let revnat_flags = if t.flags & SVC_F_SOURCE_RANGES != 0 && had {
             REVNAT_F_ACTIVE | REVNAT_F_SOURCE_RANGES
         } else {
             REVNAT_F_ACTIVE
@@ -2026,9 +2159,9 @@ impl<M: MapStore> MapWriter<M> {
                 .revnat
                 .insert(rev_nat_id, L4Addr { proto: 0, ..*fe })
             {
-                self.ports.remove(old.port);
+                self.ports.remove(port_bit(old.port));
             }
-            self.ports.add(fe.port);
+            self.ports.add(port_bit(fe.port));
             self.cur.revnat_flags.insert(rev_nat_id, revnat_flags);
         }
 
@@ -2567,6 +2700,7 @@ mod tests {
         /// Adding a pair fails beyond this many (a full map).
         affmatch_max: usize,
         ports: Vec<u64>,
+        vipbits: Vec<u64>,
     }
 
     impl FakeMaps {
@@ -2585,6 +2719,7 @@ mod tests {
                 affmatch: BTreeSet::new(),
                 affmatch_max: usize::MAX,
                 ports: vec![0; PORTS_WORDS as usize],
+                vipbits: vec![0; VIPBITS_WORDS as usize],
             }
         }
 
@@ -2625,11 +2760,12 @@ mod tests {
                     "{k:?}: reverse-NAT {} inactive",
                     v.rev_nat_id
                 );
-                // The node program checks established flows against source ranges by it.
-                assert_eq!(
-                    self.revnat[v.rev_nat_id as usize].flags & REVNAT_F_SOURCE_RANGES != 0,
-                    v.flags & SVC_F_SOURCE_RANGES != 0,
-                    "{k:?}: reverse-NAT source-ranges flag"
+                // The node program checks established flows against source ranges by it: never
+                // for a frontend without ranges.
+                assert!(
+                    self.revnat[v.rev_nat_id as usize].flags & REVNAT_F_SOURCE_RANGES == 0
+                        || v.flags & SVC_F_SOURCE_RANGES != 0,
+                    "{k:?}: reverse-NAT source-ranges flag without ranges"
                 );
                 if v.flags & SVC_F_MAGLEV != 0 && v.backend_id != 0 {
                     // The table is whole and names exactly the frontend's slot backends.
@@ -2667,6 +2803,16 @@ mod tests {
                 want == self.ports,
                 "port bitmap differs from the reverse-NAT ports"
             );
+            // And exactly the frontend addresses have theirs in the address filter.
+            let mut want = vec![0u64; VIPBITS_WORDS as usize];
+            for a in self.vips.keys() {
+                let (word, bit) = addr_bit(a.octets());
+                want[word as usize] |= bit;
+            }
+            assert!(
+                want == self.vipbits,
+                "address filter differs from the address map"
+            );
         }
 
         fn active_backends(&self) -> usize {
@@ -2675,8 +2821,11 @@ mod tests {
     }
 
     impl MapStore for FakeMaps {
-        fn ports_set(&mut self, word: u32, bits: u64) -> Result<()> {
-            self.ports[word as usize] = bits;
+        fn bits_set(&mut self, map: BitMap, word: u32, bits: u64) -> Result<()> {
+            match map {
+                BitMap::Ports => self.ports[word as usize] = bits,
+                BitMap::Addrs => self.vipbits[word as usize] = bits,
+            }
             Ok(())
         }
 
@@ -2756,6 +2905,11 @@ mod tests {
             if !self.vips.contains_key(&addr) && self.vips.len() >= self.vips_max {
                 bail!("map full (E2BIG)");
             }
+            let (word, bit) = addr_bit(addr.octets());
+            assert!(
+                self.vipbits[word as usize] & bit != 0,
+                "{addr} written before its filter bit"
+            );
             self.vips.insert(addr, flags);
             Ok(())
         }
@@ -2853,9 +3007,10 @@ mod tests {
     }
 
     /// Review finding: the node program follows established flows by their conntrack entry, so
-    /// a frontend's reverse-NAT entry must say whether it has source ranges. The flag follows
-    /// the ranges in place (same id, same generation: its flows stay valid), and the port bitmap
-    /// holds exactly the frontends' ports throughout (`assert_consistent`).
+    /// a frontend's reverse-NAT entry must say whether it has source ranges, only once they are
+    /// written (`flag_source_ranges`, after `SourceRanges::sync`), and not while it drains (its
+    /// ranges are gone then). The flag follows in place (same id, same generation: its flows
+    /// stay valid); the bitmaps hold exactly what they filter throughout (`assert_consistent`).
     #[test]
     fn the_reverse_nat_entry_says_whether_its_frontend_has_source_ranges() {
         let mut w = MapWriter::new(FakeMaps::new(64, 16, 16)).unwrap();
@@ -2879,12 +3034,23 @@ mod tests {
         assert_eq!(before.flags, REVNAT_F_ACTIVE);
         w.apply(&with_ranges(true)).unwrap();
         w.maps().assert_consistent();
+        assert_eq!(flags(&w), (id, before), "not before the ranges are written");
+        w.flag_source_ranges(&BTreeSet::from([id])).unwrap();
         let (same, on) = flags(&w);
         assert_eq!((same, on.generation), (id, before.generation));
         assert_eq!(on.flags, REVNAT_F_ACTIVE | REVNAT_F_SOURCE_RANGES);
+        w.apply(&with_ranges(true)).unwrap();
+        assert_eq!(flags(&w).1.flags, on.flags, "kept by the next apply");
         w.apply(&with_ranges(false)).unwrap();
         w.maps().assert_consistent();
-        assert_eq!(flags(&w), (id, before));
+        assert_eq!(flags(&w), (id, before), "cleared with the ranges");
+        // Removed while flagged: it drains unflagged (its ranges leave the trie).
+        w.apply(&with_ranges(true)).unwrap();
+        w.flag_source_ranges(&BTreeSet::from([id])).unwrap();
+        w.apply(&Target::default()).unwrap();
+        assert!(w.draining().any(|f| *f == vip(1)));
+        assert_eq!(w.maps().revnat[id as usize].flags, REVNAT_F_ACTIVE);
+        w.apply(&with_ranges(false)).unwrap();
         // A restart adopts the flags: nothing to rewrite.
         let mut w = MapWriter::new(w.into_maps()).unwrap();
         assert_eq!(w.apply(&with_ranges(false)).unwrap().map_writes, 0);

@@ -55,6 +55,16 @@ impl SourceRanges {
     }
 }
 
+impl SourceRanges {
+    /// The reverse-NAT ids the map holds ranges for.
+    pub fn ids(&self) -> BTreeSet<u32> {
+        self.written
+            .iter()
+            .map(|(_, data)| u32::from_be_bytes([data[0], data[1], data[2], data[3]]))
+            .collect()
+    }
+}
+
 /// The entries for the ranges of every programmed frontend that has some.
 pub fn wanted(target: &Target, programmed: &Programmed) -> BTreeSet<Entry> {
     let mut out = BTreeSet::new();

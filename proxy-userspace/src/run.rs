@@ -453,6 +453,11 @@ impl Controller {
             self.full = true;
             return Err(e);
         }
+        // Only now, with every range in: established flows from outside them end.
+        if let Err(e) = self.writer.flag_source_ranges(&self.source_ranges.ids()) {
+            self.full = true;
+            return Err(e);
+        }
         // Whatever the apply managed to write: an apply that failed half-way changed some UDP
         // frontends already, and their flows to the backends that left are purged all the same.
         let purges = self.writer.take_udp_purges();

@@ -2819,6 +2819,7 @@ fn node_program_checks_established_flows_against_source_ranges() {
         t.frontends.insert(lb, f);
         l.writer.apply(&t).unwrap();
         ranges.sync(&t, l.writer.programmed()).unwrap();
+        l.writer.flag_source_ranges(&ranges.ids()).unwrap();
     };
     let run_xdp = |l: &mut Loaded, input: &[u8]| run_node_program(node_program(l), input, None);
     program(&mut l, vec![(Ipv4Addr::from(EXTERNAL), 32)]);
