@@ -1229,8 +1229,9 @@ impl<M: MapStore> MapWriter<M> {
             w.sync_affmatch(f.rev_nat_id, Some(f), true)?;
         }
         w.sweep_affmatch()?;
-        // The bits of addresses removed above.
-        w.settle_bits()?;
+        // The bits of addresses removed above (not the ports of unnamed frontends: those stay
+        // until the first apply).
+        w.settle_bitmap(BitMap::Addrs)?;
         Ok(w)
     }
 
@@ -1304,6 +1305,16 @@ impl<M: MapStore> MapWriter<M> {
         Ok(writes)
     }
 
+    /// Stop checking the established flows of frontends `ids` against their source ranges
+    /// (before those change); returns the map writes.
+    pub fn unflag_source_ranges(&mut self, ids: &BTreeSet<u32>) -> Result<usize> {
+        let mut writes = 0;
+        for id in ids {
+            writes += self.set_source_ranges_flag(*id, false)?;
+        }
+        Ok(writes)
+    }
+
     /// Flip `REVNAT_F_SOURCE_RANGES` of an active reverse-NAT entry in place (the other bytes
     /// stay: a torn read sees the old flags or the new); returns the map writes.
     fn set_source_ranges_flag(&mut self, id: u32, on: bool) -> Result<usize> {
@@ -1357,21 +1368,27 @@ impl<M: MapStore> MapWriter<M> {
 
     /// Write the bitmap words whose holders changed; returns the writes.
     fn settle_bits(&mut self) -> Result<usize> {
+        Ok(self.settle_bitmap(BitMap::Ports)? + self.settle_bitmap(BitMap::Addrs)?)
+    }
+
+    fn settle_bitmap(&mut self, map: BitMap) -> Result<usize> {
         let mut writes = 0;
-        for bits in [&mut self.ports, &mut self.vipbits] {
-            let mut dirty = std::mem::take(&mut bits.dirty).into_iter();
-            while let Some(word) = dirty.next() {
-                let want = bits.want(word);
-                if bits.written[word as usize] != Some(want) {
-                    if let Err(e) = self.maps.bits_set(bits.map, word, want) {
-                        // This word and the rest wait for the next settle.
-                        bits.dirty.insert(word);
-                        bits.dirty.extend(dirty);
-                        return Err(e).with_context(|| format!("writing {:?}", bits.map));
-                    }
-                    bits.written[word as usize] = Some(want);
-                    writes += 1;
+        let bits = match map {
+            BitMap::Ports => &mut self.ports,
+            BitMap::Addrs => &mut self.vipbits,
+        };
+        let mut dirty = std::mem::take(&mut bits.dirty).into_iter();
+        while let Some(word) = dirty.next() {
+            let want = bits.want(word);
+            if bits.written[word as usize] != Some(want) {
+                if let Err(e) = self.maps.bits_set(bits.map, word, want) {
+                    // This word and the rest wait for the next settle.
+                    bits.dirty.insert(word);
+                    bits.dirty.extend(dirty);
+                    return Err(e).with_context(|| format!("writing {:?}", bits.map));
                 }
+                bits.written[word as usize] = Some(want);
+                writes += 1;
             }
         }
         Ok(writes)
@@ -2822,9 +2839,26 @@ mod tests {
 
     impl MapStore for FakeMaps {
         fn bits_set(&mut self, map: BitMap, word: u32, bits: u64) -> Result<()> {
+            // No holder the programs can still see loses its bit.
             match map {
-                BitMap::Ports => self.ports[word as usize] = bits,
-                BitMap::Addrs => self.vipbits[word as usize] = bits,
+                BitMap::Ports => {
+                    for r in self
+                        .revnat
+                        .iter()
+                        .filter(|r| r.flags & REVNAT_F_ACTIVE != 0)
+                    {
+                        let (w, bit) = port_bit(u16::from_be_bytes(r.port));
+                        assert!(w != word || bits & bit != 0, "port of {r:?} cleared");
+                    }
+                    self.ports[word as usize] = bits;
+                }
+                BitMap::Addrs => {
+                    for a in self.vips.keys() {
+                        let (w, bit) = addr_bit(a.octets());
+                        assert!(w != word || bits & bit != 0, "filter bit of {a} cleared");
+                    }
+                    self.vipbits[word as usize] = bits;
+                }
             }
             Ok(())
         }

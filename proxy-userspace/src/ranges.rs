@@ -58,11 +58,22 @@ impl SourceRanges {
 impl SourceRanges {
     /// The reverse-NAT ids the map holds ranges for.
     pub fn ids(&self) -> BTreeSet<u32> {
+        self.written.iter().map(id_of).collect()
+    }
+
+    /// The reverse-NAT ids whose ranges the next `sync` changes: their established flows must
+    /// not be checked against them meanwhile (stale entries go before new ones come).
+    pub fn changing(&self, target: &Target, programmed: &Programmed) -> BTreeSet<u32> {
+        let want = wanted(target, programmed);
         self.written
-            .iter()
-            .map(|(_, data)| u32::from_be_bytes([data[0], data[1], data[2], data[3]]))
+            .symmetric_difference(&want)
+            .map(id_of)
             .collect()
     }
+}
+
+fn id_of((_, data): &Entry) -> u32 {
+    u32::from_be_bytes([data[0], data[1], data[2], data[3]])
 }
 
 /// The entries for the ranges of every programmed frontend that has some.

@@ -449,6 +449,15 @@ impl Controller {
                 .apply_keys(target, &changes.frontends, &changes.backends)
         };
         // The ranges of whatever frontends the apply wrote (a failed one is retried with it).
+        // Frontends whose ranges change stop checking their established flows first (a range
+        // is removed before its replacement comes), and start again once all are in.
+        let changing = self
+            .source_ranges
+            .changing(target, self.writer.programmed());
+        if let Err(e) = self.writer.unflag_source_ranges(&changing) {
+            self.full = true;
+            return Err(e);
+        }
         if let Err(e) = self.source_ranges.sync(target, self.writer.programmed()) {
             self.full = true;
             return Err(e);

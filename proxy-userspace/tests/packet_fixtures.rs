@@ -2817,7 +2817,10 @@ fn node_program_checks_established_flows_against_source_ranges() {
         }
         f.source_ranges = allowed;
         t.frontends.insert(lb, f);
+        // As `run.rs` does: unflag what changes, write the ranges, flag what is whole.
         l.writer.apply(&t).unwrap();
+        let changing = ranges.changing(&t, l.writer.programmed());
+        l.writer.unflag_source_ranges(&changing).unwrap();
         ranges.sync(&t, l.writer.programmed()).unwrap();
         l.writer.flag_source_ranges(&ranges.ids()).unwrap();
     };
