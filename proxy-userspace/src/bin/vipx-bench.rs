@@ -160,6 +160,13 @@ struct Args {
     /// for profiling one path (`perf record -a` around the run) [default: every case].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Cache pressure: conntrack holding this many live entries while established packets are
+    /// drawn from `--pressure-flows` distinct flows, one run per packet (rows
+    /// `established_pressure`, `node_established_pressure`). 0: not measured.
+    #[arg(long, default_value_t = 0)]
+    pressure_conntrack: u32,
+    #[arg(long, default_value_t = 100_000)]
+    pressure_flows: u32,
 }
 
 fn lb_algorithm_arg(s: &str) -> Result<LbAlgorithm, String> {
@@ -173,6 +180,158 @@ const XDP_PASS: u32 = 2;
 const CLIENT: [u8; 4] = [198, 18, 200, 2];
 /// A client outside the cluster (the node program's cases).
 const EXTERNAL: [u8; 4] = [198, 18, 202, 2];
+/// Established packets under cache pressure: `a.pressure_flows` flows opened through the pod
+/// program and as many through the node program (external clients), conntrack filled to
+/// `a.pressure_conntrack` live entries around them, then each flow's next packet, one run per
+/// packet in a shuffled order, beside the single-run floor. Every packet must find its entry.
+fn pressure(
+    ebpf: &mut Ebpf,
+    pin_dir: &std::path::Path,
+    a: &Args,
+    n: u32,
+    target: (Ipv4Addr, u16),
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let k = a.pressure_flows;
+    // Tuple i of a set: a client address from `base` on, 40,000 ports per address.
+    let tuple = |i: u32, base: [u8; 4]| {
+        let addr = u32::from_be_bytes(base) + i / 40_000;
+        (addr.to_be_bytes(), 1024 + (i % 40_000) as u16)
+    };
+    let dst = target.0.octets();
+    let mut ct: aya::maps::HashMap<
+        aya::maps::MapData,
+        proxy_common::CtKey4,
+        proxy_common::CtValue,
+    > = loader::open_pinned_conntrack(pin_dir)?;
+    // Filler first (the flows measured are then the most recent): entries no packet names.
+    let filler = a.pressure_conntrack.saturating_sub(4 * k);
+    let started = Instant::now();
+    for i in 0..filler {
+        let key = proxy_common::CtKey4 {
+            saddr: (0xc613_0000u32 + i / 50_000).to_be_bytes(),
+            daddr: [198, 19, 255, 254],
+            sport: (1024 + (i % 50_000) as u16).to_be_bytes(),
+            dport: [0, 80],
+            proto: IPPROTO_TCP,
+            ..Default::default()
+        };
+        let v = proxy_common::CtValue {
+            flags: proxy_common::CT_F_FORWARD,
+            seen: vipx::conntrack::now_seen(),
+            ..Default::default()
+        };
+        ct.insert(key, v, 0)?;
+    }
+    let pod = prog_names::POD_INGRESS;
+    let node = prog_names::NODE_XDP;
+    let mut pod_pkts = Vec::with_capacity(k as usize);
+    let mut node_pkts = Vec::with_capacity(k as usize);
+    for i in 0..k {
+        let (src, sport) = tuple(i, [198, 18, 210, 0]);
+        run_tc(ebpf, pod, &tcp(src, sport, dst, target.1, true), 1)?;
+        pod_pkts.push(tcp(src, sport, dst, target.1, false));
+        let (src, sport) = tuple(i, [198, 18, 220, 0]);
+        run(
+            ebpf,
+            node,
+            &tcp(src, sport, dst, target.1, true),
+            1,
+            XDP_PASS,
+        )?;
+        node_pkts.push(tcp(src, sport, dst, target.1, false));
+    }
+    let mut live = 0u64;
+    for key in ct.keys() {
+        key?;
+        live += 1;
+    }
+    eprintln!(
+        "vipx-bench: {live} conntrack entries live, {k} + {k} flows measured ({:.1} s to fill)",
+        started.elapsed().as_secs_f64()
+    );
+    // A fixed shuffle: consecutive packets touch unrelated entries.
+    let mut order: Vec<usize> = (0..k as usize).collect();
+    let mut x = 0x2545_f491u64;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut floors = Vec::new();
+    let mut floors_tc = Vec::new();
+    for _ in 0..a.reps {
+        let before = loader::read_stats(ebpf)?;
+        let (mut sum_pod, mut sum_node, mut sum_floor, mut sum_floor_tc) = (0.0, 0.0, 0.0, 0.0);
+        for &i in &order {
+            sum_pod += run_tc(ebpf, pod, &pod_pkts[i], 1)?;
+            sum_node += run(ebpf, node, &node_pkts[i], 1, XDP_PASS)?;
+            sum_floor += run_floor(ebpf, &pod_pkts[i], 1)?;
+            sum_floor_tc += run(ebpf, prog_names::FLOOR_TC, &pod_pkts[i], 1, TC_ACT_OK)?;
+        }
+        floors_tc.push(sum_floor_tc / f64::from(k));
+        let after = loader::read_stats(ebpf)?;
+        for (stat, want) in [(Stat::CtForward, k), (Stat::NodeTranslated, k)] {
+            let moved = stat_of(&after, stat) - stat_of(&before, stat);
+            if moved != u64::from(want) {
+                bail!(
+                    "pressure: {} moved by {moved} of {want}: entries were evicted or missed",
+                    stat.name()
+                );
+            }
+        }
+        samples[0].push(sum_pod / f64::from(k));
+        samples[1].push(sum_node / f64::from(k));
+        floors.push(sum_floor / f64::from(k));
+    }
+    let floor = median(&mut floors.clone());
+    for (case, s) in ["established_pressure", "node_established_pressure"]
+        .into_iter()
+        .zip(samples)
+    {
+        let ns = median(&mut s.clone());
+        rows.push(Row {
+            services: n,
+            backends_per_service: a.backends,
+            case,
+            ns_per_packet: ns,
+            floor_ns: floor,
+            ratio_to_floor: ns / floor,
+            samples_ns: s,
+        });
+    }
+    rows.push(Row {
+        services: n,
+        backends_per_service: a.backends,
+        case: "floor_xdp_single_run_pressure",
+        ns_per_packet: floor,
+        floor_ns: floor,
+        ratio_to_floor: 1.0,
+        samples_ns: floors,
+    });
+    // The TC hook's own single-run cost (an skb built per run): the pod program's row pays it.
+    let tc = median(&mut floors_tc.clone());
+    rows.push(Row {
+        services: n,
+        backends_per_service: a.backends,
+        case: "floor_tc_single_run_pressure",
+        ns_per_packet: tc,
+        floor_ns: floor,
+        ratio_to_floor: tc / floor,
+        samples_ns: floors_tc,
+    });
+    Ok(())
+}
+
+fn stat_of(stats: &[(Stat, u64)], which: Stat) -> u64 {
+    stats
+        .iter()
+        .find(|(s, _)| *s == which)
+        .map_or(0, |(_, v)| *v)
+}
+
 /// Distinct SYNs per run of the `new_flow_distinct` case (two conntrack entries each; the
 /// table holds 65,536).
 const DISTINCT_FLOWS: u16 = 4096;
@@ -481,7 +640,8 @@ fn packet(a: Args) -> Result<()> {
             services: (n * (a.backends + 1)).max(1024),
             backends: (n * a.backends + 2).max(1024),
             revnat: (n + 2).max(1024),
-            conntrack: 65_536,
+            // Room for the pressure rows' live entries without the LRU evicting them.
+            conntrack: 65_536.max(a.pressure_conntrack + a.pressure_conntrack / 4),
             maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
             // One per service (none changes during the run).
             maglev_tables: if a.lb_algorithm == LbAlgorithm::Maglev {
@@ -741,6 +901,9 @@ fn packet(a: Args) -> Result<()> {
                     ratio_to_floor: 1.0,
                     samples_ns: floor_single,
                 });
+            }
+            if a.pressure_conntrack > 0 {
+                pressure(&mut ebpf, &pin_dir, &a, n, target, &mut rows)?;
             }
             let tc_ns = median(&mut floor_tc.clone());
             rows.push(Row {
