@@ -2754,6 +2754,37 @@ fn node_program_dnats_external_flows_to_local_backends() {
         (translated, new_local + 1),
         "a pod's conntrack entry followed by the node program"
     );
+    // Entries of builds before these flags carry neither: both programs follow them (an
+    // upgrade keeps the flows in flight on their backends).
+    let mut ct: HashMap<MapData, CtKey4, CtValue> =
+        loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    for (sport, made) in [(42001u16, "pod"), (42002, "node")] {
+        let syn = frame(CLIENT, sport, VIP, 80, &SYN, &[]);
+        if made == "pod" {
+            run(&mut l, &syn);
+        } else {
+            run_xdp(&mut l, &syn);
+        }
+        let key = ct_key(CLIENT, sport, VIP, 80, IPPROTO_TCP);
+        let mut old = ct.get(&key, 0).unwrap();
+        old.flags &= !(proxy_common::CT_F_NODE | proxy_common::CT_F_POD);
+        ct.insert(key, old, 0).unwrap();
+        let data = frame(CLIENT, sport, VIP, 80, &DATA, &[]);
+        let (translated, forward) = (stat(&l, Stat::NodeTranslated), stat(&l, Stat::CtForward));
+        let (v, out) = run_xdp(&mut l, &data);
+        assert_eq!(
+            (v, inspect(&out).dst),
+            (XDP_PASS, BE1),
+            "{made}'s old entry"
+        );
+        let (v, out) = run(&mut l, &data);
+        assert_eq!((v, inspect(&out).dst), (NEXT, BE1), "{made}'s old entry");
+        assert_eq!(
+            (stat(&l, Stat::NodeTranslated), stat(&l, Stat::CtForward)),
+            (translated + 1, forward + 1),
+            "an old {made} entry followed by both programs"
+        );
+    }
 
     // Every Service goes. The flow established above is followed by its conntrack entry alone
     // while its frontend drains, as the pod program does; a new connection is not served.
