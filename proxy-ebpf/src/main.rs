@@ -782,6 +782,9 @@ fn maglev_pick(table: u32, hash: u32) -> Option<(u32, u32, Backend4)> {
 
 /// TC ingress on the host side of a pod's veth: packets the pod sends.
 #[classifier]
+// The macro wraps this body in the entry point; inlined there, not a BPF-to-BPF call (a call
+// and a return on every packet).
+#[inline(always)]
 pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     count(Stat::Packets);
     let mut flow = match parse_pulling(&ctx) {
@@ -1344,6 +1347,9 @@ fn csum(bytes: &[u8]) -> [u8; 2] {
 
 /// TC egress on the host side of a pod's veth: packets about to enter the pod.
 #[classifier]
+// The macro wraps this body in the entry point; inlined there, not a BPF-to-BPF call (a call
+// and a return on every packet).
+#[inline(always)]
 pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
     count(Stat::EgressPackets);
     match parse_pulling(&ctx) {
