@@ -673,6 +673,24 @@ fn backend(id: u32) -> Option<Backend4> {
     }
 }
 
+/// The frontend a forward entry was made for, while its reverse-NAT entry still means it
+/// (active, same generation, the packet's address and port): so also while a removed frontend
+/// drains. Shared by the pod and node programs' established paths.
+#[inline(always)]
+fn forward_revnat(ct: &CtValue, daddr: [u8; 4], dport: [u8; 2]) -> Option<RevNat4> {
+    match REVNAT4.get(ct.rev_nat_id) {
+        Some(r)
+            if r.flags & REVNAT_F_ACTIVE != 0
+                && r.generation == ct.rev_nat_gen
+                && r.addr == daddr
+                && r.port == dport =>
+        {
+            Some(*r)
+        }
+        _ => None,
+    }
+}
+
 /// The frontend a reply entry restores, if its reverse-NAT id still means the same frontend and
 /// its backend id was not handed to another backend since (a removed backend keeps its
 /// generation, so the tail of its flows is still restored).
@@ -1050,17 +1068,10 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
     if ct.flags & (CT_F_FORWARD | CT_F_NODE) != CT_F_FORWARD {
         return None;
     }
-    match REVNAT4.get(ct.rev_nat_id) {
-        Some(r)
-            if r.flags & REVNAT_F_ACTIVE != 0
-                && r.generation == ct.rev_nat_gen
-                && r.addr == flow.daddr
-                && r.port == flow.dport => {}
-        _ => {
-            // Made for another frontend that had this address before, or one that is gone.
-            count(Stat::CtStale);
-            return None;
-        }
+    if forward_revnat(&ct, flow.daddr, flow.dport).is_none() {
+        // Made for another frontend that had this address before, or one that is gone.
+        count(Stat::CtStale);
+        return None;
     }
     let b = match backend(ct.backend_id) {
         Some(b) if b.generation == ct.backend_gen => b,

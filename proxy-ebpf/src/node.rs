@@ -31,9 +31,9 @@ use aya_ebpf::{
 use proxy_common::{
     BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_NODE, CT_F_POD, CT_F_REPLIED, CT_F_REPLY,
     CT_F_SNAT, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW,
-    REVNAT_F_ACTIVE, REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    SVC_F_AFFINITY, SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT,
-    SVC_F_SOURCE_RANGES, SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit,
+    REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_AFFINITY,
+    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES,
+    SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -44,7 +44,7 @@ use vipx_ebpf::{
 
 use crate::{
     CT4, REVNAT4, SVC4, affine, backend, count, ct_now, ct_put, ct_touch, flood_allows,
-    maglev_pick, remember_affinity, reply_revnat, slot_backend,
+    forward_revnat, maglev_pick, remember_affinity, reply_revnat, slot_backend,
 };
 
 /// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
@@ -442,17 +442,8 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     if ct.flags & (CT_F_FORWARD | CT_F_POD) != CT_F_FORWARD {
         return None;
     }
-    let ranges = match REVNAT4.get(ct.rev_nat_id) {
-        Some(r)
-            if r.flags & REVNAT_F_ACTIVE != 0
-                && r.generation == ct.rev_nat_gen
-                && u32::from_ne_bytes(r.addr) == p.daddr
-                && u16::from_ne_bytes(r.port) == p.dport =>
-        {
-            r.flags & REVNAT_F_SOURCE_RANGES != 0
-        }
-        _ => return None,
-    };
+    let rev = forward_revnat(&ct, p.daddr.to_ne_bytes(), p.dport.to_ne_bytes())?;
+    let ranges = rev.flags & REVNAT_F_SOURCE_RANGES != 0;
     let b = backend(ct.backend_id)?;
     if b.generation != ct.backend_gen {
         return None;

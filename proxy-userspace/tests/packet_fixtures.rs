@@ -2536,7 +2536,6 @@ fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
     if !privileged() {
         return;
     }
-    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
     const NODE: [u8; 4] = [198, 18, 0, 1];
     let mut l = load(&[BE1]);
     // The ids and generations a flow to the frontend carries.
@@ -2618,6 +2617,12 @@ fn collection_pairs_the_entries_of_snat_flows_and_frees_their_ports() {
     assert_eq!(st.expired, 1, "{st:?}");
 }
 
+/// The external client of the node program's fixtures, and the XDP verdicts they expect.
+const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
 fn node_program(l: &mut Loaded) -> &mut aya::programs::Xdp {
     l.ebpf
         .program_mut(prog_names::NODE_XDP)
@@ -2665,8 +2670,6 @@ fn node_program_dnats_external_flows_to_local_backends() {
     if !privileged() {
         return;
     }
-    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
-    const XDP_PASS: u32 = 2;
     let mut l = load(&[BE1]);
     mark_local(&l, BE1);
     node_program(&mut l)
@@ -2824,10 +2827,7 @@ fn node_program_checks_established_flows_against_source_ranges() {
     if !privileged() {
         return;
     }
-    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
     const LB: [u8; 4] = [198, 19, 250, 1];
-    const XDP_DROP: u32 = 1;
-    const XDP_PASS: u32 = 2;
     let mut l = load(&[BE1]);
     node_program(&mut l)
         .load()
@@ -2997,10 +2997,7 @@ fn node_program_dnats_and_snats_flows_to_other_nodes_and_back() {
     if !privileged() {
         return;
     }
-    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
     const NODE: [u8; 4] = [198, 18, 0, 2];
-    const XDP_TX: u32 = 3;
-    const XDP_DROP: u32 = 1;
     // The IPv4 TTL's offset in a frame.
     const IP_TTL: usize = 14 + 8;
     let ns = FibNs::create();
@@ -3086,7 +3083,6 @@ fn node_program_at_tc_ingress_dnats_external_flows_to_local_backends() {
     if !privileged() {
         return;
     }
-    const EXTERNAL: [u8; 4] = [198, 18, 0, 100];
     let mut l = load(&[BE1]);
     mark_local(&l, BE1);
     let tc: &mut SchedClassifier = l
