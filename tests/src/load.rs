@@ -22,7 +22,7 @@
 //! load::tune_client(client_ns)?;
 //! let target: SocketAddr = "198.18.64.11:5000".parse()?;
 //! load::settle(&[client_ns, node_ns])?;
-//! let m = load::crr(client_ns, target, Duration::from_secs(5), 32)?;
+//! let m = load::crr(client_ns, load::Spread::one(&target), Duration::from_secs(5), 32)?;
 //! println!("{m}");
 //! # Ok(())
 //! # }
@@ -39,8 +39,8 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns::{in_netns, ns_command, proc_net_field, sysctls};
 
-/// wrk threads: one per core of the 2-core machines the bench runs on (fewer when there are fewer
-/// connections, as wrk requires).
+/// wrk threads of [`Spread::one`]: one per core of the 2-core machines the bench runs on (fewer
+/// when there are fewer connections, as wrk requires).
 pub const WRK_THREADS: u32 = 2;
 /// wrk's per-request timeout; slower responses count as timeout errors.
 pub const WRK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -130,32 +130,85 @@ pub fn tune_client(netns: &str) -> Result<()> {
     .with_context(|| format!("tuning client namespace {netns}"))
 }
 
-/// Short connections per second from `client_ns` to the HTTP server at `target`: wrk with
+/// Where a wrk run sends its requests: `threads` threads, thread `i` to `targets[i % len]`, each
+/// with its share of the connections.
+///
+/// The bench's "direct to a pod" spreads over the same pods as a proxy would (one thread per
+/// pod), and the proxies get the same number of threads, so that the ratio to direct isolates
+/// the proxy's cost rather than one pod's limit or wrk's threading.
+#[derive(Clone, Copy, Debug)]
+pub struct Spread<'a> {
+    pub targets: &'a [SocketAddr],
+    pub threads: u32,
+}
+
+impl<'a> Spread<'a> {
+    /// Every request to `target`, from [`WRK_THREADS`] threads.
+    pub fn one(target: &'a SocketAddr) -> Self {
+        Self {
+            targets: std::slice::from_ref(target),
+            threads: WRK_THREADS,
+        }
+    }
+
+    /// One thread per target.
+    pub fn each(targets: &'a [SocketAddr]) -> Self {
+        Self {
+            targets,
+            threads: u32::try_from(targets.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// wrk's Lua script that points each thread at its own target (`None`: one target, wrk's URL
+    /// says it).
+    fn script(&self) -> Option<String> {
+        if self.targets.len() < 2 {
+            return None;
+        }
+        let list = self
+            .targets
+            .iter()
+            .map(|t| format!("{{\"{}\", \"{}\"}}", t.ip(), t.port()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // setup() runs once per thread, in order, before the run starts.
+        Some(format!(
+            "local targets = {{{list}}}\nlocal n = 0\n\
+             function setup(thread)\n\
+             \x20 local t = targets[n % #targets + 1]\n\
+             \x20 n = n + 1\n\
+             \x20 thread.addr = wrk.lookup(t[1], t[2])[1]\n\
+             end\n"
+        ))
+    }
+}
+
+/// Short connections per second from `client_ns` to the HTTP servers of `to`: wrk with
 /// `Connection: close`, so that each request opens, uses and closes a connection of its own;
 /// `connections` of them are in flight at any time.
 ///
 /// wrk's duration is whole seconds: `duration` is rounded up, to at least 1 s.
 pub fn crr(
     client_ns: &str,
-    target: SocketAddr,
+    to: Spread<'_>,
     duration: Duration,
     connections: u32,
 ) -> Result<Measurement> {
-    let report = wrk(client_ns, target, duration, connections, true)?;
+    let report = wrk(client_ns, to, duration, connections, true)?;
     Ok(report.measurement("conn/s"))
 }
 
-/// Requests per second from `client_ns` to the HTTP server at `target`, over `connections`
+/// Requests per second from `client_ns` to the HTTP servers of `to`, over `connections`
 /// keep-alive connections that stay open for the whole run (wrk).
 ///
 /// wrk's duration is whole seconds: `duration` is rounded up, to at least 1 s.
 pub fn rr(
     client_ns: &str,
-    target: SocketAddr,
+    to: Spread<'_>,
     duration: Duration,
     connections: u32,
 ) -> Result<Measurement> {
-    let report = wrk(client_ns, target, duration, connections, false)?;
+    let report = wrk(client_ns, to, duration, connections, false)?;
     Ok(report.measurement("req/s"))
 }
 
@@ -326,20 +379,28 @@ impl WrkReport {
     }
 }
 
-/// Runs wrk in `ns` against `http://target/` and parses its report. `close`: send
+/// Runs wrk in `ns` against the targets of `to` and parses its report. `close`: send
 /// `Connection: close`, one connection per request.
 pub fn wrk(
     ns: &str,
-    target: SocketAddr,
+    to: Spread<'_>,
     duration: Duration,
     connections: u32,
     close: bool,
 ) -> Result<WrkReport> {
     ensure!(connections > 0, "wrk needs at least one connection");
+    let Some(target) = to.targets.first() else {
+        bail!("wrk needs a target");
+    };
+    ensure!(
+        to.targets.len() < 2 || connections >= to.threads,
+        "{connections} connections cannot spread over {} threads",
+        to.threads
+    );
     let program = find_tool("wrk").context("wrk is not installed (ensure_tools)")?;
     let seconds = duration.as_secs_f64().ceil().max(1.0) as u64;
     let mut args = vec![
-        format!("--threads={}", WRK_THREADS.min(connections)),
+        format!("--threads={}", to.threads.clamp(1, connections)),
         format!("--connections={connections}"),
         format!("--duration={seconds}s"),
         format!("--timeout={}s", WRK_TIMEOUT.as_secs().max(1)),
@@ -347,6 +408,21 @@ pub fn wrk(
     if close {
         args.extend(["--header".to_owned(), "Connection: close".to_owned()]);
     }
+    // Removed when the run ends (tempfile's guard).
+    let _script = match to.script() {
+        Some(text) => {
+            let mut f = tempfile::Builder::new()
+                .prefix("vipx-wrk-")
+                .suffix(".lua")
+                .tempfile()
+                .context("creating wrk's script")?;
+            f.write_all(text.as_bytes())
+                .context("writing wrk's script")?;
+            args.push(format!("--script={}", f.path().display()));
+            Some(f)
+        }
+        None => None,
+    };
     args.push(format!("http://{target}/"));
     let mut cmd = ns_command(ns, &program, &args);
     let line = format!("wrk {} (in namespace {ns})", args.join(" "));

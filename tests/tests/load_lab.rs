@@ -37,7 +37,8 @@ fn crr_rr_and_bulk_run_against_a_pod() {
 
     load::settle(&settle_in).expect("settling");
     let before = opens();
-    let report = load::wrk(client, http, RUN, CONNECTIONS, true).expect("CRR run");
+    let report =
+        load::wrk(client, load::Spread::one(&http), RUN, CONNECTIONS, true).expect("CRR run");
     let accepts = accepted(before);
     eprintln!("crr: {report:?}, {accepts} connections accepted");
     assert!(report.requests_per_sec > 0.0 && report.requests > 0);
@@ -52,7 +53,7 @@ fn crr_rr_and_bulk_run_against_a_pod() {
 
     load::settle(&settle_in).expect("settling");
     let before = opens();
-    let rr = load::rr(client, http, RUN, CONNECTIONS).expect("RR run");
+    let rr = load::rr(client, load::Spread::one(&http), RUN, CONNECTIONS).expect("RR run");
     let accepts = accepted(before);
     eprintln!("rr: {rr}, {accepts} connections accepted");
     assert!(rr.value > 0.0 && rr.unit == "req/s");
@@ -64,10 +65,34 @@ fn crr_rr_and_bulk_run_against_a_pod() {
     );
 
     load::settle(&settle_in).expect("settling");
-    let crr = load::crr(client, http, RUN, CONNECTIONS).expect("CRR run");
+    let crr = load::crr(client, load::Spread::one(&http), RUN, CONNECTIONS).expect("CRR run");
     eprintln!("crr: {crr}");
     assert!(crr.value > 0.0 && crr.unit == "conn/s");
     assert_eq!(crr.errors, 0, "{crr:?}");
+
+    // A spread run: one thread per pod, each pod serves its thread's share.
+    load::settle(&settle_in).expect("settling");
+    let pods: Vec<SocketAddr> = lab.backends().iter().map(|b| b.server_addr()).collect();
+    let each = |b: &vipx_lab::Pod| {
+        load::tcp_counters(&b.netns)
+            .expect("TCP counters")
+            .passive_opens
+    };
+    let before: Vec<u64> = lab.backends().iter().map(each).collect();
+    let spread =
+        load::wrk(client, load::Spread::each(&pods), RUN, 2 * 2, true).expect("spread run");
+    let after: Vec<u64> = lab.backends().iter().map(each).collect();
+    eprintln!("spread crr: {spread:?}, accepted {before:?} -> {after:?}");
+    assert_eq!(spread.errors(), 0, "{spread:?}");
+    for (pod, (b, a)) in pods.iter().zip(before.iter().zip(&after)) {
+        // Each thread's connections are all to its own pod, a connection per request.
+        assert!(
+            a - b > spread.requests / 4,
+            "{pod} accepted {} of {} connections",
+            a - b,
+            spread.requests
+        );
+    }
 
     load::settle(&settle_in).expect("settling");
     let bulk = load::bulk(client, sink, RUN).expect("bulk run");

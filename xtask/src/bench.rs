@@ -4,9 +4,10 @@
 //! 1. Per-packet cost (BPF_PROG_TEST_RUN) — `vipx-bench packet`; beside it the Maglev
 //!    reshuffle — `vipx-bench maglev`: the share of new-flow choices a backend removal or
 //!    addition moves (no kernel; exact figures, not timings).
-//! 2. End to end in the namespace lab: one lab per contender (direct to a pod, vipx, iptables
-//!    rules, nftables rules) so that netfilter conntrack, which kube-proxy's rules switch on in
-//!    their node namespace, taxes only them. Contenders are interleaved (A B C D, A B C D, ...)
+//! 2. End to end in the namespace lab: one lab per contender (direct to the pods, vipx, vipx on a
+//!    node with netfilter conntrack and rp_filter on, iptables rules, nftables rules) so that
+//!    netfilter conntrack, which kube-proxy's rules switch on in their node namespace, taxes only
+//!    them and the realistic vipx variant. Contenders are interleaved (A B C D E, A B C D E, ...)
 //!    and the client's conntrack and TIME_WAIT sockets settle before every run.
 //! 3. Control plane — `vipx-bench control-plane`, the real vipx on a manifests directory (time to
 //!    first sync, resident memory), the same on the Kubernetes API (the tests' in-process API
@@ -26,7 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use vipx_lab::{
     Lab, LabConfig, Realism,
@@ -59,6 +60,12 @@ pub(crate) struct Plan {
     pub(crate) rr: Duration,
     pub(crate) bulk: Duration,
     control_plane_services: usize,
+    /// The large control-plane row: this many services x 10 programmed from empty beside
+    /// iptables-restore of the same (0: not measured).
+    control_plane_large: usize,
+    /// Conntrack entries and distinct flows of the per-packet rows under cache pressure.
+    pressure_conntrack: &'static str,
+    pressure_flows: &'static str,
 }
 
 const FULL: Plan = Plan {
@@ -69,32 +76,43 @@ const FULL: Plan = Plan {
     rr: Duration::from_secs(4),
     bulk: Duration::from_secs(2),
     control_plane_services: 10_000,
+    control_plane_large: 100_000,
+    pressure_conntrack: "1048576",
+    pressure_flows: "100000",
 };
 
 const QUICK: Plan = Plan {
     packet_services: "1,1000,10000",
     e2e_services: &[100, 1000],
-    reps: 2,
+    // Odd, so that the median is a sample.
+    reps: 3,
     crr: Duration::from_secs(1),
     rr: Duration::from_secs(1),
     bulk: Duration::from_secs(1),
     // iptables-restore of 10,000 services alone takes over a minute here.
     control_plane_services: 1000,
+    control_plane_large: 0,
+    pressure_conntrack: "65536",
+    pressure_flows: "10000",
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Contender {
     Direct,
     Vipx,
+    /// vipx on a node namespace as real nodes have it: netfilter conntrack on (the INVALID-drop
+    /// rule kube-proxy and most CNIs load) and rp_filter=1.
+    VipxNetfilter,
     Iptables,
     Nftables,
 }
 
 impl Contender {
-    const ALL: [Contender; 4] = [
+    const ALL: [Contender; 5] = [
         Contender::Direct,
         Contender::Vipx,
+        Contender::VipxNetfilter,
         Contender::Iptables,
         Contender::Nftables,
     ];
@@ -103,25 +121,48 @@ impl Contender {
         match self {
             Contender::Direct => "bdirect",
             Contender::Vipx => "bvipx",
+            Contender::VipxNetfilter => "bvipxnf",
             Contender::Iptables => "bipt",
             Contender::Nftables => "bnft",
         }
     }
+
+    fn label(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Vipx => "vipx",
+            Contender::VipxNetfilter => "vipx, node netfilter on",
+            Contender::Iptables => "iptables",
+            Contender::Nftables => "nftables",
+        }
+    }
+
+    fn realism(self) -> Realism {
+        match self {
+            Contender::VipxNetfilter => Realism::Node,
+            _ => BENCH_REALISM,
+        }
+    }
+
+    fn is_vipx(self) -> bool {
+        matches!(self, Contender::Vipx | Contender::VipxNetfilter)
+    }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct E2eRow {
     services: usize,
     contender: Contender,
-    metric: &'static str,
-    unit: &'static str,
+    metric: String,
+    unit: String,
     median: f64,
     ratio_to_direct: f64,
     samples: Vec<f64>,
     errors: u64,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
 struct ControlPlane {
     services: usize,
     endpoints_per_service: usize,
@@ -140,15 +181,63 @@ struct ControlPlane {
     vipx_api_rss_peak_mib: f64,
     iptables_restore_ms: f64,
     nft_ms: f64,
+    /// `vipx-bench control-plane` at `Plan::control_plane_large` services (Null: not measured).
+    large: Value,
+    /// iptables-restore of kube-proxy's rules for as many services.
+    large_iptables_restore_ms: f64,
 }
 
-#[derive(Serialize)]
+/// Which parts of the bench run (`cargo xtask bench --parts`); all by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Part {
+    /// Per-packet cost and the Maglev reshuffle.
+    Packet,
+    /// End to end in the lab, ClusterIP.
+    E2e,
+    /// End to end through a node port.
+    NodePorts,
+    /// Control plane: sync times and memory.
+    ControlPlane,
+}
+
+impl Part {
+    const ALL: [Part; 4] = [Part::Packet, Part::E2e, Part::NodePorts, Part::ControlPlane];
+
+    fn key(self) -> &'static str {
+        match self {
+            Part::Packet => "packet",
+            Part::E2e => "e2e",
+            Part::NodePorts => "node_ports",
+            Part::ControlPlane => "control_plane",
+        }
+    }
+}
+
+/// Where one part's figures come from: a part not run keeps its figures and their provenance
+/// from the previous report.
+#[derive(Serialize, Deserialize, Clone)]
+struct Provenance {
+    commit: String,
+    command: String,
+    /// UTC, as `date -u` prints it.
+    date: String,
+}
+
+#[derive(Serialize, Deserialize)]
 struct Report {
     machine: String,
     command: String,
+    /// Per part (`Part::key`): the commit, command and date it was measured at.
+    #[serde(default)]
+    measured: std::collections::BTreeMap<String, Provenance>,
     packet: Value,
+    /// The per-packet cache-pressure rows' (conntrack entries, flows).
+    #[serde(default)]
+    packet_pressure: (u64, u64),
     maglev: Value,
+    #[serde(default)]
     e2e: Vec<E2eRow>,
+    #[serde(default)]
     node_ports: Vec<node_port_bench::Row>,
     control_plane: ControlPlane,
 }
@@ -172,10 +261,26 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}, kernel {}", kernel.trim())
 }
 
+/// The true median: the middle sample, or the mean of the two middle ones.
 pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    if s.is_empty() { 0.0 } else { s[s.len() / 2] }
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// "min-max" of the samples, in the precision of the figure beside it.
+fn spread(v: &[f64], decimals: usize) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if v.is_empty() {
+        String::from("-")
+    } else {
+        format!("{lo:.decimals$}-{hi:.decimals$}")
+    }
 }
 
 /// `n` services; the middle one is the measured VIP in front of the lab's pods, the others
@@ -601,7 +706,7 @@ impl Labs {
                 tag: c.tag().into(),
                 backends: BACKENDS,
                 lab_pod_bin: bin.clone(),
-                realism: BENCH_REALISM,
+                realism: c.realism(),
             })?;
             load::tune_client(&lab.client().netns)?;
             labs.push((c, lab));
@@ -619,24 +724,36 @@ impl Labs {
     }
 }
 
+/// wrk's connections in flight: 4 for each of its threads, one thread per backend pod.
+const CONNECTIONS: u32 = 4 * BACKENDS;
+
 fn measure(lab: &Lab, c: Contender, plan: &Plan) -> Result<[Measurement; 3]> {
     let client = lab.client().netns.clone();
     let pod = lab.backends()[0].ip;
+    // Direct spreads over the same ten pods as the proxies, one wrk thread per pod; the proxies
+    // get as many threads, all to the VIP. Bulk is one connection, to one pod either way.
     let (http, sink) = match c {
         Contender::Direct => (
-            SocketAddr::from((pod, 5000)),
+            lab.backends()
+                .iter()
+                .map(|b| SocketAddr::from((b.ip, 5000)))
+                .collect::<Vec<_>>(),
             SocketAddr::from((pod, SINK_PORT)),
         ),
         _ => (
-            SocketAddr::from((VIP, 80)),
+            vec![SocketAddr::from((VIP, 80))],
             SocketAddr::from((VIP, SINK_PORT)),
         ),
     };
+    let to = load::Spread {
+        targets: &http,
+        threads: BACKENDS,
+    };
     let nss = [client.as_str(), lab.node_ns()];
     load::settle(&nss)?;
-    let crr = load::crr(&client, http, plan.crr, 32)?;
+    let crr = load::crr(&client, to, plan.crr, CONNECTIONS)?;
     load::settle(&nss)?;
-    let rr = load::rr(&client, http, plan.rr, 32)?;
+    let rr = load::rr(&client, to, plan.rr, CONNECTIONS)?;
     load::settle(&nss)?;
     let bulk = load::bulk(&client, sink, plan.bulk)?;
     Ok([crr, rr, bulk])
@@ -659,7 +776,10 @@ type RuleLoads = Vec<(usize, Duration, Duration)>;
 fn e2e(plan: &Plan, loads: &mut RuleLoads) -> Result<Vec<E2eRow>> {
     kube_rules::ensure_tools()?;
     load::ensure_tools()?;
-    progress("creating four labs (direct, vipx, iptables, nftables), 10 backend pods each");
+    progress(
+        "creating five labs (direct, vipx, vipx with node netfilter, iptables, nftables), 10 \
+         backend pods each",
+    );
     let labs = Labs::create()?;
     let mut rows = Vec::new();
     for &n in plan.e2e_services {
@@ -688,16 +808,22 @@ fn e2e(plan: &Plan, loads: &mut RuleLoads) -> Result<Vec<E2eRow>> {
         progress(&format!("  loaded in {:.1} s", t_nft.as_secs_f64()));
         loads.push((n, t_ipt, t_nft));
 
-        let vl = labs.get(Contender::Vipx);
-        let manifests = target_dir().join("vipx-bench-manifests");
-        write_manifests(&manifests, &svcs, vl.node_name())?;
-        let (vipx, _) = start_vipx(
-            vl.node_ns(),
-            vl.node_name(),
-            ("--manifests", &manifests),
-            vipx_lab::HOST_IF_GLOB,
-            &[],
-        )?;
+        let mut vipx = Vec::new();
+        for c in Contender::ALL.into_iter().filter(|c| c.is_vipx()) {
+            let vl = labs.get(c);
+            let manifests = target_dir().join(format!("vipx-bench-manifests-{}", c.tag()));
+            write_manifests(&manifests, &svcs, vl.node_name())?;
+            vipx.push(
+                start_vipx(
+                    vl.node_ns(),
+                    vl.node_name(),
+                    ("--manifests", &manifests),
+                    vipx_lab::HOST_IF_GLOB,
+                    &[],
+                )?
+                .0,
+            );
+        }
         for c in Contender::ALL {
             if c != Contender::Direct {
                 wait_for_vip(&labs.get(c).client().netns)?;
@@ -737,8 +863,8 @@ fn e2e(plan: &Plan, loads: &mut RuleLoads) -> Result<Vec<E2eRow>> {
                 rows.push(E2eRow {
                     services: n,
                     contender: *c,
-                    metric,
-                    unit: s[k].first().map_or("", |m| m.unit),
+                    metric: (*metric).to_owned(),
+                    unit: s[k].first().map_or("", |m| m.unit).to_owned(),
                     median: med,
                     ratio_to_direct: if direct[k] > 0.0 {
                         med / direct[k]
@@ -776,6 +902,11 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
             .stdout(Stdio::null()),
     )?;
     let vipx: Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    let (large, large_ipt) = if plan.control_plane_large > 0 {
+        control_plane_large(plan.control_plane_large, results)?
+    } else {
+        (Value::Null, Duration::ZERO)
+    };
 
     // The real vipx on a manifests directory of the same size, in a scratch namespace.
     let (lab, m) = vipx_on_manifests(n)?;
@@ -816,7 +947,52 @@ fn control_plane(plan: &Plan, results: &Path, loads: &RuleLoads) -> Result<Contr
         vipx_api_rss_peak_mib: a.rss_peak_mib,
         iptables_restore_ms: ipt.as_secs_f64() * 1e3,
         nft_ms: nft.as_secs_f64() * 1e3,
+        large,
+        large_iptables_restore_ms: large_ipt.as_secs_f64() * 1e3,
     })
+}
+
+/// `n` services x 10 programmed from empty (`vipx-bench control-plane`, 3 runs), and
+/// iptables-restore of kube-proxy's rules for the same services in a scratch namespace (once:
+/// minutes at this size). nft -f is left out: over 2 minutes at a tenth of this.
+fn control_plane_large(n: usize, results: &Path) -> Result<(Value, Duration)> {
+    progress(&format!(
+        "control plane: {n} services x {BACKENDS} endpoints through translate -> apply"
+    ));
+    let json = results.join("control-plane-large.json");
+    status(
+        Command::new(target_dir().join("release").join("vipx-bench"))
+            .args([
+                "control-plane",
+                "--services",
+                &n.to_string(),
+                "--reps",
+                "3",
+                "--json",
+            ])
+            .arg(&json)
+            .stdout(Stdio::null()),
+    )?;
+    let vipx: Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    progress(&format!(
+        "control plane: iptables-restore of kube-proxy's rules for {n} services"
+    ));
+    vipx_lab::cleanup_stale("bcpl")?;
+    let lab = Lab::create(LabConfig {
+        tag: "bcpl".into(),
+        backends: 0,
+        lab_pod_bin: target_dir().join("release").join("lab-pod"),
+        realism: BENCH_REALISM,
+    })?;
+    let svcs = services(n, &[]);
+    let ipt = kube_rules::load_iptables_with(
+        lab.node_ns(),
+        &kube_rules::iptables_restore_input(&svcs, CLUSTER_CIDR),
+        RestoreMode::Replace,
+    )?;
+    progress(&format!("  loaded in {:.1} s", ipt.as_secs_f64()));
+    kube_rules::flush_iptables(lab.node_ns())?;
+    Ok((vipx, ipt))
 }
 
 /// One per-packet figure of `rows` for `n` services: "ns (ratio to the floor)", or "-".
@@ -835,6 +1011,17 @@ fn packet_cell(rows: &[Value], n: u64, case: &str) -> String {
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Machine: {}. Command: `{}`.\n", r.machine, r.command);
+    if !r.measured.is_empty() {
+        let _ = writeln!(s, "| part | commit | command | date |\n|---|---|---|---|");
+        for (part, p) in &r.measured {
+            let _ = writeln!(
+                s,
+                "| {part} | {} | `{}` | {} |",
+                p.commit, p.command, p.date
+            );
+        }
+        let _ = writeln!(s);
+    }
     let _ = writeln!(
         s,
         "### Per-packet cost (BPF_PROG_TEST_RUN, ns/packet, median; x = ratio to the XDP floor)\n"
@@ -889,6 +1076,63 @@ fn markdown(r: &Report) -> String {
             get("floor_xdp")
         );
     }
+    // The cache-pressure rows: one service count, one run per packet.
+    if let Some(n) = rows
+        .iter()
+        .find(|x| x["case"] == "established_pressure")
+        .and_then(|x| x["services"].as_u64())
+    {
+        let ns = |case: &str| {
+            rows.iter()
+                .find(|x| x["services"].as_u64() == Some(n) && x["case"] == case)
+                .and_then(|x| x["ns_per_packet"].as_f64())
+        };
+        let _ = writeln!(
+            s,
+            "\n### Under cache pressure ({n} services x 10; conntrack holding {} live entries, \
+             packets drawn from {} flows in a shuffled order; one run per packet, so each figure \
+             carries a syscall and cold code: compare it with the same on one hot flow and with \
+             the single-run floor; ns/packet, median)\n",
+            r.packet_pressure.0, r.packet_pressure.1
+        );
+        let _ = writeln!(
+            s,
+            "| path | many flows | one hot flow | cache misses cost | single-run floor |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+        for (label, many, hot, floor) in [
+            (
+                "pod program, established (TC)",
+                "established_pressure",
+                "established_single_run_hot",
+                "floor_tc_single_run_pressure",
+            ),
+            (
+                "node program, established (XDP)",
+                "node_established_pressure",
+                "node_established_single_run_hot",
+                "floor_xdp_single_run_pressure",
+            ),
+        ] {
+            let (Some(m), Some(h), Some(f)) = (ns(many), ns(hot), ns(floor)) else {
+                continue;
+            };
+            let _ = writeln!(s, "| {label} | {m:.0} | {h:.0} | {:.0} | {f:.0} |", m - h);
+        }
+        if let (Some(e), Some(f)) = (
+            ns("new_flow_syn_evicting"),
+            ns("floor_tc_single_run_pressure"),
+        ) {
+            let d = ns("new_flow_distinct").map_or(String::from("-"), |d| format!("{d:.0}"));
+            let _ = writeln!(
+                s,
+                "| pod program, new flow (SYN of an unseen tuple) into the full table, each \
+                 insert evicting | {e:.0} | - | - | {f:.0} |\n\n\
+                 The same SYNs into a near-empty table: {d} ns (\"new flow, distinct tuples\" \
+                 above).",
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "\n### Maglev: share of new-flow choices moved (table size M; ideal 1/N on removal of 1 \
@@ -916,7 +1160,11 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n### End to end in the lab (median; x = ratio to direct-to-pod in the same run)\n"
+        "\n### End to end in the lab (median, then min-max of the runs; x = ratio to direct-to-pod \
+         in the same run)\n\n\
+         Direct spreads over the same 10 pods as the proxies (wrk, one thread per pod); every \
+         contender gets the same {} threads and {CONNECTIONS} connections.\n",
+        BACKENDS
     );
     let _ = writeln!(
         s,
@@ -936,7 +1184,12 @@ fn markdown(r: &Report) -> String {
                     x.services == row.services && x.contender == row.contender && x.metric == metric
                 })
                 .map_or(String::from("-"), |x| {
-                    format!("{:.0} ({:.2}x)", x.median, x.ratio_to_direct)
+                    format!(
+                        "{:.0} ({:.2}x) {}",
+                        x.median,
+                        x.ratio_to_direct,
+                        spread(&x.samples, 0)
+                    )
                 })
         };
         let bulk = r
@@ -946,7 +1199,12 @@ fn markdown(r: &Report) -> String {
                 x.services == row.services && x.contender == row.contender && x.metric == "bulk"
             })
             .map_or(String::from("-"), |x| {
-                format!("{:.2} ({:.2}x)", x.median, x.ratio_to_direct)
+                format!(
+                    "{:.2} ({:.2}x) {}",
+                    x.median,
+                    x.ratio_to_direct,
+                    spread(&x.samples, 2)
+                )
             });
         let errors: u64 = r
             .e2e
@@ -956,9 +1214,9 @@ fn markdown(r: &Report) -> String {
             .sum();
         let _ = writeln!(
             s,
-            "| {} | {:?} | {} | {} | {} | {errors} |",
+            "| {} | {} | {} | {} | {} | {errors} |",
             row.services,
-            row.contender,
+            row.contender.label(),
             cell("short_connections"),
             cell("keepalive_requests"),
             bulk
@@ -1008,6 +1266,31 @@ fn markdown(r: &Report) -> String {
         cp.nft_ms,
         cp.nft_ms / f("full_sync_ms").max(1e-9)
     );
+    if !cp.large.is_null() {
+        let g = |k: &str| cp.large[k].as_f64().unwrap_or(0.0);
+        let n = cp.large["services"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "| vipx at {n} services x 10: desired state -> maps written, from empty (translate {:.0} \
+             + apply {:.0} ms, {} map writes; median of 3) | {:.0} ms |",
+            g("full_translate_ms"),
+            g("full_apply_ms"),
+            cp.large["map_writes"],
+            g("full_sync_ms")
+        );
+        let _ = writeln!(
+            s,
+            "| kube-proxy iptables at {n} services: iptables-restore of the same services | {:.0} ms \
+             ({:.1}x vipx) |",
+            cp.large_iptables_restore_ms,
+            cp.large_iptables_restore_ms / g("full_sync_ms").max(1e-9)
+        );
+        let _ = writeln!(
+            s,
+            "| vipx-bench resident memory at {n} services (objects, desired state, writer) | {:.0} MiB |",
+            g("rss_mib")
+        );
+    }
     let _ = writeln!(
         s,
         "| vipx resident memory after the first sync, manifests source | {:.0} MiB |",
@@ -1106,62 +1389,179 @@ pub fn node_ports(quick: bool, services: Vec<usize>, reps: Option<usize>) -> Res
     Ok(())
 }
 
-pub fn bench(quick: bool) -> Result<()> {
-    let plan = if quick { &QUICK } else { &FULL };
-    build_release()?;
-    let results = results_dir(quick)?;
-
-    progress(&format!(
-        "per-packet cost: {} services x 10 backends",
-        plan.packet_services
-    ));
-    let packet_json = results.join("packet.json");
-    status(
-        Command::new(target_dir().join("release").join("vipx-bench"))
-            .args([
-                "packet",
-                "--services",
-                plan.packet_services,
-                "--repeat",
-                "1000000",
-                "--reps",
-                "5",
-                "--json",
-            ])
-            .arg(&packet_json)
-            .stdout(Stdio::null()),
-    )?;
-    let packet: Value = serde_json::from_slice(&std::fs::read(&packet_json)?)?;
-    progress("Maglev: share of new-flow choices moved by a backend removal or addition");
-    let maglev_json = results.join("maglev.json");
-    status(
-        Command::new(target_dir().join("release").join("vipx-bench"))
-            .args(["maglev", "--json"])
-            .arg(&maglev_json)
-            .stdout(Stdio::null()),
-    )?;
-    let maglev: Value = serde_json::from_slice(&std::fs::read(&maglev_json)?)?;
-    let mut loads = RuleLoads::new();
-    let e2e = e2e(plan, &mut loads)?;
-    let node_ports = node_port_bench::run(plan, |_| Ok(()))?;
-    let control_plane = control_plane(plan, &results, &loads)?;
-    let report = Report {
-        machine: machine(),
-        command: format!("cargo xtask bench{}", if quick { " --quick" } else { "" }),
-        packet,
-        maglev,
-        e2e,
-        node_ports,
-        control_plane,
+/// The commit the work tree is at, "+dirty" when it has uncommitted changes.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
-    write_node_ports(
-        &results,
-        &report.node_ports,
-        &format!(
-            "Machine: {}. Command: `{}`.\n",
-            report.machine, report.command
-        ),
-    )?;
+    let head = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    // Results are not the code they describe: their own changes do not make a run dirty.
+    let dirty =
+        git(&["status", "--porcelain", "--", ".", ":!results"]).is_some_and(|s| !s.is_empty());
+    if dirty { format!("{head}+dirty") } else { head }
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `parts`: what to measure (empty: everything). A run of some parts keeps the others' figures,
+/// and where they were measured, from the report already in the results directory.
+pub fn bench(quick: bool, parts: &[Part]) -> Result<()> {
+    let plan = if quick { &QUICK } else { &FULL };
+    let all = parts.is_empty() || Part::ALL.iter().all(|p| parts.contains(p));
+    let run = |p: Part| all || parts.contains(&p);
+    let results = results_dir(quick)?;
+    let mut command = format!("cargo xtask bench{}", if quick { " --quick" } else { "" });
+    if !all {
+        let mut names: Vec<Part> = parts.to_vec();
+        names.sort();
+        names.dedup();
+        let _ = write!(
+            command,
+            " --parts {}",
+            names
+                .iter()
+                .map(|p| p.key().replace('_', "-"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    }
+    let mut report = if all {
+        Report {
+            machine: machine(),
+            command: command.clone(),
+            measured: Default::default(),
+            packet: Value::Null,
+            packet_pressure: (0, 0),
+            maglev: Value::Null,
+            e2e: Vec::new(),
+            node_ports: Vec::new(),
+            control_plane: ControlPlane::default(),
+        }
+    } else {
+        let path = results.join("bench.json");
+        let old = std::fs::read(&path).with_context(|| {
+            format!(
+                "a run of some parts keeps the others from {}, which cannot be read: run all parts",
+                path.display()
+            )
+        })?;
+        let mut r: Report = serde_json::from_slice(&old)
+            .with_context(|| format!("{} is not a bench report: run all parts", path.display()))?;
+        // Reports from before provenance was kept: their parts came from their own command.
+        for p in Part::ALL {
+            r.measured
+                .entry(p.key().into())
+                .or_insert_with(|| Provenance {
+                    commit: "unknown".into(),
+                    command: r.command.clone(),
+                    date: "unknown".into(),
+                });
+        }
+        // Reports from before the node-port part was in them: its own run's rows.
+        let np = results.join("node-ports.json");
+        if r.node_ports.is_empty() && np.exists() {
+            r.node_ports = serde_json::from_slice(&std::fs::read(&np)?)
+                .with_context(|| format!("reading {}", np.display()))?;
+            let md = std::fs::read_to_string(results.join("node-ports.md")).unwrap_or_default();
+            if let Some(cmd) = md.split('`').nth(1) {
+                r.measured.insert(
+                    Part::NodePorts.key().into(),
+                    Provenance {
+                        commit: "unknown".into(),
+                        command: cmd.to_owned(),
+                        date: "unknown".into(),
+                    },
+                );
+            }
+        }
+        r.machine = machine();
+        r.command = command.clone();
+        r
+    };
+    build_release()?;
+    let here = Provenance {
+        commit: commit(),
+        command: command.clone(),
+        date: utc_now(),
+    };
+
+    if run(Part::Packet) {
+        progress(&format!(
+            "per-packet cost: {} services x 10 backends",
+            plan.packet_services
+        ));
+        let packet_json = results.join("packet.json");
+        status(
+            Command::new(target_dir().join("release").join("vipx-bench"))
+                .args([
+                    "packet",
+                    "--services",
+                    plan.packet_services,
+                    "--repeat",
+                    "1000000",
+                    "--reps",
+                    "5",
+                    "--pressure-conntrack",
+                    plan.pressure_conntrack,
+                    "--pressure-flows",
+                    plan.pressure_flows,
+                    "--json",
+                ])
+                .arg(&packet_json)
+                .stdout(Stdio::null()),
+        )?;
+        report.packet = serde_json::from_slice(&std::fs::read(&packet_json)?)?;
+        report.packet_pressure = (
+            plan.pressure_conntrack.parse()?,
+            plan.pressure_flows.parse()?,
+        );
+        progress("Maglev: share of new-flow choices moved by a backend removal or addition");
+        let maglev_json = results.join("maglev.json");
+        status(
+            Command::new(target_dir().join("release").join("vipx-bench"))
+                .args(["maglev", "--json"])
+                .arg(&maglev_json)
+                .stdout(Stdio::null()),
+        )?;
+        report.maglev = serde_json::from_slice(&std::fs::read(&maglev_json)?)?;
+        report
+            .measured
+            .insert(Part::Packet.key().into(), here.clone());
+    }
+    let mut loads = RuleLoads::new();
+    if run(Part::E2e) {
+        report.e2e = e2e(plan, &mut loads)?;
+        report.measured.insert(Part::E2e.key().into(), here.clone());
+    }
+    if run(Part::NodePorts) {
+        report.node_ports = node_port_bench::run(plan, |_| Ok(()))?;
+        write_node_ports(
+            &results,
+            &report.node_ports,
+            &format!("Machine: {}. Command: `{}`.\n", report.machine, command),
+        )?;
+        report
+            .measured
+            .insert(Part::NodePorts.key().into(), here.clone());
+    }
+    if run(Part::ControlPlane) {
+        report.control_plane = control_plane(plan, &results, &loads)?;
+        report
+            .measured
+            .insert(Part::ControlPlane.key().into(), here.clone());
+    }
     std::fs::write(
         results.join("bench.json"),
         serde_json::to_vec_pretty(&report)?,

@@ -36,7 +36,7 @@ fn packet_series(report: &Value) -> Series {
 
 fn e2e_series(report: &Value) -> Series {
     let rows = report["e2e"].as_array().cloned().unwrap_or_default();
-    ["direct", "vipx", "iptables", "nftables"]
+    ["direct", "vipx", "vipx_netfilter", "iptables", "nftables"]
         .iter()
         .map(|c| {
             let pts = rows

@@ -75,6 +75,10 @@ enum Cmd {
         /// With --node-ports: runs per contender instead of the plan's (odd: a true median).
         #[arg(long, requires = "node_ports")]
         reps: Option<usize>,
+        /// Only these parts (comma-separated; default all). The others keep their figures, and
+        /// the commit they were measured at, from the report already under results/.
+        #[arg(long, value_enum, value_delimiter = ',', conflicts_with_all = ["memory", "node_ports"])]
+        parts: Vec<bench::Part>,
     },
     /// Run every test layer: unit, packet fixtures (BPF_PROG_TEST_RUN), namespace lab.
     Test {
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
             node_ports,
             services,
             reps,
+            parts,
         } => {
             setup()?;
             if memory {
@@ -113,7 +118,7 @@ fn main() -> Result<()> {
             } else if node_ports {
                 bench::node_ports(quick, services, reps)
             } else {
-                bench::bench(quick)
+                bench::bench(quick, &parts)
             }
         }
         Cmd::Test { cargo_args } => {

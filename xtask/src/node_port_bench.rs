@@ -20,7 +20,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vipx_lab::{
     cluster::{Cluster, ClusterConfig},
     kube_rules::{self, KubeProxyOptions, RestoreMode, RuleService},
@@ -45,7 +45,7 @@ const PODS: u32 = 10;
 const POD_NODE: u8 = 2;
 const ENTRY_NODE: u8 = 1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Contender {
     Routed,
@@ -93,12 +93,12 @@ impl Contender {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Row {
     pub services: usize,
     pub contender: Contender,
-    pub metric: &'static str,
-    pub unit: &'static str,
+    pub metric: String,
+    pub unit: String,
     pub median: f64,
     pub min: f64,
     pub max: f64,
@@ -193,9 +193,9 @@ impl Lab {
         let (http, sink) = self.targets();
         let nss = [ext.as_str(), self.entry_ns()];
         load::settle(&nss)?;
-        let crr = load::crr(&ext, http, plan.crr, 32)?;
+        let crr = load::crr(&ext, load::Spread::one(&http), plan.crr, 32)?;
         load::settle(&nss)?;
-        let rr = load::rr(&ext, http, plan.rr, 32)?;
+        let rr = load::rr(&ext, load::Spread::one(&http), plan.rr, 32)?;
         load::settle(&nss)?;
         let bulk = load::bulk(&ext, sink, plan.bulk)?;
         Ok([crr, rr, bulk])
@@ -336,8 +336,8 @@ pub fn run(plan: &Plan, mut done: impl FnMut(&[Row]) -> Result<()>) -> Result<Ve
                 rows.push(Row {
                     services: n,
                     contender: *c,
-                    metric,
-                    unit: s[k].first().map_or("", |m| m.unit),
+                    metric: (*metric).to_owned(),
+                    unit: s[k].first().map_or("", |m| m.unit).to_owned(),
                     median: med,
                     min: vals.iter().copied().fold(f64::INFINITY, f64::min),
                     max: vals.iter().copied().fold(f64::NEG_INFINITY, f64::max),

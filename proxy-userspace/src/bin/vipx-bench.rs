@@ -162,11 +162,16 @@ struct Args {
     only: Vec<String>,
     /// Cache pressure: conntrack holding this many live entries while established packets are
     /// drawn from `--pressure-flows` distinct flows, one run per packet (rows
-    /// `established_pressure`, `node_established_pressure`). 0: not measured.
+    /// `established_pressure`, `node_established_pressure`, beside the same on one hot flow),
+    /// then new flows into a full table (`new_flow_syn_evicting`). 0: not measured.
     #[arg(long, default_value_t = 0)]
     pressure_conntrack: u32,
     #[arg(long, default_value_t = 100_000)]
     pressure_flows: u32,
+    /// The service count (of `--services`) at which the cache-pressure rows are measured: they
+    /// fill conntrack, which takes seconds, and the service count matters little to them.
+    #[arg(long, default_value_t = 10_000)]
+    pressure_services: u32,
 }
 
 fn lb_algorithm_arg(s: &str) -> Result<LbAlgorithm, String> {
@@ -259,21 +264,27 @@ fn pressure(
         x ^= x << 17;
         order.swap(i, (x % (i as u64 + 1)) as usize);
     }
-    let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // [pod, node] over the shuffled flows, then [pod, node] on one hot flow the same way (one
+    // run per packet): the difference is what the cache misses cost, the single-run overhead
+    // (a syscall, cold code after it) being in both.
+    let mut samples: [Vec<f64>; 4] = Default::default();
     let mut floors = Vec::new();
     let mut floors_tc = Vec::new();
     for _ in 0..a.reps {
         let before = loader::read_stats(ebpf)?;
-        let (mut sum_pod, mut sum_node, mut sum_floor, mut sum_floor_tc) = (0.0, 0.0, 0.0, 0.0);
+        let mut sums = [0.0; 4];
+        let (mut sum_floor, mut sum_floor_tc) = (0.0, 0.0);
         for &i in &order {
-            sum_pod += run_tc(ebpf, pod, &pod_pkts[i], 1)?;
-            sum_node += run(ebpf, node, &node_pkts[i], 1, XDP_PASS)?;
+            sums[0] += run_tc(ebpf, pod, &pod_pkts[i], 1)?;
+            sums[1] += run(ebpf, node, &node_pkts[i], 1, XDP_PASS)?;
+            sums[2] += run_tc(ebpf, pod, &pod_pkts[0], 1)?;
+            sums[3] += run(ebpf, node, &node_pkts[0], 1, XDP_PASS)?;
             sum_floor += run_floor(ebpf, &pod_pkts[i], 1)?;
             sum_floor_tc += run(ebpf, prog_names::FLOOR_TC, &pod_pkts[i], 1, TC_ACT_OK)?;
         }
         floors_tc.push(sum_floor_tc / f64::from(k));
         let after = loader::read_stats(ebpf)?;
-        for (stat, want) in [(Stat::CtForward, k), (Stat::NodeTranslated, k)] {
+        for (stat, want) in [(Stat::CtForward, 2 * k), (Stat::NodeTranslated, 2 * k)] {
             let moved = stat_of(&after, stat) - stat_of(&before, stat);
             if moved != u64::from(want) {
                 bail!(
@@ -282,14 +293,22 @@ fn pressure(
                 );
             }
         }
-        samples[0].push(sum_pod / f64::from(k));
-        samples[1].push(sum_node / f64::from(k));
+        for (s, sum) in samples.iter_mut().zip(sums) {
+            s.push(sum / f64::from(k));
+        }
         floors.push(sum_floor / f64::from(k));
     }
     let floor = median(&mut floors.clone());
-    for (case, s) in ["established_pressure", "node_established_pressure"]
-        .into_iter()
-        .zip(samples)
+    let syn = syn_evicting(ebpf, a, target, &mut ct)?;
+    for (case, s) in [
+        "established_pressure",
+        "node_established_pressure",
+        "established_single_run_hot",
+        "node_established_single_run_hot",
+        "new_flow_syn_evicting",
+    ]
+    .into_iter()
+    .zip(samples.into_iter().chain([syn]))
     {
         let ns = median(&mut s.clone());
         rows.push(Row {
@@ -325,6 +344,66 @@ fn pressure(
     Ok(())
 }
 
+/// The conntrack map's size in the per-packet bench: room for the pressure rows' live entries
+/// without the LRU evicting them.
+fn bench_conntrack_size(a: &Args) -> u32 {
+    65_536.max(a.pressure_conntrack + a.pressure_conntrack / 4)
+}
+
+/// New flows as they come to a full conntrack table: the table is filled to its size with
+/// entries no packet names, then SYNs of tuples never seen go through the pod program one run
+/// each, every one inserting two entries in place of two evicted ones. Returns the ns per SYN
+/// of each rep.
+fn syn_evicting(
+    ebpf: &mut Ebpf,
+    a: &Args,
+    target: (Ipv4Addr, u16),
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey4, proxy_common::CtValue>,
+) -> Result<Vec<f64>> {
+    let size = bench_conntrack_size(a);
+    for i in 0..size {
+        let key = proxy_common::CtKey4 {
+            saddr: (0xc613_0000u32 + i / 50_000).to_be_bytes(),
+            daddr: [198, 19, 255, 253],
+            sport: (1024 + (i % 50_000) as u16).to_be_bytes(),
+            dport: [0, 80],
+            proto: IPPROTO_TCP,
+            ..Default::default()
+        };
+        let v = proxy_common::CtValue {
+            flags: proxy_common::CT_F_FORWARD,
+            seen: vipx::conntrack::now_seen(),
+            ..Default::default()
+        };
+        // An LRU map evicts to make room; an insert that fails here is a bench bug.
+        ct.insert(key, v, 0)?;
+    }
+    let flows = a.pressure_flows.min(SYN_EVICTING_FLOWS);
+    let mut out = Vec::new();
+    for rep in 0..a.reps {
+        let before = loader::read_stats(ebpf)?;
+        let mut sum = 0.0;
+        for i in 0..flows {
+            let src = [198, 18, 230 + (rep % 20) as u8, (i / 40_000) as u8];
+            let syn = tcp(
+                src,
+                1024 + (i % 40_000) as u16,
+                target.0.octets(),
+                target.1,
+                true,
+            );
+            sum += run_tc(ebpf, prog_names::POD_INGRESS, &syn, 1)?;
+        }
+        let after = loader::read_stats(ebpf)?;
+        let created = stat_of(&after, Stat::NewFlows) - stat_of(&before, Stat::NewFlows);
+        if created != u64::from(flows) {
+            bail!("syn_evicting: {created} new flows of {flows} SYNs");
+        }
+        out.push(sum / f64::from(flows));
+    }
+    Ok(out)
+}
+
 fn stat_of(stats: &[(Stat, u64)], which: Stat) -> u64 {
     stats
         .iter()
@@ -335,6 +414,8 @@ fn stat_of(stats: &[(Stat, u64)], which: Stat) -> u64 {
 /// Distinct SYNs per run of the `new_flow_distinct` case (two conntrack entries each; the
 /// table holds 65,536).
 const DISTINCT_FLOWS: u16 = 4096;
+/// SYNs per rep of `new_flow_syn_evicting` (fewer when `--pressure-flows` is smaller).
+const SYN_EVICTING_FLOWS: u32 = 20_000;
 
 #[derive(Serialize)]
 struct Row {
@@ -411,9 +492,14 @@ fn run(ebpf: &mut Ebpf, prog: &str, pkt: &[u8], repeat: u32, want: u32) -> Resul
     Ok(r.duration.as_nanos() as f64)
 }
 
+/// The true median: the middle sample, or the mean of the two middle ones.
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn main() -> Result<()> {
@@ -641,7 +727,7 @@ fn packet(a: Args) -> Result<()> {
             backends: (n * a.backends + 2).max(1024),
             revnat: (n + 2).max(1024),
             // Room for the pressure rows' live entries without the LRU evicting them.
-            conntrack: 65_536.max(a.pressure_conntrack + a.pressure_conntrack / 4),
+            conntrack: bench_conntrack_size(&a),
             maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
             // One per service (none changes during the run).
             maglev_tables: if a.lb_algorithm == LbAlgorithm::Maglev {
@@ -902,7 +988,7 @@ fn packet(a: Args) -> Result<()> {
                     samples_ns: floor_single,
                 });
             }
-            if a.pressure_conntrack > 0 {
+            if a.pressure_conntrack > 0 && n == a.pressure_services {
                 pressure(&mut ebpf, &pin_dir, &a, n, target, &mut rows)?;
             }
             let tc_ns = median(&mut floor_tc.clone());
