@@ -614,6 +614,31 @@ pub trait MapStore {
     fn affmatch_remove(&mut self, rev_nat_id: u32, backend_id: u32) -> Result<()>;
     /// Write word `word` of a bitmap (see `proxy_common::PORTS_WORDS`, `VIPBITS_WORDS`).
     fn bits_set(&mut self, map: BitMap, word: u32, bits: u64) -> Result<()>;
+
+    /// [`MapStore::svc_insert`] of each entry in order, stopping at the first failure:
+    /// `Err((written, e))`, the first `written` in. The real maps do it in one syscall.
+    fn svc_insert_all(&mut self, entries: &[(SvcKey4, SvcValue)]) -> WriteAll {
+        for (i, (k, v)) in entries.iter().enumerate() {
+            self.svc_insert(*k, *v).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    /// [`MapStore::backend_set`] of each entry in order, as [`MapStore::svc_insert_all`].
+    fn backend_set_all(&mut self, entries: &[(u32, Backend4)]) -> WriteAll {
+        for (i, (k, v)) in entries.iter().enumerate() {
+            self.backend_set(*k, *v).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// A batch of writes: `Err((written, e))` when only the first `written` went in.
+pub type WriteAll = std::result::Result<(), (usize, anyhow::Error)>;
+
+/// Keys and values apart, as `BPF_MAP_UPDATE_BATCH` takes them.
+fn split<K: Copy, V: Copy>(entries: &[(K, V)]) -> (Vec<K>, Vec<V>) {
+    entries.iter().copied().unzip()
 }
 
 impl MapStore for ServiceMaps {
@@ -630,6 +655,20 @@ impl MapStore for ServiceMaps {
 
     fn svc_insert(&mut self, key: SvcKey4, value: SvcValue) -> Result<()> {
         Ok(self.svc.insert(key, value, 0)?)
+    }
+
+    fn svc_insert_all(&mut self, entries: &[(SvcKey4, SvcValue)]) -> WriteAll {
+        use aya::maps::IterableMap as _;
+        let (k, v) = split(entries);
+        update_all(self.svc.map(), &k, &v)
+            .map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the service map")))
+    }
+
+    fn backend_set_all(&mut self, entries: &[(u32, Backend4)]) -> WriteAll {
+        use aya::maps::IterableMap as _;
+        let (k, v) = split(entries);
+        update_all(self.backend.map(), &k, &v)
+            .map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the backend map")))
     }
 
     fn svc_remove(&mut self, key: &SvcKey4) -> Result<()> {
@@ -665,26 +704,14 @@ impl MapStore for ServiceMaps {
     }
 
     fn read_back(&self) -> Result<ReadBack> {
-        let svc: Vec<(SvcKey4, SvcValue)> = self
-            .svc
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the service map")?;
-        let backends: Vec<Backend4> = self
-            .backend
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the backend map")?;
-        let revnat: Vec<RevNat4> = self
-            .revnat
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the reverse-NAT map")?;
-        let vips: Vec<(VipKey4, Vip4)> = self
-            .vip
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the frontend address map")?;
+        use aya::maps::IterableMap as _;
+        // Batched: a start reads the whole backend array, 262,144 entries by default.
+        let svc: Vec<(SvcKey4, SvcValue)> =
+            lookup_all(self.svc.map()).context("reading the service map")?;
+        let backends: Vec<Backend4> = array_values(self.backend.map(), "backend")?;
+        let revnat: Vec<RevNat4> = array_values(self.revnat.map(), "reverse-NAT")?;
+        let vips: Vec<(VipKey4, Vip4)> =
+            lookup_all(self.vip.map()).context("reading the frontend address map")?;
         let mut r = decode(&svc, &backends, &revnat)?;
         r.vips = vips
             .into_iter()
@@ -786,48 +813,103 @@ impl MapStore for ServiceMaps {
 
 /// `BPF_MAP_UPDATE_BATCH` (aya 0.14 has no batch operations): `keys[i]` -> `values[i]`.
 fn update_batch(map: &Array<MapData, u32>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    use aya::maps::IterableMap as _;
+    update_all(map.map(), keys, values).map_err(|(_, e)| e)
+}
+
+/// `keys[i]` -> `values[i]` in order, in as few `BPF_MAP_UPDATE_BATCH` calls as the kernel
+/// takes (one, up to its limits): the kernel writes them one after the other, each visible to
+/// the programs at once, exactly as single updates in that order would be, and stops at the
+/// first failure. `Err((written, e))`: the first `written` went in, the rest did not.
+fn update_all<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
 
-    use crate::conntrack::BatchAttr;
-    use aya::maps::IterableMap as _;
+    use crate::conntrack::{BatchAttr, bpf_call};
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     if keys.len() != values.len() {
-        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        return Err((0, std::io::Error::from(std::io::ErrorKind::InvalidInput)));
     }
     let Ok(count) = u32::try_from(keys.len()) else {
-        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        return Err((0, std::io::Error::from(std::io::ErrorKind::InvalidInput)));
     };
-    let fd = map.map().fd().as_fd().as_raw_fd();
+    if count == 0 {
+        return Ok(());
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
     let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
         count,
         map_fd: fd as u32,
-        elem_flags: 0,
-        flags: 0,
+        ..BatchAttr::default()
     };
-    // SAFETY: bpf(2) reads `count` keys and values from the slices, which outlive the call, and
-    // writes back only `attr.count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+    // The kernel reads `count` keys and values from the slices, which outlive the call, and
+    // writes back in `attr.count` how many it wrote.
+    let r = bpf_call(BPF_MAP_UPDATE_BATCH, &mut attr);
+    let written = (attr.count as usize).min(keys.len());
+    match r {
+        Ok(_) if written == keys.len() => Ok(()),
+        Ok(_) => Err((
+            written,
+            std::io::Error::other(format!("batch update wrote {written} of {count} entries")),
+        )),
+        Err(e) => Err((written, e)),
     }
-    if attr.count != count {
-        return Err(std::io::Error::other(format!(
-            "batch update wrote {} of {count} entries",
-            attr.count
-        )));
+}
+
+/// Every value of array `map`, in index order.
+fn array_values<V: aya::Pod + Default>(map: &MapData, what: &str) -> Result<Vec<V>> {
+    let all: Vec<(u32, V)> = lookup_all(map).with_context(|| format!("reading the {what} map"))?;
+    if all.iter().enumerate().any(|(i, (k, _))| *k as usize != i) {
+        bail!("reading the {what} map: indices out of order");
     }
-    Ok(())
+    Ok(all.into_iter().map(|(_, v)| v).collect())
+}
+
+/// Every entry of `map` through `BPF_MAP_LOOKUP_BATCH` (an array's in index order): a read
+/// back of a 262,144-entry array is 64 syscalls instead of 262,144.
+fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &MapData,
+) -> std::io::Result<Vec<(K, V)>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use crate::conntrack::{BatchAttr, bpf_call};
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    // At least a hash bucket (the kernel refuses a batch smaller than the bucket it stops in).
+    const CHUNK: usize = 4096;
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let mut keys = vec![K::default(); CHUNK];
+    let mut values = vec![V::default(); CHUNK];
+    let mut out = Vec::new();
+    // The position token is opaque: a bucket index (u32) for hash maps, a key for arrays.
+    let mut token = [0u8; 64];
+    let mut first = true;
+    loop {
+        let mut next = [0u8; 64];
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        let r = bpf_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (attr.count as usize).min(CHUNK);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
 }
 
 impl ServiceMaps {
@@ -1995,6 +2077,8 @@ impl<M: MapStore> MapWriter<M> {
         Ok(())
     }
 
+    /// An id for a new backend, taken in the bookkeeping only: the caller writes it with
+    /// [`Self::backend_writes`] before anything names it, or frees it (`roll_back`).
     fn alloc_backend(&mut self, addr: &L4Addr, flags: u8) -> Result<u32> {
         if self.backend_space.free_count() == 0 {
             // New Services before old connections: the retiring backend closest to its deadline
@@ -2010,30 +2094,37 @@ impl<M: MapStore> MapWriter<M> {
                 self.free_backend(&a, id)?;
             }
         }
-        let Some((id, generation)) = self.backend_space.alloc() else {
+        let Some((id, _)) = self.backend_space.alloc() else {
             bail!(
                 "no free backend id for {addr} (the backend map holds {} entries; \
                  raise --max-backends)",
                 self.backend_space.gens.len()
             );
         };
-        // Array updates are an in-place copy a packet may read half-way. Publishing the new
-        // generation on an inactive entry first means no mix of old and new bytes can pair the
-        // new address with the old generation (which a stale conntrack entry would match).
-        let retire = Backend4 {
-            generation,
-            ..Backend4::default()
-        };
-        if let Err(e) = self.maps.backend_set(id, retire).and_then(|()| {
-            self.maps
-                .backend_set(id, backend_value(addr, flags, generation))
-        }) {
-            self.backend_space.release(id);
-            return Err(e).with_context(|| format!("writing backend {id} ({addr})"));
-        }
         self.cur.backends.insert(id, (*addr, flags));
         self.backend_ids.insert(*addr, id);
         Ok(id)
+    }
+
+    /// The writes that publish allocated backends, in order. Array updates are an in-place copy
+    /// a packet may read half-way: publishing the new generation on an inactive entry first
+    /// means no mix of old and new bytes can pair the new address with the old generation
+    /// (which a stale conntrack entry would match).
+    fn backend_writes(&self, ids: &[(L4Addr, u32)]) -> Vec<(u32, Backend4)> {
+        let mut w = Vec::with_capacity(2 * ids.len());
+        for (addr, id) in ids {
+            let generation = self.backend_space.generation(*id);
+            let flags = self.cur.backends.get(id).map_or(0, |(_, f)| *f);
+            w.push((
+                *id,
+                Backend4 {
+                    generation,
+                    ..Backend4::default()
+                },
+            ));
+            w.push((*id, backend_value(addr, flags, generation)));
+        }
+        w
     }
 
     /// Undo the backends and reverse-NAT entry a failed frontend allocated: nothing names them.
@@ -2101,6 +2192,17 @@ impl<M: MapStore> MapWriter<M> {
                 }
             };
             slots.push(id);
+        }
+        // The new backends in one batch, before anything names them.
+        let writes = self.backend_writes(&new_backends);
+        if let Err((n, e)) = self.maps.backend_set_all(&writes) {
+            let id = writes.get(n).map_or(0, |(id, _)| *id);
+            let addr = self.cur.backends.get(&id).map(|(a, _)| *a);
+            self.roll_back(&new_backends, None, st);
+            return Err(e.context(match addr {
+                Some(a) => format!("writing backend {id} ({a})"),
+                None => format!("writing backend {id}"),
+            }));
         }
 
         let mut new_revnat = None;
@@ -2379,38 +2481,47 @@ impl<M: MapStore> MapWriter<M> {
         };
         let common = old_slots.len().min(new.slots.len());
 
-        let mut grown = Vec::new();
-        let mut rewritten = Vec::new();
-        let result = (|| -> Result<()> {
-            for (i, &id) in new.slots.iter().enumerate().skip(common) {
-                let key = svc_key(fe, slot_u16(i + 1)?);
-                self.maps
-                    .svc_insert(key, slot_value(id))
-                    .with_context(|| format!("writing slot {} of {fe}", i + 1))?;
-                grown.push(key);
+        // New slots, then rewritten ones, then slot 0, written in this order in one batch.
+        let mut writes: Vec<(SvcKey4, SvcValue)> = Vec::with_capacity(new.slots.len() + 1);
+        let mut was: Vec<u32> = Vec::new();
+        for (i, &id) in new.slots.iter().enumerate().skip(common) {
+            writes.push((svc_key(fe, slot_u16(i + 1)?), slot_value(id)));
+        }
+        let grown_n = writes.len();
+        for (i, (&id, &old)) in new.slots.iter().zip(old_slots).enumerate() {
+            if id != old {
+                writes.push((svc_key(fe, slot_u16(i + 1)?), slot_value(id)));
+                was.push(old);
             }
-            for (i, (&id, &was)) in new.slots.iter().zip(old_slots).enumerate() {
-                if id == was {
-                    continue;
-                }
-                let key = svc_key(fe, slot_u16(i + 1)?);
-                self.maps
-                    .svc_insert(key, slot_value(id))
-                    .with_context(|| format!("writing slot {} of {fe}", i + 1))?;
-                rewritten.push((key, was));
-            }
-            let head = SvcValue {
-                // Slot 0's backend id names the Maglev table; this write is the table swap.
-                backend_id: new.maglev_table,
-                rev_nat_id: new.rev_nat_id,
-                count: slot_u16(new.slots.len())?,
-                flags: new.flags,
-                affinity_timeout_s: new.affinity_timeout_s,
-            };
-            self.maps
-                .svc_insert(svc_key(fe, 0), head)
-                .with_context(|| format!("writing frontend {fe}"))
-        })();
+        }
+        let head = SvcValue {
+            // Slot 0's backend id names the Maglev table; this write is the table swap.
+            backend_id: new.maglev_table,
+            rev_nat_id: new.rev_nat_id,
+            count: slot_u16(new.slots.len())?,
+            flags: new.flags,
+            affinity_timeout_s: new.affinity_timeout_s,
+        };
+        writes.push((svc_key(fe, 0), head));
+        let (result, written) = match self.maps.svc_insert_all(&writes) {
+            Ok(()) => (Ok(()), writes.len()),
+            Err((n, e)) => (
+                Err(e.context(match writes.get(n) {
+                    Some((k, _)) if k.slot != 0 => format!("writing slot {} of {fe}", k.slot),
+                    _ => format!("writing frontend {fe}"),
+                })),
+                n,
+            ),
+        };
+        let grown: Vec<SvcKey4> = writes[..written.min(grown_n)]
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        let rewritten: Vec<(SvcKey4, u32)> = writes[grown_n..written.max(grown_n)]
+            .iter()
+            .zip(&was)
+            .map(|((k, _), w)| (*k, *w))
+            .collect();
         if let Err(e) = result {
             // Back to the old state: slot 0 still has the old count, so the slots it reaches get
             // their old backends back and the ones beyond it go.
@@ -2426,7 +2537,7 @@ impl<M: MapStore> MapWriter<M> {
             }
             return Err(e);
         }
-        let mut writes = grown.len() + rewritten.len() + 1;
+        let mut writes = writes.len();
         for slot in new.slots.len() + 1..=old_slots.len() {
             // Beyond the count already: a failure leaves garbage a later write overwrites.
             if let Err(e) = self.maps.svc_remove(&svc_key(fe, slot_u16(slot)?)) {

@@ -440,6 +440,7 @@ impl Controller {
                 None => return Ok(()),
             }
         };
+        let read_ms = started.elapsed().as_secs_f64() * 1e3;
         let target = self.tracker.target();
         let full = std::mem::take(&mut self.full);
         let st = if full {
@@ -480,6 +481,7 @@ impl Controller {
                 return Err(e);
             }
         };
+        let apply_ms = started.elapsed().as_secs_f64() * 1e3 - read_ms;
         if changes.names_changed || full {
             self.write_state(target)?;
         }
@@ -508,6 +510,9 @@ impl Controller {
                 failed = st.failed.len(),
                 map_writes = st.map_writes,
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                // Source read and translation, then the map writer (source ranges included).
+                read_ms,
+                apply_ms,
                 "maps synced"
             );
         } else {
