@@ -426,6 +426,14 @@ impl DigestedObjects {
         d
     }
 
+    /// Appends `other`'s objects and problems after these.
+    pub fn append(&mut self, mut other: DigestedObjects) {
+        self.services.append(&mut other.services);
+        self.slices.append(&mut other.slices);
+        self.nodes.append(&mut other.nodes);
+        self.problems.append(&mut other.problems);
+    }
+
     /// Moves the objects (not the problems) of `objs` in, as digests.
     pub fn absorb(&mut self, objs: &mut ClusterObjects) {
         self.services.extend(

@@ -754,7 +754,12 @@ impl MapStore for ServiceMaps {
     }
 
     fn maglev_geometry(&self) -> (u32, u32) {
-        match self.maglev.get(&0, 0) {
+        // Read at every table write: from the mapping when there is one, without a syscall.
+        let mapped = self
+            .maglev_mem
+            .as_ref()
+            .and_then(|mem| mem.slice().first().map(|v| *v as u32));
+        match mapped.map_or_else(|| self.maglev.get(&0, 0), Ok) {
             Ok(m) if m != 0 => (m, self.maglev.len().saturating_sub(1) / m),
             _ => (0, 0),
         }

@@ -258,6 +258,9 @@ struct Controller {
     writer: MapWriter,
     tracker: ChangeTracker,
     dir: DirCache,
+    /// The manifests directory's first read, begun at start beside the eBPF load (which takes
+    /// the verifier a few hundred ms): taken by the first sync.
+    prefetch: Option<std::thread::JoinHandle<(DirCache, Option<DigestedObjects>)>>,
     /// The API source's relist state (`None` with the manifests source).
     kube: Option<KubeState>,
     attachments: Attachments,
@@ -345,7 +348,23 @@ impl Controller {
             bail!("not a manifests source");
         };
         let manifests = manifests.clone();
-        let loaded = self.dir.load_digested(&manifests);
+        let started = Instant::now();
+        let prefetched = self.prefetch.take().and_then(|h| h.join().ok());
+        let loaded = match prefetched {
+            Some((dir, loaded)) => {
+                // Changes since this read are seen by the next one: the cache kept each file's
+                // state as it was read.
+                self.dir = dir;
+                loaded
+            }
+            None => self.dir.load_digested(&manifests),
+        };
+        if loaded.is_some() {
+            tracing::debug!(
+                parse_ms = started.elapsed().as_secs_f64() * 1e3,
+                "manifests read"
+            );
+        }
         // Until the directory has been read once, an empty read means "unknown", not "no
         // Services": applying it would delete every frontend a previous vipx left pinned (and
         // the flows through them). Keep what is programmed and retry.
@@ -847,6 +866,17 @@ impl Controller {
 pub async fn run(opts: RunOptions) -> Result<()> {
     // Held until the process exits: a second vipx on this pin directory waits here.
     let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
+    let prefetch = match &opts.source {
+        SourceConfig::Manifests(dir) => {
+            let dir = dir.clone();
+            Some(std::thread::spawn(move || {
+                let mut cache = DirCache::default();
+                let loaded = cache.load_digested(&dir);
+                (cache, loaded)
+            }))
+        }
+        SourceConfig::Kube { .. } => None,
+    };
     // After the lock: a second vipx of a surge rollout binds the same ports once the first is
     // gone. kube-proxy's health timeout is twice its sync period.
     let telemetry = Arc::new(Telemetry::new(opts.resync.saturating_mul(2)));
@@ -957,6 +987,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         writer,
         tracker,
         dir: DirCache::default(),
+        prefetch,
         kube,
         attachments,
         full: true,

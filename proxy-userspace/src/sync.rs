@@ -53,6 +53,9 @@ struct Fragment {
 }
 
 /// A Service's translation before it is merged.
+/// Dirty Services from which [`ChangeTracker::flush`] translates on every core.
+const PARALLEL_FLUSH: usize = 512;
+
 struct Translated {
     frontends: BTreeMap<L4Addr, TargetFrontend>,
     backends: BTreeMap<L4Addr, u8>,
@@ -373,11 +376,50 @@ impl ChangeTracker {
     /// Translate the dirty Services and merge them. Returns what changed.
     pub fn flush(&mut self) -> Changes {
         let mut changes = Changes::default();
-        while let Some(key) = self.dirty.pop_first() {
-            let fragment = self.translate_one(&key);
-            self.merge(key, fragment, &mut changes);
+        // A merge can make other Services dirty (a frontend's owner leaves, its twin takes it
+        // over): they are translated in the next round.
+        loop {
+            let keys: Vec<ObjKey> = std::mem::take(&mut self.dirty).into_iter().collect();
+            if keys.is_empty() {
+                return changes;
+            }
+            self.flush_round(keys, &mut changes);
         }
-        changes
+    }
+
+    /// Translates `keys` and merges them in order. Translating is pure and per Service (it
+    /// reads the objects, never the merged state): a start's or a relist's thousands are
+    /// spread over every core, then merged one by one in key order.
+    fn flush_round(&mut self, keys: Vec<ObjKey>, changes: &mut Changes) {
+        let threads = if keys.len() >= PARALLEL_FLUSH {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        } else {
+            1
+        };
+        let fragments: Vec<Translated> = if threads > 1 {
+            let per = keys.len().div_ceil(threads);
+            let this = &*self;
+            std::thread::scope(|s| {
+                let runs: Vec<_> = keys
+                    .chunks(per)
+                    .map(|part| {
+                        s.spawn(move || {
+                            part.iter()
+                                .map(|k| this.translate_one(k))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                runs.into_iter()
+                    .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            })
+        } else {
+            keys.iter().map(|k| self.translate_one(k)).collect()
+        };
+        for (key, fragment) in keys.into_iter().zip(fragments) {
+            self.merge(key, fragment, changes);
+        }
     }
 
     fn translate_one(&self, key: &ObjKey) -> Translated {
@@ -775,6 +817,46 @@ spec:
         assert_eq!(c.backends.len(), 1);
         let fe = t.target().frontends.values().next().unwrap();
         assert_eq!(fe.slots.len(), 2);
+    }
+
+    /// Enough Services for the parallel translation, with pairs of them claiming one ClusterIP
+    /// (conflicts resolved in key order, re-resolved when an owner leaves): the same target as
+    /// a full translation, before and after.
+    #[test]
+    fn a_large_flush_on_every_core_matches_a_full_translation() {
+        let n = PARALLEL_FLUSH * 2 + 3;
+        let docs: Vec<String> = (0..n)
+            .flat_map(|i| {
+                // Services i and i + 1 (i even) share a ClusterIP.
+                let ip = format!("10.96.{}.{}", (i / 2) / 250, (i / 2) % 250 + 1);
+                let svc = SVC
+                    .replace("name: web", &format!("name: web{i:04}"))
+                    .replace("10.96.0.10", &ip);
+                let sl = slice(
+                    &format!("web{i:04}-a"),
+                    &[&format!("10.1.{}.{}", i / 250, i % 250 + 1)],
+                )
+                .replace("service-name: web", &format!("service-name: web{i:04}"));
+                [svc, sl]
+            })
+            .collect();
+        let all = objs(&docs);
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(all.clone());
+        t.flush();
+        assert_eq!(t.problems().len(), n / 2, "one refused Service a pair");
+        assert_matches_full(&t, &all);
+        // Every owner (the first of each pair) leaves: each twin takes its frontend over.
+        let rest = objs(
+            &docs
+                .chunks(4)
+                .flat_map(|c| c.get(2..).unwrap_or_default().to_vec())
+                .collect::<Vec<_>>(),
+        );
+        t.replace_all(rest.clone());
+        t.flush();
+        assert!(t.problems().is_empty(), "{:?}", t.problems().first());
+        assert_matches_full(&t, &rest);
     }
 
     #[test]
