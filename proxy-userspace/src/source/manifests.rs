@@ -765,6 +765,47 @@ metadata:
         }
     }
 
+    /// A file large enough to be parsed on every core gives the objects and problems of the
+    /// one-thread parse, in order, a syntax error costing only its document.
+    #[test]
+    fn a_large_file_parsed_on_every_core_matches_the_one_thread_parse() {
+        let mut text = String::new();
+        let mut i = 0;
+        while text.len() < PARALLEL_MIN_BYTES + PARALLEL_MIN_BYTES / 2 {
+            let svc = SERVICE.replace("simpleapi-service", &format!("svc-{i}"));
+            let slice = SLICE.replace("simpleapi-service", &format!("svc-{i}"));
+            text.push_str(&format!("---\n{svc}---\n{slice}"));
+            if i == 1000 {
+                text.push_str("---\nkind: Service\nmetadata: {name: [broken\n");
+            }
+            if i == 1500 {
+                text.push_str(&format!("---\n{NODE}"));
+            }
+            i += 1;
+        }
+        let dir = TempDir::new("parallel");
+        dir.write("big.yaml", &text);
+        let (parallel, suspect) = load_file(&dir.0.join("big.yaml"));
+        assert!(suspect, "a syntax error makes the read suspect");
+        let (serial, _) = load_text(&dir.0.join("big.yaml"), &text);
+        assert_eq!(serial.services.len(), i);
+        assert_eq!(serial.problems.len(), 1, "{:?}", serial.problems);
+        let serial = DigestedObjects::of(serial);
+        assert_eq!(
+            format!("{:?}", parallel.services),
+            format!("{:?}", serial.services)
+        );
+        assert_eq!(
+            format!("{:?}", parallel.slices),
+            format!("{:?}", serial.slices)
+        );
+        assert_eq!(
+            format!("{:?}", parallel.nodes),
+            format!("{:?}", serial.nodes)
+        );
+        assert_eq!(parallel.problems, serial.problems);
+    }
+
     #[test]
     fn multi_document_yaml() {
         let text = format!("---\n{SERVICE}---\n{SLICE}\n---\n{NODE}---\n");
