@@ -805,6 +805,9 @@ fn maglev_pick(table: u32, hash: u32) -> Option<(u32, u32, Backend4)> {
 #[inline(always)]
 pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     count(Stat::Packets);
+    if plainly_not_ours(&ctx) {
+        return NEXT;
+    }
     let mut flow = match parse_pulling(&ctx) {
         Parse::Flow(f) => f,
         Parse::Icmp(err) => return icmp_forward(&mut ctx, &err),
@@ -1199,6 +1202,66 @@ fn back_into_pod(ctx: &mut TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain helper call; out this same veth, into the pod.
     unsafe { aya_ebpf::helpers::bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// An IPv4 header without options and the first 20 bytes after it, with the header's own field
+/// widths, so that the destination address is one 32-bit load instead of four byte loads and
+/// shifts. The verifier allows packet loads at any alignment where the kernel has efficient
+/// unaligned access (x86, arm64); elsewhere `NET_IP_ALIGN` puts the IPv4 header on 4 bytes.
+#[repr(C)]
+struct Ip4Head {
+    ver_ihl: u8,
+    _tos: u8,
+    tot_len: u16,
+    _id: u16,
+    frag_off: u16,
+    _ttl: u8,
+    proto: u8,
+    _check: u16,
+    _saddr: u32,
+    daddr: u32,
+    _ports: u32,
+    _seq: u32,
+    _ack: u32,
+    _doff: u8,
+    tcp_flags: u8,
+    _win: u16,
+    _csum: u16,
+    _urg: u16,
+}
+
+/// Most packets a pod sends go to no frontend: decided here, before the full parse, for the
+/// plain case (IPv4 without options, not a fragment, TCP other than a SYN or UDP, the whole
+/// header set linear and within the IP length, an address the frontend filter clears), which
+/// the full path would pass with no other effect (`not_to_a_frontend` acts on SYNs only).
+/// Anything else, including short packets, takes the full path.
+#[inline(always)]
+fn plainly_not_ours(ctx: &TcContext) -> bool {
+    let (Some(ethertype), Some(h)) = (
+        ptr_at::<[u8; 2]>(ctx, 12),
+        ptr_at::<Ip4Head>(ctx, ETH_HLEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at (both).
+    let (ethertype, h) = unsafe { (*ethertype, &*h) };
+    if u16::from_be_bytes(ethertype) != ETH_P_IP || h.ver_ihl != 0x45 {
+        return false;
+    }
+    // Neither more fragments nor an offset.
+    if u16::from_be(h.frag_off) & 0x3fff != 0 {
+        return false;
+    }
+    let l4 = match h.proto {
+        IPPROTO_TCP if !is_tcp_syn(h.tcp_flags) => TCP_MIN_HLEN,
+        IPPROTO_UDP => UDP_HLEN,
+        _ => return false,
+    };
+    if (u16::from_be(h.tot_len) as usize) < IPV4_MIN_HLEN + l4 {
+        return false;
+    }
+    let (word, bit) = addr_bit(h.daddr.to_ne_bytes());
+    VIPBITS.get(word).is_none_or(|w| *w & bit == 0)
 }
 
 /// A packet to no frontend passes untouched. A new connection straight to a pod may reuse the
