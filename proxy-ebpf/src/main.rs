@@ -832,6 +832,16 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     if VIPBITS.get(word).is_none_or(|w| *w & bit == 0) {
         return not_to_a_frontend(&flow, syn);
     }
+    // Established flows by their conntrack entry alone, two hash lookups fewer than through
+    // the frontend: the entry's reverse-NAT entry vouches that it was made for this frontend
+    // (active, same generation, this address and port), which also keeps a removed frontend's
+    // flows while it drains. (The hairpin address is no frontend's, so no forward entry names
+    // it: its packets go on to `hairpin_reply`.) A SYN always selects afresh (as in Katran):
+    // the hash is deterministic, so a retransmitted SYN lands on the same backend, and a new
+    // connection reusing a port is balanced over the current backends.
+    if !syn && let Some(verdict) = established_flow(&mut ctx, &flow) {
+        return verdict;
+    }
     let Some(vip) = VIP4.get_ptr(VipKey4 { addr: flow.daddr }) else {
         return not_to_a_frontend(&flow, syn);
     };
@@ -839,15 +849,6 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     let vip_flags = unsafe { (*vip).flags };
     if vip_flags & VIP_F_HAIRPIN != 0 {
         return hairpin_reply(&mut ctx, &flow);
-    }
-    // Established flows by their conntrack entry alone, one hash lookup fewer than through the
-    // frontend: the entry's reverse-NAT entry vouches that it was made for this frontend
-    // (active, same generation, this address and port), which also keeps a removed frontend's
-    // flows while it drains. A SYN always selects afresh (as in Katran): the hash is
-    // deterministic, so a retransmitted SYN lands on the same backend, and a new connection
-    // reusing a port is balanced over the current backends.
-    if !syn && let Some(verdict) = established_flow(&mut ctx, &flow) {
-        return verdict;
     }
     let svc_key = SvcKey4::from_wire(flow.daddr, flow.dport, flow.proto, SCOPE_EXTERNAL, 0);
     let Some(svc) = SVC4.get_ptr(svc_key) else {
