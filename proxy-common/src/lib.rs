@@ -72,6 +72,8 @@ pub mod map_names {
     pub const PORTS: &str = "VIPX_PORTS";
     /// The frontend address filter (pinned, written whole at every start; see `VIPBITS_WORDS`).
     pub const VIPBITS: &str = "VIPX_VIPBITS";
+    /// The backend filter (pinned, bits only ever set; see `backend_bit`).
+    pub const BACKBITS: &str = "VIPX_BACKBITS";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -173,6 +175,17 @@ pub const fn addr_bit(addr: [u8; 4]) -> (u32, u64) {
     let x = u32::from_ne_bytes(addr);
     let h = (x ^ (x >> 16)).wrapping_mul(0x9e37_79b1) >> (32 - VIPBITS_LOG2);
     (h >> 6, 1 << (h & 63))
+}
+
+/// `VIPX_BACKBITS` (as many words as `VIPX_VIPBITS`): one bit per hash of a backend's address
+/// and port, set before the backend is written and never cleared while the map is pinned, so
+/// that every reply a conntrack entry can still translate (a removed backend's flows live on)
+/// comes from a set bit. The pod program's egress side passes a packet into a pod whose source
+/// bit is clear without the conntrack lookup. Pod churn fills it slowly; a full filter only
+/// stops filtering.
+pub const fn backend_bit(addr: [u8; 4], port: [u8; 2]) -> (u32, u64) {
+    let x = u32::from_ne_bytes(addr) ^ (u16::from_ne_bytes(port) as u32).wrapping_mul(0x85eb_ca6b);
+    addr_bit(x.to_ne_bytes())
 }
 
 pub const IPPROTO_ICMP: u8 = 1;

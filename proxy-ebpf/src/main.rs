@@ -40,8 +40,8 @@ use proxy_common::{
     CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
     FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
     RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4,
-    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, ct_seen,
-    defaults, seen_of_jiffies,
+    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, backend_bit,
+    ct_seen, defaults, seen_of_jiffies,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -109,6 +109,10 @@ static FLOOD4: LruHashMap<[u8; 4], FloodValue> =
 /// Pinned like the address map it filters (see `VIPBITS_WORDS`).
 #[map(name = "VIPX_VIPBITS")]
 static VIPBITS: Array<u64> = Array::pinned(VIPBITS_WORDS, 0);
+
+/// Pinned like conntrack, whose reply entries it covers (see `backend_bit`).
+#[map(name = "VIPX_BACKBITS")]
+static BACKBITS: Array<u64> = Array::pinned(VIPBITS_WORDS, 0);
 
 #[map(name = "VIPX_CONFIG")]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
@@ -825,9 +829,9 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
     }
     let syn = flow.proto == IPPROTO_TCP && is_tcp_syn(flow.tcp_flags);
 
-    // The frontend first (as Katran and Cilium do): a conntrack entry is only trusted for the
-    // frontend it was made for. Its address first: most packets go to no frontend address,
-    // which the address filter says for most of them without a hash lookup.
+    // A conntrack entry is only trusted for the frontend it was made for (as in Katran and
+    // Cilium), which its reverse-NAT entry says. The address filter first: most packets go to
+    // no frontend address, which it says for most of them without a hash lookup.
     let (word, bit) = addr_bit(flow.daddr);
     if VIPBITS.get(word).is_none_or(|w| *w & bit == 0) {
         return not_to_a_frontend(&flow, syn);
@@ -1206,9 +1210,11 @@ fn back_into_pod(ctx: &mut TcContext) -> i32 {
 }
 
 /// An IPv4 header without options and the first 20 bytes after it, with the header's own field
-/// widths, so that the destination address is one 32-bit load instead of four byte loads and
-/// shifts. The verifier allows packet loads at any alignment where the kernel has efficient
-/// unaligned access (x86, arm64); elsewhere `NET_IP_ALIGN` puts the IPv4 header on 4 bytes.
+/// widths, so that an address is one 32-bit load instead of four byte loads and shifts. On x86
+/// (`NET_IP_ALIGN` 0) the header is only 2-byte aligned, so the reference to it is formally
+/// misaligned for Rust; the verifier and the JIT accept such packet loads where the kernel has
+/// efficient unaligned access (x86, arm64), and elsewhere `NET_IP_ALIGN` aligns the header.
+/// `read_unaligned` would bring the byte loads back.
 #[repr(C)]
 struct Ip4Head {
     ver_ihl: u8,
@@ -1219,9 +1225,9 @@ struct Ip4Head {
     _ttl: u8,
     proto: u8,
     _check: u16,
-    _saddr: u32,
+    saddr: u32,
     daddr: u32,
-    _ports: u32,
+    ports: u32,
     _seq: u32,
     _ack: u32,
     _doff: u8,
@@ -1238,31 +1244,55 @@ struct Ip4Head {
 /// Anything else, including short packets, takes the full path.
 #[inline(always)]
 fn plainly_not_ours(ctx: &TcContext) -> bool {
-    let (Some(ethertype), Some(h)) = (
-        ptr_at::<[u8; 2]>(ctx, 12),
-        ptr_at::<Ip4Head>(ctx, ETH_HLEN),
-    ) else {
+    let Some(h) = plain_head(ctx, false) else {
         return false;
     };
-    // SAFETY: bounds checked by ptr_at (both).
+    let (word, bit) = addr_bit(h.daddr.to_ne_bytes());
+    VIPBITS.get(word).is_none_or(|w| *w & bit == 0)
+}
+
+/// Most packets into a pod are no reply of a translated flow: a reply comes from a backend's
+/// address and port, whose bit in the backend filter was set before the backend was written
+/// and stays set. Decided before the full parse for the plain case (as `plainly_not_ours`,
+/// SYNs included: the full path only looks a reply entry up), which the full path would pass
+/// after a conntrack miss.
+#[inline(always)]
+fn plainly_no_reply(ctx: &TcContext) -> bool {
+    let Some(h) = plain_head(ctx, true) else {
+        return false;
+    };
+    // The source port: the first two bytes of the L4 header, as the wire has them.
+    let sport = (h.ports as u16).to_ne_bytes();
+    let (word, bit) = backend_bit(h.saddr.to_ne_bytes(), sport);
+    BACKBITS.get(word).is_none_or(|w| *w & bit == 0)
+}
+
+/// The IPv4 and L4 headers of a plain packet (see `plainly_not_ours`); `syn_too`: TCP SYNs
+/// count as plain.
+#[inline(always)]
+fn plain_head(ctx: &TcContext, syn_too: bool) -> Option<&Ip4Head> {
+    let (Some(ethertype), Some(h)) = (ptr_at::<[u8; 2]>(ctx, 12), ptr_at::<Ip4Head>(ctx, ETH_HLEN))
+    else {
+        return None;
+    };
+    // SAFETY: bounds checked by ptr_at (both); the packet outlives this borrow of the context.
     let (ethertype, h) = unsafe { (*ethertype, &*h) };
     if u16::from_be_bytes(ethertype) != ETH_P_IP || h.ver_ihl != 0x45 {
-        return false;
+        return None;
     }
     // Neither more fragments nor an offset.
     if u16::from_be(h.frag_off) & 0x3fff != 0 {
-        return false;
+        return None;
     }
     let l4 = match h.proto {
-        IPPROTO_TCP if !is_tcp_syn(h.tcp_flags) => TCP_MIN_HLEN,
+        IPPROTO_TCP if syn_too || !is_tcp_syn(h.tcp_flags) => TCP_MIN_HLEN,
         IPPROTO_UDP => UDP_HLEN,
-        _ => return false,
+        _ => return None,
     };
     if (u16::from_be(h.tot_len) as usize) < IPV4_MIN_HLEN + l4 {
-        return false;
+        return None;
     }
-    let (word, bit) = addr_bit(h.daddr.to_ne_bytes());
-    VIPBITS.get(word).is_none_or(|w| *w & bit == 0)
+    Some(h)
 }
 
 /// A packet to no frontend passes untouched. A new connection straight to a pod may reuse the
@@ -1427,6 +1457,9 @@ fn csum(bytes: &[u8]) -> [u8; 2] {
 #[inline(always)]
 pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
     count(Stat::EgressPackets);
+    if plainly_no_reply(&ctx) {
+        return NEXT;
+    }
     match parse_pulling(&ctx) {
         Parse::Flow(mut flow) => {
             if !flow.resolve_ports(FRAG_DIR_EGRESS) {

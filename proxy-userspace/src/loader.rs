@@ -439,6 +439,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             "(a fixed size)",
         ),
         (
+            map_names::BACKBITS,
+            4,
+            8,
+            proxy_common::VIPBITS_WORDS,
+            "(a fixed size)",
+        ),
+        (
             map_names::SOCKREV4,
             size(size_of::<proxy_common::SockRevKey4>()),
             size(size_of::<proxy_common::SockRevValue4>()),
@@ -519,6 +526,7 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         affmatch: Some(take(ebpf, map_names::AFFMATCH4)?),
         ports: Some(take(ebpf, map_names::PORTS)?),
         vipbits: Some(take(ebpf, map_names::VIPBITS)?),
+        backbits: Some(take(ebpf, map_names::BACKBITS)?),
     }
     .with_maglev_mem())
 }
@@ -551,6 +559,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         affmatch: from_pin::<HashMap<MapData, _, _>>(pin_dir, map_names::AFFMATCH4).ok(),
         ports: from_pin::<Array<MapData, _>>(pin_dir, map_names::PORTS).ok(),
         vipbits: from_pin::<Array<MapData, _>>(pin_dir, map_names::VIPBITS).ok(),
+        backbits: from_pin::<Array<MapData, _>>(pin_dir, map_names::BACKBITS).ok(),
     }
     .with_maglev_mem())
 }
@@ -1088,6 +1097,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::SRCRANGE4,
             map_names::PORTS,
             map_names::VIPBITS,
+            map_names::BACKBITS,
         ] {
             remove_known(&pin_dir.join(name))?;
         }

@@ -28,7 +28,7 @@ use proxy_common::{
     REVNAT_F_SOURCE_RANGES, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
     SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV,
     SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
-    VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, port_bit,
+    VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, backend_bit, port_bit,
 };
 
 use crate::{
@@ -480,6 +480,8 @@ pub struct ServiceMaps {
     pub ports: Option<Array<MapData, u64>>,
     /// The frontend address filter (`None` likewise).
     pub vipbits: Option<Array<MapData, u64>>,
+    /// The backend filter (`None` likewise).
+    pub backbits: Option<Array<MapData, u64>>,
 }
 
 /// The bitmaps the writer keeps (see `Bits`).
@@ -489,13 +491,15 @@ pub enum BitMap {
     Ports,
     /// `VIPX_VIPBITS`.
     Addrs,
+    /// `VIPX_BACKBITS` (bits only ever set: see `proxy_common::backend_bit`).
+    Backends,
 }
 
 impl BitMap {
     fn words(self) -> u32 {
         match self {
             Self::Ports => PORTS_WORDS,
-            Self::Addrs => VIPBITS_WORDS,
+            Self::Addrs | Self::Backends => VIPBITS_WORDS,
         }
     }
 }
@@ -585,6 +589,8 @@ pub struct ReadBack {
     pub vips: BTreeMap<Ipv4Addr, u32>,
     /// (reverse-NAT id, backend id) pairs of the affinity membership map.
     pub affmatch: BTreeSet<(u32, u32)>,
+    /// The backend filter's words (`None`: no such map).
+    pub backbits: Option<Vec<u64>>,
 }
 
 /// The map operations the writer needs: the kernel maps in production, an in-memory model with
@@ -646,6 +652,7 @@ impl MapStore for ServiceMaps {
         let m = match map {
             BitMap::Ports => &mut self.ports,
             BitMap::Addrs => &mut self.vipbits,
+            BitMap::Backends => &mut self.backbits,
         };
         match m {
             Some(m) => Ok(m.set(word, bits, 0)?),
@@ -660,15 +667,29 @@ impl MapStore for ServiceMaps {
     fn svc_insert_all(&mut self, entries: &[(SvcKey4, SvcValue)]) -> WriteAll {
         use aya::maps::IterableMap as _;
         let (k, v) = split(entries);
-        update_all(self.svc.map(), &k, &v)
-            .map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the service map")))
+        match update_all(self.svc.map(), &k, &v) {
+            Err((0, e)) if batch_unsupported(&e) => {
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    self.svc_insert(*k, *v).map_err(|e| (i, e))?;
+                }
+                Ok(())
+            }
+            r => r.map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the service map"))),
+        }
     }
 
     fn backend_set_all(&mut self, entries: &[(u32, Backend4)]) -> WriteAll {
         use aya::maps::IterableMap as _;
         let (k, v) = split(entries);
-        update_all(self.backend.map(), &k, &v)
-            .map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the backend map")))
+        match update_all(self.backend.map(), &k, &v) {
+            Err((0, e)) if batch_unsupported(&e) => {
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    self.backend_set(*k, *v).map_err(|e| (i, e))?;
+                }
+                Ok(())
+            }
+            r => r.map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the backend map"))),
+        }
     }
 
     fn svc_remove(&mut self, key: &SvcKey4) -> Result<()> {
@@ -705,14 +726,24 @@ impl MapStore for ServiceMaps {
 
     fn read_back(&self) -> Result<ReadBack> {
         use aya::maps::IterableMap as _;
-        // Batched: a start reads the whole backend array, 262,144 entries by default.
-        let svc: Vec<(SvcKey4, SvcValue)> =
-            lookup_all(self.svc.map()).context("reading the service map")?;
+        // Batched: a start reads the whole backend array, 262,144 entries by default. Kernels
+        // without batch lookups are read one element at a time.
+        let batched = lookup_all::<SvcKey4, SvcValue>(self.svc.map());
+        if let Err(e) = &batched
+            && batch_unsupported(e)
+        {
+            return self.read_back_one_by_one();
+        }
+        let svc: Vec<(SvcKey4, SvcValue)> = batched.context("reading the service map")?;
         let backends: Vec<Backend4> = array_values(self.backend.map(), "backend")?;
         let revnat: Vec<RevNat4> = array_values(self.revnat.map(), "reverse-NAT")?;
         let vips: Vec<(VipKey4, Vip4)> =
             lookup_all(self.vip.map()).context("reading the frontend address map")?;
         let mut r = decode(&svc, &backends, &revnat)?;
+        r.backbits = match &self.backbits {
+            Some(m) => Some(array_values(m.map(), "backend filter")?),
+            None => None,
+        };
         r.vips = vips
             .into_iter()
             .map(|(k, v)| (Ipv4Addr::from(k.addr), v.flags))
@@ -853,9 +884,14 @@ fn update_all<K: aya::Pod, V: aya::Pod>(
         ..BatchAttr::default()
     };
     // The kernel reads `count` keys and values from the slices, which outlive the call, and
-    // writes back in `attr.count` how many it wrote.
+    // writes back in `attr.count` how many it wrote; an error before the first write (an
+    // unsupported command, a bad attribute) leaves `count` as it was: nothing was written.
     let r = bpf_call(BPF_MAP_UPDATE_BATCH, &mut attr);
-    let written = (attr.count as usize).min(keys.len());
+    let written = if r.is_err() && attr.count == count {
+        0
+    } else {
+        (attr.count as usize).min(keys.len())
+    };
     match r {
         Ok(_) if written == keys.len() => Ok(()),
         Ok(_) => Err((
@@ -864,6 +900,16 @@ fn update_all<K: aya::Pod, V: aya::Pod>(
         )),
         Err(e) => Err((written, e)),
     }
+}
+
+/// Whether a batch command failed for want of support (kernels before 5.6, map types without
+/// batch operations): the caller falls back to one syscall per element.
+fn batch_unsupported(e: &std::io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel-internal "not supported" some map types return.
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | 524)
+    )
 }
 
 /// Every value of array `map`, in index order.
@@ -918,6 +964,48 @@ fn lookup_all<K: aya::Pod + Default, V: aya::Pod + Default>(
 }
 
 impl ServiceMaps {
+    /// `read_back` one syscall per element, for kernels without `BPF_MAP_LOOKUP_BATCH`.
+    fn read_back_one_by_one(&self) -> Result<ReadBack> {
+        let svc: Vec<(SvcKey4, SvcValue)> = self
+            .svc
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the service map")?;
+        let backends: Vec<Backend4> = self
+            .backend
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the backend map")?;
+        let revnat: Vec<RevNat4> = self
+            .revnat
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the reverse-NAT map")?;
+        let mut r = decode(&svc, &backends, &revnat)?;
+        r.vips = self
+            .vip
+            .iter()
+            .map(|e| e.map(|(k, v)| (Ipv4Addr::from(k.addr), v.flags)))
+            .collect::<Result<_, _>>()
+            .context("reading the frontend address map")?;
+        if let Some(affmatch) = &self.affmatch {
+            r.affmatch = affmatch
+                .keys()
+                .map(|k| k.map(|k| (k.rev_nat_id, k.backend_id)))
+                .collect::<Result<_, _>>()
+                .context("reading the affinity membership map")?;
+        }
+        r.backbits = match &self.backbits {
+            Some(m) => Some(
+                m.iter()
+                    .collect::<Result<_, _>>()
+                    .context("reading the backend filter")?,
+            ),
+            None => None,
+        };
+        Ok(r)
+    }
+
     /// With the Maglev map mapped into memory when it can be.
     pub fn with_maglev_mem(mut self) -> Self {
         self.maglev_mem = MaglevMem::map(&self.maglev);
@@ -1010,6 +1098,7 @@ fn decode(
         revnat_gens: revnat.iter().map(|r| r.generation).collect(),
         vips: BTreeMap::new(),
         affmatch: BTreeSet::new(),
+        backbits: None,
     })
 }
 
@@ -1057,6 +1146,12 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     udp_purges: Vec<crate::conntrack::Purge>,
     ports: Bits,
     vipbits: Bits,
+    /// `VIPX_BACKBITS` as written (`None`: no such map). Bits are set before a backend is
+    /// written and never cleared: a removed backend's flows may live on in conntrack.
+    backbits: Option<Vec<u64>>,
+    /// The backend filter was empty when read back (a new map, or one nothing was ever set in):
+    /// reply entries already in conntrack may come from backends it does not hold yet.
+    backbits_fresh: bool,
 }
 
 /// A bitmap the programs read to pass what is none of vipx's business without a hash lookup:
@@ -1196,7 +1291,9 @@ impl<M: MapStore> MapWriter<M> {
             revnat_gens,
             vips,
             affmatch,
+            backbits,
         } = maps.read_back()?;
+        let backbits_fresh = backbits.as_ref().is_some_and(|w| w.iter().all(|w| *w == 0));
         let backend_ids = cur.backends.iter().map(|(id, (a, _))| (*a, *id)).collect();
         let revnat_ids = cur
             .frontends
@@ -1250,7 +1347,15 @@ impl<M: MapStore> MapWriter<M> {
             udp_purges: Vec::new(),
             ports: Bits::new(BitMap::Ports),
             vipbits: Bits::new(BitMap::Addrs),
+            backbits,
+            backbits_fresh,
         };
+        // Before any program is attached: a filter new to these pins lacks the adopted
+        // backends (their pinned flows' replies would pass untranslated).
+        let adopted: Vec<L4Addr> = w.cur.backends.values().map(|(a, _)| *a).collect();
+        for a in adopted {
+            w.ensure_backbit(a.addr.octets(), a.port.to_be_bytes())?;
+        }
         for fe in w.cur.revnat.values() {
             w.ports.add(port_bit(fe.port));
         }
@@ -1437,6 +1542,53 @@ impl<M: MapStore> MapWriter<M> {
     }
 
     /// Set `addr`'s bit if it is not (before the address map gets it).
+    /// Sets the backend filter's bit for a backend's address and port (wire bytes), before
+    /// anything that can make a reply come from it is written.
+    fn ensure_backbit(&mut self, addr: [u8; 4], port: [u8; 2]) -> Result<()> {
+        let Some(words) = self.backbits.as_mut() else {
+            return Ok(());
+        };
+        let (word, bit) = backend_bit(addr, port);
+        let Some(w) = words.get_mut(word as usize) else {
+            return Ok(());
+        };
+        if *w & bit == 0 {
+            self.maps
+                .bits_set(BitMap::Backends, word, *w | bit)
+                .with_context(|| {
+                    format!(
+                        "writing the backend filter ({}:{})",
+                        Ipv4Addr::from(addr),
+                        u16::from_be_bytes(port)
+                    )
+                })?;
+            *w |= bit;
+        }
+        Ok(())
+    }
+
+    /// Whether the backend filter was empty when this writer started: then the sources of the
+    /// reply entries already in conntrack go in with [`Self::seed_backend_filter`] before the
+    /// programs are attached.
+    pub fn backend_filter_fresh(&self) -> bool {
+        self.backbits_fresh
+    }
+
+    /// Sets the backend filter's bits for these (address, port) wire bytes: the sources of the
+    /// conntrack reply entries a previous build left (which knew no filter).
+    pub fn seed_backend_filter(
+        &mut self,
+        sources: impl IntoIterator<Item = ([u8; 4], [u8; 2])>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (addr, port) in sources {
+            self.ensure_backbit(addr, port)?;
+            n += 1;
+        }
+        self.backbits_fresh = false;
+        Ok(n)
+    }
+
     fn ensure_vipbit(&mut self, addr: Ipv4Addr) -> Result<()> {
         Self::ensure_bit(&mut self.maps, &mut self.vipbits, addr_bit(addr.octets()))
             .with_context(|| format!("writing the frontend address filter ({addr})"))
@@ -1463,6 +1615,8 @@ impl<M: MapStore> MapWriter<M> {
         let bits = match map {
             BitMap::Ports => &mut self.ports,
             BitMap::Addrs => &mut self.vipbits,
+            // Set-only, written as each bit is set (`ensure_backbit`).
+            BitMap::Backends => return Ok(0),
         };
         let mut dirty = std::mem::take(&mut bits.dirty).into_iter();
         while let Some(word) = dirty.next() {
@@ -2132,6 +2286,18 @@ impl<M: MapStore> MapWriter<M> {
         w
     }
 
+    /// Give back ids `alloc_backend` took for backends never written active: bookkeeping only,
+    /// no map write (which could fail and leave an id recorded as written).
+    fn unreserve(&mut self, backends: &[(L4Addr, u32)], st: &mut ApplyStats) {
+        for (addr, id) in backends {
+            self.backend_ids.remove(addr);
+            self.cur.backends.remove(id);
+            self.backend_space.release(*id);
+            st.map_writes = st.map_writes.saturating_sub(1);
+            st.backends_added = st.backends_added.saturating_sub(1);
+        }
+    }
+
     /// Undo the backends and reverse-NAT entry a failed frontend allocated: nothing names them.
     fn roll_back(
         &mut self,
@@ -2190,7 +2356,7 @@ impl<M: MapStore> MapWriter<M> {
                             id
                         }
                         Err(e) => {
-                            self.roll_back(&new_backends, None, st);
+                            self.unreserve(&new_backends, st);
                             return Err(e);
                         }
                     }
@@ -2198,12 +2364,23 @@ impl<M: MapStore> MapWriter<M> {
             };
             slots.push(id);
         }
-        // The new backends in one batch, before anything names them.
+        // The new backends in one batch, before anything names them, their filter bits first.
+        let filtered = new_backends
+            .iter()
+            .try_for_each(|(a, _)| self.ensure_backbit(a.addr.octets(), a.port.to_be_bytes()));
+        if let Err(e) = filtered {
+            self.unreserve(&new_backends, st);
+            return Err(e);
+        }
         let writes = self.backend_writes(&new_backends);
         if let Err((n, e)) = self.maps.backend_set_all(&writes) {
             let id = writes.get(n).map_or(0, |(id, _)| *id);
             let addr = self.cur.backends.get(&id).map(|(a, _)| *a);
-            self.roll_back(&new_backends, None, st);
+            // Backend k's value is write 2k + 1: those in are cleared again, the others were
+            // never active (at most their new generation went in) and only give their ids back.
+            let published = (n / 2).min(new_backends.len());
+            self.roll_back(&new_backends[..published], None, st);
+            self.unreserve(&new_backends[published..], st);
             return Err(e.context(match addr {
                 Some(a) => format!("writing backend {id} ({a})"),
                 None => format!("writing backend {id}"),
@@ -2834,6 +3011,7 @@ mod tests {
         affmatch_max: usize,
         ports: Vec<u64>,
         vipbits: Vec<u64>,
+        backbits: Vec<u64>,
     }
 
     impl FakeMaps {
@@ -2853,6 +3031,7 @@ mod tests {
                 affmatch_max: usize::MAX,
                 ports: vec![0; PORTS_WORDS as usize],
                 vipbits: vec![0; VIPBITS_WORDS as usize],
+                backbits: vec![0; VIPBITS_WORDS as usize],
             }
         }
 
@@ -2975,6 +3154,11 @@ mod tests {
                     }
                     self.vipbits[word as usize] = bits;
                 }
+                BitMap::Backends => {
+                    let was = self.backbits[word as usize];
+                    assert_eq!(was & !bits, 0, "a backend filter bit cleared");
+                    self.backbits[word as usize] = bits;
+                }
             }
             Ok(())
         }
@@ -3020,6 +3204,13 @@ mod tests {
                 .backends
                 .get_mut(id as usize)
                 .context("backend id out of range")?;
+            if value.is_active() {
+                let (w, bit) = backend_bit(value.addr, value.port);
+                assert!(
+                    self.backbits[w as usize] & bit != 0,
+                    "backend {id} written before its filter bit"
+                );
+            }
             // A packet may read an array entry half-written: an active entry must never get a
             // new generation in the same write as its new address.
             assert!(
@@ -3099,6 +3290,7 @@ mod tests {
             let mut r = decode(&svc, &self.backends, &self.revnat)?;
             r.vips = self.vips.clone();
             r.affmatch = self.affmatch.clone();
+            r.backbits = Some(self.backbits.clone());
             Ok(r)
         }
 

@@ -352,10 +352,10 @@ impl Controller {
         let prefetched = self.prefetch.take().and_then(|h| h.join().ok());
         let loaded = match prefetched {
             Some((dir, loaded)) => {
-                // Changes since this read are seen by the next one: the cache kept each file's
-                // state as it was read.
+                // Files changed since the prefetch read them (before the watcher started, so no
+                // event says so) are read again now; the cache re-reads only what changed.
                 self.dir = dir;
-                loaded
+                self.dir.load_digested(&manifests).or(loaded)
             }
             None => self.dir.load_digested(&manifests),
         };
@@ -863,6 +863,34 @@ impl Controller {
     }
 }
 
+/// The sources of the conntrack reply entries into the writer's backend filter (a warning when
+/// conntrack cannot be read: the filter then holds the adopted backends only).
+fn seed_backend_filter(writer: &mut MapWriter, pin_dir: &Path) {
+    let mut sources = BTreeSet::new();
+    let walked = loader::conntrack_tables(pin_dir).and_then(|t| {
+        conntrack::walk(&t.ct, |keys, values| {
+            for (k, v) in keys.iter().zip(values) {
+                if v.flags & proxy_common::CT_F_REPLY != 0 {
+                    sources.insert((k.saddr, k.sport));
+                }
+            }
+        })
+        .context("reading conntrack")
+    });
+    if let Err(e) = walked {
+        tracing::warn!(
+            "the backend filter is new and conntrack could not be read ({e:#}): replies of \
+             flows to backends no longer programmed may pass untranslated"
+        );
+        return;
+    }
+    match writer.seed_backend_filter(sources) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sources = n, "backend filter seeded from conntrack"),
+        Err(e) => tracing::warn!("seeding the backend filter: {e:#}"),
+    }
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
     // Held until the process exits: a second vipx on this pin directory waits here.
     let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
@@ -1018,6 +1046,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // that sees a packet during the swap finds its entry; what the old programs added between
     // the copy and the swap is copied after it.
     let before = loader::copy_legacy_conntrack(&c.opts.pin_dir);
+    // A backend filter new to these pins (an upgrade from a build without it) learns the
+    // sources of the reply entries already in conntrack before the new egress program can pass
+    // their packets by it.
+    if c.writer.backend_filter_fresh() {
+        seed_backend_filter(&mut c.writer, &c.opts.pin_dir);
+    }
     c.scan_interfaces();
     legacy_guard.disarm();
     let after = loader::migrate_legacy_conntrack(&c.opts.pin_dir);

@@ -52,10 +52,10 @@ struct Fragment {
     no_local: (usize, usize),
 }
 
-/// A Service's translation before it is merged.
 /// Dirty Services from which [`ChangeTracker::flush`] translates on every core.
 const PARALLEL_FLUSH: usize = 512;
 
+/// A Service's translation before it is merged.
 struct Translated {
     frontends: BTreeMap<L4Addr, TargetFrontend>,
     backends: BTreeMap<L4Addr, u8>,
@@ -376,50 +376,47 @@ impl ChangeTracker {
     /// Translate the dirty Services and merge them. Returns what changed.
     pub fn flush(&mut self) -> Changes {
         let mut changes = Changes::default();
-        // A merge can make other Services dirty (a frontend's owner leaves, its twin takes it
-        // over): they are translated in the next round.
-        loop {
-            let keys: Vec<ObjKey> = std::mem::take(&mut self.dirty).into_iter().collect();
-            if keys.is_empty() {
-                return changes;
-            }
-            self.flush_round(keys, &mut changes);
+        // Merged one by one in key order, a key a merge makes dirty (a frontend's owner leaves,
+        // a refused twin may take it over) among the rest: which Service gets a contested
+        // frontend must not depend on how events were batched. Translations of the keys dirty
+        // now are made up front, on every core when there are many: translating reads the
+        // objects, never the merged state, so one made early stays valid.
+        let mut made = self.translate_all(self.dirty.iter().cloned().collect());
+        while let Some(key) = self.dirty.pop_first() {
+            let fragment = made
+                .remove(&key)
+                .unwrap_or_else(|| self.translate_one(&key));
+            self.merge(key, fragment, &mut changes);
         }
+        changes
     }
 
-    /// Translates `keys` and merges them in order. Translating is pure and per Service (it
-    /// reads the objects, never the merged state): a start's or a relist's thousands are
-    /// spread over every core, then merged one by one in key order.
-    fn flush_round(&mut self, keys: Vec<ObjKey>, changes: &mut Changes) {
+    /// `keys`' translations, on every core when there are at least [`PARALLEL_FLUSH`].
+    fn translate_all(&self, keys: Vec<ObjKey>) -> BTreeMap<ObjKey, Translated> {
         let threads = if keys.len() >= PARALLEL_FLUSH {
             std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
         } else {
             1
         };
-        let fragments: Vec<Translated> = if threads > 1 {
-            let per = keys.len().div_ceil(threads);
-            let this = &*self;
-            std::thread::scope(|s| {
-                let runs: Vec<_> = keys
-                    .chunks(per)
-                    .map(|part| {
-                        s.spawn(move || {
-                            part.iter()
-                                .map(|k| this.translate_one(k))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                runs.into_iter()
-                    .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                    .collect()
-            })
-        } else {
-            keys.iter().map(|k| self.translate_one(k)).collect()
-        };
-        for (key, fragment) in keys.into_iter().zip(fragments) {
-            self.merge(key, fragment, changes);
+        if threads < 2 {
+            return BTreeMap::new();
         }
+        let per = keys.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let runs: Vec<_> = keys
+                .chunks(per)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|k| (k.clone(), self.translate_one(k)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
     }
 
     fn translate_one(&self, key: &ObjKey) -> Translated {
@@ -857,6 +854,27 @@ spec:
         t.flush();
         assert!(t.problems().is_empty(), "{:?}", t.problems().first());
         assert_matches_full(&t, &rest);
+    }
+
+    /// The owner of a contested frontend leaves in the same flush as a newcomer claiming it
+    /// arrives: the Service that waited for it (first in key order) takes it, as a full
+    /// translation (a restart) would decide.
+    #[test]
+    fn a_waiting_twin_takes_a_frontend_before_a_newcomer_of_the_same_flush() {
+        let a = SVC.replace("name: web", "name: a");
+        let m = SVC.replace("name: web", "name: m");
+        let z = SVC.replace("name: web", "name: z");
+        let mut t = ChangeTracker::new("node-a");
+        t.replace_all(objs(&[a, m.clone()]));
+        t.flush();
+        let rest = objs(&[m, z]);
+        t.replace_all(rest.clone());
+        t.flush();
+        assert_matches_full(&t, &rest);
+        assert_eq!(
+            t.target().frontends.values().next().unwrap().service.name,
+            "m"
+        );
     }
 
     #[test]

@@ -724,6 +724,60 @@ fn direct_connection_after_a_vip_flow_is_not_rewritten() {
     );
 }
 
+/// The egress side's backend filter: a packet into a pod from an address and port that never
+/// was a backend's passes before the conntrack lookup (even with a reply entry planted for it,
+/// which only a backend's flow can make), and the replies of a backend's flows are translated
+/// for as long as their entries live, also after the backend was freed (its bit stays set).
+#[test]
+fn the_backend_filter_keeps_every_reply_a_conntrack_entry_can_translate() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1, BE2]);
+    let be1_flow = (20000..21000u16)
+        .find(|&p| inspect(&run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[])).1).dst == BE1)
+        .unwrap();
+    let reply = frame(BE1, 5000, CLIENT, be1_flow, &DATA, &[]);
+    let (_, out) = run_on(&mut l, EGRESS, &reply);
+    assert_eq!(
+        (inspect(&out).src, inspect(&out).sport),
+        (VIP, 80),
+        "a reply is translated"
+    );
+
+    // BE1 leaves and is freed (grace over): its flow's reply entry still names a live frontend.
+    let be2 = addr(BE2, 5000, IPPROTO_TCP);
+    let mut t = Target::default();
+    t.backends.insert(be2, BACKEND_F_ACTIVE);
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, vec![be2]),
+    );
+    l.writer.apply(&t).unwrap();
+    let later = std::time::Instant::now() + vipx::maps::DEFAULT_ENDPOINT_GRACE;
+    assert_eq!(l.writer.apply_at(&t, later).unwrap().backends_removed, 1);
+    let (_, out) = run_on(&mut l, EGRESS, &reply);
+    assert_eq!(
+        (inspect(&out).src, inspect(&out).sport),
+        (VIP, 80),
+        "a freed backend's reply is still translated"
+    );
+
+    // A reply entry for a source no backend ever had is never consulted.
+    let stranger = [198, 18, 64, 99];
+    let ct: HashMap<MapData, CtKey4, CtValue> = loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+    let key = ct_key(stranger, 7000, CLIENT, 41000, IPPROTO_TCP);
+    let mut planted = ct
+        .get(&ct_key(BE1, 5000, CLIENT, be1_flow, IPPROTO_TCP), 0)
+        .unwrap();
+    planted.seen = ct_now();
+    let mut ct = ct;
+    ct.insert(key, planted, 0).unwrap();
+    let input = frame(stranger, 7000, CLIENT, 41000, &DATA, &[]);
+    let (v, out) = run_on(&mut l, EGRESS, &input);
+    assert_eq!((v, &out), (NEXT, &input), "passed by the filter, untouched");
+}
+
 /// A backend id freed by one Service and handed to another pod (a new generation) must not
 /// carry an idle flow to that pod; a frontend re-created with a new reverse-NAT id does not
 /// trust entries made for the old one.

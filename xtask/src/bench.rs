@@ -217,6 +217,9 @@ impl Part {
 /// from the previous report.
 #[derive(Serialize, Deserialize, Clone)]
 struct Provenance {
+    /// As `machine()` says it (a part keeps the machine it ran on).
+    #[serde(default)]
+    machine: String,
     commit: String,
     command: String,
     /// UTC, as `date -u` prints it.
@@ -819,7 +822,10 @@ fn e2e(plan: &Plan, loads: &mut RuleLoads) -> Result<Vec<E2eRow>> {
                     vl.node_name(),
                     ("--manifests", &manifests),
                     vipx_lab::HOST_IF_GLOB,
-                    &[],
+                    // Socket-level LB hooks the cgroup root, so every contender's connect()
+                    // would run the programs of both vipx processes; the lab's clients are pods,
+                    // which the TC programs serve.
+                    &["--socket-lb", "off"],
                 )?
                 .0,
             );
@@ -1012,12 +1018,15 @@ fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Machine: {}. Command: `{}`.\n", r.machine, r.command);
     if !r.measured.is_empty() {
-        let _ = writeln!(s, "| part | commit | command | date |\n|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| part | commit | command | date | machine |\n|---|---|---|---|---|"
+        );
         for (part, p) in &r.measured {
             let _ = writeln!(
                 s,
-                "| {part} | {} | `{}` | {} |",
-                p.commit, p.command, p.date
+                "| {part} | {} | `{}` | {} | {} |",
+                p.commit, p.command, p.date, p.machine
             );
         }
         let _ = writeln!(s);
@@ -1028,9 +1037,9 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| services x 10 | passthrough (ingress) | passthrough (egress) | new flow (SYN, replayed) | new flow (SYN, distinct tuples; x single-run floor) | established | reply (egress) | TC floor | XDP floor |"
+        "| services x 10 | passthrough (ingress) | passthrough (egress) | egress from a backend's address and port, no flow | new flow (SYN, replayed) | new flow (SYN, distinct tuples; x single-run floor) | established | reply (egress) | TC floor | XDP floor |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let rows = r.packet.as_array().cloned().unwrap_or_default();
     let mut counts: Vec<u64> = rows.iter().filter_map(|x| x["services"].as_u64()).collect();
     counts.dedup();
@@ -1038,9 +1047,10 @@ fn markdown(r: &Report) -> String {
         let get = |case: &str| packet_cell(&rows, n, case);
         let _ = writeln!(
             s,
-            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             get("passthrough"),
             get("passthrough_egress"),
+            get("passthrough_egress_backend"),
             get("new_flow_syn"),
             get("new_flow_distinct"),
             get("established"),
@@ -1091,8 +1101,8 @@ fn markdown(r: &Report) -> String {
             s,
             "\n### Under cache pressure ({n} services x 10; conntrack holding {} live entries, \
              packets drawn from {} flows in a shuffled order; one run per packet, so each figure \
-             carries a syscall and cold code: compare it with the same on one hot flow and with \
-             the single-run floor; ns/packet, median)\n",
+             carries the kernel's timer and code gone cold between runs: compare it with the \
+             same on one hot flow and with the single-run floor; ns/packet, median)\n",
             r.packet_pressure.0, r.packet_pressure.1
         );
         let _ = writeln!(
@@ -1127,7 +1137,8 @@ fn markdown(r: &Report) -> String {
             let _ = writeln!(
                 s,
                 "| pod program, new flow (SYN of an unseen tuple) into the full table, each \
-                 insert evicting | {e:.0} | - | - | {f:.0} |\n\n\
+                 insert evicting (flood guard off; engaged, as it is from half full, it adds \
+                 ~90-150 ns) | {e:.0} | - | - | {f:.0} |\n\n\
                  The same SYNs into a near-empty table: {d} ns (\"new flow, distinct tuples\" \
                  above).",
             );
@@ -1464,6 +1475,7 @@ pub fn bench(quick: bool, parts: &[Part]) -> Result<()> {
             r.measured
                 .entry(p.key().into())
                 .or_insert_with(|| Provenance {
+                    machine: r.machine.clone(),
                     commit: "unknown".into(),
                     command: r.command.clone(),
                     date: "unknown".into(),
@@ -1479,6 +1491,7 @@ pub fn bench(quick: bool, parts: &[Part]) -> Result<()> {
                 r.measured.insert(
                     Part::NodePorts.key().into(),
                     Provenance {
+                        machine: r.machine.clone(),
                         commit: "unknown".into(),
                         command: cmd.to_owned(),
                         date: "unknown".into(),
@@ -1492,6 +1505,7 @@ pub fn bench(quick: bool, parts: &[Part]) -> Result<()> {
     };
     build_release()?;
     let here = Provenance {
+        machine: machine(),
         commit: commit(),
         command: command.clone(),
         date: utc_now(),

@@ -838,8 +838,11 @@ fn packet(a: Args) -> Result<()> {
             let reply = tcp(target.0.octets(), target.1, CLIENT, 40000, false);
             let (pod, pod_port) = backend(0, 0, a.backends);
             let pass = tcp(CLIENT, 40001, pod.octets(), pod_port, false);
-            // A packet into the pod that is no reply of a translated flow (egress's miss path).
-            let pass_in = tcp(pod.octets(), pod_port, CLIENT, 40001, false);
+            // A packet into a pod that is no reply of a translated flow: from a pod's port that
+            // is no backend's (the backend filter passes it), and from a backend's address and
+            // port without a flow (the conntrack lookup must say so).
+            let pass_in = tcp(pod.octets(), 45000, CLIENT, 40001, false);
+            let pass_in_backend = tcp(pod.octets(), pod_port, CLIENT, 40001, false);
             let ingress = prog_names::POD_INGRESS;
             let egress = prog_names::POD_EGRESS;
             let node = prog_names::NODE_XDP;
@@ -849,9 +852,10 @@ fn packet(a: Args) -> Result<()> {
             let ext_est = tcp(EXTERNAL, 40002, target.0.octets(), target.1, false);
             run(&mut ebpf, node, &ext_syn, 1, XDP_PASS)?;
             let node_tc = prog_names::NODE_TC;
-            let cases: [(&'static str, &str, &[u8], Option<Stat>); 11] = [
+            let cases: [(&'static str, &str, &[u8], Option<Stat>); 12] = [
                 ("passthrough", ingress, &pass, None),
                 ("passthrough_egress", egress, &pass_in, None),
+                ("passthrough_egress_backend", egress, &pass_in_backend, None),
                 ("new_flow_syn", ingress, &syn, Some(Stat::NewFlows)),
                 ("established", ingress, &est, Some(Stat::CtForward)),
                 ("reply_revnat", egress, &reply, Some(Stat::CtReply)),
