@@ -292,7 +292,16 @@ pub fn run(plan: &Plan, mut done: impl FnMut(&[Row]) -> Result<()>) -> Result<Ve
                         &node,
                         ("--manifests", &dir),
                         vipx_lab::HOST_IF_GLOB,
-                        &["--node-interfaces", "eth0", "--node-xdp-mode", mode],
+                        // Socket-level LB off: its programs at the cgroup root would run on
+                        // every contender's connect() (the external client is no host process).
+                        &[
+                            "--node-interfaces",
+                            "eth0",
+                            "--node-xdp-mode",
+                            mode,
+                            "--socket-lb",
+                            "off",
+                        ],
                     )?;
                     vipx.push(v);
                 }
