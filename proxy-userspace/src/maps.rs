@@ -667,29 +667,19 @@ impl MapStore for ServiceMaps {
     fn svc_insert_all(&mut self, entries: &[(SvcKey4, SvcValue)]) -> WriteAll {
         use aya::maps::IterableMap as _;
         let (k, v) = split(entries);
-        match update_all(self.svc.map(), &k, &v) {
-            Err((0, e)) if batch_unsupported(&e) => {
-                for (i, (k, v)) in entries.iter().enumerate() {
-                    self.svc_insert(*k, *v).map_err(|e| (i, e))?;
-                }
-                Ok(())
-            }
-            r => r.map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the service map"))),
-        }
+        let batch = update_all(self.svc.map(), &k, &v);
+        batch_or_each(batch, entries, "the service map", |k, v| {
+            self.svc_insert(k, v)
+        })
     }
 
     fn backend_set_all(&mut self, entries: &[(u32, Backend4)]) -> WriteAll {
         use aya::maps::IterableMap as _;
         let (k, v) = split(entries);
-        match update_all(self.backend.map(), &k, &v) {
-            Err((0, e)) if batch_unsupported(&e) => {
-                for (i, (k, v)) in entries.iter().enumerate() {
-                    self.backend_set(*k, *v).map_err(|e| (i, e))?;
-                }
-                Ok(())
-            }
-            r => r.map_err(|(n, e)| (n, anyhow::Error::from(e).context("writing the backend map"))),
-        }
+        let batch = update_all(self.backend.map(), &k, &v);
+        batch_or_each(batch, entries, "the backend map", |k, v| {
+            self.backend_set(k, v)
+        })
     }
 
     fn svc_remove(&mut self, key: &SvcKey4) -> Result<()> {
@@ -899,6 +889,25 @@ fn update_all<K: aya::Pod, V: aya::Pod>(
             std::io::Error::other(format!("batch update wrote {written} of {count} entries")),
         )),
         Err(e) => Err((written, e)),
+    }
+}
+
+/// A batch update's outcome as a [`WriteAll`]; a kernel without batch updates gets the
+/// entries one `each` call at a time instead.
+fn batch_or_each<K: Copy, V: Copy>(
+    batch: Result<(), (usize, std::io::Error)>,
+    entries: &[(K, V)],
+    what: &str,
+    mut each: impl FnMut(K, V) -> Result<()>,
+) -> WriteAll {
+    match batch {
+        Err((0, e)) if batch_unsupported(&e) => {
+            for (i, (k, v)) in entries.iter().enumerate() {
+                each(*k, *v).map_err(|e| (i, e))?;
+            }
+            Ok(())
+        }
+        r => r.map_err(|(n, e)| (n, anyhow::Error::from(e).context(format!("writing {what}")))),
     }
 }
 

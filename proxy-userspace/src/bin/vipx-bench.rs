@@ -212,22 +212,7 @@ fn pressure(
     // Filler first (the flows measured are then the most recent): entries no packet names.
     let filler = a.pressure_conntrack.saturating_sub(4 * k);
     let started = Instant::now();
-    for i in 0..filler {
-        let key = proxy_common::CtKey4 {
-            saddr: (0xc613_0000u32 + i / 50_000).to_be_bytes(),
-            daddr: [198, 19, 255, 254],
-            sport: (1024 + (i % 50_000) as u16).to_be_bytes(),
-            dport: [0, 80],
-            proto: IPPROTO_TCP,
-            ..Default::default()
-        };
-        let v = proxy_common::CtValue {
-            flags: proxy_common::CT_F_FORWARD,
-            seen: vipx::conntrack::now_seen(),
-            ..Default::default()
-        };
-        ct.insert(key, v, 0)?;
-    }
+    fill_conntrack(&mut ct, filler, [198, 19, 255, 254])?;
     let pod = prog_names::POD_INGRESS;
     let node = prog_names::NODE_XDP;
     let mut pod_pkts = Vec::with_capacity(k as usize);
@@ -344,6 +329,32 @@ fn pressure(
     Ok(())
 }
 
+/// `n` live forward entries no packet names (sources 198.19.0.0 on, 50,000 ports each) to
+/// `daddr`:80, as filler around the measured flows.
+fn fill_conntrack(
+    ct: &mut aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey4, proxy_common::CtValue>,
+    n: u32,
+    daddr: [u8; 4],
+) -> Result<()> {
+    for i in 0..n {
+        let key = proxy_common::CtKey4 {
+            saddr: (0xc613_0000u32 + i / 50_000).to_be_bytes(),
+            daddr,
+            sport: (1024 + (i % 50_000) as u16).to_be_bytes(),
+            dport: [0, 80],
+            proto: IPPROTO_TCP,
+            ..Default::default()
+        };
+        let v = proxy_common::CtValue {
+            flags: proxy_common::CT_F_FORWARD,
+            seen: vipx::conntrack::now_seen(),
+            ..Default::default()
+        };
+        ct.insert(key, v, 0)?;
+    }
+    Ok(())
+}
+
 /// The conntrack map's size in the per-packet bench: room for the pressure rows' live entries
 /// without the LRU evicting them.
 fn bench_conntrack_size(a: &Args) -> u32 {
@@ -360,24 +371,8 @@ fn syn_evicting(
     target: (Ipv4Addr, u16),
     ct: &mut aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey4, proxy_common::CtValue>,
 ) -> Result<Vec<f64>> {
-    let size = bench_conntrack_size(a);
-    for i in 0..size {
-        let key = proxy_common::CtKey4 {
-            saddr: (0xc613_0000u32 + i / 50_000).to_be_bytes(),
-            daddr: [198, 19, 255, 253],
-            sport: (1024 + (i % 50_000) as u16).to_be_bytes(),
-            dport: [0, 80],
-            proto: IPPROTO_TCP,
-            ..Default::default()
-        };
-        let v = proxy_common::CtValue {
-            flags: proxy_common::CT_F_FORWARD,
-            seen: vipx::conntrack::now_seen(),
-            ..Default::default()
-        };
-        // An LRU map evicts to make room; an insert that fails here is a bench bug.
-        ct.insert(key, v, 0)?;
-    }
+    // An LRU map evicts to make room; an insert that fails here is a bench bug.
+    fill_conntrack(ct, bench_conntrack_size(a), [198, 19, 255, 253])?;
     let flows = a.pressure_flows.min(SYN_EVICTING_FLOWS);
     let mut out = Vec::new();
     for rep in 0..a.reps {
