@@ -267,6 +267,42 @@ pub const CONFIG_JIFFIES_LO: u32 = 5;
 pub const CONFIG_JIFFIES_HI: u32 = 6;
 pub const CONFIG_LEN: u32 = 7;
 
+/// How the TC programs learn how an skb carries its L4 checksum (the kernel's `ip_summed`,
+/// which `__sk_buff` does not expose): two instructions the object carries as placeholders and
+/// userspace patches before loading (see the userspace `loader::patch`), because the kfunc's
+/// BTF id and the field's offset belong to the running kernel and aya has no kfunc relocation.
+/// - a call of the kfunc `bpf_cast_to_kern_ctx(ctx)` (the verifier turns it into a register
+///   move, so it costs nothing), giving the `struct sk_buff` itself;
+/// - a one-byte load at the offset of the byte holding `ip_summed` (bits
+///   `SKB_IP_SUMMED_SHIFT..+2`).
+///
+/// Where the kernel lacks either, the call becomes `r0 = SKB_CSUM_UNKNOWN` and the load a no-op,
+/// and the programs fall back to the kernel's checksum helpers, which read `ip_summed` themselves
+/// (two helper calls a packet: ~44 ns of the ~125 an established packet cost here).
+pub mod skb_csum {
+    /// The call's placeholder: `call` (0x85) with `src_reg` 2 (`BPF_PSEUDO_KFUNC_CALL`), the
+    /// kfunc's BTF id in the upper half (this marker until patched).
+    pub const CALL_MARK: u32 = 0x5650_5843;
+    pub const CALL_INSN: u64 = (CALL_MARK as u64) << 32 | 0x2085;
+    /// The load's placeholder: `r0 = *(u8 *)(r0 + OFF)` (0x71), `OFF` this marker until patched.
+    pub const LOAD_MARK: u16 = 0x7e5a;
+    pub const LOAD_INSN: u64 = (LOAD_MARK as u64) << 16 | 0x0071;
+    /// What the pair yields where it could not be patched: no byte has this value.
+    pub const UNKNOWN: u64 = 0x100;
+    /// `r0 = UNKNOWN` (`mov64` of an immediate, 0xb7) and `r0 = r0` (`mov64` of a register,
+    /// 0xbf), the pair's replacement where the kernel lacks the kfunc or the field.
+    pub const CALL_FALLBACK: u64 = UNKNOWN << 32 | 0x00b7;
+    pub const LOAD_FALLBACK: u64 = 0x00bf;
+    /// Where `ip_summed` sits in its byte on the kernels the patch accepts (v5.x onward:
+    /// `pkt_type:3, ignore_df:1, dst_pending_confirm:1, ip_summed:2`).
+    pub const IP_SUMMED_SHIFT: u32 = 5;
+    /// The kernel's `CHECKSUM_*` values.
+    pub const CHECKSUM_NONE: u64 = 0;
+    pub const CHECKSUM_UNNECESSARY: u64 = 1;
+    pub const CHECKSUM_COMPLETE: u64 = 2;
+    pub const CHECKSUM_PARTIAL: u64 = 3;
+}
+
 /// `CONFIG_CLOCK_MULT` for a kernel tick of `tick_ns` (the coarse clock's resolution): a jiffy
 /// is `tick_ns` ns, and a `ct_seen` unit 2^30 ns, so `ns >> 30` is `4 ns >> 32`, with
 /// `4 ns = jiffies * 4 tick_ns - BASE`. `None`: a tick no kernel has (not 1-10 ms, HZ 100-1000).

@@ -222,6 +222,33 @@ pub const fn csum_replace2_raw(check: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
+/// The L4 checksum field after one address (`addr`: old, new) and one port (`port`) of the
+/// packet changed, computed in the program where it knows how the skb carries the sum, instead
+/// of two calls of the kernel's `bpf_l4_csum_replace` (~22 ns each here). `partial`
+/// (CHECKSUM_PARTIAL): the field holds the pseudo-header sum alone, not complemented, which
+/// takes the address change and not the port's, as the kernel's `inet_proto_csum_replace4`
+/// does it; otherwise (CHECKSUM_NONE, CHECKSUM_UNNECESSARY) the field is the whole sum and takes
+/// both. As the helper with `BPF_F_MARK_MANGLED_0` for UDP: a UDP sum of 0 (none) stays 0 and a
+/// result of 0 is written as 0xffff. Raw values as in [`csum_replace4_raw`].
+#[inline(always)]
+pub const fn l4_csum_after_nat(
+    check: u16,
+    addr: (u32, u32),
+    port: (u16, u16),
+    partial: bool,
+    udp: bool,
+) -> u16 {
+    if udp && check == 0 {
+        return 0;
+    }
+    let c = if partial {
+        !csum_replace4_raw(!check, addr.0, addr.1)
+    } else {
+        csum_replace2_raw(csum_replace4_raw(check, addr.0, addr.1), port.0, port.1)
+    };
+    if udp && c == 0 { 0xffff } else { c }
+}
+
 /// Ones' complement sum over 16-bit big-endian words, folded (RFC 1071). Used by host tests to
 /// check checksums independently of the kernel helpers.
 pub fn csum_fold(data: &[u8], initial: u32) -> u16 {
@@ -357,6 +384,80 @@ mod tests {
             );
             assert_eq!(raw.to_ne_bytes(), csum_replace2(check, o2, n2));
         }
+    }
+
+    /// A TCP/UDP segment's sum recomputed from scratch after a DNAT (daddr and dport) equals
+    /// the incremental one, whole (CHECKSUM_NONE) and pseudo-header only (CHECKSUM_PARTIAL).
+    #[test]
+    fn nat_checksums_in_place_match_a_recomputed_sum() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..20_000 {
+            let udp = i % 2 == 1;
+            let proto = if udp { 17u8 } else { 6 };
+            let (r, s) = (next(), next());
+            let saddr = (r as u32).to_be_bytes();
+            let (daddr, new_daddr) = (((r >> 32) as u32).to_be_bytes(), (s as u32).to_be_bytes());
+            let (dport, new_dport) = (
+                ((s >> 32) as u16).to_be_bytes(),
+                ((s >> 48) as u16).to_be_bytes(),
+            );
+            let len = 8 + (i % 40);
+            let mut seg: std::vec::Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            seg[2..4].copy_from_slice(&dport);
+            let pseudo = |d: [u8; 4]| {
+                let mut p = std::vec::Vec::from(saddr);
+                p.extend_from_slice(&d);
+                p.extend_from_slice(&[0, proto]);
+                p.extend_from_slice(&(len as u16).to_be_bytes());
+                p
+            };
+            let whole = |d: [u8; 4], seg: &[u8]| {
+                let mut p = pseudo(d);
+                p.extend_from_slice(seg);
+                csum_fold(&p, 0)
+            };
+            let raw = |b: [u8; 4]| u32::from_ne_bytes(b);
+            let rawp = |b: [u8; 2]| u16::from_ne_bytes(b);
+            let before = whole(daddr, &seg);
+            let mut after = seg.clone();
+            after[2..4].copy_from_slice(&new_dport);
+            let want = whole(new_daddr, &after);
+            let got = l4_csum_after_nat(
+                rawp(before.to_be_bytes()),
+                (raw(daddr), raw(new_daddr)),
+                (rawp(dport), rawp(new_dport)),
+                false,
+                udp,
+            );
+            // Ones' complement has two zeros (0 and 0xffff); a receiver accepts either.
+            assert_eq!(
+                u16::from_be_bytes(got.to_ne_bytes()) % 0xffff,
+                want % 0xffff
+            );
+            let partial_before = !csum_fold(&pseudo(daddr), 0);
+            let partial_want = !csum_fold(&pseudo(new_daddr), 0);
+            let got = l4_csum_after_nat(
+                rawp(partial_before.to_be_bytes()),
+                (raw(daddr), raw(new_daddr)),
+                (rawp(dport), rawp(new_dport)),
+                true,
+                udp,
+            );
+            assert_eq!(
+                u16::from_be_bytes(got.to_ne_bytes()) % 0xffff,
+                partial_want % 0xffff
+            );
+        }
+        // UDP without a sum keeps none; a TCP sum of 0 is a sum like any other.
+        assert_eq!(l4_csum_after_nat(0, (1, 2), (3, 4), false, true), 0);
+        assert_eq!(l4_csum_after_nat(0, (1, 2), (3, 4), true, true), 0);
+        assert_ne!(l4_csum_after_nat(0, (1, 2), (3, 4), false, false), 0);
     }
 
     #[test]

@@ -18,6 +18,9 @@
     internal_features,
     reason = "core_intrinsics, for BPF_ATOMIC (see above)"
 )]
+// Inline assembly for the two placeholder instructions that read the skb's `ip_summed` (see
+// `ip_summed`).
+#![feature(asm_experimental_arch)]
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_or, atomic_xadd},
@@ -41,15 +44,15 @@ use proxy_common::{
     FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
     RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4,
     SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, backend_bit,
-    ct_seen, defaults, seen_of_jiffies,
+    ct_seen, defaults, seen_of_jiffies, skb_csum,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
     ICMP_QUOTED_L4, IP_CSUM_OFF, IP_DADDR_OFF, IP_PROTO_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN,
     L4_DPORT_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN,
     csum_replace2, csum_replace4, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment,
-    is_icmp_error, is_later_fragment, is_tcp_close, is_tcp_syn, maglev_entry, maglev_index,
-    next_slot, pick_slot,
+    is_icmp_error, is_later_fragment, is_tcp_close, is_tcp_syn, l4_csum_after_nat, maglev_entry,
+    maglev_index, next_slot, pick_slot,
 };
 
 // Sizes here are defaults; userspace sets the real ones with `EbpfLoader::set_max_entries`.
@@ -571,15 +574,49 @@ struct Nat {
     new_port: [u8; 2],
 }
 
+/// How this skb carries its L4 checksum: the kernel's `ip_summed` (`skb_csum::CHECKSUM_*`), or
+/// `skb_csum::UNKNOWN` where userspace could not patch the reading in (then only the kernel's
+/// helpers know). Two placeholder instructions, patched before loading: the kfunc
+/// `bpf_cast_to_kern_ctx`, which the verifier turns into a register move, and a one-byte load
+/// of the `struct sk_buff` it gives, which the verifier checks against the kernel's BTF.
+#[inline(always)]
+fn ip_summed(ctx: &TcContext) -> u64 {
+    let byte: u64;
+    // SAFETY: the pair reads one byte of this packet's own skb and writes no memory; the call
+    // clobbers the caller-saved registers, as any call.
+    unsafe {
+        core::arch::asm!(
+            ".quad {call}",
+            ".quad {load}",
+            call = const skb_csum::CALL_INSN,
+            load = const skb_csum::LOAD_INSN,
+            inout("r1") ctx.skb.skb => _,
+            lateout("r0") byte,
+            out("r2") _,
+            out("r3") _,
+            out("r4") _,
+            out("r5") _,
+            options(nostack, readonly),
+        );
+    }
+    if byte == skb_csum::UNKNOWN {
+        return byte;
+    }
+    (byte >> skb_csum::IP_SUMMED_SHIFT) & 3
+}
+
 /// The one place that owns checksum rules: rewrite an address and a port of a TCP/UDP packet,
 /// fixing the IPv4 header checksum and the L4 checksum (including the pseudo-header; a UDP
 /// checksum of 0 means "none" and stays 0). A later fragment has no L4 header: only its address
 /// changes (the first fragment's L4 checksum already covers the whole datagram).
 ///
 /// The IPv4 header checksum is always complete, so the address, the port and that checksum are
-/// written directly. The L4 checksum goes through `bpf_l4_csum_replace`: only the kernel knows
-/// whether the skb is CHECKSUM_PARTIAL (local senders on veth), where the field holds just the
-/// pseudo-header sum and a port change must not touch it.
+/// written directly. So is the L4 checksum where the program knows how the skb carries it
+/// (`ip_summed`): whole (CHECKSUM_NONE, UNNECESSARY), or the pseudo-header sum alone
+/// (CHECKSUM_PARTIAL: local senders on veth), which a port change must not touch. Otherwise
+/// (CHECKSUM_COMPLETE, whose `skb->csum` must follow the pseudo-header change, or a kernel where
+/// the program cannot read it) the kernel's `bpf_l4_csum_replace` does it, a call each for the
+/// address and the port.
 #[inline(always)]
 fn rewrite(ctx: &mut TcContext, flow: &Flow, nat: &Nat) -> Result<(), i64> {
     let Nat {
@@ -590,6 +627,7 @@ fn rewrite(ctx: &mut TcContext, flow: &Flow, nat: &Nat) -> Result<(), i64> {
         old_port,
         new_port,
     } = *nat;
+    let summed = ip_summed(ctx);
     let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN).ok_or(-1i64)?;
     // SAFETY: bounds-checked just above, after the last helper call that could have moved
     // packet data; TC programs may write packet data directly.
@@ -615,11 +653,24 @@ fn rewrite(ctx: &mut TcContext, flow: &Flow, nat: &Nat) -> Result<(), i64> {
         (*ports)[port_off] = new_port[0];
         (*ports)[port_off + 1] = new_port[1];
     }
-    let mangled0 = if flow.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
+    let udp = flow.proto == IPPROTO_UDP;
+    let partial = summed == skb_csum::CHECKSUM_PARTIAL;
+    if partial || summed == skb_csum::CHECKSUM_NONE || summed == skb_csum::CHECKSUM_UNNECESSARY {
+        let sum = ptr_at::<[u8; 2]>(ctx, flow.csum_off).ok_or(-1i64)?;
+        // SAFETY: as above.
+        unsafe {
+            *sum = l4_csum_after_nat(
+                u16::from_ne_bytes(*sum),
+                (u32::from_ne_bytes(old_addr), u32::from_ne_bytes(new_addr)),
+                (u16::from_ne_bytes(old_port), u16::from_ne_bytes(new_port)),
+                partial,
+                udp,
+            )
+            .to_ne_bytes();
+        }
+        return Ok(());
+    }
+    let mangled0 = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     ctx.l4_csum_replace(
         flow.csum_off,
         u32::from_ne_bytes(old_addr) as u64,

@@ -33,18 +33,18 @@ use proxy_common::{
     CT_F_SNAT, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW,
     REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_AFFINITY,
     SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES,
-    SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit,
+    SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit, skb_csum,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
     L4_SPORT_OFF, TCP_CSUM_OFF, TCP_FLAGS_OFF, TCP_MIN_HLEN, UDP_CSUM_OFF, UDP_HLEN, csum_replace2,
     csum_replace2_raw, csum_replace4_raw, ct_state_of_tcp, flow_hash, ipv4_header_len, is_fragment,
-    is_tcp_close, is_tcp_syn, pick_slot,
+    is_tcp_close, is_tcp_syn, l4_csum_after_nat, pick_slot,
 };
 
 use crate::{
     CT4, REVNAT4, SVC4, affine, backend, count, ct_now, ct_put, ct_touch, flood_allows,
-    forward_revnat, maglev_pick, remember_affinity, reply_revnat, slot_backend,
+    forward_revnat, ip_summed, maglev_pick, remember_affinity, reply_revnat, slot_backend,
 };
 
 /// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
@@ -210,12 +210,14 @@ impl Frame for TcContext {
         unsafe { (*self.skb.skb).ingress_ifindex }
     }
 
-    /// The IPv4 header's sum is always whole: updated in place. The L4 sum goes through the
-    /// kernel's helper, which knows how the skb carries it: a partial sum (the pseudo header
-    /// only) takes the address changes and not the port changes, a complete one also has
-    /// `skb->csum` adjusted. A UDP sum of 0 stays 0.
+    /// The IPv4 header's sum is always whole: updated in place. So is the L4 sum where the
+    /// program knows how the skb carries it (`ip_summed`, as the pod programs' `rewrite`): whole,
+    /// or a partial sum (the pseudo header only) that takes the address changes and not the
+    /// port changes. Otherwise the kernel's helper does it, which also adjusts `skb->csum` of a
+    /// complete one. A UDP sum of 0 stays 0.
     #[inline(always)]
     fn write_nat(&self, p: &Pkt, nat: &Nat) -> Option<()> {
+        let summed = ip_summed(self);
         let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(self, ETH_HLEN)?;
         let ports = ptr_at::<[u8; 4]>(self, p.l4_off)?;
         // SAFETY: bounds checked by ptr_at after the last helper call that could move packet
@@ -237,6 +239,26 @@ impl Frame for TcContext {
         } else {
             (p.l4_off + UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
         };
+        let partial = summed == skb_csum::CHECKSUM_PARTIAL;
+        if partial || summed == skb_csum::CHECKSUM_NONE || summed == skb_csum::CHECKSUM_UNNECESSARY
+        {
+            let sum = ptr_at::<[u8; 2]>(self, csum_off)?;
+            let udp = p.proto == IPPROTO_UDP;
+            // SAFETY: as above.
+            unsafe {
+                let c = l4_csum_after_nat(
+                    u16::from_ne_bytes(*sum),
+                    (p.saddr, nat.saddr),
+                    (p.sport, nat.sport),
+                    partial,
+                    udp,
+                );
+                let c =
+                    l4_csum_after_nat(c, (p.daddr, nat.daddr), (p.dport, nat.dport), partial, udp);
+                *sum = c.to_ne_bytes();
+            }
+            return Some(());
+        }
         let addr = |from: u32, to: u32| {
             self.l4_csum_replace(
                 csum_off,

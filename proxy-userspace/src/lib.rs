@@ -5,6 +5,7 @@ pub mod conntrack;
 pub mod desired;
 pub mod digest;
 pub mod flood;
+pub mod kernel_btf;
 pub mod loader;
 pub mod maglev;
 pub mod maps;

@@ -24,8 +24,141 @@ use proxy_common::{STATS_LEN, Stat, defaults, map_names, prog_names};
 
 use crate::{conntrack::bpf_call, maps::ServiceMaps};
 
-/// The compiled eBPF object (empty when built with AYA_BUILD_SKIP=1).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipx"));
+/// The compiled eBPF object (empty when built with AYA_BUILD_SKIP=1), as built: its
+/// `ip_summed` placeholders are unpatched, so it loads only through [`ebpf_object`].
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipx"));
+
+/// How the TC programs update L4 checksums on this kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChecksumPath {
+    /// In the program, after reading `ip_summed` from the byte at this offset of `sk_buff`,
+    /// reached through the kfunc `bpf_cast_to_kern_ctx` (this BTF id).
+    InProgram {
+        cast_kfunc: u32,
+        ip_summed_byte: u16,
+    },
+    /// Through the kernel's helpers (two calls a packet), for this reason.
+    Helpers(String),
+}
+
+/// [`EBPF_OBJECT`], aligned, with its `ip_summed` placeholders (`proxy_common::skb_csum`)
+/// patched, and how its programs will update checksums.
+pub struct Object {
+    words: Vec<u64>,
+    len: usize,
+    pub checksums: ChecksumPath,
+}
+
+impl Object {
+    /// Patched for the running kernel.
+    pub fn for_kernel() -> Result<Self> {
+        let path = match crate::kernel_btf::Btf::from_vmlinux() {
+            Ok(btf) => checksum_path(&btf),
+            Err(e) => ChecksumPath::Helpers(format!("{e:#}")),
+        };
+        Self::with(path)
+    }
+
+    /// Patched for `checksums` (tests reach the helpers' path this way).
+    pub fn with(checksums: ChecksumPath) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this vipx was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
+        }
+        let mut words = vec![0u64; EBPF_OBJECT.len().div_ceil(8)];
+        let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..EBPF_OBJECT.len()];
+        bytes.copy_from_slice(EBPF_OBJECT);
+        if patch_skb_csum(bytes, &checksums) == 0 {
+            bail!("the eBPF object carries no ip_summed placeholder: a build mismatch");
+        }
+        Ok(Self {
+            words,
+            len: EBPF_OBJECT.len(),
+            checksums,
+        })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
+    }
+}
+
+/// [`Object::for_kernel`], once per process (and said once in the log).
+pub fn ebpf_object() -> Result<&'static Object> {
+    static OBJECT: std::sync::OnceLock<Result<Object, String>> = std::sync::OnceLock::new();
+    let object = OBJECT.get_or_init(|| {
+        let object = Object::for_kernel().map_err(|e| format!("{e:#}"))?;
+        match &object.checksums {
+            ChecksumPath::InProgram { ip_summed_byte, .. } => tracing::info!(
+                ip_summed_byte,
+                "L4 checksums updated in the programs (ip_summed read through bpf_cast_to_kern_ctx)"
+            ),
+            ChecksumPath::Helpers(why) => tracing::warn!(
+                "L4 checksums through the kernel's helpers (two calls a packet): {why}"
+            ),
+        }
+        Ok(object)
+    });
+    object.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Where the kernel keeps `ip_summed`, if it has what the programs need to read it: the kfunc
+/// `bpf_cast_to_kern_ctx` (6.2+) and the 2-bit field at the place the programs expect in its byte.
+pub fn checksum_path(btf: &crate::kernel_btf::Btf) -> ChecksumPath {
+    use proxy_common::skb_csum::IP_SUMMED_SHIFT;
+    let Some(cast_kfunc) = btf.func_id("bpf_cast_to_kern_ctx") else {
+        return ChecksumPath::Helpers("the kernel has no kfunc bpf_cast_to_kern_ctx".into());
+    };
+    match btf.field("sk_buff", "ip_summed") {
+        Some(f) if f.bitfield_size == 2 && f.bit_offset % 8 == IP_SUMMED_SHIFT => {
+            match u16::try_from(f.bit_offset / 8) {
+                Ok(b) if b < 0x7fff => ChecksumPath::InProgram {
+                    cast_kfunc,
+                    ip_summed_byte: b,
+                },
+                _ => ChecksumPath::Helpers(format!("sk_buff.ip_summed at bit {}", f.bit_offset)),
+            }
+        }
+        Some(f) => ChecksumPath::Helpers(format!(
+            "sk_buff.ip_summed at bit {} ({} bits), not where the programs read it",
+            f.bit_offset, f.bitfield_size
+        )),
+        None => ChecksumPath::Helpers("no sk_buff.ip_summed in the kernel's BTF".into()),
+    }
+}
+
+/// Patch every `ip_summed` placeholder pair in `object` (see `proxy_common::skb_csum`): with the
+/// kfunc's id and the field's byte, or with the fallback that makes the programs use the
+/// helpers. Returns how many pairs it patched.
+pub fn patch_skb_csum(object: &mut [u8], path: &ChecksumPath) -> usize {
+    use proxy_common::skb_csum::{CALL_FALLBACK, CALL_INSN, LOAD_FALLBACK, LOAD_INSN};
+    let (call, load) = match *path {
+        ChecksumPath::InProgram {
+            cast_kfunc,
+            ip_summed_byte,
+        } => (
+            (u64::from(cast_kfunc) << 32) | (CALL_INSN & 0xffff_ffff),
+            (u64::from(ip_summed_byte) << 16) | (LOAD_INSN & 0xffff),
+        ),
+        ChecksumPath::Helpers(_) => (CALL_FALLBACK, LOAD_FALLBACK),
+    };
+    let mut pattern = [0u8; 16];
+    pattern[..8].copy_from_slice(&CALL_INSN.to_le_bytes());
+    pattern[8..].copy_from_slice(&LOAD_INSN.to_le_bytes());
+    let mut sites = 0;
+    let mut at = 0;
+    // Instructions are 8-byte aligned within their section, and sections within the file.
+    while at + 16 <= object.len() {
+        if object[at..at + 16] == pattern {
+            object[at..at + 8].copy_from_slice(&call.to_le_bytes());
+            object[at + 8..at + 16].copy_from_slice(&load.to_le_bytes());
+            sites += 1;
+            at += 16;
+        } else {
+            at += 8;
+        }
+    }
+    sites
+}
 
 /// Where bpffs lives; vipx mounts it there when it is missing.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -126,14 +259,16 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
 /// caller puts it back with [`LegacyConntrackGuard`] if it stops before the new programs are
 /// attached). A failed load puts it back itself: the old build's programs still serve from it.
 pub fn load_moving_legacy(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, bool)> {
-    if EBPF_OBJECT.is_empty() {
-        bail!("this vipx was built with AYA_BUILD_SKIP=1 and carries no eBPF object");
-    }
+    load_object(pin_dir, sizes, ebpf_object()?)
+}
+
+/// [`load_moving_legacy`] of `object`.
+pub fn load_object(pin_dir: &Path, sizes: MapSizes, object: &Object) -> Result<(Ebpf, bool)> {
     crate::maglev::check_table_size(sizes.maglev_table_size).map_err(anyhow::Error::msg)?;
     let maglev_entries = sizes.maglev_entries()?;
     prepare_pin_dir(pin_dir)?;
     let moved = set_aside_legacy_conntrack(pin_dir)?;
-    match load_pinned(pin_dir, sizes, maglev_entries) {
+    match load_pinned(pin_dir, sizes, maglev_entries, object) {
         Ok(ebpf) => Ok((ebpf, moved)),
         Err(e) => {
             if moved && let Err(back) = put_back_legacy_conntrack(pin_dir) {
@@ -146,7 +281,12 @@ pub fn load_moving_legacy(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, bool
     }
 }
 
-fn load_pinned(pin_dir: &Path, sizes: MapSizes, maglev_entries: u32) -> Result<Ebpf> {
+fn load_pinned(
+    pin_dir: &Path,
+    sizes: MapSizes,
+    maglev_entries: u32,
+    object: &Object,
+) -> Result<Ebpf> {
     check_pins(pin_dir, sizes)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
@@ -158,7 +298,7 @@ fn load_pinned(pin_dir: &Path, sizes: MapSizes, maglev_entries: u32) -> Result<E
         .map_max_entries(map_names::SNAT4, sizes.conntrack)
         .map_max_entries(map_names::MAGLEV4, maglev_entries)
         .map_max_entries(map_names::AFFMATCH4, sizes.services)
-        .load(EBPF_OBJECT)
+        .load(object.bytes())
         .with_context(|| {
             format!(
                 "loading the eBPF object (pins in {}; a pin left by a build with other map \
@@ -1271,5 +1411,47 @@ mod tests {
         assert_eq!(parse_link_pin_name("junk"), None);
         let dir = default_pin_dir("ip-10-0-0-1.ec2.internal");
         assert!(!dir.file_name().unwrap().to_string_lossy().contains('.'));
+    }
+
+    /// Every placeholder pair is patched, for the kernel's path and for the helpers', and the
+    /// rest of the object is left as built.
+    #[test]
+    fn every_ip_summed_placeholder_is_patched() {
+        use proxy_common::skb_csum::{CALL_FALLBACK, CALL_INSN, LOAD_FALLBACK, LOAD_INSN};
+        if EBPF_OBJECT.is_empty() {
+            return;
+        }
+        let count = |bytes: &[u8], insn: u64| {
+            bytes
+                .chunks_exact(8)
+                .filter(|c| *c == insn.to_le_bytes())
+                .count()
+        };
+        let sites = count(EBPF_OBJECT, CALL_INSN);
+        assert!(sites >= 2, "the pod programs' rewrites carry the pair");
+        let path = ChecksumPath::InProgram {
+            cast_kfunc: 1234,
+            ip_summed_byte: 128,
+        };
+        let patched = Object::with(path).unwrap();
+        let patched = patched.bytes();
+        assert_eq!(count(patched, CALL_INSN) + count(patched, LOAD_INSN), 0);
+        assert_eq!(
+            count(patched, 1234 << 32 | (CALL_INSN & 0xffff_ffff)),
+            sites
+        );
+        assert_eq!(count(patched, 128 << 16 | 0x71), sites);
+        let changed = EBPF_OBJECT
+            .iter()
+            .zip(patched)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            changed <= sites * 6,
+            "only the pairs' immediates and offsets change"
+        );
+        let helpers = Object::with(ChecksumPath::Helpers("test".into())).unwrap();
+        assert_eq!(count(helpers.bytes(), CALL_FALLBACK), sites);
+        assert_eq!(count(helpers.bytes(), LOAD_FALLBACK), sites);
     }
 }

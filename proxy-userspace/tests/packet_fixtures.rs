@@ -119,6 +119,21 @@ fn load_with(backends_tcp: &[[u8; 4]], lb: LbAlgorithm) -> Loaded {
 
 /// `load_with` and a conntrack table of `conntrack` entries.
 fn load_sized(backends_tcp: &[[u8; 4]], lb: LbAlgorithm, conntrack: u32) -> Loaded {
+    load_object(
+        backends_tcp,
+        lb,
+        conntrack,
+        loader::ebpf_object().expect("the eBPF object"),
+    )
+}
+
+/// `load_sized` of a given patch of the object (see `loader::Object`).
+fn load_object(
+    backends_tcp: &[[u8; 4]],
+    lb: LbAlgorithm,
+    conntrack: u32,
+    object: &loader::Object,
+) -> Loaded {
     static N: AtomicU32 = AtomicU32::new(0);
     let pin_dir = PathBuf::from(loader::BPFFS).join(format!(
         "vipx-test-{}-{}",
@@ -134,7 +149,7 @@ fn load_sized(backends_tcp: &[[u8; 4]], lb: LbAlgorithm, conntrack: u32) -> Load
         maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
         maglev_tables: 64,
     };
-    let mut ebpf = loader::load(&pin_dir, sizes).expect("load eBPF object");
+    let (mut ebpf, _) = loader::load_object(&pin_dir, sizes, object).expect("load eBPF object");
     loader::write_clock(&mut ebpf).expect("the programs' clock");
     let maps = loader::service_maps(&mut ebpf).unwrap();
     let mut writer = MapWriter::new(maps).unwrap();
@@ -330,12 +345,28 @@ const SYNACK: L4 = L4::Tcp {
     payload: b"",
 };
 
+/// Both ways the programs update L4 checksums: in the program, after reading how the skb
+/// carries the sum (the running kernel's object: these machines have what it needs, and a
+/// silent fallback would leave that path untested here), and through the kernel's helpers, as on
+/// a kernel where the program cannot read it. (Frames from a test run carry whole sums,
+/// CHECKSUM_NONE; the lab's node links, without TX checksum offload, check partial ones.)
 #[test]
 fn translation_fixtures() {
     if !privileged() {
         return;
     }
-    let mut l = load(&[BE1]);
+    let object = loader::ebpf_object().expect("the eBPF object");
+    assert!(
+        matches!(object.checksums, loader::ChecksumPath::InProgram { .. }),
+        "this kernel should let the programs read ip_summed: {:?}",
+        object.checksums
+    );
+    translations(load(&[BE1]));
+    let helpers = loader::Object::with(loader::ChecksumPath::Helpers("test".into())).unwrap();
+    translations(load_object(&[BE1], LbAlgorithm::Maglev, 4096, &helpers));
+}
+
+fn translations(mut l: Loaded) {
     let nop4 = [1u8, 1, 1, 1];
     struct Case {
         what: &'static str,

@@ -309,7 +309,7 @@ impl Floor {
                 .map_max_entries(map_names::REVNAT4, 64)
                 .map_max_entries(map_names::CT4, 64)
                 .map_max_entries(map_names::FRAG4, 64)
-                .load(vipx::loader::EBPF_OBJECT)
+                .load(vipx::loader::ebpf_object().expect("eBPF object").bytes())
             {
                 Ok(ebpf) => ebpf,
                 Err(e) => {
