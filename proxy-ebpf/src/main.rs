@@ -40,11 +40,12 @@ use proxy_common::{
     AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, CONFIG_CLOCK_BASE_HI,
     CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR,
     CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_NODE,
-    CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS,
-    FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE,
-    RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4,
-    SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, backend_bit,
-    ct_seen, defaults, seen_of_jiffies, skb_csum,
+    CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FLOW_SLOTS, FRAG_DIR_EGRESS,
+    FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4,
+    VipKey4, addr_bit, backend_bit, ct_key_words, ct_seen, defaults, flow_slot, seen_of_jiffies,
+    skb_csum,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -91,6 +92,27 @@ static MAGLEV4: Array<u32> = Array::pinned(
     1 + defaults::MAGLEV_TABLE_SIZE * defaults::MAGLEV_TABLES,
     BPF_F_MMAPABLE,
 );
+
+/// The flow cache (see `proxy_common::FLOW_SLOTS_LOG2`): per CPU, not pinned (each build of the
+/// programs fills its own).
+#[map(name = "VIPX_FLOWCACHE")]
+static FLOWCACHE: PerCpuArray<FlowCopy> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
+
+/// The flow cache's generations: pinned, so userspace and every build of the programs bump the
+/// same ones, and mmapable, so userspace bumps them without a syscall each.
+#[map(name = "VIPX_FLOWGEN")]
+static FLOWGEN: Array<u64> = Array::pinned(FLOW_SLOTS, BPF_F_MMAPABLE);
+
+/// A flow cache entry: a conntrack entry's key (as `ct_key_words`), a copy of its value, and
+/// the generation of its slot when the copy was made.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlowCopy {
+    w0: u64,
+    w1: u64,
+    generation: u64,
+    ct: CtValue,
+}
 
 // Not pinned: a datagram's fragments arrive within milliseconds, nothing to keep across restarts.
 #[map(name = "VIPX_FRAG4")]
@@ -160,7 +182,12 @@ fn ct_now() -> u32 {
 /// per packet (a written cache line is what other CPUs then miss on).
 #[inline(always)]
 fn ct_touch(entry: *mut CtValue, ct: &CtValue, add: u32) {
-    let now = ct_now();
+    ct_touch_at(entry, ct, add, ct_now());
+}
+
+/// [`ct_touch`] at `now`.
+#[inline(always)]
+fn ct_touch_at(entry: *mut CtValue, ct: &CtValue, add: u32, now: u32) {
     // SAFETY: value pointer from a successful lookup on this packet; `flags` is 4-byte aligned.
     unsafe {
         if ct.seen != now {
@@ -255,16 +282,30 @@ fn flood_allows(saddr: [u8; 4]) -> bool {
 fn ct_put(key: &CtKey4, value: &CtValue) -> Result<(), ()> {
     if CT4.insert(key, value, BPF_NOEXIST as u64).is_ok() {
         count(Stat::CtCreated);
+        flow_changed(key);
         return Ok(());
     }
     if let Some(old) = CT4.get_ptr_mut(key) {
         // SAFETY: value pointer from a successful lookup. A packet of the old flow reading it
         // half-way sees ids and generations that do not pair and treats the entry as stale.
         unsafe { *old = *value };
+        flow_changed(key);
         return Ok(());
     }
     // Gone between the two calls (evicted, removed): try once more as a plain insert.
-    CT4.insert(key, value, 0).map_err(|_| ())
+    let put = CT4.insert(key, value, 0).map_err(|_| ());
+    flow_changed(key);
+    put
+}
+
+/// Insert an entry for a tuple that has none; `false` if it has one (or the insert failed).
+#[inline(always)]
+fn ct_insert_new(key: &CtKey4, value: &CtValue) -> bool {
+    let ok = CT4.insert(key, value, BPF_NOEXIST as u64).is_ok();
+    if ok {
+        flow_changed(key);
+    }
+    ok
 }
 
 #[inline(always)]
@@ -272,8 +313,66 @@ fn ct_remove(key: &CtKey4) -> bool {
     let removed = CT4.remove(key).is_ok();
     if removed {
         count(Stat::CtRemoved);
+        flow_changed(key);
     }
     removed
+}
+
+/// The flow cache slot of a conntrack key's words, and its generation now: read before
+/// conntrack is, so that a change made after the read (and bumped after it) voids a copy.
+#[inline(always)]
+fn flow_generation(w: (u64, u64)) -> (u32, u64) {
+    let slot = flow_slot(w.0, w.1);
+    (slot, FLOWGEN.get(slot).map_or(0, |g| *g))
+}
+
+/// This CPU's copy of the conntrack entry of `w`, while it may stand for the entry (see
+/// `proxy_common::FLOW_SLOTS_LOG2`): same generation, made this tick, and the packet's state
+/// bits `add` already in it. The caller validates it as an entry.
+#[inline(always)]
+fn flow_cached(slot: u32, generation: u64, w: (u64, u64), now: u32, add: u32) -> Option<CtValue> {
+    let c = FLOWCACHE.get_ptr(slot)?;
+    // SAFETY: per-CPU value pointer from a successful lookup; this CPU alone writes it, and not
+    // while this program runs.
+    let c = unsafe { &*c };
+    if c.w0 == w.0
+        && c.w1 == w.1
+        && c.generation == generation
+        && c.ct.seen == now
+        && c.ct.flags & add == add
+    {
+        Some(c.ct)
+    } else {
+        None
+    }
+}
+
+/// Keep a copy of a conntrack entry this packet found valid and touched at `now` (so its `seen`
+/// is `now`, and its flags at least `ct.flags`).
+#[inline(always)]
+fn flow_remember(slot: u32, generation: u64, w: (u64, u64), ct: &CtValue) {
+    if let Some(c) = FLOWCACHE.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value pointer from a successful lookup (see `flow_cached`).
+        unsafe {
+            *c = FlowCopy {
+                w0: w.0,
+                w1: w.1,
+                generation,
+                ct: *ct,
+            }
+        };
+    }
+}
+
+/// After the conntrack entry of `key` was written or removed: no CPU uses a copy of it again.
+/// An atomic add, so that two changes at once both change the generation.
+#[inline(always)]
+fn flow_changed(key: &CtKey4) {
+    let (w0, w1) = ct_key_words(key);
+    if let Some(g) = FLOWGEN.get_ptr_mut(flow_slot(w0, w1)) {
+        // SAFETY: value pointer from a successful lookup of an 8-byte array element.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(g, 1) };
+    }
 }
 
 /// Not a fragment, the first fragment (has the L4 header), or a later one (ports from `FRAG4`).
@@ -1120,6 +1219,20 @@ pub fn vipx_pod_ingress(mut ctx: TcContext) -> i32 {
 #[inline(always)]
 fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
     let key = flow.ct_key();
+    let w = ct_key_words(&key);
+    let (slot, generation) = flow_generation(w);
+    let now = ct_now();
+    let state = flow.ct_state();
+    // This CPU's copy of the entry, validated as the entry would be below (a copy that fails
+    // is looked up afresh, which counts why).
+    if let Some(ct) = flow_cached(slot, generation, w, now, state)
+        && ct.flags & (CT_F_FORWARD | CT_F_NODE) == CT_F_FORWARD
+        && forward_revnat(&ct, flow.daddr, flow.dport).is_some()
+        && let Some(b) = backend(ct.backend_id)
+        && b.generation == ct.backend_gen
+    {
+        return Some(forward(ctx, flow, &ct, &b));
+    }
     let entry = CT4.get_ptr_mut(key)?;
     // SAFETY: value pointer from a successful lookup; copied out at once.
     let ct = unsafe { *entry };
@@ -1145,7 +1258,19 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
             return None;
         }
     };
-    ct_touch(entry, &ct, flow.ct_state());
+    ct_touch_at(entry, &ct, state, now);
+    let touched = CtValue {
+        flags: ct.flags | state,
+        seen: now,
+        ..ct
+    };
+    flow_remember(slot, generation, w, &touched);
+    Some(forward(ctx, flow, &ct, &b))
+}
+
+/// An established packet's translation, its entry (or this CPU's copy of it) validated.
+#[inline(always)]
+fn forward(ctx: &mut TcContext, flow: &Flow, ct: &CtValue, b: &Backend4) -> i32 {
     count(if flow.frag == FRAG_LATER {
         Stat::FragTranslated
     } else {
@@ -1154,9 +1279,9 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
     if ct.flags & CT_F_HAIRPIN != 0
         && let Some(hp) = hairpin_addr()
     {
-        return Some(hairpin_forward(ctx, flow, &b, hp));
+        return hairpin_forward(ctx, flow, b, hp);
     }
-    Some(dnat(ctx, flow, &b))
+    dnat(ctx, flow, b)
 }
 
 /// The hairpin SNAT address, when userspace configured one.
@@ -1517,6 +1642,22 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
                 return NEXT;
             }
             let key = flow.ct_key();
+            let w = ct_key_words(&key);
+            let (slot, generation) = flow_generation(w);
+            let now = ct_now();
+            let add = CT_F_REPLIED | flow.ct_state();
+            let stat = if flow.frag == FRAG_LATER {
+                Stat::FragTranslated
+            } else {
+                Stat::CtReply
+            };
+            // This CPU's copy of the reply entry, validated as the entry is below.
+            if let Some(ct) = flow_cached(slot, generation, w, now, add)
+                && let Some(rev) = reply_revnat(&ct)
+            {
+                count(stat);
+                return snat_reply(&mut ctx, &flow, &rev);
+            }
             let Some(entry) = CT4.get_ptr_mut(key) else {
                 return NEXT;
             };
@@ -1531,13 +1672,14 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
                 ct_remove_stale(&key, entry, &ct);
                 return NEXT;
             };
-            let state = flow.ct_state();
-            ct_touch(entry, &ct, CT_F_REPLIED | state);
-            count(if flow.frag == FRAG_LATER {
-                Stat::FragTranslated
-            } else {
-                Stat::CtReply
-            });
+            ct_touch_at(entry, &ct, add, now);
+            let touched = CtValue {
+                flags: ct.flags | add,
+                seen: now,
+                ..ct
+            };
+            flow_remember(slot, generation, w, &touched);
+            count(stat);
             snat_reply(&mut ctx, &flow, &rev)
         }
         Parse::Icmp(err) => icmp_reply(&mut ctx, &err),

@@ -20,7 +20,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, TC_ACT_SHOT, TC_ACT_UNSPEC,
         bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
@@ -43,8 +43,9 @@ use vipx_ebpf::{
 };
 
 use crate::{
-    CT4, REVNAT4, SVC4, affine, backend, count, ct_now, ct_put, ct_touch, flood_allows,
-    forward_revnat, ip_summed, maglev_pick, remember_affinity, reply_revnat, slot_backend,
+    CT4, REVNAT4, SVC4, affine, backend, count, ct_insert_new, ct_now, ct_put, ct_touch,
+    flood_allows, forward_revnat, ip_summed, maglev_pick, remember_affinity, reply_revnat,
+    slot_backend,
 };
 
 /// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
@@ -503,8 +504,7 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
         flags: CT_F_REPLY | CT_F_SNAT | CT_F_REPLIED,
         ..ct
     };
-    if CT4.get_ptr(reply_key).is_none() && CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_err()
-    {
+    if CT4.get_ptr(reply_key).is_none() && !ct_insert_new(&reply_key, &reply) {
         return None;
     }
     ct_touch(entry, &ct, p.ct_state());
@@ -672,8 +672,7 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
         // unless another flow holds the port by now.
         if held.addr == src
             && snat_client(&reply_key) == Some(client)
-            && (CT4.get_ptr(reply_key).is_some()
-                || CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok())
+            && (CT4.get_ptr(reply_key).is_some() || ct_insert_new(&reply_key, &reply))
         {
             port = u16::from_be_bytes(held.port);
         }
@@ -686,7 +685,7 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
             let candidate =
                 SNAT_PORT_MIN + (hash.wrapping_add(i.wrapping_mul(2_654_435_761)) % span) as u16;
             reply_key.dport = candidate.to_be_bytes();
-            if CT4.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
+            if ct_insert_new(&reply_key, &reply) {
                 count(Stat::CtCreated);
                 port = candidate;
                 break;

@@ -198,6 +198,9 @@ pub struct Tables {
     /// The translations of external flows sent to other nodes (`None`: pins of a build without
     /// it). Their conntrack entries pair through it.
     pub snat: Option<HashMap<MapData, CtKey4, SnatValue4>>,
+    /// The flow cache's generations (`None`: pins of a build without the cache): each deleted
+    /// entry's slot is bumped after the delete, so no CPU uses a copy of it again.
+    pub flowgen: Option<crate::maps::MmapArray>,
 }
 
 /// Entries per batch syscall. Large enough for any hash bucket (the kernel refuses a batch
@@ -463,7 +466,14 @@ fn delete_flows(
         delete(snat, snat_keys)?;
     }
     snat_keys.clear();
-    st.deleted += delete(&tables.ct, keys)?;
+    let deleted = delete(&tables.ct, keys);
+    if let Some(gens) = &tables.flowgen {
+        for k in keys.iter() {
+            let (w0, w1) = proxy_common::ct_key_words(k);
+            gens.bump(proxy_common::flow_slot(w0, w1) as usize);
+        }
+    }
+    st.deleted += deleted?;
     keys.clear();
     Ok(())
 }

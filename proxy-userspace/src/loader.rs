@@ -586,6 +586,13 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             "(a fixed size)",
         ),
         (
+            map_names::FLOWGEN,
+            4,
+            8,
+            proxy_common::FLOW_SLOTS,
+            "(a fixed size)",
+        ),
+        (
             map_names::SOCKREV4,
             size(size_of::<proxy_common::SockRevKey4>()),
             size(size_of::<proxy_common::SockRevValue4>()),
@@ -1238,6 +1245,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::PORTS,
             map_names::VIPBITS,
             map_names::BACKBITS,
+            map_names::FLOWGEN,
         ] {
             remove_known(&pin_dir.join(name))?;
         }
@@ -1358,6 +1366,9 @@ pub fn conntrack_tables(pin_dir: &Path) -> Result<crate::conntrack::Tables> {
         revnat: from_pin(pin_dir, map_names::REVNAT4)?,
         hairpin: None,
         snat: from_pin(pin_dir, map_names::SNAT4).ok(),
+        flowgen: from_pin::<Array<MapData, u64>>(pin_dir, map_names::FLOWGEN)
+            .ok()
+            .and_then(|a| crate::maps::MmapArray::map(&a)),
     })
 }
 

@@ -472,7 +472,7 @@ pub struct ServiceMaps {
     /// Entry 0: the table size; then the tables (see `proxy_common`'s `MAGLEV4`).
     pub maglev: Array<MapData, u32>,
     /// The same map mapped into memory (`None`: a map without `BPF_F_MMAPABLE`).
-    pub maglev_mem: Option<MaglevMem>,
+    pub maglev_mem: Option<MmapArray>,
     /// Backends of frontends with session affinity (`None`: pins of a build without it, opened
     /// read-only by `vipx services`).
     pub affmatch: Option<HashMap<MapData, AffinityMatchKey4, u32>>,
@@ -504,24 +504,27 @@ impl BitMap {
     }
 }
 
-/// `VIPX_MAGLEV4` mapped read-write: tables are written and read with plain memory accesses.
-/// A table is unreachable until the slot 0 update (a syscall, so also a barrier) names it.
-/// An array map lays its elements out 8-byte aligned (`round_up(value_size, 8)`, kernel
-/// `array_map_alloc`), so each u32 entry is the low half (little-endian) of a u64 slot.
-pub struct MaglevMem {
+/// An array map created with `BPF_F_MMAPABLE`, mapped read-write: `VIPX_MAGLEV4`, whose tables
+/// are written and read with plain memory accesses (a table is unreachable until the slot 0
+/// update, a syscall, so also a barrier, names it), and `VIPX_FLOWGEN`, whose generations
+/// userspace bumps. An array map lays its elements out 8-byte aligned (`round_up(value_size,
+/// 8)`, kernel `array_map_alloc`), so each u32 entry is the low half (little-endian) of a u64
+/// slot, and each u64 entry a slot.
+pub struct MmapArray {
     ptr: std::ptr::NonNull<u64>,
     entries: usize,
 }
 
 // SAFETY: the mapping belongs to this value alone (unmapped on drop) and is reached only through
 // `&mut self` writes and `&self` reads; the kernel's readers never need our synchronisation.
-unsafe impl Send for MaglevMem {}
+unsafe impl Send for MmapArray {}
 // SAFETY: see `Send`; shared access only reads.
-unsafe impl Sync for MaglevMem {}
+unsafe impl Sync for MmapArray {}
 
-impl MaglevMem {
-    /// Map `map` (an array of u32 created with `BPF_F_MMAPABLE`); `None` when it cannot be.
-    pub fn map(map: &Array<MapData, u32>) -> Option<Self> {
+impl MmapArray {
+    /// Map `map` (an array of u32 or u64 created with `BPF_F_MMAPABLE`); `None` when it cannot
+    /// be.
+    pub fn map<V: aya::Pod>(map: &Array<MapData, V>) -> Option<Self> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
 
         use aya::maps::IterableMap as _;
@@ -530,7 +533,7 @@ impl MaglevMem {
         if info.map_flags() & BPF_F_MMAPABLE == 0 {
             return None;
         }
-        if info.value_size() != 4 || cfg!(target_endian = "big") {
+        if !matches!(info.value_size(), 4 | 8) || cfg!(target_endian = "big") {
             return None;
         }
         let entries = map.len() as usize;
@@ -559,6 +562,16 @@ impl MaglevMem {
         })
     }
 
+    /// Add one to slot `i` atomically, as the programs do (`VIPX_FLOWGEN`).
+    pub fn bump(&self, i: usize) {
+        if i < self.entries {
+            // SAFETY: slot `i` of the live mapping, 8-byte aligned (page-aligned mapping);
+            // every writer, kernel or user, changes it with atomic adds.
+            let slot = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(i)) };
+            slot.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     fn slice(&self) -> &[u64] {
         // SAFETY: the mapping is `entries` 8-byte slots, alive while `self` is.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.entries) }
@@ -570,7 +583,7 @@ impl MaglevMem {
     }
 }
 
-impl Drop for MaglevMem {
+impl Drop for MmapArray {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `map` mapped.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.entries * 8) };
@@ -1017,7 +1030,7 @@ impl ServiceMaps {
 
     /// With the Maglev map mapped into memory when it can be.
     pub fn with_maglev_mem(mut self) -> Self {
-        self.maglev_mem = MaglevMem::map(&self.maglev);
+        self.maglev_mem = MmapArray::map(&self.maglev);
         self
     }
 

@@ -3247,3 +3247,140 @@ fn mark_local(l: &Loaded, addr: [u8; 4]) {
         }
     }
 }
+
+/// Run `f` on CPU `cpu` alone (a test run executes on the calling CPU): the flow cache is per
+/// CPU. The thread's CPU set is restored after.
+fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain affinity syscalls on the calling thread (pid 0) with a zeroed, then filled,
+    // cpu_set_t.
+    unsafe {
+        let mut was: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut was),
+            0
+        );
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one),
+            0,
+            "CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+        let r = f();
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &was);
+        r
+    }
+}
+
+/// `f` within one conntrack tick (a flow cache copy lives for one): tried again when a tick
+/// boundary fell inside it, a few times. Returns what the try within one tick returned.
+fn within_a_tick<T>(mut f: impl FnMut(u32) -> T) -> T {
+    for attempt in 0..5u32 {
+        let before = ct_now();
+        let r = f(attempt);
+        if ct_now() == before {
+            return r;
+        }
+    }
+    panic!("five tries each crossed a conntrack tick");
+}
+
+/// The flow cache (per CPU, in front of conntrack) never outlives a change of the entry it
+/// copies, by userspace or by a program on another CPU. Each case first shows the copy serving
+/// (a flow whose entry went behind the cache's back is still translated in the same tick), so
+/// that the case's "not translated" is the generation's doing.
+#[test]
+fn a_flow_cache_copy_dies_with_its_conntrack_entry() {
+    use vipx::conntrack::{self, Timeouts};
+    if !privileged() {
+        return;
+    }
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    let mut l = load(&[BE1]);
+    let ct = |l: &mut Loaded| loader::conntrack_map(&mut l.ebpf).unwrap();
+
+    // Behind the cache's back (a raw delete, no generation bump): the copy still serves.
+    within_a_tick(|attempt| {
+        let sport = 46100 + attempt as u16 * 2;
+        on_cpu(0, || {
+            let q = frame(CLIENT, sport, VIP, 53, &UDP, &[]);
+            run(&mut l, &q);
+            run(&mut l, &q);
+            ct(&mut l)
+                .remove(&ct_key(CLIENT, sport, VIP, 53, IPPROTO_UDP))
+                .unwrap();
+            let (v, out) = run(&mut l, &q);
+            assert_eq!((v, inspect(&out).dst), (NEXT, BE1), "the copy serves");
+        })
+    });
+
+    // A program's removal on another CPU: a direct SYN from the client's port of a VIP flow
+    // clears that flow's reply entry. The backend's next packet on the first CPU is no reply.
+    within_a_tick(|attempt| {
+        let sport = 40200 + attempt as u16;
+        let synack = frame(BE1, 5000, CLIENT, sport, &SYNACK, &[]);
+        on_cpu(0, || {
+            run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+            run_on(&mut l, EGRESS, &synack);
+            let (_, out) = run_on(&mut l, EGRESS, &synack);
+            assert_eq!(inspect(&out).src, VIP, "a reply, from the copy");
+        });
+        on_cpu(1, || {
+            run(&mut l, &frame(CLIENT, sport, BE1, 5000, &SYN, &[]))
+        });
+        on_cpu(0, || {
+            let (v, out) = run_on(&mut l, EGRESS, &synack);
+            assert_eq!((v, &out), (NEXT, &synack), "no reply once its entry went");
+        })
+    });
+
+    // Userspace's removal: a UDP backend leaves its frontend but backs another one, so its
+    // flows through the first are purged while the frontend, the backend and their generations
+    // stay (a copy would still validate). Once: the frontend changed after it (a tick crossed
+    // here only makes the case weaker).
+    let q = frame(CLIENT, 46300, VIP, 53, &UDP, &[]);
+    on_cpu(0, || {
+        run(&mut l, &q);
+        let (_, out) = run(&mut l, &q);
+        assert_eq!(inspect(&out).dst, BE1);
+    });
+    let mut t = Target::default();
+    let (web, dns1, dns2) = (
+        addr(BE1, 5000, IPPROTO_TCP),
+        addr(BE1, 5353, IPPROTO_UDP),
+        addr(BE2, 5353, IPPROTO_UDP),
+    );
+    for b in [web, dns1, dns2] {
+        t.backends.insert(b, BACKEND_F_ACTIVE);
+    }
+    t.frontends.insert(
+        addr(VIP, 80, IPPROTO_TCP),
+        frontend("web", Protocol::Tcp, vec![web]),
+    );
+    t.frontends.insert(
+        addr(VIP, 53, IPPROTO_UDP),
+        frontend("dns", Protocol::Udp, vec![dns2]),
+    );
+    t.frontends.insert(
+        addr(VIP_EMPTY, 53, IPPROTO_UDP),
+        frontend("dns-other", Protocol::Udp, vec![dns1]),
+    );
+    l.writer.apply(&t).unwrap();
+    let purges = l.writer.take_udp_purges().into_iter().collect();
+    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+    assert!(tables.flowgen.is_some(), "the generations are mapped");
+    let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
+    assert!(st.purged >= 2, "{st:?}");
+    on_cpu(0, || {
+        let (v, out) = run(&mut l, &q);
+        assert_eq!(
+            (v, inspect(&out).dst),
+            (NEXT, BE2),
+            "a purged flow selects afresh"
+        );
+    });
+}
