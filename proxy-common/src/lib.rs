@@ -74,8 +74,10 @@ pub mod map_names {
     pub const VIPBITS: &str = "VIPX_VIPBITS";
     /// The backend filter (pinned, bits only ever set; see `backend_bit`).
     pub const BACKBITS: &str = "VIPX_BACKBITS";
-    /// The flow cache's generations, one per slot (pinned, mmapable; see `flow_slot`).
-    pub const FLOWGEN: &str = "VIPX_FLOWGEN";
+    /// The flow cache's generations, one per slot (pinned, mmapable; see `flow_slot`). The
+    /// slot function and the slot count are part of the pinned layout: a build that changes
+    /// either must change the name, or old and new programs would bump different slots.
+    pub const FLOWGEN: &str = "VIPX_FLOWGEN_V1";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -194,9 +196,12 @@ pub const fn backend_bit(addr: [u8; 4], port: [u8; 2]) -> (u32, u64) {
 /// translations in front of conntrack (its hash lookup, two calls and returns in the kernel, is
 /// ~30 ns of an established packet here), as Open vSwitch's exact-match cache in front of its
 /// classifier. An entry is a copy of a conntrack entry and is used only while
-/// - its slot's generation in `VIPX_FLOWGEN` is the one read before the copy was made: every
-///   write or removal of a conntrack entry, by the programs or by userspace, bumps the
-///   generation of the tuple's slot after it (so a copy never outlives its entry's change);
+/// - its slot's generation in `VIPX_FLOWGEN_V1` is the one read before the copy was made: every
+///   write or removal of a conntrack entry by the programs (a removal also when the entry was
+///   gone: the LRU evicts without a bump) and every removal by userspace's collection bumps the
+///   generation of the tuple's slot after it, so a copy does not outlive its entry's change.
+///   (Userspace's other writes only add entries for tuples that have none, which no copy can
+///   stand for; an LRU eviction leaves its copies for at most the rest of their tick.);
 /// - it was made or used in this conntrack tick (`CtValue::seen` units): so the entry it copies
 ///   was touched this tick and its `seen` needs no write;
 /// - the packet adds no conntrack state bit the copy lacks (a FIN, an RST);

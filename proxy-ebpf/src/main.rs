@@ -100,7 +100,7 @@ static FLOWCACHE: PerCpuArray<FlowCopy> = PerCpuArray::with_max_entries(FLOW_SLO
 
 /// The flow cache's generations: pinned, so userspace and every build of the programs bump the
 /// same ones, and mmapable, so userspace bumps them without a syscall each.
-#[map(name = "VIPX_FLOWGEN")]
+#[map(name = "VIPX_FLOWGEN_V1")]
 static FLOWGEN: Array<u64> = Array::pinned(FLOW_SLOTS, BPF_F_MMAPABLE);
 
 /// A flow cache entry: a conntrack entry's key (as `ct_key_words`), a copy of its value, and
@@ -308,13 +308,15 @@ fn ct_insert_new(key: &CtKey4, value: &CtValue) -> bool {
     ok
 }
 
+/// Remove a tuple's entry. The flow cache generation is bumped even when there was none: the
+/// LRU may have evicted the entry (which bumps nothing) while a CPU still holds a copy of it.
 #[inline(always)]
 fn ct_remove(key: &CtKey4) -> bool {
     let removed = CT4.remove(key).is_ok();
     if removed {
         count(Stat::CtRemoved);
-        flow_changed(key);
     }
+    flow_changed(key);
     removed
 }
 
@@ -365,7 +367,11 @@ fn flow_remember(slot: u32, generation: u64, w: (u64, u64), ct: &CtValue) {
 }
 
 /// After the conntrack entry of `key` was written or removed: no CPU uses a copy of it again.
-/// An atomic add, so that two changes at once both change the generation.
+/// An atomic add, so that two changes at once both change the generation. Ordered after the
+/// change and before the readers' lookups on x86 (a locked add; loads are not reordered with
+/// loads). Not on arm64: the fetching (fully ordered) form needs BPF ISA v3, which this build
+/// does not target (`--cpu generic`), and the readers would need a load-acquire (6.15+); see
+/// the README.
 #[inline(always)]
 fn flow_changed(key: &CtKey4) {
     let (w0, w1) = ct_key_words(key);

@@ -50,10 +50,26 @@ pub struct Object {
 }
 
 impl Object {
-    /// Patched for the running kernel.
+    /// Patched for the running kernel: the in-program path where its BTF has what the pair
+    /// needs and its verifier accepts the pair (a kernel without a JIT, or a process without
+    /// CAP_PERFMON, refuses it), else the helpers.
     pub fn for_kernel() -> Result<Self> {
         let path = match crate::kernel_btf::Btf::from_vmlinux() {
-            Ok(btf) => checksum_path(&btf),
+            Ok(btf) => match checksum_path(&btf) {
+                ChecksumPath::InProgram {
+                    cast_kfunc,
+                    ip_summed_byte,
+                } => match probe_skb_csum(cast_kfunc, ip_summed_byte) {
+                    Ok(()) => ChecksumPath::InProgram {
+                        cast_kfunc,
+                        ip_summed_byte,
+                    },
+                    Err(why) => ChecksumPath::Helpers(format!(
+                        "the kernel refuses the program's read of ip_summed: {why}"
+                    )),
+                },
+                helpers => helpers,
+            },
             Err(e) => ChecksumPath::Helpers(format!("{e:#}")),
         };
         Self::with(path)
@@ -99,6 +115,68 @@ pub fn ebpf_object() -> Result<&'static Object> {
         Ok(object)
     });
     object.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Load, and unload at once, a TC program of the placeholder pair as patched: the verifier's
+/// verdict on it is the verdict on the programs' reads of `ip_summed`.
+fn probe_skb_csum(cast_kfunc: u32, ip_summed_byte: u16) -> Result<(), String> {
+    use proxy_common::skb_csum::{CALL_INSN, LOAD_INSN};
+    /// The head of `union bpf_attr` for `BPF_PROG_LOAD`; the rest zero.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        rest: [u8; 64],
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    let insns: [u64; 4] = [
+        (u64::from(cast_kfunc) << 32) | (CALL_INSN & 0xffff_ffff),
+        (u64::from(ip_summed_byte) << 16) | (LOAD_INSN & 0xffff),
+        // r0 = 0; exit
+        0x00b7,
+        0x0095,
+    ];
+    let license = c"GPL";
+    let mut log = vec![0u8; 8192];
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"vipx_csum_probe\0",
+        rest: [0; 64],
+    };
+    match crate::conntrack::bpf_call(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: the descriptor the kernel just returned, owned here alone.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            Ok(())
+        }
+        Err(e) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let log = String::from_utf8_lossy(&log[..end]);
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            Err(format!("{e} ({last})"))
+        }
+    }
 }
 
 /// Where the kernel keeps `ip_summed`, if it has what the programs need to read it: the kfunc
@@ -1366,10 +1444,31 @@ pub fn conntrack_tables(pin_dir: &Path) -> Result<crate::conntrack::Tables> {
         revnat: from_pin(pin_dir, map_names::REVNAT4)?,
         hairpin: None,
         snat: from_pin(pin_dir, map_names::SNAT4).ok(),
-        flowgen: from_pin::<Array<MapData, u64>>(pin_dir, map_names::FLOWGEN)
-            .ok()
-            .and_then(|a| crate::maps::MmapArray::map(&a)),
+        flowgen: flow_generations(pin_dir),
     })
+}
+
+/// The flow cache's generations, mapped for userspace's bumps; `None` with a warning when the
+/// pin is there but cannot be mapped (collection would then delete entries that copies may still
+/// stand for, for the rest of their tick), silently for pins of a build without the cache.
+fn flow_generations(pin_dir: &Path) -> Option<crate::maps::MmapArray> {
+    let path = pin_dir.join(map_names::FLOWGEN);
+    if !path.exists() {
+        return None;
+    }
+    let mapped = from_pin::<Array<MapData, u64>>(pin_dir, map_names::FLOWGEN)
+        .and_then(|a| crate::maps::MmapArray::map(&a).context("not mmapable"));
+    match mapped {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(
+                "the flow cache's generations ({}) cannot be mapped ({e:#}): conntrack entries \
+                 collected may be served from per-CPU copies for up to a second",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
 /// Open the conntrack map pinned by a running (or stopped) vipx.

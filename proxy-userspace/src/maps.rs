@@ -506,7 +506,7 @@ impl BitMap {
 
 /// An array map created with `BPF_F_MMAPABLE`, mapped read-write: `VIPX_MAGLEV4`, whose tables
 /// are written and read with plain memory accesses (a table is unreachable until the slot 0
-/// update, a syscall, so also a barrier, names it), and `VIPX_FLOWGEN`, whose generations
+/// update, a syscall, so also a barrier, names it), and `VIPX_FLOWGEN_V1`, whose generations
 /// userspace bumps. An array map lays its elements out 8-byte aligned (`round_up(value_size,
 /// 8)`, kernel `array_map_alloc`), so each u32 entry is the low half (little-endian) of a u64
 /// slot, and each u64 entry a slot.
@@ -562,7 +562,7 @@ impl MmapArray {
         })
     }
 
-    /// Add one to slot `i` atomically, as the programs do (`VIPX_FLOWGEN`).
+    /// Add one to slot `i` atomically, as the programs do (`VIPX_FLOWGEN_V1`).
     pub fn bump(&self, i: usize) {
         if i < self.entries {
             // SAFETY: slot `i` of the live mapping, 8-byte aligned (page-aligned mapping);

@@ -3286,10 +3286,43 @@ fn within_a_tick<T>(mut f: impl FnMut(u32) -> T) -> T {
     panic!("five tries each crossed a conntrack tick");
 }
 
+/// The fixture's target with `VIP_EMPTY:80` served by the same backend as `VIP:80`, and the
+/// DNS frontend's backend `dns` (BE1 or BE2), `VIP_EMPTY:53` served by the other.
+fn twin_target(dns: [u8; 4]) -> Target {
+    let mut t = Target::default();
+    let web = addr(BE1, 5000, IPPROTO_TCP);
+    let (dns1, dns2) = (addr(BE1, 5353, IPPROTO_UDP), addr(BE2, 5353, IPPROTO_UDP));
+    for b in [web, dns1, dns2] {
+        t.backends.insert(b, BACKEND_F_ACTIVE);
+    }
+    let (here, other) = if dns == BE1 {
+        (dns1, dns2)
+    } else {
+        (dns2, dns1)
+    };
+    for (vip, port, name, proto, slot) in [
+        (VIP, 80, "web", Protocol::Tcp, web),
+        (VIP_EMPTY, 80, "web-twin", Protocol::Tcp, web),
+        (VIP, 53, "dns", Protocol::Udp, here),
+        (VIP_EMPTY, 53, "dns-other", Protocol::Udp, other),
+    ] {
+        let p = if proto == Protocol::Tcp {
+            IPPROTO_TCP
+        } else {
+            IPPROTO_UDP
+        };
+        t.frontends
+            .insert(addr(vip, port, p), frontend(name, proto, vec![slot]));
+    }
+    t
+}
+
 /// The flow cache (per CPU, in front of conntrack) never outlives a change of the entry it
-/// copies, by userspace or by a program on another CPU. Each case first shows the copy serving
-/// (a flow whose entry went behind the cache's back is still translated in the same tick), so
-/// that the case's "not translated" is the generation's doing.
+/// copies, by a program on another CPU or by userspace, and steps aside for a packet that adds
+/// state or comes in a later tick. The first case shows a copy serving (a flow whose entry went
+/// behind the cache's back is still translated in the same tick, and no entry is made), so that
+/// the others' outcomes are the generation's doing. Each case runs within one conntrack tick,
+/// tried again when a tick boundary fell inside it.
 #[test]
 fn a_flow_cache_copy_dies_with_its_conntrack_entry() {
     use vipx::conntrack::{self, Timeouts};
@@ -3301,86 +3334,152 @@ fn a_flow_cache_copy_dies_with_its_conntrack_entry() {
         payload: b"q",
     };
     let mut l = load(&[BE1]);
-    let ct = |l: &mut Loaded| loader::conntrack_map(&mut l.ebpf).unwrap();
+    l.writer.apply(&twin_target(BE1)).unwrap();
+    let mut ct = loader::conntrack_map(&mut l.ebpf).unwrap();
 
-    // Behind the cache's back (a raw delete, no generation bump): the copy still serves.
+    // Behind the cache's back (a raw delete, no generation bump): the copy serves.
     within_a_tick(|attempt| {
-        let sport = 46100 + attempt as u16 * 2;
+        let sport = 46100 + attempt as u16;
+        let key = ct_key(CLIENT, sport, VIP, 53, IPPROTO_UDP);
         on_cpu(0, || {
             let q = frame(CLIENT, sport, VIP, 53, &UDP, &[]);
             run(&mut l, &q);
             run(&mut l, &q);
-            ct(&mut l)
-                .remove(&ct_key(CLIENT, sport, VIP, 53, IPPROTO_UDP))
-                .unwrap();
+            ct.remove(&key).unwrap();
+            let created = stat(&l, Stat::CtCreated);
             let (v, out) = run(&mut l, &q);
-            assert_eq!((v, inspect(&out).dst), (NEXT, BE1), "the copy serves");
+            assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+            assert!(
+                ct.get(&key, 0).is_err() && stat(&l, Stat::CtCreated) == created,
+                "served by the copy, not by a new flow"
+            );
         })
     });
+
+    // A program's write on another CPU, over the entry (the same client port through another
+    // frontend of the same backend rewrites the reply entry in place) or after it was gone.
+    for gone_first in [false, true] {
+        within_a_tick(|attempt| {
+            let sport = 40300 + attempt as u16 * 2 + u16::from(gone_first);
+            let synack = frame(BE1, 5000, CLIENT, sport, &SYNACK, &[]);
+            on_cpu(0, || {
+                run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+                run_on(&mut l, EGRESS, &synack);
+                let (_, out) = run_on(&mut l, EGRESS, &synack);
+                assert_eq!(inspect(&out).src, VIP);
+            });
+            if gone_first {
+                ct.remove(&ct_key(BE1, 5000, CLIENT, sport, IPPROTO_TCP))
+                    .unwrap();
+            }
+            on_cpu(1, || {
+                run(&mut l, &frame(CLIENT, sport, VIP_EMPTY, 80, &SYN, &[]))
+            });
+            on_cpu(0, || {
+                let (_, out) = run_on(&mut l, EGRESS, &synack);
+                assert_eq!(
+                    inspect(&out).src,
+                    VIP_EMPTY,
+                    "the reply entry rewritten on another CPU (gone first: {gone_first})"
+                );
+            })
+        });
+    }
 
     // A program's removal on another CPU: a direct SYN from the client's port of a VIP flow
     // clears that flow's reply entry. The backend's next packet on the first CPU is no reply.
+    // Also when the entry was evicted first (a raw delete here: the LRU bumps nothing).
+    for evicted_first in [false, true] {
+        within_a_tick(|attempt| {
+            let sport = 40200 + attempt as u16 * 2 + u16::from(evicted_first);
+            let synack = frame(BE1, 5000, CLIENT, sport, &SYNACK, &[]);
+            on_cpu(0, || {
+                run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+                run_on(&mut l, EGRESS, &synack);
+                run_on(&mut l, EGRESS, &synack);
+            });
+            if evicted_first {
+                ct.remove(&ct_key(BE1, 5000, CLIENT, sport, IPPROTO_TCP))
+                    .unwrap();
+            }
+            on_cpu(1, || {
+                run(&mut l, &frame(CLIENT, sport, BE1, 5000, &SYN, &[]))
+            });
+            on_cpu(0, || {
+                let (v, out) = run_on(&mut l, EGRESS, &synack);
+                assert_eq!(
+                    (v, &out),
+                    (NEXT, &synack),
+                    "no reply once its entry went (evicted first: {evicted_first})"
+                );
+            })
+        });
+    }
+
+    // A FIN adds state the copy lacks: conntrack records it.
     within_a_tick(|attempt| {
-        let sport = 40200 + attempt as u16;
-        let synack = frame(BE1, 5000, CLIENT, sport, &SYNACK, &[]);
+        let sport = 40400 + attempt as u16;
         on_cpu(0, || {
             run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
-            run_on(&mut l, EGRESS, &synack);
-            let (_, out) = run_on(&mut l, EGRESS, &synack);
-            assert_eq!(inspect(&out).src, VIP, "a reply, from the copy");
+            run(&mut l, &frame(CLIENT, sport, VIP, 80, &DATA, &[]));
+            run(&mut l, &frame(CLIENT, sport, VIP, 80, &DATA, &[]));
+            run(&mut l, &tcp_closing(CLIENT, sport, VIP, 80, true, false));
         });
-        on_cpu(1, || {
-            run(&mut l, &frame(CLIENT, sport, BE1, 5000, &SYN, &[]))
-        });
-        on_cpu(0, || {
-            let (v, out) = run_on(&mut l, EGRESS, &synack);
-            assert_eq!((v, &out), (NEXT, &synack), "no reply once its entry went");
-        })
+        let fwd = ct
+            .get(&ct_key(CLIENT, sport, VIP, 80, IPPROTO_TCP), 0)
+            .unwrap();
+        assert_eq!(fwd.flags & CT_F_FIN, CT_F_FIN, "the FIN reached conntrack");
     });
+
+    // A copy from an earlier tick is not used: the entry is touched in the new one.
+    let sport = 40500;
+    let data = frame(CLIENT, sport, VIP, 80, &DATA, &[]);
+    let key = ct_key(CLIENT, sport, VIP, 80, IPPROTO_TCP);
+    on_cpu(0, || {
+        run(&mut l, &frame(CLIENT, sport, VIP, 80, &SYN, &[]));
+        run(&mut l, &data);
+    });
+    let then = ct.get(&key, 0).unwrap().seen;
+    // Userspace's clock and the programs' agree to a tick: two ticks on, the programs' is on too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while ct_now() <= then + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no conntrack tick in 5 s"
+        );
+        std::thread::yield_now();
+    }
+    on_cpu(0, || run(&mut l, &data));
+    assert!(
+        ct.get(&key, 0).unwrap().seen > then,
+        "touched in the new tick"
+    );
 
     // Userspace's removal: a UDP backend leaves its frontend but backs another one, so its
     // flows through the first are purged while the frontend, the backend and their generations
-    // stay (a copy would still validate). Once: the frontend changed after it (a tick crossed
-    // here only makes the case weaker).
-    let q = frame(CLIENT, 46300, VIP, 53, &UDP, &[]);
-    on_cpu(0, || {
-        run(&mut l, &q);
-        let (_, out) = run(&mut l, &q);
-        assert_eq!(inspect(&out).dst, BE1);
-    });
-    let mut t = Target::default();
-    let (web, dns1, dns2) = (
-        addr(BE1, 5000, IPPROTO_TCP),
-        addr(BE1, 5353, IPPROTO_UDP),
-        addr(BE2, 5353, IPPROTO_UDP),
-    );
-    for b in [web, dns1, dns2] {
-        t.backends.insert(b, BACKEND_F_ACTIVE);
-    }
-    t.frontends.insert(
-        addr(VIP, 80, IPPROTO_TCP),
-        frontend("web", Protocol::Tcp, vec![web]),
-    );
-    t.frontends.insert(
-        addr(VIP, 53, IPPROTO_UDP),
-        frontend("dns", Protocol::Udp, vec![dns2]),
-    );
-    t.frontends.insert(
-        addr(VIP_EMPTY, 53, IPPROTO_UDP),
-        frontend("dns-other", Protocol::Udp, vec![dns1]),
-    );
-    l.writer.apply(&t).unwrap();
-    let purges = l.writer.take_udp_purges().into_iter().collect();
-    let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
-    assert!(tables.flowgen.is_some(), "the generations are mapped");
-    let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
-    assert!(st.purged >= 2, "{st:?}");
-    on_cpu(0, || {
-        let (v, out) = run(&mut l, &q);
-        assert_eq!(
-            (v, inspect(&out).dst),
-            (NEXT, BE2),
-            "a purged flow selects afresh"
-        );
+    // stay (a copy would still validate). A fresh load per try (the frontend changes).
+    within_a_tick(|_| {
+        let mut l = load(&[BE1]);
+        l.writer.apply(&twin_target(BE1)).unwrap();
+        let q = frame(CLIENT, 46300, VIP, 53, &UDP, &[]);
+        on_cpu(0, || {
+            run(&mut l, &q);
+            let (_, out) = run(&mut l, &q);
+            assert_eq!(inspect(&out).dst, BE1);
+        });
+        l.writer.apply(&twin_target(BE2)).unwrap();
+        let purges = l.writer.take_udp_purges().into_iter().collect();
+        let tables = loader::conntrack_tables(&l.pin_dir).unwrap();
+        assert!(tables.flowgen.is_some(), "the generations are mapped");
+        let st = conntrack::pass(&tables, &Timeouts::default(), &purges).unwrap();
+        assert!(st.purged >= 2, "{st:?}");
+        on_cpu(0, || {
+            let (v, out) = run(&mut l, &q);
+            assert_eq!(
+                (v, inspect(&out).dst),
+                (NEXT, BE2),
+                "a purged flow selects afresh"
+            );
+        })
     });
 }

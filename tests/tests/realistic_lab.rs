@@ -1274,6 +1274,68 @@ fn a_removed_endpoint_keeps_its_established_connections() {
     lab.assert_answers(vip(VIP_A), &staying.name, "new requests after the removal");
 }
 
+/// An upgrade from a build without the backend filter (`VIPX_BACKBITS`, which passes a packet
+/// into a pod from no backend before the conntrack lookup) keeps the connections of a pod that
+/// left its Service before the upgrade: the new filter has the bits of every backend the pins
+/// hold (a removed TCP endpoint stays one through its grace) and of the sources of conntrack's
+/// reply entries, both before the new programs go in. (The second covers backends already
+/// freed, whose flows have no forward path left; their late replies are not exercised here.)
+#[test]
+fn an_upgrade_to_the_backend_filter_keeps_a_removed_backends_connections() {
+    if !require_privileges() {
+        return;
+    }
+    let _serial = serial();
+    let mut lab = Lab::new();
+    let leaving = lab.cluster.add_pod(1).expect("pod on node 1");
+    let staying = lab.cluster.add_pod(2).expect("pod on node 2");
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&leaving, &staying]));
+    lab.start_vipx(&[1]);
+    lab.wait_ready(VIP_A, &[leaving.ip, staying.ip]);
+    let mut conn = (0..50)
+        .find_map(|_| {
+            let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A)).ok()?;
+            (conn.request().ok()?.trim() == leaving.name).then_some(conn)
+        })
+        .expect("a keep-alive connection on the leaving pod within 50 tries");
+    // The pod leaves the Service (its backend id is freed; its flows live on), then the pins
+    // become what a build without the filter left.
+    lab.service("svc-a", VIP_A, pod_endpoints(&[&staying]));
+    let gone = format!("{}:{POD_PORT}", leaving.ip);
+    lab.vipx[0]
+        .wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
+            !line.contains(&gone)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let node1 = lab.cluster.node(1).name.clone();
+    let client_if = lab.cluster.client().host_if.clone();
+    let before = tcx_ids(&node1, &client_if);
+    lab.vipx[0].stop().expect("stopping vipx");
+    std::fs::remove_file(lab.vipx[0].pin_dir().join(map_names::BACKBITS))
+        .expect("removing the backend filter's pin");
+    lab.vipx[0].restart().expect("restarting vipx");
+    poll(READY, "the restarted vipx to swap its programs in", || {
+        let now = tcx_ids(&node1, &client_if);
+        now.len() == 2 && now.iter().all(|id| !before.contains(id))
+    });
+    for i in 0..REQUESTS {
+        let body = conn.request().unwrap_or_else(|e| {
+            panic!(
+                "request {i} on a connection to a backend removed across the upgrade: {e:#} [{}]",
+                lab.cluster.drops()
+            )
+        });
+        assert_eq!(body.trim(), leaving.name, "the connection stays on its pod");
+    }
+    assert!(
+        lab.vipx[0]
+            .log()
+            .contains("backend filter seeded from conntrack"),
+        "{}",
+        lab.vipx[0].log()
+    );
+}
+
 /// sessionAffinity ClientIP: every request of one client reaches one pod; switched off, the same
 /// client spreads again.
 #[test]
