@@ -72,8 +72,11 @@ pub mod map_names {
     pub const PORTS: &str = "VIPX_PORTS";
     /// The frontend address filter (pinned, written whole at every start; see `VIPBITS_WORDS`).
     pub const VIPBITS: &str = "VIPX_VIPBITS";
-    /// The backend filter (pinned, bits only ever set; see `backend_bit`).
-    pub const BACKBITS: &str = "VIPX_BACKBITS";
+    /// The backend filter (pinned, bits only ever set; see `backend_bit`). `2`: the first
+    /// layout (`VIPX_BACKBITS`, 2^20 bits) is left behind and its pin removed.
+    pub const BACKBITS: &str = "VIPX_BACKBITS2";
+    /// The first layout's pin, removed at load.
+    pub const BACKBITS_V1: &str = "VIPX_BACKBITS";
     /// The flow cache's generations, one per slot (pinned, mmapable; see `flow_slot`). The
     /// slot function and the slot count are part of the pinned layout: a build that changes
     /// either must change the name, or old and new programs would bump different slots.
@@ -181,15 +184,21 @@ pub const fn addr_bit(addr: [u8; 4]) -> (u32, u64) {
     (h >> 6, 1 << (h & 63))
 }
 
-/// `VIPX_BACKBITS` (as many words as `VIPX_VIPBITS`): one bit per hash of a backend's address
-/// and port, set before the backend is written and never cleared while the map is pinned, so
-/// that every reply a conntrack entry can still translate (a removed backend's flows live on)
-/// comes from a set bit. The pod program's egress side passes a packet into a pod whose source
-/// bit is clear without the conntrack lookup. Pod churn fills it slowly; a full filter only
-/// stops filtering.
+/// `VIPX_BACKBITS2`: one bit per hash of a backend's address and port, set before the backend
+/// is written and never cleared while the map is pinned, so that every reply a conntrack entry
+/// can still translate (a removed backend's flows live on) comes from a set bit. The pod
+/// program's egress side passes a packet into a pod whose source bit is clear without the
+/// conntrack lookup. Pod churn fills it slowly; a full filter only stops filtering. 2^23 bits
+/// (1 MiB): a million backends (100,000 Services x 10) set ~11% of them, where the first
+/// layout's 2^20 filled to ~63% and stopped filtering.
+pub const BACKBITS_LOG2: u32 = 23;
+pub const BACKBITS_WORDS: u32 = 1 << (BACKBITS_LOG2 - 6);
+
+/// The word of `VIPX_BACKBITS2` holding a backend's bit, and the bit (hashed as `addr_bit`).
 pub const fn backend_bit(addr: [u8; 4], port: [u8; 2]) -> (u32, u64) {
     let x = u32::from_ne_bytes(addr) ^ (u16::from_ne_bytes(port) as u32).wrapping_mul(0x85eb_ca6b);
-    addr_bit(x.to_ne_bytes())
+    let h = (x ^ (x >> 16)).wrapping_mul(0x9e37_79b1) >> (32 - BACKBITS_LOG2);
+    (h >> 6, 1 << (h & 63))
 }
 
 /// The pod programs' flow cache: per CPU, `FLOW_SLOTS` exact-match entries of established

@@ -37,7 +37,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    AffinityKey4, AffinityMatchKey4, AffinityValue, Backend4, CONFIG_CLOCK_BASE_HI,
+    AffinityKey4, AffinityMatchKey4, AffinityValue, BACKBITS_WORDS, Backend4, CONFIG_CLOCK_BASE_HI,
     CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR,
     CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_NODE,
     CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FLOW_SLOTS, FRAG_DIR_EGRESS,
@@ -136,8 +136,8 @@ static FLOOD4: LruHashMap<[u8; 4], FloodValue> =
 static VIPBITS: Array<u64> = Array::pinned(VIPBITS_WORDS, 0);
 
 /// Pinned like conntrack, whose reply entries it covers (see `backend_bit`).
-#[map(name = "VIPX_BACKBITS")]
-static BACKBITS: Array<u64> = Array::pinned(VIPBITS_WORDS, 0);
+#[map(name = "VIPX_BACKBITS2")]
+static BACKBITS: Array<u64> = Array::pinned(BACKBITS_WORDS, 0);
 
 #[map(name = "VIPX_CONFIG")]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);

@@ -393,6 +393,15 @@ fn load_pinned(
     if maglev.get(&0, 0)? != sizes.maglev_table_size {
         maglev.set(0, sizes.maglev_table_size, 0)?;
     }
+    // The backend filter's first layout, left by an earlier build: its programs hold it by
+    // descriptor while they run; the pin alone would outlive them. (The new filter starts empty
+    // and is seeded from conntrack before the new programs go in.)
+    let v1 = pin_dir.join(map_names::BACKBITS_V1);
+    if v1.exists()
+        && let Err(e) = fs::remove_file(&v1)
+    {
+        tracing::warn!("removing {}: {e}", v1.display());
+    }
     Ok(ebpf)
 }
 
@@ -660,7 +669,7 @@ fn check_pins(pin_dir: &Path, sizes: MapSizes) -> Result<()> {
             map_names::BACKBITS,
             4,
             8,
-            proxy_common::VIPBITS_WORDS,
+            proxy_common::BACKBITS_WORDS,
             "(a fixed size)",
         ),
         (
@@ -1323,6 +1332,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::PORTS,
             map_names::VIPBITS,
             map_names::BACKBITS,
+            map_names::BACKBITS_V1,
             map_names::FLOWGEN,
         ] {
             remove_known(&pin_dir.join(name))?;

@@ -23,8 +23,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData};
 use proxy_common::{
-    AffinityMatchKey4, BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend4,
-    IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE,
+    AffinityMatchKey4, BACKBITS_WORDS, BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING,
+    Backend4, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW, REVNAT_F_ACTIVE,
     REVNAT_F_SOURCE_RANGES, RevNat4, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
     SVC_F_EXTERNAL_IP, SVC_F_EXTERNAL_VIEW, SVC_F_LOAD_BALANCER, SVC_F_LOCAL, SVC_F_MAGLEV,
     SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
@@ -491,7 +491,7 @@ pub enum BitMap {
     Ports,
     /// `VIPX_VIPBITS`.
     Addrs,
-    /// `VIPX_BACKBITS` (bits only ever set: see `proxy_common::backend_bit`).
+    /// `VIPX_BACKBITS2` (bits only ever set: see `proxy_common::backend_bit`).
     Backends,
 }
 
@@ -499,7 +499,8 @@ impl BitMap {
     fn words(self) -> u32 {
         match self {
             Self::Ports => PORTS_WORDS,
-            Self::Addrs | Self::Backends => VIPBITS_WORDS,
+            Self::Addrs => VIPBITS_WORDS,
+            Self::Backends => BACKBITS_WORDS,
         }
     }
 }
@@ -1168,7 +1169,7 @@ pub struct MapWriter<M: MapStore = ServiceMaps> {
     udp_purges: Vec<crate::conntrack::Purge>,
     ports: Bits,
     vipbits: Bits,
-    /// `VIPX_BACKBITS` as written (`None`: no such map). Bits are set before a backend is
+    /// `VIPX_BACKBITS2` as written (`None`: no such map). Bits are set before a backend is
     /// written and never cleared: a removed backend's flows may live on in conntrack.
     backbits: Option<Vec<u64>>,
     /// The backend filter was empty when read back (a new map, or one nothing was ever set in):
@@ -3053,7 +3054,7 @@ mod tests {
                 affmatch_max: usize::MAX,
                 ports: vec![0; PORTS_WORDS as usize],
                 vipbits: vec![0; VIPBITS_WORDS as usize],
-                backbits: vec![0; VIPBITS_WORDS as usize],
+                backbits: vec![0; BACKBITS_WORDS as usize],
             }
         }
 
