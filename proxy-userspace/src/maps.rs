@@ -651,6 +651,15 @@ pub trait MapStore {
         }
         Ok(())
     }
+
+    /// [`MapStore::bits_set`] of each (word, bits) in order, as [`MapStore::svc_insert_all`]:
+    /// a start writes a whole filter (16,384 words), one syscall instead of one per word.
+    fn bits_set_all(&mut self, map: BitMap, entries: &[(u32, u64)]) -> WriteAll {
+        for (i, (w, b)) in entries.iter().enumerate() {
+            self.bits_set(map, *w, *b).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// A batch of writes: `Err((written, e))` when only the first `written` went in.
@@ -693,6 +702,23 @@ impl MapStore for ServiceMaps {
         let batch = update_all(self.backend.map(), &k, &v);
         batch_or_each(batch, entries, "the backend map", |k, v| {
             self.backend_set(k, v)
+        })
+    }
+
+    fn bits_set_all(&mut self, map: BitMap, entries: &[(u32, u64)]) -> WriteAll {
+        use aya::maps::IterableMap as _;
+        let m = match map {
+            BitMap::Ports => &self.ports,
+            BitMap::Addrs => &self.vipbits,
+            BitMap::Backends => &self.backbits,
+        };
+        let Some(m) = m else {
+            return Ok(());
+        };
+        let (k, v) = split(entries);
+        let batch = update_all(m.map(), &k, &v);
+        batch_or_each(batch, entries, "a filter map", |w, b| {
+            self.bits_set(map, w, b)
         })
     }
 
@@ -1641,19 +1667,25 @@ impl<M: MapStore> MapWriter<M> {
             // Set-only, written as each bit is set (`ensure_backbit`).
             BitMap::Backends => return Ok(0),
         };
-        let mut dirty = std::mem::take(&mut bits.dirty).into_iter();
-        while let Some(word) = dirty.next() {
-            let want = bits.want(word);
-            if bits.written[word as usize] != Some(want) {
-                if let Err(e) = self.maps.bits_set(bits.map, word, want) {
-                    // This word and the rest wait for the next settle.
-                    bits.dirty.insert(word);
-                    bits.dirty.extend(dirty);
-                    return Err(e).with_context(|| format!("writing {:?}", bits.map));
-                }
-                bits.written[word as usize] = Some(want);
-                writes += 1;
-            }
+        // The words that differ from what is written, in one batch.
+        let dirty = std::mem::take(&mut bits.dirty);
+        let changed: Vec<(u32, u64)> = dirty
+            .iter()
+            .map(|&w| (w, bits.want(w)))
+            .filter(|&(w, want)| bits.written[w as usize] != Some(want))
+            .collect();
+        let (done, failed) = match self.maps.bits_set_all(bits.map, &changed) {
+            Ok(()) => (changed.len(), None),
+            Err((n, e)) => (n, Some(e)),
+        };
+        for &(w, want) in &changed[..done] {
+            bits.written[w as usize] = Some(want);
+            writes += 1;
+        }
+        if let Some(e) = failed {
+            // The words not written wait for the next settle.
+            bits.dirty.extend(changed[done..].iter().map(|&(w, _)| w));
+            return Err(e).with_context(|| format!("writing {:?}", bits.map));
         }
         Ok(writes)
     }
