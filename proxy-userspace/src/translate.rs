@@ -1952,8 +1952,8 @@ mod tests {
         assert_eq!(t.problems, Vec::<String>::new());
         assert_eq!(
             summary(&t.state),
-            ["default/simpleapi-service/TCP fe[cip 10.102.82.168:80] \
-              ep[10.244.1.5:5000 RSL, 10.244.2.7:5000 RS] int[0, 1] ext[0, 1]"]
+            ["default/simpleapi-service/TCP fe[cip 198.19.82.168:80] \
+              ep[198.18.1.5:5000 RSL, 198.18.2.7:5000 RS] int[0, 1] ext[0, 1]"]
         );
     }
 
