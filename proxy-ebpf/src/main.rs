@@ -349,10 +349,13 @@ fn flow_cached(slot: u32, generation: u64, w: (u64, u64), now: u32, add: u32) ->
     }
 }
 
-/// Keep a copy of a conntrack entry this packet found valid and touched at `now` (so its `seen`
-/// is `now`, and its flags at least `ct.flags`).
+/// [`ct_touch_at`] an entry this packet found valid, and keep a copy of it as touched (its
+/// `seen` now `now`, its flags at least `ct.flags | add`) in the flow cache slot the packet's
+/// generation was read for (`at`: slot, generation, key words).
 #[inline(always)]
-fn flow_remember(slot: u32, generation: u64, w: (u64, u64), ct: &CtValue) {
+fn flow_touch(entry: *mut CtValue, ct: &CtValue, add: u32, now: u32, at: (u32, u64, (u64, u64))) {
+    ct_touch_at(entry, ct, add, now);
+    let (slot, generation, w) = at;
     if let Some(c) = FLOWCACHE.get_ptr_mut(slot) {
         // SAFETY: per-CPU value pointer from a successful lookup (see `flow_cached`).
         unsafe {
@@ -360,7 +363,11 @@ fn flow_remember(slot: u32, generation: u64, w: (u64, u64), ct: &CtValue) {
                 w0: w.0,
                 w1: w.1,
                 generation,
-                ct: *ct,
+                ct: CtValue {
+                    flags: ct.flags | add,
+                    seen: now,
+                    ..*ct
+                },
             }
         };
     }
@@ -1264,13 +1271,7 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
             return None;
         }
     };
-    ct_touch_at(entry, &ct, state, now);
-    let touched = CtValue {
-        flags: ct.flags | state,
-        seen: now,
-        ..ct
-    };
-    flow_remember(slot, generation, w, &touched);
+    flow_touch(entry, &ct, state, now, (slot, generation, w));
     Some(forward(ctx, flow, &ct, &b))
 }
 
@@ -1678,13 +1679,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
                 ct_remove_stale(&key, entry, &ct);
                 return NEXT;
             };
-            ct_touch_at(entry, &ct, add, now);
-            let touched = CtValue {
-                flags: ct.flags | add,
-                seen: now,
-                ..ct
-            };
-            flow_remember(slot, generation, w, &touched);
+            flow_touch(entry, &ct, add, now, (slot, generation, w));
             count(stat);
             snat_reply(&mut ctx, &flow, &rev)
         }

@@ -1232,6 +1232,27 @@ fn a_restart_over_a_half_written_file_keeps_the_adopted_services() {
     lab.assert_answers(vip(VIP_A), &pod.name, "once the file is whole");
 }
 
+/// A keep-alive connection through `VIP_A` that landed on `pod` (new ones until one does).
+fn keep_alive_on(lab: &Lab, pod: &Pod) -> vipx_lab::KeepAlive {
+    (0..50)
+        .find_map(|_| {
+            let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A)).ok()?;
+            (conn.request().ok()?.trim() == pod.name).then_some(conn)
+        })
+        .unwrap_or_else(|| panic!("a keep-alive connection on {} within 50 tries", pod.name))
+}
+
+/// Waits until every vipx programmed `VIP_A`'s TCP frontend without `pod`.
+fn wait_gone(lab: &mut Lab, pod: &Pod) {
+    let gone = format!("{}:{POD_PORT}", pod.ip);
+    for vipx in &mut lab.vipx {
+        vipx.wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
+            !line.contains(&gone)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}
+
 /// An endpoint removed from its Service outright (readiness lost, a slice rewritten; not via
 /// terminating) keeps the TCP connections it has, as netfilter conntrack keeps them behind
 /// kube-proxy, while new connections go to the endpoints left.
@@ -1248,20 +1269,9 @@ fn a_removed_endpoint_keeps_its_established_connections() {
     lab.start_vipx(&[1]);
     lab.wait_ready(VIP_A, &[leaving.ip, staying.ip]);
     // A keep-alive connection that landed on the pod about to leave.
-    let mut conn = (0..50)
-        .find_map(|_| {
-            let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A)).ok()?;
-            (conn.request().ok()?.trim() == leaving.name).then_some(conn)
-        })
-        .expect("a keep-alive connection on the leaving pod within 50 tries");
+    let mut conn = keep_alive_on(&lab, &leaving);
     lab.service("svc-a", VIP_A, pod_endpoints(&[&staying]));
-    let gone = format!("{}:{POD_PORT}", leaving.ip);
-    for vipx in &mut lab.vipx {
-        vipx.wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
-            !line.contains(&gone)
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    }
+    wait_gone(&mut lab, &leaving);
     for i in 0..REQUESTS {
         let body = conn.request().unwrap_or_else(|e| {
             panic!(
@@ -1292,21 +1302,11 @@ fn an_upgrade_to_the_backend_filter_keeps_a_removed_backends_connections() {
     lab.service("svc-a", VIP_A, pod_endpoints(&[&leaving, &staying]));
     lab.start_vipx(&[1]);
     lab.wait_ready(VIP_A, &[leaving.ip, staying.ip]);
-    let mut conn = (0..50)
-        .find_map(|_| {
-            let mut conn = vipx_lab::KeepAlive::connect(lab.client(), vip(VIP_A)).ok()?;
-            (conn.request().ok()?.trim() == leaving.name).then_some(conn)
-        })
-        .expect("a keep-alive connection on the leaving pod within 50 tries");
+    let mut conn = keep_alive_on(&lab, &leaving);
     // The pod leaves the Service (its backend id is freed; its flows live on), then the pins
     // become what a build without the filter left.
     lab.service("svc-a", VIP_A, pod_endpoints(&[&staying]));
-    let gone = format!("{}:{POD_PORT}", leaving.ip);
-    lab.vipx[0]
-        .wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
-            !line.contains(&gone)
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_gone(&mut lab, &leaving);
     let node1 = lab.cluster.node(1).name.clone();
     let client_if = lab.cluster.client().host_if.clone();
     let before = tcx_ids(&node1, &client_if);
@@ -1672,13 +1672,7 @@ fn maglev_removing_one_of_four_backends_moves_only_its_flows() {
     let removed = &pods[1];
     let rest: Vec<&Pod> = pods.iter().filter(|p| p.ip != removed.ip).collect();
     lab.service("svc-a", VIP_A, pod_endpoints(&rest));
-    let gone = format!("{}:{POD_PORT}", removed.ip);
-    for vipx in &mut lab.vipx {
-        vipx.wait_programmed(&format!("{VIP_A}:{SERVICE_PORT}/TCP"), READY, |line| {
-            !line.contains(&gone)
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    }
+    wait_gone(&mut lab, removed);
     for (pod, conn) in &mut conns {
         for i in 0..REQUESTS {
             let body = conn.request().unwrap_or_else(|e| {
