@@ -1541,37 +1541,48 @@ mod tests {
         if EBPF_OBJECT.is_empty() {
             return;
         }
-        let count = |bytes: &[u8], insn: u64| {
-            bytes
-                .chunks_exact(8)
-                .filter(|c| *c == insn.to_le_bytes())
-                .count()
-        };
-        let sites = count(EBPF_OBJECT, CALL_INSN);
-        assert!(sites >= 2, "the pod programs' rewrites carry the pair");
+        // Where the pairs are in the object as built (the same instructions may also occur
+        // naturally elsewhere, e.g. a one-byte load at offset 128: only the pairs' places count).
+        let word =
+            |bytes: &[u8], at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        let sites: Vec<usize> = (0..EBPF_OBJECT.len().saturating_sub(15))
+            .step_by(8)
+            .filter(|&at| {
+                word(EBPF_OBJECT, at) == CALL_INSN && word(EBPF_OBJECT, at + 8) == LOAD_INSN
+            })
+            .collect();
+        assert!(
+            sites.len() >= 2,
+            "the pod programs' rewrites carry the pair"
+        );
         let path = ChecksumPath::InProgram {
             cast_kfunc: 1234,
             ip_summed_byte: 128,
         };
         let patched = Object::with(path).unwrap();
         let patched = patched.bytes();
-        assert_eq!(count(patched, CALL_INSN) + count(patched, LOAD_INSN), 0);
-        assert_eq!(
-            count(patched, 1234 << 32 | (CALL_INSN & 0xffff_ffff)),
-            sites
-        );
-        assert_eq!(count(patched, 128 << 16 | 0x71), sites);
+        let pairs_left = (0..patched.len().saturating_sub(15))
+            .step_by(8)
+            .filter(|&at| word(patched, at) == CALL_INSN && word(patched, at + 8) == LOAD_INSN)
+            .count();
+        assert_eq!(pairs_left, 0);
+        for &at in &sites {
+            assert_eq!(word(patched, at), 1234 << 32 | (CALL_INSN & 0xffff_ffff));
+            assert_eq!(word(patched, at + 8), 128 << 16 | 0x71);
+        }
         let changed = EBPF_OBJECT
             .iter()
             .zip(patched)
             .filter(|(a, b)| a != b)
             .count();
         assert!(
-            changed <= sites * 6,
+            changed <= sites.len() * 6,
             "only the pairs' immediates and offsets change"
         );
         let helpers = Object::with(ChecksumPath::Helpers("test".into())).unwrap();
-        assert_eq!(count(helpers.bytes(), CALL_FALLBACK), sites);
-        assert_eq!(count(helpers.bytes(), LOAD_FALLBACK), sites);
+        for &at in &sites {
+            assert_eq!(word(helpers.bytes(), at), CALL_FALLBACK);
+            assert_eq!(word(helpers.bytes(), at + 8), LOAD_FALLBACK);
+        }
     }
 }
