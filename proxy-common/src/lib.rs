@@ -81,6 +81,9 @@ pub mod map_names {
     /// slot function and the slot count are part of the pinned layout: a build that changes
     /// either must change the name, or old and new programs would bump different slots.
     pub const FLOWGEN: &str = "VIPX_FLOWGEN_V1";
+    /// The name the generations were pinned under by one development build (973594f), removed
+    /// at load so that `vipx cleanup` finds no file it does not know.
+    pub const FLOWGEN_V0: &str = "VIPX_FLOWGEN";
     /// Settings userspace writes after load (not pinned: each program build gets its own).
     pub const CONFIG: &str = "VIPX_CONFIG";
     /// The floor program's single array (bench only).
@@ -318,7 +321,13 @@ pub const CONFIG_CLOCK_BASE_HI: u32 = 4;
 /// to derive the base from.
 pub const CONFIG_JIFFIES_LO: u32 = 5;
 pub const CONFIG_JIFFIES_HI: u32 = 6;
-pub const CONFIG_LEN: u32 = 7;
+/// Index of `CONFIG`: not 0 when the programs must not serve established flows from their
+/// per-CPU copies of conntrack entries (see `FLOW_SLOTS_LOG2`). Userspace sets it everywhere
+/// but x86: the programs' generation bump and read are ordered there (a locked add; loads are
+/// not reordered with loads), not on weakly ordered CPUs, where a copy could pair a new
+/// generation with an old entry.
+pub const CONFIG_FLOW_CACHE_OFF: u32 = 7;
+pub const CONFIG_LEN: u32 = 8;
 
 /// How the TC programs learn how an skb carries its L4 checksum (the kernel's `ip_summed`,
 /// which `__sk_buff` does not expose): two instructions the object carries as placeholders and
@@ -751,12 +760,16 @@ pub enum Stat {
     /// External packets the node program would forward with a TTL of 1 or 0, dropped as a router
     /// drops them (no ICMP "time exceeded" is sent).
     NodeTtlExceeded,
+    /// Packets of established flows (pod programs, both directions) served from this CPU's copy
+    /// of their conntrack entry, without a conntrack lookup (also counted as `CtForward` or
+    /// `CtReply`).
+    FlowCacheHit,
 }
 
 pub const STATS_LEN: u32 = 64;
 
 impl Stat {
-    pub const ALL: [Stat; 38] = [
+    pub const ALL: [Stat; 39] = [
         Stat::Packets,
         Stat::NotHandled,
         Stat::Malformed,
@@ -795,6 +808,7 @@ impl Stat {
         Stat::SourceRangeDropped,
         Stat::NodeFibFailed,
         Stat::NodeTtlExceeded,
+        Stat::FlowCacheHit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -837,6 +851,7 @@ impl Stat {
             Stat::SourceRangeDropped => "source_range_dropped",
             Stat::NodeFibFailed => "node_fib_failed",
             Stat::NodeTtlExceeded => "node_ttl_exceeded",
+            Stat::FlowCacheHit => "flow_cache_hit",
         }
     }
 }

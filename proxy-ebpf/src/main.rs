@@ -38,11 +38,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey4, AffinityMatchKey4, AffinityValue, BACKBITS_WORDS, Backend4, CONFIG_CLOCK_BASE_HI,
-    CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_HAIRPIN_ADDR,
-    CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_NODE,
-    CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FLOW_SLOTS, FRAG_DIR_EGRESS,
-    FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_FLOW_CACHE_OFF,
+    CONFIG_HAIRPIN_ADDR, CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FORWARD,
+    CT_F_HAIRPIN, CT_F_NODE, CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FLOW_SLOTS,
+    FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
     SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4,
     VipKey4, addr_bit, backend_bit, ct_key_words, ct_seen, defaults, flow_slot, seen_of_jiffies,
     skb_csum,
@@ -333,6 +333,12 @@ fn flow_generation(w: (u64, u64)) -> (u32, u64) {
 /// bits `add` already in it. The caller validates it as an entry.
 #[inline(always)]
 fn flow_cached(slot: u32, generation: u64, w: (u64, u64), now: u32, add: u32) -> Option<CtValue> {
+    if CONFIG
+        .get(CONFIG_FLOW_CACHE_OFF)
+        .is_some_and(|off| *off != 0)
+    {
+        return None;
+    }
     let c = FLOWCACHE.get_ptr(slot)?;
     // SAFETY: per-CPU value pointer from a successful lookup; this CPU alone writes it, and not
     // while this program runs.
@@ -1244,6 +1250,7 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
         && let Some(b) = backend(ct.backend_id)
         && b.generation == ct.backend_gen
     {
+        count(Stat::FlowCacheHit);
         return Some(forward(ctx, flow, &ct, &b));
     }
     let entry = CT4.get_ptr_mut(key)?;
@@ -1450,6 +1457,15 @@ fn plainly_no_reply(ctx: &TcContext) -> bool {
     BACKBITS.get(word).is_none_or(|w| *w & bit == 0)
 }
 
+/// Whether `addr:port` (wire bytes) may be a backend's: its bit in the backend filter is set
+/// before a backend is written and never cleared, so a reply entry (keyed by its backend's
+/// address and port) can exist only where it is set.
+#[inline(always)]
+fn may_be_a_backend(addr: [u8; 4], port: [u8; 2]) -> bool {
+    let (word, bit) = backend_bit(addr, port);
+    BACKBITS.get(word).is_some_and(|w| *w & bit != 0)
+}
+
 /// The IPv4 and L4 headers of a plain packet (see `plainly_not_ours`); `syn_too`: TCP SYNs
 /// count as plain.
 #[inline(always)]
@@ -1483,7 +1499,9 @@ fn plain_head(ctx: &TcContext, syn_too: bool) -> Option<&Ip4Head> {
 /// pod): the reply entry left by that one would rewrite this connection's replies to the VIP.
 #[inline(always)]
 fn not_to_a_frontend(flow: &Flow, syn: bool) -> i32 {
-    if syn && ct_remove(&flow.reverse_ct_key()) {
+    // Only a backend's address and port can have a reply entry: the SYNs pods send anywhere
+    // else (most of them) neither look one up nor void the flow cache's copies of their slot.
+    if syn && may_be_a_backend(flow.daddr, flow.dport) && ct_remove(&flow.reverse_ct_key()) {
         count(Stat::ReplyCleared);
     }
     NEXT
@@ -1662,6 +1680,7 @@ pub fn vipx_pod_egress(mut ctx: TcContext) -> i32 {
             if let Some(ct) = flow_cached(slot, generation, w, now, add)
                 && let Some(rev) = reply_revnat(&ct)
             {
+                count(Stat::FlowCacheHit);
                 count(stat);
                 return snat_reply(&mut ctx, &flow, &rev);
             }

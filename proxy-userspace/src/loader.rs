@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader, TestRunOptions,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, Xdp,
+        LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, TestRun as _, Xdp,
         links::{FdLink, PinnedLink},
         tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
@@ -396,11 +396,13 @@ fn load_pinned(
     // The backend filter's first layout, left by an earlier build: its programs hold it by
     // descriptor while they run; the pin alone would outlive them. (The new filter starts empty
     // and is seeded from conntrack before the new programs go in.)
-    let v1 = pin_dir.join(map_names::BACKBITS_V1);
-    if v1.exists()
-        && let Err(e) = fs::remove_file(&v1)
-    {
-        tracing::warn!("removing {}: {e}", v1.display());
+    for old in [map_names::BACKBITS_V1, map_names::FLOWGEN_V0] {
+        let path = pin_dir.join(old);
+        if path.exists()
+            && let Err(e) = fs::remove_file(&path)
+        {
+            tracing::warn!("removing {}: {e}", path.display());
+        }
     }
     Ok(ebpf)
 }
@@ -761,8 +763,27 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         ports: Some(take(ebpf, map_names::PORTS)?),
         vipbits: Some(take(ebpf, map_names::VIPBITS)?),
         backbits: Some(take(ebpf, map_names::BACKBITS)?),
+        created: false,
     }
     .with_maglev_mem())
+}
+
+/// Whether none of the service maps is pinned in `pin_dir` (before a load, which then creates
+/// them all: see [`ServiceMaps::created`]).
+pub fn service_maps_absent(pin_dir: &Path) -> bool {
+    [
+        map_names::SVC4,
+        map_names::VIP4,
+        map_names::BACKEND4,
+        map_names::REVNAT4,
+        map_names::MAGLEV4,
+        map_names::AFFMATCH4,
+        map_names::PORTS,
+        map_names::VIPBITS,
+        map_names::BACKBITS,
+    ]
+    .iter()
+    .all(|name| !pin_dir.join(name).exists())
 }
 
 fn from_pin<T: TryFrom<Map>>(pin_dir: &Path, name: &str) -> Result<T>
@@ -794,6 +815,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         ports: from_pin::<Array<MapData, _>>(pin_dir, map_names::PORTS).ok(),
         vipbits: from_pin::<Array<MapData, _>>(pin_dir, map_names::VIPBITS).ok(),
         backbits: from_pin::<Array<MapData, _>>(pin_dir, map_names::BACKBITS).ok(),
+        created: false,
     }
     .with_maglev_mem())
 }
@@ -810,7 +832,31 @@ pub fn write_config(ebpf: &mut Ebpf, hairpin: Option<std::net::Ipv4Addr>) -> Res
     config
         .set(proxy_common::CONFIG_HAIRPIN_ADDR, addr, 0)
         .context("writing the hairpin address")?;
+    config
+        .set(
+            proxy_common::CONFIG_FLOW_CACHE_OFF,
+            u32::from(!FLOW_CACHE_ORDERED),
+            0,
+        )
+        .context("writing the flow cache switch")?;
     Ok(())
+}
+
+/// Whether the programs' flow cache is ordered on this CPU (see
+/// `proxy_common::CONFIG_FLOW_CACHE_OFF`): x86's total store order. Elsewhere the programs
+/// look every packet's entry up.
+pub const FLOW_CACHE_ORDERED: bool = cfg!(any(target_arch = "x86_64", target_arch = "x86"));
+
+/// Voids every per-CPU copy of a conntrack entry (one bump of each flow cache slot): once the
+/// programs are swapped in and the previous build's flows carried over. Until then a program of
+/// a build without the cache (still attached to some interfaces during an upgrade) or the
+/// carry-over changed entries without a bump.
+pub fn void_flow_copies(pin_dir: &Path) {
+    if let Some(g) = flow_generations(pin_dir) {
+        for slot in 0..proxy_common::FLOW_SLOTS as usize {
+            g.bump(slot);
+        }
+    }
 }
 
 /// Point the programs' conntrack clock at jiffies (see `CONFIG_CLOCK_MULT`): the tick from the
@@ -997,9 +1043,7 @@ impl Attachments {
     /// [`link_dir`]`(pin_dir)`.
     pub fn new(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self> {
         for (name, _, _) in POD_PROGRAMS {
-            prog(ebpf, name)?
-                .load()
-                .with_context(|| format!("verifying {name}"))?;
+            load_once(prog(ebpf, name)?.load()).with_context(|| format!("verifying {name}"))?;
         }
         let tcx = aya::util::KernelVersion::current()
             .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
@@ -1334,6 +1378,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> Result<()> {
             map_names::BACKBITS,
             map_names::BACKBITS_V1,
             map_names::FLOWGEN,
+            map_names::FLOWGEN_V0,
         ] {
             remove_known(&pin_dir.join(name))?;
         }
@@ -1366,6 +1411,56 @@ fn remove_known_dir(path: &Path) -> Result<()> {
                 path.display()
             )
         }),
+    }
+}
+
+/// The programs a node runs whatever its options: verified by [`verify_programs`] at start.
+pub const NODE_PROGRAMS: [&str; 4] = [
+    prog_names::POD_INGRESS,
+    prog_names::POD_EGRESS,
+    prog_names::NODE_XDP,
+    prog_names::NODE_TC,
+];
+
+/// Loads (verifies) the programs of `ebpf` named in `names` side by side, a thread each: the
+/// verifier runs in the loading thread and takes tens of milliseconds a program, so a start
+/// pays about the slowest one on a machine with a core per program instead of their sum.
+/// Programs already loaded are left as they are; whoever attaches one loads it again with
+/// [`load_once`], which takes it as it is.
+pub fn verify_programs(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
+    std::thread::scope(|s| {
+        let runs: Vec<_> = ebpf
+            .programs_mut()
+            .filter(|(name, _)| names.contains(name))
+            .map(|(name, p)| (name, s.spawn(move || load_any(p))))
+            .collect();
+        // Each thread is joined before an error is returned.
+        let done: Vec<_> = runs.into_iter().map(|(n, h)| (n, h.join())).collect();
+        for (name, r) in done {
+            match r {
+                Ok(r) => r.with_context(|| format!("verifying {name}"))?,
+                Err(_) => bail!("verifying {name}: the loading thread panicked"),
+            }
+        }
+        Ok(())
+    })
+}
+
+fn load_any(p: &mut Program) -> Result<(), ProgramError> {
+    load_once(match p {
+        Program::SchedClassifier(p) => p.load(),
+        Program::Xdp(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        // Loaded by whoever attaches it.
+        _ => Ok(()),
+    })
+}
+
+/// A program's load, where one loaded already (by [`verify_programs`]) is as good.
+pub fn load_once(r: Result<(), ProgramError>) -> Result<(), ProgramError> {
+    match r {
+        Err(ProgramError::AlreadyLoaded) => Ok(()),
+        r => r,
     }
 }
 
@@ -1473,7 +1568,8 @@ fn flow_generations(pin_dir: &Path) -> Option<crate::maps::MmapArray> {
         Err(e) => {
             tracing::warn!(
                 "the flow cache's generations ({}) cannot be mapped ({e:#}): conntrack entries \
-                 collected may be served from per-CPU copies for up to a second",
+                 collected may be served from per-CPU copies for the rest of their tick (about a \
+                 second)",
                 path.display()
             );
             None

@@ -382,6 +382,12 @@ impl IdSpace {
 
     /// A free id with its new generation, or `None` when every id is held.
     fn alloc(&mut self) -> Option<(u32, u32)> {
+        self.take().map(|(id, generation, _)| (id, generation))
+    }
+
+    /// [`Self::alloc`], and whether the id was never used: its entry is all zeros, which no
+    /// conntrack entry names (generations start at 1), so it may go active in one write.
+    fn take(&mut self) -> Option<(u32, u32, bool)> {
         let id = if (self.next as usize) < self.gens.len() {
             self.next += 1;
             self.next - 1
@@ -389,8 +395,9 @@ impl IdSpace {
             self.free.pop_front()?
         };
         let g = self.gens.get_mut(id as usize)?;
+        let first = *g == 0;
         *g = next_generation(*g);
-        Some((id, *g))
+        Some((id, *g, first))
     }
 
     /// `id` is no longer held; it keeps its generation.
@@ -482,6 +489,9 @@ pub struct ServiceMaps {
     pub vipbits: Option<Array<MapData, u64>>,
     /// The backend filter (`None` likewise).
     pub backbits: Option<Array<MapData, u64>>,
+    /// The load that opened these maps created them (no pin of them existed): they hold zeros
+    /// only, and reading them back is skipped (~100 ms of a start at the default sizes).
+    pub created: bool,
 }
 
 /// The bitmaps the writer keeps (see `Bits`).
@@ -552,7 +562,7 @@ impl MmapArray {
         };
         if ptr == libc::MAP_FAILED {
             tracing::debug!(
-                "mapping the Maglev map: {}; syscalls instead",
+                "mapping an mmapable array: {}; syscalls instead",
                 std::io::Error::last_os_error()
             );
             return None;
@@ -592,7 +602,7 @@ impl Drop for MmapArray {
 }
 
 /// Everything the writer resumes from: the decoded state and every id's generation.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReadBack {
     pub programmed: Programmed,
     /// Index = backend id; length = the map's size.
@@ -756,6 +766,16 @@ impl MapStore for ServiceMaps {
 
     fn read_back(&self) -> Result<ReadBack> {
         use aya::maps::IterableMap as _;
+        if self.created {
+            return Ok(ReadBack {
+                programmed: Programmed::default(),
+                backend_gens: vec![0; self.backend.len() as usize],
+                revnat_gens: vec![0; self.revnat.len() as usize],
+                vips: BTreeMap::new(),
+                affmatch: BTreeSet::new(),
+                backbits: self.backbits.as_ref().map(|m| vec![0; m.len() as usize]),
+            });
+        }
         // Batched: a start reads the whole backend array, 262,144 entries by default. Kernels
         // without batch lookups are read one element at a time.
         let batched = lookup_all::<SvcKey4, SvcValue>(self.svc.map());
@@ -1281,7 +1301,28 @@ struct MaglevTables {
     warned: bool,
     /// Maglev frontends with too many backends for the table size (warned once each).
     too_large: BTreeSet<L4Addr>,
+    /// The table of the frontend being applied, filled ahead on another thread (see
+    /// [`Ahead`]).
+    ahead: Option<Ahead>,
 }
+
+/// A new frontend's Maglev table filled on a worker thread while the writer writes the
+/// frontends before it: at start every frontend needs a table from scratch (M ln M steps each,
+/// about a second of one core for 100,000), and the writer's own time goes to syscalls.
+#[derive(Debug)]
+struct Ahead {
+    frontend: L4Addr,
+    /// The slots' addresses the table was filled for.
+    slots: Vec<L4Addr>,
+    /// Each position's slot index (0-based), for the ids the writer gives the slots.
+    table: Vec<u32>,
+}
+
+/// Fewer new Maglev frontends than this in one apply are filled by the writer itself (a thread
+/// costs more than it saves).
+const MAGLEV_AHEAD_MIN: usize = 32;
+/// Tables a worker may fill before the writer takes them (4 KiB each at the default size).
+const MAGLEV_AHEAD_DEPTH: usize = 64;
 
 /// How long a table slot 0 no longer names stays untouched (far longer than any packet's run).
 pub const MAGLEV_QUARANTINE: Duration = Duration::from_secs(1);
@@ -1299,7 +1340,18 @@ impl MaglevTables {
             starved: BTreeSet::new(),
             warned: false,
             too_large: BTreeSet::new(),
+            ahead: None,
         }
+    }
+
+    /// Whether frontend `t` gets a Maglev table: the algorithm asks for one, it has backends,
+    /// and few enough for the table to balance them (see `apply_frontend`).
+    fn serves(&self, t: &TargetFrontend) -> bool {
+        self.m != 0
+            && !t.slots.is_empty()
+            && t.lb_algorithm
+                .map_or(self.default_on, |a| a == LbAlgorithm::Maglev)
+            && t.slots.len().saturating_mul(10) <= self.m as usize
     }
 
     fn alloc(&mut self, now: Instant) -> Option<u32> {
@@ -1401,10 +1453,13 @@ impl<M: MapStore> MapWriter<M> {
         };
         // Before any program is attached: a filter new to these pins lacks the adopted
         // backends (their pinned flows' replies would pass untranslated).
-        let adopted: Vec<L4Addr> = w.cur.backends.values().map(|(a, _)| *a).collect();
-        for a in adopted {
-            w.ensure_backbit(a.addr.octets(), a.port.to_be_bytes())?;
-        }
+        let adopted: Vec<([u8; 4], [u8; 2])> = w
+            .cur
+            .backends
+            .values()
+            .map(|(a, _)| (a.addr.octets(), a.port.to_be_bytes()))
+            .collect();
+        w.set_backbits(adopted)?;
         for fe in w.cur.revnat.values() {
             w.ports.add(port_bit(fe.port));
         }
@@ -1629,13 +1684,46 @@ impl<M: MapStore> MapWriter<M> {
         &mut self,
         sources: impl IntoIterator<Item = ([u8; 4], [u8; 2])>,
     ) -> Result<usize> {
-        let mut n = 0;
-        for (addr, port) in sources {
-            self.ensure_backbit(addr, port)?;
-            n += 1;
-        }
+        let sources: Vec<([u8; 4], [u8; 2])> = sources.into_iter().collect();
+        self.set_backbits(sources.iter().copied())?;
         self.backbits_fresh = false;
-        Ok(n)
+        Ok(sources.len())
+    }
+
+    /// Sets the backend filter's bits for these (address, port) wire bytes in one batch (a start
+    /// programs up to a million backends: one syscall, not one per backend). A batch that stops
+    /// half-way keeps what went in; the caller's error says the rest did not.
+    fn set_backbits(
+        &mut self,
+        backends: impl IntoIterator<Item = ([u8; 4], [u8; 2])>,
+    ) -> Result<usize> {
+        let Some(words) = self.backbits.as_mut() else {
+            return Ok(0);
+        };
+        let mut bits: Vec<(u32, u64)> = backends
+            .into_iter()
+            .map(|(addr, port)| backend_bit(addr, port))
+            .filter(|&(word, bit)| words.get(word as usize).is_some_and(|w| w & bit == 0))
+            .collect();
+        bits.sort_unstable_by_key(|&(word, _)| word);
+        let mut changed: Vec<(u32, u64)> = Vec::new();
+        for (word, bit) in bits {
+            match changed.last_mut() {
+                Some((w, v)) if *w == word => *v |= bit,
+                _ => changed.push((word, words[word as usize] | bit)),
+            }
+        }
+        let (done, failed) = match self.maps.bits_set_all(BitMap::Backends, &changed) {
+            Ok(()) => (changed.len(), None),
+            Err((n, e)) => (n, Some(e)),
+        };
+        for &(word, v) in &changed[..done] {
+            words[word as usize] = v;
+        }
+        match failed {
+            Some(e) => Err(e.context("writing the backend filter")),
+            None => Ok(done),
+        }
     }
 
     fn ensure_vipbit(&mut self, addr: Ipv4Addr) -> Result<()> {
@@ -1955,11 +2043,73 @@ impl<M: MapStore> MapWriter<M> {
         let wanted: Vec<(L4Addr, &TargetFrontend)> = keys()
             .filter_map(|k| target.frontends.get(k).map(|t| (*k, t)))
             .collect();
-        for (fe, t) in wanted {
-            if let Err(e) = self.apply_frontend(&fe, t, target, &mut st, &mut released) {
-                self.fail(&mut st, fe, Some(t.service.clone()), &e);
-            }
+        // The filter bits of the backends these frontends add, in one batch ahead of them (a
+        // bit set early costs the filter a false positive at most). What does not go in is
+        // set by each frontend for itself, and fails it if it cannot be.
+        let adding: Vec<([u8; 4], [u8; 2])> = wanted
+            .iter()
+            .flat_map(|(_, t)| &t.slots)
+            .filter(|a| !self.backend_ids.contains_key(a))
+            .map(|a| (a.addr.octets(), a.port.to_be_bytes()))
+            .collect();
+        if let Err(e) = self.set_backbits(adding) {
+            tracing::debug!("{e:#}; each frontend sets its own");
         }
+        // New Maglev frontends (no table of theirs to derive the next from) get theirs filled
+        // ahead, in the order they are applied.
+        let fresh: Vec<(L4Addr, &[L4Addr])> = wanted
+            .iter()
+            .filter(|(fe, t)| {
+                self.maglev.serves(t)
+                    && self.cur.frontends.get(fe).is_none_or(|o| {
+                        o.flags & SVC_F_MAGLEV == 0
+                            || !(1..=self.maglev.tables).contains(&o.maglev_table)
+                    })
+            })
+            .map(|(fe, t)| (*fe, t.slots.as_slice()))
+            .collect();
+        let m = self.maglev.m;
+        std::thread::scope(|s| {
+            let (rx, worker) = if fresh.len() >= MAGLEV_AHEAD_MIN {
+                let (tx, rx) = std::sync::mpsc::sync_channel(MAGLEV_AHEAD_DEPTH);
+                let jobs = &fresh;
+                let worker = s.spawn(move || {
+                    for &(frontend, slots) in jobs {
+                        let indexed: Vec<(L4Addr, u32)> = slots.iter().copied().zip(0..).collect();
+                        let table = maglev::populate(&indexed, m);
+                        let ahead = Ahead {
+                            frontend,
+                            slots: slots.to_vec(),
+                            table,
+                        };
+                        if tx.send(ahead).is_err() {
+                            break;
+                        }
+                    }
+                });
+                (Some(rx), Some(worker))
+            } else {
+                (None, None)
+            };
+            let mut next = fresh.iter().map(|(fe, _)| *fe).peekable();
+            for (fe, t) in wanted {
+                if next.next_if_eq(&fe).is_some() {
+                    // A worker that died leaves the writer to fill the rest itself.
+                    self.maglev.ahead = rx.as_ref().and_then(|rx| rx.recv().ok());
+                }
+                if let Err(e) = self.apply_frontend(&fe, t, target, &mut st, &mut released) {
+                    self.fail(&mut st, fe, Some(t.service.clone()), &e);
+                }
+                self.maglev.ahead = None;
+            }
+            // The worker stops at its next send, if it has not finished.
+            drop(rx);
+            if let Some(w) = worker
+                && w.join().is_err()
+            {
+                tracing::warn!("the Maglev fill thread panicked; the writer filled the tables");
+            }
+        });
 
         // 4. Backends that changed frontends stopped naming.
         let candidates: Vec<L4Addr> = self.addrs_of(&released).collect();
@@ -2443,6 +2593,7 @@ impl<M: MapStore> MapWriter<M> {
         }
 
         let mut new_revnat = None;
+        let mut first_use = false;
         let rev_nat_id = match self.revnat_ids.get(fe) {
             Some(&id) => id,
             None => {
@@ -2452,7 +2603,7 @@ impl<M: MapStore> MapWriter<M> {
                     self.roll_back(&new_backends, None, st);
                     return Err(e);
                 }
-                let Some((id, _)) = self.revnat_space.alloc() else {
+                let Some((id, _, first)) = self.revnat_space.take() else {
                     self.roll_back(&new_backends, None, st);
                     bail!(
                         "no free reverse-NAT id (the reverse-NAT map holds {} entries; raise \
@@ -2462,6 +2613,7 @@ impl<M: MapStore> MapWriter<M> {
                 };
                 self.revnat_ids.insert(*fe, id);
                 new_revnat = Some((*fe, id));
+                first_use = first;
                 id
             }
         };
@@ -2489,13 +2641,15 @@ impl<M: MapStore> MapWriter<M> {
                 flags: revnat_flags,
                 generation,
             };
-            // A reused id: the new generation first, inactive (see `alloc_backend`).
+            // A reused id: the new generation first, inactive (see `backend_writes`). An id
+            // never used has nothing to retire: a packet reading the write half-way sees
+            // generation 0 (which no flow has) or the new one (which no flow has yet).
             let retire = RevNat4 {
                 generation,
                 ..RevNat4::default()
             };
             let write = self.ensure_port(fe.port).and_then(|()| {
-                if new_revnat.is_some() {
+                if new_revnat.is_some() && !first_use {
                     self.maps.revnat_set(rev_nat_id, retire)
                 } else {
                     Ok(())
@@ -2692,7 +2846,21 @@ impl<M: MapStore> MapWriter<M> {
         } else {
             Vec::new()
         };
-        let ids = maglev::repopulate(&prev, &backends, self.maglev.m);
+        let ids = match self.maglev.ahead.take() {
+            Some(a)
+                if a.frontend == *fe
+                    && prev.is_empty()
+                    && a.table.len() == self.maglev.m as usize
+                    && backends.iter().map(|(addr, _)| addr).eq(&a.slots) =>
+            {
+                // `backends` is `slots` in order: slot index i has id slots[i].
+                a.table
+                    .iter()
+                    .map(|&i| backends.get(i as usize).map_or(0, |(_, id)| *id))
+                    .collect()
+            }
+            _ => maglev::repopulate(&prev, &backends, self.maglev.m),
+        };
         if let Err(e) = self.maps.maglev_write(table, &ids) {
             self.maglev.give_back(table);
             return Err(e).with_context(|| format!("writing the Maglev table of {fe}"));
@@ -3287,8 +3455,11 @@ mod tests {
                 .revnat
                 .get_mut(id as usize)
                 .context("reverse-NAT id out of range")?;
+            // An entry never written (generation 0, which no flow names) may go active at once.
             assert!(
-                value.flags & REVNAT_F_ACTIVE == 0 || entry.generation == value.generation,
+                value.flags & REVNAT_F_ACTIVE == 0
+                    || entry.generation == value.generation
+                    || (entry.generation == 0 && entry.flags == 0),
                 "reverse-NAT {id}: generation {} -> {} in one write with an active entry",
                 entry.generation,
                 value.generation
@@ -3556,6 +3727,35 @@ mod tests {
         let t = head(w, fe).backend_id;
         assert_ne!(t, 0, "{fe} has no Maglev table");
         w.maps().maglev[t as usize - 1].clone()
+    }
+
+    /// Tables filled ahead on a worker thread (an apply with many new Maglev frontends, as at
+    /// start) are the ones the writer fills itself: at every position the same backend.
+    #[test]
+    fn tables_filled_ahead_are_the_writers_own() {
+        let n = MAGLEV_AHEAD_MIN as u8 + 9;
+        let backs: Vec<Vec<u8>> = (0..n)
+            .map(|i| (0..4).map(|j| (i * 3 + j * 7) % 90 + 1).collect())
+            .collect();
+        let services: Vec<(u8, &[u8])> = (0..n).map(|i| (i + 1, &backs[i as usize][..])).collect();
+        let mut w =
+            MapWriter::new(FakeMaps::new(1024, 256, 64).with_maglev(41, 2 * n as usize)).unwrap();
+        let st = w.apply(&target_of(&services)).unwrap();
+        assert_eq!(st.frontends_added, usize::from(n));
+        w.maps().assert_consistent();
+        for (i, _) in &services {
+            let fe = vip(*i);
+            let slots = &w.programmed().frontends[&fe].slots;
+            let backends: Vec<(L4Addr, u32)> = slots
+                .iter()
+                .map(|id| (w.programmed().backends[id].0, *id))
+                .collect();
+            assert_eq!(
+                table_of(&w, &fe),
+                maglev::populate(&backends, 41),
+                "the table of {fe}"
+            );
+        }
     }
 
     #[test]

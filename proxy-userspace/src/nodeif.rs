@@ -27,7 +27,7 @@ use aya::{
 };
 use proxy_common::{map_names, prog_names};
 
-use crate::loader::{attach_pinned, replace_program, update_link};
+use crate::loader::{self, attach_pinned, replace_program, update_link};
 use crate::netlink;
 
 pub fn link_dir(pin_dir: &Path) -> PathBuf {
@@ -72,14 +72,12 @@ impl NodeInterfaces {
     /// Verify the XDP program (the egress program is verified with the pod programs) and take the
     /// next-hop map.
     pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, mode: NodeMode) -> Result<Self> {
-        xdp(ebpf)?
-            .load()
-            .context("verifying the node XDP program")?;
+        loader::load_once(xdp(ebpf)?.load()).context("verifying the node XDP program")?;
         let tc: &mut SchedClassifier = ebpf
             .program_mut(prog_names::NODE_TC)
             .with_context(|| format!("program {} missing from the object", prog_names::NODE_TC))?
             .try_into()?;
-        tc.load().context("verifying the node TC program")?;
+        loader::load_once(tc.load()).context("verifying the node TC program")?;
         let link_dir = link_dir(pin_dir);
         fs::create_dir_all(&link_dir)
             .with_context(|| format!("creating {}", link_dir.display()))?;

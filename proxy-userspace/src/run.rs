@@ -206,6 +206,50 @@ fn settles(kind: &notify::EventKind) -> bool {
     }
 }
 
+/// What the read begun at start left for the first sync: the directory cache, and, when the
+/// read found anything new, a tracker that took it and what that changed.
+type Prefetched = (DirCache, Option<(ChangeTracker, ManifestRead)>);
+
+/// What a read of the manifests directory applied to the tracker left for the sync to report
+/// and check.
+struct ManifestRead {
+    changes: Changes,
+    /// The read listed the directory itself (see [`directory_read`]).
+    saw_directory: bool,
+    has_objects: bool,
+    mentions_node: bool,
+    nodes: Vec<Node>,
+    problems: Vec<String>,
+}
+
+impl ManifestRead {
+    /// `objs`, read from `dir`, replace what `tracker` holds, which is flushed.
+    fn apply(tracker: &mut ChangeTracker, objs: DigestedObjects, dir: &Path, node: &str) -> Self {
+        let read = Self {
+            changes: Changes::default(),
+            saw_directory: directory_read(Some(&objs), dir),
+            has_objects: objs.has_objects(),
+            mentions_node: objs.mentions_node(node),
+            nodes: objs.nodes.clone(),
+            problems: objs.problems.iter().map(ToString::to_string).collect(),
+        };
+        tracker.replace_all_digested(objs);
+        Self {
+            changes: tracker.flush(),
+            ..read
+        }
+    }
+
+    /// This read after `earlier` (of the same tracker): the changes of both.
+    fn after(mut self, earlier: Self) -> Self {
+        self.changes.frontends.extend(earlier.changes.frontends);
+        self.changes.backends.extend(earlier.changes.backends);
+        self.changes.names_changed |= earlier.changes.names_changed;
+        self.saw_directory |= earlier.saw_directory;
+        self
+    }
+}
+
 /// Whether a load saw the manifests directory itself (listed it completely): `None` (nothing
 /// new) or a directory-level problem means it did not.
 fn directory_read(loaded: Option<&DigestedObjects>, dir: &Path) -> bool {
@@ -258,9 +302,9 @@ struct Controller {
     writer: MapWriter,
     tracker: ChangeTracker,
     dir: DirCache,
-    /// The manifests directory's first read, begun at start beside the eBPF load (which takes
-    /// the verifier a few hundred ms): taken by the first sync.
-    prefetch: Option<std::thread::JoinHandle<(DirCache, Option<DigestedObjects>)>>,
+    /// The manifests directory's first read and its translation, begun at start beside the
+    /// eBPF load (which takes the verifier a few hundred ms): taken by the first sync.
+    prefetch: Option<std::thread::JoinHandle<Prefetched>>,
     /// The API source's relist state (`None` with the manifests source).
     kube: Option<KubeState>,
     attachments: Attachments,
@@ -349,15 +393,24 @@ impl Controller {
         };
         let manifests = manifests.clone();
         let started = Instant::now();
-        let prefetched = self.prefetch.take().and_then(|h| h.join().ok());
-        let loaded = match prefetched {
-            Some((dir, loaded)) => {
-                // Files changed since the prefetch read them (before the watcher started, so no
-                // event says so) are read again now; the cache re-reads only what changed.
-                self.dir = dir;
-                self.dir.load_digested(&manifests).or(loaded)
+        let mut earlier = None;
+        if let Some((dir, first)) = self.prefetch.take().and_then(|h| h.join().ok()) {
+            self.dir = dir;
+            if let Some((tracker, read)) = first {
+                self.tracker = tracker;
+                earlier = Some(read);
             }
-            None => self.dir.load_digested(&manifests),
+        }
+        // Files changed since the prefetch read them (before the watcher started, so no event
+        // says so) are read again now; the cache re-reads only what changed.
+        let node = self.opts.node_name.clone();
+        let read = self
+            .dir
+            .load_digested(&manifests)
+            .map(|objs| ManifestRead::apply(&mut self.tracker, objs, &manifests, &node));
+        let loaded = match (read, earlier) {
+            (Some(now), Some(earlier)) => Some(now.after(earlier)),
+            (now, earlier) => now.or(earlier),
         };
         if loaded.is_some() {
             tracing::debug!(
@@ -368,7 +421,7 @@ impl Controller {
         // Until the directory has been read once, an empty read means "unknown", not "no
         // Services": applying it would delete every frontend a previous vipx left pinned (and
         // the flows through them). Keep what is programmed and retry.
-        if !self.source_seen && !directory_read(loaded.as_ref(), &manifests) {
+        if !self.source_seen && !loaded.as_ref().is_some_and(|r| r.saw_directory) {
             bail!(
                 "the manifests directory {} could not be read yet; the programmed state is kept",
                 manifests.display()
@@ -378,15 +431,11 @@ impl Controller {
         // A re-read parsed every changed file: give what it freed back to the system.
         self.trim |= loaded.is_some();
         let changes = match loaded {
-            Some(objs) => {
-                self.warn_if_node_unknown(&objs);
-                self.note_node_deletion(&objs.nodes);
-                let file_problems: Vec<String> =
-                    objs.problems.iter().map(ToString::to_string).collect();
-                self.tracker.replace_all_digested(objs);
-                let changes = self.tracker.flush();
-                self.report_problems(file_problems);
-                changes
+            Some(read) => {
+                self.warn_if_node_unknown(read.has_objects, read.mentions_node);
+                self.note_node_deletion(&read.nodes);
+                self.report_problems(read.problems);
+                read.changes
             }
             // Nothing changed on disk: only a due full reconcile or a retry has work to do.
             // Node addresses that changed left Services to translate again.
@@ -631,12 +680,12 @@ impl Controller {
 
     /// Warn once when nothing in the manifests names this node: every endpoint would be remote,
     /// which is legitimate for a node without pods but usually means a wrong --node-name.
-    fn warn_if_node_unknown(&mut self, objs: &DigestedObjects) {
-        if self.node_checked || !objs.has_objects() {
+    fn warn_if_node_unknown(&mut self, has_objects: bool, mentions_node: bool) {
+        if self.node_checked || !has_objects {
             return;
         }
         self.node_checked = true;
-        if !objs.mentions_node(&self.opts.node_name) {
+        if !mentions_node {
             tracing::warn!(
                 node = %self.opts.node_name,
                 source = %self.opts.source,
@@ -894,13 +943,33 @@ fn seed_backend_filter(writer: &mut MapWriter, pin_dir: &Path) {
 pub async fn run(opts: RunOptions) -> Result<()> {
     // Held until the process exits: a second vipx on this pin directory waits here.
     let _lock = loader::lock_pin_dir(&opts.pin_dir)?;
+    // The node port addresses before the read begun below, which translates with them.
+    let mut node_addresses = NodeAddresses::new(opts.nodeport_addresses.clone());
+    let addresses = node_addresses.refresh()?;
+    let new_tracker = || {
+        let mut t = ChangeTracker::new(&opts.node_name);
+        if let Some(a) = &addresses {
+            t.set_node_addresses(a.clone());
+        }
+        t
+    };
     let prefetch = match &opts.source {
         SourceConfig::Manifests(dir) => {
             let dir = dir.clone();
+            let node = opts.node_name.clone();
+            let mut tracker = new_tracker();
             Some(std::thread::spawn(move || {
+                let started = Instant::now();
                 let mut cache = DirCache::default();
                 let loaded = cache.load_digested(&dir);
-                (cache, loaded)
+                let parsed = started.elapsed();
+                let read = loaded.map(|objs| ManifestRead::apply(&mut tracker, objs, &dir, &node));
+                tracing::debug!(
+                    parse_ms = parsed.as_secs_f64() * 1e3,
+                    translate_ms = (started.elapsed() - parsed).as_secs_f64() * 1e3,
+                    "manifests read ahead"
+                );
+                (cache, read.map(|r| (tracker, r)))
             }))
         }
         SourceConfig::Kube { .. } => None,
@@ -916,6 +985,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             "cluster CIDR noted (not used yet: vipx does not masquerade)"
         );
     }
+    // Under the pin directory's lock: no other vipx pins maps meanwhile.
+    let maps_created = loader::service_maps_absent(&opts.pin_dir);
     let (mut ebpf, legacy_moved) = loader::load_moving_legacy(&opts.pin_dir, opts.sizes)?;
     // Until the new programs are attached, the old ones serve from the conntrack map set aside:
     // a start that fails before then puts it back for them (and for the old build, if it is
@@ -973,11 +1044,30 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Ok(dp) => telemetry.set_data_path(Arc::new(dp)),
         Err(e) => tracing::warn!("metrics will lack the data-path series: {e:#}"),
     }
-    let mut writer = MapWriter::new(loader::service_maps(&mut ebpf)?)?;
+    let reading = Instant::now();
+    let mut maps = loader::service_maps(&mut ebpf)?;
+    maps.created = maps_created;
+    let mut writer = MapWriter::new(maps)?;
+    tracing::debug!(ms = reading.elapsed().as_secs_f64() * 1e3, "maps read back");
     writer.set_endpoint_grace(opts.endpoint_grace);
     // Before the programs are swapped in: their hairpin answers must find the address.
     writer.set_hairpin(opts.hairpin)?;
     writer.set_default_lb_algorithm(opts.lb_algorithm);
+    // Every program this run attaches, verified side by side before each is attached.
+    let mut programs = loader::NODE_PROGRAMS.to_vec();
+    if opts.socket_lb != SocketLb::Off {
+        programs.extend(socklb::program_names());
+    }
+    let verifying = Instant::now();
+    loader::verify_programs(&mut ebpf, &programs).context(
+        "loading the programs (--socket-lb off leaves the socket programs out, if one of \
+         them is refused)",
+    )?;
+    tracing::debug!(
+        programs = programs.len(),
+        ms = verifying.elapsed().as_secs_f64() * 1e3,
+        "programs verified"
+    );
     let attachments = Attachments::new(&mut ebpf, &opts.pin_dir)?;
     let node_interfaces = NodeInterfaces::new(&mut ebpf, &opts.pin_dir, opts.node_mode)?;
     nodeif::reserve_snat_ports();
@@ -1003,11 +1093,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut events = Events::start(&opts.source, &opts.node_name).await?;
     let resync = opts.resync;
     let min_sync = opts.min_sync;
-    let mut tracker = ChangeTracker::new(&opts.node_name);
-    let mut node_addresses = NodeAddresses::new(opts.nodeport_addresses.clone());
-    if let Some(addresses) = node_addresses.refresh()? {
-        tracker.set_node_addresses(addresses);
-    }
+    let tracker = new_tracker();
     let kube = matches!(opts.source, SourceConfig::Kube { .. }).then(KubeState::default);
     let mut c = Controller {
         opts,
@@ -1055,6 +1141,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     c.scan_interfaces();
     legacy_guard.disarm();
     let after = loader::migrate_legacy_conntrack(&c.opts.pin_dir);
+    loader::void_flow_copies(&c.opts.pin_dir);
     let mut carried = 0;
     for r in [before, after] {
         match r {

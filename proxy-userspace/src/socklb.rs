@@ -27,7 +27,7 @@ use aya::{
 };
 use proxy_common::{map_names, prog_names};
 
-use crate::loader::update_link;
+use crate::loader::{self, update_link};
 
 /// Which sockets get socket-level load balancing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +54,11 @@ impl SocketLb {
 }
 
 /// The hooks, ways back first: once a socket can be translated, its peer must read as the VIP.
+/// The socket programs' names, for [`loader::verify_programs`].
+pub fn program_names() -> impl Iterator<Item = &'static str> {
+    PROGRAMS.into_iter().map(|(name, _)| name)
+}
+
 const PROGRAMS: [(&str, &str); 7] = [
     (prog_names::SOCK_GETPEERNAME4, "getpeername4"),
     (prog_names::SOCK_RECVMSG4, "recvmsg4"),
@@ -158,7 +163,7 @@ pub fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
-        prog.load().with_context(|| format!("verifying {name}"))?;
+        loader::load_once(prog.load()).with_context(|| format!("verifying {name}"))?;
         let path = links.join(format!("{hook}{suffix}"));
         if path.exists() {
             match update_link(&path, prog.fd()?.as_fd()) {

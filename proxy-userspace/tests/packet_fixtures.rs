@@ -3317,6 +3317,153 @@ fn twin_target(dns: [u8; 4]) -> Target {
     t
 }
 
+/// Maps a load created hold zeros only: a start skips reading them back, and starts from what
+/// reading them gives.
+#[test]
+fn maps_a_load_created_read_back_as_empty() {
+    use vipx::maps::MapStore as _;
+    if !privileged() {
+        return;
+    }
+    let pin_dir =
+        PathBuf::from(loader::BPFFS).join(format!("vipx-test-created-{}", std::process::id()));
+    let _pins = PinDir(pin_dir.clone());
+    assert!(loader::service_maps_absent(&pin_dir));
+    let sizes = MapSizes {
+        services: 1024,
+        backends: 1024,
+        revnat: 256,
+        conntrack: 4096,
+        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+        maglev_tables: 64,
+    };
+    let (mut ebpf, _) =
+        loader::load_object(&pin_dir, sizes, loader::ebpf_object().unwrap()).unwrap();
+    assert!(
+        !loader::service_maps_absent(&pin_dir),
+        "the load pinned them"
+    );
+    let mut maps = loader::service_maps(&mut ebpf).unwrap();
+    let read = maps.read_back().unwrap();
+    assert_eq!(read.backend_gens.len(), 1024);
+    maps.created = true;
+    assert_eq!(maps.read_back().unwrap(), read);
+}
+
+/// The generation of the flow cache slot of conntrack key `key`.
+fn flow_generation(l: &Loaded, key: &CtKey4) -> u64 {
+    let (w0, w1) = proxy_common::ct_key_words(key);
+    let gens: Array<&MapData, u64> = Array::try_from(
+        l.ebpf
+            .map(map_names::FLOWGEN)
+            .expect("the flow cache generations"),
+    )
+    .unwrap();
+    gens.get(&proxy_common::flow_slot(w0, w1), 0).unwrap()
+}
+
+/// A UDP query to `VIP:53` answered from this CPU's copy of its entry, the entry itself deleted
+/// behind the cache's back (no generation bump) after the copy was made, `between` run after
+/// the delete: whether the next query was served by a copy (`true`) or made a new flow.
+fn served_by_a_copy(
+    l: &mut Loaded,
+    ct: &mut HashMap<MapData, CtKey4, CtValue>,
+    sport: u16,
+    between: impl FnOnce(&mut Loaded),
+) -> bool {
+    const UDP: L4 = L4::Udp {
+        zero_csum: false,
+        payload: b"q",
+    };
+    let key = ct_key(CLIENT, sport, VIP, 53, IPPROTO_UDP);
+    on_cpu(0, || {
+        let q = frame(CLIENT, sport, VIP, 53, &UDP, &[]);
+        run(l, &q);
+        run(l, &q);
+        ct.remove(&key).unwrap();
+        between(l);
+        let created = stat(l, Stat::CtCreated);
+        let (v, out) = run(l, &q);
+        assert_eq!((v, inspect(&out).dst), (NEXT, BE1));
+        let copy = ct.get(&key, 0).is_err() && stat(l, Stat::CtCreated) == created;
+        let fresh = ct.get(&key, 0).is_ok() && stat(l, Stat::CtCreated) == created + 1;
+        assert!(copy != fresh, "either a copy served or a new flow was made");
+        copy
+    })
+}
+
+/// Review finding: every SYN a pod sent to anything but a frontend removed the reply entry of
+/// the reverse tuple and bumped its flow cache slot, voiding every CPU's copies there, though
+/// only a backend's address and port can have a reply entry. A SYN elsewhere now bumps nothing;
+/// one to a backend's address and port still clears what was left on its tuple.
+#[test]
+fn a_syn_to_no_backend_leaves_the_flow_cache_alone() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let elsewhere = [198, 18, 99, 9];
+    let syn = frame(CLIENT, 41000, elsewhere, 5000, &SYN, &[]);
+    let reply = ct_key(elsewhere, 5000, CLIENT, 41000, IPPROTO_TCP);
+    let before = flow_generation(&l, &reply);
+    let (v, out) = run(&mut l, &syn);
+    assert_eq!((v, &out), (NEXT, &syn));
+    assert_eq!(flow_generation(&l, &reply), before, "a SYN to no backend");
+
+    let syn = frame(CLIENT, 41001, BE1, 5000, &SYN, &[]);
+    let reply = ct_key(BE1, 5000, CLIENT, 41001, IPPROTO_TCP);
+    let before = flow_generation(&l, &reply);
+    run(&mut l, &syn);
+    assert_eq!(
+        flow_generation(&l, &reply),
+        before + 1,
+        "a SYN to a backend's address and port"
+    );
+}
+
+/// Review findings: the cache is off where the CPU does not order the programs' generation
+/// bump and read (`CONFIG_FLOW_CACHE_OFF`), and a start voids every copy once its programs are
+/// in (`void_flow_copies`: an older build's programs and the conntrack carry-over write without
+/// bumps).
+#[test]
+fn flow_copies_are_off_where_unordered_and_voided_at_start() {
+    if !privileged() {
+        return;
+    }
+    let mut l = load(&[BE1]);
+    let mut ct = loader::conntrack_map(&mut l.ebpf).unwrap();
+    assert!(within_a_tick(|a| served_by_a_copy(
+        &mut l,
+        &mut ct,
+        46200 + a as u16,
+        |_| {}
+    )));
+    assert!(
+        !within_a_tick(
+            |a| served_by_a_copy(&mut l, &mut ct, 46210 + a as u16, |l| {
+                loader::void_flow_copies(&l.pin_dir)
+            })
+        ),
+        "voided at start"
+    );
+
+    loader::write_config(&mut l.ebpf, None).unwrap();
+    let mut config: Array<&mut MapData, u32> =
+        Array::try_from(l.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+    // On where the CPU orders the bump and the read (x86).
+    assert_eq!(
+        config.get(&proxy_common::CONFIG_FLOW_CACHE_OFF, 0).unwrap(),
+        u32::from(!loader::FLOW_CACHE_ORDERED)
+    );
+    config
+        .set(proxy_common::CONFIG_FLOW_CACHE_OFF, 1, 0)
+        .unwrap();
+    assert!(
+        !within_a_tick(|a| served_by_a_copy(&mut l, &mut ct, 46220 + a as u16, |_| {})),
+        "switched off"
+    );
+}
+
 /// The flow cache (per CPU, in front of conntrack) never outlives a change of the entry it
 /// copies, by a program on another CPU or by userspace, and steps aside for a packet that adds
 /// state or comes in a later tick. The first case shows a copy serving (a flow whose entry went
