@@ -763,7 +763,7 @@ pub fn service_maps(ebpf: &mut Ebpf) -> Result<ServiceMaps> {
         ports: Some(take(ebpf, map_names::PORTS)?),
         vipbits: Some(take(ebpf, map_names::VIPBITS)?),
         backbits: Some(take(ebpf, map_names::BACKBITS)?),
-        created: false,
+        created: std::cell::Cell::new(false),
     }
     .with_maglev_mem())
 }
@@ -815,7 +815,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<ServiceMaps> {
         ports: from_pin::<Array<MapData, _>>(pin_dir, map_names::PORTS).ok(),
         vipbits: from_pin::<Array<MapData, _>>(pin_dir, map_names::VIPBITS).ok(),
         backbits: from_pin::<Array<MapData, _>>(pin_dir, map_names::BACKBITS).ok(),
-        created: false,
+        created: std::cell::Cell::new(false),
     }
     .with_maglev_mem())
 }

@@ -385,17 +385,20 @@ impl IdSpace {
         self.take().map(|(id, generation, _)| (id, generation))
     }
 
-    /// [`Self::alloc`], and whether the id was never used: its entry is all zeros, which no
-    /// conntrack entry names (generations start at 1), so it may go active in one write.
+    /// [`Self::alloc`], and whether the id was never used: from beyond the cursor (after every
+    /// id that had a generation or an entry naming it when the map was adopted) with generation
+    /// 0, so its entry is all zeros and no conntrack entry names it (generations start at 1;
+    /// an adopted entry of generation 0, left by pins only partly recreated, is below the
+    /// cursor): it may go active in one write.
     fn take(&mut self) -> Option<(u32, u32, bool)> {
-        let id = if (self.next as usize) < self.gens.len() {
+        let (id, cursor) = if (self.next as usize) < self.gens.len() {
             self.next += 1;
-            self.next - 1
+            (self.next - 1, true)
         } else {
-            self.free.pop_front()?
+            (self.free.pop_front()?, false)
         };
         let g = self.gens.get_mut(id as usize)?;
-        let first = *g == 0;
+        let first = cursor && *g == 0;
         *g = next_generation(*g);
         Some((id, *g, first))
     }
@@ -490,8 +493,9 @@ pub struct ServiceMaps {
     /// The backend filter (`None` likewise).
     pub backbits: Option<Array<MapData, u64>>,
     /// The load that opened these maps created them (no pin of them existed): they hold zeros
-    /// only, and reading them back is skipped (~100 ms of a start at the default sizes).
-    pub created: bool,
+    /// only, and their first read back is skipped (~100 ms of a start at the default sizes).
+    /// Taken by that read: a later one reads what was written since.
+    pub created: std::cell::Cell<bool>,
 }
 
 /// The bitmaps the writer keeps (see `Bits`).
@@ -766,7 +770,7 @@ impl MapStore for ServiceMaps {
 
     fn read_back(&self) -> Result<ReadBack> {
         use aya::maps::IterableMap as _;
-        if self.created {
+        if self.created.take() {
             return Ok(ReadBack {
                 programmed: Programmed::default(),
                 backend_gens: vec![0; self.backend.len() as usize],
@@ -1304,6 +1308,9 @@ struct MaglevTables {
     /// The table of the frontend being applied, filled ahead on another thread (see
     /// [`Ahead`]).
     ahead: Option<Ahead>,
+    /// Tables taken from the worker (tests: that the path is taken).
+    #[cfg(test)]
+    ahead_used: usize,
 }
 
 /// A new frontend's Maglev table filled on a worker thread while the writer writes the
@@ -1321,8 +1328,9 @@ struct Ahead {
 /// Fewer new Maglev frontends than this in one apply are filled by the writer itself (a thread
 /// costs more than it saves).
 const MAGLEV_AHEAD_MIN: usize = 32;
-/// Tables a worker may fill before the writer takes them (4 KiB each at the default size).
-const MAGLEV_AHEAD_DEPTH: usize = 64;
+/// Tables a worker may fill before the writer takes them (4 KiB each at the default size,
+/// 256 KiB at the largest).
+const MAGLEV_AHEAD_DEPTH: usize = 16;
 
 /// How long a table slot 0 no longer names stays untouched (far longer than any packet's run).
 pub const MAGLEV_QUARANTINE: Duration = Duration::from_secs(1);
@@ -1341,6 +1349,8 @@ impl MaglevTables {
             warned: false,
             too_large: BTreeSet::new(),
             ahead: None,
+            #[cfg(test)]
+            ahead_used: 0,
         }
     }
 
@@ -2853,6 +2863,10 @@ impl<M: MapStore> MapWriter<M> {
                     && a.table.len() == self.maglev.m as usize
                     && backends.iter().map(|(addr, _)| addr).eq(&a.slots) =>
             {
+                #[cfg(test)]
+                {
+                    self.maglev.ahead_used += 1;
+                }
                 // `backends` is `slots` in order: slot index i has id slots[i].
                 a.table
                     .iter()
@@ -3235,6 +3249,8 @@ mod tests {
         ports: Vec<u64>,
         vipbits: Vec<u64>,
         backbits: Vec<u64>,
+        /// Reverse-NAT ids ever written (an entry never written is all zeros).
+        revnat_written: BTreeSet<u32>,
     }
 
     impl FakeMaps {
@@ -3255,6 +3271,7 @@ mod tests {
                 ports: vec![0; PORTS_WORDS as usize],
                 vipbits: vec![0; VIPBITS_WORDS as usize],
                 backbits: vec![0; BACKBITS_WORDS as usize],
+                revnat_written: BTreeSet::new(),
             }
         }
 
@@ -3456,10 +3473,9 @@ mod tests {
                 .get_mut(id as usize)
                 .context("reverse-NAT id out of range")?;
             // An entry never written (generation 0, which no flow names) may go active at once.
+            let never = self.revnat_written.insert(id);
             assert!(
-                value.flags & REVNAT_F_ACTIVE == 0
-                    || entry.generation == value.generation
-                    || (entry.generation == 0 && entry.flags == 0),
+                value.flags & REVNAT_F_ACTIVE == 0 || entry.generation == value.generation || never,
                 "reverse-NAT {id}: generation {} -> {} in one write with an active entry",
                 entry.generation,
                 value.generation
@@ -3742,6 +3758,11 @@ mod tests {
             MapWriter::new(FakeMaps::new(1024, 256, 64).with_maglev(41, 2 * n as usize)).unwrap();
         let st = w.apply(&target_of(&services)).unwrap();
         assert_eq!(st.frontends_added, usize::from(n));
+        assert_eq!(
+            w.maglev.ahead_used,
+            usize::from(n),
+            "every table from the worker"
+        );
         w.maps().assert_consistent();
         for (i, _) in &services {
             let fe = vip(*i);

@@ -242,12 +242,23 @@ impl ManifestRead {
 
     /// This read after `earlier` (of the same tracker): the changes of both.
     fn after(mut self, earlier: Self) -> Self {
-        self.changes.frontends.extend(earlier.changes.frontends);
-        self.changes.backends.extend(earlier.changes.backends);
-        self.changes.names_changed |= earlier.changes.names_changed;
+        self.changes.absorb(earlier.changes);
         self.saw_directory |= earlier.saw_directory;
         self
     }
+}
+
+/// The read-ahead's tracker and read, taking over from `stand_in` (the controller's tracker
+/// until the first sync): node port addresses an interface scan found meanwhile went to the
+/// stand-in; they are applied here, and what they move joins the read's changes.
+fn adopt_read_ahead(
+    stand_in: &ChangeTracker,
+    (mut tracker, mut read): (ChangeTracker, ManifestRead),
+) -> (ChangeTracker, ManifestRead) {
+    if tracker.set_node_addresses(stand_in.node_addresses().to_vec()) {
+        read.changes.absorb(tracker.flush());
+    }
+    (tracker, read)
 }
 
 /// Whether a load saw the manifests directory itself (listed it completely): `None` (nothing
@@ -396,7 +407,8 @@ impl Controller {
         let mut earlier = None;
         if let Some((dir, first)) = self.prefetch.take().and_then(|h| h.join().ok()) {
             self.dir = dir;
-            if let Some((tracker, read)) = first {
+            if let Some(first) = first {
+                let (tracker, read) = adopt_read_ahead(&self.tracker, first);
                 self.tracker = tracker;
                 earlier = Some(read);
             }
@@ -1045,8 +1057,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Err(e) => tracing::warn!("metrics will lack the data-path series: {e:#}"),
     }
     let reading = Instant::now();
-    let mut maps = loader::service_maps(&mut ebpf)?;
-    maps.created = maps_created;
+    let maps = loader::service_maps(&mut ebpf)?;
+    maps.created.set(maps_created);
     let mut writer = MapWriter::new(maps)?;
     tracing::debug!(ms = reading.elapsed().as_secs_f64() * 1e3, "maps read back");
     writer.set_endpoint_grace(opts.endpoint_grace);
@@ -1246,6 +1258,47 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// Review finding: node port addresses an interface scan found while the manifests were
+    /// read ahead went to the controller's stand-in tracker, and the read-ahead tracker that
+    /// replaced it at the first sync kept the old ones for good. They carry over now, and the
+    /// node port follows them.
+    #[test]
+    fn the_read_ahead_takes_the_node_addresses_found_meanwhile() {
+        use std::net::Ipv4Addr;
+
+        use crate::{digest::DigestedObjects, source::load_str, sync::ChangeTracker};
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+                    spec:\n  type: NodePort\n  clusterIP: 198.19.0.10\n  ports: [{name: http, \
+                    port: 80, targetPort: 8080, nodePort: 30080}]\n---\n\
+                    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: \
+                    web-a\n  namespace: default\n  labels: {kubernetes.io/service-name: web}\n\
+                    addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- \
+                    addresses: [198.18.0.1]\n  conditions: {ready: true}\n";
+        let objs = load_str("t.yaml", yaml);
+        assert!(objs.problems.is_empty(), "{:?}", objs.problems);
+        let (old, new) = (Ipv4Addr::new(198, 18, 9, 1), Ipv4Addr::new(198, 18, 9, 2));
+        let node_port = |a: Ipv4Addr| crate::maps::L4Addr {
+            addr: a,
+            port: 30080,
+            proto: proxy_common::IPPROTO_TCP,
+        };
+        let mut ahead = ChangeTracker::new("n1");
+        ahead.set_node_addresses(vec![old]);
+        let read = super::ManifestRead::apply(
+            &mut ahead,
+            DigestedObjects::of(objs),
+            std::path::Path::new("t"),
+            "n1",
+        );
+        assert!(ahead.target().frontends.contains_key(&node_port(old)));
+        let mut stand_in = ChangeTracker::new("n1");
+        stand_in.set_node_addresses(vec![new]);
+        let (t, read) = super::adopt_read_ahead(&stand_in, (ahead, read));
+        assert!(t.target().frontends.contains_key(&node_port(new)));
+        assert!(!t.target().frontends.contains_key(&node_port(old)));
+        assert!(read.changes.frontends.contains(&node_port(new)));
+    }
+
     #[test]
     fn a_directory_never_read_keeps_the_programmed_state() {
         use crate::source::DirCache;

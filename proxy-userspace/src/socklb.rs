@@ -53,12 +53,12 @@ impl SocketLb {
     }
 }
 
-/// The hooks, ways back first: once a socket can be translated, its peer must read as the VIP.
 /// The socket programs' names, for [`loader::verify_programs`].
 pub fn program_names() -> impl Iterator<Item = &'static str> {
     PROGRAMS.into_iter().map(|(name, _)| name)
 }
 
+/// The hooks, ways back first: once a socket can be translated, its peer must read as the VIP.
 const PROGRAMS: [(&str, &str); 7] = [
     (prog_names::SOCK_GETPEERNAME4, "getpeername4"),
     (prog_names::SOCK_RECVMSG4, "recvmsg4"),

@@ -39,6 +39,13 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         self.frontends.is_empty() && self.backends.is_empty()
     }
+
+    /// These changes and `other`'s, as one flush after both would have said.
+    pub fn absorb(&mut self, other: Changes) {
+        self.frontends.extend(other.frontends);
+        self.backends.extend(other.backends);
+        self.names_changed |= other.names_changed;
+    }
 }
 
 /// What one Service's last translation asked for. Only the keys: the frontends' contents are in
@@ -150,6 +157,11 @@ impl ChangeTracker {
 
     /// The node's addresses serving node ports changed: every Service is translated again at
     /// the next flush (those with node ports gain or lose frontends). Returns whether they did.
+    /// The node port addresses translation uses.
+    pub fn node_addresses(&self) -> &[std::net::Ipv4Addr] {
+        &self.node_addresses
+    }
+
     pub fn set_node_addresses(&mut self, addresses: Vec<std::net::Ipv4Addr>) -> bool {
         if addresses == self.node_addresses {
             return false;

@@ -3343,11 +3343,12 @@ fn maps_a_load_created_read_back_as_empty() {
         !loader::service_maps_absent(&pin_dir),
         "the load pinned them"
     );
-    let mut maps = loader::service_maps(&mut ebpf).unwrap();
+    let maps = loader::service_maps(&mut ebpf).unwrap();
     let read = maps.read_back().unwrap();
     assert_eq!(read.backend_gens.len(), 1024);
-    maps.created = true;
+    maps.created.set(true);
     assert_eq!(maps.read_back().unwrap(), read);
+    assert!(!maps.created.get(), "taken by the read");
 }
 
 /// The generation of the flow cache slot of conntrack key `key`.
