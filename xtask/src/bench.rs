@@ -1577,11 +1577,13 @@ pub fn bench(quick: bool, parts: &[Part]) -> Result<()> {
         report
             .measured
             .insert(Part::Packet.key().into(), here.clone());
+        save(&report, &results)?;
     }
     let mut loads = RuleLoads::new();
     if run(Part::E2e) {
         report.e2e = e2e(plan, &mut loads)?;
         report.measured.insert(Part::E2e.key().into(), here.clone());
+        save(&report, &results)?;
     }
     if run(Part::NodePorts) {
         report.node_ports = node_port_bench::run(plan, |_| Ok(()))?;
@@ -1593,6 +1595,7 @@ pub fn bench(quick: bool, parts: &[Part]) -> Result<()> {
         report
             .measured
             .insert(Part::NodePorts.key().into(), here.clone());
+        save(&report, &results)?;
     }
     if run(Part::ControlPlane) {
         report.control_plane = control_plane(plan, &results, &loads)?;
@@ -1600,16 +1603,23 @@ pub fn bench(quick: bool, parts: &[Part]) -> Result<()> {
             .measured
             .insert(Part::ControlPlane.key().into(), here.clone());
     }
-    std::fs::write(
-        results.join("bench.json"),
-        serde_json::to_vec_pretty(&report)?,
-    )?;
-    let md = markdown(&report);
-    std::fs::write(results.join("bench.md"), &md)?;
-    crate::chart::draw(&report_json(&report)?, &results.join("bench.png"))?;
+    let md = save(&report, &results)?;
     println!("{md}");
     step(&format!("results in {}", results.display()));
     Ok(())
+}
+
+/// Writes the report (JSON, table, chart) as it stands; returns the table. Called after each
+/// part, so that a part that fails later (an hour into a run) loses only its own figures.
+fn save(report: &Report, results: &Path) -> Result<String> {
+    std::fs::write(
+        results.join("bench.json"),
+        serde_json::to_vec_pretty(report)?,
+    )?;
+    let md = markdown(report);
+    std::fs::write(results.join("bench.md"), &md)?;
+    crate::chart::draw(&report_json(report)?, &results.join("bench.png"))?;
+    Ok(md)
 }
 
 fn report_json(r: &Report) -> Result<Value> {
