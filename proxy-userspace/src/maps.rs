@@ -1354,14 +1354,21 @@ impl MaglevTables {
         }
     }
 
-    /// Whether frontend `t` gets a Maglev table: the algorithm asks for one, it has backends,
-    /// and few enough for the table to balance them (see `apply_frontend`).
-    fn serves(&self, t: &TargetFrontend) -> bool {
-        self.m != 0
+    /// Whether frontend `t` asks for a Maglev table (its algorithm, and backends to fill it
+    /// with), and whether one fits: a table balances only with at least ten positions a backend
+    /// (the paper asks for M > 100 N for 1%); beyond M backends some would get none at all. A
+    /// frontend without one hashes over its slots, which spreads evenly at any size.
+    fn wants_and_fits(&self, t: &TargetFrontend) -> (bool, bool) {
+        let wants = self.m != 0
             && !t.slots.is_empty()
             && t.lb_algorithm
-                .map_or(self.default_on, |a| a == LbAlgorithm::Maglev)
-            && t.slots.len().saturating_mul(10) <= self.m as usize
+                .map_or(self.default_on, |a| a == LbAlgorithm::Maglev);
+        (wants, t.slots.len().saturating_mul(10) <= self.m as usize)
+    }
+
+    /// Whether frontend `t` gets a Maglev table.
+    fn serves(&self, t: &TargetFrontend) -> bool {
+        self.wants_and_fits(t) == (true, true)
     }
 
     fn alloc(&mut self, now: Instant) -> Option<u32> {
@@ -1655,32 +1662,6 @@ impl<M: MapStore> MapWriter<M> {
             .with_context(|| format!("writing the port bitmap (port {port})"))
     }
 
-    /// Set `addr`'s bit if it is not (before the address map gets it).
-    /// Sets the backend filter's bit for a backend's address and port (wire bytes), before
-    /// anything that can make a reply come from it is written.
-    fn ensure_backbit(&mut self, addr: [u8; 4], port: [u8; 2]) -> Result<()> {
-        let Some(words) = self.backbits.as_mut() else {
-            return Ok(());
-        };
-        let (word, bit) = backend_bit(addr, port);
-        let Some(w) = words.get_mut(word as usize) else {
-            return Ok(());
-        };
-        if *w & bit == 0 {
-            self.maps
-                .bits_set(BitMap::Backends, word, *w | bit)
-                .with_context(|| {
-                    format!(
-                        "writing the backend filter ({}:{})",
-                        Ipv4Addr::from(addr),
-                        u16::from_be_bytes(port)
-                    )
-                })?;
-            *w |= bit;
-        }
-        Ok(())
-    }
-
     /// Whether the backend filter was empty when this writer started: then the sources of the
     /// reply entries already in conntrack go in with [`Self::seed_backend_filter`] before the
     /// programs are attached.
@@ -1762,7 +1743,7 @@ impl<M: MapStore> MapWriter<M> {
         let bits = match map {
             BitMap::Ports => &mut self.ports,
             BitMap::Addrs => &mut self.vipbits,
-            // Set-only, written as each bit is set (`ensure_backbit`).
+            // Set-only, written as bits are set (`set_backbits`).
             BitMap::Backends => return Ok(0),
         };
         // The words that differ from what is written, in one batch.
@@ -2054,8 +2035,8 @@ impl<M: MapStore> MapWriter<M> {
             .filter_map(|k| target.frontends.get(k).map(|t| (*k, t)))
             .collect();
         // The filter bits of the backends these frontends add, in one batch ahead of them (a
-        // bit set early costs the filter a false positive at most). What does not go in is
-        // set by each frontend for itself, and fails it if it cannot be.
+        // bit set early costs the filter a false positive at most). What does not go in, each
+        // frontend sets for itself (`apply_frontend`), and fails if it cannot.
         let adding: Vec<([u8; 4], [u8; 2])> = wanted
             .iter()
             .flat_map(|(_, t)| &t.slots)
@@ -2580,9 +2561,11 @@ impl<M: MapStore> MapWriter<M> {
             slots.push(id);
         }
         // The new backends in one batch, before anything names them, their filter bits first.
-        let filtered = new_backends
-            .iter()
-            .try_for_each(|(a, _)| self.ensure_backbit(a.addr.octets(), a.port.to_be_bytes()));
+        let filtered = self.set_backbits(
+            new_backends
+                .iter()
+                .map(|(a, _)| (a.addr.octets(), a.port.to_be_bytes())),
+        );
         if let Err(e) = filtered {
             self.unreserve(&new_backends, st);
             return Err(e);
@@ -2685,14 +2668,7 @@ impl<M: MapStore> MapWriter<M> {
             self.cur.revnat_flags.insert(rev_nat_id, revnat_flags);
         }
 
-        let wants_maglev = self.maglev.m != 0
-            && !slots.is_empty()
-            && t.lb_algorithm
-                .map_or(self.maglev.default_on, |a| a == LbAlgorithm::Maglev);
-        // A table balances only with at least ten positions a backend (the paper asks for
-        // M > 100 N for 1%); beyond M backends some would get none at all. Such a frontend
-        // hashes over its slots, which spreads evenly at any size.
-        let fits = slots.len().saturating_mul(10) <= self.maglev.m as usize;
+        let (wants_maglev, fits) = self.maglev.wants_and_fits(t);
         let maglev = wants_maglev && fits;
         if wants_maglev && !fits {
             if self.maglev.too_large.insert(*fe) {

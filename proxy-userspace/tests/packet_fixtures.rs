@@ -127,6 +127,28 @@ fn load_sized(backends_tcp: &[[u8; 4]], lb: LbAlgorithm, conntrack: u32) -> Load
     )
 }
 
+/// A pin directory of its own for each load (removed by [`PinDir`]).
+fn fresh_pin_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    PathBuf::from(loader::BPFFS).join(format!(
+        "vipx-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// The fixtures' map sizes, with a conntrack table of `conntrack` entries.
+fn fixture_sizes(conntrack: u32) -> MapSizes {
+    MapSizes {
+        services: 1024,
+        backends: 1024,
+        revnat: 256,
+        conntrack,
+        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
+        maglev_tables: 64,
+    }
+}
+
 /// `load_sized` of a given patch of the object (see `loader::Object`).
 fn load_object(
     backends_tcp: &[[u8; 4]],
@@ -134,22 +156,10 @@ fn load_object(
     conntrack: u32,
     object: &loader::Object,
 ) -> Loaded {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let pin_dir = PathBuf::from(loader::BPFFS).join(format!(
-        "vipx-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let pin_dir = fresh_pin_dir();
     let pins = PinDir(pin_dir.clone());
-    let sizes = MapSizes {
-        services: 1024,
-        backends: 1024,
-        revnat: 256,
-        conntrack,
-        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
-        maglev_tables: 64,
-    };
-    let (mut ebpf, _) = loader::load_object(&pin_dir, sizes, object).expect("load eBPF object");
+    let (mut ebpf, _) =
+        loader::load_object(&pin_dir, fixture_sizes(conntrack), object).expect("load eBPF object");
     loader::write_clock(&mut ebpf).expect("the programs' clock");
     let maps = loader::service_maps(&mut ebpf).unwrap();
     let mut writer = MapWriter::new(maps).unwrap();
@@ -3325,20 +3335,15 @@ fn maps_a_load_created_read_back_as_empty() {
     if !privileged() {
         return;
     }
-    let pin_dir =
-        PathBuf::from(loader::BPFFS).join(format!("vipx-test-created-{}", std::process::id()));
+    let pin_dir = fresh_pin_dir();
     let _pins = PinDir(pin_dir.clone());
     assert!(loader::service_maps_absent(&pin_dir));
-    let sizes = MapSizes {
-        services: 1024,
-        backends: 1024,
-        revnat: 256,
-        conntrack: 4096,
-        maglev_table_size: proxy_common::defaults::MAGLEV_TABLE_SIZE,
-        maglev_tables: 64,
-    };
-    let (mut ebpf, _) =
-        loader::load_object(&pin_dir, sizes, loader::ebpf_object().unwrap()).unwrap();
+    let (mut ebpf, _) = loader::load_object(
+        &pin_dir,
+        fixture_sizes(4096),
+        loader::ebpf_object().unwrap(),
+    )
+    .unwrap();
     assert!(
         !loader::service_maps_absent(&pin_dir),
         "the load pinned them"
