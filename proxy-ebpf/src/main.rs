@@ -39,13 +39,13 @@ use aya_ebpf::{
 use proxy_common::{
     AffinityKey4, AffinityMatchKey4, AffinityValue, BACKBITS_WORDS, Backend4, CONFIG_CLOCK_BASE_HI,
     CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_FLOW_CACHE_OFF,
-    CONFIG_HAIRPIN_ADDR, CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FORWARD,
-    CT_F_HAIRPIN, CT_F_NODE, CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CtKey4, CtValue, FLOW_SLOTS,
-    FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
-    SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4,
-    VipKey4, addr_bit, backend_bit, ct_key_words, ct_seen, defaults, flow_slot, seen_of_jiffies,
-    skb_csum,
+    CONFIG_HAIRPIN_ADDR, CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FIN, CT_F_FORWARD,
+    CT_F_HAIRPIN, CT_F_NODE, CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CT_F_RST, CtKey4, CtValue,
+    FLOW_SLOTS, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY,
+    SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN,
+    VIPBITS_WORDS, Vip4, VipKey4, addr_bit, backend_bit, ct_key_words, ct_seen, defaults,
+    flow_slot, seen_of_jiffies, skb_csum,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -237,8 +237,8 @@ fn ct_remove_stale(key: &CtKey4, entry: *const CtValue, seen_as: &CtValue) {
 }
 
 /// The flood guard (Katran's, per source): may `saddr` start another tracked flow in this
-/// window? A source over `CONFIG_FLOOD_LIMIT` new flows per window would otherwise push every
-/// other client's idle entries out of the conntrack LRU.
+/// window? A source over `CONFIG_FLOOD_LIMIT` new flows per window, none of them closed, would
+/// otherwise push every other client's idle entries out of the conntrack LRU.
 #[inline(always)]
 fn flood_allows(saddr: [u8; 4]) -> bool {
     let limit = match CONFIG.get(CONFIG_FLOOD_LIMIT) {
@@ -258,7 +258,8 @@ fn flood_allows(saddr: [u8; 4]) -> bool {
             // A plain atomic add (the generic BPF CPU cannot return the old value), then a read:
             // CPUs adding at once may each see the other's add, never miss their own.
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(addr_of_mut!((*v).count), 1);
-            (*v).count <= u64::from(limit)
+            // Signed: closes credited at once by two CPUs may take the count below zero.
+            ((*v).count as i64) <= i64::from(limit)
         },
         None => {
             let _ = FLOOD4.insert(
@@ -271,6 +272,35 @@ fn flood_allows(saddr: [u8; 4]) -> bool {
                 0,
             );
             true
+        }
+    }
+}
+
+/// A TCP flow of `saddr` closed (its first FIN or RST from the client): it no longer counts
+/// against the source's new flows in this window. A client that opens and closes connections
+/// by the thousand a second (an ingress controller, a client without keep-alive) then stays
+/// far below the limit, which is meant for flows that stay open or are never answered; dropping
+/// its SYNs would stall each connection a second (the SYN retransmit). Only while the guard is
+/// engaged, once per flow (the forward entry's first FIN or RST).
+#[inline(always)]
+fn flood_credit(saddr: [u8; 4]) {
+    match CONFIG.get(CONFIG_FLOOD_LIMIT) {
+        Some(l) if *l != 0 => {}
+        _ => return,
+    }
+    let Some(v) = FLOOD4.get_ptr_mut(saddr) else {
+        return;
+    };
+    // SAFETY: value pointer from a successful lookup; `count` is 8-byte aligned. A flow opened
+    // in the last window and closed in this one is credited to this one: one flow more let
+    // through, at most, per flow that crossed the boundary.
+    unsafe {
+        if (*v).window == ct_now() && (*v).count as i64 > 0 {
+            // -1: BPF's atomic add takes no subtraction.
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                addr_of_mut!((*v).count),
+                u64::MAX,
+            );
         }
     }
 }
@@ -1278,6 +1308,9 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
             return None;
         }
     };
+    if state != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
+        flood_credit(flow.saddr);
+    }
     flow_touch(entry, &ct, state, now, (slot, generation, w));
     Some(forward(ctx, flow, &ct, &b))
 }

@@ -29,11 +29,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    BACKEND_F_LOCAL, Backend4, CT_F_FORWARD, CT_F_NODE, CT_F_POD, CT_F_REPLIED, CT_F_REPLY,
-    CT_F_SNAT, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS, PROTO_EXTERNAL_VIEW,
-    REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT, SVC_F_SOURCE_RANGES,
-    SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit, skb_csum,
+    BACKEND_F_LOCAL, Backend4, CT_F_FIN, CT_F_FORWARD, CT_F_NODE, CT_F_POD, CT_F_REPLIED,
+    CT_F_REPLY, CT_F_RST, CT_F_SNAT, CtKey4, CtValue, IPPROTO_TCP, IPPROTO_UDP, PORTS_WORDS,
+    PROTO_EXTERNAL_VIEW, REVNAT_F_SOURCE_RANGES, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL_VIEW, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_REJECT,
+    SVC_F_SOURCE_RANGES, SnatValue4, Stat, SvcKey4, SvcValue, defaults, port_bit, skb_csum,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IPV4_MIN_HLEN, L4_DPORT_OFF,
@@ -44,8 +44,8 @@ use vipx_ebpf::{
 
 use crate::{
     CT4, REVNAT4, SVC4, affine, backend, count, ct_insert_new, ct_now, ct_put, ct_touch,
-    flood_allows, forward_revnat, ip_summed, maglev_pick, remember_affinity, reply_revnat,
-    slot_backend,
+    flood_allows, flood_credit, forward_revnat, ip_summed, maglev_pick, remember_affinity,
+    reply_revnat, slot_backend,
 };
 
 /// Pinned with conntrack: a restart keeps the translations of flows to other nodes.
@@ -474,6 +474,9 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     if ranges && !source_allowed(ct.rev_nat_id, p.saddr.to_ne_bytes()) {
         count(Stat::SourceRangeDropped);
         return Some(Act::Drop);
+    }
+    if p.ct_state() != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
+        flood_credit(p.saddr.to_ne_bytes());
     }
     if ct.flags & CT_F_SNAT == 0 {
         ct_touch(entry, &ct, p.ct_state());

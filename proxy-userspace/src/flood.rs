@@ -3,7 +3,9 @@
 //! with room it would only throttle a busy client (an ingress proxy, a load generator) for
 //! nothing. So the guard engages under pressure, as Katran's does under a flood: once the table
 //! is estimated half full, and it is released below three eighths (hysteresis, so it does not
-//! flap around one threshold).
+//! flap around one threshold). Engaged, it still lets a busy client through as long as it
+//! closes what it opens: the programs give a source's TCP flow back to its count when the
+//! client's first FIN or RST passes, so only flows that stay open (or are never answered) count.
 //!
 //! The occupancy is estimated ten times a second without walking the table: the count of the last
 //! collection pass plus the entries the programs created since, minus those they removed.

@@ -139,10 +139,10 @@ struct RunArgs {
     /// to memory, 0.25% of it at 128 bytes an entry, a power of two: 524288 at 16 GiB].
     #[arg(long)]
     max_conntrack: Option<u32>,
-    /// The flood guard: new flows one source address may start per second; beyond it they are
-    /// dropped (a TCP client retransmits its SYN), so one source cannot push every other
-    /// client's connections out of a full conntrack table. Engaged only while the table is half
-    /// full. 0 disables it [default: the rate at which never-answered flows would fill a
+    /// The flood guard: new flows one source address may start per second, not counting the
+    /// TCP flows it closes meanwhile; beyond it they are dropped (a TCP client retransmits its
+    /// SYN), so one source cannot push every other client's connections out of a full
+    /// conntrack table. Engaged only while the table is half full. 0 disables it [default: the rate at which never-answered flows would fill a
     /// quarter of the table before they expire, 728 for 524288 entries; at least 64].
     #[arg(long)]
     conntrack_max_new_per_source: Option<u32>,
