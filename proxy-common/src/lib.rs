@@ -307,8 +307,14 @@ pub const VIP_F_HAIRPIN: u32 = 1 << 1;
 pub const CONFIG_HAIRPIN_ADDR: u32 = 0;
 /// Index of `CONFIG`: how many new tracked flows one source address may start per `ct_seen` unit
 /// (about 1.07 s); beyond it its new flows are dropped, so one source cannot churn everyone
-/// else's entries out of the conntrack LRU. 0 disables the guard.
+/// else's entries out of the conntrack LRU. 0 disables the guard. With [`FLOOD_STRICT`] set
+/// (the table close to full) a client's closed flows count too.
 pub const CONFIG_FLOOD_LIMIT: u32 = 1;
+/// In `CONFIG_FLOOD_LIMIT`: the table is close to full. Below it, the client's first FIN or RST
+/// gives its flow back to the source's count (a closed flow's entries are the LRU's to take);
+/// with it they no longer do, since those entries still hold the table until collected. The
+/// limit itself is the other 31 bits.
+pub const FLOOD_STRICT: u32 = 1 << 31;
 /// Indexes of `CONFIG`: the programs' conntrack clock, `seen = (jiffies * MULT - BASE) >> 32`
 /// (BASE a u64 in two halves), in `ct_seen` units of the coarse monotonic clock, whose ticks
 /// jiffies count. Jiffies are read with one load (the verifier inlines `bpf_jiffies64`), where

@@ -41,11 +41,11 @@ use proxy_common::{
     CONFIG_CLOCK_BASE_LO, CONFIG_CLOCK_MULT, CONFIG_FLOOD_LIMIT, CONFIG_FLOW_CACHE_OFF,
     CONFIG_HAIRPIN_ADDR, CONFIG_JIFFIES_HI, CONFIG_JIFFIES_LO, CONFIG_LEN, CT_F_FIN, CT_F_FORWARD,
     CT_F_HAIRPIN, CT_F_NODE, CT_F_POD, CT_F_REPLIED, CT_F_REPLY, CT_F_RST, CtKey4, CtValue,
-    FLOW_SLOTS, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN, SVC_F_AFFINITY,
-    SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP, VIP_F_HAIRPIN,
-    VIPBITS_WORDS, Vip4, VipKey4, addr_bit, backend_bit, ct_key_words, ct_seen, defaults,
-    flow_slot, seen_of_jiffies, skb_csum,
+    FLOOD_STRICT, FLOW_SLOTS, FRAG_DIR_EGRESS, FRAG_DIR_INGRESS, FloodValue, FragKey4, FragValue,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REVNAT_F_ACTIVE, RevNat4, SCOPE_EXTERNAL, STATS_LEN,
+    SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_REJECT, Stat, SvcKey4, SvcValue, VIP_F_CLUSTER_IP,
+    VIP_F_HAIRPIN, VIPBITS_WORDS, Vip4, VipKey4, addr_bit, backend_bit, ct_key_words, ct_seen,
+    defaults, flow_slot, seen_of_jiffies, skb_csum,
 };
 use vipx_ebpf::{
     ETH_HLEN, ETH_P_IP, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
@@ -242,7 +242,7 @@ fn ct_remove_stale(key: &CtKey4, entry: *const CtValue, seen_as: &CtValue) {
 #[inline(always)]
 fn flood_allows(saddr: [u8; 4]) -> bool {
     let limit = match CONFIG.get(CONFIG_FLOOD_LIMIT) {
-        Some(l) if *l != 0 => *l,
+        Some(l) if *l & !FLOOD_STRICT != 0 => *l & !FLOOD_STRICT,
         _ => return true,
     };
     let now = ct_now();
@@ -281,11 +281,13 @@ fn flood_allows(saddr: [u8; 4]) -> bool {
 /// by the thousand a second (an ingress controller, a client without keep-alive) then stays
 /// far below the limit, which is meant for flows that stay open or are never answered; dropping
 /// its SYNs would stall each connection a second (the SYN retransmit). Only while the guard is
-/// engaged, once per flow (the forward entry's first FIN or RST).
+/// engaged and not strict (the table close to full: closed flows' entries still hold it until
+/// collected, so a source churning flows would push out everyone else's), once per flow (the
+/// forward entry's first FIN or RST).
 #[inline(always)]
-fn flood_credit(saddr: [u8; 4]) {
+fn flood_credit(saddr: [u8; 4], now: u32) {
     match CONFIG.get(CONFIG_FLOOD_LIMIT) {
-        Some(l) if *l != 0 => {}
+        Some(l) if *l != 0 && *l & FLOOD_STRICT == 0 => {}
         _ => return,
     }
     let Some(v) = FLOOD4.get_ptr_mut(saddr) else {
@@ -295,7 +297,7 @@ fn flood_credit(saddr: [u8; 4]) {
     // in the last window and closed in this one is credited to this one: one flow more let
     // through, at most, per flow that crossed the boundary.
     unsafe {
-        if (*v).window == ct_now() && (*v).count as i64 > 0 {
+        if (*v).window == now && (*v).count as i64 > 0 {
             // -1: BPF's atomic add takes no subtraction.
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
                 addr_of_mut!((*v).count),
@@ -1309,7 +1311,7 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
         }
     };
     if state != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
-        flood_credit(flow.saddr);
+        flood_credit(flow.saddr, now);
     }
     flow_touch(entry, &ct, state, now, (slot, generation, w));
     Some(forward(ctx, flow, &ct, &b))

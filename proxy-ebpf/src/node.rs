@@ -442,6 +442,16 @@ fn node<C: Frame>(ctx: &C) -> Act {
     new_flow(ctx, &p, svc_key, &svc, ct_key)
 }
 
+/// The client's first FIN or RST on a flow this packet is translated as (just before its entry
+/// records it, so a retransmitted one, or one that leaves the flow to select afresh, gives
+/// nothing back twice): the flow no longer counts against the client's new flows.
+#[inline(always)]
+fn closed_by_client(p: &Pkt, ct: &CtValue) {
+    if p.ct_state() != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
+        flood_credit(p.saddr.to_ne_bytes(), ct_now());
+    }
+}
+
 /// Whether some frontend (or a draining one) uses `port` (`VIPX_PORTS`).
 #[inline(always)]
 fn frontend_port(port: u16) -> bool {
@@ -475,10 +485,8 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
         count(Stat::SourceRangeDropped);
         return Some(Act::Drop);
     }
-    if p.ct_state() != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
-        flood_credit(p.saddr.to_ne_bytes());
-    }
     if ct.flags & CT_F_SNAT == 0 {
+        closed_by_client(p, &ct);
         ct_touch(entry, &ct, p.ct_state());
         count(Stat::NodeTranslated);
         return Some(to_local(ctx, p, &b));
@@ -510,6 +518,7 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     if CT4.get_ptr(reply_key).is_none() && !ct_insert_new(&reply_key, &reply) {
         return None;
     }
+    closed_by_client(p, &ct);
     ct_touch(entry, &ct, p.ct_state());
     count(Stat::NodeTranslated);
     let nat = Nat::of(s.addr, s.port, b.addr, b.port);

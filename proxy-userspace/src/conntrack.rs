@@ -184,7 +184,7 @@ pub struct GcStats {
     /// Times the collector thread was found stopped (a panic, or its loop ending) and started
     /// again.
     pub restarts: AtomicU64,
-    /// 1 while the flood guard is engaged (see `flood.rs`).
+    /// The flood guard's level (`flood::Level`: 0 off, 1 engaged, 2 strict).
     pub flood_guard_engaged: AtomicU64,
 }
 

@@ -6,6 +6,10 @@
 //! flap around one threshold). Engaged, it still lets a busy client through as long as it
 //! closes what it opens: the programs give a source's TCP flow back to its count when the
 //! client's first FIN or RST passes, so only flows that stay open (or are never answered) count.
+//! Closed flows still hold their entries until collected, though, so once the table is
+//! estimated seven eighths full the guard turns strict (released below three quarters): closed
+//! flows count too, and a source churning connections (or SYN and RST pairs) is held to the
+//! limit before its closed entries could push out everyone else's.
 //!
 //! The occupancy is estimated ten times a second without walking the table: the count of the last
 //! collection pass plus the entries the programs created since, minus those they removed.
@@ -23,18 +27,41 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, MapData, PerCpuArray};
-use proxy_common::{CONFIG_FLOOD_LIMIT, Stat};
+use proxy_common::{CONFIG_FLOOD_LIMIT, FLOOD_STRICT, Stat};
 
 use crate::conntrack::GcStats;
 
 /// How often the occupancy is estimated.
 pub const TICK: Duration = Duration::from_millis(100);
 
+/// How the guard holds sources back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Not at all: the table has room.
+    Off = 0,
+    /// New flows beyond the limit are dropped; the flows a client closes do not count.
+    Engaged = 1,
+    /// Close to full: closed flows count too.
+    Strict = 2,
+}
+
+impl Level {
+    /// What the programs read in `CONFIG_FLOOD_LIMIT` at this level.
+    pub fn config(self, limit: u32) -> u32 {
+        let limit = limit & !FLOOD_STRICT;
+        match self {
+            Level::Off => 0,
+            Level::Engaged => limit,
+            Level::Strict => limit | FLOOD_STRICT,
+        }
+    }
+}
+
 /// The engage/release decision, apart from the maps it reads and writes.
 #[derive(Debug)]
 pub struct Gate {
     max_entries: u64,
-    engaged: bool,
+    level: Level,
     /// Collection passes seen, and the counters when the last one was first seen.
     pass: u64,
     created_at_pass: u64,
@@ -56,7 +83,7 @@ impl Gate {
     pub fn new(max_entries: u32) -> Self {
         Self {
             max_entries: u64::from(max_entries),
-            engaged: false,
+            level: Level::Off,
             pass: 0,
             created_at_pass: 0,
             removed_at_pass: 0,
@@ -75,16 +102,21 @@ impl Gate {
             .saturating_sub(r.removed.saturating_sub(self.removed_at_pass))
     }
 
-    /// The guard's new state when it changes.
-    pub fn step(&mut self, r: Reading) -> Option<bool> {
-        let occupied = self.occupancy(r);
-        let want = if self.engaged {
-            occupied * 8 >= self.max_entries * 3
-        } else {
-            occupied * 2 >= self.max_entries
+    /// The guard's new level when it changes. Each level is entered at one fill and left below
+    /// a lower one (hysteresis): engaged at 1/2, released below 3/8; strict at 7/8, back to
+    /// engaged below 3/4.
+    pub fn step(&mut self, r: Reading) -> Option<Level> {
+        let eighths = self.occupancy(r) * 8;
+        let max = self.max_entries;
+        let strict = eighths >= 7 * max || (self.level == Level::Strict && eighths >= 6 * max);
+        let engaged = eighths >= 4 * max || (self.level != Level::Off && eighths >= 3 * max);
+        let want = match (strict, engaged) {
+            (true, _) => Level::Strict,
+            (false, true) => Level::Engaged,
+            (false, false) => Level::Off,
         };
-        (want != self.engaged).then(|| {
-            self.engaged = want;
+        (want != self.level).then(|| {
+            self.level = want;
             want
         })
     }
@@ -132,21 +164,26 @@ pub fn start(
                     created,
                     removed,
                 };
-                let Some(on) = gate.step(r) else { continue };
-                let value = if on { limit } else { 0 };
-                if let Err(e) = config.set(CONFIG_FLOOD_LIMIT, value, 0) {
+                let Some(level) = gate.step(r) else { continue };
+                if let Err(e) = config.set(CONFIG_FLOOD_LIMIT, level.config(limit), 0) {
                     tracing::error!("the flood guard could not be switched: {e}");
                     continue;
                 }
                 gc.flood_guard_engaged
-                    .store(u64::from(on), Ordering::Relaxed);
-                if on {
-                    tracing::warn!(
+                    .store(level as u64, Ordering::Relaxed);
+                match level {
+                    Level::Strict => tracing::warn!(
                         max_new_flows_per_source = limit,
-                        "conntrack is half full: the flood guard limits each source's new flows"
-                    );
-                } else {
-                    tracing::info!("conntrack has room again: the flood guard is released");
+                        "conntrack is seven eighths full: the flood guard counts closed flows too"
+                    ),
+                    Level::Engaged => tracing::warn!(
+                        max_new_flows_per_source = limit,
+                        "conntrack is half full: the flood guard limits each source's new flows \
+                         (not counting those it closes)"
+                    ),
+                    Level::Off => {
+                        tracing::info!("conntrack has room again: the flood guard is released");
+                    }
                 }
             }
         })
@@ -172,19 +209,55 @@ mod tests {
         let mut g = Gate::new(1000);
         // Before any pass: what the programs created minus what they removed.
         assert_eq!(g.step(at(0, 0, 400, 0)), None);
-        assert_eq!(g.step(at(0, 0, 600, 100)), Some(true), "500 of 1000");
+        assert_eq!(
+            g.step(at(0, 0, 600, 100)),
+            Some(Level::Engaged),
+            "500 of 1000"
+        );
         assert_eq!(
             g.step(at(0, 0, 600, 150)),
             None,
             "450: still on (hysteresis)"
         );
-        assert_eq!(g.step(at(0, 0, 600, 226)), Some(false), "374: released");
+        assert_eq!(
+            g.step(at(0, 0, 600, 226)),
+            Some(Level::Off),
+            "374: released"
+        );
         // A pass counts 700 (entries from before this process included): counters at that
         // moment become the base.
-        assert_eq!(g.step(at(1, 700, 900, 300)), Some(true));
+        assert_eq!(g.step(at(1, 700, 900, 300)), Some(Level::Engaged));
         assert_eq!(g.occupancy(at(1, 700, 950, 300)), 750);
         // The next pass found the table emptier (collected, evicted).
-        assert_eq!(g.step(at(2, 300, 960, 300)), Some(false));
+        assert_eq!(g.step(at(2, 300, 960, 300)), Some(Level::Off));
         assert_eq!(g.occupancy(at(2, 300, 1000, 320)), 320);
+    }
+
+    #[test]
+    fn turns_strict_at_seven_eighths_and_back_below_three_quarters() {
+        let mut g = Gate::new(1000);
+        assert_eq!(
+            g.step(at(0, 0, 875, 0)),
+            Some(Level::Strict),
+            "straight from off"
+        );
+        assert_eq!(g.step(at(0, 0, 875, 125)), None, "750: still strict");
+        assert_eq!(g.step(at(0, 0, 875, 126)), Some(Level::Engaged), "749");
+        assert_eq!(g.step(at(0, 0, 1000, 126)), None, "874: not yet strict");
+        assert_eq!(g.step(at(0, 0, 1001, 126)), Some(Level::Strict), "875");
+        assert_eq!(
+            g.step(at(0, 0, 1000, 700)),
+            Some(Level::Off),
+            "300: off at once"
+        );
+    }
+
+    #[test]
+    fn the_programs_read_the_level_in_the_limit() {
+        assert_eq!(Level::Off.config(728), 0);
+        assert_eq!(Level::Engaged.config(728), 728);
+        assert_eq!(Level::Strict.config(728), 728 | FLOOD_STRICT);
+        // A limit that would set the strict bit itself is cut to the 31 bits the programs read.
+        assert_eq!(Level::Engaged.config(u32::MAX), !FLOOD_STRICT);
     }
 }

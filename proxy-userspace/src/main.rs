@@ -140,10 +140,12 @@ struct RunArgs {
     #[arg(long)]
     max_conntrack: Option<u32>,
     /// The flood guard: new flows one source address may start per second, not counting the
-    /// TCP flows it closes meanwhile; beyond it they are dropped (a TCP client retransmits its
-    /// SYN), so one source cannot push every other client's connections out of a full
-    /// conntrack table. Engaged only while the table is half full. 0 disables it [default: the rate at which never-answered flows would fill a
-    /// quarter of the table before they expire, 728 for 524288 entries; at least 64].
+    /// TCP flows it closes meanwhile (counting them too once the table is seven eighths full);
+    /// beyond it they are dropped (a TCP client retransmits its SYN), so one source cannot push
+    /// every other client's connections out of a full conntrack table. Engaged only while the
+    /// table is half full. 0 disables it [default: the rate at which never-answered flows
+    /// would fill a quarter of the table before they expire, 728 for 524288 entries; at least
+    /// 64].
     #[arg(long)]
     conntrack_max_new_per_source: Option<u32>,
     /// Idle timeout of an established TCP flow (kube-proxy's flag; 0: the default) [default: 24h].

@@ -252,7 +252,8 @@ pub struct GcSnapshot {
     pub entries: u64,
     pub last_duration: Duration,
     pub restarts: u64,
-    pub flood_guard_engaged: bool,
+    /// `flood::Level` as a number: 0 off, 1 engaged, 2 strict.
+    pub flood_guard_engaged: u64,
 }
 
 impl GcSnapshot {
@@ -267,7 +268,7 @@ impl GcSnapshot {
             entries: gc.last_entries.load(Relaxed),
             last_duration: Duration::from_micros(gc.last_duration_us.load(Relaxed)),
             restarts: gc.restarts.load(Relaxed),
-            flood_guard_engaged: gc.flood_guard_engaged.load(Relaxed) != 0,
+            flood_guard_engaged: gc.flood_guard_engaged.load(Relaxed),
         }
     }
 }
@@ -384,11 +385,12 @@ fn data_path_registry(owned: &[MapUse], snap: Option<&DataPathSnapshot>) -> Regi
         let restarts = Counter::<u64>::default();
         restarts.inc_by(gc.restarts);
         let engaged = Gauge::<i64>::default();
-        engaged.set(i64::from(gc.flood_guard_engaged));
+        engaged.set(i64::try_from(gc.flood_guard_engaged).unwrap_or(i64::MAX));
         r.register(
             "vipx_conntrack_flood_guard_engaged",
-            "1 while the flood guard limits each source's new flows (conntrack estimated half \
-             full; released below three eighths)",
+            "1 while the flood guard limits each source's new flows not counting those it closes \
+             (conntrack estimated half full; released below three eighths), 2 while it counts \
+             closed flows too (seven eighths full; back to 1 below three quarters)",
             engaged,
         );
         r.register(
@@ -684,7 +686,7 @@ mod tests {
                 entries: 9,
                 last_duration: Duration::from_millis(250),
                 restarts: 1,
-                flood_guard_engaged: true,
+                flood_guard_engaged: 1,
             }),
         };
         let text = m.encode(Some(&snap));
