@@ -1,5 +1,11 @@
 use std::{fs, path::PathBuf, process::ExitCode, time::Duration};
 
+/// mimalloc rather than glibc's malloc: a sync of 100,000 Services allocates and frees millions
+/// of small objects (translation, the desired state, the writer's maps), and glibc's free lists
+/// (`malloc_consolidate`, `unlink_chunk`) took a fifth of its time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use vipx::{

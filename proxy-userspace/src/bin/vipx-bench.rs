@@ -8,6 +8,10 @@
 //! - `control-plane`: from a desired state of N services x E endpoints to maps fully written, and
 //!   one endpoint change at that scale, through the real translate -> target -> apply path.
 
+/// The allocator vipx itself runs with (see `main.rs`), so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
