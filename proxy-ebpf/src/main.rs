@@ -276,21 +276,34 @@ fn flood_allows(saddr: [u8; 4]) -> bool {
     }
 }
 
-/// A TCP flow of `saddr` closed (its first FIN or RST from the client): it no longer counts
-/// against the source's new flows in this window. A client that opens and closes connections
-/// by the thousand a second (an ingress controller, a client without keep-alive) then stays
-/// far below the limit, which is meant for flows that stay open or are never answered; dropping
-/// its SYNs would stall each connection a second (the SYN retransmit). Only while the guard is
-/// engaged and not strict (the table close to full: closed flows' entries still hold it until
-/// collected, so a source churning flows would push out everyone else's), once per flow (the
-/// forward entry's first FIN or RST).
+/// The client's first FIN or RST (`state`) on a TCP flow whose answers come back under `reply`:
+/// when that closes the flow for good (the server closed already, or an answered flow is
+/// reset: the entries get the short closed timeout), the flow no longer counts against the
+/// client's new flows in this window. A client that opens and closes connections by the
+/// thousand a second (an ingress controller, a client without keep-alive) then stays far below
+/// the limit, which is meant for flows that stay open or are never answered; dropping its SYNs
+/// would stall each connection a second (the SYN retransmit). A half-close, or a FIN or RST
+/// after an unanswered SYN, gives nothing back: those entries live the close-wait or SYN
+/// timeout. Only while the guard is engaged and not strict (the table close to full: closed
+/// flows' entries still hold it until collected, so a source churning flows would push out
+/// everyone else's); once per flow (the forward entry's first FIN or RST).
 #[inline(always)]
-fn flood_credit(saddr: [u8; 4], now: u32) {
+fn flood_credit(client: [u8; 4], reply: &CtKey4, state: u32, now: u32) {
     match CONFIG.get(CONFIG_FLOOD_LIMIT) {
         Some(l) if *l != 0 && *l & FLOOD_STRICT == 0 => {}
         _ => return,
     }
-    let Some(v) = FLOOD4.get_ptr_mut(saddr) else {
+    let Some(r) = CT4.get_ptr(reply) else {
+        return;
+    };
+    // SAFETY: value pointer from a successful lookup; one field read at once.
+    let r = unsafe { (*r).flags };
+    let server_closed = r & (CT_F_FIN | CT_F_RST) != 0;
+    let answered_reset = state & CT_F_RST != 0 && r & CT_F_REPLIED != 0;
+    if !(server_closed || answered_reset) {
+        return;
+    }
+    let Some(v) = FLOOD4.get_ptr_mut(client) else {
         return;
     };
     // SAFETY: value pointer from a successful lookup; `count` is 8-byte aligned. A flow opened
@@ -1310,8 +1323,18 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
             return None;
         }
     };
-    if state != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
-        flood_credit(flow.saddr, now);
+    // (A hairpin flow's answers come back to the hairpin address: not credited.)
+    if state != 0 && ct.flags & (CT_F_FIN | CT_F_RST | CT_F_HAIRPIN) == 0 {
+        let reply = CtKey4 {
+            saddr: b.addr,
+            daddr: flow.saddr,
+            sport: b.port,
+            dport: flow.sport,
+            proto: flow.proto,
+            _pad: 0,
+            _pad2: 0,
+        };
+        flood_credit(flow.saddr, &reply, state, now);
     }
     flow_touch(entry, &ct, state, now, (slot, generation, w));
     Some(forward(ctx, flow, &ct, &b))

@@ -444,11 +444,12 @@ fn node<C: Frame>(ctx: &C) -> Act {
 
 /// The client's first FIN or RST on a flow this packet is translated as (just before its entry
 /// records it, so a retransmitted one, or one that leaves the flow to select afresh, gives
-/// nothing back twice): the flow no longer counts against the client's new flows.
+/// nothing back twice): see `flood_credit`.
 #[inline(always)]
-fn closed_by_client(p: &Pkt, ct: &CtValue) {
-    if p.ct_state() != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
-        flood_credit(p.saddr.to_ne_bytes(), ct_now());
+fn closed_by_client(p: &Pkt, ct: &CtValue, reply: &CtKey4) {
+    let state = p.ct_state();
+    if state != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
+        flood_credit(p.saddr.to_ne_bytes(), reply, state, ct_now());
     }
 }
 
@@ -486,7 +487,16 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
         return Some(Act::Drop);
     }
     if ct.flags & CT_F_SNAT == 0 {
-        closed_by_client(p, &ct);
+        let reply_key = CtKey4 {
+            saddr: b.addr,
+            daddr: p.saddr.to_ne_bytes(),
+            sport: b.port,
+            dport: p.sport.to_ne_bytes(),
+            proto: p.proto,
+            _pad: 0,
+            _pad2: 0,
+        };
+        closed_by_client(p, &ct, &reply_key);
         ct_touch(entry, &ct, p.ct_state());
         count(Stat::NodeTranslated);
         return Some(to_local(ctx, p, &b));
@@ -518,7 +528,7 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     if CT4.get_ptr(reply_key).is_none() && !ct_insert_new(&reply_key, &reply) {
         return None;
     }
-    closed_by_client(p, &ct);
+    closed_by_client(p, &ct, &reply_key);
     ct_touch(entry, &ct, p.ct_state());
     count(Stat::NodeTranslated);
     let nat = Nat::of(s.addr, s.port, b.addr, b.port);

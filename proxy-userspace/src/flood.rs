@@ -48,7 +48,8 @@ pub enum Level {
 impl Level {
     /// What the programs read in `CONFIG_FLOOD_LIMIT` at this level.
     pub fn config(self, limit: u32) -> u32 {
-        let limit = limit & !FLOOD_STRICT;
+        // A limit as large as the strict bit is as good as none: the largest the bits hold.
+        let limit = limit.min(!FLOOD_STRICT);
         match self {
             Level::Off => 0,
             Level::Engaged => limit,
@@ -106,6 +107,14 @@ impl Gate {
     /// a lower one (hysteresis): engaged at 1/2, released below 3/8; strict at 7/8, back to
     /// engaged below 3/4.
     pub fn step(&mut self, r: Reading) -> Option<Level> {
+        let level = self.wants(r)?;
+        self.level = level;
+        Some(level)
+    }
+
+    /// The level the gate would move to, without moving: the caller records it (`set`) only once
+    /// the programs read it, so a failed write is tried again at the next tick.
+    pub fn wants(&mut self, r: Reading) -> Option<Level> {
         let eighths = self.occupancy(r) * 8;
         let max = self.max_entries;
         let strict = eighths >= 7 * max || (self.level == Level::Strict && eighths >= 6 * max);
@@ -115,10 +124,11 @@ impl Gate {
             (false, true) => Level::Engaged,
             (false, false) => Level::Off,
         };
-        (want != self.level).then(|| {
-            self.level = want;
-            want
-        })
+        (want != self.level).then_some(want)
+    }
+
+    pub fn set(&mut self, level: Level) {
+        self.level = level;
     }
 }
 
@@ -164,11 +174,12 @@ pub fn start(
                     created,
                     removed,
                 };
-                let Some(level) = gate.step(r) else { continue };
+                let Some(level) = gate.wants(r) else { continue };
                 if let Err(e) = config.set(CONFIG_FLOOD_LIMIT, level.config(limit), 0) {
                     tracing::error!("the flood guard could not be switched: {e}");
                     continue;
                 }
+                gate.set(level);
                 gc.flood_guard_engaged
                     .store(level as u64, Ordering::Relaxed);
                 match level {
@@ -259,5 +270,11 @@ mod tests {
         assert_eq!(Level::Strict.config(728), 728 | FLOOD_STRICT);
         // A limit that would set the strict bit itself is cut to the 31 bits the programs read.
         assert_eq!(Level::Engaged.config(u32::MAX), !FLOOD_STRICT);
+        assert_eq!(
+            Level::Engaged.config(FLOOD_STRICT),
+            !FLOOD_STRICT,
+            "not 0: not off"
+        );
+        assert_eq!(Level::Strict.config(FLOOD_STRICT + 50), u32::MAX);
     }
 }

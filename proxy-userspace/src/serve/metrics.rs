@@ -385,13 +385,20 @@ fn data_path_registry(owned: &[MapUse], snap: Option<&DataPathSnapshot>) -> Regi
         let restarts = Counter::<u64>::default();
         restarts.inc_by(gc.restarts);
         let engaged = Gauge::<i64>::default();
-        engaged.set(i64::try_from(gc.flood_guard_engaged).unwrap_or(i64::MAX));
+        engaged.set(i64::from(gc.flood_guard_engaged >= 1));
         r.register(
             "vipx_conntrack_flood_guard_engaged",
-            "1 while the flood guard limits each source's new flows not counting those it closes \
-             (conntrack estimated half full; released below three eighths), 2 while it counts \
-             closed flows too (seven eighths full; back to 1 below three quarters)",
+            "1 while the flood guard limits each source's new flows (conntrack estimated half \
+             full; released below three eighths)",
             engaged,
+        );
+        let strict = Gauge::<i64>::default();
+        strict.set(i64::from(gc.flood_guard_engaged >= 2));
+        r.register(
+            "vipx_conntrack_flood_guard_strict",
+            "1 while the flood guard counts the flows a source closes too (conntrack estimated \
+             seven eighths full; released below three quarters)",
+            strict,
         );
         r.register(
             "vipx_conntrack_gc_restarts",
@@ -728,6 +735,7 @@ mod tests {
             ("vipx_conntrack_gc_duration_seconds", "0.25"),
             ("vipx_conntrack_gc_restarts_total", "1"),
             ("vipx_conntrack_flood_guard_engaged", "1"),
+            ("vipx_conntrack_flood_guard_strict", "0"),
         ] {
             assert_eq!(sample(&text, series), Some(v), "{series}\n{text}");
         }
