@@ -101,6 +101,20 @@ impl Pkt {
         }
     }
 
+    /// The key of a local backend's answers to this client (no SNAT: they go straight back).
+    #[inline(always)]
+    fn reply_key_from(&self, b: &Backend4) -> CtKey4 {
+        CtKey4 {
+            saddr: b.addr,
+            daddr: self.saddr.to_ne_bytes(),
+            sport: b.port,
+            dport: self.sport.to_ne_bytes(),
+            proto: self.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+
     /// The client's side of the flow, as `SNAT4` keeps it under a reply key.
     #[inline(always)]
     fn client(&self) -> SnatValue4 {
@@ -487,15 +501,7 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
         return Some(Act::Drop);
     }
     if ct.flags & CT_F_SNAT == 0 {
-        let reply_key = CtKey4 {
-            saddr: b.addr,
-            daddr: p.saddr.to_ne_bytes(),
-            sport: b.port,
-            dport: p.sport.to_ne_bytes(),
-            proto: p.proto,
-            _pad: 0,
-            _pad2: 0,
-        };
+        let reply_key = p.reply_key_from(&b);
         closed_by_client(p, &ct, &reply_key);
         ct_touch(entry, &ct, p.ct_state());
         count(Stat::NodeTranslated);
@@ -626,15 +632,7 @@ fn new_flow<C: Frame>(ctx: &C, p: &Pkt, svc_key: SvcKey4, svc: &SvcValue, ct_key
         return Act::Drop;
     }
     if b.flags & BACKEND_F_LOCAL != 0 {
-        let reply_key = CtKey4 {
-            saddr: b.addr,
-            daddr: p.saddr.to_ne_bytes(),
-            sport: b.port,
-            dport: p.sport.to_ne_bytes(),
-            proto: p.proto,
-            _pad: 0,
-            _pad2: 0,
-        };
+        let reply_key = p.reply_key_from(&b);
         let reply = CtValue {
             flags: CT_F_REPLY,
             ..fwd
