@@ -282,9 +282,10 @@ fn flood_allows(saddr: [u8; 4]) -> bool {
 /// client's new flows in this window. A client that opens and closes connections by the
 /// thousand a second (an ingress controller, a client without keep-alive) then stays far below
 /// the limit, which is meant for flows that stay open or are never answered; dropping its SYNs
-/// would stall each connection a second (the SYN retransmit). A half-close, or a FIN or RST
-/// after an unanswered SYN, gives nothing back: those entries live the close-wait or SYN
-/// timeout. Only while the guard is engaged and not strict (the table close to full: closed
+/// would stall each connection a second (the SYN retransmit). A half-close gives nothing back
+/// (its entries live close-wait's hour), nor does a FIN or RST after an unanswered SYN: that
+/// flow's entries live the SYN or the closed timeout, but crediting it would let a source
+/// open flows as fast as it can send SYN+RST pairs. Only while the guard is engaged and not strict (the table close to full: closed
 /// flows' entries still hold it until collected, so a source churning flows would push out
 /// everyone else's); once per flow (the forward entry's first FIN or RST).
 #[inline(always)]
@@ -306,9 +307,11 @@ fn flood_credit(client: [u8; 4], reply: &CtKey4, state: u32, now: u32) {
     let Some(v) = FLOOD4.get_ptr_mut(client) else {
         return;
     };
-    // SAFETY: value pointer from a successful lookup; `count` is 8-byte aligned. A flow opened
-    // in the last window and closed in this one is credited to this one: one flow more let
-    // through, at most, per flow that crossed the boundary.
+    // SAFETY: value pointer from a successful lookup; `count` is 8-byte aligned. The credit
+    // goes to this window whatever window the flow was counted in, or whether it was counted at
+    // all (it may predate the guard): the limit is on net opens a second, so a source that
+    // closes R older flows may open R more now. Each still holds entries until collected,
+    // which strict mode bounds.
     unsafe {
         if (*v).window == now && (*v).count as i64 > 0 {
             // -1: BPF's atomic add takes no subtraction.
@@ -1323,11 +1326,15 @@ fn established_flow(ctx: &mut TcContext, flow: &Flow) -> Option<i32> {
             return None;
         }
     };
-    // (A hairpin flow's answers come back to the hairpin address: not credited.)
-    if state != 0 && ct.flags & (CT_F_FIN | CT_F_RST | CT_F_HAIRPIN) == 0 {
+    if state != 0 && ct.flags & (CT_F_FIN | CT_F_RST) == 0 {
+        // A hairpin flow's answers come back to the hairpin address.
+        let to = match hairpin_addr() {
+            Some(hp) if ct.flags & CT_F_HAIRPIN != 0 => hp,
+            _ => flow.saddr,
+        };
         let reply = CtKey4 {
             saddr: b.addr,
-            daddr: flow.saddr,
+            daddr: to,
             sport: b.port,
             dport: flow.sport,
             proto: flow.proto,

@@ -526,15 +526,17 @@ fn established<C: Frame>(ctx: &C, p: &Pkt, ct_key: CtKey4) -> Option<Act> {
     }
     // The LRU may have taken the reply entry (the port's lock) alone: take it back, or the
     // answers would find nothing. (Another flow took the port meanwhile: this one selects
-    // afresh.)
+    // afresh.) Taken back, it says nothing of what the server did: no close credit then, or a
+    // client's RST of a flow never answered would count as the reset of an answered one.
     let reply = CtValue {
         flags: CT_F_REPLY | CT_F_SNAT | CT_F_REPLIED,
         ..ct
     };
-    if CT4.get_ptr(reply_key).is_none() && !ct_insert_new(&reply_key, &reply) {
+    if CT4.get_ptr(reply_key).is_some() {
+        closed_by_client(p, &ct, &reply_key);
+    } else if !ct_insert_new(&reply_key, &reply) {
         return None;
     }
-    closed_by_client(p, &ct, &reply_key);
     ct_touch(entry, &ct, p.ct_state());
     count(Stat::NodeTranslated);
     let nat = Nat::of(s.addr, s.port, b.addr, b.port);

@@ -77,12 +77,16 @@ impl Timeouts {
             let fin_both = flags & CT_F_FIN != 0 && flags & FIN_OTHER != 0;
             if flags & CT_F_RST != 0 || fin_both {
                 self.tcp_closed
+            } else if flags & CT_F_REPLIED == 0 {
+                // Never answered, FIN or not: netfilter keeps a FIN in SYN_SENT on the SYN
+                // timeout, and so must we. Close-wait's hour here would let one source fill the
+                // table with SYN+FIN pairs that the flood guard's limit (sized from the SYN
+                // timeout) assumes are gone in about a minute.
+                self.tcp_syn
             } else if flags & (CT_F_FIN | FIN_OTHER) != 0 {
                 self.tcp_close_wait
-            } else if flags & CT_F_REPLIED != 0 {
-                self.tcp_established
             } else {
-                self.tcp_syn
+                self.tcp_established
             }
         } else if flags & CT_F_REPLIED != 0 {
             self.udp_stream
@@ -99,7 +103,7 @@ impl Timeouts {
             if flags & CT_F_RST != 0 {
                 t.tcp_closed
             } else if flags & CT_F_FIN != 0 {
-                t.tcp_closed.min(t.tcp_close_wait)
+                t.tcp_closed.min(t.tcp_close_wait).min(t.tcp_syn)
             } else {
                 t.tcp_closed
                     .min(t.tcp_close_wait)
@@ -186,6 +190,20 @@ pub struct GcStats {
     pub restarts: AtomicU64,
     /// The flood guard's level (`flood::Level`: 0 off, 1 engaged, 2 strict).
     pub flood_guard_engaged: AtomicU64,
+    /// What the flood guard estimates the table from, written whole at the end of each pass.
+    pub base: Mutex<PassBase>,
+}
+
+/// The last pass, as the flood guard reads it: its number, what its walk counted, and the
+/// programs' counters just before the walk. The entries created while the walk ran are then
+/// added to its count even where it saw them: an estimate too high engages the guard early,
+/// one too low only once the LRU is already evicting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PassBase {
+    pub runs: u64,
+    pub entries: u64,
+    /// (created, removed); `None` when they could not be read.
+    pub counters: Option<(u64, u64)>,
 }
 
 /// The maps a pass reads and writes.
@@ -1063,7 +1081,12 @@ fn collect(setup: Setup, tables: Tables) -> impl FnOnce(&Shared) + Send + 'stati
                     }
                     let walked = st.entries + st.deleted;
                     let evicted = evictions.update(counters, walked, st.deleted, max_entries);
-                    out.runs.fetch_add(1, Ordering::Relaxed);
+                    let runs = out.runs.fetch_add(1, Ordering::Relaxed) + 1;
+                    *out.base.lock().unwrap_or_else(PoisonError::into_inner) = PassBase {
+                        runs,
+                        entries: st.entries,
+                        counters,
+                    };
                     out.expired.fetch_add(st.expired, Ordering::Relaxed);
                     out.stale.fetch_add(st.stale, Ordering::Relaxed);
                     out.purged.fetch_add(st.purged, Ordering::Relaxed);
@@ -1116,6 +1139,10 @@ mod tests {
         let t = Timeouts::default();
         assert_eq!(t.for_flow(IPPROTO_TCP, 0), t.tcp_syn);
         assert_eq!(t.for_flow(IPPROTO_TCP, CT_F_REPLIED), t.tcp_established);
+        // A FIN after an unanswered SYN is no half-close: the SYN's timeout still holds.
+        assert_eq!(t.for_flow(IPPROTO_TCP, CT_F_FIN), t.tcp_syn);
+        assert_eq!(t.for_flow(IPPROTO_TCP, FIN_OTHER), t.tcp_syn);
+        assert_eq!(t.for_flow(IPPROTO_TCP, CT_F_RST), t.tcp_closed);
         assert_eq!(
             t.for_flow(IPPROTO_TCP, CT_F_REPLIED | CT_F_FIN),
             t.tcp_close_wait
@@ -1136,6 +1163,7 @@ mod tests {
         assert_eq!(t.for_flow(IPPROTO_UDP, CT_F_REPLIED), t.udp_stream);
         // An entry idle for less than its floor is kept without reading its partner.
         assert_eq!(t.floor(IPPROTO_TCP, CT_F_RST), t.tcp_closed);
+        assert!(t.floor(IPPROTO_TCP, CT_F_FIN) <= t.tcp_syn);
         assert!(t.floor(IPPROTO_TCP, 0) <= t.tcp_syn);
         assert!(t.floor(IPPROTO_UDP, 0) <= t.udp);
     }

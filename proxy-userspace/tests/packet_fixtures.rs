@@ -1563,14 +1563,16 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     let udp = |p| ct_key(CLIENT, p, VIP, 53, IPPROTO_UDP);
     let udp_rep = |p| ct_key(BE1, 5353, CLIENT, p, IPPROTO_UDP);
     // A: established; B: closed both ways; C: never answered; D: established, only the reply
-    // direction busy; E: UDP to purge; F: UDP answered.
-    for p in [42001, 42002, 42003, 42004] {
+    // direction busy; E: UDP to purge; F: UDP answered; G: never answered, then the client's
+    // FIN (the SYN's timeout, not close-wait's hour: a SYN+FIN flood must not outlive it).
+    for p in [42001, 42002, 42003, 42004, 42009] {
         run(&mut l, &frame(CLIENT, p, VIP, 80, &SYN, &[]));
-        if p != 42003 {
+        if p != 42003 && p != 42009 {
             run_on(&mut l, EGRESS, &frame(BE1, 5000, CLIENT, p, &SYNACK, &[]));
         }
     }
     run(&mut l, &tcp_closing(CLIENT, 42002, VIP, 80, true, false));
+    run(&mut l, &tcp_closing(CLIENT, 42009, VIP, 80, true, false));
     run_on(
         &mut l,
         EGRESS,
@@ -1597,6 +1599,9 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     age(tcp(42003), 100);
     age(tcp_rep(42003), 100);
     age(tcp(42004), 2000);
+    // Past the SYN timeout (60 s), within close-wait's (100 s).
+    age(tcp(42009), 80);
+    age(tcp_rep(42009), 80);
     age(udp(42006), 40);
     age(udp_rep(42006), 40);
     let purge = {
@@ -1626,6 +1631,7 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
         ("closed both ways", 42002, false),
         ("never answered", 42003, false),
         ("busy in one direction", 42004, true),
+        ("never answered, then a FIN", 42009, false),
     ] {
         assert_eq!(present(&tcp(p)), kept, "{what}: forward entry");
         assert_eq!(present(&tcp_rep(p)), kept, "{what}: reply entry");
@@ -1633,8 +1639,8 @@ fn collection_removes_what_ended_and_keeps_what_lives() {
     for p in [42005, 42006] {
         assert!(!present(&udp(p)) && !present(&udp_rep(p)), "UDP {p} purged");
     }
-    assert_eq!((st.expired, st.stale, st.purged), (2, 0, 4), "{st:?}");
-    assert_eq!((st.deleted, st.entries), (8, 4), "{st:?}");
+    assert_eq!((st.expired, st.stale, st.purged), (3, 0, 4), "{st:?}");
+    assert_eq!((st.deleted, st.entries), (10, 4), "{st:?}");
 
     // Nothing purged now, and the answered UDP flow idle for 40 s lives (stream: 120 s).
     run(&mut l, &frame(CLIENT, 42007, VIP, 53, &UDP, &[]));
@@ -2598,6 +2604,125 @@ fn a_client_closing_its_flows_is_not_limited_by_the_flood_guard() {
     assert!(
         (LIMIT..=2 * LIMIT + 1).contains(&churned),
         "strict: {churned} closed flows let through with a limit of {LIMIT} a window"
+    );
+}
+
+/// Review finding: a pod's flows to its own Service (hairpin) counted against the flood guard
+/// but never gave their count back when closed, so a pod churning connections to a Service it
+/// backs was held to the limit once the guard engaged. Their answers come back to the hairpin
+/// address, where the credit now looks.
+#[test]
+fn a_pod_closing_flows_to_itself_through_its_service_is_not_limited() {
+    if !privileged() {
+        return;
+    }
+    const HAIRPIN: [u8; 4] = [198, 18, 255, 254];
+    const LIMIT: u32 = 50;
+    let mut l = load(&[BE1]);
+    loader::write_config(&mut l.ebpf, Some(Ipv4Addr::from(HAIRPIN))).unwrap();
+    l.writer.set_hairpin(Some(Ipv4Addr::from(HAIRPIN))).unwrap();
+    loader::write_flood_limit(&mut l.ebpf, LIMIT).unwrap();
+    let mut dropped = 0u32;
+    for sport in 33000..34000u16 {
+        let (v, _) = run(&mut l, &frame(BE1, sport, VIP, 80, &SYN, &[]));
+        if v == TC_ACT_SHOT {
+            dropped += 1;
+            continue;
+        }
+        assert_eq!(v, TC_ACT_REDIRECT, "back into the pod");
+        let (v, out) = run(&mut l, &tcp_closing(BE1, 5000, HAIRPIN, sport, true, false));
+        assert_eq!(
+            (v, inspect(&out).src),
+            (TC_ACT_REDIRECT, VIP),
+            "the server's FIN"
+        );
+        let (v, _) = run(&mut l, &tcp_closing(BE1, sport, VIP, 80, true, false));
+        assert_eq!(v, TC_ACT_REDIRECT, "the client's FIN");
+    }
+    assert_eq!(dropped, 0, "flows that close are not limited");
+}
+
+/// The node program's SNAT path (backend on another node) gives a flow back when the client
+/// closes it after its server did. Review finding: a reply entry the LRU had taken was put back
+/// marked answered, so a client's RST of a flow its backend never answered was credited as the
+/// reset of an answered one, letting a source open flows past the limit; the entry put back now
+/// gives no credit.
+#[test]
+fn the_node_snat_path_credits_only_flows_its_server_closed() {
+    if !privileged() {
+        return;
+    }
+    const NODE: [u8; 4] = [198, 18, 0, 2];
+    let ns = FibNs::create();
+    let ifindex = ns.ifindex("fx0");
+    // BE1 runs on another node (the map writer's default: no BACKEND_F_LOCAL).
+    let mut l = load(&[BE1]);
+    node_program(&mut l)
+        .load()
+        .expect("verifying the node program");
+    loader::write_flood_limit(&mut l.ebpf, 50).unwrap();
+    let run_xdp = |l: &mut Loaded, input: &[u8]| {
+        let prog = node_program(l);
+        ns.run(|| run_node_program(prog, input, Some(ifindex)))
+    };
+    // What closing one flow gave back: `None` when the guard's window turned meanwhile (the
+    // count then restarts at the next SYN, and the credit went to none).
+    let credit = |l: &mut Loaded, sport: u16, server_closes: bool, reply_evicted: bool| {
+        let (v, out) = run_xdp(l, &frame(EXTERNAL, sport, VIP, 80, &SYN, &[]));
+        assert_eq!(v, XDP_TX, "sent on to the other node");
+        let port = inspect(&out).sport;
+        if server_closes {
+            let (v, out) = run_xdp(l, &tcp_closing(BE1, 5000, NODE, port, true, false));
+            assert_eq!(
+                (v, inspect(&out).dst),
+                (XDP_TX, EXTERNAL),
+                "the server's FIN"
+            );
+        }
+        let mut ct: HashMap<MapData, CtKey4, CtValue> =
+            loader::open_pinned_conntrack(&l.pin_dir).unwrap();
+        if reply_evicted {
+            ct.remove(&ct_key(BE1, 5000, NODE, port, IPPROTO_TCP))
+                .unwrap();
+        }
+        let count_of = |l: &mut Loaded| {
+            let flood: HashMap<&mut MapData, [u8; 4], proxy_common::FloodValue> =
+                HashMap::try_from(l.ebpf.map_mut(map_names::FLOOD4).unwrap()).unwrap();
+            let v = flood.get(&EXTERNAL, 0).unwrap();
+            (v.count as i64, v.window)
+        };
+        let (opened, window) = count_of(l);
+        // The server closed: the client's FIN. Evicted: its RST, unanswered.
+        let (v, out) = run_xdp(
+            l,
+            &tcp_closing(EXTERNAL, sport, VIP, 80, server_closes, !server_closes),
+        );
+        assert_eq!(
+            (v, inspect(&out).dst),
+            (XDP_TX, BE1),
+            "the client's close is sent on"
+        );
+        let (left, _) = count_of(l);
+        let closed_at = ct
+            .get(&ct_key(EXTERNAL, sport, VIP, 80, IPPROTO_TCP), 0)
+            .unwrap()
+            .seen;
+        (window == closed_at).then_some(opened - left)
+    };
+    let mut sport = 51000u16;
+    let mut tried = |server_closes: bool, reply_evicted: bool| {
+        (0..3)
+            .find_map(|_| {
+                sport += 1;
+                credit(&mut l, sport, server_closes, reply_evicted)
+            })
+            .expect("three windows turned during a few test runs")
+    };
+    assert_eq!(tried(true, false), 1, "closed by its server: given back");
+    assert_eq!(
+        tried(false, true),
+        0,
+        "reset, its reply entry taken back after eviction: nothing is known of an answer"
     );
 }
 
