@@ -190,7 +190,8 @@ const CLIENT: [u8; 4] = [198, 18, 200, 2];
 /// A client outside the cluster (the node program's cases).
 const EXTERNAL: [u8; 4] = [198, 18, 202, 2];
 /// Established packets under cache pressure: `a.pressure_flows` flows opened through the pod
-/// program and as many through the node program (external clients), conntrack filled to
+/// program and as many through the node program (external clients), spread over all `n`
+/// services (flow i to service i mod n, each its own local backend), conntrack filled to
 /// `a.pressure_conntrack` live entries around them, then each flow's next packet, one run per
 /// packet in a shuffled order, beside the single-run floor. Every packet must find its entry.
 fn pressure(
@@ -198,7 +199,6 @@ fn pressure(
     pin_dir: &std::path::Path,
     a: &Args,
     n: u32,
-    target: (Ipv4Addr, u16),
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let k = a.pressure_flows;
@@ -207,7 +207,7 @@ fn pressure(
         let addr = u32::from_be_bytes(base) + i / 40_000;
         (addr.to_be_bytes(), 1024 + (i % 40_000) as u16)
     };
-    let dst = target.0.octets();
+    let dst = |i: u32| (vip(i % n).0.octets(), vip(i % n).1);
     let mut ct: aya::maps::HashMap<
         aya::maps::MapData,
         proxy_common::CtKey4,
@@ -222,18 +222,19 @@ fn pressure(
     let mut pod_pkts = Vec::with_capacity(k as usize);
     let mut node_pkts = Vec::with_capacity(k as usize);
     for i in 0..k {
+        let (daddr, dport) = dst(i);
         let (src, sport) = tuple(i, [198, 18, 210, 0]);
-        run_tc(ebpf, pod, &tcp(src, sport, dst, target.1, true), 1)?;
-        pod_pkts.push(tcp(src, sport, dst, target.1, false));
+        run_tc(ebpf, pod, &tcp(src, sport, daddr, dport, true), 1)?;
+        pod_pkts.push(tcp(src, sport, daddr, dport, false));
         let (src, sport) = tuple(i, [198, 18, 220, 0]);
         run(
             ebpf,
             node,
-            &tcp(src, sport, dst, target.1, true),
+            &tcp(src, sport, daddr, dport, true),
             1,
             XDP_PASS,
         )?;
-        node_pkts.push(tcp(src, sport, dst, target.1, false));
+        node_pkts.push(tcp(src, sport, daddr, dport, false));
     }
     let mut live = 0u64;
     for key in ct.keys() {
@@ -288,7 +289,7 @@ fn pressure(
         floors.push(sum_floor / f64::from(k));
     }
     let floor = median(&mut floors.clone());
-    let syn = syn_evicting(ebpf, a, target, &mut ct)?;
+    let syn = syn_evicting(ebpf, a, n, &mut ct)?;
     for (case, s) in [
         "established_pressure",
         "node_established_pressure",
@@ -372,7 +373,7 @@ fn bench_conntrack_size(a: &Args) -> u32 {
 fn syn_evicting(
     ebpf: &mut Ebpf,
     a: &Args,
-    target: (Ipv4Addr, u16),
+    n: u32,
     ct: &mut aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey4, proxy_common::CtValue>,
 ) -> Result<Vec<f64>> {
     // An LRU map evicts to make room; an insert that fails here is a bench bug.
@@ -384,13 +385,8 @@ fn syn_evicting(
         let mut sum = 0.0;
         for i in 0..flows {
             let src = [198, 18, 230 + (rep % 20) as u8, (i / 40_000) as u8];
-            let syn = tcp(
-                src,
-                1024 + (i % 40_000) as u16,
-                target.0.octets(),
-                target.1,
-                true,
-            );
+            let (daddr, dport) = vip(i % n);
+            let syn = tcp(src, 1024 + (i % 40_000) as u16, daddr.octets(), dport, true);
             sum += run_tc(ebpf, prog_names::POD_INGRESS, &syn, 1)?;
         }
         let after = loader::read_stats(ebpf)?;
@@ -785,16 +781,22 @@ fn packet(a: Args) -> Result<()> {
             // would be seen rewritten by the next iteration. The measured service's backends are
             // therefore its own frontend: the program does the same lookups, checksum updates and
             // stores, and every iteration sees the original packet.
-            let measured = L4Addr {
-                addr: vip(n / 2).0,
-                port: vip(n / 2).1,
-                proto: IPPROTO_TCP,
-            };
-            // Local, so the node program (XDP) delivers to it rather than sending it on.
-            t.backends
-                .insert(measured, BACKEND_F_ACTIVE | BACKEND_F_LOCAL);
-            if let Some(f) = t.frontends.get_mut(&measured) {
-                f.slots = vec![measured; a.backends as usize];
+            // Local, so the node program (XDP) delivers to it rather than sending it on. Where
+            // the cache-pressure rows run, every service is made so: their flows go to all of
+            // them, so the frontend, reverse-NAT, backend and Maglev entries they read are as
+            // spread out as their conntrack entries.
+            let spread = a.pressure_conntrack > 0 && n == a.pressure_services;
+            let own = if spread { 0..n } else { n / 2..n / 2 + 1 };
+            for i in own {
+                let s = L4Addr {
+                    addr: vip(i).0,
+                    port: vip(i).1,
+                    proto: IPPROTO_TCP,
+                };
+                t.backends.insert(s, BACKEND_F_ACTIVE | BACKEND_F_LOCAL);
+                if let Some(f) = t.frontends.get_mut(&s) {
+                    f.slots = vec![s; a.backends as usize];
+                }
             }
             let started = Instant::now();
             writer.apply(&t)?;
@@ -998,7 +1000,7 @@ fn packet(a: Args) -> Result<()> {
                 });
             }
             if a.pressure_conntrack > 0 && n == a.pressure_services {
-                pressure(&mut ebpf, &pin_dir, &a, n, target, &mut rows)?;
+                pressure(&mut ebpf, &pin_dir, &a, n, &mut rows)?;
             }
             let tc_ns = median(&mut floor_tc.clone());
             rows.push(Row {
