@@ -1145,7 +1145,8 @@ fn markdown(r: &Report) -> String {
         let _ = writeln!(
             s,
             "\n### Under cache pressure ({n} services x 10; conntrack holding {} live entries, \
-             packets drawn from {} flows spread over all {n} services, in a shuffled order; one \
+             packets drawn from {} flows spread over all but one of the {n} services, in a \
+             shuffled order; one \
              run per packet, so each figure \
              carries the kernel's timer and code gone cold between runs: compare it with the \
              same on one hot flow and with the single-run floor; ns/packet, median)\n",

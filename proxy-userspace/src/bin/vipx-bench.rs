@@ -190,8 +190,8 @@ const CLIENT: [u8; 4] = [198, 18, 200, 2];
 /// A client outside the cluster (the node program's cases).
 const EXTERNAL: [u8; 4] = [198, 18, 202, 2];
 /// Established packets under cache pressure: `a.pressure_flows` flows opened through the pod
-/// program and as many through the node program (external clients), spread over all `n`
-/// services (flow i to service i mod n, each its own local backend), conntrack filled to
+/// program and as many through the node program (external clients), spread over services 1 to
+/// `n - 1` (each its own local backend), conntrack filled to
 /// `a.pressure_conntrack` live entries around them, then each flow's next packet, one run per
 /// packet in a shuffled order, beside the single-run floor. Every packet must find its entry.
 fn pressure(
@@ -207,7 +207,7 @@ fn pressure(
         let addr = u32::from_be_bytes(base) + i / 40_000;
         (addr.to_be_bytes(), 1024 + (i % 40_000) as u16)
     };
-    let dst = |i: u32| (vip(i % n).0.octets(), vip(i % n).1);
+    let dst = |i: u32| (pressure_target(i, n).0.octets(), pressure_target(i, n).1);
     let mut ct: aya::maps::HashMap<
         aya::maps::MapData,
         proxy_common::CtKey4,
@@ -360,6 +360,12 @@ fn fill_conntrack(
     Ok(())
 }
 
+/// The service flow `i` of the cache-pressure rows goes to: 1 to `n - 1` in turn (made local
+/// and their own backends for them), or the only one.
+fn pressure_target(i: u32, n: u32) -> (Ipv4Addr, u16) {
+    if n > 1 { vip(1 + i % (n - 1)) } else { vip(0) }
+}
+
 /// The conntrack map's size in the per-packet bench: room for the pressure rows' live entries
 /// without the LRU evicting them.
 fn bench_conntrack_size(a: &Args) -> u32 {
@@ -385,7 +391,7 @@ fn syn_evicting(
         let mut sum = 0.0;
         for i in 0..flows {
             let src = [198, 18, 230 + (rep % 20) as u8, (i / 40_000) as u8];
-            let (daddr, dport) = vip(i % n);
+            let (daddr, dport) = pressure_target(i, n);
             let syn = tcp(src, 1024 + (i % 40_000) as u16, daddr.octets(), dport, true);
             sum += run_tc(ebpf, prog_names::POD_INGRESS, &syn, 1)?;
         }
@@ -782,11 +788,12 @@ fn packet(a: Args) -> Result<()> {
             // therefore its own frontend: the program does the same lookups, checksum updates and
             // stores, and every iteration sees the original packet.
             // Local, so the node program (XDP) delivers to it rather than sending it on. Where
-            // the cache-pressure rows run, every service is made so: their flows go to all of
-            // them, so the frontend, reverse-NAT, backend and Maglev entries they read are as
-            // spread out as their conntrack entries.
-            let spread = a.pressure_conntrack > 0 && n == a.pressure_services;
-            let own = if spread { 0..n } else { n / 2..n / 2 + 1 };
+            // the cache-pressure rows run, every service but service 0 is made so: their flows
+            // go to all of them, so the frontend, reverse-NAT, backend and Maglev entries they
+            // read are as spread out as their conntrack entries. Service 0 keeps its backends:
+            // the passthrough rows send from one of them.
+            let spread = a.pressure_conntrack > 0 && n == a.pressure_services && n > 1;
+            let own = if spread { 1..n } else { n / 2..n / 2 + 1 };
             for i in own {
                 let s = L4Addr {
                     addr: vip(i).0,
