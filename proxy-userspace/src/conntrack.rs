@@ -183,7 +183,6 @@ pub struct GcStats {
     pub stale: AtomicU64,
     pub purged: AtomicU64,
     pub evicted: AtomicU64,
-    pub last_entries: AtomicU64,
     pub last_duration_us: AtomicU64,
     /// Times the collector thread was found stopped (a panic, or its loop ending) and started
     /// again.
@@ -1091,7 +1090,6 @@ fn collect(setup: Setup, tables: Tables) -> impl FnOnce(&Shared) + Send + 'stati
                     out.stale.fetch_add(st.stale, Ordering::Relaxed);
                     out.purged.fetch_add(st.purged, Ordering::Relaxed);
                     out.evicted.fetch_add(evicted, Ordering::Relaxed);
-                    out.last_entries.store(st.entries, Ordering::Relaxed);
                     out.last_duration_us.store(
                         u64::try_from(st.took.as_micros()).unwrap_or(u64::MAX),
                         Ordering::Relaxed,

@@ -2548,12 +2548,7 @@ fn a_client_closing_its_flows_is_not_limited_by_the_flood_guard() {
     );
     // A flow gives its count back once: a retransmitted FIN, or a RST after it, gives nothing.
     const CLOSER: [u8; 4] = [198, 18, 64, 4];
-    let count_of = |l: &mut Loaded| {
-        let flood: HashMap<&mut MapData, [u8; 4], proxy_common::FloodValue> =
-            HashMap::try_from(l.ebpf.map_mut(map_names::FLOOD4).unwrap()).unwrap();
-        let v = flood.get(&CLOSER, 0).unwrap();
-        (v.count as i64, v.window)
-    };
+    let count_of = |l: &mut Loaded| flood_count(l, CLOSER);
     let once = (0..3).any(|attempt| {
         let base = 50000 + attempt * 10;
         for sport in base..base + 3 {
@@ -2685,12 +2680,7 @@ fn the_node_snat_path_credits_only_flows_its_server_closed() {
             ct.remove(&ct_key(BE1, 5000, NODE, port, IPPROTO_TCP))
                 .unwrap();
         }
-        let count_of = |l: &mut Loaded| {
-            let flood: HashMap<&mut MapData, [u8; 4], proxy_common::FloodValue> =
-                HashMap::try_from(l.ebpf.map_mut(map_names::FLOOD4).unwrap()).unwrap();
-            let v = flood.get(&EXTERNAL, 0).unwrap();
-            (v.count as i64, v.window)
-        };
+        let count_of = |l: &mut Loaded| flood_count(l, EXTERNAL);
         let (opened, window) = count_of(l);
         // The server closed: the client's FIN. Evicted: its RST, unanswered.
         let (v, out) = run_xdp(
@@ -2724,6 +2714,15 @@ fn the_node_snat_path_credits_only_flows_its_server_closed() {
         0,
         "reset, its reply entry taken back after eviction: nothing is known of an answer"
     );
+}
+
+/// A source's flood-guard count (signed: concurrent credits may take it below zero) and the
+/// window it is for.
+fn flood_count(l: &mut Loaded, source: [u8; 4]) -> (i64, u32) {
+    let flood: HashMap<&mut MapData, [u8; 4], proxy_common::FloodValue> =
+        HashMap::try_from(l.ebpf.map_mut(map_names::FLOOD4).unwrap()).unwrap();
+    let v = flood.get(&source, 0).unwrap();
+    (v.count as i64, v.window)
 }
 
 /// Review finding: a pod calling its own shrinking Service, sent past itself to the next slot
