@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! cargo build -p vipx-tests --bin lab-pod --example lab
-//! target/debug/examples/lab [BACKENDS]
+//! target/debug/examples/lab [BACKENDS] [bench]
 //! nsenter --net=/run/netns/vipx-manual-client curl http://198.18.64.11:5000/
 //! ```
 //!
 //! Uses the fixed tag `manual`, so leftovers of a run killed with Ctrl-C are removed by the next.
+//! `bench` builds it as `cargo xtask bench` builds its labs (no rp_filter, no netfilter), to take
+//! a bench figure apart by hand.
 
 use std::io::BufRead;
 
@@ -20,6 +22,13 @@ fn main() -> Result<()> {
         Some(n) => n.parse().context("BACKENDS must be a number")?,
         None => 3,
     };
+    let realism = match std::env::args().nth(2).as_deref() {
+        None => Realism::Node,
+        Some("bench") => Realism::Off {
+            reason: "built like the bench's labs, to take a bench figure apart",
+        },
+        Some(other) => anyhow::bail!("unknown lab kind {other:?} (only `bench`)"),
+    };
     for ns in cleanup_stale(TAG)? {
         eprintln!("removed stale namespace {ns}");
     }
@@ -27,7 +36,7 @@ fn main() -> Result<()> {
         tag: TAG.into(),
         backends,
         lab_pod_bin: locate_lab_pod()?,
-        realism: Realism::Node,
+        realism,
     })?;
     println!("node:   {} (vipx attaches to lxc*)", lab.node_ns());
     for pod in std::iter::once(lab.client()).chain(lab.backends()) {
