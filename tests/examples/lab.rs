@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Uses the fixed tag `manual`, so leftovers of a run killed with Ctrl-C are removed by the next.
-//! `bench` builds it as `cargo xtask bench` builds its labs (no rp_filter, no netfilter), to take
-//! a bench figure apart by hand.
+//! `bench` builds it as `cargo xtask bench` builds its labs (no rp_filter, no netfilter, the
+//! client's port range and TIME_WAIT reuse tuned for wrk), to take a bench figure apart by hand.
 
 use std::io::BufRead;
 
@@ -18,16 +18,23 @@ use vipx_lab::{Lab, LabConfig, Realism, cleanup_stale, locate_lab_pod};
 const TAG: &str = "manual";
 
 fn main() -> Result<()> {
-    let backends = match std::env::args().nth(1) {
-        Some(n) => n.parse().context("BACKENDS must be a number")?,
-        None => 3,
-    };
-    let realism = match std::env::args().nth(2).as_deref() {
-        None => Realism::Node,
-        Some("bench") => Realism::Off {
+    let mut backends = 3;
+    let mut bench = false;
+    for arg in std::env::args().skip(1) {
+        if arg == "bench" {
+            bench = true;
+        } else {
+            backends = arg
+                .parse()
+                .with_context(|| format!("{arg:?} is neither a number of backends nor `bench`"))?;
+        }
+    }
+    let realism = if bench {
+        Realism::Off {
             reason: "built like the bench's labs, to take a bench figure apart",
-        },
-        Some(other) => anyhow::bail!("unknown lab kind {other:?} (only `bench`)"),
+        }
+    } else {
+        Realism::Node
     };
     for ns in cleanup_stale(TAG)? {
         eprintln!("removed stale namespace {ns}");
@@ -38,6 +45,9 @@ fn main() -> Result<()> {
         lab_pod_bin: locate_lab_pod()?,
         realism,
     })?;
+    if bench {
+        vipx_lab::load::tune_client(&lab.client().netns)?;
+    }
     println!("node:   {} (vipx attaches to lxc*)", lab.node_ns());
     for pod in std::iter::once(lab.client()).chain(lab.backends()) {
         println!(
