@@ -193,6 +193,13 @@ pub struct GcStats {
     pub base: Mutex<PassBase>,
 }
 
+impl GcStats {
+    /// The last pass's base, whole (a collector that panicked mid-write leaves the previous one).
+    pub fn pass_base(&self) -> PassBase {
+        *self.base.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The last pass, as the flood guard reads it: its number, what its walk counted, and the
 /// programs' counters just before the walk. The entries created while the walk ran are then
 /// added to its count even where it saw them: an estimate too high engages the guard early,

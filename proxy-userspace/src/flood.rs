@@ -18,7 +18,7 @@
 
 use std::{
     sync::{
-        Arc, PoisonError,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -172,7 +172,7 @@ pub fn start(
                 else {
                     continue;
                 };
-                let base = *gc.base.lock().unwrap_or_else(PoisonError::into_inner);
+                let base = gc.pass_base();
                 let r = Reading {
                     passes: base.runs,
                     entries_at_pass: base.entries,

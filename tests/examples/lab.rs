@@ -29,13 +29,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("{arg:?} is neither a number of backends nor `bench`"))?;
         }
     }
-    let realism = if bench {
-        Realism::Off {
-            reason: "built like the bench's labs, to take a bench figure apart",
-        }
-    } else {
-        Realism::Node
-    };
+    let realism = if bench { Realism::BENCH } else { Realism::Node };
     for ns in cleanup_stale(TAG)? {
         eprintln!("removed stale namespace {ns}");
     }

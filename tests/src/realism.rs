@@ -46,6 +46,15 @@ pub enum Realism {
 }
 
 impl Realism {
+    /// `cargo xtask bench`'s labs (and the `lab` example's `bench` mode). The bench compares the
+    /// proxies' own per-packet and per-connection costs: netfilter conntrack is charged only to
+    /// the contenders that switch it on themselves (kube-proxy's rules load their own
+    /// INVALID-drop), so the node namespaces start without it, and without rp_filter, whose FIB
+    /// lookup per packet would tax every contender alike and blur the ratios.
+    pub const BENCH: Self = Self::Off {
+        reason: "bench: each contender pays only for the netfilter state it switches on itself",
+    };
+
     /// The value of every rp_filter sysctl in the node namespace.
     pub fn rp_filter(self) -> &'static str {
         match self {

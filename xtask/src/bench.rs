@@ -43,13 +43,6 @@ use crate::{cargo, node_port_bench, root, status, step, target_dir};
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const BACKENDS: u32 = 10;
 const CLUSTER_CIDR: &str = "198.18.64.0/18";
-/// The bench compares the proxies' own per-packet and per-connection costs: netfilter conntrack
-/// is charged only to the contenders that switch it on themselves (kube-proxy's rules load their
-/// own INVALID-drop), so the node namespaces start without it, and without rp_filter, whose FIB
-/// lookup per packet would tax every contender alike and blur the ratios.
-pub(crate) const BENCH_REALISM: Realism = Realism::Off {
-    reason: "bench: each contender pays only for the netfilter state it switches on itself",
-};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Plan {
@@ -140,7 +133,7 @@ impl Contender {
     fn realism(self) -> Realism {
         match self {
             Contender::VipxNetfilter => Realism::Node,
-            _ => BENCH_REALISM,
+            _ => Realism::BENCH,
         }
     }
 
@@ -548,7 +541,7 @@ fn vipx_on_manifests(n: usize) -> Result<(Lab, SourceRun)> {
         tag: "bcp".into(),
         backends: 0,
         lab_pod_bin: target_dir().join("release").join("lab-pod"),
-        realism: BENCH_REALISM,
+        realism: Realism::BENCH,
     })?;
     let svcs = services(n, &[]);
     let manifests = target_dir().join("vipx-bench-cp-manifests");
@@ -642,7 +635,7 @@ fn vipx_on_api(n: usize) -> Result<SourceRun> {
         tag: "bapi".into(),
         backends: 0,
         lab_pod_bin: target_dir().join("release").join("lab-pod"),
-        realism: BENCH_REALISM,
+        realism: Realism::BENCH,
     })?;
     let api = ApiServer::start_in(Some(lab.node_ns()))?;
     api.apply(
@@ -1019,7 +1012,7 @@ fn control_plane_large(n: usize, results: &Path) -> Result<(Value, Duration)> {
         tag: "bcpl".into(),
         backends: 0,
         lab_pod_bin: target_dir().join("release").join("lab-pod"),
-        realism: BENCH_REALISM,
+        realism: Realism::BENCH,
     })?;
     let svcs = services(n, &[]);
     let ipt = kube_rules::load_iptables_within(
@@ -1146,10 +1139,9 @@ fn markdown(r: &Report) -> String {
             s,
             "\n### Under cache pressure ({n} services x 10; conntrack holding {} live entries, \
              packets drawn from {} flows spread over all but one of the {n} services, in a \
-             shuffled order; one \
-             run per packet, so each figure \
-             carries the kernel's timer and code gone cold between runs: compare it with the \
-             same on one hot flow and with the single-run floor; ns/packet, median)\n",
+             shuffled order; one run per packet, so each figure carries the kernel's timer and \
+             code gone cold between runs: compare it with the same on one hot flow and with the \
+             single-run floor; ns/packet, median)\n",
             r.packet_pressure.0, r.packet_pressure.1
         );
         let _ = writeln!(

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use vipx_lab::{
+    Realism,
     cluster::{Cluster, ClusterConfig},
     kube_rules::{self, KubeProxyOptions, RestoreMode, RuleService},
     load::{self, Measurement},
@@ -29,9 +30,7 @@ use vipx_lab::{
     pod_server::SINK_PORT,
 };
 
-use crate::bench::{
-    BENCH_REALISM, Plan, Vipx, median, progress, services, start_vipx, write_manifests,
-};
+use crate::bench::{Plan, Vipx, median, progress, services, start_vipx, write_manifests};
 use crate::target_dir;
 
 /// The measured Service's node ports: HTTP (the seed's) and the pods' discard port.
@@ -118,7 +117,7 @@ impl Lab {
         let mut cluster = Cluster::create(ClusterConfig {
             tag: contender.tag().into(),
             lab_pod_bin: target_dir().join("release").join("lab-pod"),
-            realism: BENCH_REALISM,
+            realism: Realism::BENCH,
             nodes: 2,
         })?;
         for _ in 0..PODS {

@@ -207,7 +207,10 @@ fn pressure(
         let addr = u32::from_be_bytes(base) + i / 40_000;
         (addr.to_be_bytes(), 1024 + (i % 40_000) as u16)
     };
-    let dst = |i: u32| (pressure_target(i, n).0.octets(), pressure_target(i, n).1);
+    let dst = |i: u32| {
+        let (addr, port) = pressure_target(i, n);
+        (addr.octets(), port)
+    };
     let mut ct: aya::maps::HashMap<
         aya::maps::MapData,
         proxy_common::CtKey4,

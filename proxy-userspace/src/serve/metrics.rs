@@ -265,11 +265,7 @@ impl GcSnapshot {
             stale: gc.stale.load(Relaxed),
             purged: gc.purged.load(Relaxed),
             evicted: gc.evicted.load(Relaxed),
-            entries: gc
-                .base
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .entries,
+            entries: gc.pass_base().entries,
             last_duration: Duration::from_micros(gc.last_duration_us.load(Relaxed)),
             restarts: gc.restarts.load(Relaxed),
             flood_guard_engaged: gc.flood_guard_engaged.load(Relaxed),
