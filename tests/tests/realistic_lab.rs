@@ -34,9 +34,11 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const READY: Duration = Duration::from_secs(20);
 /// Requests each reachability test makes per protocol: every one must be answered.
 const REQUESTS: usize = 5;
-/// The client's fixed source port for the tests that need one (the client pod is the only user of
-/// its namespace, so no other socket holds it).
+/// The client's fixed source port for the tests that need one (reserved in the client's
+/// namespace with the [`FIXED_PORTS`] after it, so none of its ephemeral connections holds them).
 const FIXED_PORT: u16 = 41_000;
+/// How many source ports from [`FIXED_PORT`] on the tests dial from.
+const FIXED_PORTS: u16 = 256;
 /// A backend port nothing listens on.
 const CLOSED_PORT: u16 = 5999;
 /// An external IP (198.19.250.0/24 is the lab's LoadBalancer/external range).
@@ -64,6 +66,16 @@ impl Lab {
             nodes: vipx_lab::cluster::NODES,
         })
         .expect("building the two-node lab");
+        // The tests that dial from fixed source ports also open ephemeral connections from the
+        // same client; one landing on a fixed port (TIME_WAIT included) made bind() fail.
+        vipx_lab::netns::sysctls(
+            &cluster.client().netns,
+            &[(
+                "net.ipv4.ip_local_reserved_ports",
+                &format!("{FIXED_PORT}-{}", FIXED_PORT + FIXED_PORTS - 1),
+            )],
+        )
+        .expect("reserving the fixed source ports");
         let manifests =
             ScratchDir::create(&format!("vipx-{tag}-manifests")).expect("manifests directory");
         Self {
